@@ -1,0 +1,2418 @@
+#!/usr/bin/env python3
+"""hopx_agent: an in-sandbox execution agent that speaks the HopX VM agent API.
+
+The promise: one file, the Python standard library only, Python 3.9 or newer.
+Copy it into any VM or container image and run it::
+
+    python3 hopx_agent.py                      # serve on 127.0.0.1:7777
+    python3 hopx_agent.py --host 0.0.0.0 --port 7777 --secret-file /etc/hopx.key
+    python3 hopx_agent.py token --ttl 3600     # mint a JWT with the configured secret
+
+Remote clients start programs in the background and get an id back at once,
+list them with their status and output, read new output as it arrives, kill
+them, and a watchdog ends whatever outlives its timeout. Every call but
+/health, /ping and /info needs an HMAC-signed JWT (``Authorization: Bearer``).
+
+Each child leads its own process group; kill and timeout signal the whole
+group (SIGTERM, a grace period, SIGKILL). A process is finished when its
+leader exits, not when its pipes close. Pipes are always drained into bounded
+buffers that say what they dropped.
+
+Public names (``__all__``): AgentConfig, AgentError and its subclasses,
+verify_jwt, encode_jwt, ProcessManager, create_server, serve, main.
+Importing the module starts nothing: no threads, sockets, signal handlers or
+logging set-up until a ProcessManager is used or serve()/main() run.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import errno
+import hashlib
+import heapq
+import hmac
+import http.server
+import io
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+# ============================================================================
+# Version and public names
+# ============================================================================
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentConfig",
+    "AgentError",
+    "BadRequest",
+    "AuthError",
+    "NotFound",
+    "Conflict",
+    "LimitExceeded",
+    "Unavailable",
+    "verify_jwt",
+    "encode_jwt",
+    "ProcessManager",
+    "create_server",
+    "serve",
+    "main",
+]
+
+log = logging.getLogger("hopx_agent")
+
+# ============================================================================
+# Constants and configuration
+# ============================================================================
+
+DEFAULT_HOST = "127.0.0.1"            # loopback unless the operator opens it up
+DEFAULT_PORT = 7777                   # the HopX VM agent's port
+KILL_GRACE_S = 3.0                    # SIGTERM -> SIGKILL: time for cleanup handlers
+BACKGROUND_TIMEOUT_S = 300.0          # api.md §5 default for /execute/background
+MAX_BACKGROUND_TIMEOUT_S = 7 * 86400  # a week; longer jobs belong to a service manager
+SYNC_TIMEOUT_S = 60.0                 # api.md §6 default for /execute
+MAX_SYNC_TIMEOUT_S = 300.0            # api.md §6: at most 300, 400 above
+ASYNC_TIMEOUT_S = 3600.0              # api.md §6 default for /execute/async
+MAX_OUTPUT_BYTES = 4 * 1024 * 1024    # per stream, newest bytes kept (api.md §5)
+RETAIN_RECORDS = 1000                 # finished records kept, oldest evicted
+OUTPUT_BUDGET_BYTES = 256 * 1024 * 1024   # output held by all finished records together
+MAX_RUNNING = 64                      # children running at once; the rest queue
+QUEUE_FACTOR = 10                     # queue holds this many times max-running, then 429
+MAX_CONNECTIONS = 256                 # open client connections; one more gets 503
+MAX_BODY_BYTES = 10 * 1024 * 1024     # api.md §10: larger bodies get 413 unread
+MAX_REQUEST_LINE_BYTES = 8192         # longer request lines get 414
+MAX_HEADER_LINE_BYTES = 8192          # one header line; longer gets 431
+MAX_HEADER_BYTES = 64 * 1024          # all header lines together; more gets 431
+MAX_HEADERS = 100                     # header lines per request; more gets 431
+REQUEST_DEADLINE_S = 30.0             # from a request's first byte to its last body byte
+KEEPALIVE_IDLE_S = 30.0               # an idle kept-alive connection is closed after this
+WRITE_TIMEOUT_S = 30.0                # a client that does not read its answer is dropped
+MAX_WAIT_S = 60.0                     # api.md §5: ?wait= is capped at 60 s
+MAX_TOKEN_BYTES = 8192                # api.md §2: longer tokens are refused unparsed
+JWT_LEEWAY_S = 30.0                   # api.md §2: clock skew tolerated on exp/nbf/iat
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512")
+TOKEN_TTL_S = 86400                   # lifetime of minted tokens unless --ttl says otherwise
+MIN_SECRET_BYTES = 32                 # shorter HMAC keys get a warning (RFC 7518 §3.2)
+READ_CHUNK_BYTES = 256 * 1024         # one os.readv() per wake-up of a reader thread
+PIPE_SIZE_BYTES = 1024 * 1024         # F_SETPIPE_SZ: fewer wake-ups for chatty children
+BLOCK_BYTES = 64 * 1024               # output buffers grow in blocks of this size
+DRAIN_AFTER_EXIT_S = 0.5              # after the leader exits, wait this long for pipe EOF
+MAX_NAME_CHARS = 256                  # process names are labels, not payloads
+SECRET_ENV = "HOPX_AGENT_SECRET"      # never passed on to a child
+PROCESS_ID_ENV = "HOPX_PROCESS_ID"    # every child carries its own record id
+
+_F_SETPIPE_SZ = 1031                  # fcntl command number on Linux (not in fcntl before 3.10)
+
+
+def _default_workdir() -> str:
+    """api.md §1: /workspace when it exists, else the directory we started in."""
+    return "/workspace" if os.path.isdir("/workspace") else os.getcwd()
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """Everything the agent is configured with; filled by main() from flags and
+    HOPX_AGENT_* variables, or built directly by embedders and tests."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    workdir: str = dataclasses.field(default_factory=_default_workdir)
+    secret: Optional[bytes] = dataclasses.field(default=None, repr=False)
+    auth: bool = True
+    max_running: int = MAX_RUNNING
+    max_output_bytes: int = MAX_OUTPUT_BYTES
+    retain: int = RETAIN_RECORDS
+    output_budget: int = OUTPUT_BUDGET_BYTES
+    kill_grace: float = KILL_GRACE_S
+    max_connections: int = MAX_CONNECTIONS
+    algorithms: Tuple[str, ...] = JWT_ALGORITHMS
+    leeway: float = JWT_LEEWAY_S
+    audience: Optional[str] = None
+    issuer: Optional[str] = None
+    request_deadline: float = REQUEST_DEADLINE_S
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def queue_limit(self) -> int:
+        return self.max_running * QUEUE_FACTOR
+
+    def limits(self) -> Dict[str, Any]:
+        """The limits in force, as /info reports them."""
+        return {
+            "max_running": self.max_running,
+            "max_queued": self.queue_limit,
+            "max_output_bytes": self.max_output_bytes,
+            "retain": self.retain,
+            "output_budget_bytes": self.output_budget,
+            "kill_grace_s": self.kill_grace,
+            "max_connections": self.max_connections,
+            "max_body_bytes": MAX_BODY_BYTES,
+            "request_deadline_s": self.request_deadline,
+            "max_background_timeout_s": MAX_BACKGROUND_TIMEOUT_S,
+            "max_sync_timeout_s": MAX_SYNC_TIMEOUT_S,
+            "max_wait_s": MAX_WAIT_S,
+        }
+
+
+def _rfc3339(ts: Optional[float]) -> Optional[str]:
+    """RFC 3339 UTC with milliseconds and a Z, or None."""
+    if ts is None:
+        return None
+    whole = int(ts)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%03dZ" % int((ts - whole) * 1000)
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+
+class AgentError(Exception):
+    """An error with its HTTP status and api.md §3 code; handlers raise it and
+    the dispatcher turns it into the JSON error body."""
+
+    status = 500
+    code = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, *, status: Optional[int] = None, code: Optional[str] = None,
+                 headers: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        self.headers = dict(headers or {})
+
+    def to_json(self, *, request_id: str = "", path: str = "") -> Dict[str, Any]:
+        return {"error": self.message, "message": self.message, "code": self.code,
+                "request_id": request_id, "path": path, "timestamp": _rfc3339(time.time())}
+
+
+class BadRequest(AgentError):
+    status, code = 400, "INVALID_REQUEST"
+
+
+class AuthError(AgentError):
+    status, code = 401, "INVALID_TOKEN"
+
+    def __init__(self, message: str = "invalid token", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("WWW-Authenticate", 'Bearer realm="hopx-agent"')
+
+
+class NotFound(AgentError):
+    status, code = 404, "RESOURCE_NOT_FOUND"
+
+
+class Conflict(AgentError):
+    status, code = 409, "CONFLICT"
+
+
+class LimitExceeded(AgentError):
+    status, code = 429, "RESOURCE_LIMIT_ERROR"
+
+
+class Unavailable(AgentError):
+    status, code = 503, "SERVICE_UNAVAILABLE"
+
+
+# ============================================================================
+# JWT (RFC 7519 over RFC 7515 compact JWS, HMAC only)
+# ============================================================================
+
+_HASHES = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _b64url_encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(segment: str) -> bytes:
+    """Strict base64url: no padding, no +/, and canonical trailing bits, so
+    that one token has exactly one spelling (RFC 7515 §2, RFC 4648 §3.5)."""
+    if len(segment) % 4 == 1 or not _B64URL_RE.fullmatch(segment):
+        raise ValueError("not base64url")
+    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if _b64url_encode(raw) != segment:
+        raise ValueError("non-canonical base64url")
+    return raw
+
+
+def _unique_object(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    obj: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError("duplicate key %r" % key)
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError("%s is not JSON" % name)
+
+
+def _strict_json(raw: bytes) -> Any:
+    """JSON as RFC 8259 has it: UTF-8, no NaN/Infinity, no duplicate keys."""
+    return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_object,
+                      parse_constant=_reject_constant)
+
+
+def _json_object(raw: bytes) -> Dict[str, Any]:
+    obj = _strict_json(raw)
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    return obj
+
+
+def _numeric_claim(claims: Dict[str, Any], name: str) -> Optional[float]:
+    """A NumericDate (RFC 7519 §2): a finite number, and a bool is not one."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AuthError("invalid token: %s is not a number" % name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise AuthError("invalid token: %s is not finite" % name)
+    return value
+
+
+def encode_jwt(claims: Dict[str, Any], secret: bytes, alg: str = "HS256") -> str:
+    """Sign claims as a compact JWS with an HMAC algorithm."""
+    if alg not in _HASHES:
+        raise ValueError("unsupported algorithm %r" % alg)
+    header = _b64url_encode(json.dumps({"alg": alg, "typ": "JWT"}, separators=(",", ":")).encode())
+    payload = _b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
+    signing_input = (header + "." + payload).encode("ascii")
+    signature = hmac.new(secret, signing_input, _HASHES[alg]).digest()
+    return header + "." + payload + "." + _b64url_encode(signature)
+
+
+def _verify_jwt(token: str, secret: bytes, algorithms: Iterable[str], leeway: float,
+                audience: Optional[str], issuer: Optional[str], now: float) -> Dict[str, Any]:
+    if not isinstance(token, str) or not token:
+        raise AuthError("invalid token")
+    if len(token) > MAX_TOKEN_BYTES:
+        raise AuthError("invalid token: too long")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise AuthError("invalid token: not a compact JWS")
+    header = _json_object(_b64url_decode(parts[0]))
+    alg = header.get("alg")
+    # Pinned algorithms: the header names one, the configuration decides.
+    if not isinstance(alg, str) or alg not in algorithms or alg not in _HASHES:
+        raise AuthError("invalid token: algorithm not accepted")
+    if "crit" in header:
+        raise AuthError("invalid token: critical header parameters are not supported")
+    signature = _b64url_decode(parts[2])
+    expected = hmac.new(secret, (parts[0] + "." + parts[1]).encode("ascii"), _HASHES[alg]).digest()
+    if not hmac.compare_digest(signature, expected):
+        raise AuthError("invalid token: bad signature")
+    claims = _json_object(_b64url_decode(parts[1]))
+    exp = _numeric_claim(claims, "exp")
+    if exp is None:
+        raise AuthError("invalid token: exp is required")
+    if now - leeway >= exp:  # compared, not added: exp may be an int beyond float range
+        raise AuthError("token expired")
+    nbf = _numeric_claim(claims, "nbf")
+    if nbf is not None and now + leeway < nbf:
+        raise AuthError("invalid token: not yet valid")
+    iat = _numeric_claim(claims, "iat")
+    if iat is not None and iat > now + leeway:
+        raise AuthError("invalid token: issued in the future")
+    if audience is not None:
+        aud = claims.get("aud")
+        auds = aud if isinstance(aud, list) else [aud]
+        if audience not in [a for a in auds if isinstance(a, str)]:
+            raise AuthError("invalid token: wrong audience")
+    if issuer is not None and claims.get("iss") != issuer:
+        raise AuthError("invalid token: wrong issuer")
+    return claims
+
+
+def verify_jwt(token: str, secret: bytes, *, algorithms: Iterable[str] = JWT_ALGORITHMS,
+               leeway: float = JWT_LEEWAY_S, audience: Optional[str] = None,
+               issuer: Optional[str] = None, now: Optional[float] = None) -> Dict[str, Any]:
+    """Verify an HMAC-signed compact JWT and return its claims.
+
+    A pure function: the clock is ``now`` (seconds since the epoch) when given.
+    Any failure raises AuthError and nothing else; its message never echoes
+    the token.
+    """
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    try:
+        return _verify_jwt(token, secret, tuple(algorithms), leeway, audience, issuer,
+                           time.time() if now is None else now)
+    except AuthError:
+        raise
+    except Exception:  # malformed input of any kind is one and the same answer
+        raise AuthError("invalid token: malformed") from None
+
+
+# ============================================================================
+# Process model: output buffers, records, languages
+# ============================================================================
+
+
+def _incomplete_utf8_tail(tail: bytes) -> int:
+    """How many bytes at the end of ``tail`` start a UTF-8 character that is
+    not complete yet (0 when the data ends on a character boundary)."""
+    for back in range(1, min(4, len(tail)) + 1):
+        byte = tail[-back]
+        if byte & 0xC0 == 0x80:          # continuation byte: keep looking back
+            continue
+        need = 2 if 0xC0 <= byte < 0xE0 else 3 if 0xE0 <= byte < 0xF0 else 4 if 0xF0 <= byte < 0xF8 else 1
+        return back if need > back else 0
+    return 0
+
+
+class _OutputBuffer:
+    """The newest ``cap`` bytes of one stream, in blocks, with absolute offsets.
+
+    Offset 0 is the first byte the child ever wrote; ``total`` counts every
+    byte, ``dropped`` those that fell out of the window. The window always
+    starts on a character boundary, and readers of a live stream are given
+    only complete characters, so UTF-8 is never split. Not thread-safe: the
+    record's condition guards it.
+    """
+
+    __slots__ = ("cap", "total", "_blocks", "_held", "_tail", "_cache")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.total = 0
+        self._blocks: collections.deque = collections.deque()
+        self._held = 0
+        self._tail = b""              # last bytes written, to find a split character
+        self._cache: Optional[Tuple[int, str]] = None
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    @property
+    def dropped(self) -> int:
+        return self.total - self._held
+
+    def append(self, data: Any) -> None:
+        size = len(data)
+        if not size:
+            return
+        self.total += size
+        self._tail = (self._tail + bytes(data[-4:]))[-4:]
+        self._cache = None
+        if size >= self.cap:
+            self._blocks.clear()
+            self._held = 0
+            data = data[size - self.cap:] if self.cap else b""
+        last = self._blocks[-1] if self._blocks else None
+        if last is not None and len(last) + len(data) <= BLOCK_BYTES:
+            last += data
+        else:
+            self._blocks.append(bytearray(data))
+        self._held += len(data)
+        if self._held > self.cap:
+            self._trim(self._held - self.cap)
+        self._align_start()
+
+    def _trim(self, excess: int) -> None:
+        while excess > 0 and self._blocks:
+            first = self._blocks[0]
+            if len(first) <= excess:
+                self._blocks.popleft()
+                excess -= len(first)
+                self._held -= len(first)
+            else:
+                del first[:excess]       # O(1) at the front of a bytearray
+                self._held -= excess
+                excess = 0
+
+    def _align_start(self) -> None:
+        """Drop continuation bytes at the front left by a trim mid-character."""
+        if self.dropped and self._blocks:
+            first = self._blocks[0]
+            skip = 0
+            while skip < min(3, len(first)) and first[skip] & 0xC0 == 0x80:
+                skip += 1
+            if skip:
+                self._trim(skip)
+
+    def discard(self) -> int:
+        """Drop everything held (the output budget needs the room); returns the bytes freed."""
+        freed = self._held
+        self._blocks.clear()
+        self._held = 0
+        self._cache = None
+        return freed
+
+    def end(self, final: bool) -> int:
+        """The offset up to which a reader may take bytes now."""
+        if final:
+            return self.total
+        return max(self.dropped, self.total - _incomplete_utf8_tail(self._tail))
+
+    def _slice(self, start: int, stop: int) -> bytes:
+        pos = self.dropped
+        parts = []
+        for block in self._blocks:
+            block_end = pos + len(block)
+            if block_end > start and pos < stop:
+                parts.append(memoryview(block)[max(0, start - pos):min(len(block), stop - pos)])
+            pos = block_end
+            if pos >= stop:
+                break
+        return b"".join(parts)
+
+    def read(self, offset: Optional[int], final: bool) -> Tuple[str, int, int]:
+        """Text from ``offset`` (None: the whole window) to the readable end.
+
+        Returns (text, start, stop): ``start`` is where the text begins (later
+        than ``offset`` when that fell out of the window), ``stop`` is the
+        offset to continue from.
+        """
+        stop = self.end(final)
+        start = self.dropped if offset is None else min(max(offset, self.dropped), stop)
+        if offset is None and self._cache is not None and self._cache[0] == stop:
+            return self._cache[1], start, stop
+        text = self._slice(start, stop).decode("utf-8", "replace") if stop > start else ""
+        if offset is None:
+            self._cache = (stop, text)
+        return text, start, stop
+
+
+_FINAL_STATUSES = ("completed", "failed")
+_STATUSES = ("queued", "running") + _FINAL_STATUSES
+_REASONS = ("exited", "signaled", "killed", "timeout", "spawn_failed", "shutdown")
+
+
+def _signal_name(signum: Optional[int]) -> Optional[str]:
+    if signum is None:
+        return None
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "SIG%d" % signum
+
+
+def _parse_signal(value: Any) -> int:
+    """A signal given as a name ("SIGINT", "int") or a number (2, "2")."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value in {int(s) for s in signal.Signals}:
+            return value
+    elif isinstance(value, str):
+        name = value.strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        member = getattr(signal.Signals, name, None)
+        if member is not None and not name.startswith("SIG_"):
+            return int(member)
+    raise BadRequest("unknown signal: %r" % (value,))
+
+
+@dataclasses.dataclass
+class _Launch:
+    """What to run: argv, where, with which environment, and the temp file to
+    remove when it ends. Built by the HTTP layer, consumed by the manager."""
+
+    argv: List[str]
+    cwd: str
+    env: Dict[str, str]
+    kind: str = "code"                 # "code" or "command"
+    language: Optional[str] = None
+    command: Optional[str] = None
+    name: Optional[str] = None
+    timeout: float = BACKGROUND_TIMEOUT_S
+    stdin: bool = False
+    tempfile: Optional[str] = None
+
+    def cleanup(self) -> None:
+        if self.tempfile:
+            try:
+                os.unlink(self.tempfile)
+            except OSError:
+                pass
+            self.tempfile = None
+
+
+class _ProcessRecord:
+    """One execution: its launch, its child, its output and its outcome."""
+
+    def __init__(self, launch: _Launch, cap: int) -> None:
+        self.id = "proc_" + secrets.token_hex(12)       # unguessable, not a pid
+        self.execution_id = "exec_" + secrets.token_hex(12)
+        self.launch = launch
+        self.cond = threading.Condition()  # guards every field below that changes after creation
+        self.status = "queued"
+        self.reason: Optional[str] = None
+        self.exit_code: Optional[int] = None
+        self.signal: Optional[str] = None
+        self.error: Optional[str] = None
+        self.pid: Optional[int] = None
+        self.popen: Optional[subprocess.Popen] = None
+        self.reaped = False                # leader reaped: its pid may be reused, never signal it
+        self.kill_reason: Optional[str] = None   # "killed" | "timeout" | "shutdown" once asked to end
+        self.created = time.time()
+        self.started: Optional[float] = None
+        self.started_mono: Optional[float] = None
+        self.ended: Optional[float] = None
+        self.duration: Optional[float] = None
+        self.rusage: Optional[Any] = None
+        self.stdout = _OutputBuffer(cap)
+        self.stderr = _OutputBuffer(cap)
+        self.open_streams = 0              # reader threads not yet at EOF
+        self.threads: List[threading.Thread] = []
+        self.extra: Dict[str, Any] = {}    # e.g. webhook delivery state, shown in the record
+        self.on_finish: List[Callable[["_ProcessRecord"], None]] = []
+        self.timer: Optional[_Timer] = None  # the timeout, cancelled when the record ends
+        self.accounted = 0                 # output bytes counted in the manager's budget
+
+    @property
+    def finished(self) -> bool:
+        return self.status in _FINAL_STATUSES
+
+    def stream(self, name: str) -> _OutputBuffer:
+        return self.stdout if name == "stdout" else self.stderr
+
+    def to_json(self, *, output: bool = True, offsets: Optional[Dict[str, Optional[int]]] = None,
+                queue_position: Optional[int] = None) -> Dict[str, Any]:
+        """The process record of api.md §5. Call with ``cond`` held."""
+        launch = self.launch
+        rec: Dict[str, Any] = {
+            "process_id": self.id, "execution_id": self.execution_id, "name": launch.name,
+            "kind": launch.kind, "language": launch.language, "command": launch.command,
+            "pid": self.pid, "status": self.status, "reason": self.reason,
+            "exit_code": self.exit_code, "signal": self.signal,
+            "started_at": _rfc3339(self.started), "completed_at": _rfc3339(self.ended),
+            "execution_time": self.duration, "start_time": _rfc3339(self.started),
+            "end_time": _rfc3339(self.ended), "duration": self.duration,
+            "created_at": _rfc3339(self.created), "timeout": launch.timeout,
+            "working_dir": launch.cwd,
+        }
+        if queue_position is not None:
+            rec["queue_position"] = queue_position
+        if self.error is not None:
+            rec["error"] = self.error
+        final = self.finished
+        for name in ("stdout", "stderr"):
+            buf = self.stream(name)
+            if output:
+                offset = offsets.get(name) if offsets else None
+                text, start, stop = buf.read(offset, final)
+                rec[name] = text
+                rec[name + "_next_offset"] = stop
+                if offsets is not None:
+                    rec[name + "_offset"] = start
+                    rec[name + "_skipped"] = max(0, start - offset) if offset is not None else 0
+            rec[name + "_bytes"] = buf.total
+            rec[name + "_dropped"] = buf.dropped
+        if self.rusage is not None:
+            rec["cpu_user_s"] = round(self.rusage.ru_utime, 6)
+            rec["cpu_system_s"] = round(self.rusage.ru_stime, 6)
+            rec["max_rss_kb"] = self.rusage.ru_maxrss
+        rec.update(self.extra)
+        return rec
+
+
+# Languages of api.md §4: canonical name -> (aliases, program candidates, argv builder, suffix).
+_LANGUAGES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Callable[[str, str], List[str]], str]] = {
+    "python": (("python3", "py"), ("python3",), lambda prog, path: [prog, path], ".py"),
+    "javascript": (("js", "node", "nodejs"), ("node", "nodejs"), lambda prog, path: [prog, path], ".js"),
+    "bash": ((), ("bash",), lambda prog, path: [prog, path], ".sh"),
+    "sh": (("shell",), ("/bin/sh",), lambda prog, path: [prog, path], ".sh"),
+    "go": ((), ("go",), lambda prog, path: [prog, "run", path], ".go"),
+}
+_LANGUAGE_ALIASES = {alias: name for name, spec in _LANGUAGES.items() for alias in (name,) + spec[0]}
+
+
+def _find_program(language: str) -> Optional[str]:
+    """The interpreter for a canonical language name, or None if not installed."""
+    for candidate in _LANGUAGES[language][1]:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    if language == "python":
+        return sys.executable or None
+    return None
+
+
+def _languages_installed() -> Dict[str, Dict[str, Any]]:
+    return {name: {"aliases": list(spec[0]), "program": _find_program(name),
+                   "available": _find_program(name) is not None}
+            for name, spec in _LANGUAGES.items()}
+
+
+def _resolve_language(value: Any) -> Tuple[str, str]:
+    """(canonical name, program) for a request's language, or BadRequest."""
+    if value is None:
+        value = "python"
+    if not isinstance(value, str):
+        raise BadRequest("language must be a string")
+    name = _LANGUAGE_ALIASES.get(value.strip().lower())
+    if name is None:
+        raise BadRequest("unknown language %r; known: %s" % (value, ", ".join(sorted(_LANGUAGE_ALIASES))))
+    program = _find_program(name)
+    if program is None:
+        raise BadRequest("language %r needs %s, which is not installed"
+                         % (name, " or ".join(_LANGUAGES[name][1])))
+    return name, program
+
+
+def _write_code_file(code: str, suffix: str) -> str:
+    """The code in a private (0600) temp file, so there is no argv length limit
+    and tracebacks name a real file."""
+    import tempfile  # imported here: it costs import time and is needed only to run code
+    fd, path = tempfile.mkstemp(prefix="hopx-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(code.encode("utf-8"))
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
+
+
+# ============================================================================
+# Watchdog: one thread, one deadline heap, for every timer of the agent
+# ============================================================================
+
+
+class _Timer:
+    __slots__ = ("deadline", "seq", "fn")
+
+    def __init__(self, deadline: float, seq: int, fn: Optional[Callable[[], None]]) -> None:
+        self.deadline, self.seq, self.fn = deadline, seq, fn
+
+    def __lt__(self, other: "_Timer") -> bool:
+        return (self.deadline, self.seq) < (other.deadline, other.seq)
+
+    def cancel(self) -> None:
+        self.fn = None                     # drops the reference to the record at once
+
+
+class _Watchdog:
+    """Runs callbacks at monotonic deadlines on one thread (started on first
+    use). Sleeps without a timeout when nothing is due: no polling."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()  # guards _heap, _seq, _stopped, _thread
+        self._heap: List[_Timer] = []
+        self._seq = 0
+        self._stopped = False
+        self._thread: Optional[threading.Thread] = None
+
+    def schedule(self, delay: float, fn: Callable[[], None]) -> _Timer:
+        with self._cond:
+            self._seq += 1
+            timer = _Timer(time.monotonic() + delay, self._seq, fn)
+            heapq.heappush(self._heap, timer)
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(target=self._run, name="hopx-watchdog", daemon=True)
+                self._thread.start()
+            if self._heap[0] is timer:
+                self._cond.notify()
+            return timer
+
+    def _due(self) -> List[_Timer]:
+        """Wait for the next deadline; return the timers due, [] when stopped."""
+        with self._cond:
+            while not self._stopped:
+                while self._heap and self._heap[0].fn is None:
+                    heapq.heappop(self._heap)      # cancelled: discard lazily
+                now = time.monotonic()
+                if self._heap and self._heap[0].deadline <= now:
+                    due = []
+                    while self._heap and self._heap[0].deadline <= now:
+                        due.append(heapq.heappop(self._heap))
+                    return due
+                self._cond.wait(self._heap[0].deadline - now if self._heap else None)
+            return []
+
+    def _run(self) -> None:
+        while True:
+            due = self._due()
+            if not due:
+                return
+            for timer in due:
+                fn, timer.fn = timer.fn, None
+                if fn is None:
+                    continue
+                try:
+                    fn()
+                except Exception:
+                    log.exception("watchdog callback failed")
+
+    def stop(self, timeout: float) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+
+# ============================================================================
+# Process manager
+# ============================================================================
+
+
+def _grow_pipe(fd: int) -> None:
+    """Ask for a larger pipe (Linux): a chatty child then wakes its reader less often."""
+    try:
+        import fcntl
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE_BYTES)
+    except (ImportError, OSError):
+        pass
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class ProcessManager:
+    """Starts, watches, queues, times out and ends child process groups.
+
+    Every child runs through ``start()``: one code path for background runs,
+    synchronous runs and commands. Each running child has two reader threads
+    (stdout, stderr) and one waiter thread that notices the leader's exit; one
+    watchdog thread serves every deadline. Locks: ``_lock`` (manager state) may
+    be taken before a record's ``cond``, never after it.
+    """
+
+    def __init__(self, config: Optional[AgentConfig] = None, *,
+                 environ: Optional[Dict[str, str]] = None) -> None:
+        self.config = config or AgentConfig()
+        self._lock = threading.Lock()  # guards _records, _queue, _finished, _running, _env, _closed, _stats, _finished_bytes
+        self._records: Dict[str, _ProcessRecord] = {}          # creation order = listing order
+        self._finished: "collections.OrderedDict[str, _ProcessRecord]" = collections.OrderedDict()
+        self._queue: collections.deque = collections.deque()   # FIFO of queued records
+        self._running = 0                                      # slots taken (spawning or running)
+        self._env: Dict[str, str] = {}                         # the global env store (api.md §7)
+        self._closed = False
+        self._finished_bytes = 0                               # output held by finished records
+        self._stats: Dict[str, int] = collections.Counter()
+        base = dict(os.environ if environ is None else environ)
+        base.pop(SECRET_ENV, None)
+        base.setdefault("PYTHONUNBUFFERED", "1")   # live output from Python children by default
+        self._base_env = base
+        self._watchdog = _Watchdog()
+        self.stopping = threading.Event()   # set by shutdown(); webhook retries stop waiting
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add to one of the counters /metrics reports."""
+        with self._lock:
+            self._stats[name] += n
+
+    # -- the environment --------------------------------------------------
+
+    def env_snapshot(self) -> Dict[str, str]:
+        """Agent environment overlaid with the global store (what GET /env shows)."""
+        with self._lock:
+            env = dict(self._base_env)
+            env.update(self._env)
+        env.pop(SECRET_ENV, None)
+        return env
+
+    def env_set(self, values: Dict[str, str], *, replace: bool) -> None:
+        with self._lock:
+            if replace:
+                self._env = dict(values)
+            else:
+                self._env.update(values)
+
+    def env_delete(self, keys: Optional[Iterable[str]] = None) -> None:
+        """Forget the given keys of the global store, or all of it."""
+        with self._lock:
+            if keys is None:
+                self._env.clear()
+            else:
+                for key in keys:
+                    self._env.pop(key, None)
+
+    def _child_env(self, request_env: Optional[Dict[str, str]]) -> Dict[str, str]:
+        """Precedence: request > global store > agent (api.md §7)."""
+        env = self.env_snapshot()
+        env.update(request_env or {})
+        env.pop(SECRET_ENV, None)
+        return env
+
+    # -- building launches --------------------------------------------------
+
+    def resolve_cwd(self, value: Optional[str]) -> str:
+        """The working directory for a request (api.md §1): the default when
+        absent, the default too for a missing /workspace (the SDK always sends
+        it), 400 for any other directory that does not exist."""
+        if value is None or value == "":
+            return self.config.workdir
+        path = os.path.join(self.config.workdir, value)
+        if os.path.isdir(path):
+            return os.path.normpath(path)
+        if os.path.normpath(value) == "/workspace":
+            return self.config.workdir
+        raise BadRequest("working directory does not exist: %s" % value)
+
+    def code_launch(self, code: str, language: Optional[str], *, cwd: Optional[str] = None,
+                    env: Optional[Dict[str, str]] = None, timeout: float = BACKGROUND_TIMEOUT_S,
+                    name: Optional[str] = None, stdin: bool = False) -> _Launch:
+        """A launch that runs ``code`` with the language's interpreter from a temp file."""
+        lang, program = _resolve_language(language)
+        directory = self.resolve_cwd(cwd)
+        path = _write_code_file(code, _LANGUAGES[lang][3])
+        argv = _LANGUAGES[lang][2](program, path)
+        return _Launch(argv=argv, cwd=directory, env=self._child_env(env), kind="code",
+                       language=lang, name=name, timeout=timeout, stdin=stdin, tempfile=path)
+
+    def command_launch(self, command: str, args: Optional[List[str]] = None, *,
+                       cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                       timeout: float = BACKGROUND_TIMEOUT_S, name: Optional[str] = None,
+                       stdin: bool = False) -> _Launch:
+        """A launch of ``[command] + args`` as argv, or of a shell string through /bin/sh -c."""
+        argv = [command] + list(args) if args is not None else ["/bin/sh", "-c", command]
+        shown = " ".join([command] + list(args)) if args is not None else command
+        return _Launch(argv=argv, cwd=self.resolve_cwd(cwd), env=self._child_env(env),
+                       kind="command", command=shown, name=name, timeout=timeout, stdin=stdin)
+
+    # -- starting -------------------------------------------------------------
+
+    def start(self, launch: _Launch) -> _ProcessRecord:
+        """Run ``launch`` now, or queue it when max-running children run.
+
+        Raises Unavailable while shutting down and LimitExceeded (429) when
+        the queue is full; the launch's temp file is removed in both cases.
+        """
+        rec = _ProcessRecord(launch, self.config.max_output_bytes)
+        launch.env[PROCESS_ID_ENV] = rec.id
+        with self._lock:
+            if self._closed:
+                error: Optional[AgentError] = Unavailable("agent is shutting down")
+            elif self._running < self.config.max_running and not self._queue:
+                error, run_now = None, True
+                self._running += 1
+            elif len(self._queue) >= self.config.queue_limit:
+                error = LimitExceeded("too many processes: %d running and %d queued"
+                                      % (self._running, len(self._queue)))
+            else:
+                error, run_now = None, False
+                self._queue.append(rec)
+            if error is None:
+                self._records[rec.id] = rec
+                self._stats["started"] += 1
+        if error is not None:
+            launch.cleanup()
+            raise error
+        if run_now:
+            self._start_all([rec])
+        return rec
+
+    def _start_all(self, recs: List[_ProcessRecord]) -> None:
+        """Spawn each record; a spawn that fails frees its slot for the next queued one."""
+        pending = collections.deque(recs)
+        while pending:
+            pending.extend(self._spawn(pending.popleft()))
+
+    def _spawn(self, rec: _ProcessRecord) -> List[_ProcessRecord]:
+        launch = rec.launch
+        fds: List[int] = []
+        try:
+            out_r, out_w = os.pipe()
+            fds += [out_r, out_w]
+            err_r, err_w = os.pipe()
+            fds += [err_r, err_w]
+            _grow_pipe(out_w)
+            _grow_pipe(err_w)
+            popen = subprocess.Popen(
+                launch.argv, stdin=subprocess.PIPE if launch.stdin else subprocess.DEVNULL,
+                stdout=out_w, stderr=err_w, cwd=launch.cwd, env=launch.env,
+                start_new_session=True, close_fds=True)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            for fd in fds:
+                _close_quietly(fd)
+            return self._spawn_failed(rec, exc)
+        os.close(out_w)
+        os.close(err_w)
+        with rec.cond:
+            rec.popen, rec.pid = popen, popen.pid
+            rec.status = "running"
+            rec.started, rec.started_mono = time.time(), time.monotonic()
+            rec.open_streams = 2
+            kill_now = rec.kill_reason is not None
+            rec.cond.notify_all()
+        short = rec.id[5:13]
+        rec.threads = [
+            threading.Thread(target=self._read_stream, args=(rec, out_r, "stdout"),
+                             name="hopx-proc-%s-stdout" % short, daemon=True),
+            threading.Thread(target=self._read_stream, args=(rec, err_r, "stderr"),
+                             name="hopx-proc-%s-stderr" % short, daemon=True),
+            threading.Thread(target=self._wait_leader, args=(rec,),
+                             name="hopx-proc-%s-wait" % short, daemon=True),
+        ]
+        for thread in rec.threads:
+            thread.start()
+        if launch.timeout:
+            rec.timer = self._watchdog.schedule(launch.timeout, lambda: self._on_timeout(rec))
+        if kill_now:
+            self._terminate(rec)
+        log.debug("started %s pid %d: %s", rec.id, popen.pid, launch.argv[0])
+        return []
+
+    def _spawn_failed(self, rec: _ProcessRecord, exc: BaseException) -> List[_ProcessRecord]:
+        """Record a child that never ran: a shell's 127 (not found) or 126, and the OS error."""
+        missing = isinstance(exc, FileNotFoundError)
+        text = "%s: %s" % (rec.launch.argv[0], exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        with rec.cond:
+            rec.error = text
+            rec.stderr.append(("hopx_agent: cannot run %s\n" % text).encode("utf-8", "replace"))
+            self._set_final(rec, "spawn_failed", 127 if missing else 126, None)
+        log.info("spawn failed for %s: %s", rec.id, text)
+        return self._retire(rec, was_running=True)
+
+    # -- watching -------------------------------------------------------------
+
+    def _read_stream(self, rec: _ProcessRecord, fd: int, name: str) -> None:
+        """Drain one pipe until EOF into the record's bounded buffer."""
+        buf = rec.stream(name)
+        scratch = bytearray(READ_CHUNK_BYTES)
+        view = memoryview(scratch)
+        try:
+            while True:
+                size = os.readv(fd, [scratch])
+                if not size:
+                    break
+                with rec.cond:
+                    buf.append(view[:size])
+                    rec.cond.notify_all()
+        except Exception:
+            log.exception("reading %s of %s failed", name, rec.id)
+        finally:
+            _close_quietly(fd)
+            with rec.cond:
+                rec.open_streams -= 1
+                rec.cond.notify_all()
+
+    def _reap(self, rec: _ProcessRecord) -> Tuple[Optional[int], Any]:
+        """Wait for the leader to exit, end the rest of its group, reap it.
+
+        waitid(WNOWAIT) sees the exit but leaves a zombie, which keeps the
+        pid (and so the group id) from being reused while the stragglers
+        (``sleep 1000 &``) get their SIGKILL. Popen's returncode is set so
+        that Popen never waits for this pid itself (no ECHILD surprises).
+        """
+        pid = rec.pid
+        assert pid is not None
+        try:
+            if hasattr(os, "waitid"):
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            with rec.cond:
+                _killpg(pid, signal.SIGKILL)
+                wpid, status, rusage = os.wait4(pid, 0)
+                rec.reaped = True
+                if rec.popen is not None:
+                    rec.popen.returncode = os.waitstatus_to_exitcode(status)
+                return status, rusage
+        except ChildProcessError:      # someone else reaped it: the status is lost
+            with rec.cond:
+                rec.reaped = True
+                rec.error = "exit status lost: the child was reaped elsewhere"
+                if rec.popen is not None and rec.popen.returncode is None:
+                    rec.popen.returncode = -1
+            return None, None
+
+    def _wait_leader(self, rec: _ProcessRecord) -> None:
+        try:
+            status, rusage = self._reap(rec)
+            with rec.cond:     # let the readers take what the leader wrote before it exited
+                rec.cond.wait_for(lambda: rec.open_streams == 0, DRAIN_AFTER_EXIT_S)
+            exit_code, signame = None, None
+            if status is not None:
+                if os.WIFSIGNALED(status):
+                    exit_code = 128 + os.WTERMSIG(status)
+                    signame = _signal_name(os.WTERMSIG(status))
+                else:
+                    exit_code = os.WEXITSTATUS(status)
+            with rec.cond:
+                reason = rec.kill_reason or ("signaled" if signame else "exited")
+                rec.rusage = rusage
+                self._set_final(rec, reason, 124 if reason == "timeout" else exit_code, signame)
+            log.debug("%s finished: %s, exit %s", rec.id, reason, exit_code)
+            self._start_all(self._retire(rec, was_running=True))
+        except Exception:
+            log.exception("waiting for %s failed", rec.id)
+
+    def _set_final(self, rec: _ProcessRecord, reason: str, exit_code: Optional[int],
+                   signame: Optional[str]) -> None:
+        """Make the record final (call with ``rec.cond`` held) and wake its waiters."""
+        rec.reason, rec.exit_code, rec.signal = reason, exit_code, signame
+        rec.status = "completed" if reason == "exited" and exit_code == 0 else "failed"
+        rec.ended = time.time()
+        rec.duration = round(time.monotonic() - rec.started_mono, 6) if rec.started_mono else 0.0
+        rec.cond.notify_all()
+
+    def _retire(self, rec: _ProcessRecord, *, was_running: bool) -> List[_ProcessRecord]:
+        """Book-keeping after a record became final; returns queued records to start now."""
+        rec.launch.cleanup()
+        if rec.timer is not None:
+            rec.timer.cancel()
+        with rec.cond:
+            held = rec.stdout.held + rec.stderr.held
+            status, reason = rec.status, rec.reason
+        with self._lock:
+            if was_running:
+                self._running -= 1
+            self._finished[rec.id] = rec
+            rec.accounted = held
+            self._finished_bytes += held
+            self._stats["status_" + status] += 1
+            self._stats["reason_" + str(reason)] += 1
+            self._enforce_retention()
+            ready = []
+            while not self._closed and self._queue and self._running < self.config.max_running:
+                ready.append(self._queue.popleft())
+                self._running += 1
+        for callback in rec.on_finish:
+            try:
+                callback(rec)
+            except Exception:
+                log.exception("finish callback of %s failed", rec.id)
+        return ready
+
+    def _enforce_retention(self) -> None:
+        """Keep at most ``retain`` finished records and ``output_budget`` bytes
+        of their output: the oldest records go first (call with _lock held)."""
+        while len(self._finished) > self.config.retain:
+            _, old = self._finished.popitem(last=False)
+            self._records.pop(old.id, None)
+            self._finished_bytes -= old.accounted
+        for old in self._finished.values():
+            if self._finished_bytes <= self.config.output_budget:
+                break
+            with old.cond:
+                old.stdout.discard()
+                old.stderr.discard()
+            self._finished_bytes -= old.accounted
+            old.accounted = 0
+
+    # -- ending ---------------------------------------------------------------
+
+    def _signal_group(self, rec: _ProcessRecord, sig: int) -> bool:
+        """Signal the record's process group, only while its leader is unreaped
+        (so a reused pid is never hit). True when the signal was sent."""
+        with rec.cond:
+            if rec.pid is None or rec.reaped:
+                return False
+            return _killpg(rec.pid, sig)
+
+    def _terminate(self, rec: _ProcessRecord) -> None:
+        """SIGTERM to the group now, SIGKILL after the grace period."""
+        self._signal_group(rec, signal.SIGTERM)
+        self._watchdog.schedule(self.config.kill_grace, lambda: self._signal_group(rec, signal.SIGKILL))
+
+    def _on_timeout(self, rec: _ProcessRecord) -> None:
+        with rec.cond:
+            if rec.finished or rec.kill_reason is not None:
+                return
+            rec.kill_reason = "timeout"
+        log.info("%s reached its timeout of %ss", rec.id, rec.launch.timeout)
+        self._terminate(rec)
+
+    def kill(self, process_id: str, sig: Optional[int] = None, *, wait: bool = True) -> Dict[str, Any]:
+        """End a process and its group (api.md §5 Kill); with ``sig``, only send that signal.
+
+        A queued process leaves the queue; a finished one is left as it is.
+        With ``wait`` the call returns once the leader is gone (at most the
+        grace period plus a little).
+        """
+        rec = self.get(process_id)
+        with self._lock:
+            queued = rec in self._queue
+            if queued:
+                self._queue.remove(rec)
+        if queued:
+            with rec.cond:
+                rec.kill_reason = "killed"
+                self._set_final(rec, "killed", None, None)
+            self._retire(rec, was_running=False)
+            return {"process_id": rec.id, "status": "killed", "message": "removed from the queue"}
+        with rec.cond:
+            if rec.finished:
+                return {"process_id": rec.id, "status": rec.status,
+                        "message": "process already finished; nothing changed"}
+            if sig is not None:
+                if rec.pid is None:
+                    raise Conflict("process %s has not started yet" % rec.id)
+                if not rec.reaped:
+                    _killpg(rec.pid, sig)
+                return {"process_id": rec.id, "status": rec.status, "signal": _signal_name(sig),
+                        "message": "sent %s to the process group" % _signal_name(sig)}
+            first = rec.kill_reason is None
+            if first:
+                rec.kill_reason = "killed"
+            started = rec.pid is not None
+        if first and started:
+            self._terminate(rec)
+        if wait:
+            with rec.cond:
+                rec.cond.wait_for(lambda: rec.finished, self.config.kill_grace + 2.0)
+        with rec.cond:
+            return {"process_id": rec.id, "status": "killed",
+                    "message": "process group terminated" if rec.finished else "termination in progress",
+                    "exit_code": rec.exit_code, "signal": rec.signal, "record_status": rec.status}
+
+    # -- reading --------------------------------------------------------------
+
+    def get(self, process_id: str) -> _ProcessRecord:
+        with self._lock:
+            rec = self._records.get(process_id)
+        if rec is None:
+            raise NotFound("process not found: %s" % process_id, code="PROCESS_NOT_FOUND")
+        return rec
+
+    def _queue_positions(self) -> Dict[str, int]:
+        with self._lock:
+            return {r.id: i + 1 for i, r in enumerate(self._queue)}
+
+    def describe(self, rec: _ProcessRecord, *, output: bool = True,
+                 offsets: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, Any]:
+        position = self._queue_positions().get(rec.id) if rec.status == "queued" else None
+        with rec.cond:
+            return rec.to_json(output=output, offsets=offsets, queue_position=position)
+
+    def list(self, *, statuses: Optional[Iterable[str]] = None, name: Optional[str] = None,
+             output: bool = True) -> List[Dict[str, Any]]:
+        """Records oldest first, filtered by status and name."""
+        wanted = set(statuses) if statuses else None
+        with self._lock:
+            recs = list(self._records.values())
+            positions = {r.id: i + 1 for i, r in enumerate(self._queue)}
+        out = []
+        for rec in recs:
+            if name is not None and rec.launch.name != name:
+                continue
+            with rec.cond:
+                if wanted is None or rec.status in wanted:
+                    out.append(rec.to_json(output=output, queue_position=positions.get(rec.id)))
+        return out
+
+    def wait(self, rec: _ProcessRecord, timeout: float) -> bool:
+        """Block until the record is final or ``timeout`` passes; True when final."""
+        with rec.cond:
+            return rec.cond.wait_for(lambda: rec.finished, timeout)
+
+    def wait_for_output(self, rec: _ProcessRecord, offsets: Dict[str, Optional[int]],
+                        timeout: float) -> None:
+        """Block until there is output past ``offsets`` (past what exists now
+        for a stream without one), the record is final, or ``timeout`` passes."""
+        with rec.cond:
+            marks = {name: offsets.get(name) if offsets.get(name) is not None
+                     else rec.stream(name).end(False) for name in ("stdout", "stderr")}
+            rec.cond.wait_for(lambda: rec.finished or any(
+                rec.stream(name).end(False) > mark for name, mark in marks.items()), timeout)
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters for /metrics."""
+        with self._lock:
+            recs = list(self._records.values())
+            stats = dict(self._stats)
+            queued, running = len(self._queue), self._running
+        held = 0
+        for rec in recs:
+            with rec.cond:
+                held += rec.stdout.held + rec.stderr.held
+        return {"started": stats.get("started", 0), "running": running, "queued": queued,
+                "records": len(recs), "output_bytes_held": held,
+                "by_status": {k[7:]: v for k, v in stats.items() if k.startswith("status_")},
+                "by_reason": {k[7:]: v for k, v in stats.items() if k.startswith("reason_")},
+                "webhooks": {"delivered": stats.get("webhooks_delivered", 0),
+                             "failed": stats.get("webhooks_failed", 0)}}
+
+    # -- shutting down ----------------------------------------------------------
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """End every process group (TERM, grace, KILL), drop the queue, join
+        every thread; returns within ``timeout`` (default: grace + 2 s)."""
+        grace = self.config.kill_grace
+        deadline = time.monotonic() + (grace + 2.0 if timeout is None else timeout)
+        self.stopping.set()
+        with self._lock:
+            self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
+            live = [r for r in self._records.values() if r not in queued]
+        for rec in queued:
+            with rec.cond:
+                rec.kill_reason = "shutdown"
+                self._set_final(rec, "shutdown", None, None)
+            self._retire(rec, was_running=False)
+        for rec in live:
+            with rec.cond:
+                if rec.finished:
+                    continue
+                rec.kill_reason = rec.kill_reason or "shutdown"
+            self._signal_group(rec, signal.SIGTERM)
+        term_deadline = min(deadline, time.monotonic() + grace)
+        for rec in live:
+            self.wait(rec, max(0.0, term_deadline - time.monotonic()))
+            if not rec.finished:
+                self._signal_group(rec, signal.SIGKILL)
+        for rec in live:
+            self.wait(rec, max(0.0, deadline - time.monotonic()))
+            for thread in rec.threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self._watchdog.stop(max(0.0, deadline - time.monotonic()))
+
+
+def _killpg(pgid: int, sig: int) -> bool:
+    """killpg that treats a group already gone as done."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+# ============================================================================
+# Webhooks: the result of /execute/async POSTed to its callback_url
+# ============================================================================
+
+WEBHOOK_ATTEMPTS = 4                  # first try plus three retries
+WEBHOOK_TIMEOUT_S = 10.0              # per attempt: connect, send, read the status
+WEBHOOK_BACKOFF_S = 1.0               # doubled after each failed attempt
+
+
+class _Webhook:
+    """Delivers one record's result to its callback URL on a thread of its own."""
+
+    def __init__(self, manager: ProcessManager, url: str, headers: Dict[str, str],
+                 signing_secret: Optional[str]) -> None:
+        self.manager = manager
+        self.url = url
+        self.headers = headers
+        self.signing_secret = signing_secret
+
+    def __call__(self, rec: _ProcessRecord) -> None:
+        with rec.cond:
+            rec.extra["webhook"] = {"url": self.url, "delivered": False, "attempts": 0,
+                                    "last_status": None, "last_error": None}
+        threading.Thread(target=self._deliver, args=(rec,), daemon=True,
+                         name="hopx-webhook-%s" % rec.id[5:13]).start()
+
+    def payload(self, rec: _ProcessRecord) -> bytes:
+        with rec.cond:
+            status = "timeout" if rec.reason == "timeout" else rec.status
+            body = {"execution_id": rec.execution_id, "process_id": rec.id, "status": status,
+                    "success": rec.status == "completed",
+                    "stdout": rec.stdout.read(None, True)[0], "stderr": rec.stderr.read(None, True)[0],
+                    "exit_code": rec.exit_code, "execution_time": rec.duration,
+                    "timestamp": _rfc3339(time.time()), "error": rec.error or (
+                        None if rec.status == "completed" else "process %s" % rec.reason)}
+        return json.dumps(body).encode("utf-8")
+
+    def _post(self, body: bytes) -> int:
+        import urllib.error
+        import urllib.request
+        stamp = str(int(time.time()))
+        headers = dict(self.headers)
+        headers.update({"Content-Type": "application/json", "X-HopX-Timestamp": stamp,
+                        "User-Agent": "hopx-agent/" + __version__})
+        if self.signing_secret is not None:
+            mac = hmac.new(self.signing_secret.encode("utf-8"), stamp.encode("ascii") + body, hashlib.sha256)
+            headers["X-HopX-Signature"] = "sha256=" + mac.hexdigest()
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT_S) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def _deliver(self, rec: _ProcessRecord) -> None:
+        body = self.payload(rec)
+        delay = WEBHOOK_BACKOFF_S
+        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+            status, error = None, None
+            try:
+                status = self._post(body)
+            except Exception as exc:  # network errors of every kind are one more failed attempt
+                error = "%s: %s" % (type(exc).__name__, exc)
+            delivered = status is not None and 200 <= status < 300
+            with rec.cond:
+                rec.extra["webhook"].update(attempts=attempt, last_status=status,
+                                            last_error=error, delivered=delivered)
+            # 4xx other than 408/429 will not change on a retry
+            final = delivered or (status is not None and 400 <= status < 500 and status not in (408, 429))
+            if final or attempt == WEBHOOK_ATTEMPTS or self.manager.stopping.wait(delay):
+                break
+            delay *= 2
+        self.manager.count("webhooks_delivered" if delivered else "webhooks_failed")
+        log.info("webhook for %s: %s after %d attempt(s)", rec.id,
+                 "delivered" if delivered else "failed", attempt)
+
+
+# ============================================================================
+# HTTP: the server, the request reader, the route table and the handlers
+# ============================================================================
+
+_TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")           # RFC 9110 §5.6.2
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")          # CTLs other than tab
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+_VERSION_RE = re.compile(r"HTTP/1\.[01]")
+
+
+class _ClientGone(Exception):
+    """The client closed the connection; there is nobody to answer."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads bounded by one deadline for a whole request, so that a
+    client dribbling a byte a second cannot hold a thread (a per-recv timeout
+    would never fire)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self.deadline: Optional[float] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("request deadline passed")
+            self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
+
+
+class _Request:
+    """One parsed request; the handlers' only view of HTTP."""
+
+    __slots__ = ("method", "target", "path", "query", "headers", "body", "request_id",
+                 "version", "close", "claims", "route", "_json")
+
+    def __init__(self) -> None:
+        self.method, self.target, self.path, self.version = "", "", "", "HTTP/1.1"
+        self.query: Dict[str, List[str]] = {}
+        self.headers: Dict[str, List[str]] = {}
+        self.body = b""
+        self.request_id = ""
+        self.close = True
+        self.claims: Optional[Dict[str, Any]] = None
+        self.route = "unmatched"
+        self._json: Optional[Dict[str, Any]] = None
+
+    def header(self, name: str) -> Optional[str]:
+        values = self.headers.get(name)
+        return values[0] if values else None
+
+    def param(self, name: str) -> Optional[str]:
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+    def json(self) -> Dict[str, Any]:
+        """The body as a JSON object ({} when empty), or a 400."""
+        if self._json is None:
+            if not self.body.strip():
+                self._json = {}
+            else:
+                try:
+                    value = _strict_json(self.body)
+                except (ValueError, RecursionError) as exc:
+                    raise BadRequest("body is not valid JSON: %s" % _short(exc), code="INVALID_JSON")
+                if not isinstance(value, dict):
+                    raise BadRequest("body must be a JSON object")
+                self._json = value
+        return self._json
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+class _Reply:
+    """A response other than a plain 200 JSON object."""
+
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status: int, body: bytes = b"", content_type: Optional[str] = "application/json",
+                 headers: Optional[Dict[str, str]] = None) -> None:
+        self.status, self.body, self.content_type = status, body, content_type
+        self.headers = headers or {}
+
+
+def _json_bytes(payload: Any) -> bytes:
+    # ensure_ascii keeps lone surrogates from a client's JSON encodable
+    return json.dumps(payload, separators=(",", ":")).encode("ascii")
+
+
+# -- request body fields -------------------------------------------------------
+
+
+def _text(value: Any, field: str, *, nul_ok: bool = False) -> str:
+    """A string that can reach the OS: UTF-8 encodable and without NUL bytes."""
+    if not isinstance(value, str):
+        raise BadRequest("field %r must be a string" % field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("field %r is not valid Unicode (unpaired surrogate)" % field) from None
+    if not nul_ok and "\x00" in value:
+        raise BadRequest("field %r must not contain NUL bytes" % field)
+    return value
+
+
+def _opt_text(body: Dict[str, Any], field: str, *, max_chars: Optional[int] = None) -> Optional[str]:
+    value = body.get(field)
+    if value is None:
+        return None
+    value = _text(value, field)
+    if max_chars is not None and len(value) > max_chars:
+        raise BadRequest("field %r is longer than %d characters" % (field, max_chars))
+    return value
+
+
+def _required_text(body: Dict[str, Any], field: str, *, nul_ok: bool = False) -> str:
+    if body.get(field) is None:
+        raise BadRequest("missing required field %r" % field, code="MISSING_PARAMETER")
+    return _text(body[field], field, nul_ok=nul_ok)
+
+
+def _number(value: Any, field: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest("field %r must be a number" % field)
+    if not low < value <= high:
+        raise BadRequest("field %r must be more than %g and at most %g" % (field, low, high))
+    return float(value)
+
+
+def _timeout(body: Dict[str, Any], default: float, maximum: float) -> float:
+    value = body.get("timeout")
+    return default if value is None else _number(value, "timeout", 0, maximum)
+
+
+def _env_map(value: Any, field: str) -> Dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest("field %r must be an object of strings" % field)
+    for key, item in value.items():
+        _text(key, field + " key")
+        if not key or "=" in key:
+            raise BadRequest("%s key %r is not a valid variable name" % (field, key))
+        if not isinstance(item, str):
+            raise BadRequest("%s value for %r must be a string" % (field, key))
+        _text(item, "%s[%s]" % (field, key))
+    return dict(value)
+
+
+def _flag(body: Dict[str, Any], field: str) -> bool:
+    value = body.get(field, False)
+    if not isinstance(value, bool):
+        raise BadRequest("field %r must be true or false" % field)
+    return value
+
+
+def _workdir(body: Dict[str, Any]) -> Optional[str]:
+    """api.md §8: ``workdir``, else ``working_dir``."""
+    value = body.get("workdir")
+    return _opt_text(body, "workdir" if value is not None else "working_dir")
+
+
+def _query_flag(req: _Request, name: str, default: bool) -> bool:
+    value = req.param(name)
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise BadRequest("query parameter %r must be true or false" % name)
+
+
+def _query_offset(req: _Request, name: str) -> Optional[int]:
+    value = req.param(name)
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or len(value) > 18:
+        raise BadRequest("query parameter %r must be a non-negative integer" % name)
+    return int(value)
+
+
+# -- the route table -----------------------------------------------------------
+
+# (method, path pattern, handler method name, needs a token). {name} matches one segment.
+_ROUTES = (
+    ("GET", "/health", "_health", False),
+    ("GET", "/ping", "_ping", False),
+    ("GET", "/info", "_info", False),
+    ("POST", "/execute", "_execute", True),
+    ("POST", "/execute/rich", "_execute", True),
+    ("POST", "/execute/background", "_execute_background", True),
+    ("POST", "/execute/async", "_execute_async", True),
+    ("GET", "/execute/processes", "_list_processes", True),
+    ("GET", "/execute/processes/{process_id}", "_get_process", True),
+    ("DELETE", "/execute/processes/{process_id}", "_kill", True),
+    ("POST", "/execute/kill/{process_id}", "_kill", True),
+    ("DELETE", "/execute/kill", "_kill", True),
+    ("POST", "/execute/kill", "_kill", True),
+    ("POST", "/processes/{process_id}/kill", "_kill", True),
+    ("POST", "/commands/run", "_commands_run", True),
+    ("POST", "/commands/background", "_commands_background", True),
+    ("GET", "/env", "_env_get", True),
+    ("PUT", "/env", "_env_put", True),
+    ("PATCH", "/env", "_env_patch", True),
+    ("DELETE", "/env", "_env_delete", True),
+    ("DELETE", "/env/{name}", "_env_delete", True),
+    ("GET", "/metrics", "_metrics", True),
+    ("GET", "/metrics/snapshot", "_metrics", True),
+    ("GET", "/metrics/prometheus", "_metrics_prometheus", True),
+    ("GET", "/processes", "_system_processes", True),
+)
+
+
+def _compile_routes() -> List[Tuple[str, str, "re.Pattern[str]", str, bool]]:
+    compiled = []
+    for method, pattern, handler, needs_auth in _ROUTES:
+        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(pattern))
+        compiled.append((method, pattern, re.compile(regex + r"\Z"), handler, needs_auth))
+    return compiled
+
+
+_COMPILED_ROUTES = _compile_routes()
+
+
+class _Metrics:
+    """Request counters per route and status class, for /metrics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards the counters
+        self.started = time.time()
+        self.started_mono = time.monotonic()
+        self.requests: Dict[str, int] = collections.Counter()
+        self.errors: Dict[str, int] = collections.Counter()
+
+    def observe(self, route: str, status: int) -> None:
+        with self._lock:
+            self.requests[route] += 1
+            if status >= 400:
+                self.errors[route] += 1
+
+    def snapshot(self) -> Tuple[Dict[str, int], Dict[str, int]]:
+        with self._lock:
+            return dict(self.requests), dict(self.errors)
+
+    @property
+    def uptime(self) -> float:
+        return round(time.monotonic() - self.started_mono, 3)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Reads requests strictly (api.md §10), dispatches them through the route
+    table, and answers every one, errors included, with JSON in one write."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "hopx-agent/" + __version__
+    sys_version = ""
+    server: "_AgentServer"
+
+    # -- connection set-up ------------------------------------------------------
+
+    def setup(self) -> None:
+        self.connection = self.request
+        try:
+            # Headers and body go out in one write anyway; this also covers the
+            # 100-continue interim answer (no 40 ms Nagle/delayed-ACK stalls).
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader, 65536)
+
+    def finish(self) -> None:
+        try:
+            self.rfile.close()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # http.server's stderr logging, silenced
+        log.debug("http: " + format, *args)
+
+    # -- one request ------------------------------------------------------------
+
+    def handle_one_request(self) -> None:
+        self.close_connection = True
+        self._reader.deadline = time.monotonic() + KEEPALIVE_IDLE_S
+        try:
+            line = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
+            skipped = 0
+            while line in (b"\r\n", b"\n") and skipped < 4:   # RFC 9112 §2.2: tolerate stray CRLF
+                line, skipped = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1), skipped + 1
+        except (OSError, ValueError):
+            return
+        if not line:
+            return
+        started = time.monotonic()
+        self._reader.deadline = started + self.server.config.request_deadline
+        req = _Request()
+        try:
+            status, body, content_type, headers = self._respond(req, line)
+        except _ClientGone:
+            return
+        self._send(req, status, body, content_type, headers)
+        self.server.metrics.observe(req.route, status)
+        log.debug("%s %s %s -> %d in %.1f ms", self.client_address[0], req.method, req.target,
+                  status, (time.monotonic() - started) * 1000)
+        self.close_connection = req.close
+
+    def _respond(self, req: _Request, line: bytes) -> Tuple[int, bytes, Optional[str], Dict[str, str]]:
+        """The one error boundary: every outcome becomes (status, body, type, headers)."""
+        try:
+            self._read_head(req, line)
+            result = self._dispatch(req)
+            if isinstance(result, _Reply):
+                return result.status, result.body, result.content_type, result.headers
+            return 200, _json_bytes(result), "application/json", {}
+        except AgentError as exc:
+            if exc.status >= 500 or exc.status in (408, 413, 414, 431):
+                req.close = True
+            return (exc.status, _json_bytes(exc.to_json(request_id=req.request_id, path=req.path)),
+                    "application/json", exc.headers)
+        except socket.timeout:
+            req.close = True
+            exc = AgentError("request not received in time", status=408, code="INVALID_REQUEST")
+            return 408, _json_bytes(exc.to_json(request_id=req.request_id, path=req.path)), "application/json", {}
+        except (_ClientGone, ConnectionError):
+            raise _ClientGone() from None
+        except Exception:
+            log.exception("internal error on %s %s", req.method, req.path)
+            req.close = True
+            exc = AgentError("internal error")
+            return 500, _json_bytes(exc.to_json(request_id=req.request_id, path=req.path)), "application/json", {}
+
+    def _read_head(self, req: _Request, line: bytes) -> None:
+        """Request line and headers, strictly (api.md §10); the body is read later."""
+        req.request_id = secrets.token_hex(8)
+        if len(line) > MAX_REQUEST_LINE_BYTES or not line.endswith(b"\n"):
+            raise AgentError("request line too long", status=414, code="INVALID_REQUEST")
+        parts = line.decode("latin-1").rstrip("\r\n").split(" ")
+        if len(parts) != 3 or not _TOKEN_RE.fullmatch(parts[0].encode("latin-1")) \
+                or not _VERSION_RE.fullmatch(parts[2]):
+            raise BadRequest("malformed request line")
+        req.method, req.target, req.version = parts
+        split = urllib.parse.urlsplit(req.target)
+        if not req.target.startswith("/") and not split.scheme:
+            raise BadRequest("malformed request target")
+        path = split.path or "/"
+        req.path = path[:-1] if len(path) > 1 and path.endswith("/") else path
+        self._read_headers(req)
+        rid = req.header("x-request-id")
+        if rid is not None and _REQUEST_ID_RE.fullmatch(rid):
+            req.request_id = rid
+        connection = (req.header("connection") or "").lower()
+        req.close = "close" in connection or (req.version == "HTTP/1.0" and "keep-alive" not in connection)
+        try:
+            req.query = urllib.parse.parse_qs(split.query, keep_blank_values=True, max_num_fields=100)
+        except ValueError:
+            raise BadRequest("too many query parameters") from None
+
+    def _read_headers(self, req: _Request) -> None:
+        total = 0
+        while True:
+            line = self.rfile.readline(MAX_HEADER_LINE_BYTES + 1)
+            if not line:
+                raise _ClientGone()
+            total += len(line)
+            if len(line) > MAX_HEADER_LINE_BYTES or total > MAX_HEADER_BYTES \
+                    or len(req.headers) > MAX_HEADERS:
+                req.close = True
+                raise AgentError("request header fields too large", status=431, code="INVALID_REQUEST")
+            if line in (b"\r\n", b"\n"):
+                return
+            name, sep, value = line.rstrip(b"\r\n").partition(b":")
+            value = value.strip(b" \t")
+            # No obs-fold, no space before the colon, no control characters (RFC 9112 §5).
+            if not sep or not _TOKEN_RE.fullmatch(name) or _BAD_VALUE_RE.search(value):
+                req.close = True
+                raise BadRequest("malformed header line")
+            req.headers.setdefault(name.decode("ascii").lower(), []).append(value.decode("latin-1"))
+
+    def _content_length(self, req: _Request) -> int:
+        if "transfer-encoding" in req.headers:
+            req.close = True
+            raise AgentError("Transfer-Encoding is not supported; send Content-Length",
+                             status=501, code="INVALID_REQUEST")
+        values = req.headers.get("content-length")
+        if not values:
+            return 0
+        if len(values) != 1 or not values[0].isdigit() or not values[0].isascii():
+            req.close = True
+            raise BadRequest("invalid Content-Length")
+        length = int(values[0])
+        if length > MAX_BODY_BYTES:
+            req.close = True
+            raise AgentError("request body larger than %d bytes" % MAX_BODY_BYTES,
+                             status=413, code="PAYLOAD_TOO_LARGE")
+        return length
+
+    def _read_body(self, req: _Request, length: int) -> None:
+        if not length:
+            return
+        if (req.header("expect") or "").lower() == "100-continue":
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise _ClientGone()
+        req.body = body
+
+    # -- routing ----------------------------------------------------------------
+
+    def _dispatch(self, req: _Request) -> Any:
+        """Route, authenticate, read the body, call the handler; 404/405 on no match."""
+        length = self._content_length(req)
+        method = "GET" if req.method == "HEAD" else req.method
+        matches = []
+        for route_method, pattern, regex, handler, needs_auth in _COMPILED_ROUTES:
+            found = regex.match(req.path)
+            if found:
+                matches.append((route_method, pattern, handler, needs_auth, found))
+        if not matches or all(m[3] for m in matches):
+            try:
+                self._authenticate(req)
+            except AgentError:
+                if length:
+                    req.close = True   # the unread body would be taken for the next request
+                raise
+        self._read_body(req, length)
+        for route_method, pattern, handler, _, found in matches:
+            if route_method == method:
+                req.route = pattern
+                params = {k: urllib.parse.unquote(v) for k, v in found.groupdict().items()}
+                return getattr(self, handler)(req, **params)
+        if matches:
+            allowed = sorted({m[0] for m in matches} | ({"HEAD"} if any(m[0] == "GET" for m in matches) else set()))
+            raise AgentError("method %s not allowed on %s" % (req.method, req.path), status=405,
+                             code="METHOD_NOT_ALLOWED", headers={"Allow": ", ".join(allowed)})
+        raise NotFound("no such endpoint: %s" % req.path)
+
+    def _authenticate(self, req: _Request) -> None:
+        config = self.server.config
+        if not config.auth:
+            return
+        value = req.header("authorization")
+        if not value or not value.strip():
+            raise AuthError("authentication required: send Authorization: Bearer <token>",
+                            code="AUTHENTICATION_REQUIRED")
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("invalid token: expected the Bearer scheme")
+        req.claims = verify_jwt(token.strip(), config.secret or b"", algorithms=config.algorithms,
+                                leeway=config.leeway, audience=config.audience, issuer=config.issuer)
+
+    # -- writing ----------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.connection.settimeout(WRITE_TIMEOUT_S)
+            self.connection.sendall(data)
+        except OSError:
+            raise _ClientGone() from None
+
+    def _send(self, req: _Request, status: int, body: bytes, content_type: Optional[str],
+              headers: Dict[str, str]) -> None:
+        reason = self.responses.get(status, ("",))[0]
+        lines = ["HTTP/1.1 %d %s" % (status, reason), "Server: " + self.server_version,
+                 "Date: " + self.date_time_string(), "X-Request-ID: " + (req.request_id or secrets.token_hex(8))]
+        if status != 204:
+            lines.append("Content-Type: %s" % (content_type or "application/json"))
+            lines.append("Content-Length: %d" % len(body))
+        lines.extend("%s: %s" % item for item in headers.items())
+        if req.close:
+            lines.append("Connection: close")
+        elif req.version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        try:
+            self._write(head if req.method == "HEAD" or status == 204 else head + body)
+        except _ClientGone:
+            req.close = True
+
+    # -- waiting while watching the client ----------------------------------------
+
+    def _client_gone(self) -> bool:
+        """True when the client has closed its side (EOF readable on the socket)."""
+        try:
+            poller = select.poll()
+            poller.register(self.connection, select.POLLIN | select.POLLHUP | select.POLLERR)
+            if not poller.poll(0):
+                return False
+            self.connection.settimeout(0)
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _wait_final(self, rec: _ProcessRecord) -> None:
+        """Wait for a synchronous run; if the client goes away, end the process."""
+        manager = self.server.manager
+        while not manager.wait(rec, 0.25):
+            if self._client_gone():
+                manager.kill(rec.id, wait=False)
+                raise _ClientGone()
+
+    # -- endpoints: health and information ------------------------------------------
+
+    def _health(self, req: _Request) -> Dict[str, Any]:
+        return {"status": "healthy", "version": __version__, "uptime": self.server.metrics.uptime,
+                "timestamp": _rfc3339(time.time())}
+
+    def _ping(self, req: _Request) -> Dict[str, Any]:
+        return {"message": "pong", "timestamp": _rfc3339(time.time())}
+
+    def _info(self, req: _Request) -> Dict[str, Any]:
+        import platform  # only /info needs it
+        config = self.server.config
+        languages = _languages_installed()
+        return {"agent": "hopx_agent", "version": __version__, "agent_version": __version__,
+                "python": platform.python_version(), "platform": platform.platform(),
+                "os": platform.system().lower(), "arch": platform.machine(),
+                "hostname": socket.gethostname(), "uptime": self.server.metrics.uptime,
+                "workdir": config.workdir, "auth": "jwt" if config.auth else "disabled",
+                "languages": languages,
+                "supported_languages": [name for name, spec in languages.items() if spec["available"]],
+                "limits": config.limits(),
+                "endpoints": ["%s %s" % (method, pattern) for method, pattern, _, _ in _ROUTES],
+                "timestamp": _rfc3339(time.time())}
+
+    # -- endpoints: execution ---------------------------------------------------------
+
+    def _code_launch(self, body: Dict[str, Any], default_timeout: float, max_timeout: float) -> _Launch:
+        return self.server.manager.code_launch(
+            _required_text(body, "code", nul_ok=True), body.get("language"),
+            cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
+            timeout=_timeout(body, default_timeout, max_timeout),
+            name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"))
+
+    def _command_launch(self, body: Dict[str, Any], default_timeout: float, max_timeout: float) -> _Launch:
+        command = _required_text(body, "command")
+        args = body.get("args")
+        if args is not None:
+            if not isinstance(args, list):
+                raise BadRequest("field 'args' must be an array of strings")
+            args = [_text(arg, "args") for arg in args]
+        elif not command.strip():
+            raise BadRequest("field 'command' must not be empty", code="MISSING_PARAMETER")
+        return self.server.manager.command_launch(
+            command, args, cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
+            timeout=_timeout(body, default_timeout, max_timeout),
+            name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"))
+
+    def _started(self, rec: _ProcessRecord) -> Dict[str, Any]:
+        """The answer to every background start."""
+        record = self.server.manager.describe(rec, output=False)
+        answer = {key: record.get(key) for key in ("process_id", "execution_id", "status", "name",
+                                                   "kind", "pid", "started_at", "start_time",
+                                                   "created_at", "timeout")}
+        if "queue_position" in record:
+            answer["queue_position"] = record["queue_position"]
+        if record["status"] in _FINAL_STATUSES:   # it could not start: say why at once
+            answer.update(reason=record["reason"], exit_code=record["exit_code"], error=record.get("error"))
+        return answer
+
+    def _execute_background(self, req: _Request) -> Dict[str, Any]:
+        launch = self._code_launch(req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+        return self._started(self.server.manager.start(launch))
+
+    def _commands_background(self, req: _Request) -> Dict[str, Any]:
+        launch = self._command_launch(req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+        return self._started(self.server.manager.start(launch))
+
+    def _execute_async(self, req: _Request) -> Dict[str, Any]:
+        body = req.json()
+        url = _required_text(body, "callback_url")
+        split = urllib.parse.urlsplit(url)
+        if split.scheme not in ("http", "https") or not split.hostname:
+            raise BadRequest("callback_url must be an http or https URL")
+        headers = _env_map(body.get("callback_headers"), "callback_headers")
+        if any("\r" in k + v or "\n" in k + v for k, v in headers.items()):
+            raise BadRequest("callback_headers must not contain line breaks")
+        secret = _opt_text(body, "callback_signature_secret")
+        launch = self._code_launch(body, ASYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+        manager = self.server.manager
+        rec = manager.start(launch)
+        rec.on_finish.append(_Webhook(manager, url, headers, secret))
+        answer = self._started(rec)
+        answer.update(status="queued", process_status=answer["status"], callback_url=url)
+        if rec.finished:   # it ended (spawn failure) before the callback was attached
+            _Webhook(manager, url, headers, secret)(rec)
+        return answer
+
+    def _run_and_wait(self, launch: _Launch) -> Tuple[_ProcessRecord, Dict[str, Any]]:
+        rec = self.server.manager.start(launch)
+        self._wait_final(rec)
+        with rec.cond:
+            final = rec.finished
+            record = rec.to_json()
+        if not final:   # not reached: _wait_final returns only when final
+            raise AgentError("process did not finish")
+        result = {"success": record["status"] == "completed", "stdout": record["stdout"],
+                  "stderr": record["stderr"], "exit_code": record["exit_code"],
+                  "execution_time": record["execution_time"], "timestamp": _rfc3339(time.time()),
+                  "timed_out": record["reason"] == "timeout"}
+        for key in ("process_id", "execution_id", "status", "reason", "signal", "pid", "stdout_bytes",
+                    "stderr_bytes", "stdout_dropped", "stderr_dropped", "error"):
+            if key in record:
+                result[key] = record[key]
+        return rec, result
+
+    def _execute(self, req: _Request) -> Dict[str, Any]:
+        rec, result = self._run_and_wait(self._code_launch(req.json(), SYNC_TIMEOUT_S, MAX_SYNC_TIMEOUT_S))
+        result["language"] = rec.launch.language
+        return result
+
+    def _commands_run(self, req: _Request) -> Dict[str, Any]:
+        rec, result = self._run_and_wait(
+            self._command_launch(req.json(), SYNC_TIMEOUT_S, MAX_SYNC_TIMEOUT_S))
+        result["command"] = rec.launch.command
+        return result
+
+    # -- endpoints: watching and ending processes -----------------------------------------
+
+    def _list_processes(self, req: _Request) -> Dict[str, Any]:
+        statuses = [s.strip() for value in req.query.get("status", []) for s in value.split(",") if s.strip()]
+        unknown = [s for s in statuses if s not in _STATUSES]
+        if unknown:
+            raise BadRequest("unknown status %r; use one of %s" % (unknown[0], ", ".join(_STATUSES)))
+        records = self.server.manager.list(statuses=statuses or None, name=req.param("name"),
+                                           output=_query_flag(req, "output", True))
+        return {"processes": records, "count": len(records), "timestamp": _rfc3339(time.time())}
+
+    def _get_process(self, req: _Request, process_id: str) -> Dict[str, Any]:
+        manager = self.server.manager
+        rec = manager.get(process_id)
+        offsets = {"stdout": _query_offset(req, "stdout_offset"), "stderr": _query_offset(req, "stderr_offset")}
+        given = offsets if any(v is not None for v in offsets.values()) else None
+        wait = req.param("wait")
+        if wait:
+            try:
+                seconds = float(wait)
+            except ValueError:
+                raise BadRequest("query parameter 'wait' must be a number of seconds") from None
+            if not 0 <= seconds <= MAX_WAIT_S:
+                raise BadRequest("query parameter 'wait' must be between 0 and %g" % MAX_WAIT_S)
+            manager.wait_for_output(rec, offsets, seconds)
+        return manager.describe(rec, output=_query_flag(req, "output", True), offsets=given)
+
+    def _kill(self, req: _Request, process_id: Optional[str] = None) -> Dict[str, Any]:
+        body = req.json() if req.body else {}
+        process_id = process_id or req.param("process_id") or body.get("process_id")
+        if not process_id:
+            raise BadRequest("missing required field 'process_id'", code="MISSING_PARAMETER")
+        if not isinstance(process_id, str):
+            raise BadRequest("field 'process_id' must be a string")
+        sig = body.get("signal", req.param("signal"))
+        return self.server.manager.kill(process_id, None if sig is None else _parse_signal(sig))
+
+    # -- endpoints: environment, metrics, system processes ----------------------------------
+
+    def _env_get(self, req: _Request) -> Dict[str, Any]:
+        return {"env_vars": self.server.manager.env_snapshot()}
+
+    def _env_values(self, req: _Request) -> Dict[str, str]:
+        body = req.json()
+        return _env_map(body["env_vars"] if "env_vars" in body else body, "env_vars")
+
+    def _env_put(self, req: _Request) -> _Reply:
+        self.server.manager.env_set(self._env_values(req), replace=True)
+        return _Reply(204, content_type=None)
+
+    def _env_patch(self, req: _Request) -> _Reply:
+        self.server.manager.env_set(self._env_values(req), replace=False)
+        return _Reply(204, content_type=None)
+
+    def _env_delete(self, req: _Request, name: Optional[str] = None) -> _Reply:
+        keys = req.json().get("keys") if name is None else [name]
+        if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
+            raise BadRequest("field 'keys' must be an array of strings")
+        self.server.manager.env_delete(keys)
+        return _Reply(204, content_type=None)
+
+    def _metrics_data(self) -> Dict[str, Any]:
+        metrics = self.server.metrics
+        requests, errors = metrics.snapshot()
+        stats = self.server.manager.stats()
+        return {"uptime": metrics.uptime, "uptime_seconds": metrics.uptime,
+                "requests": {"total": sum(requests.values()), "by_route": requests},
+                "errors": {"total": sum(errors.values()), "by_route": errors},
+                "executions": {"total": stats["started"], "running": stats["running"],
+                               "queued": stats["queued"], "active": stats["running"],
+                               "by_status": stats["by_status"], "by_reason": stats["by_reason"]},
+                "total_executions": stats["started"], "active_executions": stats["running"],
+                "records_held": stats["records"], "output_bytes_held": stats["output_bytes_held"],
+                "webhooks": stats["webhooks"], "timestamp": _rfc3339(time.time())}
+
+    def _metrics(self, req: _Request) -> Dict[str, Any]:
+        return self._metrics_data()
+
+    def _metrics_prometheus(self, req: _Request) -> _Reply:
+        data = self._metrics_data()
+        out: List[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: Iterable[Tuple[str, Any]]) -> None:
+            out.extend(["# HELP hopx_agent_%s %s" % (name, help_text), "# TYPE hopx_agent_%s %s" % (name, kind)])
+            out.extend("hopx_agent_%s%s %s" % (name, labels, value) for labels, value in samples)
+
+        def by(label: str, counts: Dict[str, int]) -> List[Tuple[str, int]]:
+            return [('{%s="%s"}' % (label, _prom_escape(k)), v) for k, v in sorted(counts.items())]
+
+        metric("uptime_seconds", "gauge", "Seconds since the agent started.", [("", data["uptime"])])
+        metric("requests_total", "counter", "HTTP requests answered, by route.", by("route", data["requests"]["by_route"]))
+        metric("request_errors_total", "counter", "HTTP answers with status 400 or more, by route.",
+               by("route", data["errors"]["by_route"]))
+        metric("executions_total", "counter", "Processes accepted.", [("", data["executions"]["total"])])
+        metric("executions_running", "gauge", "Processes running now.", [("", data["executions"]["running"])])
+        metric("executions_queued", "gauge", "Processes waiting in the queue.", [("", data["executions"]["queued"])])
+        metric("executions_finished_total", "counter", "Finished processes, by final status.",
+               by("status", data["executions"]["by_status"]))
+        metric("output_bytes_held", "gauge", "Bytes of process output held in memory.", [("", data["output_bytes_held"])])
+        metric("webhook_deliveries_total", "counter", "Webhook deliveries, by outcome.",
+               by("outcome", data["webhooks"]))
+        return _Reply(200, ("\n".join(out) + "\n").encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
+
+    def _system_processes(self, req: _Request) -> Dict[str, Any]:
+        processes = _proc_table()
+        return {"processes": processes, "count": len(processes), "timestamp": _rfc3339(time.time())}
+
+
+def _prom_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _proc_table() -> List[Dict[str, Any]]:
+    """The machine's processes from /proc; one that vanishes mid-read is skipped."""
+    try:
+        import pwd
+    except ImportError:  # pragma: no cover - not on Linux
+        pwd = None
+    page_kb = os.sysconf("SC_PAGE_SIZE") // 1024 if hasattr(os, "sysconf") else 4
+    users: Dict[int, str] = {}
+    out = []
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in sorted(entries, key=int):
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as fh:
+                stat = fh.read().decode("utf-8", "replace")
+            with open("/proc/%s/cmdline" % entry, "rb") as fh:
+                cmdline = fh.read().replace(b"\x00", b" ").strip().decode("utf-8", "replace")
+            uid = os.stat("/proc/%s" % entry).st_uid
+        except OSError:
+            continue
+        name = stat[stat.find("(") + 1:stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2:].split()
+        if uid not in users:
+            try:
+                users[uid] = pwd.getpwuid(uid).pw_name if pwd else str(uid)
+            except KeyError:
+                users[uid] = str(uid)
+        rss_pages = int(fields[21]) if len(fields) > 21 else 0
+        out.append({"pid": int(entry), "ppid": int(fields[1]) if len(fields) > 1 else None,
+                    "name": name, "command": cmdline or "[%s]" % name, "user": users[uid],
+                    "status": fields[0] if fields else "?",
+                    "memory_mb": round(rss_pages * page_kb / 1024.0, 2)})
+    return out
+
+
+class _AgentServer(http.server.ThreadingHTTPServer):
+    """The HTTP server: holds the config, the manager and the metrics, and caps
+    open connections (one more is answered 503 and closed)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, config: AgentConfig, manager: ProcessManager) -> None:
+        self.config = config
+        self.manager = manager
+        self.metrics = _Metrics()
+        self._conn_lock = threading.Lock()  # guards _connections and _conn_seq
+        self._connections = 0
+        self._conn_seq = 0
+        super().__init__((config.host, config.port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        with self._conn_lock:
+            full = self._connections >= self.config.max_connections
+            if not full:
+                self._connections += 1
+                self._conn_seq += 1
+                seq = self._conn_seq
+        if full:
+            self._refuse(request)
+            return
+        thread = threading.Thread(target=self._serve_connection, args=(request, client_address),
+                                  name="hopx-http-%d" % seq, daemon=True)
+        thread.start()
+
+    def _serve_connection(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            with self._conn_lock:
+                self._connections -= 1
+
+    def _refuse(self, request: socket.socket) -> None:
+        """503 on the accepting thread: a short write to a fresh socket never blocks long."""
+        body = _json_bytes(Unavailable("too many open connections (max %d)" % self.config.max_connections)
+                           .to_json(request_id=secrets.token_hex(8)))
+        head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(body))
+        try:
+            request.settimeout(1.0)
+            request.sendall(head.encode("ascii") + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            log.debug("connection from %s ended: %s", client_address, exc)
+        else:
+            log.exception("error serving %s", client_address)
+
+
+class _AgentServer6(_AgentServer):
+    address_family = socket.AF_INET6
+
+
+# ============================================================================
+# Entry points
+# ============================================================================
+
+
+def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None) -> _AgentServer:
+    """A bound server, not yet serving: run ``serve_forever()`` in a thread,
+    later ``shutdown()``, ``manager.shutdown()`` and ``server_close()``."""
+    if config.auth and not config.secret:
+        raise ValueError("auth is on but no secret is configured")
+    cls = _AgentServer6 if ":" in config.host else _AgentServer
+    return cls(config, manager or ProcessManager(config))
+
+
+def _run_until_signalled(server: _AgentServer) -> int:
+    """Serve until SIGTERM/SIGINT, then stop accepting, end every child and exit 0.
+
+    The handlers only set an event: server.shutdown() called from the thread
+    running serve_forever() would wait for itself forever.
+    """
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, name="hopx-http-accept", daemon=True)
+    thread.start()
+    log.info("listening on %s", server.url)
+    try:
+        stop.wait()
+    finally:
+        log.info("stopping: ending every process group")
+        server.shutdown()
+        server.manager.shutdown(server.config.kill_grace + 1.5)
+        server.server_close()
+        thread.join(1.0)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0
+
+
+def serve(config: AgentConfig) -> int:
+    """Bind, serve until SIGTERM/SIGINT, clean up; the CLI's blocking call."""
+    return _run_until_signalled(create_server(config))
+
+
+# Options of api.md §1: flag -> (AgentConfig field, type, help). Each also reads HOPX_AGENT_<FLAG>.
+_OPTIONS: Tuple[Tuple[str, str, Any, str], ...] = (
+    ("--host", "host", str, "address to bind (default %s)" % DEFAULT_HOST),
+    ("--port", "port", int, "port to bind, 0 for any free one (default %d)" % DEFAULT_PORT),
+    ("--workdir", "workdir", str, "default working directory (default /workspace if it exists, else .)"),
+    ("--max-running", "max_running", int, "children running at once; more are queued (default %d)" % MAX_RUNNING),
+    ("--max-output-bytes", "max_output_bytes", int, "output kept per stream (default %d)" % MAX_OUTPUT_BYTES),
+    ("--retain", "retain", int, "finished records kept (default %d)" % RETAIN_RECORDS),
+    ("--output-budget", "output_budget", int,
+     "output bytes kept across all finished records (default %d)" % OUTPUT_BUDGET_BYTES),
+    ("--kill-grace", "kill_grace", float, "seconds between SIGTERM and SIGKILL (default %g)" % KILL_GRACE_S),
+    ("--max-connections", "max_connections", int, "open connections before 503 (default %d)" % MAX_CONNECTIONS),
+    ("--audience", "audience", str, "require this JWT aud claim"),
+    ("--issuer", "issuer", str, "require this JWT iss claim"),
+    ("--algorithms", "algorithms", str, "JWT algorithms accepted, comma-separated (default HS256,HS384,HS512)"),
+    ("--log-level", "log_level", str, "debug, info, warning or error (default info)"),
+    ("--log-format", "log_format", str, "text or json (default text)"),
+)
+
+
+def _env_name(flag: str) -> str:
+    return "HOPX_AGENT_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _build_parser() -> Any:
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="hopx_agent.py", description="In-sandbox execution agent speaking the HopX VM agent API.",
+        epilog="Every option also reads HOPX_AGENT_<OPTION> (e.g. HOPX_AGENT_PORT); the flag wins. "
+               "The secret comes from HOPX_AGENT_SECRET or --secret-file.")
+    parser.add_argument("--version", action="version", version="hopx_agent " + __version__)
+    parser.add_argument("--secret-file", help="file whose bytes (less one trailing newline) are the HMAC key")
+    parser.add_argument("--no-auth", action="store_true", default=None,
+                        help="accept every request without a token (loudly logged; never on a shared network)")
+    for flag, _, kind, help_text in _OPTIONS:
+        parser.add_argument(flag, type=kind, help=help_text)
+    sub = parser.add_subparsers(dest="command")
+    token = sub.add_parser("token", help="print a JWT signed with the configured secret")
+    token.add_argument("--ttl", type=int, default=TOKEN_TTL_S, help="lifetime in seconds (default %d)" % TOKEN_TTL_S)
+    token.add_argument("--sub", default="hopx-client", help="the token's subject (default hopx-client)")
+    return parser
+
+
+def _read_secret(args: Any, environ: Dict[str, str]) -> Optional[bytes]:
+    path = args.secret_file or environ.get(_env_name("--secret-file"))
+    if path:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        return data[:-1] if data.endswith(b"\n") else data
+    text = environ.get(SECRET_ENV)
+    return None if text is None else text.encode("utf-8")
+
+
+def _config_from(args: Any, environ: Dict[str, str]) -> AgentConfig:
+    """Flags win over HOPX_AGENT_* variables, which win over the defaults."""
+    values: Dict[str, Any] = {}
+    for flag, field, kind, _ in _OPTIONS:
+        value = getattr(args, field)
+        if value is None and environ.get(_env_name(flag)) not in (None, ""):
+            try:
+                value = kind(environ[_env_name(flag)])
+            except ValueError:
+                raise ValueError("%s=%r is not a valid %s" % (_env_name(flag), environ[_env_name(flag)],
+                                                              kind.__name__)) from None
+        if value is not None:
+            values[field] = value
+    if "algorithms" in values:
+        values["algorithms"] = tuple(a.strip() for a in values["algorithms"].split(",") if a.strip())
+        if not values["algorithms"] or set(values["algorithms"]) - set(_HASHES):
+            raise ValueError("--algorithms takes a comma list of HS256, HS384, HS512")
+    no_auth = args.no_auth if args.no_auth is not None else \
+        environ.get(_env_name("--no-auth"), "").lower() in ("1", "true", "yes", "on")
+    values["auth"] = not no_auth
+    values["secret"] = _read_secret(args, environ)
+    for field in ("max_running", "max_output_bytes", "retain", "max_connections"):
+        if field in values and values[field] < 1:
+            raise ValueError("%s must be at least 1" % field)
+    if "workdir" in values and not os.path.isdir(values["workdir"]):
+        raise ValueError("--workdir %s is not a directory" % values["workdir"])
+    return AgentConfig(**values)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": _rfc3339(record.created), "level": record.levelname.lower(),
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(config: AgentConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if config.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("hopx_agent")
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, config.log_level.upper(), logging.INFO))
+    root.propagate = False
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command line of api.md §1; returns the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exc:       # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 2
+    environ = dict(os.environ)
+    try:
+        config = _config_from(args, environ)
+    except (OSError, ValueError) as exc:
+        print("hopx_agent: %s" % exc, file=sys.stderr)
+        return 2
+    if config.secret is not None and not config.secret:
+        print("hopx_agent: the secret is empty; refusing to start", file=sys.stderr)
+        return 2
+    if args.command == "token":
+        if not config.secret:
+            print("hopx_agent: no secret configured (set HOPX_AGENT_SECRET or --secret-file)", file=sys.stderr)
+            return 2
+        now = int(time.time())
+        claims: Dict[str, Any] = {"sub": args.sub, "iat": now, "exp": now + args.ttl}
+        if config.audience:
+            claims["aud"] = config.audience
+        if config.issuer:
+            claims["iss"] = config.issuer
+        print(encode_jwt(claims, config.secret, config.algorithms[0]))
+        return 0
+    _setup_logging(config)
+    generated = config.auth and config.secret is None
+    if generated:
+        config = dataclasses.replace(config, secret=secrets.token_bytes(32))
+    elif config.auth and len(config.secret or b"") < MIN_SECRET_BYTES:
+        log.warning("the secret is shorter than %d bytes; use a longer random one", MIN_SECRET_BYTES)
+    if not config.auth:
+        log.warning("AUTHENTICATION IS DISABLED (--no-auth): anyone who can reach %s:%s can run code",
+                    config.host, config.port)
+    try:
+        server = create_server(config)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
+        return 1
+    if generated:
+        now = int(time.time())
+        token = encode_jwt({"sub": "hopx-client", "iat": now, "exp": now + TOKEN_TTL_S}, config.secret or b"")
+        print("hopx_agent: no secret configured; made a random one for this run.\n"
+              "hopx_agent: token (valid %dh): %s\n"
+              "hopx_agent: try: curl -H \"Authorization: Bearer %s\" %s/execute/processes"
+              % (TOKEN_TTL_S // 3600, token, token, server.url), file=sys.stderr, flush=True)
+    return _run_until_signalled(server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
