@@ -114,7 +114,9 @@ BLOCK_BYTES = 64 * 1024               # output buffers grow in blocks of this si
 DRAIN_AFTER_EXIT_S = 0.5              # after the leader exits, wait this long for pipe EOF
 MAX_NAME_CHARS = 256                  # process names are labels, not payloads
 SECRET_ENV = "HOPX_AGENT_SECRET"      # never passed on to a child
-PROCESS_ID_ENV = "HOPX_PROCESS_ID"    # every child carries its own record id
+PROCESS_ID_ENV = "HOPX_PROCESS_ID"    # every child carries its own record id, to find escapers
+STDIN_WRITE_TIMEOUT_S = 5.0           # a child that does not read its stdin cannot hold a thread longer
+IDEMPOTENCY_WAIT_S = 10.0             # a retry waits this long for the first request with its key
 
 _F_SETPIPE_SZ = 1031                  # fcntl command number on Linux (not in fcntl before 3.10)
 
@@ -500,7 +502,8 @@ class _OutputBuffer:
 
 _FINAL_STATUSES = ("completed", "failed")
 _STATUSES = ("queued", "running") + _FINAL_STATUSES
-_REASONS = ("exited", "signaled", "killed", "timeout", "spawn_failed", "shutdown")
+_REASONS = ("exited", "signaled", "killed", "timeout", "idle_timeout", "spawn_failed", "shutdown")
+_TIMEOUT_REASONS = ("timeout", "idle_timeout")     # reported with exit code 124, as timeout(1) does
 
 
 def _signal_name(signum: Optional[int]) -> Optional[str]:
@@ -543,6 +546,7 @@ class _Launch:
     timeout: float = BACKGROUND_TIMEOUT_S
     stdin: bool = False
     tempfile: Optional[str] = None
+    idle_timeout: Optional[float] = None   # end the process after this long without output
 
     def cleanup(self) -> None:
         if self.tempfile:
@@ -584,6 +588,11 @@ class _ProcessRecord:
         self.on_finish: List[Callable[["_ProcessRecord"], None]] = []
         self.timer: Optional[_Timer] = None  # the timeout, cancelled when the record ends
         self.accounted = 0                 # output bytes counted in the manager's budget
+        self.last_output: Optional[float] = None  # monotonic time of the newest output (idle timeout)
+        self.stdin_busy = False            # a write to stdin is in progress (one at a time)
+        self.stdin_closed = not launch.stdin
+        self.stragglers: set = set()       # marked processes outside the group that we ended
+        self.idempotency_key: Optional[str] = None
 
     @property
     def finished(self) -> bool:
@@ -624,6 +633,11 @@ class _ProcessRecord:
                     rec[name + "_skipped"] = max(0, start - offset) if offset is not None else 0
             rec[name + "_bytes"] = buf.total
             rec[name + "_dropped"] = buf.dropped
+        rec["stdin"] = "closed" if self.stdin_closed else "open"
+        if launch.idle_timeout:
+            rec["idle_timeout"] = launch.idle_timeout
+        if self.stragglers:
+            rec["stragglers_killed"] = len(self.stragglers)
         if self.rusage is not None:
             rec["cpu_user_s"] = round(self.rusage.ru_utime, 6)
             rec["cpu_system_s"] = round(self.rusage.ru_stime, 6)
@@ -818,6 +832,11 @@ class ProcessManager:
         self._base_env = base
         self._watchdog = _Watchdog()
         self.stopping = threading.Event()   # set by shutdown(); webhook retries stop waiting
+        self._tracked: set = set()          # leader pids not reaped yet (guarded by _lock)
+        self._spawning = 0                  # Popen calls under way: pids not known yet (_lock)
+        self._reaped = threading.Condition(self._lock)  # notified when _tracked/_spawning shrink
+        self._reaper: Optional[threading.Thread] = None
+        self._idempotency: Dict[str, Any] = {}   # Idempotency-Key -> _IdempotentStart (_lock)
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to one of the counters /metrics reports."""
@@ -874,24 +893,25 @@ class ProcessManager:
 
     def code_launch(self, code: str, language: Optional[str], *, cwd: Optional[str] = None,
                     env: Optional[Dict[str, str]] = None, timeout: float = BACKGROUND_TIMEOUT_S,
-                    name: Optional[str] = None, stdin: bool = False) -> _Launch:
+                    name: Optional[str] = None, stdin: bool = False,
+                    idle_timeout: Optional[float] = None) -> _Launch:
         """A launch that runs ``code`` with the language's interpreter from a temp file."""
         lang, program = _resolve_language(language)
         directory = self.resolve_cwd(cwd)
         path = _write_code_file(code, _LANGUAGES[lang][3])
         argv = _LANGUAGES[lang][2](program, path)
-        return _Launch(argv=argv, cwd=directory, env=self._child_env(env), kind="code",
-                       language=lang, name=name, timeout=timeout, stdin=stdin, tempfile=path)
+        return _Launch(argv=argv, cwd=directory, env=self._child_env(env), kind="code", language=lang,
+                       name=name, timeout=timeout, stdin=stdin, tempfile=path, idle_timeout=idle_timeout)
 
     def command_launch(self, command: str, args: Optional[List[str]] = None, *,
                        cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
                        timeout: float = BACKGROUND_TIMEOUT_S, name: Optional[str] = None,
-                       stdin: bool = False) -> _Launch:
+                       stdin: bool = False, idle_timeout: Optional[float] = None) -> _Launch:
         """A launch of ``[command] + args`` as argv, or of a shell string through /bin/sh -c."""
         argv = [command] + list(args) if args is not None else ["/bin/sh", "-c", command]
         shown = " ".join([command] + list(args)) if args is not None else command
-        return _Launch(argv=argv, cwd=self.resolve_cwd(cwd), env=self._child_env(env),
-                       kind="command", command=shown, name=name, timeout=timeout, stdin=stdin)
+        return _Launch(argv=argv, cwd=self.resolve_cwd(cwd), env=self._child_env(env), kind="command",
+                       command=shown, name=name, timeout=timeout, stdin=stdin, idle_timeout=idle_timeout)
 
     # -- starting -------------------------------------------------------------
 
@@ -941,10 +961,7 @@ class ProcessManager:
             fds += [err_r, err_w]
             _grow_pipe(out_w)
             _grow_pipe(err_w)
-            popen = subprocess.Popen(
-                launch.argv, stdin=subprocess.PIPE if launch.stdin else subprocess.DEVNULL,
-                stdout=out_w, stderr=err_w, cwd=launch.cwd, env=launch.env,
-                start_new_session=True, close_fds=True)
+            popen = self._popen(launch, out_w, err_w)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             for fd in fds:
                 _close_quietly(fd)
@@ -956,6 +973,7 @@ class ProcessManager:
             rec.status = "running"
             rec.started, rec.started_mono = time.time(), time.monotonic()
             rec.open_streams = 2
+            rec.last_output = rec.started_mono
             kill_now = rec.kill_reason is not None
             rec.cond.notify_all()
         short = rec.id[5:13]
@@ -971,10 +989,31 @@ class ProcessManager:
             thread.start()
         if launch.timeout:
             rec.timer = self._watchdog.schedule(launch.timeout, lambda: self._on_timeout(rec))
+        if launch.idle_timeout:
+            self._watchdog.schedule(launch.idle_timeout, lambda: self._on_idle(rec))
         if kill_now:
             self._terminate(rec)
         log.debug("started %s pid %d: %s", rec.id, popen.pid, launch.argv[0])
         return []
+
+    def _popen(self, launch: _Launch, out_w: int, err_w: int) -> subprocess.Popen:
+        """Popen in a new session, counted in ``_spawning`` until its pid is
+        in ``_tracked``, so the orphan reaper never takes a child of ours."""
+        with self._lock:
+            self._spawning += 1
+        popen = None
+        try:
+            popen = subprocess.Popen(
+                launch.argv, stdin=subprocess.PIPE if launch.stdin else subprocess.DEVNULL,
+                stdout=out_w, stderr=err_w, cwd=launch.cwd, env=launch.env,
+                start_new_session=True, close_fds=True)
+            return popen
+        finally:
+            with self._lock:
+                self._spawning -= 1
+                if popen is not None:
+                    self._tracked.add(popen.pid)
+                self._reaped.notify_all()
 
     def _spawn_failed(self, rec: _ProcessRecord, exc: BaseException) -> List[_ProcessRecord]:
         """Record a child that never ran: a shell's 127 (not found) or 126, and the OS error."""
@@ -1001,6 +1040,7 @@ class ProcessManager:
                     break
                 with rec.cond:
                     buf.append(view[:size])
+                    rec.last_output = time.monotonic()
                     rec.cond.notify_all()
         except Exception:
             log.exception("reading %s of %s failed", name, rec.id)
@@ -1029,7 +1069,7 @@ class ProcessManager:
                 rec.reaped = True
                 if rec.popen is not None:
                     rec.popen.returncode = os.waitstatus_to_exitcode(status)
-                return status, rusage
+            return status, rusage
         except ChildProcessError:      # someone else reaped it: the status is lost
             with rec.cond:
                 rec.reaped = True
@@ -1037,10 +1077,15 @@ class ProcessManager:
                 if rec.popen is not None and rec.popen.returncode is None:
                     rec.popen.returncode = -1
             return None, None
+        finally:
+            with self._lock:
+                self._tracked.discard(pid)
+                self._reaped.notify_all()
 
     def _wait_leader(self, rec: _ProcessRecord) -> None:
         try:
             status, rusage = self._reap(rec)
+            self.close_stdin(rec, quiet=True)
             with rec.cond:     # let the readers take what the leader wrote before it exited
                 rec.cond.wait_for(lambda: rec.open_streams == 0, DRAIN_AFTER_EXIT_S)
             exit_code, signame = None, None
@@ -1053,7 +1098,7 @@ class ProcessManager:
             with rec.cond:
                 reason = rec.kill_reason or ("signaled" if signame else "exited")
                 rec.rusage = rusage
-                self._set_final(rec, reason, 124 if reason == "timeout" else exit_code, signame)
+                self._set_final(rec, reason, 124 if reason in _TIMEOUT_REASONS else exit_code, signame)
             log.debug("%s finished: %s, exit %s", rec.id, reason, exit_code)
             self._start_all(self._retire(rec, was_running=True))
         except Exception:
@@ -1102,6 +1147,7 @@ class ProcessManager:
         while len(self._finished) > self.config.retain:
             _, old = self._finished.popitem(last=False)
             self._records.pop(old.id, None)
+            self._idempotency.pop(old.idempotency_key, None)
             self._finished_bytes -= old.accounted
         for old in self._finished.values():
             if self._finished_bytes <= self.config.output_budget:
@@ -1123,9 +1169,42 @@ class ProcessManager:
             return _killpg(rec.pid, sig)
 
     def _terminate(self, rec: _ProcessRecord) -> None:
-        """SIGTERM to the group now, SIGKILL after the grace period."""
+        """SIGTERM to the group and to marked escapers now, SIGKILL after the grace period."""
         self._signal_group(rec, signal.SIGTERM)
-        self._watchdog.schedule(self.config.kill_grace, lambda: self._signal_group(rec, signal.SIGKILL))
+        self._end_marked(rec, signal.SIGTERM)
+        self._watchdog.schedule(self.config.kill_grace, lambda: self._escalate(rec))
+
+    def _escalate(self, rec: _ProcessRecord) -> None:
+        self._signal_group(rec, signal.SIGKILL)
+        self._end_marked(rec, signal.SIGKILL)
+
+    def _end_marked(self, rec: _ProcessRecord, sig: int, marked: Optional[Dict[str, List[int]]] = None) -> None:
+        """Signal the processes that carry the record's HOPX_PROCESS_ID but left
+        its process group (setsid, double fork); remember them as stragglers."""
+        pids = (marked if marked is not None else _scan_marked()).get(rec.id, [])
+        for pid in pids:
+            try:
+                if os.getpgid(pid) == rec.pid and not rec.reaped:
+                    continue               # in the group: the group signal reaches it
+            except OSError:
+                continue
+            if _signal_marked(pid, rec.id, sig):
+                with rec.cond:
+                    rec.stragglers.add(pid)
+
+    def _on_idle(self, rec: _ProcessRecord) -> None:
+        """The idle timer: end the process, or look again when it could next be idle."""
+        with rec.cond:
+            if rec.finished or rec.kill_reason is not None:
+                return
+            quiet = time.monotonic() - (rec.last_output or 0.0)
+            idle = rec.launch.idle_timeout or 0.0
+            if quiet < idle:
+                self._watchdog.schedule(idle - quiet, lambda: self._on_idle(rec))
+                return
+            rec.kill_reason = "idle_timeout"
+        log.info("%s printed nothing for %ss: ending it", rec.id, idle)
+        self._terminate(rec)
 
     def _on_timeout(self, rec: _ProcessRecord) -> None:
         with rec.cond:
@@ -1176,7 +1255,132 @@ class ProcessManager:
         with rec.cond:
             return {"process_id": rec.id, "status": "killed",
                     "message": "process group terminated" if rec.finished else "termination in progress",
-                    "exit_code": rec.exit_code, "signal": rec.signal, "record_status": rec.status}
+                    "exit_code": rec.exit_code, "signal": rec.signal, "record_status": rec.status,
+                    "stragglers_killed": len(rec.stragglers)}
+
+    def send_signal(self, process_id: str, sig: int) -> Dict[str, Any]:
+        """Deliver one signal to a running process's group, without escalation (409 otherwise)."""
+        rec = self.get(process_id)
+        with rec.cond:
+            if rec.finished or rec.pid is None or rec.reaped:
+                raise Conflict("process %s is %s; no signal sent" % (rec.id, rec.status))
+            _killpg(rec.pid, sig)
+            return {"process_id": rec.id, "status": rec.status, "signal": _signal_name(sig),
+                    "message": "sent %s to the process group" % _signal_name(sig)}
+
+    # -- stdin ------------------------------------------------------------------
+
+    def write_stdin(self, process_id: str, data: bytes, eof: bool = False) -> Dict[str, Any]:
+        """Write to a child's stdin (started with stdin: true), then close it on ``eof``.
+
+        A child that does not read cannot hold the caller longer than
+        STDIN_WRITE_TIMEOUT_S: what did not fit is reported as a 409.
+        """
+        rec = self.get(process_id)
+        with rec.cond:
+            if rec.stdin_closed or rec.popen is None or rec.popen.stdin is None:
+                raise Conflict("process %s has no open stdin" % rec.id)
+            if rec.stdin_busy:
+                raise Conflict("another write to the stdin of %s is in progress" % rec.id)
+            rec.stdin_busy = True
+            fd = rec.popen.stdin.fileno()
+        written = 0
+        try:
+            written = _write_before(fd, data, time.monotonic() + STDIN_WRITE_TIMEOUT_S)
+        except OSError as exc:    # EPIPE: the child closed its end or exited
+            raise Conflict("stdin of %s is closed (%s)" % (rec.id, exc.strerror or exc)) from None
+        finally:
+            with rec.cond:
+                rec.stdin_busy = False
+        if written < len(data):
+            raise Conflict("stdin of %s is full: the process is not reading (wrote %d of %d bytes)"
+                           % (rec.id, written, len(data)))
+        if eof or rec.finished:
+            self.close_stdin(rec, quiet=True)
+        return {"process_id": rec.id, "written": written, "stdin": "closed" if rec.stdin_closed else "open"}
+
+    def close_stdin(self, rec: _ProcessRecord, *, quiet: bool = False) -> None:
+        """Close the child's stdin (EOF for it); 409 if there is none, unless quiet."""
+        with rec.cond:
+            stream = rec.popen.stdin if rec.popen is not None else None
+            if rec.stdin_closed or stream is None or rec.stdin_busy:
+                if quiet:
+                    return
+                raise Conflict("process %s has no open stdin" % rec.id)
+            rec.stdin_closed = True
+        try:
+            stream.close()
+        except OSError:
+            pass
+
+    # -- idempotent starts -------------------------------------------------------
+
+    def idempotent_start(self, key: str, digest: str, start: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+        """Run ``start`` once per Idempotency-Key: a retry with the same request
+        gets the first answer, the same key with another request is a 409.
+        Keys live as long as the record they started."""
+        deadline = time.monotonic() + IDEMPOTENCY_WAIT_S
+        while True:
+            with self._lock:
+                entry = self._idempotency.get(key)
+                if entry is None:
+                    entry = self._idempotency[key] = _IdempotentStart(digest)
+                    break
+            if entry.digest != digest:
+                raise Conflict("Idempotency-Key %r was used for a different request" % key)
+            if not entry.done.wait(max(0.0, deadline - time.monotonic())):
+                raise Conflict("a request with Idempotency-Key %r is still in progress" % key)
+            if entry.answer is not None:
+                return dict(entry.answer, idempotent_replay=True)
+            # the first request failed and let go of the key: try to take it
+        try:
+            entry.answer = start()
+            self.get(entry.answer["process_id"]).idempotency_key = key
+            return entry.answer
+        except BaseException:
+            with self._lock:
+                self._idempotency.pop(key, None)
+            raise
+        finally:
+            entry.done.set()
+
+    # -- orphans (child subreaper) -----------------------------------------------------
+
+    def enable_subreaper(self) -> bool:
+        """Adopt orphaned descendants (Linux PR_SET_CHILD_SUBREAPER) and reap
+        them on a thread of their own, so no zombie is ever left. Only for a
+        process whose children all come from this manager (the CLI agent)."""
+        if not _become_subreaper():
+            return False
+        with self._lock:
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap_orphans, name="hopx-reaper", daemon=True)
+                self._reaper.start()
+        return True
+
+    def _reap_orphans(self) -> None:
+        """Wait (without reaping) for any child to exit; reap it only if it is
+        not a tracked leader, whose status belongs to its waiter thread."""
+        while not self.stopping.is_set():
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:   # no children now: wait for the next spawn
+                with self._lock:
+                    self._reaped.wait_for(lambda: bool(self._tracked) or self.stopping.is_set())
+                continue
+            if info is None:
+                continue
+            with self._lock:
+                # A tracked zombie is its waiter's to reap; a pid Popen has not
+                # handed back yet may be ours too: wait, then look again.
+                if info.si_pid in self._tracked or self._spawning:
+                    self._reaped.wait_for(lambda: info.si_pid not in self._tracked and not self._spawning, 1.0)
+                    continue
+            try:
+                os.waitpid(info.si_pid, os.WNOHANG)
+                log.debug("reaped orphan %d", info.si_pid)
+            except ChildProcessError:
+                pass
 
     # -- reading --------------------------------------------------------------
 
@@ -1263,22 +1467,130 @@ class ProcessManager:
                 rec.kill_reason = "shutdown"
                 self._set_final(rec, "shutdown", None, None)
             self._retire(rec, was_running=False)
+        marked = _scan_marked()
         for rec in live:
             with rec.cond:
-                if rec.finished:
-                    continue
-                rec.kill_reason = rec.kill_reason or "shutdown"
+                if not rec.finished:
+                    rec.kill_reason = rec.kill_reason or "shutdown"
             self._signal_group(rec, signal.SIGTERM)
+            self._end_marked(rec, signal.SIGTERM, marked)
         term_deadline = min(deadline, time.monotonic() + grace)
         for rec in live:
             self.wait(rec, max(0.0, term_deadline - time.monotonic()))
             if not rec.finished:
                 self._signal_group(rec, signal.SIGKILL)
+        marked = _scan_marked()
+        for rec in live:
+            self._end_marked(rec, signal.SIGKILL, marked)
         for rec in live:
             self.wait(rec, max(0.0, deadline - time.monotonic()))
             for thread in rec.threads:
                 thread.join(max(0.0, deadline - time.monotonic()))
         self._watchdog.stop(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._reaped.notify_all()
+            reaper = self._reaper
+        if reaper is not None:
+            reaper.join(max(0.0, deadline - time.monotonic()))
+
+
+class _IdempotentStart:
+    """The first request made with one Idempotency-Key, and its answer once known."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self.done = threading.Event()
+        self.answer: Optional[Dict[str, Any]] = None
+
+
+def _write_before(fd: int, data: bytes, deadline: float) -> int:
+    """Write what a pipe takes before ``deadline``; returns the bytes written."""
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    written = 0
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while written < len(data):
+        try:
+            written += os.write(fd, view[written:])
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            poller.poll(remaining * 1000)
+    return written
+
+
+def _marker_of(environ: bytes) -> str:
+    """The HOPX_PROCESS_ID value in a /proc/<pid>/environ blob, or ""."""
+    prefix = PROCESS_ID_ENV.encode() + b"="
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):].decode("ascii", "replace")
+    return ""
+
+
+def _read_environ(pid: int) -> bytes:
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def _scan_marked() -> Dict[str, List[int]]:
+    """Record id -> pids of the processes whose environment carries
+    HOPX_PROCESS_ID (readable for processes of our own user, or as root)."""
+    found: Dict[str, List[int]] = {}
+    me = os.getpid()
+    try:
+        pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != me]
+    except OSError:
+        return found
+    for pid in pids:
+        environ = _read_environ(pid)
+        if PROCESS_ID_ENV.encode() in environ:
+            marker = _marker_of(environ)
+            if marker:
+                found.setdefault(marker, []).append(pid)
+    return found
+
+
+def _signal_marked(pid: int, process_id: str, sig: int) -> bool:
+    """Signal ``pid`` only if it still carries the marker; with a pidfd the
+    check and the signal name the same process even if the pid is reused."""
+    pidfd = None
+    try:
+        if hasattr(os, "pidfd_open"):
+            pidfd = os.pidfd_open(pid)
+        if _marker_of(_read_environ(pid)) != process_id:
+            return False
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, sig)
+        else:
+            os.kill(pid, sig)
+        return True
+    except OSError:
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _become_subreaper() -> bool:
+    """prctl(PR_SET_CHILD_SUBREAPER): orphans of our descendants re-parent to us."""
+    if not sys.platform.startswith("linux"):
+        log.info("not Linux: orphaned descendants re-parent to init, not to the agent")
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(36, 1, 0, 0, 0) != 0:   # 36 = PR_SET_CHILD_SUBREAPER
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        return True
+    except (OSError, AttributeError, ImportError) as exc:
+        log.info("cannot become a child subreaper (%s): orphans re-parent to init", exc)
+        return False
 
 
 def _killpg(pgid: int, sig: int) -> bool:
@@ -1509,6 +1821,11 @@ def _timeout(body: Dict[str, Any], default: float, maximum: float) -> float:
     return default if value is None else _number(value, "timeout", 0, maximum)
 
 
+def _idle_timeout(body: Dict[str, Any]) -> Optional[float]:
+    value = body.get("idle_timeout")
+    return None if value is None else _number(value, "idle_timeout", 0, MAX_BACKGROUND_TIMEOUT_S)
+
+
 def _env_map(value: Any, field: str) -> Dict[str, str]:
     if value is None:
         return {}
@@ -1575,6 +1892,8 @@ _ROUTES = (
     ("DELETE", "/execute/kill", "_kill", True),
     ("POST", "/execute/kill", "_kill", True),
     ("POST", "/processes/{process_id}/kill", "_kill", True),
+    ("POST", "/execute/processes/{process_id}/signal", "_signal", True),
+    ("POST", "/execute/processes/{process_id}/stdin", "_stdin", True),
     ("POST", "/commands/run", "_commands_run", True),
     ("POST", "/commands/background", "_commands_background", True),
     ("GET", "/env", "_env_get", True),
@@ -1679,6 +1998,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self._send(req, status, body, content_type, headers)
         self.server.metrics.observe(req.route, status)
+        if req.close and status >= 400:
+            self._linger()
         log.debug("%s %s %s -> %d in %.1f ms", self.client_address[0], req.method, req.target,
                   status, (time.monotonic() - started) * 1000)
         self.close_connection = req.close
@@ -1855,6 +2176,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except _ClientGone:
             req.close = True
 
+    def _linger(self) -> None:
+        """Before closing after an error, discard briefly what the client still
+        sends (at most 1 MiB, 1 s): closing with unread data makes the kernel
+        send a RST, which can destroy the answer before the client reads it."""
+        deadline = time.monotonic() + 1.0
+        budget = 1024 * 1024
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            while budget > 0 and time.monotonic() < deadline:
+                self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                budget -= len(data)
+        except OSError:
+            pass
+
     # -- waiting while watching the client ----------------------------------------
 
     def _client_gone(self) -> bool:
@@ -1910,7 +2248,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             _required_text(body, "code", nul_ok=True), body.get("language"),
             cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
             timeout=_timeout(body, default_timeout, max_timeout),
-            name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"))
+            name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"),
+            idle_timeout=_idle_timeout(body))
 
     def _command_launch(self, body: Dict[str, Any], default_timeout: float, max_timeout: float) -> _Launch:
         command = _required_text(body, "command")
@@ -1924,7 +2263,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self.server.manager.command_launch(
             command, args, cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
             timeout=_timeout(body, default_timeout, max_timeout),
-            name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"))
+            name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"),
+            idle_timeout=_idle_timeout(body))
 
     def _started(self, rec: _ProcessRecord) -> Dict[str, Any]:
         """The answer to every background start."""
@@ -1938,15 +2278,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             answer.update(reason=record["reason"], exit_code=record["exit_code"], error=record.get("error"))
         return answer
 
+    def _once(self, req: _Request, start: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+        """A start honouring the Idempotency-Key header, when there is one."""
+        key = req.header("idempotency-key")
+        if key is None:
+            return start()
+        if not 0 < len(key) <= 255 or not key.isprintable():
+            raise BadRequest("Idempotency-Key must be 1 to 255 printable characters")
+        digest = hashlib.sha256(req.path.encode() + b"\0" + req.body).hexdigest()
+        return self.server.manager.idempotent_start(key, digest, start)
+
     def _execute_background(self, req: _Request) -> Dict[str, Any]:
-        launch = self._code_launch(req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
-        return self._started(self.server.manager.start(launch))
+        def start() -> Dict[str, Any]:
+            launch = self._code_launch(req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+            return self._started(self.server.manager.start(launch))
+        return self._once(req, start)
 
     def _commands_background(self, req: _Request) -> Dict[str, Any]:
-        launch = self._command_launch(req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
-        return self._started(self.server.manager.start(launch))
+        def start() -> Dict[str, Any]:
+            launch = self._command_launch(req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+            return self._started(self.server.manager.start(launch))
+        return self._once(req, start)
 
     def _execute_async(self, req: _Request) -> Dict[str, Any]:
+        return self._once(req, lambda: self._start_async(req))
+
+    def _start_async(self, req: _Request) -> Dict[str, Any]:
         body = req.json()
         url = _required_text(body, "callback_url")
         split = urllib.parse.urlsplit(url)
@@ -2031,6 +2388,35 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise BadRequest("field 'process_id' must be a string")
         sig = body.get("signal", req.param("signal"))
         return self.server.manager.kill(process_id, None if sig is None else _parse_signal(sig))
+
+    def _signal(self, req: _Request, process_id: str) -> Dict[str, Any]:
+        sig = req.json().get("signal", req.param("signal"))
+        if sig is None:
+            raise BadRequest("missing required field 'signal'", code="MISSING_PARAMETER")
+        return self.server.manager.send_signal(process_id, _parse_signal(sig))
+
+    def _stdin(self, req: _Request, process_id: str) -> Dict[str, Any]:
+        body = req.json()
+        eof = _flag(body, "eof")
+        if body.get("data") is not None and body.get("data_base64") is not None:
+            raise BadRequest("send either 'data' or 'data_base64', not both")
+        if body.get("data_base64") is not None:
+            try:
+                data = base64.b64decode(_text(body["data_base64"], "data_base64"), validate=True)
+            except ValueError:
+                raise BadRequest("field 'data_base64' is not valid base64") from None
+        elif body.get("data") is not None:
+            data = _text(body["data"], "data", nul_ok=True).encode("utf-8")
+        elif eof:
+            data = b""
+        else:
+            raise BadRequest("missing required field 'data' (or 'data_base64', or eof: true)",
+                             code="MISSING_PARAMETER")
+        manager = self.server.manager
+        if not data:
+            manager.close_stdin(manager.get(process_id))
+            return {"process_id": process_id, "written": 0, "stdin": "closed"}
+        return manager.write_stdin(process_id, data, eof)
 
     # -- endpoints: environment, metrics, system processes ----------------------------------
 
@@ -2240,6 +2626,7 @@ def _run_until_signalled(server: _AgentServer) -> int:
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    server.manager.enable_subreaper()
     thread = threading.Thread(target=server.serve_forever, name="hopx-http-accept", daemon=True)
     thread.start()
     log.info("listening on %s", server.url)
