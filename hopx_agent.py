@@ -483,8 +483,9 @@ class _OutputBuffer:
                 break
         return b"".join(parts)
 
-    def read(self, offset: Optional[int], final: bool) -> Tuple[str, int, int]:
-        """Text from ``offset`` (None: the whole window) to the readable end.
+    def read(self, offset: Optional[int], final: bool, limit: Optional[int] = None) -> Tuple[str, int, int]:
+        """Text from ``offset`` (None: the whole window) to the readable end,
+        at most ``limit`` bytes of it (cut on a character boundary).
 
         Returns (text, start, stop): ``start`` is where the text begins (later
         than ``offset`` when that fell out of the window), ``stop`` is the
@@ -492,6 +493,12 @@ class _OutputBuffer:
         """
         stop = self.end(final)
         start = self.dropped if offset is None else min(max(offset, self.dropped), stop)
+        if limit is not None and stop - start > limit:
+            data = self._slice(start, min(stop, start + limit + 3))
+            cut = limit
+            while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:   # do not split a character
+                cut -= 1
+            return data[:cut].decode("utf-8", "replace"), start, start + cut
         if offset is None and self._cache is not None and self._cache[0] == stop:
             return self._cache[1], start, stop
         text = self._slice(start, stop).decode("utf-8", "replace") if stop > start else ""
@@ -1712,7 +1719,12 @@ class _DeadlineReader(io.RawIOBase):
             if remaining <= 0:
                 raise socket.timeout("request deadline passed")
             self._sock.settimeout(remaining)
-        return self._sock.recv_into(buffer)
+            return self._sock.recv_into(buffer)
+        while True:   # no deadline (a WebSocket): another thread's write timeout is not ours
+            try:
+                return self._sock.recv_into(buffer)
+            except (socket.timeout, BlockingIOError):
+                continue
 
 
 class _Request:
@@ -1761,11 +1773,12 @@ def _short(exc: BaseException) -> str:
 
 
 class _Reply:
-    """A response other than a plain 200 JSON object."""
+    """A response other than a plain 200 JSON object; ``body`` None means the
+    handler has answered on the socket itself (streams)."""
 
     __slots__ = ("status", "body", "content_type", "headers")
 
-    def __init__(self, status: int, body: bytes = b"", content_type: Optional[str] = "application/json",
+    def __init__(self, status: int, body: Optional[bytes] = b"", content_type: Optional[str] = "application/json",
                  headers: Optional[Dict[str, str]] = None) -> None:
         self.status, self.body, self.content_type = status, body, content_type
         self.headers = headers or {}
@@ -1887,6 +1900,8 @@ _ROUTES = (
     ("POST", "/execute/async", "_execute_async", True),
     ("GET", "/execute/processes", "_list_processes", True),
     ("GET", "/execute/processes/{process_id}", "_get_process", True),
+    ("GET", "/execute/processes/{process_id}/stream", "_stream_sse", True),
+    ("GET", "/execute/stream", "_stream_ws", True),
     ("DELETE", "/execute/processes/{process_id}", "_kill", True),
     ("POST", "/execute/kill/{process_id}", "_kill", True),
     ("DELETE", "/execute/kill", "_kill", True),
@@ -1944,6 +1959,216 @@ class _Metrics:
         return round(time.monotonic() - self.started_mono, 3)
 
 
+# ============================================================================
+# Live output: a follower of a record's streams, Server-Sent Events, WebSocket
+# ============================================================================
+
+SSE_HEARTBEAT_S = 15.0                # a comment line this often keeps proxies from timing out
+STREAM_EVENT_BYTES = 64 * 1024        # output per event at most, so a big backlog comes in pieces
+WS_MAX_MESSAGE_BYTES = 1024 * 1024    # larger client frames or messages are refused (close 1009)
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 §1.3
+_WS_CONT, _WS_TEXT, _WS_BINARY, _WS_CLOSE, _WS_PING, _WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def _parse_event_id(value: str) -> Dict[str, Optional[int]]:
+    """A Last-Event-ID of ours: "<stdout offset>:<stderr offset>"."""
+    parts = value.strip().split(":")
+    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 18 for p in parts):
+        raise BadRequest("Last-Event-ID must be <stdout offset>:<stderr offset>")
+    return {"stdout": int(parts[0]), "stderr": int(parts[1])}
+
+
+class _Follower:
+    """Follows one record's output from given offsets. Woken by the record's
+    condition when output arrives (no polling); many followers share the one
+    buffer, so they cost no extra reads of the pipes."""
+
+    def __init__(self, rec: _ProcessRecord, offsets: Dict[str, Optional[int]]) -> None:
+        self.rec = rec
+        with rec.cond:
+            self.offsets = {name: rec.stream(name).dropped if offsets.get(name) is None else offsets[name]
+                            for name in ("stdout", "stderr")}
+
+    def event_id(self) -> str:
+        return "%d:%d" % (self.offsets["stdout"], self.offsets["stderr"])
+
+    def _pending(self) -> bool:
+        rec = self.rec
+        return rec.finished or any(rec.stream(n).end(False) > off or rec.stream(n).dropped > off
+                                   for n, off in self.offsets.items())
+
+    def next(self, timeout: float) -> Tuple[List[Tuple[str, Dict[str, Any]]], Optional[Dict[str, Any]]]:
+        """Wait up to ``timeout`` for news; returns (events, final record or None).
+
+        The final record comes once the record is finished and every byte
+        before its end has been handed out.
+        """
+        rec = self.rec
+        events: List[Tuple[str, Dict[str, Any]]] = []
+        with rec.cond:
+            rec.cond.wait_for(self._pending, timeout)
+            final = rec.finished
+            for name in ("stdout", "stderr"):
+                buf, offset = rec.stream(name), self.offsets[name]
+                if offset < buf.dropped:   # fell out of the window: say so, never skip silently
+                    events.append(("dropped", {"stream": name, "offset": offset, "bytes": buf.dropped - offset}))
+                    offset = buf.dropped
+                text, start, stop = buf.read(offset, final, STREAM_EVENT_BYTES)
+                if stop > start:
+                    events.append((name, {"data": text, "offset": start}))
+                self.offsets[name] = max(offset, stop)
+            done = final and all(self.offsets[n] >= rec.stream(n).total for n in self.offsets)
+            record = rec.to_json(output=False) if done else None
+        return events, record
+
+
+class _WsClosed(Exception):
+    """The WebSocket is closed (by either side, or by a protocol error)."""
+
+
+class _WebSocket:
+    """The server side of RFC 6455 over an upgraded connection: unmasks and
+    reassembles client messages, answers pings and closes, sends frames."""
+
+    def __init__(self, sock: socket.socket, rfile: Any, reader: _DeadlineReader) -> None:
+        self.sock, self.rfile, self._reader = sock, rfile, reader
+        # Frames from the session and the reader thread must not interleave;
+        # sendall holds it, bounded by the socket's write timeout.
+        self._send_lock = threading.Lock()
+        self.gone = False            # the client closed or vanished
+        self._closing = False        # we sent our close frame
+        self._thread: Optional[threading.Thread] = None
+
+    def _read_exact(self, size: int) -> bytes:
+        data = self.rfile.read(size) if size else b""
+        if len(data) < size:
+            raise _WsClosed("connection closed")
+        return data
+
+    def _read_frame(self) -> Tuple[bool, int, bytes]:
+        first, second = self._read_exact(2)
+        fin, opcode, length = bool(first & 0x80), first & 0x0F, second & 0x7F
+        if first & 0x70:
+            self.fail(1002, "reserved bits set (no extension was negotiated)")
+        if not second & 0x80:
+            self.fail(1002, "client frames must be masked")
+        if opcode not in (_WS_CONT, _WS_TEXT, _WS_BINARY, _WS_CLOSE, _WS_PING, _WS_PONG):
+            self.fail(1002, "unknown opcode %d" % opcode)
+        if length == 126:
+            length = int.from_bytes(self._read_exact(2), "big")
+        elif length == 127:
+            length = int.from_bytes(self._read_exact(8), "big")
+        if opcode >= _WS_CLOSE and (length > 125 or not fin):
+            self.fail(1002, "control frames must be short and unfragmented")
+        if length > WS_MAX_MESSAGE_BYTES:
+            self.fail(1009, "frame larger than %d bytes" % WS_MAX_MESSAGE_BYTES)
+        mask = self._read_exact(4)
+        payload = self._read_exact(length)
+        if length:   # unmask with one big-integer XOR instead of a loop per byte
+            key = (mask * (length // 4 + 1))[:length]
+            payload = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(length, "big")
+        return fin, opcode, payload
+
+    def recv_message(self) -> Tuple[int, bytes]:
+        """The next text or binary message, reassembled; control frames are answered here."""
+        parts: List[bytes] = []
+        kind = None
+        while True:
+            fin, opcode, payload = self._read_frame()
+            if opcode == _WS_PING:
+                self.send(_WS_PONG, payload)
+                continue
+            if opcode == _WS_PONG:
+                continue
+            if opcode == _WS_CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000
+                self.gone = True
+                if not self._closing:
+                    self.close(code if 1000 <= code < 5000 and code not in (1005, 1006, 1015) else 1002)
+                raise _WsClosed("closed by the client")
+            if (opcode == _WS_CONT) == (kind is None):
+                self.fail(1002, "unexpected continuation frame" if kind is None else "expected a continuation frame")
+            kind = kind if kind is not None else opcode
+            parts.append(payload)
+            if sum(len(p) for p in parts) > WS_MAX_MESSAGE_BYTES:
+                self.fail(1009, "message larger than %d bytes" % WS_MAX_MESSAGE_BYTES)
+            if fin:
+                message = b"".join(parts)
+                if kind == _WS_TEXT:
+                    try:
+                        message.decode("utf-8")
+                    except UnicodeDecodeError:
+                        self.fail(1007, "text message is not UTF-8")
+                return kind, message
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        size = len(payload)
+        if size < 126:
+            head = bytes([0x80 | opcode, size])
+        elif size < 65536:
+            head = bytes([0x80 | opcode, 126]) + size.to_bytes(2, "big")
+        else:
+            head = bytes([0x80 | opcode, 127]) + size.to_bytes(8, "big")
+        with self._send_lock:
+            try:
+                self.sock.settimeout(WRITE_TIMEOUT_S)
+                self.sock.sendall(head + payload)
+            except OSError:
+                self.gone = True
+                raise _WsClosed("connection lost") from None
+
+    def send_json(self, message: Dict[str, Any]) -> None:
+        self.send(_WS_TEXT, json.dumps(message).encode("utf-8"))
+
+    def close(self, code: int, reason: str = "") -> None:
+        if not self._closing:
+            self._closing = True
+            self.send(_WS_CLOSE, code.to_bytes(2, "big") + reason.encode("utf-8")[:120])
+
+    def fail(self, code: int, reason: str) -> None:
+        """Close with a protocol error code and stop reading."""
+        try:
+            self.close(code, reason)
+        finally:
+            self.gone = True
+        raise _WsClosed(reason)
+
+    def error(self, code: int, message: str, error_code: str) -> None:
+        """A bad execute request: an error message, then close."""
+        self.send_json({"type": "error", "error": message, "message": message, "code": error_code})
+        self.close(code, message[:100])
+
+    def start_reader(self, on_gone: Callable[[], None], rec: _ProcessRecord) -> None:
+        """Read the client's frames on a thread (pings, close, disconnects):
+        a client that goes away ends its execution."""
+        def run() -> None:
+            try:
+                while True:
+                    self.recv_message()      # later messages have no meaning yet: ignored
+            except (_WsClosed, OSError, ValueError):
+                pass
+            except Exception:
+                log.exception("WebSocket reader failed")
+            self.gone = True
+            if not rec.finished:
+                on_gone()
+            with rec.cond:
+                rec.cond.notify_all()        # wake the session so it sees ``gone``
+        self._thread = threading.Thread(target=run, name="hopx-ws-%s" % rec.id[5:13], daemon=True)
+        self._thread.start()
+
+    def finish(self) -> None:
+        """After our close frame: give the client a moment to answer, then drop the connection."""
+        if self._thread is not None:
+            self._thread.join(1.0)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(1.0)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Reads requests strictly (api.md §10), dispatches them through the route
     table, and answers every one, errors included, with JSON in one write."""
@@ -1996,7 +2221,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             status, body, content_type, headers = self._respond(req, line)
         except _ClientGone:
             return
-        self._send(req, status, body, content_type, headers)
+        if body is not None:      # None: a stream already answered on its own
+            self._send(req, status, body, content_type, headers)
         self.server.metrics.observe(req.route, status)
         if req.close and status >= 400:
             self._linger()
@@ -2004,7 +2230,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                   status, (time.monotonic() - started) * 1000)
         self.close_connection = req.close
 
-    def _respond(self, req: _Request, line: bytes) -> Tuple[int, bytes, Optional[str], Dict[str, str]]:
+    def _respond(self, req: _Request, line: bytes) -> Tuple[int, Optional[bytes], Optional[str], Dict[str, str]]:
         """The one error boundary: every outcome becomes (status, body, type, headers)."""
         try:
             self._read_head(req, line)
@@ -2125,6 +2351,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._read_body(req, length)
         for route_method, pattern, handler, _, found in matches:
             if route_method == method:
+                if handler != "_stream_ws" and (req.header("upgrade") or "").lower() == "websocket":
+                    raise BadRequest("WebSocket upgrades are offered on /execute/stream only")
                 req.route = pattern
                 params = {k: urllib.parse.unquote(v) for k, v in found.groupdict().items()}
                 return getattr(self, handler)(req, **params)
@@ -2417,6 +2645,108 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             manager.close_stdin(manager.get(process_id))
             return {"process_id": process_id, "written": 0, "stdin": "closed"}
         return manager.write_stdin(process_id, data, eof)
+
+    # -- endpoints: live output ---------------------------------------------------------
+
+    def _stream_start(self, req: _Request, content_type: str) -> None:
+        """The head of an answer whose body is written as it comes, then the connection closes."""
+        req.close = True
+        self._reader.deadline = None
+        head = ("HTTP/1.1 200 OK\r\nServer: %s\r\nDate: %s\r\nX-Request-ID: %s\r\n"
+                "Content-Type: %s\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n"
+                "Connection: close\r\n\r\n" % (self.server_version, self.date_time_string(),
+                                                   req.request_id, content_type))
+        self._write(head.encode("latin-1"))
+
+    def _stream_sse(self, req: _Request, process_id: str) -> _Reply:
+        """Server-Sent Events: stdout/stderr/dropped events from the given
+        offsets (or Last-Event-ID), a heartbeat comment when quiet, then exit."""
+        rec = self.server.manager.get(process_id)
+        offsets = {"stdout": _query_offset(req, "stdout_offset"), "stderr": _query_offset(req, "stderr_offset")}
+        if req.header("last-event-id"):
+            offsets = _parse_event_id(req.header("last-event-id") or "")
+        follower = _Follower(rec, offsets)
+        self._stream_start(req, "text/event-stream; charset=utf-8")
+        self._write(b"retry: 1000\n\n")
+        while True:
+            events, record = follower.next(SSE_HEARTBEAT_S)
+            out = ["id: %s\nevent: %s\ndata: %s\n\n" % (follower.event_id(), kind, json.dumps(payload))
+                   for kind, payload in events]
+            if record is not None:
+                out.append("id: %s\nevent: exit\ndata: %s\n\n" % (follower.event_id(), json.dumps(record)))
+            self._write(("".join(out) or ": heartbeat\n\n").encode("utf-8"))
+            if record is not None:
+                return _Reply(200, None)
+
+    def _stream_ws(self, req: _Request) -> _Reply:
+        """The SDK's run_code_stream: a WebSocket that runs one execution and
+        sends its output as JSON messages (RFC 6455)."""
+        key = req.header("sec-websocket-key") or ""
+        if (req.header("upgrade") or "").lower() != "websocket" or "upgrade" not in (req.header("connection") or "").lower():
+            raise AgentError("this endpoint needs a WebSocket upgrade", status=426, code="INVALID_REQUEST",
+                             headers={"Upgrade": "websocket"})
+        if req.header("sec-websocket-version") != "13":
+            raise AgentError("WebSocket version 13 is required", status=426, code="INVALID_REQUEST",
+                             headers={"Sec-WebSocket-Version": "13"})
+        try:
+            valid_key = len(base64.b64decode(key, validate=True)) == 16
+        except ValueError:
+            valid_key = False
+        if not valid_key:
+            raise BadRequest("invalid Sec-WebSocket-Key")
+        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode("ascii")
+        self._write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Accept: %s\r\nX-Request-ID: %s\r\n\r\n" % (accept, req.request_id)).encode())
+        req.close = True
+        ws = _WebSocket(self.connection, self.rfile, self._reader)
+        try:
+            self._ws_session(ws)
+        except _WsClosed:
+            pass
+        except (OSError, _ClientGone):
+            pass
+        finally:
+            ws.finish()
+        return _Reply(101, None)
+
+    def _ws_session(self, ws: "_WebSocket") -> None:
+        self._reader.deadline = time.monotonic() + self.server.config.request_deadline
+        try:
+            opcode, message = ws.recv_message()
+        except socket.timeout:
+            ws.fail(1008, "no execute message received in time")
+            return
+        self._reader.deadline = None
+        try:
+            body = _json_object(message) if opcode == _WS_TEXT else None
+            if body is None or body.get("type", "execute") != "execute":
+                raise BadRequest('the first message must be {"type": "execute", "code": ...}')
+            launch = self._code_launch(body, SYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+            rec = self.server.manager.start(launch)
+        except ValueError as exc:
+            ws.error(1008, "invalid JSON message: %s" % _short(exc), "INVALID_JSON")
+            return
+        except AgentError as exc:
+            ws.error(1008 if exc.status < 500 else 1011, exc.message, exc.code)
+            return
+        ws.start_reader(lambda: self.server.manager.kill(rec.id, wait=False), rec)
+        follower = _Follower(rec, {"stdout": None, "stderr": None})
+        while True:
+            events, record = follower.next(SSE_HEARTBEAT_S)
+            if ws.gone:
+                return
+            for kind, payload in events:
+                if kind == "dropped":
+                    ws.send_json(dict(payload, type="dropped", timestamp=_rfc3339(time.time())))
+                else:
+                    ws.send_json({"type": kind, "data": payload["data"], "timestamp": _rfc3339(time.time())})
+            if record is not None:
+                ws.send_json({"type": "result", "exit_code": record["exit_code"],
+                              "execution_time": record["execution_time"], "status": record["status"],
+                              "reason": record["reason"], "process_id": record["process_id"]})
+                ws.send_json({"type": "complete", "success": record["status"] == "completed"})
+                ws.close(1000, "done")
+                return
 
     # -- endpoints: environment, metrics, system processes ----------------------------------
 
