@@ -513,6 +513,11 @@ _REASONS = ("exited", "signaled", "killed", "timeout", "idle_timeout", "spawn_fa
 _TIMEOUT_REASONS = ("timeout", "idle_timeout")     # reported with exit code 124, as timeout(1) does
 
 
+def _is_digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²" and other digits int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _signal_name(signum: Optional[int]) -> Optional[str]:
     if signum is None:
         return None
@@ -524,7 +529,7 @@ def _signal_name(signum: Optional[int]) -> Optional[str]:
 
 def _parse_signal(value: Any) -> int:
     """A signal given as a name ("SIGINT", "int") or a number (2, "2")."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and _is_digits(value.strip()):
         value = int(value.strip())
     if isinstance(value, int) and not isinstance(value, bool):
         if value in {int(s) for s in signal.Signals}:
@@ -1882,7 +1887,7 @@ def _query_offset(req: _Request, name: str) -> Optional[int]:
     value = req.param(name)
     if value is None or value == "":
         return None
-    if not value.isdigit() or len(value) > 18:
+    if not _is_digits(value) or len(value) > 18:
         raise BadRequest("query parameter %r must be a non-negative integer" % name)
     return int(value)
 
@@ -1973,7 +1978,7 @@ _WS_CONT, _WS_TEXT, _WS_BINARY, _WS_CLOSE, _WS_PING, _WS_PONG = 0x0, 0x1, 0x2, 0
 def _parse_event_id(value: str) -> Dict[str, Optional[int]]:
     """A Last-Event-ID of ours: "<stdout offset>:<stderr offset>"."""
     parts = value.strip().split(":")
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 18 for p in parts):
+    if len(parts) != 2 or not all(_is_digits(p) and len(p) <= 18 for p in parts):
         raise BadRequest("Last-Event-ID must be <stdout offset>:<stderr offset>")
     return {"stdout": int(parts[0]), "stderr": int(parts[1])}
 
@@ -2310,7 +2315,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         values = req.headers.get("content-length")
         if not values:
             return 0
-        if len(values) != 1 or not values[0].isdigit() or not values[0].isascii():
+        if len(values) != 1 or not _is_digits(values[0]):
             req.close = True
             raise BadRequest("invalid Content-Length")
         length = int(values[0])
@@ -2465,8 +2470,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 "workdir": config.workdir, "auth": "jwt" if config.auth else "disabled",
                 "languages": languages,
                 "supported_languages": [name for name, spec in languages.items() if spec["available"]],
-                "limits": config.limits(),
-                "endpoints": ["%s %s" % (method, pattern) for method, pattern, _, _ in _ROUTES],
+                "limits": config.limits(), "start_time": _rfc3339(self.server.metrics.started),
+                "features": {"background": True, "sync": True, "async_webhooks": True, "commands": True,
+                             "sse_stream": True, "websocket_stream": True, "stdin": True, "signals": True,
+                             "idempotency_keys": True, "idle_timeout": True},
+                "endpoints": {"%s %s" % (method, pattern): handler.strip("_")
+                              for method, pattern, handler, _ in _ROUTES},
                 "timestamp": _rfc3339(time.time())}
 
     # -- endpoints: execution ---------------------------------------------------------
@@ -2784,7 +2793,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                "by_status": stats["by_status"], "by_reason": stats["by_reason"]},
                 "total_executions": stats["started"], "active_executions": stats["running"],
                 "records_held": stats["records"], "output_bytes_held": stats["output_bytes_held"],
-                "webhooks": stats["webhooks"], "timestamp": _rfc3339(time.time())}
+                "webhooks": stats["webhooks"], "system": _system_usage(),
+                "process": {"count": stats["running"], "pid": os.getpid()},
+                "timestamp": _rfc3339(time.time())}
 
     def _metrics(self, req: _Request) -> Dict[str, Any]:
         return self._metrics_data()
@@ -2819,6 +2830,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return {"processes": processes, "count": len(processes), "timestamp": _rfc3339(time.time())}
 
 
+def _system_usage() -> Dict[str, Any]:
+    """Load and memory of the machine, from /proc where it exists."""
+    cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    memory: Dict[str, Any] = {}
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in fh if len(line.split()) >= 2}
+        total, available = info.get("MemTotal", 0), info.get("MemAvailable", 0)
+        memory = {"total_mb": round(total / 1024, 1), "available_mb": round(available / 1024, 1),
+                  "usage_percent": round(100.0 * (total - available) / total, 1) if total else 0.0}
+    except (OSError, ValueError):
+        pass
+    return {"cpu": {"count": cpus, "load_1m": load, "usage_percent": round(min(100.0, 100.0 * load / cpus), 1)},
+            "memory": memory}
+
+
 def _prom_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -2830,6 +2861,12 @@ def _proc_table() -> List[Dict[str, Any]]:
     except ImportError:  # pragma: no cover - not on Linux
         pwd = None
     page_kb = os.sysconf("SC_PAGE_SIZE") // 1024 if hasattr(os, "sysconf") else 4
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+    except (OSError, ValueError):
+        uptime = 0.0
     users: Dict[int, str] = {}
     out = []
     try:
@@ -2853,10 +2890,13 @@ def _proc_table() -> List[Dict[str, Any]]:
             except KeyError:
                 users[uid] = str(uid)
         rss_pages = int(fields[21]) if len(fields) > 21 else 0
+        cpu_s = (int(fields[11]) + int(fields[12])) / ticks if len(fields) > 19 else 0.0
+        age_s = uptime - int(fields[19]) / ticks if len(fields) > 19 else 0.0
         out.append({"pid": int(entry), "ppid": int(fields[1]) if len(fields) > 1 else None,
                     "name": name, "command": cmdline or "[%s]" % name, "user": users[uid],
                     "status": fields[0] if fields else "?",
-                    "memory_mb": round(rss_pages * page_kb / 1024.0, 2)})
+                    "memory_mb": round(rss_pages * page_kb / 1024.0, 2),
+                    "cpu_percent": round(100.0 * cpu_s / age_s, 1) if age_s > 0 else 0.0})
     return out
 
 
