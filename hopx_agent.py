@@ -3058,6 +3058,7 @@ def _build_parser() -> Any:
     token = sub.add_parser("token", help="print a JWT signed with the configured secret")
     token.add_argument("--ttl", type=int, default=TOKEN_TTL_S, help="lifetime in seconds (default %d)" % TOKEN_TTL_S)
     token.add_argument("--sub", default="hopx-client", help="the token's subject (default hopx-client)")
+    token.add_argument("--secret-file", default=argparse.SUPPRESS, help="as above, also accepted here")
     return parser
 
 

@@ -168,7 +168,7 @@ def manager(config):
 @pytest.fixture
 def server(config, manager):
     srv = hopx_agent.create_server(config, manager)
-    thread = threading.Thread(target=srv.serve_forever, name="test-serve", daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name="test-serve", daemon=True)
     thread.start()
     yield srv
     srv.shutdown()
