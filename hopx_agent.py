@@ -396,15 +396,14 @@ class _OutputBuffer:
     record's condition guards it.
     """
 
-    __slots__ = ("cap", "total", "_blocks", "_held", "_tail", "_cache")
+    __slots__ = ("cap", "total", "_blocks", "_held", "_cache")
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.total = 0
         self._blocks: collections.deque = collections.deque()
         self._held = 0
-        self._tail = b""              # last bytes written, to find a split character
-        self._cache: Optional[Tuple[int, str]] = None
+        self._cache: Optional[Tuple[int, str]] = None   # (end offset, text) of the last full read
 
     @property
     def held(self) -> int:
@@ -419,7 +418,6 @@ class _OutputBuffer:
         if not size:
             return
         self.total += size
-        self._tail = (self._tail + bytes(data[-4:]))[-4:]
         self._cache = None
         if size >= self.cap:
             self._blocks.clear()
@@ -467,9 +465,12 @@ class _OutputBuffer:
 
     def end(self, final: bool) -> int:
         """The offset up to which a reader may take bytes now."""
-        if final:
+        if final or not self._blocks:
             return self.total
-        return max(self.dropped, self.total - _incomplete_utf8_tail(self._tail))
+        tail = self._blocks[-1][-4:]
+        if len(tail) < 4 and len(self._blocks) > 1:
+            tail = (self._blocks[-2][-4:] + tail)[-4:]
+        return max(self.dropped, self.total - _incomplete_utf8_tail(bytes(tail)))
 
     def _slice(self, start: int, stop: int) -> bytes:
         pos = self.dropped
@@ -605,6 +606,8 @@ class _ProcessRecord:
         self.stdin_closed = not launch.stdin
         self.stragglers: set = set()       # marked processes outside the group that we ended
         self.idempotency_key: Optional[str] = None
+        self.changes = 0                   # bumped by changes to_json cannot see in its cache key
+        self._json_cache: Optional[Tuple[Any, bytes]] = None
 
     @property
     def finished(self) -> bool:
@@ -612,6 +615,16 @@ class _ProcessRecord:
 
     def stream(self, name: str) -> _OutputBuffer:
         return self.stdout if name == "stdout" else self.stderr
+
+    def to_json_bytes(self, *, output: bool, queue_position: Optional[int]) -> bytes:
+        """The record as JSON bytes, cached until something in it changes, so
+        that listing a thousand finished records encodes none of them again.
+        Call with ``cond`` held."""
+        key = (output, queue_position, self.status, self.pid, self.stdout.total, self.stdout.held,
+               self.stderr.total, self.stderr.held, self.stdin_closed, len(self.stragglers), self.changes)
+        if self._json_cache is None or self._json_cache[0] != key:
+            self._json_cache = (key, _json_bytes(self.to_json(output=output, queue_position=queue_position)))
+        return self._json_cache[1]
 
     def to_json(self, *, output: bool = True, offsets: Optional[Dict[str, Optional[int]]] = None,
                 queue_position: Optional[int] = None) -> Dict[str, Any]:
@@ -1416,6 +1429,11 @@ class ProcessManager:
     def list(self, *, statuses: Optional[Iterable[str]] = None, name: Optional[str] = None,
              output: bool = True) -> List[Dict[str, Any]]:
         """Records oldest first, filtered by status and name."""
+        return [json.loads(item) for item in self.list_json(statuses=statuses, name=name, output=output)]
+
+    def list_json(self, *, statuses: Optional[Iterable[str]] = None, name: Optional[str] = None,
+                  output: bool = True) -> List[bytes]:
+        """The records of list(), each as cached JSON bytes (what the HTTP listing sends)."""
         wanted = set(statuses) if statuses else None
         with self._lock:
             recs = list(self._records.values())
@@ -1426,7 +1444,7 @@ class ProcessManager:
                 continue
             with rec.cond:
                 if wanted is None or rec.status in wanted:
-                    out.append(rec.to_json(output=output, queue_position=positions.get(rec.id)))
+                    out.append(rec.to_json_bytes(output=output, queue_position=positions.get(rec.id)))
         return out
 
     def wait(self, rec: _ProcessRecord, timeout: float) -> bool:
@@ -1637,6 +1655,7 @@ class _Webhook:
         with rec.cond:
             rec.extra["webhook"] = {"url": self.url, "delivered": False, "attempts": 0,
                                     "last_status": None, "last_error": None}
+            rec.changes += 1
         threading.Thread(target=self._deliver, args=(rec,), daemon=True,
                          name="hopx-webhook-%s" % rec.id[5:13]).start()
 
@@ -1681,6 +1700,7 @@ class _Webhook:
             with rec.cond:
                 rec.extra["webhook"].update(attempts=attempt, last_status=status,
                                             last_error=error, delivered=delivered)
+                rec.changes += 1
             # 4xx other than 408/429 will not change on a retry
             final = delivered or (status is not None and 400 <= status < 500 and status not in (408, 429))
             if final or attempt == WEBHOOK_ATTEMPTS or self.manager.stopping.wait(delay):
@@ -2596,9 +2616,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         unknown = [s for s in statuses if s not in _STATUSES]
         if unknown:
             raise BadRequest("unknown status %r; use one of %s" % (unknown[0], ", ".join(_STATUSES)))
-        records = self.server.manager.list(statuses=statuses or None, name=req.param("name"),
-                                           output=_query_flag(req, "output", True))
-        return {"processes": records, "count": len(records), "timestamp": _rfc3339(time.time())}
+        records = self.server.manager.list_json(statuses=statuses or None, name=req.param("name"),
+                                                output=_query_flag(req, "output", True))
+        body = b'{"processes":[%s],"count":%d,"timestamp":"%s"}' % (
+            b",".join(records), len(records), (_rfc3339(time.time()) or "").encode("ascii"))
+        return _Reply(200, body)
 
     def _get_process(self, req: _Request, process_id: str) -> Dict[str, Any]:
         manager = self.server.manager
