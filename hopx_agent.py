@@ -2022,26 +2022,29 @@ class _Follower:
         return rec.finished or any(rec.stream(n).end(False) > off or rec.stream(n).dropped > off
                                    for n, off in self.offsets.items())
 
-    def next(self, timeout: float) -> Tuple[List[Tuple[str, Dict[str, Any]]], Optional[Dict[str, Any]]]:
+    def next(self, timeout: float) -> Tuple[List[Tuple[str, Dict[str, Any], str]], Optional[Dict[str, Any]]]:
         """Wait up to ``timeout`` for news; returns (events, final record or None).
 
-        The final record comes once the record is finished and every byte
-        before its end has been handed out.
+        Each event is (kind, payload, id), the id naming the offsets just
+        after that event, so a client resuming from it misses nothing. The
+        final record comes once the record is finished and every byte before
+        its end has been handed out.
         """
         rec = self.rec
-        events: List[Tuple[str, Dict[str, Any]]] = []
+        events: List[Tuple[str, Dict[str, Any], str]] = []
         with rec.cond:
             rec.cond.wait_for(self._pending, timeout)
             final = rec.finished
             for name in ("stdout", "stderr"):
-                buf, offset = rec.stream(name), self.offsets[name]
-                if offset < buf.dropped:   # fell out of the window: say so, never skip silently
-                    events.append(("dropped", {"stream": name, "offset": offset, "bytes": buf.dropped - offset}))
-                    offset = buf.dropped
-                text, start, stop = buf.read(offset, final, STREAM_EVENT_BYTES)
+                buf = rec.stream(name)
+                if self.offsets[name] < buf.dropped:   # fell out of the window: say so, never skip silently
+                    gap = {"stream": name, "offset": self.offsets[name], "bytes": buf.dropped - self.offsets[name]}
+                    self.offsets[name] = buf.dropped
+                    events.append(("dropped", gap, self.event_id()))
+                text, start, stop = buf.read(self.offsets[name], final, STREAM_EVENT_BYTES)
                 if stop > start:
-                    events.append((name, {"data": text, "offset": start}))
-                self.offsets[name] = max(offset, stop)
+                    self.offsets[name] = stop
+                    events.append((name, {"data": text, "offset": start}, self.event_id()))
             done = final and all(self.offsets[n] >= rec.stream(n).total for n in self.offsets)
             record = rec.to_json(output=False) if done else None
         return events, record
@@ -2231,6 +2234,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self._reader.deadline = time.monotonic() + KEEPALIVE_IDLE_S
         try:
+            if not self.rfile.peek(1):          # idle keep-alive: wait for a first byte
+                return
+            started = time.monotonic()          # the request deadline runs from its first byte
+            self._reader.deadline = started + self.server.config.request_deadline
             line = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
             skipped = 0
             while line in (b"\r\n", b"\n") and skipped < 4:   # RFC 9112 §2.2: tolerate stray CRLF
@@ -2239,8 +2246,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if not line:
             return
-        started = time.monotonic()
-        self._reader.deadline = started + self.server.config.request_deadline
         req = _Request()
         try:
             status, body, content_type, headers = self._respond(req, line)
@@ -2701,8 +2706,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._write(b"retry: 1000\n\n")
         while True:
             events, record = follower.next(SSE_HEARTBEAT_S)
-            out = ["id: %s\nevent: %s\ndata: %s\n\n" % (follower.event_id(), kind, json.dumps(payload))
-                   for kind, payload in events]
+            out = ["id: %s\nevent: %s\ndata: %s\n\n" % (event_id, kind, json.dumps(payload))
+                   for kind, payload, event_id in events]
             if record is not None:
                 out.append("id: %s\nevent: exit\ndata: %s\n\n" % (follower.event_id(), json.dumps(record)))
             self._write(("".join(out) or ": heartbeat\n\n").encode("utf-8"))
@@ -2766,7 +2771,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             events, record = follower.next(SSE_HEARTBEAT_S)
             if ws.gone:
                 return
-            for kind, payload in events:
+            for kind, payload, _ in events:
                 if kind == "dropped":
                     ws.send_json(dict(payload, type="dropped", timestamp=_rfc3339(time.time())))
                 else:
@@ -2970,10 +2975,12 @@ class _AgentServer(http.server.ThreadingHTTPServer):
 
     def _refuse(self, request: socket.socket) -> None:
         """503 on the accepting thread: a short write to a fresh socket never blocks long."""
+        request_id = secrets.token_hex(8)
         body = _json_bytes(Unavailable("too many open connections (max %d)" % self.config.max_connections)
-                           .to_json(request_id=secrets.token_hex(8)))
-        head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                "Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(body))
+                           .to_json(request_id=request_id))
+        head = ("HTTP/1.1 503 Service Unavailable\r\nServer: hopx-agent/%s\r\nX-Request-ID: %s\r\n"
+                "Content-Type: application/json\r\nContent-Length: %d\r\nRetry-After: 1\r\n"
+                "Connection: close\r\n\r\n" % (__version__, request_id, len(body)))
         try:
             request.settimeout(1.0)
             request.sendall(head.encode("ascii") + body)
