@@ -429,9 +429,9 @@ class _OutputBuffer:
         else:
             self._blocks.append(bytearray(data))
         self._held += len(data)
-        if self._held > self.cap:
+        if self._held > self.cap or size >= self.cap:   # the window moved: realign its start
             self._trim(self._held - self.cap)
-        self._align_start()
+            self._align_start()
 
     def _trim(self, excess: int) -> None:
         while excess > 0 and self._blocks:
@@ -446,11 +446,12 @@ class _OutputBuffer:
                 excess = 0
 
     def _align_start(self) -> None:
-        """Drop continuation bytes at the front left by a trim mid-character."""
+        """Drop continuation bytes at the front left by a trim mid-character
+        (looking across blocks: a character may straddle two)."""
         if self.dropped and self._blocks:
-            first = self._blocks[0]
+            head = self._slice(self.dropped, self.dropped + 3)
             skip = 0
-            while skip < min(3, len(first)) and first[skip] & 0xC0 == 0x80:
+            while skip < len(head) and head[skip] & 0xC0 == 0x80:
                 skip += 1
             if skip:
                 self._trim(skip)
