@@ -5,17 +5,31 @@ Only pytest and the standard library. Nothing here sleeps to wait for
 something except ``wait_until``; children announce readiness on their output.
 """
 import base64
+import contextlib
+import dataclasses
 import hashlib
 import hmac
 import http.client
+import http.server
+import inspect
 import json
+import math
 import os
+import pwd
+import queue
+import random
+import re
+import select
 import signal
 import socket
+import string
+import struct
 import subprocess
 import sys
 import threading
 import time
+import types
+import urllib.parse
 
 import pytest
 
@@ -182,3 +196,4238 @@ def client(server):
     c = Client(server)
     yield c
     c.close()
+
+
+# ============================================================================
+# JWT helpers
+# ============================================================================
+
+# Tokens are built by this file's own encoder, so that verify_jwt is never
+# tested against hopx_agent.encode_jwt (a shared bug would go unseen).
+_JWT_HASHES = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+_B64URL_ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+JWT_SECRET = b"hopx-test-secret\x00\xff-0123456789abcdef"
+JWT_NOW = 1_700_000_000      # the injected clock of every test below
+JWT_LEEWAY_S = 30            # verify_jwt's default leeway
+JWT_MAX_TOKEN_BYTES = 8192   # api.md section 2: "tokens over 8 KiB" are refused
+
+# RFC 7515 Appendix A.1: the HS256 example JWS and its JWK "k" (base64url).
+RFC7515_A1_TOKEN = (
+    "eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9"
+    ".eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ"
+    ".dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
+)
+RFC7515_A1_K = "AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ-EstJQLr_T-1qS0gZH75aKtMN3Yj0iPS4hcgUuTwjAzZr1Z9CAow"
+RFC7515_A1_EXP = 1300819380
+
+
+def _b64url(raw: bytes) -> str:
+    """base64url without padding (RFC 7515 section 2)."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64url(text: str) -> bytes:
+    """Lenient decoding, for taking apart tokens this file built itself."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _jwt_json_bytes(value) -> bytes:
+    """bytes and str are used verbatim (to write NaN, duplicate keys, bad
+    JSON); anything else is dumped compactly."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def make_token(claims, secret: bytes, alg: str = "HS256", header=None) -> str:
+    """A compact JWS signed with HMAC-`alg`. `header` replaces the default
+    {"alg": alg, "typ": "JWT"} (it may name another alg than the one that
+    signs); `claims` and `header` may be raw JSON text."""
+    if header is None:
+        header = {"alg": alg, "typ": "JWT"}
+    signing_input = _b64url(_jwt_json_bytes(header)) + "." + _b64url(_jwt_json_bytes(claims))
+    sig = hmac.new(secret, signing_input.encode("ascii"), _JWT_HASHES[alg]).digest()
+    return signing_input + "." + _b64url(sig)
+
+
+def _jwt_claims(**extra) -> dict:
+    claims = {"sub": "alice", "exp": JWT_NOW + 3600}
+    claims.update(extra)
+    return claims
+
+
+def _jwt_token(**extra) -> str:
+    return make_token(_jwt_claims(**extra), JWT_SECRET)
+
+
+def _jwt_payload_with_exp(literal: str) -> str:
+    return '{"sub":"alice","exp":%s}' % literal
+
+
+def _jwt_resign(token: str, secret: bytes = JWT_SECRET, alg: str = "HS256") -> str:
+    """Give the first two segments of `token` a correct signature."""
+    head, payload = token.split(".")[:2]
+    sig = hmac.new(secret, (head + "." + payload).encode("ascii"), _JWT_HASHES[alg]).digest()
+    return head + "." + payload + "." + _b64url(sig)
+
+
+def _jwt_replace_segment(token: str, index: int, segment: str) -> str:
+    parts = token.split(".")
+    parts[index] = segment
+    return ".".join(parts)
+
+
+def _jwt_trailing_bit_twins(segment: str) -> list:
+    """The other spellings of `segment` that differ only in the unused low
+    bits of the last character (lenient decoders map them all to the same
+    bytes)."""
+    unused_bits = {0: 0, 2: 4, 3: 2}[len(segment) % 4]
+    mask = (1 << unused_bits) - 1
+    index = _B64URL_ALPHABET.index(segment[-1])
+    assert index & mask == 0, "segment is not canonical to begin with"
+    return [segment[:-1] + _B64URL_ALPHABET[index | low] for low in range(1, mask + 1)]
+
+
+def assert_jwt_accepted(token: str, secret: bytes = JWT_SECRET, **kwargs) -> dict:
+    kwargs.setdefault("now", JWT_NOW)
+    claims = hopx_agent.verify_jwt(token, secret, **kwargs)
+    assert isinstance(claims, dict)
+    return claims
+
+
+def assert_jwt_rejected(token: str, secret: bytes = JWT_SECRET, **kwargs):
+    """verify_jwt raises AuthError (401, INVALID_TOKEN) without echoing the
+    token; any other exception propagates and fails the test."""
+    kwargs.setdefault("now", JWT_NOW)
+    with pytest.raises(hopx_agent.AuthError) as info:
+        hopx_agent.verify_jwt(token, secret, **kwargs)
+    exc = info.value
+    assert isinstance(exc, hopx_agent.AgentError)
+    assert exc.status == 401
+    assert exc.code == "INVALID_TOKEN"
+    if len(token) >= 16:
+        assert token not in str(exc)
+        assert token not in repr(exc)
+    return exc
+
+
+# ============================================================================
+# JWT: known answer, algorithms
+# ============================================================================
+
+def test_own_encoder_reproduces_the_rfc7515_a1_signature():
+    head, payload, sig = RFC7515_A1_TOKEN.split(".")
+    mac = hmac.new(_unb64url(RFC7515_A1_K), (head + "." + payload).encode("ascii"), hashlib.sha256)
+    assert _b64url(mac.digest()) == sig
+
+
+def test_rfc7515_a1_vector_is_accepted_one_second_before_exp():
+    claims = assert_jwt_accepted(RFC7515_A1_TOKEN, _unb64url(RFC7515_A1_K),
+                             now=RFC7515_A1_EXP - 1, leeway=0)
+    assert claims == {"iss": "joe", "exp": RFC7515_A1_EXP, "http://example.com/is_root": True}
+
+
+def test_rfc7515_a1_vector_is_rejected_at_exp():
+    assert_jwt_rejected(RFC7515_A1_TOKEN, _unb64url(RFC7515_A1_K), now=RFC7515_A1_EXP, leeway=0)
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+def test_each_hmac_algorithm_is_accepted(alg):
+    claims = _jwt_claims(role="admin")
+    assert assert_jwt_accepted(make_token(claims, JWT_SECRET, alg)) == claims
+
+
+@pytest.mark.parametrize("alg,allowed", [
+    ("HS512", ("HS256",)),
+    ("HS384", ("HS256", "HS512")),
+    ("HS256", ("HS384",)),
+    ("HS256", ()),
+])
+def test_algorithm_outside_the_configured_set_is_rejected(alg, allowed):
+    assert_jwt_rejected(make_token(_jwt_claims(), JWT_SECRET, alg), algorithms=allowed)
+
+
+def test_configured_subset_accepts_its_own_algorithm():
+    assert_jwt_accepted(make_token(_jwt_claims(), JWT_SECRET, "HS384"), algorithms=("HS384",))
+
+
+@pytest.mark.parametrize("alg", [
+    "none", "None", "NONE", "nOnE", None, "RS256", "ES256", "PS256", "EdDSA",
+    "hs256", "HS256 ", " HS256", "HS256\x00", "", 256, 256.0, True, ["HS256"], {"HS256": True},
+])
+def test_unusable_alg_header_is_rejected_even_with_a_valid_hmac(alg):
+    assert_jwt_rejected(make_token(_jwt_claims(), JWT_SECRET, "HS256", header={"alg": alg, "typ": "JWT"}))
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
+def test_alg_none_with_empty_signature_is_rejected(alg):
+    token = make_token(_jwt_claims(), JWT_SECRET, header={"alg": alg})
+    assert_jwt_rejected(token.rsplit(".", 1)[0] + ".")
+
+
+def test_missing_alg_is_rejected():
+    assert_jwt_rejected(make_token(_jwt_claims(), JWT_SECRET, header={"typ": "JWT"}))
+
+
+@pytest.mark.parametrize("claimed,signed", [("HS384", "HS256"), ("HS256", "HS512"), ("HS512", "HS384")])
+def test_alg_header_must_name_the_hash_that_signed(claimed, signed):
+    assert_jwt_rejected(make_token(_jwt_claims(), JWT_SECRET, signed, header={"alg": claimed}))
+
+
+@pytest.mark.parametrize("secret", [b"other-secret", JWT_SECRET + b"x", JWT_SECRET[:-1], b""])
+def test_wrong_secret_is_rejected(secret):
+    assert_jwt_rejected(make_token(_jwt_claims(), secret))
+
+
+def test_signature_of_another_token_is_rejected():
+    first, second = _jwt_token(sub="alice"), _jwt_token(sub="bob")
+    assert_jwt_rejected(_jwt_replace_segment(first, 2, second.split(".")[2]))
+
+
+# ============================================================================
+# JWT: token shape and base64url
+# ============================================================================
+
+@pytest.mark.parametrize("shape", [
+    "", ".", "..", "...", "h", "h.p", "h.p.s.x", "h.p.s.x.y", "h..s", ".p.s", "h.p.",
+])
+def test_wrong_shape_is_rejected(shape):
+    head, payload, sig = _jwt_token().split(".")
+    pieces = {"h": head, "p": payload, "s": sig, "x": sig, "y": payload}
+    assert_jwt_rejected("".join(pieces.get(c, c) for c in shape))
+
+
+def test_two_segments_are_rejected():
+    assert_jwt_rejected(_jwt_token().rsplit(".", 1)[0])
+
+
+def test_four_segments_are_rejected():
+    token = _jwt_token()
+    assert_jwt_rejected(token + "." + token.split(".")[2])
+    assert_jwt_rejected(token + ".")
+
+
+@pytest.mark.parametrize("text", ["é", "\u00a0", "\u2028", "\uff21", "\U0001f600", "\ud800", "\x00", "\x7f"])
+@pytest.mark.parametrize("where", [0, "middle", "end"])
+def test_non_ascii_or_control_character_in_token_is_rejected(text, where):
+    token = _jwt_token()
+    at = {0: 0, "middle": len(token) // 2, "end": len(token)}[where]
+    assert_jwt_rejected(token[:at] + text + token[at:])
+
+
+@pytest.mark.parametrize("text", [" ", "\t", "\n", "\r\n"])
+@pytest.mark.parametrize("where", ["before", "after", "in_payload", "in_signature"])
+def test_whitespace_in_or_around_token_is_rejected(text, where):
+    head, payload, sig = _jwt_token().split(".")
+    token = {
+        "before": text + head + "." + payload + "." + sig,
+        "after": head + "." + payload + "." + sig + text,
+        "in_payload": head + "." + payload[:8] + text + payload[8:] + "." + sig,
+        "in_signature": head + "." + payload + "." + sig[:8] + text + sig[8:],
+    }[where]
+    assert_jwt_rejected(token)
+
+
+@pytest.mark.parametrize("segment", [0, 1, 2])
+@pytest.mark.parametrize("bit", [0, 1, 7])
+@pytest.mark.parametrize("position", [0, "last"])
+def test_flipped_bit_in_any_segment_is_rejected(segment, bit, position):
+    token = _jwt_token(role="reader")
+    raw = bytearray(_unb64url(token.split(".")[segment]))
+    at = 0 if position == 0 else len(raw) - 1
+    raw[at] ^= 1 << bit
+    assert_jwt_rejected(_jwt_replace_segment(token, segment, _b64url(bytes(raw))))
+
+
+@pytest.mark.parametrize("segment", [0, 1, 2])
+def test_flipped_bit_in_any_character_is_rejected(segment):
+    token = _jwt_token(role="reader")
+    start = sum(len(part) + 1 for part in token.split(".")[:segment])
+    for offset in range(len(token.split(".")[segment])):
+        at = start + offset
+        for bit in range(6):
+            flipped = chr(ord(token[at]) ^ (1 << bit))
+            assert_jwt_rejected(token[:at] + flipped + token[at + 1:])
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+@pytest.mark.parametrize("segment", [0, 1, 2])
+@pytest.mark.parametrize("padding", ["=", "==", "==="])
+def test_padding_is_rejected(alg, segment, padding):
+    token = make_token(_jwt_claims(), JWT_SECRET, alg)
+    assert_jwt_rejected(_jwt_replace_segment(token, segment, token.split(".")[segment] + padding))
+
+
+def test_correctly_padded_signature_is_rejected():
+    # 32 bytes: 43 characters plus exactly one '=', what a lenient decoder wants.
+    head, payload, sig = _jwt_token().split(".")
+    assert len(sig) == 43
+    assert_jwt_rejected(head + "." + payload + "." + sig + "=")
+
+
+@pytest.mark.parametrize("old,new", [("-", "+"), ("_", "/")])
+def test_standard_base64_alphabet_is_rejected(old, new):
+    # The RFC 7515 A.1 signature holds both '-' and '_'.
+    head, payload, sig = RFC7515_A1_TOKEN.split(".")
+    assert old in sig
+    assert_jwt_rejected(head + "." + payload + "." + sig.replace(old, new),
+                    _unb64url(RFC7515_A1_K), now=RFC7515_A1_EXP - 1, leeway=0)
+
+
+def test_standard_alphabet_in_payload_is_rejected_even_when_resigned():
+    # Claims chosen so that the payload's base64url holds '-' and '_'.
+    token = _jwt_token(blob="\u00ff\u00fe\u00fd>>>???~~~")
+    head, payload, sig = token.split(".")
+    assert "-" in payload or "_" in payload
+    assert_jwt_accepted(token)
+    bad = payload.replace("-", "+").replace("_", "/")
+    assert_jwt_rejected(_jwt_resign(head + "." + bad + "." + sig))
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS512"])
+def test_trailing_bit_twins_of_the_signature_are_rejected(alg):
+    token = make_token(_jwt_claims(), JWT_SECRET, alg)
+    head, payload, sig = token.split(".")
+    twins = _jwt_trailing_bit_twins(sig)
+    assert len(twins) == {"HS256": 3, "HS512": 15}[alg]
+    assert_jwt_accepted(token)
+    for twin in twins:
+        assert _unb64url(twin) == _unb64url(sig)  # same bytes to a lenient decoder
+        assert_jwt_rejected(head + "." + payload + "." + twin)
+
+
+def test_trailing_bit_twins_of_the_rfc_vector_signature_are_rejected():
+    head, payload, sig = RFC7515_A1_TOKEN.split(".")
+    assert sig[-1] == "k"
+    for last in "lmn":
+        assert_jwt_rejected(head + "." + payload + "." + sig[:-1] + last,
+                        _unb64url(RFC7515_A1_K), now=RFC7515_A1_EXP - 1, leeway=0)
+
+
+@pytest.mark.parametrize("segment", [0, 1])
+def test_trailing_bit_twins_of_header_or_payload_are_rejected_even_when_resigned(segment):
+    token = make_token(_jwt_claims(n=1), JWT_SECRET, header={"alg": "HS256", "typ": "JWTx"})
+    text = token.split(".")[segment]
+    assert len(text) % 4 in (2, 3)
+    for twin in _jwt_trailing_bit_twins(text):
+        assert_jwt_rejected(_jwt_resign(_jwt_replace_segment(token, segment, twin)))
+
+
+@pytest.mark.parametrize("extra", ["A", "AA", "AAA", "AAAA"])
+def test_signature_with_appended_characters_is_rejected(extra):
+    assert_jwt_rejected(_jwt_token() + extra)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 4, 42, 43])
+def test_truncated_signature_is_rejected(cut):
+    assert_jwt_rejected(_jwt_token()[:-cut])
+
+
+# ============================================================================
+# JWT: header and payload JSON
+# ============================================================================
+
+_JWT_NON_OBJECTS = ['[]', '["alg","HS256"]', '[{"alg":"HS256"}]', '"HS256"', '1', '1.5', 'null', 'true', '""']
+
+
+@pytest.mark.parametrize("text", _JWT_NON_OBJECTS)
+def test_non_object_header_is_rejected(text):
+    assert_jwt_rejected(make_token(_jwt_claims(), JWT_SECRET, header=text))
+
+
+@pytest.mark.parametrize("text", _JWT_NON_OBJECTS + ['[{"sub":"alice","exp":%d}]' % (JWT_NOW + 3600)])
+def test_non_object_payload_is_rejected(text):
+    assert_jwt_rejected(make_token(text, JWT_SECRET))
+
+
+_JWT_INVALID_JSON = [
+    b"", b" ", b"{", b"}", b'{"alg":"HS256"', b"{'alg':'HS256'}", b'{alg:"HS256"}',
+    b'{"alg":"HS256",}', b'{"alg":"HS256"}x', b'{"alg":"HS256"}{}', b'{"alg" "HS256"}',
+    b"\xff\xfe", b'{"alg":"HS256","x":"\xff"}', b'{"alg":"HS256","x":"\xc3"}', b"\x00",
+]
+
+
+@pytest.mark.parametrize("raw", _JWT_INVALID_JSON)
+def test_invalid_header_json_is_rejected(raw):
+    assert_jwt_rejected(make_token(_jwt_claims(), JWT_SECRET, header=raw))
+
+
+@pytest.mark.parametrize("raw", [raw.replace(b'"alg":"HS256"', b'"exp":%d' % (JWT_NOW + 3600))
+                                 for raw in _JWT_INVALID_JSON])
+def test_invalid_payload_json_is_rejected(raw):
+    assert_jwt_rejected(make_token(raw, JWT_SECRET))
+
+
+@pytest.mark.parametrize("text", [
+    '{"alg":"HS256","alg":"HS256"}',
+    '{"alg":"none","alg":"HS256"}',
+    '{"alg":"HS256","alg":"none"}',
+    '{"alg":"HS256","typ":"JWT","typ":"JWT"}',
+    '{"alg":"HS256","crit":[],"crit":[]}',
+])
+def test_duplicate_keys_in_header_are_rejected(text):
+    assert_jwt_rejected(make_token(_jwt_claims(), JWT_SECRET, header=text))
+
+
+@pytest.mark.parametrize("text", [
+    '{"sub":"alice","exp":%d,"exp":%d}' % (JWT_NOW + 3600, JWT_NOW + 3600),
+    '{"sub":"alice","exp":%d,"exp":%d}' % (JWT_NOW - 3600, JWT_NOW + 3600),
+    '{"sub":"alice","sub":"root","exp":%d}' % (JWT_NOW + 3600),
+    '{"aud":"svc","exp":%d,"aud":"svc"}' % (JWT_NOW + 3600),
+])
+def test_duplicate_keys_in_payload_are_rejected(text):
+    assert_jwt_rejected(make_token(text, JWT_SECRET))
+
+
+@pytest.mark.parametrize("crit", [["exp"], ["b64"], [], None, "exp", {}])
+def test_crit_header_is_rejected(crit):
+    header = {"alg": "HS256", "crit": crit, "exp": 1}
+    assert_jwt_rejected(make_token(_jwt_claims(), JWT_SECRET, header=header))
+
+
+def test_returned_claims_are_the_payload():
+    extra = {"aud": ["a", "b"], "nested": {"k": [1, 2.5, None, True, "\u00e9\U0001f600"]}, "n": -0.5}
+    assert assert_jwt_accepted(_jwt_token(**extra)) == _jwt_claims(**extra)
+
+
+def test_unknown_header_fields_are_ignored():
+    header = {"typ": "JWT", "kid": "key-1", "cty": "x", "alg": "HS256", "x5u": None}
+    assert_jwt_accepted(make_token(_jwt_claims(), JWT_SECRET, header=header))
+
+
+def test_deeply_nested_payload_raises_nothing_but_auth_error():
+    # Within 8 KiB, yet deeper than the json module's recursion limit.
+    depth = 2500
+    payload = '{"exp":%d,"x":%s%s}' % (JWT_NOW + 3600, "[" * depth, "]" * depth)
+    token = make_token(payload, JWT_SECRET)
+    assert len(token) <= JWT_MAX_TOKEN_BYTES
+    try:
+        claims = hopx_agent.verify_jwt(token, JWT_SECRET, now=JWT_NOW)
+    except hopx_agent.AuthError:
+        return
+    assert claims["exp"] == JWT_NOW + 3600
+
+
+def test_deeply_nested_header_raises_nothing_but_auth_error():
+    depth = 2400
+    header = '{"alg":"HS256","x":%s%s}' % ("[" * depth, "]" * depth)
+    token = make_token(_jwt_claims(), JWT_SECRET, header=header)
+    assert len(token) <= JWT_MAX_TOKEN_BYTES
+    try:
+        hopx_agent.verify_jwt(token, JWT_SECRET, now=JWT_NOW)
+    except hopx_agent.AuthError:
+        pass  # accepting it would also be within the rules; crashing is not
+    assert_jwt_rejected(make_token(_jwt_claims(), JWT_SECRET, header="[" * depth + "]" * depth))
+
+
+@pytest.mark.parametrize("where", ["claim", "exp"])
+def test_integer_beyond_the_parser_digit_limit_raises_nothing_but_auth_error(where):
+    # CPython refuses to parse ints of more than 4300 digits with ValueError.
+    digits = "7" * 5000
+    if where == "exp":
+        payload = _jwt_payload_with_exp(digits)
+    else:
+        payload = '{"exp":%d,"n":%s}' % (JWT_NOW + 3600, digits)
+    token = make_token(payload, JWT_SECRET)
+    assert len(token) <= JWT_MAX_TOKEN_BYTES
+    try:
+        hopx_agent.verify_jwt(token, JWT_SECRET, now=JWT_NOW)
+    except hopx_agent.AuthError:
+        pass
+    assert_jwt_rejected(make_token(_jwt_payload_with_exp("-" + digits), JWT_SECRET))
+
+
+# ============================================================================
+# JWT: claims
+# ============================================================================
+
+def test_missing_exp_is_rejected():
+    assert_jwt_rejected(make_token({"sub": "alice"}, JWT_SECRET))
+    assert_jwt_rejected(make_token({}, JWT_SECRET))
+
+
+@pytest.mark.parametrize("literal", [
+    '"%d"' % (JWT_NOW + 3600), '"Infinity"', "true", "false", "null", "NaN", "Infinity",
+    "-Infinity", "1e400", "-1e400", "1E999", "[%d]" % (JWT_NOW + 3600), '{"v":%d}' % (JWT_NOW + 3600),
+])
+def test_exp_that_is_not_a_finite_number_is_rejected(literal):
+    assert_jwt_rejected(make_token(_jwt_payload_with_exp(literal), JWT_SECRET))
+
+
+@pytest.mark.parametrize("literal", ["1e300", "1.7976931348623157e308", "1E10", "%d.5" % (JWT_NOW + 3600),
+                                     "%de0" % (JWT_NOW + 3600)])
+def test_large_finite_exp_is_accepted(literal):
+    assert_jwt_accepted(make_token(_jwt_payload_with_exp(literal), JWT_SECRET))
+
+
+def test_exp_true_is_rejected_even_when_the_clock_reads_zero():
+    # true == 1 in Python: only a type check, not the clock, can refuse it here.
+    assert_jwt_rejected(make_token(_jwt_payload_with_exp("true"), JWT_SECRET), now=0, leeway=0)
+    assert_jwt_accepted(make_token(_jwt_payload_with_exp("1"), JWT_SECRET), now=0, leeway=0)
+
+
+def test_exp_as_integer_beyond_float_range_is_accepted():
+    # An int is a finite number however large; 10**400 + 30.0 would overflow.
+    assert_jwt_accepted(make_token(_jwt_payload_with_exp("1" + "0" * 400), JWT_SECRET))
+
+
+def test_exp_as_negative_integer_beyond_float_range_is_rejected():
+    assert_jwt_rejected(make_token(_jwt_payload_with_exp("-1" + "0" * 400), JWT_SECRET))
+
+
+@pytest.mark.parametrize("literal", ["-1e300", "0", "-0", "0.0", "-0.0", "1.5e9", "1e-400"])
+def test_exp_in_the_past_is_rejected(literal):
+    assert_jwt_rejected(make_token(_jwt_payload_with_exp(literal), JWT_SECRET))
+
+
+def test_expired_token_is_rejected():
+    assert_jwt_rejected(_jwt_token(exp=JWT_NOW - 3600))
+
+
+@pytest.mark.parametrize("now,leeway,accepted", [
+    (1000 + JWT_LEEWAY_S - 1, None, True),
+    (1000 + JWT_LEEWAY_S - 0.5, None, True),
+    (1000 + JWT_LEEWAY_S, None, False),
+    (1000 + JWT_LEEWAY_S + 0.5, None, False),
+    (999, 0, True),
+    (999.5, 0, True),
+    (1000, 0, False),
+    (1004, 5, True),
+    (1005, 5, False),
+    (1005, 5.5, True),
+])
+def test_exp_leeway_boundaries(now, leeway, accepted):
+    token = make_token({"exp": 1000}, JWT_SECRET)
+    kwargs = {"now": now} if leeway is None else {"now": now, "leeway": leeway}
+    if accepted:
+        assert assert_jwt_accepted(token, **kwargs) == {"exp": 1000}
+    else:
+        assert_jwt_rejected(token, **kwargs)
+
+
+def test_float_exp_boundary_is_exact():
+    token = make_token({"exp": 1000.25}, JWT_SECRET)
+    assert_jwt_accepted(token, now=1000.125, leeway=0)
+    assert_jwt_rejected(token, now=1000.25, leeway=0)
+
+
+def test_default_clock_is_the_wall_clock():
+    assert_jwt_accepted(make_token({"exp": time.time() + 3600}, JWT_SECRET), now=None)
+    assert_jwt_rejected(make_token({"exp": time.time() - 3600}, JWT_SECRET), now=None)
+
+
+def test_nbf_in_the_future_is_rejected():
+    assert_jwt_rejected(_jwt_token(nbf=JWT_NOW + 3600))
+
+
+def test_nbf_within_leeway_is_accepted():
+    assert_jwt_accepted(_jwt_token(nbf=JWT_NOW + 10))
+
+
+def test_nbf_in_the_past_is_accepted():
+    assert_jwt_accepted(_jwt_token(nbf=JWT_NOW - 10))
+
+
+@pytest.mark.parametrize("now,leeway,accepted", [
+    (1000 - JWT_LEEWAY_S, None, True),
+    (1000 - JWT_LEEWAY_S + 0.5, None, True),
+    (1000 - JWT_LEEWAY_S - 0.5, None, False),
+    (1000 - JWT_LEEWAY_S - 1, None, False),
+    (1000, 0, True),
+    (999.5, 0, False),
+    (995, 5, True),
+    (994, 5, False),
+])
+def test_nbf_leeway_boundaries(now, leeway, accepted):
+    token = make_token({"exp": 5000, "nbf": 1000}, JWT_SECRET)
+    kwargs = {"now": now} if leeway is None else {"now": now, "leeway": leeway}
+    if accepted:
+        assert_jwt_accepted(token, **kwargs)
+    else:
+        assert_jwt_rejected(token, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["nbf", "iat"])
+@pytest.mark.parametrize("literal", ['"0"', "[0]", '{"v":0}', "null", "true", "NaN", "-Infinity", "-1e400"])
+def test_odd_nbf_or_iat_raises_nothing_but_auth_error(name, literal):
+    # The rules leave these open (refuse or ignore), but never a TypeError.
+    token = make_token('{"exp":%d,"%s":%s}' % (JWT_NOW + 3600, name, literal), JWT_SECRET)
+    try:
+        hopx_agent.verify_jwt(token, JWT_SECRET, now=JWT_NOW)
+    except hopx_agent.AuthError:
+        pass
+
+
+@pytest.mark.parametrize("name", ["nbf", "iat"])
+def test_infinite_nbf_or_iat_is_rejected(name):
+    assert_jwt_rejected(make_token('{"exp":%d,"%s":1e400}' % (JWT_NOW + 3600, name), JWT_SECRET))
+
+
+@pytest.mark.parametrize("iat_offset,leeway,accepted", [
+    (-3600, None, True),
+    (0, None, True),
+    (JWT_LEEWAY_S, None, True),
+    (JWT_LEEWAY_S + 0.5, None, False),
+    (JWT_LEEWAY_S + 1, None, False),
+    (3600, None, False),
+    (0, 0, True),
+    (1, 0, False),
+])
+def test_iat_in_the_future_beyond_leeway_is_rejected(iat_offset, leeway, accepted):
+    token = _jwt_token(iat=JWT_NOW + iat_offset)
+    kwargs = {} if leeway is None else {"leeway": leeway}
+    if accepted:
+        assert_jwt_accepted(token, **kwargs)
+    else:
+        assert_jwt_rejected(token, **kwargs)
+
+
+@pytest.mark.parametrize("aud", ["svc", ["svc"], ["other", "svc"], ["svc", "other"]])
+def test_configured_audience_found_in_aud_is_accepted(aud):
+    assert assert_jwt_accepted(_jwt_token(aud=aud), audience="svc")["aud"] == aud
+
+
+@pytest.mark.parametrize("aud", [
+    "other", "SVC", "svc ", "svc-gateway", "xsvc", "sv", "", ["other"], ["SVC"], [], [["svc"]],
+    {"svc": True}, 5, None, True,
+])
+def test_configured_audience_missing_from_aud_is_rejected(aud):
+    assert_jwt_rejected(_jwt_token(aud=aud), audience="svc")
+
+
+def test_missing_aud_is_rejected_when_audience_is_configured():
+    assert_jwt_rejected(_jwt_token(), audience="svc")
+
+
+@pytest.mark.parametrize("aud", ["other", ["a", "b"]])
+def test_aud_is_not_checked_without_a_configured_audience(aud):
+    assert_jwt_accepted(_jwt_token(aud=aud))
+
+
+def test_matching_issuer_is_accepted():
+    assert assert_jwt_accepted(_jwt_token(iss="me"), issuer="me")["iss"] == "me"
+
+
+@pytest.mark.parametrize("iss", ["you", "ME", "me ", "m", "", ["me"], {"me": 1}, None, 5])
+def test_wrong_issuer_is_rejected(iss):
+    assert_jwt_rejected(_jwt_token(iss=iss), issuer="me")
+
+
+def test_missing_iss_is_rejected_when_issuer_is_configured():
+    assert_jwt_rejected(_jwt_token(), issuer="me")
+
+
+def test_iss_is_not_checked_without_a_configured_issuer():
+    assert_jwt_accepted(_jwt_token(iss="anyone"))
+
+
+def test_audience_and_issuer_are_checked_together():
+    token = _jwt_token(aud="svc", iss="me")
+    assert_jwt_accepted(token, audience="svc", issuer="me")
+    assert_jwt_rejected(token, audience="svc", issuer="you")
+    assert_jwt_rejected(token, audience="other", issuer="me")
+
+
+# ============================================================================
+# JWT: size, errors, encode_jwt
+# ============================================================================
+
+def _jwt_token_of_length(length: int) -> str:
+    """A valid token of exactly `length` characters (padding claim + kid)."""
+    for kid in ("", "k", "kk", "kkk"):
+        header = {"alg": "HS256", "kid": kid}
+        for pad in range(length * 3 // 4 - 200, length * 3 // 4 + 10):
+            token = make_token(_jwt_claims(pad="p" * pad), JWT_SECRET, header=header)
+            if len(token) == length:
+                return token
+    raise AssertionError("no token of length %d" % length)
+
+
+def test_token_of_exactly_8_kib_is_accepted():
+    assert_jwt_accepted(_jwt_token_of_length(JWT_MAX_TOKEN_BYTES))
+
+
+def test_token_over_8_kib_is_rejected():
+    assert_jwt_rejected(_jwt_token_of_length(JWT_MAX_TOKEN_BYTES + 1))
+    assert_jwt_rejected(_jwt_token(pad="p" * 100_000))
+
+
+def test_auth_error_is_an_agent_error_with_401_and_invalid_token():
+    assert issubclass(hopx_agent.AuthError, hopx_agent.AgentError)
+    exc = assert_jwt_rejected(_jwt_token(exp=JWT_NOW - 3600))
+    assert exc.status == 401 and exc.code == "INVALID_TOKEN"
+
+
+@pytest.mark.parametrize("token", [
+    _jwt_token(exp=JWT_NOW - 3600),
+    _jwt_token(nbf=JWT_NOW + 3600),
+    make_token(_jwt_claims(), b"wrong-secret"),
+    make_token(_jwt_claims(), JWT_SECRET, header={"alg": "none"}),
+    make_token(_jwt_claims(), JWT_SECRET, header={"alg": "HS256", "crit": ["exp"]}),
+    make_token("not json", JWT_SECRET),
+    make_token('{"exp":NaN}', JWT_SECRET),
+    _jwt_token() + "=",
+    _jwt_token() + ".x",
+    _jwt_token() + "é",
+    _jwt_token(pad="p" * 9000),
+], ids=["expired", "nbf", "wrong-key", "none", "crit", "bad-json", "nan", "padding", "4-segments",
+        "non-ascii", "too-long"])
+def test_error_message_never_contains_the_token(token):
+    exc = assert_jwt_rejected(token)
+    sig = token.split(".")[2][:43]
+    for text in [str(exc), repr(exc)] + [str(arg) for arg in exc.args]:
+        assert token not in text
+        assert sig not in text
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+def test_encode_jwt_output_verifies(alg):
+    claims = _jwt_claims(role="admin", aud=["svc"])
+    token = hopx_agent.encode_jwt(claims, JWT_SECRET, alg)
+    head, payload, sig = token.split(".")
+    assert json.loads(_unb64url(head))["alg"] == alg
+    assert json.loads(_unb64url(payload)) == claims
+    assert all(_b64url(_unb64url(part)) == part for part in (head, payload, sig))
+    assert assert_jwt_accepted(token, audience="svc") == claims
+
+
+# ============================================================================
+# JWT: seeded fuzzers
+# ============================================================================
+
+# Ground truth of a fuzz case: must be accepted, must be rejected, or left
+# open by the rules (then only "dict or AuthError, nothing else" is checked).
+_ACCEPT, _EITHER, _REJECT = 0, 1, 2
+_FUZZ_CHARS = _B64URL_ALPHABET + "=+/. \t\n\r\x00\x7f\u00e9\u2028\ud800\uff21\U0001f600"
+
+
+def _fuzz_verify(token, truth, expected, kwargs, failures):
+    """Run one case; record any departure from `truth` in `failures`."""
+    try:
+        got = hopx_agent.verify_jwt(token, JWT_SECRET, **kwargs)
+    except hopx_agent.AuthError as exc:
+        if exc.status != 401 or exc.code != "INVALID_TOKEN":
+            failures.append(("wrong status/code %r/%r" % (exc.status, exc.code), token, kwargs))
+        elif len(token) >= 16 and token in str(exc):
+            failures.append(("token echoed in error", token, kwargs))
+        elif truth == _ACCEPT:
+            failures.append(("valid token rejected: %s" % exc, token, kwargs))
+    except Exception as exc:  # anything but AuthError escaping is the bug
+        failures.append(("%s escaped: %s" % (type(exc).__name__, str(exc)[:120]), token, kwargs))
+    else:
+        if truth == _REJECT:
+            failures.append(("invalid token accepted", token, kwargs))
+        elif not isinstance(got, dict):
+            failures.append(("returned %r" % type(got), token, kwargs))
+        elif truth == _ACCEPT and got != expected:
+            failures.append(("claims differ from payload", token, kwargs))
+
+
+def _fuzz_report(failures, cases):
+    kinds = {}
+    for kind, _, _ in failures:
+        kinds[kind.split(":")[0]] = kinds.get(kind.split(":")[0], 0) + 1
+    lines = ["%d of %d fuzz cases failed; by kind: %r" % (len(failures), cases, kinds)]
+    for kind, token, kwargs in failures[:8]:
+        shown = token if len(token) <= 600 else token[:600] + "...(len %d)" % len(token)
+        lines.append("  %s\n    token=%r\n    kwargs=%r" % (kind, shown, kwargs))
+    return "\n".join(lines)
+
+
+def _fuzz_seed_tokens():
+    """Valid tokens (string -> claims) and invalid ones to mutate."""
+    valid = {}
+    for i, alg in enumerate(["HS256", "HS384", "HS512"] * 3):
+        claims = _jwt_claims(n=i, nbf=JWT_NOW - i, iat=JWT_NOW - 60 * i, role="r" * i)
+        if i % 3 == 1:
+            claims["aud"] = ["svc", "x-%d" % i]
+        valid[make_token(claims, JWT_SECRET, alg)] = claims
+    valid[make_token({"exp": JWT_NOW + 1}, JWT_SECRET)] = {"exp": JWT_NOW + 1}
+    invalid = [
+        _jwt_token(exp=JWT_NOW - 30),
+        _jwt_token(nbf=JWT_NOW + 31),
+        make_token(_jwt_claims(), b"wrong-secret"),
+        make_token(_jwt_claims(), JWT_SECRET, header={"alg": "none"}),
+        make_token(_jwt_claims(), JWT_SECRET, header={"alg": "HS256", "crit": ["exp"]}),
+        make_token('{"sub":"a","exp":%d,"exp":%d}' % (JWT_NOW + 99, JWT_NOW + 99), JWT_SECRET),
+        make_token(_jwt_claims(), JWT_SECRET, "HS256", header={"alg": "HS512"}),
+        make_token('{"exp":1e400}', JWT_SECRET),
+        RFC7515_A1_TOKEN,
+    ]
+    return valid, invalid
+
+
+def _fuzz_reencode_segment(rng, segment):
+    try:
+        raw = _unb64url(segment)
+    except (ValueError, TypeError):
+        return segment
+    choice = rng.randrange(5)
+    if choice == 0:  # padded
+        return base64.urlsafe_b64encode(raw).decode("ascii")
+    if choice == 1:  # standard alphabet
+        return base64.b64encode(raw).decode("ascii").rstrip("=")
+    if choice == 2 and raw:  # a flipped bit, canonically encoded
+        raw = bytearray(raw)
+        raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+        return _b64url(bytes(raw))
+    if choice == 3 and segment and segment[-1] in _B64URL_ALPHABET and len(segment) % 4 in (2, 3):
+        index = _B64URL_ALPHABET.index(segment[-1])
+        return segment[:-1] + _B64URL_ALPHABET[index ^ rng.randrange(1, 4)]
+    try:  # the same JSON, differently spaced
+        return _b64url(json.dumps(json.loads(raw), indent=rng.choice([None, 1])).encode())
+    except (ValueError, RecursionError):
+        return _b64url(raw + b" ")
+
+
+def _fuzz_mutate(rng, token, donors):
+    op = rng.randrange(12)
+    at = rng.randrange(len(token) + 1)
+    if op == 0 and token:
+        at = min(at, len(token) - 1)
+        return token[:at] + rng.choice(_FUZZ_CHARS) + token[at + 1:]
+    if op == 1 and token:
+        at = min(at, len(token) - 1)
+        return token[:at] + chr(ord(token[at]) ^ (1 << rng.randrange(8))) + token[at + 1:]
+    if op == 2:
+        return token[:at] + rng.choice(_FUZZ_CHARS) + token[at:]
+    if op == 3 and token:
+        return token[:at] + token[at + 1:]
+    if op == 4:
+        return token[:at]
+    parts = token.split(".")
+    j = rng.randrange(len(parts))
+    if op == 5:
+        parts.insert(rng.randrange(len(parts) + 1), parts[j])
+    elif op == 6 and len(parts) > 1:
+        del parts[j]
+    elif op == 7:
+        parts[j] = _fuzz_reencode_segment(rng, parts[j])
+    elif op == 8:
+        donor = rng.choice(donors).split(".")
+        parts[j] = donor[min(j, len(donor) - 1)]
+    elif op == 9:
+        k = rng.randrange(len(parts))
+        parts[j], parts[k] = parts[k], parts[j]
+    elif op == 10:
+        parts[j] = parts[j].swapcase() if rng.random() < 0.2 else _fuzz_swapcase_one(rng, parts[j])
+    else:
+        return rng.choice(["", " ", "\n", "Bearer ", "\ufeff"]) + token + rng.choice(["", " ", "\r\n", "."])
+    return ".".join(parts)
+
+
+def _fuzz_swapcase_one(rng, text):
+    if not text:
+        return text
+    at = rng.randrange(len(text))
+    return text[:at] + text[at].swapcase() + text[at + 1:]
+
+
+def test_mutation_fuzzer_accepts_only_untouched_valid_tokens():
+    rng = random.Random(0x40F7)
+    valid, invalid = _fuzz_seed_tokens()
+    seeds = list(valid) + invalid
+    failures, cases = [], 12_000
+    for _ in range(cases):
+        token = rng.choice(seeds)
+        for _ in range(rng.choice([1, 1, 1, 2, 3])):
+            token = _fuzz_mutate(rng, token, seeds)
+        # base64url is canonical, so any other spelling is another token
+        # whose HMAC cannot match: only an untouched valid token may pass.
+        truth = _ACCEPT if token in valid else _REJECT
+        _fuzz_verify(token, truth, valid.get(token), {"now": JWT_NOW}, failures)
+    assert not failures, _fuzz_report(failures, cases)
+
+
+def _fuzz_string(rng):
+    chars = "aZ09 \"\\/\u00e9\u2028\U0001f600\x01<>"
+    text = "".join(rng.choice(chars) for _ in range(rng.randrange(8)))
+    return json.dumps(text, ensure_ascii=rng.random() < 0.5)
+
+
+def _fuzz_value(rng, depth=0):
+    """(JSON text, odd): odd when the rules leave its handling open."""
+    pick = rng.randrange(20 if depth < 3 else 16)
+    if pick < 11:
+        return [
+            lambda: ("null", False), lambda: ("true", False), lambda: ("false", False),
+            lambda: (str(rng.randint(-10**6, 10**6)), False),
+            lambda: (str(rng.choice([2**31, 2**63, -2**63 - 1, 10**30, -10**300])), False),
+            lambda: (repr(rng.uniform(-1e9, 1e9)), False),
+            lambda: (rng.choice(["1e300", "-1e-300", "-0.0", "1E5", "2.5e-3", "0"]), False),
+            lambda: (_fuzz_string(rng), False), lambda: (_fuzz_string(rng), False),
+            lambda: ("1" + "0" * rng.randrange(300, 1000), False),
+            lambda: (rng.choice(["NaN", "Infinity", "-Infinity", "1e400", "-1E999", "9" * 4400,
+                                 '"\\ud800"', '{"a":1,"a":2}']), True),
+        ][pick]()
+    if pick < 16:
+        return _fuzz_string(rng), False
+    items = [_fuzz_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    odd = any(o for _, o in items)
+    if pick < 18:
+        return "[" + ",".join(t for t, _ in items) + "]", odd
+    keys = ["k%d" % i for i in range(len(items))]
+    return "{" + ",".join('"%s":%s' % (k, t) for k, (t, _) in zip(keys, items)) + "}", odd
+
+
+def _fuzz_time_claim(rng):
+    """(literal, truth) of an nbf or iat near its last good value, now + leeway."""
+    boundary = JWT_NOW + JWT_LEEWAY_S
+    value = boundary + rng.choice([-3, -2, -1, 0, 1, 2, 3, -10**6, 10**6]) + rng.choice([0, 0.5])
+    return (str(value) if isinstance(value, int) else repr(value)), _REJECT if value > boundary else _ACCEPT
+
+
+def _fuzz_exp(rng):
+    r = rng.random()
+    if r < 0.45:  # comfortably valid
+        value = JWT_NOW + rng.randrange(31, 10**8) + rng.choice([0, 0.25])
+        return (str(value) if isinstance(value, int) else repr(value)), _ACCEPT
+    if r < 0.8:  # around the boundary: JWT_NOW - leeway is the last rejected value
+        d = rng.choice([-3, -2, -1, 0, 1, 2, 3, -10**6, 10**6, 10**9])
+        value = JWT_NOW - JWT_LEEWAY_S + d + rng.choice([0, 0.5])
+        literal = str(value) if isinstance(value, int) else repr(value)
+        return literal, _ACCEPT if value > JWT_NOW - JWT_LEEWAY_S else _REJECT
+    return rng.choice([
+        ("1e300", _ACCEPT), ("1E10", _ACCEPT), ("1.5e9", _REJECT), ("-1e300", _REJECT), ("0", _REJECT),
+        ("1" + "0" * 400, _EITHER), ("-1" + "0" * 400, _REJECT),
+        ("9" * 4400, _EITHER), ("-" + "9" * 4400, _REJECT),
+        ("true", _REJECT), ("false", _REJECT), ("null", _REJECT), ('"%d"' % (JWT_NOW + 99), _REJECT),
+        ("[%d]" % (JWT_NOW + 99), _REJECT), ('{"v":%d}' % (JWT_NOW + 99), _REJECT), ("NaN", _REJECT),
+        ("Infinity", _REJECT), ("-Infinity", _REJECT), ("1e400", _REJECT), ("-1e400", _REJECT),
+        (None, _REJECT),
+    ])
+
+
+_FUZZ_AUD_SVC = ('"svc"', '["svc"]', '["a","svc"]')            # hold the audience "svc"
+_FUZZ_AUD_OTHER = ('"svc2"', '"Svc"', '["a"]', "[]")             # well formed, without it
+_FUZZ_AUD_MALFORMED = ("5", "null", '{"svc":1}', '["svc",5]')  # not a string or list of strings
+_ODD_TIME_LITERALS = ["true", "false", "null", '"%d"' % JWT_NOW, "[1]", "{}", "NaN", "-1e400", "-Infinity"]
+
+
+def _fuzz_payload(rng, kwargs):
+    """(payload JSON text, truth) for a random claim set."""
+    members, truth = [], _ACCEPT
+    exp, exp_truth = _fuzz_exp(rng)
+    truth = max(truth, exp_truth)
+    if exp is not None:
+        members.append(("exp", exp))
+    for name in ("nbf", "iat"):
+        r = rng.random()
+        if r < 0.2:
+            literal, claim_truth = _fuzz_time_claim(rng)
+            members.append((name, literal))
+            truth = max(truth, claim_truth)
+        elif r < 0.25:
+            members.append((name, rng.choice(_ODD_TIME_LITERALS)))
+            truth = max(truth, _EITHER)
+        elif r < 0.27:
+            members.append((name, "1e400"))  # +inf: always in the future
+            truth = _REJECT
+    if rng.random() < 0.2:
+        kwargs["audience"] = "svc"
+    aud = None if rng.random() < 0.5 else rng.choice(_FUZZ_AUD_SVC + _FUZZ_AUD_OTHER + _FUZZ_AUD_MALFORMED)
+    if aud is not None:
+        members.append(("aud", aud))
+    if "audience" in kwargs:
+        truth = max(truth, _ACCEPT if aud in _FUZZ_AUD_SVC else _EITHER if aud == '["svc",5]' else _REJECT)
+    elif aud in _FUZZ_AUD_MALFORMED:
+        truth = max(truth, _EITHER)
+    if rng.random() < 0.2:
+        kwargs["issuer"] = "me"
+    iss = None if rng.random() < 0.5 else rng.choice(['"me"', '"you"', '"ME"', '["me"]', "null", "5"])
+    if iss is not None:
+        members.append(("iss", iss))
+    if "issuer" in kwargs:
+        truth = max(truth, _ACCEPT if iss == '"me"' else _REJECT)
+    elif iss not in (None, '"me"', '"you"', '"ME"'):
+        truth = max(truth, _EITHER)
+    for i in range(rng.randrange(5)):
+        text, odd = _fuzz_value(rng)
+        members.append(("x%d" % i, text))
+        if odd:
+            truth = max(truth, _EITHER)
+    if members and rng.random() < 0.03:  # a duplicated top-level key
+        key = rng.choice(members)[0]
+        members.append((key, rng.choice([dict(members)[key], "1"])))
+        truth = _REJECT
+    rng.shuffle(members)
+    return "{" + ",".join('"%s":%s' % m for m in members) + "}", truth
+
+
+def _fuzz_header(rng, kwargs):
+    """(header JSON text, signing alg, truth)."""
+    alg = rng.choice(["HS256", "HS384", "HS512"])
+    sign_alg, truth = alg, _ACCEPT
+    members = [("alg", json.dumps(alg))]
+    if rng.random() < 0.5:
+        members.append(("typ", '"JWT"'))
+    if rng.random() < 0.2:
+        members.append(("kid", _fuzz_string(rng)))
+    r = rng.random()
+    if r < 0.08:
+        members[0] = ("alg", rng.choice(['"none"', '"None"', '"NONE"', '"nOnE"', '"RS256"', '"ES256"',
+                                         '"hs256"', '""', "null", "256", '["HS256"]', '{"HS256":1}', "true"]))
+        truth = _REJECT
+    elif r < 0.10:
+        del members[0]
+        truth = _REJECT
+    elif r < 0.13:
+        members.append(("crit", rng.choice(['["exp"]', "[]", "null"])))
+        truth = _REJECT
+    elif r < 0.15:
+        members.append(("alg", members[0][1]))
+        truth = _REJECT
+    elif r < 0.17:
+        sign_alg = rng.choice([a for a in _JWT_HASHES if a != alg])
+        truth = _REJECT
+    elif r < 0.22:
+        allowed = tuple(a for a in _JWT_HASHES if rng.random() < 0.5)
+        kwargs["algorithms"] = allowed
+        if alg not in allowed:
+            truth = _REJECT
+    rng.shuffle(members)
+    text = "{" + ",".join('"%s":%s' % m for m in members) + "}"
+    if rng.random() < 0.03:
+        text, truth = rng.choice(["[]", '"HS256"', "1", "null", '[{"alg":"HS256"}]', text[:-1]]), _REJECT
+    return text, sign_alg, truth
+
+
+def test_resigned_claims_fuzzer_accepts_exactly_the_valid_claim_sets():
+    rng = random.Random(0x5EED)
+    failures, cases = [], 10_000
+    for _ in range(cases):
+        kwargs = {"now": JWT_NOW}
+        header, sign_alg, truth = _fuzz_header(rng, kwargs)
+        payload, payload_truth = _fuzz_payload(rng, kwargs)
+        truth = max(truth, payload_truth)
+        r = rng.random()
+        if r < 0.04:
+            truth = _REJECT
+            payload = rng.choice(["[]", '"exp"', "1", "null", payload[:-1], "[" + payload + "]"])
+        elif r < 0.07:
+            pad = '"pad":"%s"' % ("p" * rng.randrange(5900, 6200))
+            payload = "{" + pad + ("}" if payload == "{}" else "," + payload[1:])
+        secret = JWT_SECRET
+        if rng.random() < 0.04:
+            # (not JWT_SECRET + b"\0": HMAC zero-pads keys, so that one is equivalent)
+            secret, truth = rng.choice([b"wrong", JWT_SECRET + b"x", JWT_SECRET[:-1], b""]), _REJECT
+        token = make_token(payload, secret, sign_alg, header=header)
+        if len(token) > JWT_MAX_TOKEN_BYTES:
+            truth = _REJECT
+        expected = json.loads(payload) if truth == _ACCEPT else None
+        _fuzz_verify(token, truth, expected, kwargs, failures)
+    assert not failures, _fuzz_report(failures, cases)
+
+
+# ============================================================================
+# Process manager, with real children
+# ============================================================================
+
+WAIT_S = 15.0           # generous bound for every wait; they all return as soon as they can
+
+
+@pytest.fixture
+def manager_with(config):
+    """A factory of managers with other limits (``manager_with(max_running=1)``)
+    or another agent environment; each is shut down and checked afterwards."""
+    made = []
+
+    def make(environ=None, **overrides):
+        mgr = hopx_agent.ProcessManager(dataclasses.replace(config, **overrides), environ=environ)
+        made.append(mgr)
+        return mgr
+
+    yield make
+    for mgr in made:
+        ids = list(mgr._records)
+        mgr.shutdown(5.0)
+        # a SIGKILLed process may need a moment of CPU to be gone from /proc
+        wait_until(lambda: not [pid for rid in ids for pid in pids_with_marker(rid)], 5.0,
+                   "the children of %s to be gone" % ids)
+
+
+def start_code(mgr, code, language="python", **kwargs):
+    """Start ``code`` and return its record."""
+    return mgr.start(mgr.code_launch(code, language, **kwargs))
+
+
+def wait_final(mgr, rec, timeout=WAIT_S):
+    """Wait for the record to be final and return its JSON."""
+    assert mgr.wait(rec, timeout), "process %s did not finish" % rec.id
+    return mgr.describe(rec)
+
+
+def wait_for_stdout(mgr, rec, text, timeout=WAIT_S):
+    """Wait until the child has announced ``text`` on stdout; returns the stdout so far.
+    End ``text`` with its newline: print() writes the newline on its own."""
+    def seen():
+        out = mgr.describe(rec)["stdout"]
+        return out if text in out else None
+    return wait_until(seen, timeout, "%r on stdout of %s" % (text, rec.id))
+
+
+def first_line_int(mgr, rec):
+    """The child printed a pid on its first line; wait for it and return it."""
+    out = wait_for_stdout(mgr, rec, "\n")
+    return int(out.split("\n", 1)[0])
+
+
+def test_exit_zero_completes_and_output_is_captured_on_both_streams(manager):
+    rec = start_code(manager, "import sys\nprint('to out')\nprint('to err', file=sys.stderr)\n")
+    d = wait_final(manager, rec)
+    assert (d["status"], d["reason"], d["exit_code"], d["signal"]) == ("completed", "exited", 0, None)
+    assert d["stdout"] == "to out\n" and d["stderr"] == "to err\n"
+    assert (d["stdout_bytes"], d["stderr_bytes"]) == (7, 7)
+
+
+def test_nonzero_exit_fails_with_its_code(manager):
+    d = wait_final(manager, start_code(manager, "import sys\nsys.exit(3)\n"))
+    assert (d["status"], d["reason"], d["exit_code"], d["signal"]) == ("failed", "exited", 3, None)
+
+
+def test_death_by_signal_reports_128_plus_n_and_the_name(manager):
+    d = wait_final(manager, start_code(manager, "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n"))
+    assert (d["status"], d["reason"], d["exit_code"], d["signal"]) == ("failed", "signaled", 143, "SIGTERM")
+
+
+def test_python_output_is_live_without_a_flush(manager_with):
+    # The agent's own environment has no PYTHONUNBUFFERED: the manager adds it.
+    mgr = manager_with(environ={"PATH": os.environ["PATH"]})
+    rec = start_code(mgr, "import os, time\nprint('live', os.environ.get('PYTHONUNBUFFERED'))\n"
+                          "time.sleep(1000)\n")
+    assert wait_for_stdout(mgr, rec, "live 1\n") == "live 1\n"
+    assert mgr.describe(rec)["status"] == "running"
+    mgr.kill(rec.id)
+
+
+def test_output_over_the_cap_keeps_the_tail_in_flat_memory(manager_with):
+    cap = 64 * 1024
+    mgr = manager_with(max_output_bytes=cap)
+    rec = start_code(mgr, "import sys\nout = sys.stdout.buffer\n"
+                          "for start in range(0, 2000000, 100000):\n"
+                          "    out.write(b''.join(b'%09d\\n' % i for i in range(start, start + 100000)))\n")
+    peak = [0]
+
+    def done():
+        with rec.cond:
+            peak[0] = max(peak[0], rec.stdout.held)
+        return rec.finished
+
+    wait_until(done, 60, "20 MB to be written")
+    d = mgr.describe(rec)
+    assert d["status"] == "completed"
+    assert d["stdout_bytes"] == 20000000 and d["stdout_next_offset"] == 20000000
+    assert d["stdout_dropped"] == 20000000 - cap
+    tail = b"".join(b"%09d\n" % i for i in range(2000000 - 6554, 2000000))[-cap:]
+    assert d["stdout"] == tail.decode("ascii")
+    assert 0 < peak[0] <= cap and rec.stdout.held == cap
+
+
+def test_a_character_split_across_writes_arrives_whole(manager, tmp_path):
+    gate = tmp_path / "gate"
+    rec = start_code(manager, "import os, sys, time\nout = sys.stdout.buffer\n"
+                              "out.write(b'\\xc3'); out.flush()\n"
+                              "deadline = time.monotonic() + 30\n"
+                              "while not os.path.exists(%r) and time.monotonic() < deadline:\n"
+                              "    time.sleep(0.005)\n"
+                              "out.write(b'\\xa9'); out.flush()\n"
+                              "time.sleep(1000)\n" % str(gate))
+    wait_until(lambda: manager.describe(rec)["stdout_bytes"] == 1, WAIT_S, "the first byte")
+    half = manager.describe(rec, offsets={"stdout": 0})
+    assert (half["stdout"], half["stdout_next_offset"]) == ("", 0)
+    whole = manager.describe(rec)
+    assert (whole["stdout"], whole["stdout_next_offset"]) == ("", 0)
+    gate.touch()
+    wait_until(lambda: manager.describe(rec)["stdout_bytes"] == 2, WAIT_S, "the second byte")
+    d = manager.describe(rec, offsets={"stdout": 0})
+    assert (d["stdout"], d["stdout_next_offset"]) == ("\u00e9", 2)
+    assert manager.describe(rec)["stdout"] == "\u00e9"
+    manager.kill(rec.id)
+
+
+def test_invalid_utf8_comes_out_as_replacement_characters(manager):
+    rec = start_code(manager, "import sys\nsys.stdout.buffer.write(b'ok\\xff\\xfe\\n')\n"
+                              "sys.stderr.buffer.write(b'\\xc3(')\n")
+    d = wait_final(manager, rec)
+    assert d["stdout"] == "ok\ufffd\ufffd\n" and d["stderr"] == "\ufffd("
+    assert json.loads(json.dumps(d, ensure_ascii=False).encode("utf-8"))["stdout"] == d["stdout"]
+    assert json.loads(json.dumps(d))["stdout_bytes"] == 5
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["small-writes", "one-write"])
+def test_window_after_a_trim_starts_on_a_character_boundary(manager_with, chunked):
+    cap = 1001                      # odd: a byte-exact trim of 2-byte characters splits one
+    mgr = manager_with(max_output_bytes=cap)
+    if chunked:                     # writes of 1..7 bytes, most of them splitting a character
+        code = ("import sys\nout = sys.stdout.buffer\ndata = '\u00e9'.encode() * 5000\npos = n = 0\n"
+                "while pos < len(data):\n    n = n % 7 + 1\n"
+                "    out.write(data[pos:pos + n]); out.flush(); pos += n\n")
+    else:
+        code = "import sys\nsys.stdout.buffer.write('\u00e9'.encode() * 5000)\n"
+    rec = start_code(mgr, code)
+    seen = []
+
+    def done():
+        seen.append(mgr.describe(rec)["stdout"][:1])
+        return rec.finished
+
+    wait_until(done, WAIT_S, "the writer to finish")
+    d = mgr.describe(rec)
+    assert d["stdout_bytes"] == 10000
+    assert d["stdout_bytes"] - d["stdout_dropped"] == 1000      # the odd byte left out, not split
+    assert d["stdout"] == "\u00e9" * 500
+    assert "\ufffd" not in seen
+
+
+def test_window_start_skips_a_character_split_between_buffer_blocks(manager_with, tmp_path):
+    # 4-byte characters. The first write fills a buffer block but for 2 bytes
+    # and ends inside a character, whose last 2 bytes open the next block; the
+    # third write makes the trim stop 1 byte short of that block. All 3
+    # continuation bytes must then go, not only the one left in the first block.
+    block = hopx_agent.BLOCK_BYTES
+    cap = block + 4099                      # holds the first two writes: the third trims
+    sizes = [block - 2, 42, cap - 43]       # total cap + block - 3, a whole number of characters
+    mgr = manager_with(max_output_bytes=cap)
+    rec = start_code(mgr, "import os, sys, time\nout = sys.stdout.buffer\n"
+                          "data = '\\U0001F600'.encode() * 100000\npos = 0\n"
+                          "for i, size in enumerate(%r):\n"
+                          "    deadline = time.monotonic() + 30\n"
+                          "    while i and not os.path.exists(%r + str(i)) and time.monotonic() < deadline:\n"
+                          "        time.sleep(0.005)\n"
+                          "    out.write(data[pos:pos + size]); out.flush(); pos += size\n"
+                          % (sizes, str(tmp_path / "gate")))
+    written = 0
+    for i, size in enumerate(sizes):        # one write per read: the block layout is known
+        if i:
+            (tmp_path / ("gate%d" % i)).touch()
+        written += size
+        wait_until(lambda: mgr.describe(rec, output=False)["stdout_bytes"] == written, WAIT_S,
+                   "%d bytes" % written)
+    d = wait_final(mgr, rec)
+    kept = d["stdout_bytes"] - d["stdout_dropped"]
+    assert d["stdout_bytes"] == sum(sizes)
+    assert d["stdout"][:2] == "\U0001F600" * 2, (d["stdout"][:2], d["stdout_dropped"])
+    assert kept % 4 == 0 and d["stdout"] == "\U0001F600" * (kept // 4)
+
+
+def test_offsets_return_only_newer_bytes_and_continue_exactly(manager, tmp_path):
+    gate = tmp_path / "gate"
+    rec = start_code(manager, "import os, sys, time\nprint('one')\nprint('e1', file=sys.stderr)\n"
+                              "deadline = time.monotonic() + 30\n"
+                              "while not os.path.exists(%r) and time.monotonic() < deadline:\n"
+                              "    time.sleep(0.005)\n"
+                              "print('two')\n" % str(gate))
+    wait_until(lambda: (lambda d: (d["stdout_bytes"], d["stderr_bytes"]) == (4, 3))(manager.describe(rec)),
+               WAIT_S, "one and e1")
+    first = manager.describe(rec, offsets={"stdout": 0, "stderr": 0})
+    assert (first["stdout"], first["stdout_next_offset"]) == ("one\n", 4)
+    assert (first["stderr"], first["stderr_next_offset"]) == ("e1\n", 3)
+    offsets = {"stdout": first["stdout_next_offset"], "stderr": first["stderr_next_offset"]}
+    again = manager.describe(rec, offsets=offsets)
+    assert (again["stdout"], again["stdout_next_offset"], again["stdout_offset"]) == ("", 4, 4)
+    gate.touch()
+    manager.wait_for_output(rec, offsets, WAIT_S)
+    wait_final(manager, rec)
+    d = manager.describe(rec, offsets=offsets)
+    assert (d["stdout"], d["stdout_next_offset"], d["stdout_skipped"]) == ("two\n", 8, 0)
+    assert (d["stderr"], d["stderr_next_offset"]) == ("", 3)
+    assert manager.describe(rec)["stdout"] == "one\ntwo\n"
+
+
+def test_an_offset_that_fell_out_of_the_window_starts_at_the_window(manager_with):
+    mgr = manager_with(max_output_bytes=100)
+    rec = start_code(mgr, "import sys\nsys.stdout.write(''.join('%09d\\n' % i for i in range(30)))\n")
+    d = wait_final(mgr, rec)
+    assert (d["stdout_bytes"], d["stdout_dropped"]) == (300, 200)
+    late = mgr.describe(rec, offsets={"stdout": 10})
+    assert (late["stdout_offset"], late["stdout_skipped"], late["stdout_next_offset"]) == (200, 190, 300)
+    assert late["stdout"] == "".join("%09d\n" % i for i in range(20, 30))
+    inside = mgr.describe(rec, offsets={"stdout": 290})
+    assert (inside["stdout"], inside["stdout_skipped"]) == ("000000029\n", 0)
+
+
+@pytest.mark.parametrize("ending", ["kill", "timeout"])
+def test_kill_and_timeout_reach_grandchildren(manager, ending):
+    timeout = 1.0 if ending == "timeout" else 300
+    rec = start_code(manager, "sleep 1000 &\necho $!\nwait\n", "bash", timeout=timeout)
+    grandchild = first_line_int(manager, rec)
+    assert pid_alive(grandchild)
+    if ending == "kill":
+        manager.kill(rec.id)
+    d = wait_final(manager, rec)
+    assert d["reason"] == ("killed" if ending == "kill" else "timeout")
+    wait_until(lambda: not pid_alive(grandchild), WAIT_S, "the grandchild to die")
+
+
+def test_a_child_ignoring_sigterm_is_killed_after_the_grace(manager):
+    rec = start_code(manager, "trap '' TERM\nsleep 1000 &\necho $!\nwait\necho survived\n", "bash")
+    grandchild = first_line_int(manager, rec)
+    began = time.monotonic()
+    manager.kill(rec.id)
+    d = wait_final(manager, rec)
+    assert time.monotonic() - began >= manager.config.kill_grace
+    assert (d["status"], d["reason"], d["exit_code"], d["signal"]) == ("failed", "killed", 137, "SIGKILL")
+    assert "survived" not in d["stdout"]
+    wait_until(lambda: not pid_alive(grandchild), WAIT_S, "the grandchild to die")
+
+
+def test_a_background_grandchild_does_not_keep_the_record_running(manager):
+    began = time.monotonic()
+    rec = start_code(manager, "sleep 1000 &\necho $!\necho started\n", "bash", timeout=60)
+    d = wait_final(manager, rec, WAIT_S)
+    assert time.monotonic() - began < 2.0
+    assert (d["status"], d["reason"], d["exit_code"]) == ("completed", "exited", 0)
+    grandchild, started = d["stdout"].splitlines()
+    assert started == "started"
+    wait_until(lambda: not pid_alive(int(grandchild)), WAIT_S, "the straggler to die")
+
+
+def test_timeout_reports_124_and_keeps_earlier_output(manager):
+    rec = start_code(manager, "echo before\necho err >&2\nsleep 1000\necho after\n", "bash", timeout=1.0)
+    d = wait_final(manager, rec)
+    assert (d["status"], d["reason"], d["exit_code"]) == ("failed", "timeout", 124)
+    assert (d["stdout"], d["stderr"]) == ("before\n", "err\n")
+    assert d["execution_time"] >= 1.0
+
+
+def test_stdin_reads_eof(manager):
+    rec = manager.start(manager.command_launch("cat", [], timeout=30))
+    d = wait_final(manager, rec, 10)
+    assert (d["status"], d["exit_code"], d["stdout"], d["stderr"]) == ("completed", 0, "", "")
+
+
+def test_the_queue_is_fifo_and_a_killed_entry_leaves_it(manager_with, tmp_path):
+    mgr = manager_with(max_running=1)
+    order = tmp_path / "order"
+    first = start_code(mgr, "echo ready\nsleep 1000\n", "bash")
+    rest = [mgr.start(mgr.command_launch("echo %s >> %s" % (tag, order))) for tag in "BCD"]
+    wait_for_stdout(mgr, first, "ready\n")
+    assert mgr.describe(first)["status"] == "running"
+    assert [mgr.describe(r)["status"] for r in rest] == ["queued"] * 3
+    assert [mgr.describe(r)["queue_position"] for r in rest] == [1, 2, 3]
+    assert [p.get("queue_position") for p in mgr.list(output=False)] == [None, 1, 2, 3]
+    killed = mgr.kill(rest[1].id)
+    assert killed["status"] == "killed"
+    c = mgr.describe(rest[1])
+    assert (c["status"], c["reason"], c["pid"]) == ("failed", "killed", None)
+    assert mgr.describe(rest[2])["queue_position"] == 2
+    mgr.kill(first.id)
+    for rec in (first, rest[0], rest[2]):
+        assert mgr.wait(rec, WAIT_S)
+    assert order.read_text() == "B\nD\n"
+    b, d = mgr.describe(rest[0]), mgr.describe(rest[2])
+    assert (b["status"], d["status"]) == ("completed", "completed")
+    assert b["started_at"] <= d["started_at"] and "queue_position" not in d
+
+
+def test_a_full_queue_raises_limit_exceeded(manager_with):
+    mgr = manager_with(max_running=1)
+    recs = [mgr.start(mgr.command_launch("sleep", ["1000"])) for _ in range(1 + mgr.config.queue_limit)]
+    assert [r.status for r in recs].count("queued") == mgr.config.queue_limit
+    launch = mgr.code_launch("print(1)", "python")
+    with pytest.raises(hopx_agent.LimitExceeded):
+        mgr.start(launch)
+    assert not os.path.exists(launch.argv[-1]), "the refused launch's temp file was left behind"
+    assert len(mgr.list()) == 1 + mgr.config.queue_limit
+
+
+def test_retention_evicts_the_oldest_finished_records(manager_with):
+    mgr = manager_with(retain=2)
+    recs = []
+    for i in range(4):              # one after the other: "oldest" is then unambiguous
+        recs.append(start_code(mgr, "print(%d)" % i))
+        assert mgr.wait(recs[-1], WAIT_S)
+    wait_until(lambda: len(mgr.list()) == 2, WAIT_S, "eviction")
+    assert [p["process_id"] for p in mgr.list()] == [recs[2].id, recs[3].id]
+    for rec in recs[:2]:
+        with pytest.raises(hopx_agent.NotFound):
+            mgr.get(rec.id)
+
+
+def test_output_budget_discards_the_oldest_output_but_keeps_metadata(manager_with):
+    mgr = manager_with(output_budget=1000)
+    old = start_code(mgr, "import sys\nsys.stdout.write('a' * 600)\nsys.exit(5)\n")
+    assert mgr.wait(old, WAIT_S)
+    assert mgr.describe(old)["stdout"] == "a" * 600
+    new = start_code(mgr, "import sys\nsys.stdout.write('b' * 600)\n")
+    assert mgr.wait(new, WAIT_S)
+    wait_until(lambda: mgr.describe(old)["stdout_dropped"] == 600, WAIT_S, "the old output to go")
+    o = mgr.describe(old)
+    assert (o["stdout"], o["stdout_bytes"], o["status"], o["exit_code"]) == ("", 600, "failed", 5)
+    n = mgr.describe(new)
+    assert (n["stdout"], n["stdout_dropped"]) == ("b" * 600, 0)
+
+
+def test_killing_a_finished_process_changes_nothing(manager):
+    rec = start_code(manager, "import sys\nprint('done')\nsys.exit(3)\n")
+    before = wait_final(manager, rec)
+    answer = manager.kill(rec.id)
+    assert answer["status"] == "failed"
+    after = manager.describe(rec)
+    assert after == before
+    assert (after["reason"], after["exit_code"], after["stdout"]) == ("exited", 3, "done\n")
+
+
+def test_kill_with_a_signal_sends_only_that_signal(manager):
+    # After SIGINT the child lives on for twice the grace: a SIGTERM or SIGKILL
+    # escalation would change its exit code.
+    rec = start_code(manager, "import signal, sys, time\n"
+                              "def term(*args):\n    print('TERM', flush=True)\n    sys.exit(99)\n"
+                              "signal.signal(signal.SIGTERM, term)\n"
+                              "try:\n    print('ready', flush=True)\n    time.sleep(1000)\n"
+                              "except KeyboardInterrupt:\n    print('interrupted', flush=True)\n"
+                              "time.sleep(%r)\nsys.exit(7)\n" % (2 * manager.config.kill_grace))
+    wait_for_stdout(manager, rec, "ready\n")
+    answer = manager.kill(rec.id, sig=signal.SIGINT)
+    assert answer["signal"] == "SIGINT"
+    d = wait_final(manager, rec)
+    assert d["stdout"] == "ready\ninterrupted\n"
+    assert (d["status"], d["reason"], d["exit_code"], d["signal"]) == ("failed", "exited", 7, None)
+
+
+def test_a_missing_program_fails_to_spawn_with_127(manager):
+    rec = manager.start(manager.command_launch("/nonexistent/hopx-no-such-program", ["-x"]))
+    d = wait_final(manager, rec, 5)
+    assert (d["status"], d["reason"], d["exit_code"], d["pid"]) == ("failed", "spawn_failed", 127, None)
+    assert "hopx-no-such-program" in d["error"] and d["error"] in d["stderr"]
+    assert manager.list(statuses=["running", "queued"]) == []
+
+
+def test_an_unknown_language_is_a_bad_request(manager):
+    with pytest.raises(hopx_agent.BadRequest, match="python"):
+        manager.code_launch("print(1)", "cobol")
+
+
+def test_code_runs_in_the_requested_directory(manager, tmp_path):
+    (tmp_path / "sub").mkdir()
+    for cwd in ("sub", str(tmp_path / "sub")):
+        d = wait_final(manager, start_code(manager, "import os\nprint(os.getcwd())\n", cwd=cwd))
+        assert os.path.realpath(d["stdout"].strip()) == os.path.realpath(str(tmp_path / "sub"))
+    with pytest.raises(hopx_agent.BadRequest):
+        manager.code_launch("print(1)", "python", cwd=str(tmp_path / "missing"))
+
+
+def test_child_environment_precedence_and_no_secret(manager_with):
+    agent = {"PATH": os.environ["PATH"], "A": "agent", "B": "agent", "C": "agent",
+             "HOPX_AGENT_SECRET": "x"}
+    mgr = manager_with(environ=agent)
+    mgr.env_set({"A": "global", "B": "global", "HOPX_AGENT_SECRET": "y"}, replace=True)
+    code = ("import json, os\nprint(json.dumps({k: os.environ.get(k) for k in "
+            "('A', 'B', 'C', 'HOPX_AGENT_SECRET', 'HOPX_PROCESS_ID')}))\n")
+    recs = [start_code(mgr, code, env={"A": "request"}),
+            start_code(mgr, code, env={"HOPX_AGENT_SECRET": "z"})]
+    seen = [json.loads(wait_final(mgr, rec)["stdout"]) for rec in recs]
+    assert seen[0] == {"A": "request", "B": "global", "C": "agent", "HOPX_AGENT_SECRET": None,
+                       "HOPX_PROCESS_ID": recs[0].id}
+    assert seen[1]["HOPX_AGENT_SECRET"] is None and seen[1]["HOPX_PROCESS_ID"] == recs[1].id
+    assert recs[0].id != recs[1].id
+
+
+def test_shutdown_leaves_no_process_thread_or_zombie(manager_with):
+    before = set(threading.enumerate())
+    mgr = manager_with(max_running=2)
+    stubborn = start_code(mgr, "trap '' TERM\nsleep 1000 &\necho $!\nwait\n", "bash")
+    plain = start_code(mgr, "sleep 1000 &\necho $!\nwait\n", "bash")
+    queued = mgr.start(mgr.command_launch("sleep", ["1000"]))
+    grandchildren = [first_line_int(mgr, stubborn), first_line_int(mgr, plain)]
+    assert queued.status == "queued"
+    ids = [stubborn.id, plain.id, queued.id]
+    mgr.shutdown(10.0)
+    for rec in (stubborn, plain, queued):
+        d = mgr.describe(rec)
+        assert (d["status"], d["reason"]) == ("failed", "shutdown"), d
+    wait_until(lambda: not [pid for rid in ids for pid in pids_with_marker(rid)]
+               and not [pid for pid in grandchildren if pid_alive(pid)], 2.0, "every child to be gone")
+    leaked = [t.name for t in threading.enumerate()
+              if t not in before and t.name.startswith("hopx-") and t.is_alive()]
+    assert leaked == []
+    assert zombie_children() == []
+    with pytest.raises(hopx_agent.Unavailable):
+        mgr.start(mgr.command_launch("true"))
+
+
+# -- helpers for this section ------------------------------------------------------
+
+READY = "import sys, time\nsys.stdout.write('ready\\n')\nsys.stdout.flush()\ntime.sleep(60)\n"   # runs until ended
+
+
+def assert_error(status, parsed, resp, want_status, want_code, path=None):
+    """api.md §3: a JSON error with every field, its request id the header's."""
+    assert status == want_status, (status, parsed)
+    assert resp.getheader("Content-Type", "").startswith("application/json")
+    assert parsed is not None, "error body is not JSON"
+    assert parsed["code"] == want_code, parsed
+    assert parsed["error"] == parsed["message"] and parsed["error"], parsed
+    assert parsed["request_id"] and parsed["request_id"] == resp.getheader("X-Request-ID"), parsed
+    if path is not None:
+        assert parsed["path"] == path, parsed
+    assert isinstance(parsed["timestamp"], str) and parsed["timestamp"].endswith("Z"), parsed
+
+
+def connect(target, timeout=5.0):
+    """A raw socket to a server, or to a Client's server."""
+    address = (target.host, target.port) if isinstance(target, Client) else target.server_address[:2]
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def read_response(sock, head=False, timeout=5.0):
+    """One response from a raw socket: (status, headers, body, eof_seen).
+
+    Reads the head, then Content-Length bytes (none for HEAD); every read is
+    bounded by ``timeout`` so that a server that hangs fails the test.
+    """
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError("connection closed before a full response head: %r" % data)
+        data += chunk
+    head_bytes, _, rest = data.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    version, status = lines[0].split(" ")[:2]
+    assert version.startswith("HTTP/1."), lines[0]
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), value.strip())
+    length = 0 if head else int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError("connection closed inside the body")
+        rest += chunk
+    return int(status), headers, rest[:length], rest[length:]
+
+
+def read_until_eof(sock, timeout=5.0):
+    """Everything the server sends until it closes (bounded); a reset counts as closed."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError("server did not close the connection within %.1fs; got %r"
+                                 % (timeout, data[:200]))
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        except socket.timeout:
+            continue
+        if not chunk:
+            return data
+        data += chunk
+
+
+def parse(data):
+    """(status, headers, body) of one whole response held in ``data``."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), value.strip())
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+def exchange(srv, payload, timeout=5.0):
+    """Send raw bytes on a fresh connection; (status, headers, JSON body) of the answer,
+    which must come, followed by the server closing the connection."""
+    with contextlib.closing(connect(srv, timeout)) as sock:
+        sock.sendall(payload)
+        data = read_until_eof(sock, timeout)
+    assert data, "no answer for %r" % payload[:80]
+    status, headers, body = parse(data)
+    return status, headers, json.loads(body) if body else None
+
+
+def auth_line(token=None):
+    return ("Authorization: Bearer %s\r\n" % (token or good_token())).encode()
+
+
+def start(client, code=READY, **fields):
+    body = {"code": code, "language": "python", "timeout": 30}
+    body.update(fields)
+    answer = client.ok("POST", "/execute/background", body)
+    assert answer["process_id"].startswith("proc_"), answer
+    return answer["process_id"]
+
+
+def record(client, process_id, query=""):
+    return client.ok("GET", "/execute/processes/%s%s" % (process_id, query))
+
+
+def wait_ready(client, process_id, marker="ready", timeout=10.0):
+    """The record once the child has printed ``marker`` (children announce readiness)."""
+    return wait_until(lambda: (lambda r: r if marker in r["stdout"] else None)(record(client, process_id)),
+                      timeout, "%r from %s" % (marker, process_id))
+
+
+def monitor_until_final(client, process_id, timeout=10.0):
+    """The HopX monitoring loop: poll until completed or failed, bounded."""
+    return wait_until(lambda: (lambda r: r if r["status"] in ("completed", "failed") else None)(
+        record(client, process_id, "?output=true")), timeout, "%s to finish" % process_id)
+
+
+@contextlib.contextmanager
+def own_server(tmp_path, **overrides):
+    """A server with its own config; stopped, its children ended, on exit."""
+    settings = dict(host="127.0.0.1", port=0, workdir=str(tmp_path), secret=SECRET, kill_grace=0.5)
+    settings.update(overrides)
+    cfg = hopx_agent.AgentConfig(**settings)
+    mgr = hopx_agent.ProcessManager(cfg)
+    srv = hopx_agent.create_server(cfg, mgr)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name="test-own-serve", daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        mgr.shutdown(5.0)
+        srv.server_close()
+        thread.join(5)
+        assert not thread.is_alive()
+
+
+# -- authentication (api.md §2) ----------------------------------------------------
+
+
+def test_a_request_without_a_token_is_401_authentication_required(client):
+    status, parsed, resp = client.call("GET", "/execute/processes", token=False)
+    assert_error(status, parsed, resp, 401, "AUTHENTICATION_REQUIRED", "/execute/processes")
+    assert resp.getheader("WWW-Authenticate", "").startswith("Bearer")
+
+
+BAD_TOKENS = {
+    "garbage": "not-a-jwt",
+    "expired": sign_token({"sub": "tests", "exp": int(time.time()) - 3600}),
+    "wrong_key": good_token(secret=b"another-secret-0123456789abcdef012345"),
+    "alg_none": sign_token({"sub": "tests", "exp": int(time.time()) + 3600}, header={"alg": "none"}),
+}
+
+
+def test_a_bad_token_is_401_invalid_token_and_never_echoed(client):
+    for kind, token in sorted(BAD_TOKENS.items()):
+        for value in ("Bearer " + token, "Basic " + token):
+            status, resp, data = client.raw("GET", "/execute/processes", headers={"Authorization": value},
+                                            token=False)
+            parsed = json.loads(data)
+            assert_error(status, parsed, resp, 401, "INVALID_TOKEN", "/execute/processes")
+            assert resp.getheader("WWW-Authenticate", "").startswith("Bearer"), kind
+            assert token.encode() not in data, kind
+            for segment in token.split("."):
+                if len(segment) > 8:
+                    assert segment.encode() not in data, "%s: a token segment is echoed in %r" % (kind, data)
+
+
+def test_the_bearer_scheme_word_is_case_insensitive(client):
+    for scheme in ("bearer", "BEARER", "Bearer", "bEaReR"):
+        status, parsed, _ = client.call("GET", "/execute/processes",
+                                        headers={"Authorization": "%s %s" % (scheme, good_token())}, token=False)
+        assert status == 200, (scheme, parsed)
+        assert parsed["processes"] == []
+
+
+def test_health_ping_and_info_answer_without_a_token_and_with_a_bad_one(client):
+    for auth in (None, "Bearer not-a-jwt", "Bearer " + BAD_TOKENS["expired"], "Basic xyz", "Bearer"):
+        headers = {"Authorization": auth} if auth else {}
+        for path in ("/health", "/ping", "/info"):
+            status, parsed, _ = client.call("GET", path, headers=headers, token=False)
+            assert status == 200, (path, auth, parsed)
+            if path == "/health":
+                assert parsed["status"] == "healthy"
+            elif path == "/ping":
+                assert parsed["message"] == "pong"
+            else:
+                assert parsed["version"] == hopx_agent.__version__
+
+
+def test_an_unknown_path_is_401_without_a_token_and_404_with_one(client):
+    status, parsed, resp = client.call("GET", "/no/such/thing", token=False)
+    assert_error(status, parsed, resp, 401, "AUTHENTICATION_REQUIRED", "/no/such/thing")
+    status, parsed, resp = client.call("GET", "/no/such/thing", headers={"Authorization": "Bearer x.y.z"},
+                                       token=False)
+    assert_error(status, parsed, resp, 401, "INVALID_TOKEN", "/no/such/thing")
+    status, parsed, resp = client.call("GET", "/no/such/thing")
+    assert_error(status, parsed, resp, 404, "RESOURCE_NOT_FOUND", "/no/such/thing")
+
+
+# -- errors and request ids (api.md §3) ---------------------------------------------
+
+
+def test_a_wrong_method_is_405_with_an_allow_header(client):
+    status, parsed, resp = client.call("PUT", "/health", body={})
+    assert_error(status, parsed, resp, 405, "METHOD_NOT_ALLOWED", "/health")
+    assert {m.strip() for m in resp.getheader("Allow", "").split(",")} >= {"GET"}
+    status, parsed, resp = client.call("GET", "/execute/background")
+    assert_error(status, parsed, resp, 405, "METHOD_NOT_ALLOWED", "/execute/background")
+    assert "POST" in {m.strip() for m in resp.getheader("Allow", "").split(",")}
+
+
+def test_every_response_carries_a_request_id_and_the_clients_is_echoed(client):
+    seen = set()
+    for method, path, token in [("GET", "/health", False), ("GET", "/execute/processes", True),
+                                ("GET", "/nowhere", True), ("GET", "/nowhere", False),
+                                ("DELETE", "/health", False), ("GET", "/execute/processes/proc_x", True)]:
+        _, resp, _ = client.raw(method, path, token=token)
+        rid = resp.getheader("X-Request-ID")
+        assert rid, (method, path)
+        seen.add(rid)
+        _, resp, data = client.raw(method, path, headers={"X-Request-ID": "req-" + path.strip("/").replace("/", "-")},
+                                   token=token)
+        assert resp.getheader("X-Request-ID") == "req-" + path.strip("/").replace("/", "-")
+        if resp.status >= 400:
+            assert json.loads(data)["request_id"] == resp.getheader("X-Request-ID")
+    assert len(seen) == 6, "generated request ids repeat: %s" % seen
+
+
+# -- framing on raw sockets (api.md §10) --------------------------------------------
+
+
+def test_a_body_over_10_mib_is_413_before_it_is_sent(server):
+    head = (b"POST /execute/background HTTP/1.1\r\nHost: t\r\n" + auth_line()
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (11 * 1024 * 1024))
+    status, headers, parsed = exchange(server, head)     # the body is never sent
+    assert status == 413, parsed
+    assert parsed["code"] == "PAYLOAD_TOO_LARGE"
+    assert parsed["error"] == parsed["message"]
+    assert headers["x-request-id"] == parsed["request_id"]
+
+
+def test_a_content_length_that_is_not_one_plain_number_is_400_and_closes(server):
+    # only the head is sent: a server that trusted any of these would wait for a body
+    for lengths in (["2", "2"], ["2", "3"], ["-1"], ["+5"], ["abc"], ["0x10"], ["1 2"], ["\u00b2"], [""]):
+        head = b"POST /execute/background HTTP/1.1\r\nHost: t\r\n" + auth_line()
+        for value in lengths:
+            head += ("Content-Length: %s\r\n" % value).encode("utf-8")
+        status, headers, parsed = exchange(server, head + b"\r\n")
+        assert status == 400, (lengths, parsed)
+        assert parsed["code"] == "INVALID_REQUEST"
+        assert parsed["error"] == parsed["message"]
+        assert headers.get("connection", "").lower() == "close", lengths
+
+
+def test_transfer_encoding_chunked_is_501(server):
+    head = (b"POST /execute/background HTTP/1.1\r\nHost: t\r\n" + auth_line()
+            + b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n")
+    status, headers, parsed = exchange(server, head)
+    assert status == 501, parsed
+    assert parsed["error"] == parsed["message"] and parsed["code"]
+
+
+def test_a_malformed_header_line_is_400(server):
+    for bad_line in (b"Host t", b"Host : t", b"X-A: a\r\n folded", b"X-A: a\r\n\tfolded: x",
+                     b"X A: b", b": empty-name"):
+        head = b"GET /execute/processes HTTP/1.1\r\n" + auth_line() + bad_line + b"\r\nAccept: */*\r\n\r\n"
+        status, headers, parsed = exchange(server, head)
+        assert status == 400, (bad_line, parsed)
+        assert parsed["code"] == "INVALID_REQUEST"
+        assert headers["x-request-id"] == parsed["request_id"]
+
+
+def test_a_60_kib_header_line_is_431(server):
+    head = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * (60 * 1024) + b"\r\n\r\n"
+    status, headers, parsed = exchange(server, head)
+    assert status == 431, parsed
+    assert parsed["error"] == parsed["message"]
+
+
+# -- request body validation -------------------------------------------------------
+
+
+def test_a_broken_json_body_is_400_invalid_json(client):
+    status, parsed, resp = client.call("POST", "/execute/background", body=b'{"code": "print(1)",',
+                                       headers={"Content-Type": "application/json"})
+    assert_error(status, parsed, resp, 400, "INVALID_JSON", "/execute/background")
+
+
+def test_wrong_field_types_are_400_and_start_nothing(client):
+    for body, code in [
+        ({"code": "print(1)", "timeout": "5"}, "INVALID_REQUEST"),
+        ({"code": "print(1)", "timeout": True}, "INVALID_REQUEST"),
+        ({"code": "print(1)", "env": ["A=1"]}, "INVALID_REQUEST"),
+        ({"code": "print(1)", "env": "A=1"}, "INVALID_REQUEST"),
+        ({"code": "print(1)", "env": {"A": 1}}, "INVALID_REQUEST"),
+        ({"code": "print(1)", "env": {"A": None}}, "INVALID_REQUEST"),
+        ({"language": "python"}, "MISSING_PARAMETER"),
+        ({"code": "print(1)", "language": "cobol"}, "INVALID_REQUEST"),
+        ({"code": 42}, "INVALID_REQUEST"),
+        ([{"code": "print(1)"}], "INVALID_REQUEST"),
+    ]:
+        status, parsed, resp = client.call("POST", "/execute/background", body=body)
+        assert_error(status, parsed, resp, 400, code, "/execute/background")
+        if isinstance(body, dict) and body.get("language") == "cobol":
+            assert "python" in parsed["message"], parsed
+    assert client.ok("GET", "/execute/processes")["count"] == 0
+
+
+# -- connections --------------------------------------------------------------------
+
+
+def test_one_kept_alive_connection_carries_100_requests(client):
+    client.ok("GET", "/ping")
+    sock = client.conn.sock
+    assert sock is not None
+    for i in range(100):
+        path = "/ping" if i % 2 else "/execute/processes"
+        status, parsed, resp = client.call("GET", path)
+        assert status == 200, (i, parsed)
+        assert resp.getheader("Connection", "").lower() != "close"
+        assert client.conn.sock is sock, "a new connection was opened at request %d" % i
+
+
+def test_head_health_returns_headers_without_a_body(server):
+    with contextlib.closing(connect(server)) as sock:
+        sock.sendall(b"HEAD /health HTTP/1.1\r\nHost: t\r\n\r\nGET /ping HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, headers, body, rest = read_response(sock, head=True)
+        assert status == 200
+        assert int(headers["content-length"]) > 0
+        assert headers["content-type"].startswith("application/json")
+        assert headers["x-request-id"]
+        # the next bytes are the second answer's status line, not a body of the first
+        sock.settimeout(5)
+        while b"\r\n\r\n" not in rest:
+            chunk = sock.recv(65536)
+            assert chunk, "closed after HEAD"
+            rest += chunk
+        assert rest.startswith(b"HTTP/1.1 200 "), rest[:80]
+        _, second_headers, body = parse(rest)
+        while len(body) < int(second_headers["content-length"]):
+            chunk = sock.recv(65536)
+            assert chunk, "closed inside the second answer"
+            body += chunk
+        assert json.loads(body)["message"] == "pong"
+
+
+def test_connection_close_is_honoured(server):
+    with contextlib.closing(connect(server)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        data = read_until_eof(sock)
+    status, headers, body = parse(data)
+    assert status == 200
+    assert headers["connection"].lower() == "close"
+    assert json.loads(body)["status"] == "healthy"
+
+
+def test_an_http_1_0_request_works_and_is_closed(server):
+    with contextlib.closing(connect(server)) as sock:
+        sock.sendall(b"GET /execute/processes HTTP/1.0\r\n" + auth_line() + b"\r\n")
+        data = read_until_eof(sock)
+    status, headers, body = parse(data)
+    assert status == 200, data[:300]
+    assert json.loads(body)["count"] == 0
+    assert int(headers["content-length"]) == len(body)
+
+
+def test_a_slow_client_neither_delays_others_nor_outlives_the_request_deadline(tmp_path):
+    deadline_s = 1.5
+    with own_server(tmp_path, request_deadline=deadline_s) as srv:
+        slow = connect(srv, timeout=10)
+        stop = threading.Event()
+
+        def dribble():
+            try:
+                for byte in b"X-Slow: " + b"a" * 10000:
+                    slow.send(bytes([byte]))
+                    if stop.wait(0.05):      # paces the dribble; never waits for a condition
+                        return
+            except OSError:
+                return
+
+        with contextlib.closing(slow):
+            slow.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n")
+            began = time.monotonic()
+            dribbler = threading.Thread(target=dribble, name="test-dribble", daemon=True)
+            dribbler.start()
+            try:
+                other = Client(srv)
+                for _ in range(3):
+                    t0 = time.monotonic()
+                    assert other.ok("GET", "/execute/processes")["count"] == 0
+                    # a server serving connections one at a time would need the whole deadline
+                    assert time.monotonic() - t0 < deadline_s * 0.8, "a normal request was delayed"
+                other.close()
+                # the slow one is still being read: it has not been answered yet
+                assert not select.select([slow], [], [], 0)[0] or time.monotonic() - began >= deadline_s
+                data = read_until_eof(slow, timeout=deadline_s + 5)
+                ended = time.monotonic() - began
+            finally:
+                stop.set()
+                dribbler.join(5)
+        assert ended < deadline_s + 3, "slow client held its connection for %.1fs" % ended
+        assert ended > deadline_s - 0.2, "a live request was cut before its deadline (%.2fs)" % ended
+        assert dribbler.is_alive() is False
+        if data:
+            status, _, body = parse(data)
+            assert status == 408, data[:200]
+            assert json.loads(body)["error"]
+
+
+def test_a_request_line_dribbled_byte_by_byte_is_cut_off_at_the_request_deadline(tmp_path):
+    # REQUEST_DEADLINE_S runs "from a request's first byte": the request line counts too
+    deadline_s = 1.0
+    with own_server(tmp_path, request_deadline=deadline_s) as srv:
+        slow = connect(srv, timeout=10)
+        stop = threading.Event()
+
+        def dribble():
+            try:
+                for byte in b"GET /" + b"a" * 5000:
+                    slow.send(bytes([byte]))
+                    if stop.wait(0.05):
+                        return
+            except OSError:
+                return
+
+        with contextlib.closing(slow):
+            began = time.monotonic()
+            dribbler = threading.Thread(target=dribble, name="test-dribble-line", daemon=True)
+            dribbler.start()
+            try:
+                data = read_until_eof(slow, timeout=deadline_s + 4)
+            finally:
+                stop.set()
+                dribbler.join(5)
+        assert time.monotonic() - began < deadline_s + 4
+        if data:
+            assert parse(data)[0] in (408, 414), data[:200]
+
+
+def test_the_connection_cap_answers_503_and_recovers_when_one_closes(tmp_path):
+    with own_server(tmp_path, max_connections=2) as srv:
+        first, second = Client(srv), Client(srv)
+        try:
+            assert first.ok("GET", "/ping")["message"] == "pong"
+            assert second.ok("GET", "/ping")["message"] == "pong"
+            with contextlib.closing(connect(srv)) as third:   # sends nothing: the 503 comes at once
+                data = read_until_eof(third)
+            status, headers, body = parse(data)
+            assert status == 503, data[:300]
+            assert headers["content-type"].startswith("application/json")
+            parsed = json.loads(body[:int(headers["content-length"])])
+            assert parsed["code"] == "SERVICE_UNAVAILABLE"
+            assert parsed["error"] == parsed["message"]
+            assert parsed["request_id"] and "timestamp" in parsed and "path" in parsed
+            first.close()
+
+            def fresh_request_works():
+                probe = http.client.HTTPConnection(*srv.server_address[:2], timeout=5)
+                try:
+                    probe.request("GET", "/ping")
+                    return probe.getresponse().status == 200
+                except (OSError, http.client.HTTPException):
+                    return False
+                finally:
+                    probe.close()
+
+            wait_until(fresh_request_works, 10, "a free connection slot")
+            assert second.ok("GET", "/ping")["message"] == "pong"
+            # api.md §3: every response carries X-Request-ID, the 503 too
+            assert headers.get("x-request-id") == parsed["request_id"], "503 without X-Request-ID: %r" % headers
+        finally:
+            first.close()
+            second.close()
+
+
+# -- kill (api.md §5) ---------------------------------------------------------------------
+
+
+def kill_via(client, form, process_id, body=None):
+    """(status, JSON) of one kill form."""
+    if form == "sdk":   # POST /execute/kill/{id}, no body, no Content-Type, no Content-Length
+        with contextlib.closing(connect(client)) as sock:
+            payload = ("POST /execute/kill/%s HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s\r\n"
+                       "Connection: close\r\n\r\n" % (process_id, client.token)).encode()
+            if body is not None:
+                raw = json.dumps(body).encode()
+                payload = payload[:-2] + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw
+            sock.sendall(payload)
+            status, _, data, _ = read_response(sock, timeout=15)
+        return status, json.loads(data)
+    if form == "docs":
+        payload = {"process_id": process_id}
+        payload.update(body or {})
+        status, parsed, _ = client.call("DELETE", "/execute/kill", body=payload)
+    elif form == "spec":
+        status, parsed, _ = client.call("DELETE", "/execute/kill?" + urllib.parse.urlencode({"process_id": process_id}),
+                                        body=body)
+    elif form == "async_sdk":
+        status, parsed, _ = client.call("POST", "/processes/%s/kill" % process_id, body=body)
+    else:
+        status, parsed, _ = client.call("DELETE", "/execute/processes/%s" % process_id, body=body)
+    return status, parsed
+
+
+KILL_FORMS = ["sdk", "docs", "spec", "async_sdk", "delete_process"]
+
+
+def test_every_kill_form_ends_the_process(client):
+    started = {form: start(client, name="victim-" + form) for form in KILL_FORMS}
+    pids = {form: wait_ready(client, process_id)["pid"] for form, process_id in started.items()}
+    for form, process_id in started.items():
+        assert pid_alive(pids[form]), form
+        status, parsed = kill_via(client, form, process_id)
+        assert status == 200, (form, parsed)
+        assert parsed["process_id"] == process_id
+        assert parsed["status"] == "killed", (form, parsed)
+        final = monitor_until_final(client, process_id)
+        assert final["status"] == "failed", (form, final)
+        assert final["reason"] == "killed", (form, final)
+        assert final["stdout"] == "ready\n"
+        wait_until(lambda: not pid_alive(pids[form]), 5, "pid %d gone (%s)" % (pids[form], form))
+        assert not pids_with_marker(process_id), form
+    for form, process_id in started.items():    # each form ended its own process only
+        assert record(client, process_id)["reason"] == "killed", form
+
+
+def test_killing_an_unknown_process_is_404_process_not_found(client):
+    for form in KILL_FORMS:
+        status, parsed = kill_via(client, form, "proc_0123456789abcdef01234567")
+        assert status == 404, (form, parsed)
+        assert parsed["code"] == "PROCESS_NOT_FOUND", form
+        assert parsed["error"] == parsed["message"]
+
+
+def test_killing_a_finished_process_is_200_and_changes_nothing(client):
+    process_id = start(client, code="print('done')")
+    before = monitor_until_final(client, process_id)
+    assert before["status"] == "completed" and before["reason"] == "exited"
+    for form in KILL_FORMS:
+        status, parsed = kill_via(client, form, process_id)
+        assert status == 200, (form, parsed)
+        assert parsed["process_id"] == process_id
+        after = record(client, process_id)
+        for key in ("status", "reason", "exit_code", "signal", "completed_at", "execution_time",
+                    "stdout", "stderr"):
+            assert after[key] == before[key], (form, key)
+
+
+SIGNAL_CHILD = r"""
+import signal, sys, time
+got = []
+def on(signum, frame):
+    got.append(signum)
+    print("got", signal.Signals(signum).name, flush=True)
+signal.signal(signal.SIGINT, on)
+signal.signal(signal.SIGTERM, on)
+sys.stdout.write("ready\n"); sys.stdout.flush()
+deadline = time.monotonic() + 20
+while not got and time.monotonic() < deadline:
+    time.sleep(0.01)
+time.sleep(1.5)   # longer than the kill grace (0.5 s): an escalation would land here
+print("alive", flush=True)
+"""
+
+
+def test_a_kill_with_a_signal_sends_only_that_signal(client):
+    forms = {"sdk": "SIGINT", "docs": "SIGINT", "async_sdk": 2}
+    started = {form: start(client, code=SIGNAL_CHILD) for form in forms}
+    for process_id in started.values():
+        wait_ready(client, process_id)
+    for form, process_id in started.items():
+        status, parsed = kill_via(client, form, process_id, body={"signal": forms[form]})
+        assert status == 200, (form, parsed)
+    for form, process_id in started.items():
+        final = monitor_until_final(client, process_id)
+        assert final["stdout"] == "ready\ngot SIGINT\nalive\n", (form, final)
+        assert final["status"] == "completed" and final["exit_code"] == 0 and final["signal"] is None, form
+
+
+def test_a_kill_with_an_unknown_signal_is_400(client):
+    process_id = start(client)
+    wait_ready(client, process_id)
+    for sig in ("SIGNOPE", 999, "", True, "SIG_DFL"):
+        status, parsed = kill_via(client, "docs", process_id, body={"signal": sig})
+        assert status == 400, (sig, parsed)
+        assert parsed["code"] == "INVALID_REQUEST"
+    assert record(client, process_id)["status"] == "running"
+
+
+# -- listing and long polling (api.md §5) ----------------------------------------------
+
+
+def test_the_process_list_filters_by_status_and_name_and_can_omit_output(client):
+    done = start(client, code="print('ok')", name="quick")
+    failed = start(client, code="import sys; print('bad'); sys.exit(3)", name="broken")
+    running = start(client, name="sleeper")
+    monitor_until_final(client, done)
+    monitor_until_final(client, failed)
+    wait_ready(client, running)
+
+    def ids(query):
+        listing = client.ok("GET", "/execute/processes" + query)
+        assert listing["count"] == len(listing["processes"])
+        return [p["process_id"] for p in listing["processes"]]
+
+    assert ids("") == [done, failed, running]
+    assert ids("?status=running") == [running]
+    assert ids("?status=completed,failed") == [done, failed]
+    assert ids("?status=completed&status=failed") == [done, failed]
+    assert ids("?status=failed") == [failed]
+    assert ids("?name=sleeper") == [running]
+    assert ids("?name=nobody") == []
+    assert ids("?status=running&name=quick") == []
+    listing = client.ok("GET", "/execute/processes?output=false")
+    assert listing["count"] == 3
+    for proc in listing["processes"]:
+        assert "stdout" not in proc and "stderr" not in proc, proc
+        assert "stdout_bytes" in proc
+    with_output = client.ok("GET", "/execute/processes?status=completed")["processes"][0]
+    assert with_output["stdout"] == "ok\n"
+
+
+def test_a_bad_listing_filter_is_400_and_an_unknown_process_404(client):
+    for query in ("?status=bogus", "?status=running,bogus", "?status=RUNNING", "?output=maybe"):
+        status, parsed, resp = client.call("GET", "/execute/processes" + query)
+        assert_error(status, parsed, resp, 400, "INVALID_REQUEST", "/execute/processes")
+    status, parsed, resp = client.call("GET", "/execute/processes/proc_nope")
+    assert_error(status, parsed, resp, 404, "PROCESS_NOT_FOUND", "/execute/processes/proc_nope")
+
+
+GATED_CHILD = r"""
+import os, sys, time
+sys.stdout.write("one\n"); sys.stdout.flush()     # one write each: a line never arrives in two parts
+sys.stderr.write("e1\n"); sys.stderr.flush()
+gate = os.environ["GATE"]
+deadline = time.monotonic() + 20
+while not os.path.exists(gate) and time.monotonic() < deadline:
+    time.sleep(0.01)
+sys.stdout.write("two\n"); sys.stdout.flush()
+time.sleep(30)
+"""
+
+
+def test_a_waiting_get_returns_as_soon_as_new_output_arrives(client, server, tmp_path):
+    gate = tmp_path / "gate"
+    process_id = start(client, code=GATED_CHILD, env={"GATE": str(gate)})
+    first = wait_ready(client, process_id, "one\n")
+    offset = first["stdout_next_offset"]
+    assert offset == 4
+
+    with contextlib.closing(connect(server, timeout=10)) as sock:
+        sock.sendall(("GET /execute/processes/%s?wait=5&stdout_offset=%d HTTP/1.1\r\nHost: t\r\n"
+                      "Authorization: Bearer %s\r\n\r\n" % (process_id, offset, client.token)).encode())
+        ready, _, _ = select.select([sock], [], [], 0.3)
+        assert not ready, "?wait=5 answered at once although there was no new output"
+        gate.write_text("go")
+        opened = time.monotonic()
+        status, _, data, _ = read_response(sock, timeout=10)
+        took = time.monotonic() - opened
+    assert status == 200
+    answer = json.loads(data)
+    assert answer["stdout"] == "two\n", answer
+    assert answer["stdout_next_offset"] == 8
+    assert took < 3.0, "the waiting GET returned %.1fs after the output, not early" % took
+
+
+def test_offsets_read_output_incrementally(client):
+    process_id = start(client, code="import sys\nprint('alpha')\nprint('beta')\nsys.stderr.write('e1\\ne2\\n')\n")
+    whole = monitor_until_final(client, process_id)
+    assert whole["stdout"] == "alpha\nbeta\n" and whole["stdout_next_offset"] == 11
+    part = record(client, process_id, "?stdout_offset=6&stderr_offset=3")
+    assert part["stdout"] == "beta\n" and part["stdout_next_offset"] == 11
+    assert part["stderr"] == "e2\n" and part["stderr_next_offset"] == 6
+    end = record(client, process_id, "?stdout_offset=11&stderr_offset=6")
+    assert end["stdout"] == "" and end["stderr"] == ""
+    assert end["stdout_next_offset"] == 11 and end["stderr_next_offset"] == 6
+    status, parsed, resp = client.call("GET", "/execute/processes/%s?stdout_offset=-1" % process_id)
+    assert_error(status, parsed, resp, 400, "INVALID_REQUEST")
+
+
+# -- the HopX documentation flow end to end -------------------------------------------
+
+LONG_TASK = r"""
+import time
+for i in range(1, 11):
+    print(f"Step {i}/10", flush=True)
+    time.sleep(0.15)
+print("done", flush=True)
+"""
+
+
+def test_the_documented_background_flow_start_watch_and_monitor(client):
+    answer = client.ok("POST", "/execute/background", {"code": LONG_TASK, "language": "python",
+                                                       "timeout": 60, "name": "long-task"})
+    assert answer["status"] in ("running", "queued")
+    assert answer["name"] == "long-task"
+    process_id = answer["process_id"]
+
+    steps_seen = []
+
+    def steps():
+        rec = record(client, process_id)
+        lines = rec["stdout"].split("\n")[:-1]      # complete lines only
+        steps = [line for line in lines if line.startswith("Step ")]
+        count = len(steps)
+        assert steps == ["Step %d/10" % i for i in range(1, count + 1)], rec["stdout"]
+        if not steps_seen or steps_seen[-1] != count:
+            steps_seen.append(count)
+        return rec["status"] in ("completed", "failed")
+
+    wait_until(steps, 20, "long-task to finish")
+    assert steps_seen == sorted(steps_seen)
+    assert len([n for n in steps_seen if 0 < n < 10]) >= 2, "output did not grow while running: %s" % steps_seen
+
+    listing = client.ok("GET", "/execute/processes?name=long-task")
+    assert [p["process_id"] for p in listing["processes"]] == [process_id]
+    final = monitor_until_final(client, process_id)
+    assert final["status"] == "completed" and final["exit_code"] == 0 and final["reason"] == "exited"
+    assert final["stdout"].endswith("Step 10/10\ndone\n")
+    assert final["completed_at"] and final["execution_time"] > 0
+
+
+def test_the_monitoring_loop_ends_for_a_killed_process(client):
+    process_id = start(client, name="doomed")
+    wait_ready(client, process_id)
+    status, parsed, _ = client.call("DELETE", "/execute/kill", body={"process_id": process_id})
+    assert status == 200 and parsed["status"] == "killed", parsed
+    final = monitor_until_final(client, process_id)
+    assert final["status"] == "failed" and final["reason"] == "killed"
+    assert final["completed_at"] is not None
+
+
+def test_the_monitoring_loop_ends_for_a_timed_out_process_with_124(client):
+    process_id = start(client, code="import time\nprint('before timeout', flush=True)\ntime.sleep(60)\n",
+                       timeout=1)
+    began = time.monotonic()
+    final = monitor_until_final(client, process_id, timeout=15)
+    assert final["status"] == "failed"
+    assert final["reason"] == "timeout"
+    assert final["exit_code"] == 124
+    assert final["stdout"] == "before timeout\n"
+    assert time.monotonic() - began >= 0.9
+
+
+# ============================================================================
+# Execution family and the SDK's requests
+# ============================================================================
+
+# -- helpers --------------------------------------------------------------------
+
+
+def _records(client, **query):
+    path = "/execute/processes"
+    if query:
+        path += "?" + "&".join("%s=%s" % item for item in query.items())
+    return client.ok("GET", path)["processes"]
+
+
+def _record(client, process_id):
+    return client.ok("GET", "/execute/processes/%s" % process_id)
+
+
+def _finished(client, process_id):
+    rec = _record(client, process_id)
+    return rec if rec["status"] in ("completed", "failed") else None
+
+
+def _assert_error(status, parsed, resp, expected_status=400):
+    assert status == expected_status, (status, parsed)
+    assert resp.getheader("Content-Type", "").startswith("application/json")
+    assert parsed["error"] == parsed["message"] and parsed["error"], parsed
+    assert parsed["code"], parsed
+
+
+def _no_content(client, method, path, body=None):
+    """A request that must answer 204 with no body (and leave the connection usable)."""
+    status, resp, data = client.raw(method, path, body)
+    assert status == 204, (status, data)
+    assert data == b""
+    assert resp.getheader("Content-Length") in (None, "0")
+
+
+def _closed_port():
+    """A port that nothing listens on (bound, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+LOOP_FOREVER_SH = "echo so-far\nwhile :; do sleep 1; done\n"
+
+
+class _WebhookSink:
+    """A small threaded HTTP server on 127.0.0.1:0 that records every POST and answers 200."""
+
+    def __init__(self):
+        self.received = []
+        self._lock = threading.Lock()  # guards received
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with sink._lock:
+                    sink.received.append({"path": self.path, "body": body,
+                                          "headers": {k.lower(): v for k, v in self.headers.items()}})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d/hook" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       name="test-webhook-sink", daemon=True)
+        self.thread.start()
+
+    def calls(self):
+        with self._lock:
+            return list(self.received)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def sink():
+    s = _WebhookSink()
+    yield s
+    s.close()
+    assert not s.thread.is_alive()
+
+
+@pytest.fixture
+def env_client(config):
+    """A server whose manager's agent environment is given explicitly (the
+    lowest level of the env precedence), including a secret that must not leak."""
+    environ = dict(os.environ, HOPX_T_LEVEL="agent", HOPX_T_AGENT_ONLY="from-agent",
+                   HOPX_AGENT_SECRET="must-not-reach-a-child")
+    mgr = hopx_agent.ProcessManager(config, environ=environ)
+    srv = hopx_agent.create_server(config, mgr)
+    thread = threading.Thread(target=srv.serve_forever, name="test-serve-env", daemon=True)
+    thread.start()
+    c = Client(srv)
+    yield c
+    c.close()
+    srv.shutdown()
+    srv.server_close()
+    ids = list(mgr._records)
+    mgr.shutdown(5.0)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert not {pid for rid in ids for pid in pids_with_marker(rid)}
+
+
+# -- POST /execute ----------------------------------------------------------------
+
+
+def test_execute_returns_output_of_a_successful_program(client):
+    for path in ("/execute", "/execute/rich"):
+        result = client.ok("POST", path, {"code": "print('hello from', 6 * 7)", "language": "python"})
+        assert result["success"] is True, path
+        assert result["stdout"] == "hello from 42\n"
+        assert result["stderr"] == ""
+        assert result["exit_code"] == 0
+        assert isinstance(result["execution_time"], float) and result["execution_time"] >= 0
+        assert result["language"] == "python"
+        assert isinstance(result["timestamp"], str) and result["timestamp"].endswith("Z")
+
+
+def test_execute_language_defaults_to_python_and_aliases_work(client):
+    assert client.ok("POST", "/execute", {"code": "import sys; print(sys.version_info[0])"})["stdout"] == "3\n"
+    result = client.ok("POST", "/execute", {"code": "echo $((40 + 2))", "language": "shell"})
+    assert (result["stdout"], result["language"]) == ("42\n", "sh")
+
+
+def test_failing_program_is_200_with_its_exit_code_and_traceback(client):
+    code = "print('before')\nraise ValueError('boom')\n"
+    result = client.ok("POST", "/execute", {"code": code})
+    assert result["success"] is False
+    assert result["exit_code"] == 1
+    assert result["stdout"] == "before\n"
+    assert "Traceback (most recent call last)" in result["stderr"]
+    assert "ValueError: boom" in result["stderr"]
+    assert result.get("timed_out") in (False, None)
+
+
+def test_program_exit_status_is_reported(client):
+    result = client.ok("POST", "/execute", {"code": "import sys\nsys.stderr.write('err\\n')\nsys.exit(3)"})
+    assert (result["success"], result["exit_code"], result["stderr"]) == (False, 3, "err\n")
+
+
+def test_execute_timeout_ends_the_group_and_keeps_output_so_far(client):
+    started = time.monotonic()
+    result = client.ok("POST", "/execute", {"code": LOOP_FOREVER_SH, "language": "sh", "timeout": 1})
+    elapsed = time.monotonic() - started
+    assert result["success"] is False
+    assert result["timed_out"] is True
+    assert result["exit_code"] == 124
+    assert result["stdout"] == "so-far\n"
+    assert result["execution_time"] >= 0.9
+    assert elapsed < 15, elapsed
+    wait_until(lambda: not pids_with_marker(result["process_id"]), 5, "timed-out group to be gone")
+
+
+def test_execute_timeout_above_300_is_400(client):
+    for path in ("/execute", "/execute/rich", "/commands/run"):
+        for timeout in (301, 300.5, 10 ** 6):
+            body = {"code": "print(1)", "command": "echo 1", "timeout": timeout}
+            status, parsed, resp = client.call("POST", path, body)
+            _assert_error(status, parsed, resp)
+    assert _records(client) == []   # nothing was started
+
+
+def test_execute_timeout_of_300_is_accepted(client):
+    result = client.ok("POST", "/execute", {"code": "print(1)", "timeout": 300})
+    assert result["stdout"] == "1\n"
+    assert _record(client, result["process_id"])["timeout"] == 300
+
+
+def test_execute_default_timeout_is_60(client):
+    result = client.ok("POST", "/execute", {"code": "print(1)"})
+    records = _records(client)
+    assert [r["process_id"] for r in records] == [result["process_id"]]
+    assert records[0]["timeout"] == 60
+
+
+def test_client_disconnect_during_execute_ends_the_process(server, client):
+    body = json.dumps({"code": "import time\nprint('waiting', flush=True)\ntime.sleep(1000)\n"}).encode()
+    head = ("POST /execute HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+            "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (good_token(), len(body)))
+    sock = socket.create_connection(server.server_address[:2], timeout=10)
+    try:
+        sock.sendall(head.encode("ascii") + body)
+        running = wait_until(lambda: [r for r in _records(client)
+                                      if r["status"] == "running" and "waiting" in r["stdout"]],
+                             15, "the synchronous run to be running")
+    finally:
+        sock.close()
+    rec = running[0]
+    final = wait_until(lambda: _finished(client, rec["process_id"]), 15, "the abandoned run to end")
+    assert final["reason"] == "killed"
+    assert final["status"] == "failed"
+    wait_until(lambda: not pid_alive(rec["pid"]), 5, "the child pid to be gone")
+    assert not pids_with_marker(rec["process_id"])
+
+
+# -- POST /commands/run --------------------------------------------------------------
+
+
+def test_command_string_runs_through_sh(client):
+    result = client.ok("POST", "/commands/run", {"command": "echo $((2 + 3)) | tr 5 x; echo err >&2"})
+    assert result["stdout"] == "x\n"
+    assert result["stderr"] == "err\n"
+    assert (result["exit_code"], result["success"]) == (0, True)
+    assert result["command"] == "echo $((2 + 3)) | tr 5 x; echo err >&2"
+    assert isinstance(result["pid"], int)
+    assert isinstance(result["execution_time"], float)
+
+
+def test_command_with_args_is_executed_directly(client):
+    args = ["-c", "import sys; print(repr(sys.argv[1:]))", "a b", "$HOME", "c;d"]
+    result = client.ok("POST", "/commands/run", {"command": sys.executable, "args": args})
+    assert result["stdout"] == "['a b', '$HOME', 'c;d']\n"
+    assert result["exit_code"] == 0
+
+
+def test_command_non_zero_exit_is_200_with_exit_code(client):
+    result = client.ok("POST", "/commands/run", {"command": "echo oops >&2; exit 7"})
+    assert (result["exit_code"], result["success"], result["stderr"]) == (7, False, "oops\n")
+
+
+def test_missing_program_exits_127_with_a_message(client):
+    for body in ({"command": "hopx-no-such-program-4711"},
+                 {"command": "hopx-no-such-program-4711", "args": ["x"]},
+                 {"command": "/nonexistent/dir/hopx-no-such-program-4711", "args": []}):
+        status, result, _ = client.call("POST", "/commands/run", body)
+        assert status == 200, (body, result)
+        assert result["exit_code"] == 127, body
+        assert result["success"] is False
+        assert "hopx-no-such-program-4711" in result["stderr"], result["stderr"]
+
+
+def test_command_timeout_reports_timed_out_124(client):
+    result = client.ok("POST", "/commands/run", {"command": "echo so-far; sleep 30", "timeout": 1})
+    assert result["timed_out"] is True
+    assert result["exit_code"] == 124
+    assert result["success"] is False
+    assert result["stdout"] == "so-far\n"
+    wait_until(lambda: not pids_with_marker(result["process_id"]), 5, "timed-out command to be gone")
+
+
+def test_command_runs_in_requested_working_dir(client, tmp_path):
+    sub = tmp_path / "sub dir"
+    sub.mkdir()
+    assert client.ok("POST", "/commands/run", {"command": "pwd", "working_dir": str(sub)})["stdout"] == "%s\n" % sub
+    status, parsed, resp = client.call("POST", "/commands/run", {"command": "pwd", "workdir": str(tmp_path / "nope")})
+    _assert_error(status, parsed, resp)
+
+
+# -- POST /commands/background ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [{"command": "sleep 1000"}, {"command": "sleep", "args": ["1000"]}],
+                         ids=["shell", "argv"])
+def test_background_command_is_listed_as_command_and_killable(client, body):
+    started = client.ok("POST", "/commands/background", dict(body, name="bg-cmd"))
+    process_id = started["process_id"]
+    assert process_id.startswith("proc_")
+    assert started["status"] in ("running", "queued")
+    listed = [r for r in _records(client) if r["process_id"] == process_id]
+    assert len(listed) == 1
+    assert listed[0]["kind"] == "command"
+    assert listed[0]["name"] == "bg-cmd"
+    assert "sleep" in listed[0]["command"]
+    killed = client.ok("POST", "/execute/kill/%s" % process_id)
+    assert (killed["process_id"], killed["status"]) == (process_id, "killed")
+    final = wait_until(lambda: _finished(client, process_id), 10, "killed command to be final")
+    assert (final["status"], final["reason"]) == ("failed", "killed")
+    wait_until(lambda: not pids_with_marker(process_id), 5, "killed command to be gone")
+
+
+# -- POST /execute/async ----------------------------------------------------------------
+
+
+def _signature(secret, headers, body):
+    return "sha256=" + hmac.new(secret.encode(), headers["x-hopx-timestamp"].encode() + body,
+                                hashlib.sha256).hexdigest()
+
+
+def test_async_webhook_carries_result_headers_and_signature(client, sink):
+    answer = client.ok("POST", "/execute/async", {
+        "code": "print('async-out')", "callback_url": sink.url,
+        "callback_headers": {"X-Custom": "yes", "X-Tenant": "t-1"},
+        "callback_signature_secret": "hook-secret"})
+    assert answer["status"] == "queued"
+    assert answer["callback_url"] == sink.url
+    assert answer["execution_id"].startswith("exec_") and answer["process_id"].startswith("proc_")
+    call = wait_until(sink.calls, 15, "the webhook")[0]
+    assert call["path"] == "/hook"
+    payload = json.loads(call["body"])
+    assert {"execution_id", "process_id", "status", "success", "stdout", "stderr", "exit_code",
+            "execution_time", "timestamp", "error"} <= set(payload)
+    assert payload["execution_id"] == answer["execution_id"]
+    assert payload["process_id"] == answer["process_id"]
+    assert (payload["status"], payload["success"], payload["exit_code"]) == ("completed", True, 0)
+    assert (payload["stdout"], payload["stderr"], payload["error"]) == ("async-out\n", "", None)
+    assert isinstance(payload["execution_time"], float)
+    assert isinstance(payload["timestamp"], str)
+    headers = call["headers"]
+    assert headers["content-type"].startswith("application/json")
+    assert (headers["x-custom"], headers["x-tenant"]) == ("yes", "t-1")
+    assert headers["x-hopx-timestamp"].isdigit()
+    assert abs(int(headers["x-hopx-timestamp"]) - time.time()) < 300
+    assert hmac.compare_digest(headers["x-hopx-signature"], _signature("hook-secret", headers, call["body"]))
+    rec = wait_until(lambda: (lambda r: r if r.get("webhook", {}).get("delivered") else None)(
+        _record(client, answer["process_id"])), 10, "the record to show the delivery")
+    assert rec["webhook"]["attempts"] == 1
+    assert rec["timeout"] == 3600   # api.md §6: the async default
+
+
+def test_async_webhook_reports_failure_and_timeout(client, sink):
+    failed = client.ok("POST", "/execute/async", {"code": "import sys; sys.exit(2)", "callback_url": sink.url})
+    timed_out = client.ok("POST", "/execute/async", {"code": LOOP_FOREVER_SH, "language": "sh", "timeout": 1,
+                                                     "callback_url": sink.url})
+    calls = wait_until(lambda: (lambda got: got if len(got) == 2 else None)(sink.calls()), 15, "two webhooks")
+    payloads = {p["process_id"]: p for p in (json.loads(call["body"]) for call in calls)}
+    for answer, status, exit_code, stdout in ((failed, "failed", 2, ""), (timed_out, "timeout", 124, "so-far\n")):
+        payload = payloads[answer["process_id"]]
+        assert (payload["status"], payload["success"], payload["exit_code"]) == (status, False, exit_code)
+        assert payload["stdout"] == stdout
+        assert payload["error"]
+    for call in calls:
+        assert "x-hopx-signature" not in call["headers"]     # no secret given: nothing to sign with
+        assert call["headers"]["x-hopx-timestamp"].isdigit()
+
+
+def test_async_webhook_to_closed_port_is_retried_then_given_up(client, monkeypatch):
+    monkeypatch.setattr(hopx_agent, "WEBHOOK_BACKOFF_S", 0.01)
+    monkeypatch.setattr(hopx_agent, "WEBHOOK_ATTEMPTS", 3)
+    url = "http://127.0.0.1:%d/hook" % _closed_port()
+    answer = client.ok("POST", "/execute/async", {"code": "print(1)", "callback_url": url})
+    # the failure is counted once the delivery thread has given up: only then is the record final
+    wait_until(lambda: client.ok("GET", "/metrics/snapshot")["webhooks"]["failed"] == 1, 15, "the delivery to give up")
+    rec = _record(client, answer["process_id"])
+    assert rec["status"] == "completed"
+    assert rec["webhook"]["attempts"] == 3
+    assert rec["webhook"]["delivered"] is False
+    assert rec["webhook"]["last_error"]
+    assert client.ok("GET", "/health")["status"] == "healthy"
+    assert client.ok("POST", "/execute", {"code": "print('still serving')"})["stdout"] == "still serving\n"
+
+
+def test_async_callback_url_must_be_http(client):
+    for url in ("ftp://127.0.0.1/hook", "file:///etc/passwd", "javascript:alert(1)", "127.0.0.1:8000/hook",
+                "http://", "", None):
+        body = {"code": "print(1)"} if url is None else {"code": "print(1)", "callback_url": url}
+        status, parsed, resp = client.call("POST", "/execute/async", body)
+        _assert_error(status, parsed, resp)
+    assert _records(client) == []
+
+
+# -- /env ------------------------------------------------------------------------------------
+
+
+def _env(client):
+    return client.ok("GET", "/env")["env_vars"]
+
+
+def test_env_get_put_patch_delete(client):
+    env = _env(client)
+    assert isinstance(env, dict) and env.get("PATH") == os.environ.get("PATH")
+    assert not [k for k in env if k.startswith("HOPX_T_")]
+    _no_content(client, "PUT", "/env", {"env_vars": {"HOPX_T_A": "1", "HOPX_T_B": "2"}})
+    env = _env(client)
+    assert (env["HOPX_T_A"], env["HOPX_T_B"]) == ("1", "2")
+    _no_content(client, "PUT", "/env", {"env_vars": {"HOPX_T_C": "3"}})   # replaces
+    env = _env(client)
+    assert env["HOPX_T_C"] == "3" and "HOPX_T_A" not in env and "HOPX_T_B" not in env
+    _no_content(client, "PATCH", "/env", {"env_vars": {"HOPX_T_D": "4", "HOPX_T_C": "three"}})  # merges
+    env = _env(client)
+    assert (env["HOPX_T_C"], env["HOPX_T_D"]) == ("three", "4")
+    _no_content(client, "DELETE", "/env")                                  # clears
+    env = _env(client)
+    assert not [k for k in env if k.startswith("HOPX_T_")]
+    assert env.get("PATH") == os.environ.get("PATH")                       # the agent's env stays
+
+
+def test_env_values_must_be_strings(client):
+    for method in ("PUT", "PATCH"):
+        for env_vars in ({"HOPX_T_X": 1}, {"HOPX_T_X": None}, {"HOPX_T_X": ["a"]}, {"HOPX_T_X": True},
+                         {"HOPX_T_OK": "1", "HOPX_T_X": 2}, ["HOPX_T_X=1"]):
+            status, parsed, resp = client.call(method, "/env", {"env_vars": env_vars})
+            _assert_error(status, parsed, resp)
+    env = _env(client)
+    assert "HOPX_T_X" not in env and "HOPX_T_OK" not in env   # a rejected request changes nothing
+
+
+def test_env_precedence_request_over_global_over_agent(env_client):
+    c = env_client
+    code = ("import json, os\nprint(json.dumps({k: os.environ.get(k) for k in "
+            "('HOPX_T_LEVEL', 'HOPX_T_AGENT_ONLY', 'HOPX_T_GLOBAL_ONLY', 'HOPX_AGENT_SECRET')}))")
+
+    def seen(**extra):
+        return json.loads(c.ok("POST", "/execute", dict({"code": code}, **extra))["stdout"])
+
+    assert seen() == {"HOPX_T_LEVEL": "agent", "HOPX_T_AGENT_ONLY": "from-agent",
+                      "HOPX_T_GLOBAL_ONLY": None, "HOPX_AGENT_SECRET": None}
+    _no_content(c, "PUT", "/env", {"env_vars": {"HOPX_T_LEVEL": "global", "HOPX_T_GLOBAL_ONLY": "g"}})
+    assert seen() == {"HOPX_T_LEVEL": "global", "HOPX_T_AGENT_ONLY": "from-agent",
+                      "HOPX_T_GLOBAL_ONLY": "g", "HOPX_AGENT_SECRET": None}
+    assert seen(env={"HOPX_T_LEVEL": "request"})["HOPX_T_LEVEL"] == "request"
+    # api.md §1: the secret never reaches a child, whoever names it
+    _no_content(c, "PATCH", "/env", {"env_vars": {"HOPX_AGENT_SECRET": "from-global"}})
+    assert seen(env={"HOPX_AGENT_SECRET": "from-request"})["HOPX_AGENT_SECRET"] is None
+    assert seen()["HOPX_AGENT_SECRET"] is None
+    printed = c.ok("POST", "/commands/run", {"command": "printenv", "args": ["HOPX_T_LEVEL", "HOPX_T_GLOBAL_ONLY"],
+                                             "env": {"HOPX_T_LEVEL": "request"}})
+    assert printed["stdout"] == "request\ng\n"
+    assert c.ok("POST", "/commands/run", {"command": "printenv HOPX_T_LEVEL"})["stdout"] == "global\n"
+    _no_content(c, "DELETE", "/env")
+    assert seen()["HOPX_T_LEVEL"] == "agent"
+    assert "HOPX_AGENT_SECRET" not in _env(c)
+
+
+# -- /metrics ----------------------------------------------------------------------------------
+
+
+def _metrics_when(client, path, running, by_status):
+    """The snapshot once the manager's book-keeping caught up: a record turns
+    final a moment before its slot and status count are booked."""
+    def ready():
+        snap = client.ok("GET", path)
+        ex = snap["executions"]
+        return snap if (ex["running"], ex["by_status"]) == (running, by_status) else None
+    return wait_until(ready, 10, "executions running=%d by_status=%s" % (running, by_status))
+
+
+def test_metrics_snapshot_counts_requests_errors_and_executions(client):
+    assert client.ok("POST", "/execute", {"code": "print('x' * 10)"})["stdout"] == "x" * 10 + "\n"
+    status, _, _ = client.call("POST", "/execute", {"code": "print(1)", "timeout": 301})
+    assert status == 400
+    bg = client.ok("POST", "/execute/background", {"code": "import time\ntime.sleep(1000)"})
+    snap = _metrics_when(client, "/metrics/snapshot", 1, {"completed": 1})
+    assert isinstance(snap["uptime"], (int, float)) and snap["uptime"] >= 0
+    assert snap["requests"]["by_route"]["/execute"] == 2
+    assert snap["requests"]["by_route"]["/execute/background"] == 1
+    assert snap["requests"]["total"] == sum(snap["requests"]["by_route"].values()) >= 3
+    assert snap["errors"]["by_route"] == {"/execute": 1}
+    assert snap["errors"]["total"] == 1
+    assert (snap["executions"]["total"], snap["executions"]["queued"]) == (2, 0)
+    assert snap["output_bytes_held"] == 11
+    assert snap["webhooks"] == {"delivered": 0, "failed": 0}
+    client.ok("POST", "/execute/kill/%s" % bg["process_id"])
+    snap = _metrics_when(client, "/metrics", 0, {"completed": 1, "failed": 1})
+    assert snap["requests"]["by_route"]["/execute/kill/{process_id}"] == 1
+    assert snap["executions"]["total"] == 2
+    assert snap["requests"]["by_route"]["/metrics/snapshot"] >= 1
+
+
+_PROM_LABELS = r'(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")'
+_PROM_SAMPLE = re.compile(r"(hopx_agent_[a-zA-Z_:][a-zA-Z0-9_:]*)(\{%s(?:,%s)*\})? (\S+)" % (_PROM_LABELS, _PROM_LABELS))
+
+
+def test_metrics_prometheus_text_is_well_formed(client):
+    client.ok("POST", "/execute", {"code": "print(1)"})
+    status, resp, data = client.raw("GET", "/metrics/prometheus")
+    assert status == 200
+    assert resp.getheader("Content-Type").startswith("text/plain")
+    helps, types, samples = set(), {}, {}
+    for line in data.decode("utf-8").splitlines():
+        if line.startswith("# HELP "):
+            helps.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            types[name] = kind
+        else:
+            assert not line.startswith("#"), line
+            found = _PROM_SAMPLE.fullmatch(line)
+            assert found, "not a Prometheus sample: %r" % line
+            samples.setdefault(found.group(1), []).append((found.group(2) or "", float(found.group(3))))
+    assert samples
+    for name in samples:
+        assert name in helps and name in types, name
+    assert ('{route="/execute"}', 1.0) in samples["hopx_agent_requests_total"]
+    assert samples["hopx_agent_executions_total"] == [("", 1.0)]
+    assert samples["hopx_agent_uptime_seconds"][0][1] >= 0
+
+
+# -- GET /processes --------------------------------------------------------------------------------
+
+
+def test_system_processes_include_the_agent_and_its_children(client):
+    bg = client.ok("POST", "/execute/background", {"code": "import time\ntime.sleep(1000)"})
+    data = client.ok("GET", "/processes")
+    assert data["count"] == len(data["processes"])
+    mine = [p for p in data["processes"] if p["pid"] == os.getpid()]
+    assert len(mine) == 1
+    me = mine[0]
+    assert {"pid", "ppid", "name", "command", "user", "status", "memory_mb"} <= set(me)
+    assert me["ppid"] == os.getppid()
+    with open("/proc/self/comm") as fh:
+        assert me["name"] == fh.read().strip()
+    with open("/proc/self/cmdline", "rb") as fh:
+        assert me["command"] == fh.read().replace(b"\0", b" ").strip().decode()
+    assert me["user"] == pwd.getpwuid(os.getuid()).pw_name
+    assert me["status"] in ("R", "S", "D")
+    assert isinstance(me["memory_mb"], (int, float)) and me["memory_mb"] > 1
+    child = [p for p in data["processes"] if p["pid"] == bg["pid"]]
+    assert len(child) == 1 and child[0]["ppid"] == os.getpid()
+    client.ok("POST", "/execute/kill/%s" % bg["process_id"])
+
+
+# -- the SDK's requests, replayed byte for byte (hopx-ai 0.5.0 over httpx) ----------------------------
+
+_SDK_HEADERS = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "User-Agent": "python-httpx/0.28.1"}
+
+
+def sdk(client, method, path, body=None, expect=200):
+    """One request as the SDK sends it (compact JSON body); returns the parsed JSON answer."""
+    headers = dict(_SDK_HEADERS)
+    data = None
+    if body is not None:
+        data = json.dumps(body, separators=(",", ":")).encode()
+        headers["Content-Type"] = "application/json"
+    status, resp, raw = client.raw(method, path, data, headers)
+    assert status == expect, (status, raw)
+    if expect == 204:
+        assert raw == b""
+        return None
+    assert resp.getheader("Content-Type", "").startswith("application/json"), resp.getheader("Content-Type")
+    return json.loads(raw)
+
+
+def _expected_cwd(config):
+    return "/workspace" if os.path.isdir("/workspace") else config.workdir
+
+
+def test_sdk_is_healthy_and_get_agent_info(client):
+    assert sdk(client, "GET", "/health")["status"] == "healthy"
+    info = sdk(client, "GET", "/info")
+    assert info["version"] == hopx_agent.__version__
+    assert "python" in json.dumps(info["languages"])
+
+
+def test_sdk_run_code_with_workspace_that_does_not_exist(client, config):
+    body = {"language": "python", "code": "import os\nprint(os.getcwd())", "workdir": "/workspace", "timeout": 120}
+    result = sdk(client, "POST", "/execute", body)
+    assert result["success"] is True and result["exit_code"] == 0
+    assert os.path.realpath(result["stdout"].strip()) == os.path.realpath(_expected_cwd(config))
+    failed = sdk(client, "POST", "/execute", dict(body, code="import sys\nsys.exit(5)"))
+    assert (failed["success"], failed["exit_code"]) == (False, 5)
+
+
+def test_sdk_run_code_background_list_and_kill(client):
+    started = sdk(client, "POST", "/execute/background",
+                  {"code": "import time\ntime.sleep(1000)", "language": "python", "timeout": 300, "name": "sdk-bg"})
+    assert started["status"] in ("running", "queued")
+    process_id = started["process_id"]
+    listed = sdk(client, "GET", "/execute/processes")["processes"]
+    assert [p["name"] for p in listed if p["process_id"] == process_id] == ["sdk-bg"]
+    # kill_process: POST with Content-Length: 0, no body and no Content-Type
+    status, resp, raw = client.raw("POST", "/execute/kill/%s" % process_id, None, dict(_SDK_HEADERS))
+    assert status == 200, raw
+    assert resp.getheader("Content-Type").startswith("application/json")
+    assert json.loads(raw)["status"] == "killed"
+    final = wait_until(lambda: _finished(client, process_id), 10, "killed run to be final")
+    assert final["reason"] == "killed"
+    gone = sdk(client, "POST", "/execute/kill/proc_does_not_exist", None, expect=404)
+    assert gone["code"] == "PROCESS_NOT_FOUND"
+
+
+def test_sdk_run_code_async(client, sink):
+    body = {"code": "print(1)", "language": "python", "timeout": 1800, "workdir": "/workspace",
+            "callback_url": sink.url}
+    answer = sdk(client, "POST", "/execute/async", body)
+    assert answer["execution_id"]
+    call = wait_until(sink.calls, 15, "the webhook")[0]
+    assert json.loads(call["body"])["execution_id"] == answer["execution_id"]
+
+
+def test_sdk_metrics_and_system_processes(client):
+    assert isinstance(sdk(client, "GET", "/metrics/snapshot"), dict)
+    processes = sdk(client, "GET", "/processes")["processes"]
+    assert isinstance(processes, list) and all("pid" in p for p in processes)
+
+
+def test_sdk_commands_run(client, config):
+    def run(cmd):
+        return sdk(client, "POST", "/commands/run",
+                   {"command": "bash", "args": ["-c", cmd], "timeout": 120, "workdir": "/workspace"})
+
+    result = run("echo hi-cmd; pwd")
+    assert result["stdout"] == "hi-cmd\n%s\n" % _expected_cwd(config)
+    assert result["exit_code"] == 0
+    failed = run("echo oops >&2; exit 7")
+    assert (failed["exit_code"], failed["stderr"]) == (7, "oops\n")
+
+
+def test_sdk_commands_run_background(client):
+    body = {"command": "bash", "args": ["-c", "echo bgcmd"], "timeout": 120, "workdir": "/workspace"}
+    process_id = sdk(client, "POST", "/commands/background", body)["process_id"]
+    assert isinstance(process_id, str) and process_id.startswith("proc_")
+    final = wait_until(lambda: _finished(client, process_id), 10, "background command to end")
+    assert (final["status"], final["kind"], final["stdout"]) == ("completed", "command", "bgcmd\n")
+
+
+def test_sdk_env_calls(client):
+    assert isinstance(sdk(client, "GET", "/env")["env_vars"], dict)
+    sdk(client, "PUT", "/env", {"env_vars": {"HOPX_T_A": "1"}}, expect=204)                      # set_all
+    sdk(client, "PATCH", "/env", {"env_vars": {"HOPX_T_B": "2"}, "merge": True}, expect=204)   # update
+    sdk(client, "PATCH", "/env", {"env_vars": {"HOPX_T_C": "3"}, "merge": True}, expect=204)   # set
+    current = sdk(client, "GET", "/env")["env_vars"]
+    assert (current["HOPX_T_A"], current["HOPX_T_B"], current["HOPX_T_C"]) == ("1", "2", "3")
+    rest = {k: v for k, v in current.items() if k != "HOPX_T_A"}                                # delete
+    sdk(client, "PUT", "/env", {"env_vars": rest}, expect=204)
+    after = sdk(client, "GET", "/env")["env_vars"]
+    assert "HOPX_T_A" not in after and after["HOPX_T_B"] == "2"
+    ran = sdk(client, "POST", "/execute", {"language": "python", "workdir": "/workspace", "timeout": 120,
+                                           "code": "import os; print(os.environ.get('HOPX_T_C'))"})
+    assert ran["stdout"] == "3\n"
+
+
+# ============================================================================
+# CLI
+# ============================================================================
+
+
+def _clean_env(**extra):
+    """The test's environment without any HOPX_AGENT_* setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOPX_AGENT_")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def no_agent_env(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("HOPX_AGENT_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+class _AgentProcess:
+    """``python3 hopx_agent.py ...`` as a child; stderr read line by line on a thread."""
+
+    def __init__(self, args, env, cwd):
+        self.proc = subprocess.Popen([sys.executable, hopx_agent.__file__] + list(args), env=env, cwd=cwd,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        self.lines = queue.Queue()
+        self.seen = []
+        self._thread = threading.Thread(target=self._pump, name="test-agent-stderr", daemon=True)
+        self._thread.start()
+
+    def _pump(self):
+        for line in self.proc.stderr:
+            self.lines.put(line.decode("utf-8", "replace"))
+        self.lines.put(None)
+
+    def wait_line(self, pattern, timeout=20.0):
+        """The first stderr line (seen or still to come) matching ``pattern``."""
+        regex = re.compile(pattern)
+        for line in self.seen:
+            found = regex.search(line)
+            if found:
+                return found
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(0.0, remaining)) if remaining > 0 else None
+            except queue.Empty:
+                line = None
+            if line is None:
+                raise AssertionError("no stderr line matching %r; stderr so far:\n%s"
+                                     % (pattern, "".join(self.seen)))
+            self.seen.append(line)
+            found = regex.search(line)
+            if found:
+                return found
+
+    def port(self):
+        return int(self.wait_line(r"listening on http://127\.0\.0\.1:(\d+)\b").group(1))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._thread.join(5)
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def run_agent(tmp_path):
+    started = []
+
+    def start(*args, **env):
+        agent = _AgentProcess(args, _clean_env(**env), str(tmp_path))
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+def _get(port, path, token=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        conn.request("GET", path, headers={"Authorization": "Bearer " + token} if token else {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _post(port, path, body, token=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        conn.request("POST", path, body=json.dumps(body).encode(), headers=headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_main_version_prints_the_version(capsys):
+    assert hopx_agent.main(["--version"]) == 0
+    assert hopx_agent.__version__ in capsys.readouterr().out
+
+
+def test_running_the_file_as_a_script_prints_the_version():
+    done = subprocess.run([sys.executable, hopx_agent.__file__, "--version"], capture_output=True,
+                          timeout=30, env=_clean_env())
+    assert done.returncode == 0, done.stderr
+    assert hopx_agent.__version__ in done.stdout.decode()
+
+
+def test_token_command_mints_a_verifiable_token(no_agent_env, capsys):
+    no_agent_env.setenv("HOPX_AGENT_SECRET", "cli-secret-0123456789abcdef0123456789")
+    before = time.time()
+    assert hopx_agent.main(["token", "--ttl", "60", "--sub", "me"]) == 0
+    token = capsys.readouterr().out.strip()
+    claims = hopx_agent.verify_jwt(token, b"cli-secret-0123456789abcdef0123456789")
+    assert claims["sub"] == "me"
+    assert before + 60 - 2 <= claims["exp"] <= time.time() + 60 + 2
+    with pytest.raises(hopx_agent.AuthError):
+        hopx_agent.verify_jwt(token, b"another-secret")
+
+
+def test_token_command_without_a_secret_exits_2(no_agent_env, capsys):
+    assert hopx_agent.main(["token"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "secret" in captured.err
+
+
+def test_token_command_reads_the_secret_file_less_its_trailing_newline(no_agent_env, capsys, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"file-secret-0123456789abcdef0123\n")
+    assert hopx_agent.main(["--secret-file", str(key_file), "token", "--sub", "filed"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert hopx_agent.verify_jwt(token, b"file-secret-0123456789abcdef0123")["sub"] == "filed"
+    with pytest.raises(hopx_agent.AuthError):
+        hopx_agent.verify_jwt(token, b"file-secret-0123456789abcdef0123\n")
+
+
+def test_served_agent_without_secret_prints_a_working_token(run_agent):
+    agent = run_agent("--port", "0")
+    port = agent.port()
+    token = agent.wait_line(r"\b(eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+)").group(1)
+    curl = agent.wait_line(r"curl .*").group(0)
+    assert "Bearer " + token in curl and ":%d/" % port in curl
+    status, body = _get(port, "/execute/processes", token)
+    assert status == 200 and body["processes"] == []
+    status, body = _get(port, "/execute/processes")
+    assert status == 401 and body["code"] == "AUTHENTICATION_REQUIRED"
+    assert _get(port, "/execute/processes", good_token())[0] == 401   # the secret is random, not ours
+
+
+def test_sigterm_ends_children_and_exits_0_within_grace(run_agent):
+    grace = 1.0
+    agent = run_agent("--port", "0", "--kill-grace", str(grace), HOPX_AGENT_SECRET=SECRET.decode())
+    port = agent.port()
+    token = good_token()
+    status, started = _post(port, "/commands/background", {"command": "sleep 1000 & sleep 1000"}, token)
+    assert status == 200, started
+    pids = wait_until(lambda: (lambda found: found if len(found) >= 2 else None)(
+        pids_with_marker(started["process_id"])), 15, "the child and its grandchild")
+    assert started["pid"] in pids
+    agent.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code = agent.proc.wait(grace + 2 + 10)
+    elapsed = time.monotonic() - sent
+    assert code == 0, "".join(agent.seen)
+    assert elapsed <= grace + 2, elapsed
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), 2, "the children to be gone")
+
+
+@pytest.mark.parametrize("how", ["env", "file", "file-newline-only"])
+def test_empty_secret_refuses_to_start(tmp_path, how):
+    env, args = _clean_env(), [sys.executable, hopx_agent.__file__, "--port", "0"]
+    if how == "env":
+        env["HOPX_AGENT_SECRET"] = ""
+    else:
+        key_file = tmp_path / "key"
+        key_file.write_bytes(b"" if how == "file" else b"\n")
+        args += ["--secret-file", str(key_file)]
+    done = subprocess.run(args, env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert b"secret" in done.stderr
+    assert b"listening on" not in done.stderr
+
+
+def test_no_auth_serves_without_tokens_and_says_so(run_agent):
+    agent = run_agent("--port", "0", "--no-auth")
+    port = agent.port()
+    status, body = _get(port, "/execute/processes")
+    assert status == 200 and body["count"] == 0
+    status, body = _post(port, "/execute", {"code": "print('open')"})
+    assert status == 200 and body["stdout"] == "open\n"
+    assert any(re.search(r"(?i)auth\w* (is )?disabled|no-auth", line) for line in agent.seen)
+    assert not any(re.search(r"eyJ[A-Za-z0-9_-]+\.", line) for line in agent.seen)
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(15) == 0
+
+
+def test_all_lists_exactly_the_public_names():
+    names = hopx_agent.__all__
+    assert len(names) == len(set(names))
+    for name in names:
+        assert hasattr(hopx_agent, name), name
+    public = {name for name, obj in vars(hopx_agent).items()
+              if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj))
+              and getattr(obj, "__module__", None) == "hopx_agent"}
+    assert public <= set(names), sorted(public - set(names))
+    for name in ("AgentConfig", "AgentError", "verify_jwt", "ProcessManager", "create_server", "serve", "main"):
+        assert name in names
+
+
+def test_importing_the_module_starts_nothing():
+    code = ("import logging, signal, threading, hopx_agent\n"
+            "assert threading.active_count() == 1, threading.enumerate()\n"
+            "assert logging.getLogger('hopx_agent').handlers == []\n"
+            "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n")
+    env = _clean_env(PYTHONPATH=os.path.dirname(os.path.abspath(hopx_agent.__file__)))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b"" and done.stderr == b""
+
+
+READ_TIMEOUT_S = 10.0      # one blocked read at most; a hang fails instead of stalling the suite
+FOLLOW_DEADLINE_S = 20.0   # a whole stream at most
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 §1.3
+
+# ============================================================================
+# Helpers: a tiny SSE reader, a tiny WebSocket client
+# ============================================================================
+
+
+def _connect(server):
+    host, port = server.server_address[:2]
+    return socket.create_connection((host, port), timeout=READ_TIMEOUT_S)
+
+
+def _read_head(fh):
+    """(status, {lower-case name: value}) of an HTTP answer."""
+    status_line = fh.readline()
+    assert status_line, "connection closed before an answer"
+    status = int(status_line.split()[1])
+    headers = {}
+    while True:
+        line = fh.readline()
+        assert line, "connection closed inside the head"
+        if line in (b"\r\n", b"\n"):
+            return status, headers
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+
+
+class SSE:
+    """One GET of an event stream, read line by line (WHATWG HTML §9.2)."""
+
+    def __init__(self, server, path, token=None, headers=None):
+        self.sock = _connect(server)
+        lines = ["GET %s HTTP/1.1" % path, "Host: test",
+                 "Authorization: Bearer " + (token or good_token()), "Accept: text/event-stream"]
+        lines += ["%s: %s" % item for item in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.fh = self.sock.makefile("rb")
+        self.status, self.headers = _read_head(self.fh)
+
+    def next(self):
+        """The next event as a dict (event, id, data parsed as JSON), a
+        ("comment", text) tuple, or None at EOF."""
+        fields = {}
+        while True:
+            line = self.fh.readline()
+            if not line:
+                return None
+            line = line.decode("utf-8").rstrip("\r\n")
+            if line.startswith(":"):
+                return ("comment", line[1:].strip())
+            if not line:
+                if "data" in fields:
+                    fields["data"] = json.loads(fields["data"])
+                    return fields
+                fields = {}   # a block without data (retry:) dispatches nothing
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            fields[name] = fields["data"] + "\n" + value if name == "data" and "data" in fields else value
+
+    def events(self, stop=None):
+        """Events (comments skipped) until EOF, or until ``stop(event)`` is true."""
+        deadline = time.monotonic() + FOLLOW_DEADLINE_S
+        out = []
+        while time.monotonic() < deadline:
+            item = self.next()
+            if item is None:
+                return out
+            if isinstance(item, tuple):
+                continue
+            out.append(item)
+            if stop is not None and stop(item):
+                return out
+        raise AssertionError("stream did not end within %ss: %r" % (FOLLOW_DEADLINE_S, out[-3:]))
+
+    def at_eof(self):
+        return self.fh.read(1) == b""
+
+    def close(self):
+        self.fh.close()
+        self.sock.close()
+
+
+def parse_id(value):
+    out, err = value.split(":")
+    return int(out), int(err)
+
+
+def output_of(events, stream="stdout"):
+    return "".join(e["data"]["data"] for e in events if e["event"] == stream)
+
+
+def start_background(client, code, **extra):
+    body = dict({"code": code, "language": "python", "timeout": 30}, **extra)
+    return client.ok("POST", "/execute/background", body)["process_id"]
+
+
+def record_of(client, process_id):
+    return client.ok("GET", "/execute/processes/%s?output=false" % process_id)
+
+
+def wait_finished(client, process_id):
+    return wait_until(lambda: (lambda r: r if r["status"] in ("completed", "failed") else None)(
+        record_of(client, process_id)), 15, "%s to finish" % process_id)
+
+
+def ws_handshake(server, path="/execute/stream", token=None, extra=None, key=None):
+    """(socket, file, status, headers, key); the body of a non-101 answer is left unread."""
+    sock = _connect(server)
+    key = key or base64.b64encode(os.urandom(16)).decode("ascii")
+    headers = {"Host": "test", "Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"}
+    if token is not False:
+        headers["Authorization"] = "Bearer " + (token or good_token())
+    headers.update(extra or {})
+    lines = ["GET %s HTTP/1.1" % path] + ["%s: %s" % item for item in headers.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    fh = sock.makefile("rb")
+    status, head = _read_head(fh)
+    return sock, fh, status, head, key
+
+
+def read_json_body(fh, headers):
+    body = fh.read(int(headers["content-length"]))
+    assert headers["content-type"].startswith("application/json")
+    return json.loads(body)
+
+
+def encode_frame(opcode, payload=b"", fin=True, masked=True, length=None):
+    """One client frame; ``length`` overrides the header's length (to lie about it)."""
+    size = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | opcode])
+    bit = 0x80 if masked else 0
+    if size < 126:
+        head += bytes([bit | size])
+    elif size < 65536:
+        head += bytes([bit | 126]) + struct.pack("!H", size)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", size)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+class WS:
+    """A WebSocket client: handshake, masked frames out, unmasked frames in."""
+
+    TEXT, BINARY, CLOSE, PING, PONG, CONT = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
+
+    def __init__(self, server, token=None):
+        self.sock, self.fh, status, self.headers, key = ws_handshake(server, token=token)
+        assert status == 101, status
+        expected = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        assert self.headers.get("sec-websocket-accept") == expected
+        assert self.headers.get("upgrade", "").lower() == "websocket"
+
+    def send(self, opcode, payload=b"", fin=True, masked=True):
+        self.sock.sendall(encode_frame(opcode, payload, fin, masked))
+
+    def send_json(self, obj):
+        self.send(self.TEXT, json.dumps(obj).encode())
+
+    def _exact(self, size):
+        data = self.fh.read(size)
+        assert len(data) == size, "connection closed inside a frame"
+        return data
+
+    def recv(self):
+        """(opcode, payload) of the next frame, or None at EOF."""
+        first = self.fh.read(1)
+        if not first:
+            return None
+        second = self._exact(1)[0]
+        assert first[0] & 0x80, "the server fragments nothing here"
+        assert not second & 0x80, "server frames must not be masked (RFC 6455 §5.1)"
+        size = second & 0x7F
+        if size == 126:
+            size = struct.unpack("!H", self._exact(2))[0]
+        elif size == 127:
+            size = struct.unpack("!Q", self._exact(8))[0]
+        return first[0] & 0x0F, self._exact(size)
+
+    def frames(self):
+        """Every frame up to and including the close frame (bounded)."""
+        deadline = time.monotonic() + FOLLOW_DEADLINE_S
+        out = []
+        while time.monotonic() < deadline:
+            frame = self.recv()
+            assert frame is not None, "EOF before a close frame: %r" % out[-3:]
+            out.append(frame)
+            if frame[0] == self.CLOSE:
+                return out
+        raise AssertionError("no close frame within %ss" % FOLLOW_DEADLINE_S)
+
+    def stdout_until(self, text):
+        """stdout messages gathered until they end with ``text`` (a print may come in pieces)."""
+        got = ""
+        deadline = time.monotonic() + FOLLOW_DEADLINE_S
+        while not got.endswith(text):
+            assert time.monotonic() < deadline, got
+            opcode, payload = self.recv()
+            message = json.loads(payload)
+            assert (opcode, message["type"]) == (self.TEXT, "stdout"), message
+            got += message["data"]
+        return got
+
+    def messages(self):
+        """(JSON messages, close code) of the rest of the session."""
+        frames = self.frames()
+        texts = [json.loads(p) for op, p in frames if op == self.TEXT]
+        return texts, struct.unpack("!H", frames[-1][1][:2])[0]
+
+    def close(self):
+        self.fh.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def capped_server(config):
+    """A server whose manager keeps only the newest 4096 bytes of each stream."""
+    small = dataclasses.replace(config, max_output_bytes=4096)
+    mgr = hopx_agent.ProcessManager(small)
+    srv = hopx_agent.create_server(small, mgr)
+    thread = threading.Thread(target=srv.serve_forever, name="test-serve-capped", daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+    mgr.shutdown(5.0)
+
+
+TEN_LINES = "".join("line %d\n" % i for i in range(10))
+
+# ============================================================================
+# Server-Sent Events
+# ============================================================================
+
+
+def test_sse_follows_ten_lines_in_order_then_exit_and_close(server, client):
+    pid = start_background(client, "import time\nfor i in range(10):\n"
+                                   "    print('line %d' % i, flush=True)\n    time.sleep(0.02)\n")
+    sse = SSE(server, "/execute/processes/%s/stream" % pid)
+    try:
+        assert sse.status == 200
+        assert sse.headers["content-type"].startswith("text/event-stream")
+        events = sse.events()
+        assert sse.at_eof()
+    finally:
+        sse.close()
+    assert [e["event"] for e in events][-1] == "exit"
+    data_events = events[:-1]
+    assert data_events and all(e["event"] == "stdout" for e in data_events)
+    assert output_of(events) == TEN_LINES
+    position = 0
+    for event in data_events:   # contiguous, and each id is the offset right after the event
+        assert event["data"]["offset"] == position
+        position += len(event["data"]["data"].encode())
+        assert parse_id(event["id"]) == (position, 0)
+    final = events[-1]["data"]
+    assert final["status"] == "completed" and final["exit_code"] == 0
+    assert final["process_id"] == pid and "stdout" not in final
+    assert parse_id(events[-1]["id"]) == (len(TEN_LINES), 0)
+
+
+def test_sse_resumes_from_last_event_id_without_gaps_or_duplicates(server, client):
+    code = ("import sys\nfor i in range(5): print('line %d' % i, flush=True)\n"
+            "sys.stdin.readline()\nfor i in range(5, 10): print('line %d' % i, flush=True)\n")
+    pid = start_background(client, code, stdin=True)
+    path = "/execute/processes/%s/stream" % pid
+    first = SSE(server, path)
+    try:
+        seen = []
+        first.events(stop=lambda e: seen.append(e) or "line 4\n" in output_of(seen))
+        last_id = seen[-1]["id"]
+    finally:
+        first.close()
+    assert output_of(seen) == TEN_LINES[:TEN_LINES.index("line 5")]
+    assert record_of(client, pid)["status"] == "running"   # the resume below is a live one
+    client.ok("POST", "/execute/processes/%s/stdin" % pid, {"data": "go\n"})
+    second = SSE(server, path, headers={"Last-Event-ID": last_id})
+    try:
+        rest = second.events()
+    finally:
+        second.close()
+    assert rest[0]["data"]["offset"] == parse_id(last_id)[0]
+    assert output_of(seen) + output_of(rest) == TEN_LINES
+    assert rest[-1]["event"] == "exit" and rest[-1]["data"]["exit_code"] == 0
+
+
+def test_sse_query_offsets_start_mid_stream(server, client):
+    pid = client.ok("POST", "/execute", {"code": "print('abcdef')", "language": "python"})["process_id"]
+    sse = SSE(server, "/execute/processes/%s/stream?stdout_offset=3&stderr_offset=0" % pid)
+    try:
+        events = sse.events()
+    finally:
+        sse.close()
+    assert output_of(events) == "def\n"
+    assert events[0]["data"]["offset"] == 3
+
+
+def test_sse_late_follower_gets_retained_output_and_exit_at_once(server, client):
+    code = "import sys\nprint('to out')\nprint('to err', file=sys.stderr)\nsys.exit(4)\n"
+    pid = client.ok("POST", "/execute", {"code": code, "language": "python"})["process_id"]
+    started = time.monotonic()
+    sse = SSE(server, "/execute/processes/%s/stream" % pid)
+    try:
+        events = sse.events()
+        assert sse.at_eof()
+    finally:
+        sse.close()
+    assert time.monotonic() - started < 5.0   # not held until a heartbeat (15 s)
+    assert output_of(events, "stdout") == "to out\n"
+    assert output_of(events, "stderr") == "to err\n"
+    assert events[-1]["event"] == "exit"
+    assert events[-1]["data"]["exit_code"] == 4 and events[-1]["data"]["status"] == "failed"
+
+
+def test_sse_each_event_id_marks_the_position_right_after_that_event(server, client):
+    """A client that got the stdout event but lost the connection before the
+    stderr one resumes from the stdout event's id and must still get stderr."""
+    code = "import sys\nsys.stdout.write('out\\n')\nsys.stderr.write('err\\n')\n"
+    pid = client.ok("POST", "/execute", {"code": code, "language": "python"})["process_id"]
+    path = "/execute/processes/%s/stream" % pid
+    sse = SSE(server, path)
+    try:
+        events = sse.events()
+    finally:
+        sse.close()
+    by_kind = {e["event"]: e for e in events}
+    assert parse_id(by_kind["stderr"]["id"]) == (4, 4)
+    resumed = SSE(server, path, headers={"Last-Event-ID": by_kind["stdout"]["id"]})
+    try:
+        rest = resumed.events()
+    finally:
+        resumed.close()
+    assert parse_id(by_kind["stdout"]["id"]) == (4, 0), "stdout event's id claims stderr was delivered too"
+    assert output_of(rest, "stderr") == "err\n"
+
+
+def test_sse_reports_bytes_dropped_by_the_cap(capped_server):
+    c = Client(capped_server)
+    try:
+        pid = c.ok("POST", "/execute", {"code": "import sys\nsys.stdout.write('x' * 102400)\n",
+                                        "language": "python"})["process_id"]
+        sse = SSE(capped_server, "/execute/processes/%s/stream?stdout_offset=0" % pid)
+        try:
+            events = sse.events()
+        finally:
+            sse.close()
+        default = SSE(capped_server, "/execute/processes/%s/stream" % pid)
+        try:
+            window_only = default.events()
+        finally:
+            default.close()
+    finally:
+        c.close()
+    assert [e["event"] for e in events] == ["dropped", "stdout", "exit"]
+    assert events[0]["data"] == {"stream": "stdout", "offset": 0, "bytes": 102400 - 4096}
+    assert events[1]["data"] == {"data": "x" * 4096, "offset": 102400 - 4096}
+    assert events[2]["data"]["stdout_dropped"] == 102400 - 4096
+    assert [e["event"] for e in window_only] == ["stdout", "exit"]   # default: what is retained
+
+
+def test_sse_live_follow_of_a_capped_stream_accounts_for_every_byte(capped_server):
+    c = Client(capped_server)
+    code = "import sys, time\nfor i in range(20):\n    sys.stdout.write('%d' % (i % 10) * 5120)\n" \
+           "    sys.stdout.flush()\n    time.sleep(0.005)\n"
+    try:
+        pid = c.ok("POST", "/execute/background", {"code": code, "language": "python"})["process_id"]
+        sse = SSE(capped_server, "/execute/processes/%s/stream?stdout_offset=0" % pid)
+        try:
+            events = sse.events()
+        finally:
+            sse.close()
+    finally:
+        c.close()
+    position = 0
+    for event in events[:-1]:   # dropped and stdout pieces tile [0, total) exactly
+        data = event["data"]
+        assert data["offset"] == position, events
+        if event["event"] == "dropped":
+            assert data["stream"] == "stdout" and data["bytes"] > 0
+            position += data["bytes"]
+        else:
+            assert event["event"] == "stdout"
+            position += len(data["data"])
+    assert position == 20 * 5120
+    assert any(e["event"] == "dropped" for e in events)
+    assert events[-1]["event"] == "exit" and events[-1]["data"]["status"] == "completed"
+
+
+def test_sse_sends_a_heartbeat_comment_when_quiet(server, client, monkeypatch):
+    monkeypatch.setattr(hopx_agent, "SSE_HEARTBEAT_S", 0.2)
+    pid = start_background(client, "import sys\nprint('ready', flush=True)\nsys.stdin.readline()\n",
+                           stdin=True)
+    sse = SSE(server, "/execute/processes/%s/stream" % pid)
+    try:
+        deadline = time.monotonic() + FOLLOW_DEADLINE_S
+        comments = []
+        while not comments and time.monotonic() < deadline:
+            item = sse.next()
+            assert item is not None, "stream ended early"
+            if isinstance(item, tuple):
+                comments.append(item[1])
+        assert comments == ["heartbeat"]
+        client.ok("POST", "/execute/processes/%s/stdin" % pid, {"data": "\n"})
+        events = sse.events()
+    finally:
+        sse.close()
+    assert events[-1]["event"] == "exit" and events[-1]["data"]["exit_code"] == 0
+
+
+def test_sse_unknown_process_is_404_json(client):
+    status, body, _ = client.call("GET", "/execute/processes/proc_doesnotexist/stream")
+    assert status == 404
+    assert body["code"] == "PROCESS_NOT_FOUND"
+
+
+def test_sse_without_token_is_401(client):
+    pid = client.ok("POST", "/execute", {"code": "print(1)", "language": "python"})["process_id"]
+    status, body, _ = client.call("GET", "/execute/processes/%s/stream" % pid, token=False)
+    assert status == 401
+    assert body["code"] == "AUTHENTICATION_REQUIRED"
+
+
+def test_sse_malformed_last_event_id_is_400(client):
+    pid = client.ok("POST", "/execute", {"code": "print(1)", "language": "python"})["process_id"]
+    status, body, _ = client.call("GET", "/execute/processes/%s/stream" % pid,
+                                  headers={"Last-Event-ID": "12-3"})
+    assert status == 400
+    assert body["code"] == "INVALID_REQUEST"
+
+# ============================================================================
+# WebSocket
+# ============================================================================
+
+
+def test_ws_accept_header_matches_the_rfc_6455_example(server):
+    sock, fh, status, headers, _ = ws_handshake(server, key="dGhlIHNhbXBsZSBub25jZQ==")
+    try:
+        assert status == 101
+        assert headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    finally:
+        fh.close()
+        sock.close()
+
+
+def test_ws_runs_code_and_streams_output_then_result_complete_close(server):
+    ws = WS(server)
+    try:
+        ws.send_json({"type": "execute", "code": "print('hello')\nprint('world')\n",
+                      "language": "python", "timeout": 20})
+        messages, code = ws.messages()
+        ws.send(WS.CLOSE, struct.pack("!H", 1000))
+        assert ws.recv() is None   # the server drops the connection after the close handshake
+    finally:
+        ws.close()
+    kinds = [m["type"] for m in messages]
+    assert kinds[-2:] == ["result", "complete"] and set(kinds[:-2]) == {"stdout"}
+    assert "".join(m["data"] for m in messages if m["type"] == "stdout") == "hello\nworld\n"
+    assert all(m["timestamp"] for m in messages if m["type"] == "stdout")
+    result = messages[-2]
+    assert result["exit_code"] == 0 and isinstance(result["execution_time"], (int, float))
+    assert messages[-1] == {"type": "complete", "success": True}
+    assert code == 1000
+
+
+def test_ws_failing_program_reports_exit_code_and_no_success(server):
+    ws = WS(server)
+    try:
+        ws.send_json({"type": "execute", "language": "python", "timeout": 20,
+                      "code": "import sys\nprint('bad', file=sys.stderr)\nsys.exit(3)\n"})
+        messages, code = ws.messages()
+    finally:
+        ws.close()
+    assert "".join(m["data"] for m in messages if m["type"] == "stderr") == "bad\n"
+    result = [m for m in messages if m["type"] == "result"]
+    assert result and result[0]["exit_code"] == 3
+    assert messages[-1] == {"type": "complete", "success": False}
+    assert code == 1000
+
+
+def test_ws_workdir_and_env_reach_the_child(server, tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    ws = WS(server)
+    try:
+        ws.send_json({"type": "execute", "language": "python", "timeout": 20, "workdir": str(sub),
+                      "env": {"STREAM_TEST_VAR": "v42"},
+                      "code": "import os\nprint(os.getcwd(), os.environ['STREAM_TEST_VAR'])\n"})
+        messages, code = ws.messages()
+    finally:
+        ws.close()
+    out = "".join(m["data"] for m in messages if m["type"] == "stdout")
+    assert out == "%s v42\n" % os.path.realpath(str(sub))
+    assert code == 1000
+
+
+def test_ws_large_messages_both_ways_use_extended_lengths(server):
+    code = "# " + "p" * 70000 + "\nimport sys\nsys.stdout.write('y' * 150000)\n"   # 64-bit length in
+    ws = WS(server)
+    try:
+        ws.send_json({"type": "execute", "code": code, "language": "python", "timeout": 20})
+        messages, close_code = ws.messages()
+    finally:
+        ws.close()
+    assert "".join(m["data"] for m in messages if m["type"] == "stdout") == "y" * 150000
+    assert messages[-1] == {"type": "complete", "success": True}
+    assert close_code == 1000
+
+
+def test_ws_ping_gets_a_pong_with_the_same_payload(server, manager):
+    ws = WS(server)
+    try:
+        ws.send(WS.PING, b"before")   # answered while waiting for the execute message
+        assert ws.recv() == (WS.PONG, b"before")
+        ws.send_json({"type": "execute", "language": "python", "timeout": 30,
+                      "code": "import time\nprint('ready', flush=True)\ntime.sleep(30)\n"})
+        assert ws.stdout_until("ready\n") == "ready\n"
+        ws.send(WS.PING, b"during-run")
+        frames = []
+        deadline = time.monotonic() + FOLLOW_DEADLINE_S
+        while not frames or frames[-1][0] != WS.PONG:
+            assert time.monotonic() < deadline
+            frames.append(ws.recv())
+        assert frames[-1] == (WS.PONG, b"during-run")
+        ws.send(WS.CLOSE, struct.pack("!H", 1000))
+        rest = ws.frames()
+    finally:
+        ws.close()
+    assert struct.unpack("!H", rest[-1][1][:2])[0] == 1000   # the close is echoed
+    records = wait_until(lambda: [r for r in manager.list(output=False) if r["status"] in ("completed", "failed")],
+                         10, "the run to end once the client closed")
+    assert records[0]["reason"] == "killed"
+
+
+def test_ws_unmasked_client_frame_is_refused_with_1002(server):
+    ws = WS(server)
+    try:
+        ws.send(WS.TEXT, b'{"code":"print(1)"}', masked=False)
+        frames = ws.frames()
+    finally:
+        ws.close()
+    assert [op for op, _ in frames] == [WS.CLOSE]
+    assert struct.unpack("!H", frames[0][1][:2])[0] == 1002
+
+
+def test_ws_frame_over_one_mib_is_refused_with_1009(server, manager):
+    ws = WS(server)
+    try:
+        # only the header: the server must refuse on the announced length
+        ws.sock.sendall(encode_frame(WS.TEXT, length=hopx_agent.WS_MAX_MESSAGE_BYTES + 1)[:10])
+        frames = ws.frames()
+    finally:
+        ws.close()
+    assert struct.unpack("!H", frames[-1][1][:2])[0] == 1009
+    assert manager.list() == []
+
+
+def test_ws_fragments_adding_up_to_over_one_mib_are_refused_with_1009(server, manager):
+    half = b" " * (hopx_agent.WS_MAX_MESSAGE_BYTES // 2 + 1024)
+    ws = WS(server)
+    try:
+        ws.send(WS.TEXT, half, fin=False)
+        ws.send(WS.CONT, half, fin=True)
+        frames = ws.frames()
+    finally:
+        ws.close()
+    assert struct.unpack("!H", frames[-1][1][:2])[0] == 1009
+    assert manager.list() == []
+
+
+def test_ws_fragmented_first_message_is_reassembled(server):
+    message = json.dumps({"type": "execute", "code": "print('from fragments')",
+                          "language": "python", "timeout": 20}).encode()
+    cut = len(message) // 2
+    ws = WS(server)
+    try:
+        ws.send(WS.TEXT, message[:cut], fin=False)
+        ws.send(WS.PING, b"between")        # control frames may come between fragments
+        ws.send(WS.CONT, message[cut:], fin=True)
+        frames = ws.frames()
+    finally:
+        ws.close()
+    assert frames[0] == (WS.PONG, b"between")
+    texts = [json.loads(p) for op, p in frames if op == WS.TEXT]
+    assert "".join(m["data"] for m in texts if m["type"] == "stdout") == "from fragments\n"
+    assert texts[-1] == {"type": "complete", "success": True}
+
+
+def test_ws_upgrade_without_valid_token_is_401(server):
+    for token in (False, good_token(secret=b"another-secret-another-secret-0000")):
+        sock, fh, status, headers, _ = ws_handshake(server, token=token)
+        try:
+            assert status == 401
+            assert "sec-websocket-accept" not in headers
+            assert read_json_body(fh, headers)["code"] in ("AUTHENTICATION_REQUIRED", "INVALID_TOKEN")
+        finally:
+            fh.close()
+            sock.close()
+
+
+@pytest.mark.parametrize("payload, code", [
+    (b"this is not json", "INVALID_JSON"),
+    (json.dumps({"type": "execute", "code": "print(1)", "language": "cobol"}).encode(), "INVALID_REQUEST"),
+    (json.dumps({"type": "execute", "language": "python"}).encode(), "MISSING_PARAMETER"),
+])
+def test_ws_bad_first_message_gets_error_and_close_1008(server, manager, payload, code):
+    ws = WS(server)
+    try:
+        ws.send(WS.TEXT, payload)
+        messages, close_code = ws.messages()
+    finally:
+        ws.close()
+    assert len(messages) == 1 and messages[0]["type"] == "error"
+    assert messages[0]["code"] == code and messages[0]["error"]
+    assert close_code == 1008
+    assert manager.list() == []
+
+
+def test_ws_client_that_disconnects_mid_run_ends_its_execution(server, manager):
+    ws = WS(server)
+    try:
+        ws.send_json({"type": "execute", "language": "python", "timeout": 60,
+                      "code": "import time\nprint('ready', flush=True)\ntime.sleep(60)\n"})
+        assert ws.stdout_until("ready\n") == "ready\n"
+        assert manager.list(output=False)[0]["status"] == "running"
+    finally:
+        ws.close()   # no close frame: the connection just goes away
+    record = wait_until(lambda: (lambda r: r if r["status"] in ("completed", "failed") else None)(
+        manager.list(output=False)[0]), 10, "the run to end after the client vanished")
+    assert record["reason"] == "killed"
+
+
+def test_upgrade_on_another_path_is_400(server):
+    sock, fh, status, headers, _ = ws_handshake(server, path="/health")
+    try:
+        assert status == 400
+        assert read_json_body(fh, headers)["code"] == "INVALID_REQUEST"
+    finally:
+        fh.close()
+        sock.close()
+
+
+def test_plain_get_on_the_websocket_path_is_refused(client):
+    status, body, resp = client.call("GET", "/execute/stream")
+    assert status == 426
+    assert resp.getheader("Upgrade") == "websocket"
+
+
+bench = pytest.mark.skipif(os.environ.get("HOPX_BENCH") != "1", reason="set HOPX_BENCH=1")
+
+BENCH_SECRET = b"bench-secret-0123456789abcdef0123456789abcdef"  # 45 bytes: no short-key warning
+BENCH_ROWS = []            # (row, agent, floor, ratio, target, ok) in the order measured
+BENCH_FLOOR = {}           # "round_trip_ms": median of the round-trip floor, shared by later rows
+OUTPUT_BYTES = 256 * 1024 * 1024
+MIB = 1024 * 1024
+HUGE_OFFSET = "9" * 18     # ?stdout_offset past any output: ?wait= then waits for the end
+IDLE_WINDOW_S = 5.0
+
+
+# -- helpers for this section ------------------------------------------------------
+
+
+def bench_pct(values, q):
+    """The q-quantile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def bench_ms(seconds):
+    value = seconds * 1000.0
+    return "%.3f" % value if value < 1 else "%.2f" % value if value < 100 else "%.0f" % value
+
+
+def bench_spread(samples, unit="ms"):
+    """'median / p99 ms' of durations in seconds."""
+    return "%s / %s %s" % (bench_ms(bench_pct(samples, 0.5)), bench_ms(bench_pct(samples, 0.99)), unit)
+
+
+def bench_row(row, agent, floor, ratio, target, ok):
+    BENCH_ROWS.append((row, agent, floor, "-" if ratio is None else "%.2fx" % ratio, target,
+                       "yes" if ok else "NO"))
+
+
+def bench_table():
+    header = ("row", "agent (median / p99)", "floor (median / p99)", "ratio", "target", "ok?")
+    rows = [header] + list(BENCH_ROWS)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class BenchFloorHandler(http.server.BaseHTTPRequestHandler):
+    """The least an http.server answer costs: HTTP/1.1 kept alive, TCP_NODELAY,
+    a small JSON body written with its head in one write."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_GET(self):
+        body = json.dumps({"status": "healthy", "version": "0.1.0", "timestamp": time.time()}).encode()
+        head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        self.wfile.write(head.encode("ascii") + body)
+
+    def log_message(self, format, *args):
+        pass
+
+
+@contextlib.contextmanager
+def bench_floor_server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BenchFloorHandler)
+    srv.daemon_threads = True
+    thread = threading.Thread(target=srv.serve_forever, name="bench-floor", daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+@contextlib.contextmanager
+def bench_agent(tmp_path, **limits):
+    """The agent in this process, serving on a thread; every child ended on exit."""
+    config = hopx_agent.AgentConfig(host="127.0.0.1", port=0, workdir=str(tmp_path), secret=SECRET,
+                                    kill_grace=0.5, **limits)
+    srv = hopx_agent.create_server(config)
+    thread = threading.Thread(target=srv.serve_forever, name="bench-serve", daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.manager.shutdown(10.0)
+        srv.server_close()
+        thread.join(5)
+
+
+def bench_round_trip(client):
+    started = time.perf_counter()
+    status, _, _ = client.raw("GET", "/health", token=False)
+    elapsed = time.perf_counter() - started
+    assert status == 200
+    return elapsed
+
+
+def bench_round_trip_floor_ms():
+    """The round-trip floor median in ms: the round-trip row's, or measured now."""
+    if "round_trip_ms" not in BENCH_FLOOR:
+        with bench_floor_server() as floor:
+            client = Client(floor)
+            try:
+                samples = [bench_round_trip(client) for _ in range(500)]
+            finally:
+                client.close()
+        BENCH_FLOOR["round_trip_ms"] = bench_pct(samples, 0.5) * 1000.0
+    return BENCH_FLOOR["round_trip_ms"]
+
+
+def bench_address(port):
+    """What Client needs of a server: its address."""
+    return types.SimpleNamespace(server_address=("127.0.0.1", port))
+
+
+def bench_spawn_agent(*args):
+    """``python3 hopx_agent.py --port 0 ...`` as a child: (proc, port), once it
+    has said where it listens; the rest of its stderr is drained on a thread."""
+    env = dict(os.environ, HOPX_AGENT_SECRET=BENCH_SECRET.decode("ascii"))
+    proc = subprocess.Popen([sys.executable, hopx_agent.__file__, "--port", "0"] + list(args), env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            bufsize=0)
+    fd = proc.stderr.fileno()
+    seen = b""
+    deadline = time.monotonic() + 20.0
+    try:
+        while True:
+            found = re.search(rb"listening on http://127\.0\.0\.1:(\d+)", seen)
+            if found:
+                break
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([fd], [], [], left)[0], "agent did not start: %r" % seen
+            chunk = os.read(fd, 4096)
+            assert chunk, "agent exited before listening: %r" % seen
+            seen += chunk
+    except BaseException:
+        bench_stop_agent(proc)
+        raise
+    proc.bench_drain = threading.Thread(target=lambda: proc.stderr.read(), name="bench-stderr", daemon=True)
+    proc.bench_drain.start()
+    return proc, int(found.group(1))
+
+
+def bench_stop_agent(proc):
+    """SIGTERM, then a bounded wait; SIGKILL if it does not go."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    drain = getattr(proc, "bench_drain", None)
+    if drain is not None:
+        drain.join(5)
+    proc.stderr.close()
+
+
+@contextlib.contextmanager
+def bench_agent_process(tmp_path):
+    proc, port = bench_spawn_agent("--max-running", "256", "--workdir", str(tmp_path))
+    client = Client(bench_address(port), good_token(secret=BENCH_SECRET))
+    try:
+        yield proc, client
+    finally:
+        client.close()
+        bench_stop_agent(proc)
+
+
+def bench_status_kib(pid, field):
+    with open("/proc/%d/status" % pid) as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s for pid %d" % (field, pid))
+
+
+def bench_cpu_s(pid):
+    """utime + stime of every thread of ``pid`` so far, in seconds."""
+    with open("/proc/%d/stat" % pid, "rb") as fh:
+        fields = fh.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_kill_marked(ids):
+    """SIGKILL any live process carrying one of these record ids; returns their pids."""
+    markers = {("HOPX_PROCESS_ID=%s" % rid).encode() for rid in ids}
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/environ" % entry, "rb") as fh:
+                env = set(fh.read().split(b"\0"))
+        except OSError:
+            continue
+        if env & markers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+    return killed
+
+
+def bench_wait_final(client, process_id, timeout=120.0):
+    """Long-poll a record until it is final; returns it."""
+    deadline = time.monotonic() + timeout
+    path = "/execute/processes/%s?wait=10&output=false&stdout_offset=%s&stderr_offset=%s" % (
+        process_id, HUGE_OFFSET, HUGE_OFFSET)
+    while True:
+        record = client.ok("GET", path)
+        if record["status"] in ("completed", "failed"):
+            return record
+        assert time.monotonic() < deadline, "%s not final after %.0fs" % (process_id, timeout)
+
+
+# -- rows ----------------------------------------------------------------------------
+
+
+@bench
+def test_bench_round_trip(tmp_path):
+    n = 2000
+    with bench_agent(tmp_path) as srv, bench_floor_server() as floor:
+        agent_client, floor_client = Client(srv), Client(floor)
+        try:
+            for _ in range(50):   # warm-up: connections, code paths
+                bench_round_trip(agent_client), bench_round_trip(floor_client)
+            agent, base = [], []
+            for i in range(n):
+                if i % 2:
+                    agent.append(bench_round_trip(agent_client))
+                    base.append(bench_round_trip(floor_client))
+                else:
+                    base.append(bench_round_trip(floor_client))
+                    agent.append(bench_round_trip(agent_client))
+        finally:
+            agent_client.close()
+            floor_client.close()
+    BENCH_FLOOR["round_trip_ms"] = bench_pct(base, 0.5) * 1000.0
+    ratio = bench_pct(agent, 0.5) / bench_pct(base, 0.5)
+    bench_row("round trip (GET /health, N=%d)" % n, bench_spread(agent), bench_spread(base),
+              ratio, "<= 1.5x", ratio <= 1.5)
+
+
+@bench
+def test_bench_background_start(tmp_path):
+    n = 200
+    floor_rt = bench_round_trip_floor_ms() / 1000.0
+    body = {"language": "sh", "code": "sleep 5"}
+    agent, base, children = [], [], []
+    with bench_agent(tmp_path, max_running=256) as srv:
+        client = Client(srv)
+        try:
+            for _ in range(n):
+                started = time.perf_counter()
+                answer = client.ok("POST", "/execute/background", body)
+                agent.append(time.perf_counter() - started)
+                assert answer["status"] == "running", answer
+                started = time.perf_counter()
+                children.append(subprocess.Popen(["sleep", "5"], start_new_session=True))
+                base.append(time.perf_counter() - started + floor_rt)
+        finally:
+            client.close()
+            for child in children:
+                child.kill()
+            for child in children:
+                child.wait(5)
+    ratio = bench_pct(agent, 0.5) / bench_pct(base, 0.5)
+    bench_row("background start (sleep 5, N=%d)" % n, bench_spread(agent), bench_spread(base),
+              ratio, "<= 1.5x", ratio <= 1.5)
+
+
+@bench
+def test_bench_run_a_command(tmp_path):
+    n = 300
+    floor_rt = bench_round_trip_floor_ms() / 1000.0
+    agent, base = [], []
+    with bench_agent(tmp_path) as srv:
+        client = Client(srv)
+        try:
+            for i in range(n + 10):
+                started = time.perf_counter()
+                answer = client.ok("POST", "/commands/run", {"command": "true"})
+                took = time.perf_counter() - started
+                assert answer["exit_code"] == 0 and answer["success"], answer
+                started = time.perf_counter()
+                subprocess.run(["sh", "-c", "true"], check=True)
+                floor_took = time.perf_counter() - started + floor_rt
+                if i >= 10:    # the first ten warm up
+                    agent.append(took)
+                    base.append(floor_took)
+        finally:
+            client.close()
+    ratio = bench_pct(agent, 0.5) / bench_pct(base, 0.5)
+    bench_row("run a command (true, N=%d)" % n, bench_spread(agent), bench_spread(base),
+              ratio, "<= 1.3x", ratio <= 1.3)
+
+
+@bench
+def test_bench_concurrency(tmp_path):
+    threads_n, per_thread, nap = 16, 40, 0.05
+    ideal = threads_n / nap
+    latencies, errors = [], []
+    with bench_agent(tmp_path, max_running=32) as srv:
+        clients = [Client(srv) for _ in range(threads_n)]
+        barrier = threading.Barrier(threads_n + 1)
+
+        def worker(client):
+            barrier.wait()
+            for _ in range(per_thread):
+                started = time.perf_counter()
+                status, answer, _ = client.call("POST", "/commands/run", {"command": "sleep %g" % nap})
+                latencies.append(time.perf_counter() - started)
+                if status != 200 or answer.get("exit_code") != 0:
+                    errors.append((status, answer))
+
+        try:
+            for client in clients:
+                client.ok("POST", "/commands/run", {"command": "true"})   # opens each connection
+            workers = [threading.Thread(target=worker, args=(c,), name="bench-client-%d" % i)
+                       for i, c in enumerate(clients)]
+            for thread in workers:
+                thread.start()
+            barrier.wait()
+            started = time.perf_counter()
+            for thread in workers:
+                thread.join(120)
+            wall = time.perf_counter() - started
+            assert not any(t.is_alive() for t in workers)
+        finally:
+            for client in clients:
+                client.close()
+    assert not errors, errors[:3]
+    assert len(latencies) == threads_n * per_thread
+    rate = len(latencies) / wall
+    bench_row("concurrency (%dx%d sleep %g)" % (threads_n, per_thread, nap),
+              "%.0f req/s (lat %s)" % (rate, bench_spread(latencies)), "%.0f req/s ideal" % ideal,
+              rate / ideal, ">= 0.8x", rate / ideal >= 0.8)
+
+
+def bench_drain_floor(command):
+    """The same child, its pipe drained by a plain os.read loop here; seconds."""
+    started = time.perf_counter()
+    child = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    fd, total = child.stdout.fileno(), 0
+    while True:
+        chunk = os.read(fd, 256 * 1024)
+        if not chunk:
+            break
+        total += len(chunk)
+    child.wait(30)
+    child.stdout.close()
+    assert total == OUTPUT_BYTES and child.returncode == 0
+    return time.perf_counter() - started
+
+
+@bench
+def test_bench_output(tmp_path):
+    runs = 3
+    command = "head -c %d /dev/zero" % OUTPUT_BYTES
+    agent, base = [], []
+    with bench_agent_process(tmp_path) as (proc, client):
+        client.ok("GET", "/execute/processes")
+        idle_kib = bench_status_kib(proc.pid, "VmRSS")
+        peak = [idle_kib]
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                with contextlib.suppress(OSError, AssertionError):
+                    peak[0] = max(peak[0], bench_status_kib(proc.pid, "VmRSS"))
+                stop.wait(0.01)
+
+        sampler = threading.Thread(target=sample, name="bench-rss", daemon=True)
+        sampler.start()
+        try:
+            for _ in range(runs):
+                started = time.perf_counter()
+                answer = client.ok("POST", "/execute/background", {"language": "sh", "code": command,
+                                                                   "timeout": 120})
+                record = bench_wait_final(client, answer["process_id"])
+                agent.append(time.perf_counter() - started)
+                assert record["exit_code"] == 0 and record["stdout_bytes"] == OUTPUT_BYTES, record
+                base.append(bench_drain_floor(command))
+        finally:
+            stop.set()
+            sampler.join(5)
+    mib = OUTPUT_BYTES / MIB
+
+    def rates(samples):   # the p99 of a rate is the rate of the p99 time
+        return "%.0f / %.0f MiB/s" % (mib / bench_pct(samples, 0.5), mib / bench_pct(samples, 0.99))
+
+    ratio = bench_pct(base, 0.5) / bench_pct(agent, 0.5)
+    bench_row("output (256 MiB stdout, N=%d)" % runs, rates(agent), rates(base), ratio, ">= 0.7x", ratio >= 0.7)
+    grown = (peak[0] - idle_kib) / 1024.0
+    bench_row("output: agent peak RSS", "+%.1f MiB over idle" % grown, "idle %.1f MiB" % (idle_kib / 1024.0),
+              None, "<= idle + 64 MiB", grown <= 64)
+
+
+def bench_listing(client, query):
+    """Seconds for one listing (the answer is checked after the clock stops), and the records."""
+    started = time.perf_counter()
+    status, _, data = client.raw("GET", "/execute/processes" + query)
+    took = time.perf_counter() - started
+    assert status == 200, data[:200]
+    return took, json.loads(data)["processes"]
+
+
+@bench
+def test_bench_listing(tmp_path):
+    n, records = 30, 1000
+    floor = bench_round_trip_floor_ms() / 1000.0
+    with bench_agent(tmp_path, max_running=128, retain=records) as srv:
+        manager = srv.manager
+        for _ in range(records):
+            manager.start(manager.command_launch("echo line", timeout=60))
+        wait_until(lambda: manager.stats()["by_status"].get("completed", 0) == records, 60,
+                   "%d echo commands to finish" % records)
+        client = Client(srv)
+        try:
+            bare, full = [], []
+            for i in range(n + 2):
+                took_bare, listing = bench_listing(client, "?output=false")
+                assert len(listing) == records and "stdout" not in listing[0]
+                took_full, listing = bench_listing(client, "")
+                assert len(listing) == records and listing[-1]["stdout"] == "line\n"
+                if i >= 2:    # the first two warm up
+                    bare.append(took_bare)
+                    full.append(took_full)
+        finally:
+            client.close()
+    shown = "%s ms (round trip)" % bench_ms(floor)
+    for label, samples, limit in (("?output=false", bare, 20), ("with output", full, 60)):
+        ratio = bench_pct(samples, 0.5) / floor
+        bench_row("listing %d records, %s" % (records, label), bench_spread(samples), shown,
+                  ratio, "<= %dx" % limit, ratio <= limit)
+
+
+@bench
+def test_bench_idle(tmp_path):
+    sleepers = 200
+    ids = []
+    with bench_agent_process(tmp_path) as (proc, client):
+        try:
+            for _ in range(sleepers):
+                answer = client.ok("POST", "/commands/background",
+                                   {"command": "sleep", "args": ["60"], "timeout": 120})
+                ids.append(answer["process_id"])
+            wait_until(lambda: client.ok("GET", "/execute/processes?status=running&output=false")["count"]
+                       == sleepers, 30, "%d sleepers running" % sleepers)
+            time.sleep(0.5)   # let the reader and waiter threads reach their blocking calls
+            before = bench_cpu_s(proc.pid)
+            time.sleep(IDLE_WINDOW_S)   # the measured window itself, not a wait for something
+            used = bench_cpu_s(proc.pid) - before
+        finally:
+            client.close()
+            bench_stop_agent(proc)
+            leftovers = bench_kill_marked(ids)
+    assert not leftovers, "children outlived the agent: %s" % leftovers
+    bench_row("idle (%d sleepers, %.0f s)" % (sleepers, IDLE_WINDOW_S), "%.3f CPU s" % used, "0 CPU s",
+              None, "<= 0.05 CPU s", used <= 0.05)
+
+
+def bench_cold_start():
+    """Seconds from exec to the first /health answer, and the idle agent's VmRSS in KiB."""
+    started = time.perf_counter()
+    proc, port = bench_spawn_agent()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            resp.read()
+        finally:
+            conn.close()
+        took = time.perf_counter() - started
+        assert resp.status == 200
+        return took, bench_status_kib(proc.pid, "VmRSS")
+    finally:
+        bench_stop_agent(proc)
+
+
+@bench
+def test_bench_cold_start():
+    n = 10
+    agent, base, rss = [], [], []
+    floor_argv = [sys.executable, "-c", "import http.server, subprocess, json, hmac"]
+    for _ in range(n):
+        took, kib = bench_cold_start()
+        agent.append(took)
+        rss.append(kib)
+        started = time.perf_counter()
+        subprocess.run(floor_argv, check=True)
+        base.append(time.perf_counter() - started)
+    ratio = bench_pct(agent, 0.5) / bench_pct(base, 0.5)
+    bench_row("cold start (N=%d)" % n, bench_spread(agent), bench_spread(base), ratio, "<= 1.5x", ratio <= 1.5)
+    idle_mib = bench_pct(rss, 0.5) / 1024.0
+    bench_row("cold start: idle agent RSS", "%.1f / %.1f MiB" % (idle_mib, max(rss) / 1024.0), "-", None,
+              "<= 30 MiB", idle_mib <= 30)
+
+
+@bench
+def test_bench_table_is_printed():
+    assert BENCH_ROWS, "no benchmark row ran"
+    print("\n\n" + bench_table() + "\n")
