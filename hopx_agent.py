@@ -608,7 +608,7 @@ class _ProcessRecord:
         self.stragglers: set = set()       # marked processes outside the group that we ended
         self.idempotency_key: Optional[str] = None
         self.changes = 0                   # bumped by changes to_json cannot see in its cache key
-        self._json_cache: Optional[Tuple[Any, bytes]] = None
+        self._json_cache: Dict[bool, Tuple[Any, bytes]] = {}   # with/without output -> (key, JSON)
 
     @property
     def finished(self) -> bool:
@@ -621,11 +621,13 @@ class _ProcessRecord:
         """The record as JSON bytes, cached until something in it changes, so
         that listing a thousand finished records encodes none of them again.
         Call with ``cond`` held."""
-        key = (output, queue_position, self.status, self.pid, self.stdout.total, self.stdout.held,
+        key = (queue_position, self.status, self.pid, self.stdout.total, self.stdout.held,
                self.stderr.total, self.stderr.held, self.stdin_closed, len(self.stragglers), self.changes)
-        if self._json_cache is None or self._json_cache[0] != key:
-            self._json_cache = (key, _json_bytes(self.to_json(output=output, queue_position=queue_position)))
-        return self._json_cache[1]
+        cached = self._json_cache.get(output)
+        if cached is None or cached[0] != key:
+            cached = self._json_cache[output] = (key, _json_bytes(self.to_json(output=output,
+                                                                               queue_position=queue_position)))
+        return cached[1]
 
     def to_json(self, *, output: bool = True, offsets: Optional[Dict[str, Optional[int]]] = None,
                 queue_position: Optional[int] = None) -> Dict[str, Any]:
