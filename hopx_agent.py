@@ -1850,7 +1850,9 @@ def _required_text(body: Dict[str, Any], field: str, *, nul_ok: bool = False) ->
 
 
 def _number(value: Any, field: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # math.isfinite() of an int beyond float range raises: test floats only, compare ints as they are
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)):
         raise BadRequest("field %r must be a number" % field)
     if not low < value <= high:
         raise BadRequest("field %r must be more than %g and at most %g" % (field, low, high))
@@ -2298,7 +2300,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 or not _VERSION_RE.fullmatch(parts[2]):
             raise BadRequest("malformed request line")
         req.method, req.target, req.version = parts
-        split = urllib.parse.urlsplit(req.target)
+        try:
+            split = urllib.parse.urlsplit(req.target)
+        except ValueError:      # "//[::1/x": urlsplit reads a bad host after //
+            raise BadRequest("malformed request target") from None
         if not req.target.startswith("/") and not split.scheme:
             raise BadRequest("malformed request target")
         path = split.path or "/"
@@ -2571,8 +2576,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _start_async(self, req: _Request) -> Dict[str, Any]:
         body = req.json()
         url = _required_text(body, "callback_url")
-        split = urllib.parse.urlsplit(url)
-        if split.scheme not in ("http", "https") or not split.hostname:
+        try:
+            split = urllib.parse.urlsplit(url)
+            valid = split.scheme in ("http", "https") and bool(split.hostname)
+        except ValueError:      # e.g. an unclosed IPv6 bracket
+            valid = False
+        if not valid:
             raise BadRequest("callback_url must be an http or https URL")
         headers = _env_map(body.get("callback_headers"), "callback_headers")
         if any("\r" in k + v or "\n" in k + v for k, v in headers.items()):
