@@ -112,6 +112,8 @@ READ_CHUNK_BYTES = 256 * 1024         # one os.readv() per wake-up of a reader t
 PIPE_SIZE_BYTES = 1024 * 1024         # F_SETPIPE_SZ: fewer wake-ups for chatty children
 BLOCK_BYTES = 64 * 1024               # output buffers grow in blocks of this size
 DRAIN_AFTER_EXIT_S = 0.5              # after the leader exits, wait this long for pipe EOF
+WORKER_RESERVE = 6                    # idle pooled threads kept ready: a start never waits for new ones
+WORKER_IDLE_S = 2.0                   # a pooled thread beyond the reserve ends after this long idle
 MAX_NAME_CHARS = 256                  # process names are labels, not payloads
 SECRET_ENV = "HOPX_AGENT_SECRET"      # never passed on to a child
 PROCESS_ID_ENV = "HOPX_PROCESS_ID"    # every child carries its own record id, to find escapers
@@ -597,7 +599,6 @@ class _ProcessRecord:
         self.stdout = _OutputBuffer(cap)
         self.stderr = _OutputBuffer(cap)
         self.open_streams = 0              # reader threads not yet at EOF
-        self.threads: List[threading.Thread] = []
         self.extra: Dict[str, Any] = {}    # e.g. webhook delivery state, shown in the record
         self.on_finish: List[Callable[["_ProcessRecord"], None]] = []
         self.timer: Optional[_Timer] = None  # the timeout, cancelled when the record ends
@@ -811,9 +812,102 @@ class _Watchdog:
             thread.join(timeout)
 
 
+class _WorkerPool:
+    """Named threads for the blocking work of each process (two pipe readers
+    and a leader waiter), reused, with a few kept idle in reserve.
+
+    Thread.start() waits until the new thread runs; starting three per child
+    on the request path would cost more than the fork itself. Here a start
+    hands its jobs to waiting threads, and a thread that takes a job tops the
+    reserve up itself, off the request path. Idle threads beyond the reserve
+    end after WORKER_IDLE_S; those in it wait without a timeout (no polling).
+    """
+
+    def __init__(self, reserve: int = WORKER_RESERVE) -> None:
+        self._cond = threading.Condition(threading.Lock())  # guards every field below
+        self._jobs: collections.deque = collections.deque()
+        self._idle = 0
+        self._threads: set = set()
+        self._stopped = False
+        self._seq = 0
+        self._reserve = reserve
+
+    def submit(self, name: str, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on a pooled thread named ``name`` while it runs."""
+        with self._cond:
+            if self._stopped:       # a start that raced shutdown still gets its threads
+                threading.Thread(target=fn, args=args, name=name, daemon=True).start()
+                return
+            self._jobs.append((name, fn, args))
+            if self._idle >= len(self._jobs):
+                self._cond.notify()
+                return
+        self._grow()            # the reserve ran out: this start pays for a new thread
+
+    def _grow(self) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            self._seq += 1
+            thread = threading.Thread(target=self._work, name="hopx-worker-%d" % self._seq, daemon=True)
+            self._threads.add(thread)
+        thread.start()
+
+    def _next_job(self) -> Optional[Tuple[str, Callable[..., None], Tuple[Any, ...], bool]]:
+        """Wait for a job; None when this thread should end. The flag says
+        whether the reserve needs a new thread."""
+        with self._cond:
+            while not self._jobs:
+                if self._stopped:
+                    return None
+                spare = self._idle >= self._reserve
+                self._idle += 1
+                notified = self._cond.wait(WORKER_IDLE_S if spare else None)
+                self._idle -= 1
+                if not notified and not self._jobs and self._idle >= self._reserve:
+                    return None
+            name, fn, args = self._jobs.popleft()
+            return name, fn, args, self._idle < self._reserve and not self._stopped
+
+    def _work(self) -> None:
+        me = threading.current_thread()
+        idle_name = me.name
+        try:
+            while True:
+                job = self._next_job()
+                if job is None:
+                    return
+                name, fn, args, top_up = job
+                if top_up:
+                    self._grow()
+                me.name = name
+                try:
+                    fn(*args)
+                except Exception:
+                    log.exception("%s failed", name)
+                finally:
+                    me.name = idle_name
+        finally:
+            with self._cond:
+                self._threads.discard(me)
+
+    def stop(self, timeout: float) -> None:
+        """Idle threads end now; busy ones when their job ends (joined until ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 # ============================================================================
 # Process manager
 # ============================================================================
+
+
+_THREAD_STATE = threading.local()       # per-thread scratch buffers of the pipe readers
 
 
 def _grow_pipe(fd: int) -> None:
@@ -859,6 +953,7 @@ class ProcessManager:
         base.setdefault("PYTHONUNBUFFERED", "1")   # live output from Python children by default
         self._base_env = base
         self._watchdog = _Watchdog()
+        self._workers = _WorkerPool()
         self.stopping = threading.Event()   # set by shutdown(); webhook retries stop waiting
         self._tracked: set = set()          # leader pids not reaped yet (guarded by _lock)
         self._spawning = 0                  # Popen calls under way: pids not known yet (_lock)
@@ -1005,16 +1100,9 @@ class ProcessManager:
             kill_now = rec.kill_reason is not None
             rec.cond.notify_all()
         short = rec.id[5:13]
-        rec.threads = [
-            threading.Thread(target=self._read_stream, args=(rec, out_r, "stdout"),
-                             name="hopx-proc-%s-stdout" % short, daemon=True),
-            threading.Thread(target=self._read_stream, args=(rec, err_r, "stderr"),
-                             name="hopx-proc-%s-stderr" % short, daemon=True),
-            threading.Thread(target=self._wait_leader, args=(rec,),
-                             name="hopx-proc-%s-wait" % short, daemon=True),
-        ]
-        for thread in rec.threads:
-            thread.start()
+        self._workers.submit("hopx-proc-%s-stdout" % short, self._read_stream, rec, out_r, "stdout")
+        self._workers.submit("hopx-proc-%s-stderr" % short, self._read_stream, rec, err_r, "stderr")
+        self._workers.submit("hopx-proc-%s-wait" % short, self._wait_leader, rec)
         if launch.timeout:
             rec.timer = self._watchdog.schedule(launch.timeout, lambda: self._on_timeout(rec))
         if launch.idle_timeout:
@@ -1059,7 +1147,9 @@ class ProcessManager:
     def _read_stream(self, rec: _ProcessRecord, fd: int, name: str) -> None:
         """Drain one pipe until EOF into the record's bounded buffer."""
         buf = rec.stream(name)
-        scratch = bytearray(READ_CHUNK_BYTES)
+        scratch = getattr(_THREAD_STATE, "scratch", None)
+        if scratch is None:      # one read buffer per pooled thread, reused for every pipe
+            scratch = _THREAD_STATE.scratch = bytearray(READ_CHUNK_BYTES)
         view = memoryview(scratch)
         try:
             while True:
@@ -1517,8 +1607,9 @@ class ProcessManager:
             self._end_marked(rec, signal.SIGKILL, marked)
         for rec in live:
             self.wait(rec, max(0.0, deadline - time.monotonic()))
-            for thread in rec.threads:
-                thread.join(max(0.0, deadline - time.monotonic()))
+            with rec.cond:
+                rec.cond.wait_for(lambda: rec.open_streams == 0, max(0.0, deadline - time.monotonic()))
+        self._workers.stop(max(0.0, deadline - time.monotonic()))
         self._watchdog.stop(max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._reaped.notify_all()
