@@ -1204,6 +1204,8 @@ class ProcessManager:
         try:
             status, rusage = self._reap(rec)
             self.close_stdin(rec, quiet=True)
+            if rec.kill_reason is not None:   # killed or timed out: escapers go with the leader
+                self._end_marked(rec, signal.SIGKILL)
             with rec.cond:     # let the readers take what the leader wrote before it exited
                 rec.cond.wait_for(lambda: rec.open_streams == 0, DRAIN_AFTER_EXIT_S)
             exit_code, signame = None, None
@@ -1410,10 +1412,13 @@ class ProcessManager:
         finally:
             with rec.cond:
                 rec.stdin_busy = False
+                leader_gone = rec.reaped
+            if leader_gone:     # the waiter left stdin open for us: close it now
+                self.close_stdin(rec, quiet=True)
         if written < len(data):
             raise Conflict("stdin of %s is full: the process is not reading (wrote %d of %d bytes)"
                            % (rec.id, written, len(data)))
-        if eof or rec.finished:
+        if eof:
             self.close_stdin(rec, quiet=True)
         return {"process_id": rec.id, "written": written, "stdin": "closed" if rec.stdin_closed else "open"}
 
@@ -2780,7 +2785,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise BadRequest("missing required field 'data' (or 'data_base64', or eof: true)",
                              code="MISSING_PARAMETER")
         manager = self.server.manager
-        if not data:
+        if not data and eof:
             manager.close_stdin(manager.get(process_id))
             return {"process_id": process_id, "written": 0, "stdin": "closed"}
         return manager.write_stdin(process_id, data, eof)
