@@ -1610,6 +1610,7 @@ class ProcessManager:
         marked = _scan_marked()
         for rec in live:
             self._end_marked(rec, signal.SIGKILL, marked)
+        _wait_gone([pid for rec in live for pid in marked.get(rec.id, [])], deadline)
         for rec in live:
             self.wait(rec, max(0.0, deadline - time.monotonic()))
             with rec.cond:
@@ -1704,6 +1705,30 @@ def _signal_marked(pid: int, process_id: str, sig: int) -> bool:
     finally:
         if pidfd is not None:
             os.close(pidfd)
+
+
+def _wait_gone(pids: List[int], deadline: float) -> None:
+    """Wait until the given processes have exited (pidfds turn readable then), or the deadline."""
+    if not pids or not hasattr(os, "pidfd_open"):
+        return
+    fds = []
+    for pid in pids:
+        try:
+            fds.append(os.pidfd_open(pid))
+        except OSError:       # already gone
+            pass
+    try:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        pending = len(fds)
+        while pending and time.monotonic() < deadline:
+            for fd, _ in poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                poller.unregister(fd)
+                pending -= 1
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _become_subreaper() -> bool:
