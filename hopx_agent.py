@@ -1473,7 +1473,7 @@ class ProcessManager:
         """Adopt orphaned descendants (Linux PR_SET_CHILD_SUBREAPER) and reap
         them on a thread of their own, so no zombie is ever left. Only for a
         process whose children all come from this manager (the CLI agent)."""
-        if not _become_subreaper():
+        if not _set_subreaper(True):
             return False
         with self._lock:
             if self._reaper is None:
@@ -1484,26 +1484,50 @@ class ProcessManager:
     def _reap_orphans(self) -> None:
         """Wait (without reaping) for any child to exit; reap it only if it is
         not a tracked leader, whose status belongs to its waiter thread."""
-        while not self.stopping.is_set():
+        while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
             except ChildProcessError:   # no children now: wait for the next spawn
                 with self._lock:
                     self._reaped.wait_for(lambda: bool(self._tracked) or self.stopping.is_set())
-                continue
-            if info is None:
-                continue
-            with self._lock:
-                # A tracked zombie is its waiter's to reap; a pid Popen has not
-                # handed back yet may be ours too: wait, then look again.
-                if info.si_pid in self._tracked or self._spawning:
-                    self._reaped.wait_for(lambda: info.si_pid not in self._tracked and not self._spawning, 1.0)
-                    continue
+                info = None
+            if self.stopping.is_set():
+                return                  # shutdown() does the last sweep itself
+            if info is not None:
+                self._reap_if_orphan(info.si_pid, wait=True)
+
+    def _reap_if_orphan(self, pid: int, *, wait: bool) -> bool:
+        """Reap ``pid`` unless it is a tracked leader or may be one being
+        spawned (with ``wait``, wait a little for that to change). False when
+        it was left alone."""
+        with self._lock:
+            if pid in self._tracked or self._spawning:
+                if wait:
+                    self._reaped.wait_for(lambda: pid not in self._tracked and not self._spawning, 1.0)
+                return False
+        try:
+            os.waitpid(pid, os.WNOHANG)
+            log.debug("reaped orphan %d", pid)
+        except ChildProcessError:
+            pass
+        return True
+
+    def _stop_reaper(self, deadline: float) -> None:
+        """Stop being a subreaper, reap the orphans already adopted, end the thread."""
+        with self._lock:
+            reaper = self._reaper
+            self._reaped.notify_all()
+        if reaper is None:
+            return
+        _set_subreaper(False)
+        while True:
             try:
-                os.waitpid(info.si_pid, os.WNOHANG)
-                log.debug("reaped orphan %d", info.si_pid)
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
-                pass
+                break
+            if info is None or not self._reap_if_orphan(info.si_pid, wait=False):
+                break
+        reaper.join(max(0.0, deadline - time.monotonic()))
 
     # -- reading --------------------------------------------------------------
 
@@ -1617,11 +1641,7 @@ class ProcessManager:
                 rec.cond.wait_for(lambda: rec.open_streams == 0, max(0.0, deadline - time.monotonic()))
         self._workers.stop(max(0.0, deadline - time.monotonic()))
         self._watchdog.stop(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            self._reaped.notify_all()
-            reaper = self._reaper
-        if reaper is not None:
-            reaper.join(max(0.0, deadline - time.monotonic()))
+        self._stop_reaper(deadline)
 
 
 class _IdempotentStart:
@@ -1731,15 +1751,15 @@ def _wait_gone(pids: List[int], deadline: float) -> None:
             os.close(fd)
 
 
-def _become_subreaper() -> bool:
-    """prctl(PR_SET_CHILD_SUBREAPER): orphans of our descendants re-parent to us."""
+def _set_subreaper(on: bool) -> bool:
+    """prctl(PR_SET_CHILD_SUBREAPER): orphans of our descendants re-parent to us (or no longer)."""
     if not sys.platform.startswith("linux"):
         log.info("not Linux: orphaned descendants re-parent to init, not to the agent")
         return False
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(36, 1, 0, 0, 0) != 0:   # 36 = PR_SET_CHILD_SUBREAPER
+        if libc.prctl(36, int(on), 0, 0, 0) != 0:   # 36 = PR_SET_CHILD_SUBREAPER
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
         return True
     except (OSError, AttributeError, ImportError) as exc:
