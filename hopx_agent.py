@@ -1082,8 +1082,6 @@ class ProcessManager:
             fds += [out_r, out_w]
             err_r, err_w = os.pipe()
             fds += [err_r, err_w]
-            _grow_pipe(out_w)
-            _grow_pipe(err_w)
             popen = self._popen(launch, out_w, err_w)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             for fd in fds:
@@ -1152,10 +1150,14 @@ class ProcessManager:
             scratch = _THREAD_STATE.scratch = bytearray(READ_CHUNK_BYTES)
         view = memoryview(scratch)
         try:
+            grown = False
             while True:
                 size = os.readv(fd, [scratch])
                 if not size:
                     break
+                if size >= 65536 and not grown:   # a chatty child: fewer wake-ups with a bigger pipe
+                    grown = True
+                    _grow_pipe(fd)
                 with rec.cond:
                     buf.append(view[:size])
                     rec.last_output = time.monotonic()
@@ -1887,7 +1889,11 @@ class _DeadlineReader(io.RawIOBase):
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("request deadline passed")
-            self._sock.settimeout(remaining)
+            # settimeout() costs a syscall: change it only when the one in force
+            # could overshoot the deadline by more than half a second.
+            current = self._sock.gettimeout()
+            if not current or current > remaining + 0.5:
+                self._sock.settimeout(remaining)
             return self._sock.recv_into(buffer)
         while True:   # no deadline (a WebSocket): another thread's write timeout is not ours
             try:
@@ -2559,7 +2565,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _write(self, data: bytes) -> None:
         try:
-            self.connection.settimeout(WRITE_TIMEOUT_S)
+            current = self.connection.gettimeout()
+            if not current or current > WRITE_TIMEOUT_S:   # any bound up to WRITE_TIMEOUT_S will do
+                self.connection.settimeout(WRITE_TIMEOUT_S)
             self.connection.sendall(data)
         except OSError:
             raise _ClientGone() from None
