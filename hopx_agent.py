@@ -608,6 +608,7 @@ class _ProcessRecord:
         self.stdin_closed = not launch.stdin
         self.stragglers: set = set()       # marked processes outside the group that we ended
         self.idempotency_key: Optional[str] = None
+        self.exit_info: Optional[Tuple[Optional[int], Any]] = None   # (wait status, rusage) once reaped
         self.changes = 0                   # bumped by changes to_json cannot see in its cache key
         self._json_cache: Dict[bool, Tuple[Any, bytes]] = {}   # with/without output -> (key, JSON)
 
@@ -902,6 +903,75 @@ class _WorkerPool:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
+class _ExitWatcher:
+    """One thread that learns of every leader's exit: each leader's pidfd
+    (Linux 5.3+) in one epoll set, so no thread per process sits waiting for
+    its leader. watch() says False where pidfds or epoll are missing, and the
+    caller falls back to a waiter job."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards _callbacks, _epoll, _thread, _stopped, _wake
+        self._callbacks: Dict[int, Callable[[], None]] = {}   # pidfd -> what to run on exit
+        self._epoll: Any = None
+        self._wake: Optional[Tuple[int, int]] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stopped = False
+
+    def watch(self, pid: int, on_exit: Callable[[], None]) -> bool:
+        if not hasattr(os, "pidfd_open") or not hasattr(select, "epoll"):
+            return False
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        with self._lock:
+            if self._stopped:
+                os.close(pidfd)
+                return False
+            if self._epoll is None:
+                self._epoll = select.epoll()
+                self._wake = os.pipe()
+                self._epoll.register(self._wake[0], select.EPOLLIN)
+                self._thread = threading.Thread(target=self._run, name="hopx-exits", daemon=True)
+                self._thread.start()
+            self._callbacks[pidfd] = on_exit
+            # epoll_ctl while another thread sits in epoll_wait is safe; the wait sees it
+            self._epoll.register(pidfd, select.EPOLLIN)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                with self._lock:
+                    if self._stopped:
+                        return
+                    on_exit = self._callbacks.pop(fd, None)
+                    if on_exit is not None:
+                        self._epoll.unregister(fd)
+                if on_exit is not None:
+                    os.close(fd)
+                    on_exit()
+
+    def stop(self, timeout: float) -> None:
+        with self._lock:
+            self._stopped = True
+            thread, wake = self._thread, self._wake
+            self._thread = self._wake = None
+        if thread is None or wake is None:
+            return                  # never started, or stopped already
+        os.write(wake[1], b"x")
+        thread.join(timeout)
+        with self._lock:
+            for fd in list(self._callbacks) + list(wake):
+                _close_quietly(fd)
+            self._callbacks.clear()
+            self._epoll.close()
+
+
 # ============================================================================
 # Process manager
 # ============================================================================
@@ -954,6 +1024,7 @@ class ProcessManager:
         self._base_env = base
         self._watchdog = _Watchdog()
         self._workers = _WorkerPool()
+        self._exits = _ExitWatcher()
         self.stopping = threading.Event()   # set by shutdown(); webhook retries stop waiting
         self._tracked: set = set()          # leader pids not reaped yet (guarded by _lock)
         self._spawning = 0                  # Popen calls under way: pids not known yet (_lock)
@@ -1100,7 +1171,8 @@ class ProcessManager:
         short = rec.id[5:13]
         self._workers.submit("hopx-proc-%s-stdout" % short, self._read_stream, rec, out_r, "stdout")
         self._workers.submit("hopx-proc-%s-stderr" % short, self._read_stream, rec, err_r, "stderr")
-        self._workers.submit("hopx-proc-%s-wait" % short, self._wait_leader, rec)
+        if not self._exits.watch(popen.pid, lambda: self._leader_exited(rec)):
+            self._workers.submit("hopx-proc-%s-wait" % short, self._wait_leader, rec)
         if launch.timeout:
             rec.timer = self._watchdog.schedule(launch.timeout, lambda: self._on_timeout(rec))
         if launch.idle_timeout:
@@ -1169,6 +1241,9 @@ class ProcessManager:
             with rec.cond:
                 rec.open_streams -= 1
                 rec.cond.notify_all()
+                last = rec.open_streams == 0 and rec.exit_info is not None
+            if last:
+                self._finish(rec)
 
     def _reap(self, rec: _ProcessRecord) -> Tuple[Optional[int], Any]:
         """Wait for the leader to exit, end the rest of its group, reap it.
@@ -1181,8 +1256,6 @@ class ProcessManager:
         pid = rec.pid
         assert pid is not None
         try:
-            if hasattr(os, "waitid"):
-                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
             with rec.cond:
                 _killpg(pid, signal.SIGKILL)
                 wpid, status, rusage = os.wait4(pid, 0)
@@ -1202,14 +1275,32 @@ class ProcessManager:
                 self._tracked.discard(pid)
                 self._reaped.notify_all()
 
-    def _wait_leader(self, rec: _ProcessRecord) -> None:
+    def _leader_exited(self, rec: _ProcessRecord) -> None:
+        """The leader has exited (the exit watcher saw its pidfd, or a waiter
+        job its waitid): reap it, end the rest, and finish the record as soon
+        as the readers have taken what it wrote (at most DRAIN_AFTER_EXIT_S)."""
         try:
-            status, rusage = self._reap(rec)
+            exit_info = self._reap(rec)
             self.close_stdin(rec, quiet=True)
             if rec.kill_reason is not None:   # killed or timed out: escapers go with the leader
                 self._end_marked(rec, signal.SIGKILL)
-            with rec.cond:     # let the readers take what the leader wrote before it exited
-                rec.cond.wait_for(lambda: rec.open_streams == 0, DRAIN_AFTER_EXIT_S)
+            with rec.cond:
+                rec.exit_info = exit_info
+                drained = rec.open_streams == 0
+            if drained:
+                self._finish(rec)
+            else:   # a reader at EOF finishes it, or this timer if a straggler holds a pipe
+                self._watchdog.schedule(DRAIN_AFTER_EXIT_S, lambda: self._finish(rec))
+        except Exception:
+            log.exception("handling the exit of %s failed", rec.id)
+
+    def _finish(self, rec: _ProcessRecord) -> None:
+        """Make a record final from its exit status, once (readers, timer and
+        exit handler may all get here)."""
+        with rec.cond:
+            if rec.exit_info is None or rec.finished:
+                return
+            status, rusage = rec.exit_info
             exit_code, signame = None, None
             if status is not None:
                 if os.WIFSIGNALED(status):
@@ -1217,14 +1308,19 @@ class ProcessManager:
                     signame = _signal_name(os.WTERMSIG(status))
                 else:
                     exit_code = os.WEXITSTATUS(status)
-            with rec.cond:
-                reason = rec.kill_reason or ("signaled" if signame else "exited")
-                rec.rusage = rusage
-                self._set_final(rec, reason, 124 if reason in _TIMEOUT_REASONS else exit_code, signame)
-            log.debug("%s finished: %s, exit %s", rec.id, reason, exit_code)
-            self._start_all(self._retire(rec, was_running=True))
-        except Exception:
-            log.exception("waiting for %s failed", rec.id)
+            reason = rec.kill_reason or ("signaled" if signame else "exited")
+            rec.rusage = rusage
+            self._set_final(rec, reason, 124 if reason in _TIMEOUT_REASONS else exit_code, signame)
+        log.debug("%s finished: %s, exit %s", rec.id, reason, exit_code)
+        self._start_all(self._retire(rec, was_running=True))
+
+    def _wait_leader(self, rec: _ProcessRecord) -> None:
+        """A waiter job, where pidfds are unavailable: block until the leader exits."""
+        try:
+            os.waitid(os.P_PID, rec.pid or 0, os.WEXITED | os.WNOWAIT)
+        except (ChildProcessError, AttributeError):
+            pass
+        self._leader_exited(rec)
 
     def _set_final(self, rec: _ProcessRecord, reason: str, exit_code: Optional[int],
                    signame: Optional[str]) -> None:
@@ -1642,6 +1738,7 @@ class ProcessManager:
             with rec.cond:
                 rec.cond.wait_for(lambda: rec.open_streams == 0, max(0.0, deadline - time.monotonic()))
         self._workers.stop(max(0.0, deadline - time.monotonic()))
+        self._exits.stop(max(0.0, deadline - time.monotonic()))
         self._watchdog.stop(max(0.0, deadline - time.monotonic()))
         self._stop_reaper(deadline)
 
