@@ -813,6 +813,29 @@ class _Watchdog:
             thread.join(timeout)
 
 
+# ============================================================================
+# Threads of the process manager: the worker pool and the exit watcher
+# ============================================================================
+
+_THREAD_STATE = threading.local()       # per-thread scratch buffers of the pipe readers
+
+
+def _grow_pipe(fd: int) -> None:
+    """Ask for a larger pipe (Linux): a chatty child then wakes its reader less often."""
+    try:
+        import fcntl
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE_BYTES)
+    except (ImportError, OSError):
+        pass
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 class _WorkerPool:
     """Named threads for the blocking work of each process (two pipe readers
     and a leader waiter), reused, with a few kept idle in reserve.
@@ -975,25 +998,6 @@ class _ExitWatcher:
 # ============================================================================
 # Process manager
 # ============================================================================
-
-
-_THREAD_STATE = threading.local()       # per-thread scratch buffers of the pipe readers
-
-
-def _grow_pipe(fd: int) -> None:
-    """Ask for a larger pipe (Linux): a chatty child then wakes its reader less often."""
-    try:
-        import fcntl
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE_BYTES)
-    except (ImportError, OSError):
-        pass
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 class ProcessManager:
@@ -2444,6 +2448,11 @@ class _WebSocket:
             pass
         if self._thread is not None:
             self._thread.join(1.0)
+
+
+# ============================================================================
+# HTTP: the request handler (reading, routing, answering) and the endpoints
+# ============================================================================
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
