@@ -1,5 +1,12 @@
-"""Tests for hopx_agent.py, in the module's section order: helpers, JWT,
-process manager (real children), HTTP through a real server on port 0, CLI.
+"""Tests for hopx_agent.py, in the module's section order: helpers and
+fixtures, JWT (RFC 7515 vector, edge cases, a seeded mutation fuzzer), the
+process manager with real children, process control (stdin, signals,
+escapers, the subreaper, idle timeouts, idempotent starts), HTTP through a
+real server on port 0 (auth, framing, kill forms, the HopX documentation
+flow), the execution family and the SDK's requests replayed, the CLI, live
+output (SSE and WebSocket), hardening (fuzzed bodies, hostile clients,
+floods, load; sizes scaled by HOPX_HARDEN_SCALE) and the benchmark (skipped
+unless HOPX_BENCH=1; it prints figures and asserts nothing about time).
 
 Only pytest and the standard library. Nothing here sleeps to wait for
 something except ``wait_until``; children announce readiness on their output.
