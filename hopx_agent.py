@@ -500,8 +500,10 @@ class _OutputBuffer:
         if limit is not None and stop - start > limit:
             data = self._slice(start, min(stop, start + limit + 3))
             cut = limit
-            while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:   # do not split a character
-                cut -= 1
+            while cut > limit - 3 and cut < len(data) and data[cut] & 0xC0 == 0x80:
+                cut -= 1            # do not split a character (invalid bytes: cut anyway)
+            if cut < len(data) and data[cut] & 0xC0 == 0x80:
+                cut = limit
             return data[:cut].decode("utf-8", "replace"), start, start + cut
         if offset is None and self._cache is not None and self._cache[0] == stop:
             return self._cache[1], start, stop
@@ -602,6 +604,7 @@ class _ProcessRecord:
         self.extra: Dict[str, Any] = {}    # e.g. webhook delivery state, shown in the record
         self.on_finish: List[Callable[["_ProcessRecord"], None]] = []
         self.timer: Optional[_Timer] = None  # the timeout, cancelled when the record ends
+        self.idle_timer: Optional[_Timer] = None  # the idle timeout's next check, likewise
         self.accounted = 0                 # output bytes counted in the manager's budget
         self.last_output: Optional[float] = None  # monotonic time of the newest output (idle timeout)
         self.stdin_busy = False            # a write to stdin is in progress (one at a time)
@@ -609,6 +612,7 @@ class _ProcessRecord:
         self.stragglers: set = set()       # marked processes outside the group that we ended
         self.idempotency_key: Optional[str] = None
         self.exit_info: Optional[Tuple[Optional[int], Any]] = None   # (wait status, rusage) once reaped
+        self.prereaped: Optional[Tuple[int, Any]] = None   # the same, where wait4 had to reap to wait
         self.changes = 0                   # bumped by changes to_json cannot see in its cache key
         self._json_cache: Dict[bool, Tuple[Any, bytes]] = {}   # with/without output -> (key, JSON)
 
@@ -1113,13 +1117,15 @@ class ProcessManager:
 
     # -- starting -------------------------------------------------------------
 
-    def start(self, launch: _Launch) -> _ProcessRecord:
+    def start(self, launch: _Launch, *,
+              on_finish: Iterable[Callable[[_ProcessRecord], None]] = ()) -> _ProcessRecord:
         """Run ``launch`` now, or queue it when max-running children run.
 
         Raises Unavailable while shutting down and LimitExceeded (429) when
         the queue is full; the launch's temp file is removed in both cases.
         """
         rec = _ProcessRecord(launch, self.config.max_output_bytes)
+        rec.on_finish.extend(on_finish)      # before the child exists, so none can be missed
         launch.env[PROCESS_ID_ENV] = rec.id
         with self._lock:
             if self._closed:
@@ -1172,15 +1178,16 @@ class ProcessManager:
             rec.last_output = rec.started_mono
             kill_now = rec.kill_reason is not None
             rec.cond.notify_all()
+        # Timers first: a child that ends at once must find them there to cancel.
+        if launch.timeout:
+            rec.timer = self._watchdog.schedule(launch.timeout, lambda: self._on_timeout(rec))
+        if launch.idle_timeout:
+            rec.idle_timer = self._watchdog.schedule(launch.idle_timeout, lambda: self._on_idle(rec))
         short = rec.id[5:13]
         self._workers.submit("hopx-proc-%s-stdout" % short, self._read_stream, rec, out_r, "stdout")
         self._workers.submit("hopx-proc-%s-stderr" % short, self._read_stream, rec, err_r, "stderr")
         if not self._exits.watch(popen.pid, lambda: self._leader_exited(rec)):
             self._workers.submit("hopx-proc-%s-wait" % short, self._wait_leader, rec)
-        if launch.timeout:
-            rec.timer = self._watchdog.schedule(launch.timeout, lambda: self._on_timeout(rec))
-        if launch.idle_timeout:
-            self._watchdog.schedule(launch.idle_timeout, lambda: self._on_idle(rec))
         if kill_now:
             self._terminate(rec)
         log.debug("started %s pid %d: %s", rec.id, popen.pid, launch.argv[0])
@@ -1250,9 +1257,10 @@ class ProcessManager:
                 self._finish(rec)
 
     def _reap(self, rec: _ProcessRecord) -> Tuple[Optional[int], Any]:
-        """Wait for the leader to exit, end the rest of its group, reap it.
+        """After the leader has exited: end the rest of its group, reap it.
 
-        waitid(WNOWAIT) sees the exit but leaves a zombie, which keeps the
+        Its exit was seen without reaping (pidfd, or waitid with WNOWAIT), so
+        a zombie is left, which keeps the
         pid (and so the group id) from being reused while the stragglers
         (``sleep 1000 &``) get their SIGKILL. Popen's returncode is set so
         that Popen never waits for this pid itself (no ECHILD surprises).
@@ -1261,7 +1269,12 @@ class ProcessManager:
         assert pid is not None
         try:
             with rec.cond:
-                _killpg(pid, signal.SIGKILL)
+                if rec.prereaped is not None:   # reaped by a waiter job without waitid
+                    if rec.popen is not None:
+                        rec.popen.returncode = os.waitstatus_to_exitcode(rec.prereaped[0])
+                    return rec.prereaped
+                if _is_zombie_child(pid):   # the zombie holds the pid: the group id is still ours
+                    _killpg(pid, signal.SIGKILL)
                 wpid, status, rusage = os.wait4(pid, 0)
                 rec.reaped = True
                 if rec.popen is not None:
@@ -1294,9 +1307,20 @@ class ProcessManager:
             if drained:
                 self._finish(rec)
             else:   # a reader at EOF finishes it, or this timer if a straggler holds a pipe
-                self._watchdog.schedule(DRAIN_AFTER_EXIT_S, lambda: self._finish(rec))
+                self._watchdog.schedule(DRAIN_AFTER_EXIT_S, lambda: self._drain_expired(rec))
         except Exception:
             log.exception("handling the exit of %s failed", rec.id)
+
+    def _drain_expired(self, rec: _ProcessRecord) -> None:
+        """The leader is gone but its pipes are still open: a descendant that
+        left the group holds them. It is a straggler like ``sleep 1000 &``:
+        end it (found by its HOPX_PROCESS_ID), so the readers reach EOF and
+        no thread or descriptor stays behind; the record is final now."""
+        with rec.cond:
+            held = rec.open_streams > 0
+        if held:
+            self._end_marked(rec, signal.SIGKILL)
+        self._finish(rec)
 
     def _finish(self, rec: _ProcessRecord) -> None:
         """Make a record final from its exit status, once (readers, timer and
@@ -1319,10 +1343,18 @@ class ProcessManager:
         self._start_all(self._retire(rec, was_running=True))
 
     def _wait_leader(self, rec: _ProcessRecord) -> None:
-        """A waiter job, where pidfds are unavailable: block until the leader exits."""
+        """A waiter job, where pidfds are unavailable: block until the leader
+        exits (without reaping it where waitid exists; macOS before Python
+        3.13 has none, and then wait4 also reaps, so the group is not signalled)."""
         try:
-            os.waitid(os.P_PID, rec.pid or 0, os.WEXITED | os.WNOWAIT)
-        except (ChildProcessError, AttributeError):
+            if hasattr(os, "waitid"):
+                os.waitid(os.P_PID, rec.pid or 0, os.WEXITED | os.WNOWAIT)
+            else:
+                _, status, rusage = os.wait4(rec.pid or 0, 0)
+                with rec.cond:
+                    rec.reaped = True
+                    rec.prereaped = (status, rusage)
+        except ChildProcessError:
             pass
         self._leader_exited(rec)
 
@@ -1338,8 +1370,9 @@ class ProcessManager:
     def _retire(self, rec: _ProcessRecord, *, was_running: bool) -> List[_ProcessRecord]:
         """Book-keeping after a record became final; returns queued records to start now."""
         rec.launch.cleanup()
-        if rec.timer is not None:
-            rec.timer.cancel()
+        for timer in (rec.timer, rec.idle_timer):
+            if timer is not None:
+                timer.cancel()
         with rec.cond:
             held = rec.stdout.held + rec.stderr.held
             status, reason = rec.status, rec.reason
@@ -1417,20 +1450,20 @@ class ProcessManager:
     def _on_idle(self, rec: _ProcessRecord) -> None:
         """The idle timer: end the process, or look again when it could next be idle."""
         with rec.cond:
-            if rec.finished or rec.kill_reason is not None:
+            if rec.finished or rec.exit_info is not None or rec.kill_reason is not None:
                 return
             quiet = time.monotonic() - (rec.last_output or 0.0)
             idle = rec.launch.idle_timeout or 0.0
             if quiet < idle:
-                self._watchdog.schedule(idle - quiet, lambda: self._on_idle(rec))
+                rec.idle_timer = self._watchdog.schedule(idle - quiet, lambda: self._on_idle(rec))
                 return
             rec.kill_reason = "idle_timeout"
         log.info("%s printed nothing for %ss: ending it", rec.id, idle)
         self._terminate(rec)
 
     def _on_timeout(self, rec: _ProcessRecord) -> None:
-        with rec.cond:
-            if rec.finished or rec.kill_reason is not None:
+        with rec.cond:   # a leader that exited on its own keeps its outcome, drained or not
+            if rec.finished or rec.exit_info is not None or rec.kill_reason is not None:
                 return
             rec.kill_reason = "timeout"
         log.info("%s reached its timeout of %ss", rec.id, rec.launch.timeout)
@@ -1444,20 +1477,13 @@ class ProcessManager:
         grace period plus a little).
         """
         rec = self.get(process_id)
-        with self._lock:
-            queued = rec in self._queue
-            if queued:
-                self._queue.remove(rec)
-        if queued:
-            with rec.cond:
-                rec.kill_reason = "killed"
-                self._set_final(rec, "killed", None, None)
-            self._retire(rec, was_running=False)
+        if self.drop_queued(rec, "killed"):
             return {"process_id": rec.id, "status": "killed", "message": "removed from the queue"}
         with rec.cond:
-            if rec.finished:
-                return {"process_id": rec.id, "status": rec.status,
-                        "message": "process already finished; nothing changed"}
+            if rec.finished or rec.exit_info is not None:   # exited: its real outcome stands
+                self._wait_final_locked(rec)
+                return {"process_id": rec.id, "status": rec.status, "record_status": rec.status,
+                        "exit_code": rec.exit_code, "message": "process already finished; nothing changed"}
             if sig is not None:
                 if rec.pid is None:
                     raise Conflict("process %s has not started yet" % rec.id)
@@ -1479,6 +1505,24 @@ class ProcessManager:
                     "message": "process group terminated" if rec.finished else "termination in progress",
                     "exit_code": rec.exit_code, "signal": rec.signal, "record_status": rec.status,
                     "stragglers_killed": len(rec.stragglers)}
+
+    def drop_queued(self, rec: _ProcessRecord, reason: str) -> bool:
+        """Take a record out of the queue, final with ``reason`` (exit code
+        124 for a timeout, none otherwise: it never ran). False if not queued."""
+        with self._lock:
+            queued = rec in self._queue
+            if queued:
+                self._queue.remove(rec)
+        if queued:
+            with rec.cond:
+                rec.kill_reason = reason
+                self._set_final(rec, reason, 124 if reason in _TIMEOUT_REASONS else None, None)
+            self._retire(rec, was_running=False)
+        return queued
+
+    def _wait_final_locked(self, rec: _ProcessRecord) -> None:
+        """With ``rec.cond`` held: let an exited record become final (drain, at most 0.5 s)."""
+        rec.cond.wait_for(lambda: rec.finished, DRAIN_AFTER_EXIT_S + 1.0)
 
     def send_signal(self, process_id: str, sig: int) -> Dict[str, Any]:
         """Deliver one signal to a running process's group, without escalation (409 otherwise)."""
@@ -1870,6 +1914,16 @@ def _set_subreaper(on: bool) -> bool:
         return False
 
 
+def _is_zombie_child(pid: int) -> bool:
+    """True when ``pid`` is our child and has exited but is not reaped yet."""
+    if not hasattr(os, "waitid"):
+        return False
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return False
+
+
 def _killpg(pgid: int, sig: int) -> bool:
     """killpg that treats a group already gone as done."""
     try:
@@ -2007,7 +2061,7 @@ class _Request:
     """One parsed request; the handlers' only view of HTTP."""
 
     __slots__ = ("method", "target", "path", "query", "headers", "body", "request_id",
-                 "version", "close", "claims", "route", "_json")
+                 "version", "close", "claims", "route", "body_read", "_json")
 
     def __init__(self) -> None:
         self.method, self.target, self.path, self.version = "", "", "", "HTTP/1.1"
@@ -2017,6 +2071,7 @@ class _Request:
         self.request_id = ""
         self.close = True
         self.claims: Optional[Dict[str, Any]] = None
+        self.body_read = False       # the body (if any) is off the wire: the connection can be reused
         self.route = "unmatched"
         self._json: Optional[Dict[str, Any]] = None
 
@@ -2527,7 +2582,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return result.status, result.body, result.content_type, result.headers
             return 200, _json_bytes(result), "application/json", {}
         except AgentError as exc:
-            if exc.status >= 500 or exc.status in (408, 413, 414, 431):
+            # Unread body bytes would be taken for the next request: close instead.
+            if exc.status >= 500 or exc.status in (408, 413, 414, 431) or not req.body_read:
                 req.close = True
             return (exc.status, _json_bytes(exc.to_json(request_id=req.request_id, path=req.path)),
                     "application/json", exc.headers)
@@ -2613,6 +2669,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _read_body(self, req: _Request, length: int) -> None:
         if not length:
+            req.body_read = True
             return
         if (req.header("expect") or "").lower() == "100-continue":
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -2620,6 +2677,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if len(body) < length:
             raise _ClientGone()
         req.body = body
+        req.body_read = True
 
     # -- routing ----------------------------------------------------------------
 
@@ -2632,13 +2690,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             found = regex.match(req.path)
             if found:
                 matches.append((route_method, pattern, handler, needs_auth, found))
+        if not length:
+            req.body_read = True
         if not matches or all(m[3] for m in matches):
-            try:
-                self._authenticate(req)
-            except AgentError:
-                if length:
-                    req.close = True   # the unread body would be taken for the next request
-                raise
+            self._authenticate(req)
         self._read_body(req, length)
         for route_method, pattern, handler, _, found in matches:
             if route_method == method:
@@ -2731,12 +2786,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return True
 
     def _wait_final(self, rec: _ProcessRecord) -> None:
-        """Wait for a synchronous run; if the client goes away, end the process."""
+        """Wait for a synchronous run; if the client goes away, end the process.
+        Its timeout also counts while it waits in the queue."""
         manager = self.server.manager
+        deadline = time.monotonic() + rec.launch.timeout
         while not manager.wait(rec, 0.25):
             if self._client_gone():
                 manager.kill(rec.id, wait=False)
                 raise _ClientGone()
+            if time.monotonic() > deadline:
+                manager.drop_queued(rec, "timeout")
 
     # -- endpoints: health and information ------------------------------------------
 
@@ -2844,12 +2903,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         secret = _opt_text(body, "callback_signature_secret")
         launch = self._code_launch(body, ASYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
         manager = self.server.manager
-        rec = manager.start(launch)
-        rec.on_finish.append(_Webhook(manager, url, headers, secret))
+        rec = manager.start(launch, on_finish=[_Webhook(manager, url, headers, secret)])
         answer = self._started(rec)
         answer.update(status="queued", process_status=answer["status"], callback_url=url)
-        if rec.finished:   # it ended (spawn failure) before the callback was attached
-            _Webhook(manager, url, headers, secret)(rec)
         return answer
 
     def _run_and_wait(self, launch: _Launch) -> Tuple[_ProcessRecord, Dict[str, Any]]:
@@ -3026,7 +3082,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise BadRequest('the first message must be {"type": "execute", "code": ...}')
             launch = self._code_launch(body, SYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
             rec = self.server.manager.start(launch)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             ws.error(1008, "invalid JSON message: %s" % _short(exc), "INVALID_JSON")
             return
         except AgentError as exc:

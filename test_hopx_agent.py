@@ -2144,12 +2144,16 @@ def test_a_timed_out_record_is_final_only_after_its_escapers_are_ended(manager, 
 
 
 def test_shutdown_ends_a_daemon_whose_leader_already_exited(manager):
+    # A proper daemon: it lets go of the record's pipes, so it outlives its leader.
     rec = manager.start(manager.code_launch(textwrap.dedent("""\
         import os, sys
         r, w = os.pipe()
         if os.fork() == 0:
             os.setsid()
             if os.fork() == 0:
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
                 os.write(w, b"%d" % os.getpid())
                 os.close(w)
                 import time
@@ -2165,6 +2169,23 @@ def test_shutdown_ends_a_daemon_whose_leader_already_exited(manager):
     assert pid_alive(grandchild) and grandchild in pids_with_marker(rec.id)
     manager.shutdown(5.0)
     assert_all_gone(rec.id, grandchild)
+
+
+def test_an_escaped_descendant_holding_the_pipes_is_ended_when_the_leader_exits(manager):
+    # Like `sleep 1000 &`, but out of the group: it keeps stdout open, so it
+    # would keep a reader thread and two descriptors forever.
+    rec = manager.start(manager.code_launch(textwrap.dedent("""\
+        import os, subprocess
+        holder = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        print("holder", holder.pid, flush=True)
+    """), "python"))
+    assert manager.wait(rec, WAIT_S)
+    d = manager.describe(rec)
+    assert (d["status"], d["reason"], d["exit_code"]) == ("completed", "exited", 0), d
+    holder = int(re.search(r"holder (\d+)", d["stdout"]).group(1))
+    wait_until(lambda: not pid_alive(holder), WAIT_S, "the pipe holder to be ended")
+    assert d.get("stragglers_killed", 0) >= 1 or manager.describe(rec).get("stragglers_killed", 0) >= 1
+    wait_until(lambda: rec.open_streams == 0, WAIT_S, "both readers to reach EOF")
 
 
 def test_every_child_carries_its_process_id_in_the_environment(client):
@@ -4765,6 +4786,69 @@ def assert_final(mgr, rec, timeout=10.0):
 def measured_window(seconds):
     """Let ``seconds`` pass while measuring: not a wait for something (see the CPU test)."""
     threading.Event().wait(seconds)
+
+
+# ============================================================================
+# Regressions found in review
+# ============================================================================
+
+
+def test_an_sse_stream_of_invalid_utf8_ends_with_exit(server, client):
+    # Over 64 KiB of continuation bytes: no character boundary to cut at.
+    pid = start_background(client, "import sys\nsys.stdout.buffer.write(b'\\x80' * 70000)\n")
+    wait_finished(client, pid)
+    stream = SSE(server, "/execute/processes/%s/stream" % pid)
+    try:
+        events = stream.events()
+    finally:
+        stream.close()
+    assert events[-1]["event"] == "exit"
+    assert sum(len(e["data"]["data"]) for e in events if e["event"] == "stdout") == 70000   # one U+FFFD a byte
+
+
+def test_too_many_query_parameters_close_the_connection_before_the_body(server):
+    query = "&".join("a%d=1" % i for i in range(101))
+    smuggled = b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = ("POST /execute?%s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            "Content-Length: %d\r\n\r\n" % (query, good_token(), len(smuggled))).encode()
+    sock = _connect(server)
+    try:
+        sock.sendall(head + smuggled)
+        fh = sock.makefile("rb")
+        status, headers = _read_head(fh)
+        fh.read(int(headers["content-length"]))
+        assert status == 400 and headers.get("connection", "").lower() == "close"
+        assert fh.read(1) == b"", "the unread body was answered as a request of its own"
+    finally:
+        sock.close()
+
+
+def test_a_kill_after_the_leader_exited_keeps_its_real_outcome(manager):
+    # The escaped holder keeps the pipes open, so the record waits out the drain
+    # while the leader has already exited 0; a kill then must change nothing.
+    rec = manager.start(manager.code_launch(textwrap.dedent("""\
+        import subprocess
+        subprocess.Popen(["sleep", "60"], start_new_session=True)
+    """), "python"))
+    wait_until(lambda: rec.exit_info is not None, WAIT_S, "the leader to exit")
+    answer = manager.kill(rec.id)
+    d = manager.describe(rec)
+    assert (d["status"], d["reason"], d["exit_code"]) == ("completed", "exited", 0), (answer, d)
+    assert answer["status"] == "completed"
+
+
+def test_a_sync_run_times_out_while_it_waits_in_the_queue(tmp_path):
+    with agent_server(tmp_path, max_running=1) as srv:
+        client = Client(srv)
+        try:
+            blocker = client.ok("POST", "/commands/background", {"command": "sleep", "args": ["30"]})
+            began = time.monotonic()
+            result = client.ok("POST", "/execute", {"code": "print(1)", "timeout": 1})
+            assert result["timed_out"] is True and result["exit_code"] == 124 and not result["success"], result
+            assert time.monotonic() - began < 10
+            client.ok("POST", "/execute/kill/%s" % blocker["process_id"])
+        finally:
+            client.close()
 
 
 # ============================================================================
