@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import collections
 import dataclasses
-import errno
 import hashlib
 import heapq
 import hmac
@@ -515,7 +514,6 @@ class _OutputBuffer:
 
 _FINAL_STATUSES = ("completed", "failed")
 _STATUSES = ("queued", "running") + _FINAL_STATUSES
-_REASONS = ("exited", "signaled", "killed", "timeout", "idle_timeout", "spawn_failed", "shutdown")
 _TIMEOUT_REASONS = ("timeout", "idle_timeout")     # reported with exit code 124, as timeout(1) does
 
 
