@@ -3504,14 +3504,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = dataclasses.replace(config, secret=secrets.token_bytes(32))
     elif config.auth and len(config.secret or b"") < MIN_SECRET_BYTES:
         log.warning("the secret is shorter than %d bytes; use a longer random one", MIN_SECRET_BYTES)
-    if not config.auth:
-        log.warning("AUTHENTICATION IS DISABLED (--no-auth): anyone who can reach %s:%s can run code",
-                    config.host, config.port)
     try:
         server = create_server(config)
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
         return 1
+    if not config.auth:
+        log.warning("AUTHENTICATION IS DISABLED (--no-auth): anyone who can reach %s can run code", server.url)
     if generated:
         now = int(time.time())
         token = encode_jwt({"sub": "hopx-client", "iat": now, "exp": now + TOKEN_TTL_S}, config.secret or b"")
