@@ -2607,13 +2607,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 or not _VERSION_RE.fullmatch(parts[2]):
             raise BadRequest("malformed request line")
         req.method, req.target, req.version = parts
-        try:
-            split = urllib.parse.urlsplit(req.target)
-        except ValueError:      # "//[::1/x": urlsplit reads a bad host after //
-            raise BadRequest("malformed request target") from None
-        if not req.target.startswith("/") and not split.scheme:
-            raise BadRequest("malformed request target")
-        path = split.path or "/"
+        if req.target.startswith("/"):      # origin-form (RFC 9112 §3.2.1): "//x/y" is a path too
+            path, _, query = req.target.partition("?")
+            path = path.partition("#")[0]
+        else:                               # absolute-form, as sent to proxies
+            try:
+                split = urllib.parse.urlsplit(req.target)
+            except ValueError:
+                raise BadRequest("malformed request target") from None
+            if split.scheme not in ("http", "https"):
+                raise BadRequest("malformed request target")
+            path, query = split.path or "/", split.query
         req.path = path[:-1] if len(path) > 1 and path.endswith("/") else path
         self._read_headers(req)
         rid = req.header("x-request-id")
@@ -2622,7 +2626,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         connection = (req.header("connection") or "").lower()
         req.close = "close" in connection or (req.version == "HTTP/1.0" and "keep-alive" not in connection)
         try:
-            req.query = urllib.parse.parse_qs(split.query, keep_blank_values=True, max_num_fields=100)
+            req.query = urllib.parse.parse_qs(query, keep_blank_values=True, max_num_fields=100)
         except ValueError:
             raise BadRequest("too many query parameters") from None
 
@@ -2890,8 +2894,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         url = _required_text(body, "callback_url")
         try:
             split = urllib.parse.urlsplit(url)
-            valid = split.scheme in ("http", "https") and bool(split.hostname)
-        except ValueError:      # e.g. an unclosed IPv6 bracket
+            valid = url.isascii() and split.scheme in ("http", "https") and bool(split.hostname)
+            if valid and "[" in split.netloc:   # older Pythons let "[x]" through: check it here
+                import ipaddress
+                valid = ipaddress.ip_address(split.hostname or "").version == 6
+        except ValueError:      # an unclosed bracket, a bad IPv6 literal, a bad port
             valid = False
         if not valid:
             raise BadRequest("callback_url must be an http or https URL")
