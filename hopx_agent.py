@@ -3350,16 +3350,30 @@ def _run_until_signalled(server: _AgentServer) -> int:
     """
     stop = threading.Event()
     previous = {}
+    wake_r, wake_w = os.pipe()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
+        # Wait in select() on the signal wake-up fd, not in a lock: a lock wait
+        # is not interrupted by signals on every Python (3.13.0 is one).
+        os.set_blocking(wake_w, False)
+        previous_fd = signal.set_wakeup_fd(wake_w)
     server.manager.enable_subreaper()
     thread = threading.Thread(target=server.serve_forever, name="hopx-http-accept", daemon=True)
     thread.start()
     log.info("listening on %s", server.url)
     try:
-        stop.wait()
+        while not stop.is_set():
+            if previous:
+                select.select([wake_r], [], [])
+                os.read(wake_r, 512)
+            else:
+                stop.wait()
     finally:
+        if previous:
+            signal.set_wakeup_fd(previous_fd)
+        os.close(wake_r)
+        os.close(wake_w)
         log.info("stopping: ending every process group")
         server.shutdown()
         server.manager.shutdown(server.config.kill_grace + 1.5)
