@@ -2709,25 +2709,28 @@ def test_an_http_1_0_request_works_and_is_closed(server):
     assert int(headers["content-length"]) == len(body)
 
 
+def dribbler_thread(sock, payload, stop):
+    """A thread sending ``payload`` a byte every 50 ms until ``stop`` is set or the server hangs up."""
+    def dribble():
+        try:
+            for byte in payload:
+                sock.send(bytes([byte]))
+                if stop.wait(0.05):      # paces the dribble; never waits for a condition
+                    return
+        except OSError:
+            return
+    return threading.Thread(target=dribble, name="test-dribble", daemon=True)
+
+
 def test_a_slow_client_neither_delays_others_nor_outlives_the_request_deadline(tmp_path):
     deadline_s = 1.5
     with own_server(tmp_path, request_deadline=deadline_s) as srv:
         slow = connect(srv, timeout=10)
         stop = threading.Event()
-
-        def dribble():
-            try:
-                for byte in b"X-Slow: " + b"a" * 10000:
-                    slow.send(bytes([byte]))
-                    if stop.wait(0.05):      # paces the dribble; never waits for a condition
-                        return
-            except OSError:
-                return
-
         with contextlib.closing(slow):
             slow.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n")
             began = time.monotonic()
-            dribbler = threading.Thread(target=dribble, name="test-dribble", daemon=True)
+            dribbler = dribbler_thread(slow, b"X-Slow: " + b"a" * 10000, stop)
             dribbler.start()
             try:
                 other = Client(srv)
@@ -2759,19 +2762,9 @@ def test_a_request_line_dribbled_byte_by_byte_is_cut_off_at_the_request_deadline
     with own_server(tmp_path, request_deadline=deadline_s) as srv:
         slow = connect(srv, timeout=10)
         stop = threading.Event()
-
-        def dribble():
-            try:
-                for byte in b"GET /" + b"a" * 5000:
-                    slow.send(bytes([byte]))
-                    if stop.wait(0.05):
-                        return
-            except OSError:
-                return
-
         with contextlib.closing(slow):
             began = time.monotonic()
-            dribbler = threading.Thread(target=dribble, name="test-dribble-line", daemon=True)
+            dribbler = dribbler_thread(slow, b"GET /" + b"a" * 5000, stop)
             dribbler.start()
             try:
                 data = read_until_eof(slow, timeout=deadline_s + 4)
