@@ -950,36 +950,56 @@ class _ExitWatcher:
         except OSError:
             return False
         with self._lock:
-            if self._stopped:
+            try:
+                if self._stopped:
+                    raise RuntimeError("stopped")
+                if self._epoll is None:
+                    self._start()
+                # epoll_ctl while another thread sits in epoll_wait is safe; the wait sees it
+                self._epoll.register(pidfd, select.EPOLLIN)
+                self._callbacks[pidfd] = on_exit
+                return True
+            except (OSError, ValueError, RuntimeError) as exc:   # the caller falls back to a waiter job
+                log.debug("exit watcher unavailable for pid %d: %s", pid, exc)
                 os.close(pidfd)
                 return False
-            if self._epoll is None:
-                self._epoll = select.epoll()
-                self._wake = os.pipe()
-                self._epoll.register(self._wake[0], select.EPOLLIN)
-                self._thread = threading.Thread(target=self._run, name="hopx-exits", daemon=True)
-                self._thread.start()
-            self._callbacks[pidfd] = on_exit
-            # epoll_ctl while another thread sits in epoll_wait is safe; the wait sees it
-            self._epoll.register(pidfd, select.EPOLLIN)
-        return True
 
-    def _run(self) -> None:
+    def _start(self) -> None:
+        """The epoll set, its wake-up pipe and the thread (with ``_lock`` held)."""
+        epoll = select.epoll()
+        wake = os.pipe()
+        try:
+            epoll.register(wake[0], select.EPOLLIN)
+            thread = threading.Thread(target=self._run, args=(epoll,), name="hopx-exits", daemon=True)
+            thread.start()
+        except BaseException:
+            epoll.close()
+            for fd in wake:
+                os.close(fd)
+            raise
+        self._epoll, self._wake, self._thread = epoll, wake, thread
+
+    def _run(self, epoll: Any) -> None:
         while True:
             try:
-                events = self._epoll.poll()
+                events = epoll.poll()
             except InterruptedError:
                 continue
+            except (OSError, ValueError):     # closed under us: stop() gave up waiting
+                return
             for fd, _ in events:
                 with self._lock:
                     if self._stopped:
                         return
                     on_exit = self._callbacks.pop(fd, None)
-                    if on_exit is not None:
-                        self._epoll.unregister(fd)
-                if on_exit is not None:
+                if on_exit is None:
+                    continue
+                try:
+                    epoll.unregister(fd)
                     os.close(fd)
                     on_exit()
+                except Exception:      # one failure must not end the watch for every process
+                    log.exception("exit handling failed")
 
     def stop(self, timeout: float) -> None:
         with self._lock:
@@ -990,6 +1010,8 @@ class _ExitWatcher:
             return                  # never started, or stopped already
         os.write(wake[1], b"x")
         thread.join(timeout)
+        if thread.is_alive():      # still inside an exit handler: leave it its descriptors
+            return
         with self._lock:
             for fd in list(self._callbacks) + list(wake):
                 _close_quietly(fd)
@@ -1504,6 +1526,12 @@ class ProcessManager:
                     "exit_code": rec.exit_code, "signal": rec.signal, "record_status": rec.status,
                     "stragglers_killed": len(rec.stragglers)}
 
+    def time_out(self, rec: _ProcessRecord) -> None:
+        """End a record as its timeout would (a synchronous run's deadline
+        counts from the request, queue time included)."""
+        if not self.drop_queued(rec, "timeout"):
+            self._on_timeout(rec)
+
     def drop_queued(self, rec: _ProcessRecord, reason: str) -> bool:
         """Take a record out of the queue, final with ``reason`` (exit code
         124 for a timeout, none otherwise: it never ran). False if not queued."""
@@ -1766,7 +1794,7 @@ class ProcessManager:
         marked = _scan_marked()
         for rec in live:
             with rec.cond:
-                if not rec.finished:
+                if not rec.finished and rec.exit_info is None:
                     rec.kill_reason = rec.kill_reason or "shutdown"
             self._signal_group(rec, signal.SIGTERM)
             self._end_marked(rec, signal.SIGTERM, marked)
@@ -2038,16 +2066,20 @@ class _DeadlineReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        if self.deadline is not None:
+        while self.deadline is not None:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("request deadline passed")
             # settimeout() costs a syscall: change it only when the one in force
-            # could overshoot the deadline by more than half a second.
+            # could overshoot the deadline by more than half a second; one that
+            # is shorter (left by an earlier phase) just means another round.
             current = self._sock.gettimeout()
             if not current or current > remaining + 0.5:
                 self._sock.settimeout(remaining)
-            return self._sock.recv_into(buffer)
+            try:
+                return self._sock.recv_into(buffer)
+            except socket.timeout:
+                self._sock.settimeout(max(0.001, self.deadline - time.monotonic()))
         while True:   # no deadline (a WebSocket): another thread's write timeout is not ours
             try:
                 return self._sock.recv_into(buffer)
@@ -2728,8 +2760,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _write(self, data: bytes) -> None:
         try:
-            current = self.connection.gettimeout()
-            if not current or current > WRITE_TIMEOUT_S:   # any bound up to WRITE_TIMEOUT_S will do
+            # sendall's timeout bounds the whole answer: it must be the full
+            # WRITE_TIMEOUT_S, not a shorter one left by a read.
+            if self.connection.gettimeout() != WRITE_TIMEOUT_S:
                 self.connection.settimeout(WRITE_TIMEOUT_S)
             self.connection.sendall(data)
         except OSError:
@@ -2797,7 +2830,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 manager.kill(rec.id, wait=False)
                 raise _ClientGone()
             if time.monotonic() > deadline:
-                manager.drop_queued(rec, "timeout")
+                manager.time_out(rec)
 
     # -- endpoints: health and information ------------------------------------------
 
@@ -2895,6 +2928,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             split = urllib.parse.urlsplit(url)
             valid = url.isascii() and split.scheme in ("http", "https") and bool(split.hostname)
+            split.port      # raises ValueError for a port out of range or not a number
             if valid and "[" in split.netloc:   # older Pythons let "[x]" through: check it here
                 import ipaddress
                 valid = ipaddress.ip_address(split.hostname or "").version == 6
@@ -3363,9 +3397,11 @@ def _run_until_signalled(server: _AgentServer) -> int:
     thread.start()
     log.info("listening on %s", server.url)
     try:
+        poller = select.poll()
+        poller.register(wake_r, select.POLLIN)
         while not stop.is_set():
             if previous:
-                select.select([wake_r], [], [])
+                poller.poll()
                 os.read(wake_r, 512)
             else:
                 stop.wait()

@@ -4844,6 +4844,46 @@ def test_a_sync_run_times_out_while_it_waits_in_the_queue(tmp_path):
             client.close()
 
 
+def test_without_the_exit_watcher_a_waiter_job_per_process_does_the_same(tmp_path, monkeypatch):
+    # Where pidfds are missing the manager falls back to a waiter job per process.
+    monkeypatch.setattr(hopx_agent._ExitWatcher, "watch", lambda self, pid, on_exit: False)
+    mgr = hopx_agent.ProcessManager(hopx_agent.AgentConfig(workdir=str(tmp_path), kill_grace=0.5))
+    try:
+        done = mgr.start(mgr.command_launch("echo out; exit 3", None))
+        straggler = mgr.start(mgr.command_launch("sleep 1000 & echo started", None))
+        timed = mgr.start(mgr.command_launch("sleep 1000", None, timeout=0.3))
+        killed = mgr.start(mgr.command_launch("sleep 1000", None))
+        assert mgr.kill(killed.id)["record_status"] == "failed"
+        for rec in (done, straggler, timed, killed):
+            assert mgr.wait(rec, WAIT_S), rec.id
+        assert [mgr.describe(r)[k] for r in (done,) for k in ("exit_code", "stdout")] == [3, "out\n"]
+        assert mgr.describe(straggler)["status"] == "completed"
+        assert (mgr.describe(timed)["reason"], mgr.describe(timed)["exit_code"]) == ("timeout", 124)
+        assert mgr.describe(killed)["reason"] == "killed"
+    finally:
+        mgr.shutdown(5.0)
+    assert not [pid for r in (done, straggler, timed, killed) for pid in pids_with_marker(r.id)]
+
+
+def test_a_kept_alive_connection_outlives_a_slow_request_before_it(tmp_path):
+    # A slow request leaves a short socket timeout behind; the idle wait and the
+    # next answer must not inherit it.
+    with own_server(tmp_path, request_deadline=2.0) as srv:
+        sock = connect(srv, timeout=10)
+        with contextlib.closing(sock):
+            fh = sock.makefile("rb")
+            sock.sendall(b"GET /ping HTTP/1.1\r\nHost: t\r\n")
+            threading.Event().wait(1.5)          # a slow client: the deadline has 0.5 s left
+            sock.sendall(b"\r\n")
+            status, headers = _read_head(fh)
+            assert status == 200, headers
+            fh.read(int(headers["content-length"]))
+            threading.Event().wait(2.5)          # idle longer than that request's whole deadline
+            sock.sendall(b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, headers = _read_head(fh)
+            assert status == 200, headers
+
+
 # ============================================================================
 # Request-body mutation fuzzer
 # ============================================================================
@@ -5106,7 +5146,9 @@ def test_the_500s_found_by_the_fuzzer_pinned(client):
                        ("/execute/async", b'{"code": "exit 0", "language": "sh", "callback_url": "http://[x]/"}'),
                        ("/execute/async", b'{"code": "exit 0", "language": "sh", "callback_url": "http://[::1"}'),
                        ("/execute/async", json.dumps({"code": "exit 0", "language": "sh",
-                                                      "callback_url": "http://a\uff03b/"}).encode())]:
+                                                      "callback_url": "http://a\uff03b/"}).encode()),
+                       ("/execute/async", b'{"code": "exit 0", "language": "sh", "callback_url": "http://127.0.0.1:99999/"}'),
+                       ("/execute/async", b'{"code": "exit 0", "language": "sh", "callback_url": "http://127.0.0.1:abc/"}')]:
         status, resp, data = client.raw("POST", path, body=body, headers={"Content-Type": "application/json"})
         assert status == 400, (path, body[:80], status, data[:200])
 
