@@ -127,6 +127,22 @@ def zombie_children():
     return found
 
 
+@contextlib.contextmanager
+def local_http_server(handler_cls, name):
+    """A throwaway http.server on 127.0.0.1:0 serving in a thread; shut down and joined on exit."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    srv.daemon_threads = True
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name=name, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+        assert not thread.is_alive(), "%s did not stop" % name
+
+
 class Client:
     """A tiny http.client wrapper bound to one server; one connection, kept alive."""
 
@@ -3155,21 +3171,16 @@ class _WebhookSink:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self._stack = contextlib.ExitStack()
+        self.server = self._stack.enter_context(local_http_server(Handler, "test-webhook-sink"))
         self.url = "http://127.0.0.1:%d/hook" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       name="test-webhook-sink", daemon=True)
-        self.thread.start()
 
     def calls(self):
         with self._lock:
             return list(self.received)
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        self._stack.close()
 
 
 @pytest.fixture
@@ -3177,7 +3188,6 @@ def sink():
     s = _WebhookSink()
     yield s
     s.close()
-    assert not s.thread.is_alive()
 
 
 @pytest.fixture
@@ -5015,16 +5025,8 @@ class _Sink(http.server.BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def webhook_sink():
-    sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-    sink.daemon_threads = True
-    thread = threading.Thread(target=sink.serve_forever, name="test-sink", daemon=True)
-    thread.start()
-    try:
+    with local_http_server(_Sink, "test-sink") as sink:
         yield "http://127.0.0.1:%d/hook" % sink.server_address[1]
-    finally:
-        sink.shutdown()
-        sink.server_close()
-        thread.join(5)
 
 
 class _Victims:
@@ -5823,16 +5825,8 @@ class BenchFloorHandler(http.server.BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def bench_floor_server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BenchFloorHandler)
-    srv.daemon_threads = True
-    thread = threading.Thread(target=srv.serve_forever, name="bench-floor", daemon=True)
-    thread.start()
-    try:
+    with local_http_server(BenchFloorHandler, "bench-floor") as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 @contextlib.contextmanager
