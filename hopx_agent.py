@@ -18,6 +18,12 @@ group (SIGTERM, a grace period, SIGKILL). A process is finished when its
 leader exits, not when its pipes close. Pipes are always drained into bounded
 buffers that say what they dropped.
 
+The file reads top to bottom, each section leaning only on those above it
+(``grep -n '^# ==' hopx_agent.py`` is its table of contents): configuration,
+errors, JWT, the process model and manager with its collaborators, the HTTP
+transport (which knows no endpoint by name), then one section per family of
+endpoints, each ending with its route table, and the entry points.
+
 Public names (``__all__``): AgentConfig, AgentError and its subclasses,
 verify_jwt, encode_jwt, ProcessManager, create_server, serve, main.
 Importing the module starts nothing: no threads, sockets, signal handlers or
@@ -28,6 +34,7 @@ from __future__ import annotations
 import base64
 import collections
 import dataclasses
+import functools
 import hashlib
 import heapq
 import hmac
@@ -48,7 +55,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 # ============================================================================
 # Version and public names
@@ -90,6 +97,7 @@ ASYNC_TIMEOUT_S = 3600.0              # api.md §6 default for /execute/async
 MAX_OUTPUT_BYTES = 4 * 1024 * 1024    # per stream, newest bytes kept (api.md §5)
 RETAIN_RECORDS = 1000                 # finished records kept, oldest evicted
 OUTPUT_BUDGET_BYTES = 256 * 1024 * 1024   # output held by all finished records together
+RECORD_CACHE_BYTES = 32 * 1024 * 1024     # listings' cached record JSON, least recently used dropped first
 MAX_RUNNING = 64                      # children running at once; the rest queue
 QUEUE_FACTOR = 10                     # queue holds this many times max-running, then 429
 MAX_CONNECTIONS = 256                 # open client connections; one more gets 503
@@ -117,6 +125,7 @@ MAX_NAME_CHARS = 256                  # process names are labels, not payloads
 SECRET_ENV = "HOPX_AGENT_SECRET"      # never passed on to a child
 PROCESS_ID_ENV = "HOPX_PROCESS_ID"    # every child carries its own record id, to find escapers
 STDIN_WRITE_TIMEOUT_S = 5.0           # a child that does not read its stdin cannot hold a thread longer
+ESCAPER_GONE_S = 1.0                  # after its SIGKILL, how long an escaped descendant may take to exit
 IDEMPOTENCY_WAIT_S = 10.0             # a retry waits this long for the first request with its key
 
 _F_SETPIPE_SZ = 1031                  # fcntl command number on Linux (not in fcntl before 3.10)
@@ -180,21 +189,21 @@ def _rfc3339(ts: Optional[float]) -> Optional[str]:
     whole = int(ts)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%03dZ" % int((ts - whole) * 1000)
 
-
 # ============================================================================
 # Errors
 # ============================================================================
 
 
 class AgentError(Exception):
-    """An error with its HTTP status and api.md §3 code; handlers raise it and
-    the dispatcher turns it into the JSON error body."""
+    """An error with its HTTP status and api.md §3 code; endpoints raise it and
+    the dispatcher turns it into the JSON error body (with ``details`` when
+    there are any: the SDK reads ``details.path`` and ``details.missing_dependencies``)."""
 
     status = 500
     code = "INTERNAL_ERROR"
 
     def __init__(self, message: str, *, status: Optional[int] = None, code: Optional[str] = None,
-                 headers: Optional[Dict[str, str]] = None) -> None:
+                 headers: Optional[Dict[str, str]] = None, details: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:
@@ -202,10 +211,14 @@ class AgentError(Exception):
         if code is not None:
             self.code = code
         self.headers = dict(headers or {})
+        self.details = details
 
     def to_json(self, *, request_id: str = "", path: str = "") -> Dict[str, Any]:
-        return {"error": self.message, "message": self.message, "code": self.code,
+        body = {"error": self.message, "message": self.message, "code": self.code,
                 "request_id": request_id, "path": path, "timestamp": _rfc3339(time.time())}
+        if self.details:
+            body["details"] = self.details
+        return body
 
 
 class BadRequest(AgentError):
@@ -371,6 +384,105 @@ def verify_jwt(token: str, secret: bytes, *, algorithms: Iterable[str] = JWT_ALG
 
 
 # ============================================================================
+# Shared helpers: JSON, digits, request fields
+# ============================================================================
+
+
+def _json_bytes(payload: Any) -> bytes:
+    # ensure_ascii keeps lone surrogates from a client's JSON encodable
+    return json.dumps(payload, separators=(",", ":")).encode("ascii")
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def _is_digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²" and other digits int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
+# -- request body fields: every family parses its JSON bodies with these -------
+
+
+def _text(value: Any, field: str, *, nul_ok: bool = False) -> str:
+    """A string that can reach the OS: UTF-8 encodable and without NUL bytes."""
+    if not isinstance(value, str):
+        raise BadRequest("field %r must be a string" % field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("field %r is not valid Unicode (unpaired surrogate)" % field) from None
+    if not nul_ok and "\x00" in value:
+        raise BadRequest("field %r must not contain NUL bytes" % field)
+    return value
+
+
+def _opt_text(body: Dict[str, Any], field: str, *, max_chars: Optional[int] = None) -> Optional[str]:
+    value = body.get(field)
+    if value is None:
+        return None
+    value = _text(value, field)
+    if max_chars is not None and len(value) > max_chars:
+        raise BadRequest("field %r is longer than %d characters" % (field, max_chars))
+    return value
+
+
+def _required_text(body: Dict[str, Any], field: str, *, nul_ok: bool = False) -> str:
+    if body.get(field) is None:
+        raise BadRequest("missing required field %r" % field, code="MISSING_PARAMETER")
+    return _text(body[field], field, nul_ok=nul_ok)
+
+
+def _number(value: Any, field: str, low: float, high: float) -> float:
+    # math.isfinite() of an int beyond float range raises: test floats only, compare ints as they are
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)):
+        raise BadRequest("field %r must be a number" % field)
+    if not low < value <= high:
+        raise BadRequest("field %r must be more than %g and at most %g" % (field, low, high))
+    return float(value)
+
+
+def _timeout(body: Dict[str, Any], default: float, maximum: float) -> float:
+    value = body.get("timeout")
+    return default if value is None else _number(value, "timeout", 0, maximum)
+
+
+def _idle_timeout(body: Dict[str, Any]) -> Optional[float]:
+    value = body.get("idle_timeout")
+    return None if value is None else _number(value, "idle_timeout", 0, MAX_BACKGROUND_TIMEOUT_S)
+
+
+def _env_map(value: Any, field: str) -> Dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest("field %r must be an object of strings" % field)
+    for key, item in value.items():
+        _text(key, field + " key")
+        if not key or "=" in key:
+            raise BadRequest("%s key %r is not a valid variable name" % (field, key))
+        if not isinstance(item, str):
+            raise BadRequest("%s value for %r must be a string" % (field, key))
+        _text(item, "%s[%s]" % (field, key))
+    return dict(value)
+
+
+def _flag(body: Dict[str, Any], field: str) -> bool:
+    value = body.get(field, False)
+    if not isinstance(value, bool):
+        raise BadRequest("field %r must be true or false" % field)
+    return value
+
+
+def _workdir(body: Dict[str, Any]) -> Optional[str]:
+    """api.md §8: ``workdir``, else ``working_dir``."""
+    value = body.get("workdir")
+    return _opt_text(body, "workdir" if value is not None else "working_dir")
+
+
+# ============================================================================
 # Process model: output buffers, records, languages
 # ============================================================================
 
@@ -517,11 +629,6 @@ _STATUSES = ("queued", "running") + _FINAL_STATUSES
 _TIMEOUT_REASONS = ("timeout", "idle_timeout")     # reported with exit code 124, as timeout(1) does
 
 
-def _is_digits(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also takes "²" and other digits int() refuses."""
-    return text.isascii() and text.isdigit()
-
-
 def _signal_name(signum: Optional[int]) -> Optional[str]:
     if signum is None:
         return None
@@ -612,7 +719,6 @@ class _ProcessRecord:
         self.exit_info: Optional[Tuple[Optional[int], Any]] = None   # (wait status, rusage) once reaped
         self.prereaped: Optional[Tuple[int, Any]] = None   # the same, where wait4 had to reap to wait
         self.changes = 0                   # bumped by changes to_json cannot see in its cache key
-        self._json_cache: Dict[bool, Tuple[Any, bytes]] = {}   # with/without output -> (key, JSON)
 
     @property
     def finished(self) -> bool:
@@ -621,17 +727,18 @@ class _ProcessRecord:
     def stream(self, name: str) -> _OutputBuffer:
         return self.stdout if name == "stdout" else self.stderr
 
-    def to_json_bytes(self, *, output: bool, queue_position: Optional[int]) -> bytes:
-        """The record as JSON bytes, cached until something in it changes, so
-        that listing a thousand finished records encodes none of them again.
-        Call with ``cond`` held."""
-        key = (queue_position, self.status, self.pid, self.stdout.total, self.stdout.held,
-               self.stderr.total, self.stderr.held, self.stdin_closed, len(self.stragglers), self.changes)
-        cached = self._json_cache.get(output)
-        if cached is None or cached[0] != key:
-            cached = self._json_cache[output] = (key, _json_bytes(self.to_json(output=output,
-                                                                               queue_position=queue_position)))
-        return cached[1]
+    def cache_key(self, queue_position: Optional[int]) -> Tuple[Any, ...]:
+        """What the record's JSON depends on, for _RecordCache. Call with ``cond`` held."""
+        return (queue_position, self.status, self.pid, self.stdout.total, self.stdout.held,
+                self.stderr.total, self.stderr.held, self.stdin_closed, len(self.stragglers), self.changes)
+
+    def set_final(self, reason: str, exit_code: Optional[int], signame: Optional[str]) -> None:
+        """Make the record final and wake its waiters. Call with ``cond`` held."""
+        self.reason, self.exit_code, self.signal = reason, exit_code, signame
+        self.status = "completed" if reason == "exited" and exit_code == 0 else "failed"
+        self.ended = time.time()
+        self.duration = round(time.monotonic() - self.started_mono, 6) if self.started_mono else 0.0
+        self.cond.notify_all()
 
     def to_json(self, *, output: bool = True, offsets: Optional[Dict[str, Optional[int]]] = None,
                 queue_position: Optional[int] = None) -> Dict[str, Any]:
@@ -676,6 +783,69 @@ class _ProcessRecord:
             rec["max_rss_kb"] = self.rusage.ru_maxrss
         rec.update(self.extra)
         return rec
+
+
+class _RecordCache:
+    """The records' JSON as listings send it, kept until the record changes,
+    so that listing a thousand finished records encodes none of them again.
+    Bounded in bytes (the least recently used entries go first); this is the
+    cache /cache/stats reports and /cache/clear empties."""
+
+    def __init__(self, budget: int) -> None:
+        self._lock = threading.Lock()   # guards every field below; a leaf: nothing is taken under it
+        self._entries: "collections.OrderedDict[Tuple[str, bool], Tuple[Any, bytes]]" = collections.OrderedDict()
+        self._bytes = 0
+        self._budget = budget
+        self._hits = 0
+        self._misses = 0
+
+    def get(self, rec: _ProcessRecord, *, output: bool, queue_position: Optional[int]) -> bytes:
+        """The record as JSON bytes, from the cache when unchanged. Call with ``rec.cond`` held."""
+        key = rec.cache_key(queue_position)
+        ident = (rec.id, output)
+        with self._lock:
+            entry = self._entries.get(ident)
+            if entry is not None and entry[0] == key:
+                self._entries.move_to_end(ident)
+                self._hits += 1
+                return entry[1]
+            self._misses += 1
+        data = _json_bytes(rec.to_json(output=output, queue_position=queue_position))
+        with self._lock:
+            self._drop(ident)
+            if len(data) <= self._budget:
+                self._entries[ident] = (key, data)
+                self._bytes += len(data)
+                while self._bytes > self._budget:
+                    self._drop(next(iter(self._entries)))
+        return data
+
+    def _drop(self, ident: Tuple[str, bool]) -> int:
+        entry = self._entries.pop(ident, None)
+        size = len(entry[1]) if entry is not None else 0
+        self._bytes -= size
+        return size
+
+    def forget(self, record_id: str) -> None:
+        """A record left the agent: its entries go too."""
+        with self._lock:
+            self._drop((record_id, True))
+            self._drop((record_id, False))
+
+    def stats(self) -> Dict[str, Any]:
+        with self._lock:
+            lookups = self._hits + self._misses
+            return {"hits": self._hits, "misses": self._misses,
+                    "hit_rate": round(self._hits / lookups, 4) if lookups else 0.0,
+                    "size": self._bytes, "count": len(self._entries), "max_size": self._budget}
+
+    def clear(self) -> Dict[str, Any]:
+        with self._lock:
+            count, freed = len(self._entries), self._bytes
+            self._entries.clear()
+            self._bytes = 0
+        return {"message": "cache cleared", "entries_removed": count, "cleared_entries": count,
+                "freed_bytes": freed}
 
 
 # Languages of api.md §4: canonical name -> (aliases, program candidates, argv builder, suffix).
@@ -1020,829 +1190,94 @@ class _ExitWatcher:
 
 
 # ============================================================================
-# Process manager
+# Children: the one way any child of the agent is started
 # ============================================================================
 
 
-class ProcessManager:
-    """Starts, watches, queues, times out and ends child process groups.
+@dataclasses.dataclass
+class _ChildSpec:
+    """How to start one child. Every child of the agent (background and
+    synchronous runs, and whatever else the families start) is started from
+    one of these by _Spawner.spawn(), so sessions, descriptors and the steps
+    before exec are done in one place."""
 
-    Every child runs through ``start()``: one code path for background runs,
-    synchronous runs and commands. Each running child has two reader threads
-    (stdout, stderr) and one waiter thread that notices the leader's exit; one
-    watchdog thread serves every deadline. Locks: ``_lock`` (manager state) may
-    be taken before a record's ``cond``, never after it.
-    """
+    argv: List[str]
+    cwd: str
+    env: Dict[str, str]
+    stdin: Any = subprocess.DEVNULL     # an fd, subprocess.PIPE or subprocess.DEVNULL
+    stdout: Any = None
+    stderr: Any = None
+    pass_fds: Tuple[int, ...] = ()      # descriptors the child keeps besides 0, 1 and 2
+    # Shell commands run in the child after fork and before the program:
+    # the only safe place for such steps in a threaded parent (no preexec_fn).
+    preludes: List[str] = dataclasses.field(default_factory=list)
 
-    def __init__(self, config: Optional[AgentConfig] = None, *,
-                 environ: Optional[Dict[str, str]] = None) -> None:
-        self.config = config or AgentConfig()
-        self._lock = threading.Lock()  # guards _records, _queue, _finished, _running, _env, _closed, _stats, _finished_bytes
-        self._records: Dict[str, _ProcessRecord] = {}          # creation order = listing order
-        self._finished: "collections.OrderedDict[str, _ProcessRecord]" = collections.OrderedDict()
-        self._queue: collections.deque = collections.deque()   # FIFO of queued records
-        self._running = 0                                      # slots taken (spawning or running)
-        self._env: Dict[str, str] = {}                         # the global env store (api.md §7)
-        self._closed = False
-        self._finished_bytes = 0                               # output held by finished records
-        self._stats: Dict[str, int] = collections.Counter()
-        base = dict(os.environ if environ is None else environ)
-        base.pop(SECRET_ENV, None)
-        base.setdefault("PYTHONUNBUFFERED", "1")   # live output from Python children by default
-        self._base_env = base
-        self._watchdog = _Watchdog()
-        self._workers = _WorkerPool()
-        self._exits = _ExitWatcher()
-        self.stopping = threading.Event()   # set by shutdown(); webhook retries stop waiting
-        self._tracked: set = set()          # leader pids not reaped yet (guarded by _lock)
-        self._spawning = 0                  # Popen calls under way: pids not known yet (_lock)
-        self._reaped = threading.Condition(self._lock)  # notified when _tracked/_spawning shrink
-        self._reaper: Optional[threading.Thread] = None
-        self._idempotency: Dict[str, Any] = {}   # Idempotency-Key -> _IdempotentStart (_lock)
 
-    def count(self, name: str, n: int = 1) -> None:
-        """Add to one of the counters /metrics reports."""
-        with self._lock:
-            self._stats[name] += n
+class _Spawner:
+    """Starts children (each in a session of its own, so it leads its process
+    group) and knows which pids are children not reaped yet, so that the
+    orphan reaper never takes the exit status of one of ours."""
 
-    # -- the environment --------------------------------------------------
+    def __init__(self) -> None:
+        self._lock = threading.Lock()               # guards _tracked and _spawning
+        self.changed = threading.Condition(self._lock)   # notified when either shrinks or grows
+        self._tracked: set = set()                  # pids started and not reaped yet
+        self._spawning = 0                          # Popen calls under way: pids not known yet
 
-    def env_snapshot(self) -> Dict[str, str]:
-        """Agent environment overlaid with the global store (what GET /env shows)."""
-        with self._lock:
-            env = dict(self._base_env)
-            env.update(self._env)
-        env.pop(SECRET_ENV, None)
-        return env
+    def spawn(self, spec: _ChildSpec) -> subprocess.Popen:
+        """Popen for ``spec``; the pid is tracked until untrack() says it was reaped.
 
-    def env_set(self, values: Dict[str, str], *, replace: bool) -> None:
-        with self._lock:
-            if replace:
-                self._env = dict(values)
-            else:
-                self._env.update(values)
-
-    def env_delete(self, keys: Optional[Iterable[str]] = None) -> None:
-        """Forget the given keys of the global store, or all of it."""
-        with self._lock:
-            if keys is None:
-                self._env.clear()
-            else:
-                for key in keys:
-                    self._env.pop(key, None)
-
-    def _child_env(self, request_env: Optional[Dict[str, str]]) -> Dict[str, str]:
-        """Precedence: request > global store > agent (api.md §7)."""
-        env = self.env_snapshot()
-        env.update(request_env or {})
-        env.pop(SECRET_ENV, None)
-        return env
-
-    # -- building launches --------------------------------------------------
-
-    def resolve_cwd(self, value: Optional[str]) -> str:
-        """The working directory for a request (api.md §1): the default when
-        absent, the default too for a missing /workspace (the SDK always sends
-        it), 400 for any other directory that does not exist."""
-        if value is None or value == "":
-            return self.config.workdir
-        path = os.path.join(self.config.workdir, value)
-        if os.path.isdir(path):
-            return os.path.normpath(path)
-        if os.path.normpath(value) == "/workspace":
-            return self.config.workdir
-        raise BadRequest("working directory does not exist: %s" % value)
-
-    def code_launch(self, code: str, language: Optional[str], *, cwd: Optional[str] = None,
-                    env: Optional[Dict[str, str]] = None, timeout: float = BACKGROUND_TIMEOUT_S,
-                    name: Optional[str] = None, stdin: bool = False,
-                    idle_timeout: Optional[float] = None) -> _Launch:
-        """A launch that runs ``code`` with the language's interpreter from a temp file."""
-        lang, program = _resolve_language(language)
-        directory = self.resolve_cwd(cwd)
-        path = _write_code_file(code, _LANGUAGES[lang][3])
-        argv = _LANGUAGES[lang][2](program, path)
-        return _Launch(argv=argv, cwd=directory, env=self._child_env(env), kind="code", language=lang,
-                       name=name, timeout=timeout, stdin=stdin, tempfile=path, idle_timeout=idle_timeout)
-
-    def command_launch(self, command: str, args: Optional[List[str]] = None, *,
-                       cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-                       timeout: float = BACKGROUND_TIMEOUT_S, name: Optional[str] = None,
-                       stdin: bool = False, idle_timeout: Optional[float] = None) -> _Launch:
-        """A launch of ``[command] + args`` as argv, or of a shell string through /bin/sh -c."""
-        argv = [command] + list(args) if args is not None else ["/bin/sh", "-c", command]
-        shown = " ".join([command] + list(args)) if args is not None else command
-        return _Launch(argv=argv, cwd=self.resolve_cwd(cwd), env=self._child_env(env), kind="command",
-                       command=shown, name=name, timeout=timeout, stdin=stdin, idle_timeout=idle_timeout)
-
-    # -- starting -------------------------------------------------------------
-
-    def start(self, launch: _Launch, *,
-              on_finish: Iterable[Callable[[_ProcessRecord], None]] = ()) -> _ProcessRecord:
-        """Run ``launch`` now, or queue it when max-running children run.
-
-        Raises Unavailable while shutting down and LimitExceeded (429) when
-        the queue is full; the launch's temp file is removed in both cases.
+        With preludes the child is ``/bin/sh -c '<preludes>; exec "$0" "$@"' argv...``:
+        the shell runs them and then becomes the program; without, the
+        program is executed directly (a shell costs ~0.8 ms per start).
         """
-        rec = _ProcessRecord(launch, self.config.max_output_bytes)
-        rec.on_finish.extend(on_finish)      # before the child exists, so none can be missed
-        launch.env[PROCESS_ID_ENV] = rec.id
-        with self._lock:
-            if self._closed:
-                error: Optional[AgentError] = Unavailable("agent is shutting down")
-            elif self._running < self.config.max_running and not self._queue:
-                error, run_now = None, True
-                self._running += 1
-            elif len(self._queue) >= self.config.queue_limit:
-                error = LimitExceeded("too many processes: %d running and %d queued"
-                                      % (self._running, len(self._queue)))
-            else:
-                error, run_now = None, False
-                self._queue.append(rec)
-            if error is None:
-                self._records[rec.id] = rec
-                self._stats["started"] += 1
-        if error is not None:
-            launch.cleanup()
-            raise error
-        if run_now:
-            self._start_all([rec])
-        return rec
-
-    def _start_all(self, recs: List[_ProcessRecord]) -> None:
-        """Spawn each record; a spawn that fails frees its slot for the next queued one."""
-        pending = collections.deque(recs)
-        while pending:
-            pending.extend(self._spawn(pending.popleft()))
-
-    def _spawn(self, rec: _ProcessRecord) -> List[_ProcessRecord]:
-        launch = rec.launch
-        fds: List[int] = []
-        try:
-            out_r, out_w = os.pipe()
-            fds += [out_r, out_w]
-            err_r, err_w = os.pipe()
-            fds += [err_r, err_w]
-            popen = self._popen(launch, out_w, err_w)
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            for fd in fds:
-                _close_quietly(fd)
-            return self._spawn_failed(rec, exc)
-        os.close(out_w)
-        os.close(err_w)
-        with rec.cond:
-            rec.popen, rec.pid = popen, popen.pid
-            rec.status = "running"
-            rec.started, rec.started_mono = time.time(), time.monotonic()
-            rec.open_streams = 2
-            rec.last_output = rec.started_mono
-            kill_now = rec.kill_reason is not None
-            rec.cond.notify_all()
-        # Timers first: a child that ends at once must find them there to cancel.
-        if launch.timeout:
-            rec.timer = self._watchdog.schedule(launch.timeout, lambda: self._on_timeout(rec))
-        if launch.idle_timeout:
-            rec.idle_timer = self._watchdog.schedule(launch.idle_timeout, lambda: self._on_idle(rec))
-        short = rec.id[5:13]
-        self._workers.submit("hopx-proc-%s-stdout" % short, self._read_stream, rec, out_r, "stdout")
-        self._workers.submit("hopx-proc-%s-stderr" % short, self._read_stream, rec, err_r, "stderr")
-        if not self._exits.watch(popen.pid, lambda: self._leader_exited(rec)):
-            self._workers.submit("hopx-proc-%s-wait" % short, self._wait_leader, rec)
-        if kill_now:
-            self._terminate(rec)
-        log.debug("started %s pid %d: %s", rec.id, popen.pid, launch.argv[0])
-        return []
-
-    def _popen(self, launch: _Launch, out_w: int, err_w: int) -> subprocess.Popen:
-        """Popen in a new session, counted in ``_spawning`` until its pid is
-        in ``_tracked``, so the orphan reaper never takes a child of ours."""
+        argv = list(spec.argv)
+        if spec.preludes:
+            argv = ["/bin/sh", "-c", "; ".join(spec.preludes) + '; exec "$0" "$@"'] + argv
         with self._lock:
             self._spawning += 1
         popen = None
         try:
-            popen = subprocess.Popen(
-                launch.argv, stdin=subprocess.PIPE if launch.stdin else subprocess.DEVNULL,
-                stdout=out_w, stderr=err_w, cwd=launch.cwd, env=launch.env,
-                start_new_session=True, close_fds=True)
+            popen = subprocess.Popen(argv, stdin=spec.stdin, stdout=spec.stdout, stderr=spec.stderr,
+                                     cwd=spec.cwd, env=spec.env, pass_fds=spec.pass_fds,
+                                     start_new_session=True, close_fds=True)
             return popen
         finally:
             with self._lock:
                 self._spawning -= 1
                 if popen is not None:
                     self._tracked.add(popen.pid)
-                self._reaped.notify_all()
+                self.changed.notify_all()
 
-    def _spawn_failed(self, rec: _ProcessRecord, exc: BaseException) -> List[_ProcessRecord]:
-        """Record a child that never ran: a shell's 127 (not found) or 126, and the OS error."""
-        missing = isinstance(exc, FileNotFoundError)
-        text = "%s: %s" % (rec.launch.argv[0], exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
-        with rec.cond:
-            rec.error = text
-            rec.stderr.append(("hopx_agent: cannot run %s\n" % text).encode("utf-8", "replace"))
-            self._set_final(rec, "spawn_failed", 127 if missing else 126, None)
-        log.info("spawn failed for %s: %s", rec.id, text)
-        return self._retire(rec, was_running=True)
-
-    # -- watching -------------------------------------------------------------
-
-    def _read_stream(self, rec: _ProcessRecord, fd: int, name: str) -> None:
-        """Drain one pipe until EOF into the record's bounded buffer."""
-        buf = rec.stream(name)
-        scratch = getattr(_THREAD_STATE, "scratch", None)
-        if scratch is None:      # one read buffer per pooled thread, reused for every pipe
-            scratch = _THREAD_STATE.scratch = bytearray(READ_CHUNK_BYTES)
-        view = memoryview(scratch)
-        try:
-            grown = False
-            while True:
-                size = os.readv(fd, [scratch])
-                if not size:
-                    break
-                if size >= 65536 and not grown:   # a chatty child: fewer wake-ups with a bigger pipe
-                    grown = True
-                    _grow_pipe(fd)
-                with rec.cond:
-                    buf.append(view[:size])
-                    rec.last_output = time.monotonic()
-                    rec.cond.notify_all()
-        except Exception:
-            log.exception("reading %s of %s failed", name, rec.id)
-        finally:
-            _close_quietly(fd)
-            with rec.cond:
-                rec.open_streams -= 1
-                rec.cond.notify_all()
-                last = rec.open_streams == 0 and rec.exit_info is not None
-            if last:
-                self._finish(rec)
-
-    def _reap(self, rec: _ProcessRecord) -> Tuple[Optional[int], Any]:
-        """After the leader has exited: end the rest of its group, reap it.
-
-        Its exit was seen without reaping (pidfd, or waitid with WNOWAIT), so
-        a zombie is left, which keeps the
-        pid (and so the group id) from being reused while the stragglers
-        (``sleep 1000 &``) get their SIGKILL. Popen's returncode is set so
-        that Popen never waits for this pid itself (no ECHILD surprises).
-        """
-        pid = rec.pid
-        assert pid is not None
-        try:
-            with rec.cond:
-                if rec.prereaped is not None:   # reaped by a waiter job without waitid
-                    if rec.popen is not None:
-                        rec.popen.returncode = os.waitstatus_to_exitcode(rec.prereaped[0])
-                    return rec.prereaped
-                if _is_zombie_child(pid):   # the zombie holds the pid: the group id is still ours
-                    _killpg(pid, signal.SIGKILL)
-                wpid, status, rusage = os.wait4(pid, 0)
-                rec.reaped = True
-                if rec.popen is not None:
-                    rec.popen.returncode = os.waitstatus_to_exitcode(status)
-            return status, rusage
-        except ChildProcessError:      # someone else reaped it: the status is lost
-            with rec.cond:
-                rec.reaped = True
-                rec.error = "exit status lost: the child was reaped elsewhere"
-                if rec.popen is not None and rec.popen.returncode is None:
-                    rec.popen.returncode = -1
-            return None, None
-        finally:
-            with self._lock:
-                self._tracked.discard(pid)
-                self._reaped.notify_all()
-
-    def _leader_exited(self, rec: _ProcessRecord) -> None:
-        """The leader has exited (the exit watcher saw its pidfd, or a waiter
-        job its waitid): reap it, end the rest, and finish the record as soon
-        as the readers have taken what it wrote (at most DRAIN_AFTER_EXIT_S)."""
-        try:
-            exit_info = self._reap(rec)
-            self.close_stdin(rec, quiet=True)
-            if rec.kill_reason is not None:   # killed or timed out: escapers go with the leader
-                self._end_marked(rec, signal.SIGKILL)
-            with rec.cond:
-                rec.exit_info = exit_info
-                drained = rec.open_streams == 0
-            if drained:
-                self._finish(rec)
-            else:   # a reader at EOF finishes it, or this timer if a straggler holds a pipe
-                self._watchdog.schedule(DRAIN_AFTER_EXIT_S, lambda: self._drain_expired(rec))
-        except Exception:
-            log.exception("handling the exit of %s failed", rec.id)
-
-    def _drain_expired(self, rec: _ProcessRecord) -> None:
-        """The leader is gone but its pipes are still open: a descendant that
-        left the group holds them. It is a straggler like ``sleep 1000 &``:
-        end it (found by its HOPX_PROCESS_ID), so the readers reach EOF and
-        no thread or descriptor stays behind; the record is final now."""
-        with rec.cond:
-            held = rec.open_streams > 0
-        if held:
-            self._end_marked(rec, signal.SIGKILL)
-        self._finish(rec)
-
-    def _finish(self, rec: _ProcessRecord) -> None:
-        """Make a record final from its exit status, once (readers, timer and
-        exit handler may all get here)."""
-        with rec.cond:
-            if rec.exit_info is None or rec.finished:
-                return
-            status, rusage = rec.exit_info
-            exit_code, signame = None, None
-            if status is not None:
-                if os.WIFSIGNALED(status):
-                    exit_code = 128 + os.WTERMSIG(status)
-                    signame = _signal_name(os.WTERMSIG(status))
-                else:
-                    exit_code = os.WEXITSTATUS(status)
-            reason = rec.kill_reason or ("signaled" if signame else "exited")
-            rec.rusage = rusage
-            self._set_final(rec, reason, 124 if reason in _TIMEOUT_REASONS else exit_code, signame)
-        log.debug("%s finished: %s, exit %s", rec.id, reason, exit_code)
-        self._start_all(self._retire(rec, was_running=True))
-
-    def _wait_leader(self, rec: _ProcessRecord) -> None:
-        """A waiter job, where pidfds are unavailable: block until the leader
-        exits (without reaping it where waitid exists; macOS before Python
-        3.13 has none, and then wait4 also reaps, so the group is not signalled)."""
-        try:
-            if hasattr(os, "waitid"):
-                os.waitid(os.P_PID, rec.pid or 0, os.WEXITED | os.WNOWAIT)
-            else:
-                _, status, rusage = os.wait4(rec.pid or 0, 0)
-                with rec.cond:
-                    rec.reaped = True
-                    rec.prereaped = (status, rusage)
-        except ChildProcessError:
-            pass
-        self._leader_exited(rec)
-
-    def _set_final(self, rec: _ProcessRecord, reason: str, exit_code: Optional[int],
-                   signame: Optional[str]) -> None:
-        """Make the record final (call with ``rec.cond`` held) and wake its waiters."""
-        rec.reason, rec.exit_code, rec.signal = reason, exit_code, signame
-        rec.status = "completed" if reason == "exited" and exit_code == 0 else "failed"
-        rec.ended = time.time()
-        rec.duration = round(time.monotonic() - rec.started_mono, 6) if rec.started_mono else 0.0
-        rec.cond.notify_all()
-
-    def _retire(self, rec: _ProcessRecord, *, was_running: bool) -> List[_ProcessRecord]:
-        """Book-keeping after a record became final; returns queued records to start now."""
-        rec.launch.cleanup()
-        for timer in (rec.timer, rec.idle_timer):
-            if timer is not None:
-                timer.cancel()
-        with rec.cond:
-            held = rec.stdout.held + rec.stderr.held
-            status, reason = rec.status, rec.reason
+    def untrack(self, pid: int) -> None:
+        """``pid`` was reaped by its owner."""
         with self._lock:
-            if was_running:
-                self._running -= 1
-            self._finished[rec.id] = rec
-            rec.accounted = held
-            self._finished_bytes += held
-            self._stats["status_" + status] += 1
-            self._stats["reason_" + str(reason)] += 1
-            self._enforce_retention()
-            ready = []
-            while not self._closed and self._queue and self._running < self.config.max_running:
-                ready.append(self._queue.popleft())
-                self._running += 1
-        for callback in rec.on_finish:
-            try:
-                callback(rec)
-            except Exception:
-                log.exception("finish callback of %s failed", rec.id)
-        return ready
+            self._tracked.discard(pid)
+            self.changed.notify_all()
 
-    def _enforce_retention(self) -> None:
-        """Keep at most ``retain`` finished records and ``output_budget`` bytes
-        of their output: the oldest records go first (call with _lock held)."""
-        while len(self._finished) > self.config.retain:
-            _, old = self._finished.popitem(last=False)
-            self._records.pop(old.id, None)
-            self._idempotency.pop(old.idempotency_key, None)
-            self._finished_bytes -= old.accounted
-        for old in self._finished.values():
-            if self._finished_bytes <= self.config.output_budget:
-                break
-            with old.cond:
-                old.stdout.discard()
-                old.stderr.discard()
-            self._finished_bytes -= old.accounted
-            old.accounted = 0
-
-    # -- ending ---------------------------------------------------------------
-
-    def _signal_group(self, rec: _ProcessRecord, sig: int) -> bool:
-        """Signal the record's process group, only while its leader is unreaped
-        (so a reused pid is never hit). True when the signal was sent."""
-        with rec.cond:
-            if rec.pid is None or rec.reaped:
-                return False
-            return _killpg(rec.pid, sig)
-
-    def _terminate(self, rec: _ProcessRecord) -> None:
-        """SIGTERM to the group and to marked escapers now, SIGKILL after the grace period."""
-        self._signal_group(rec, signal.SIGTERM)
-        self._end_marked(rec, signal.SIGTERM)
-        self._watchdog.schedule(self.config.kill_grace, lambda: self._escalate(rec))
-
-    def _escalate(self, rec: _ProcessRecord) -> None:
-        self._signal_group(rec, signal.SIGKILL)
-        self._end_marked(rec, signal.SIGKILL)
-
-    def _end_marked(self, rec: _ProcessRecord, sig: int, marked: Optional[Dict[str, List[int]]] = None) -> None:
-        """Signal the processes that carry the record's HOPX_PROCESS_ID but left
-        its process group (setsid, double fork); remember them as stragglers."""
-        pids = (marked if marked is not None else _scan_marked()).get(rec.id, [])
-        for pid in pids:
-            try:
-                if os.getpgid(pid) == rec.pid and not rec.reaped:
-                    continue               # in the group: the group signal reaches it
-            except OSError:
-                continue
-            if _signal_marked(pid, rec.id, sig):
-                with rec.cond:
-                    rec.stragglers.add(pid)
-
-    def _on_idle(self, rec: _ProcessRecord) -> None:
-        """The idle timer: end the process, or look again when it could next be idle."""
-        with rec.cond:
-            if rec.finished or rec.exit_info is not None or rec.kill_reason is not None:
-                return
-            quiet = time.monotonic() - (rec.last_output or 0.0)
-            idle = rec.launch.idle_timeout or 0.0
-            if quiet < idle:
-                rec.idle_timer = self._watchdog.schedule(idle - quiet, lambda: self._on_idle(rec))
-                return
-            rec.kill_reason = "idle_timeout"
-        log.info("%s printed nothing for %ss: ending it", rec.id, idle)
-        self._terminate(rec)
-
-    def _on_timeout(self, rec: _ProcessRecord) -> None:
-        with rec.cond:   # a leader that exited on its own keeps its outcome, drained or not
-            if rec.finished or rec.exit_info is not None or rec.kill_reason is not None:
-                return
-            rec.kill_reason = "timeout"
-        log.info("%s reached its timeout of %ss", rec.id, rec.launch.timeout)
-        self._terminate(rec)
-
-    def kill(self, process_id: str, sig: Optional[int] = None, *, wait: bool = True) -> Dict[str, Any]:
-        """End a process and its group (api.md §5 Kill); with ``sig``, only send that signal.
-
-        A queued process leaves the queue; a finished one is left as it is.
-        With ``wait`` the call returns once the leader is gone (at most the
-        grace period plus a little).
-        """
-        rec = self.get(process_id)
-        if self.drop_queued(rec, "killed"):
-            return {"process_id": rec.id, "status": "killed", "message": "removed from the queue"}
-        with rec.cond:
-            if rec.finished or rec.exit_info is not None:   # exited: its real outcome stands
-                self._wait_final_locked(rec)
-                return {"process_id": rec.id, "status": rec.status, "record_status": rec.status,
-                        "exit_code": rec.exit_code, "message": "process already finished; nothing changed"}
-            if sig is not None:
-                if rec.pid is None:
-                    raise Conflict("process %s has not started yet" % rec.id)
-                if not rec.reaped:
-                    _killpg(rec.pid, sig)
-                return {"process_id": rec.id, "status": rec.status, "signal": _signal_name(sig),
-                        "message": "sent %s to the process group" % _signal_name(sig)}
-            first = rec.kill_reason is None
-            if first:
-                rec.kill_reason = "killed"
-            started = rec.pid is not None
-        if first and started:
-            self._terminate(rec)
-        if wait:
-            with rec.cond:
-                rec.cond.wait_for(lambda: rec.finished, self.config.kill_grace + 2.0)
-        with rec.cond:
-            return {"process_id": rec.id, "status": "killed",
-                    "message": "process group terminated" if rec.finished else "termination in progress",
-                    "exit_code": rec.exit_code, "signal": rec.signal, "record_status": rec.status,
-                    "stragglers_killed": len(rec.stragglers)}
-
-    def time_out(self, rec: _ProcessRecord) -> None:
-        """End a record as its timeout would (a synchronous run's deadline
-        counts from the request, queue time included)."""
-        if not self.drop_queued(rec, "timeout"):
-            self._on_timeout(rec)
-
-    def drop_queued(self, rec: _ProcessRecord, reason: str) -> bool:
-        """Take a record out of the queue, final with ``reason`` (exit code
-        124 for a timeout, none otherwise: it never ran). False if not queued."""
+    def owns(self, pid: int) -> bool:
+        """True when ``pid`` is (or may be about to become) a tracked child."""
         with self._lock:
-            queued = rec in self._queue
-            if queued:
-                self._queue.remove(rec)
-        if queued:
-            with rec.cond:
-                rec.kill_reason = reason
-                self._set_final(rec, reason, 124 if reason in _TIMEOUT_REASONS else None, None)
-            self._retire(rec, was_running=False)
-        return queued
+            return pid in self._tracked or self._spawning > 0
 
-    def _wait_final_locked(self, rec: _ProcessRecord) -> None:
-        """With ``rec.cond`` held: let an exited record become final (drain, at most 0.5 s)."""
-        rec.cond.wait_for(lambda: rec.finished, DRAIN_AFTER_EXIT_S + 1.0)
-
-    def send_signal(self, process_id: str, sig: int) -> Dict[str, Any]:
-        """Deliver one signal to a running process's group, without escalation (409 otherwise)."""
-        rec = self.get(process_id)
-        with rec.cond:
-            if rec.finished or rec.pid is None or rec.reaped:
-                raise Conflict("process %s is %s; no signal sent" % (rec.id, rec.status))
-            _killpg(rec.pid, sig)
-            return {"process_id": rec.id, "status": rec.status, "signal": _signal_name(sig),
-                    "message": "sent %s to the process group" % _signal_name(sig)}
-
-    # -- stdin ------------------------------------------------------------------
-
-    def write_stdin(self, process_id: str, data: bytes, eof: bool = False) -> Dict[str, Any]:
-        """Write to a child's stdin (started with stdin: true), then close it on ``eof``.
-
-        A child that does not read cannot hold the caller longer than
-        STDIN_WRITE_TIMEOUT_S: what did not fit is reported as a 409.
-        """
-        rec = self.get(process_id)
-        with rec.cond:
-            if rec.stdin_closed or rec.popen is None or rec.popen.stdin is None:
-                raise Conflict("process %s has no open stdin" % rec.id)
-            if rec.stdin_busy:
-                raise Conflict("another write to the stdin of %s is in progress" % rec.id)
-            rec.stdin_busy = True
-            fd = rec.popen.stdin.fileno()
-        written = 0
-        try:
-            written = _write_before(fd, data, time.monotonic() + STDIN_WRITE_TIMEOUT_S)
-        except OSError as exc:    # EPIPE: the child closed its end or exited
-            raise Conflict("stdin of %s is closed (%s)" % (rec.id, exc.strerror or exc)) from None
-        finally:
-            with rec.cond:
-                rec.stdin_busy = False
-                leader_gone = rec.reaped
-            if leader_gone:     # the waiter left stdin open for us: close it now
-                self.close_stdin(rec, quiet=True)
-        if written < len(data):
-            raise Conflict("stdin of %s is full: the process is not reading (wrote %d of %d bytes)"
-                           % (rec.id, written, len(data)))
-        if eof:
-            self.close_stdin(rec, quiet=True)
-        return {"process_id": rec.id, "written": written, "stdin": "closed" if rec.stdin_closed else "open"}
-
-    def close_stdin(self, rec: _ProcessRecord, *, quiet: bool = False) -> None:
-        """Close the child's stdin (EOF for it); 409 if there is none, unless quiet."""
-        with rec.cond:
-            stream = rec.popen.stdin if rec.popen is not None else None
-            if rec.stdin_closed or stream is None or rec.stdin_busy:
-                if quiet:
-                    return
-                raise Conflict("process %s has no open stdin" % rec.id)
-            rec.stdin_closed = True
-        try:
-            stream.close()
-        except OSError:
-            pass
-
-    # -- idempotent starts -------------------------------------------------------
-
-    def idempotent_start(self, key: str, digest: str, start: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
-        """Run ``start`` once per Idempotency-Key: a retry with the same request
-        gets the first answer, the same key with another request is a 409.
-        Keys live as long as the record they started."""
-        deadline = time.monotonic() + IDEMPOTENCY_WAIT_S
-        while True:
-            with self._lock:
-                entry = self._idempotency.get(key)
-                if entry is None:
-                    entry = self._idempotency[key] = _IdempotentStart(digest)
-                    break
-            if entry.digest != digest:
-                raise Conflict("Idempotency-Key %r was used for a different request" % key)
-            if not entry.done.wait(max(0.0, deadline - time.monotonic())):
-                raise Conflict("a request with Idempotency-Key %r is still in progress" % key)
-            if entry.answer is not None:
-                return dict(entry.answer, idempotent_replay=True)
-            # the first request failed and let go of the key: try to take it
-        try:
-            entry.answer = start()
-            self.get(entry.answer["process_id"]).idempotency_key = key
-            return entry.answer
-        except BaseException:
-            with self._lock:
-                self._idempotency.pop(key, None)
-            raise
-        finally:
-            entry.done.set()
-
-    # -- orphans (child subreaper) -----------------------------------------------------
-
-    def enable_subreaper(self) -> bool:
-        """Adopt orphaned descendants (Linux PR_SET_CHILD_SUBREAPER) and reap
-        them on a thread of their own, so no zombie is ever left. Only for a
-        process whose children all come from this manager (the CLI agent)."""
-        if not _set_subreaper(True):
-            return False
+    def wait_released(self, pid: int, timeout: float) -> None:
+        """Wait until ``pid`` is no longer a tracked child and no spawn is under way."""
         with self._lock:
-            if self._reaper is None:
-                self._reaper = threading.Thread(target=self._reap_orphans, name="hopx-reaper", daemon=True)
-                self._reaper.start()
-        return True
+            self.changed.wait_for(lambda: pid not in self._tracked and not self._spawning, timeout)
 
-    def _reap_orphans(self) -> None:
-        """Wait (without reaping) for any child to exit; reap it only if it is
-        not a tracked leader, whose status belongs to its waiter thread."""
-        while True:
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
-            except ChildProcessError:   # no children now: wait for the next spawn
-                with self._lock:
-                    self._reaped.wait_for(lambda: bool(self._tracked) or self.stopping.is_set())
-                info = None
-            if self.stopping.is_set():
-                return                  # shutdown() does the last sweep itself
-            if info is not None:
-                self._reap_if_orphan(info.si_pid, wait=True)
-
-    def _reap_if_orphan(self, pid: int, *, wait: bool) -> bool:
-        """Reap ``pid`` unless it is a tracked leader or may be one being
-        spawned (with ``wait``, wait a little for that to change). False when
-        it was left alone."""
+    def wait_for_children(self, stop: threading.Event) -> None:
+        """Wait until there is a tracked child or ``stop`` is set (woken by wake())."""
         with self._lock:
-            if pid in self._tracked or self._spawning:
-                if wait:
-                    self._reaped.wait_for(lambda: pid not in self._tracked and not self._spawning, 1.0)
-                return False
-        try:
-            os.waitpid(pid, os.WNOHANG)
-            log.debug("reaped orphan %d", pid)
-        except ChildProcessError:
-            pass
-        return True
+            self.changed.wait_for(lambda: bool(self._tracked) or stop.is_set())
 
-    def _stop_reaper(self, deadline: float) -> None:
-        """Stop being a subreaper, reap the orphans already adopted, end the thread."""
+    def wake(self) -> None:
         with self._lock:
-            reaper = self._reaper
-            self._reaped.notify_all()
-        if reaper is None:
-            return
-        _set_subreaper(False)
-        while True:
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                break
-            if info is None or not self._reap_if_orphan(info.si_pid, wait=False):
-                break
-        reaper.join(max(0.0, deadline - time.monotonic()))
-
-    # -- reading --------------------------------------------------------------
-
-    def get(self, process_id: str) -> _ProcessRecord:
-        with self._lock:
-            rec = self._records.get(process_id)
-        if rec is None:
-            raise NotFound("process not found: %s" % process_id, code="PROCESS_NOT_FOUND")
-        return rec
-
-    def _queue_positions(self) -> Dict[str, int]:
-        with self._lock:
-            return {r.id: i + 1 for i, r in enumerate(self._queue)}
-
-    def describe(self, rec: _ProcessRecord, *, output: bool = True,
-                 offsets: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, Any]:
-        position = self._queue_positions().get(rec.id) if rec.status == "queued" else None
-        with rec.cond:
-            return rec.to_json(output=output, offsets=offsets, queue_position=position)
-
-    def list(self, *, statuses: Optional[Iterable[str]] = None, name: Optional[str] = None,
-             output: bool = True) -> List[Dict[str, Any]]:
-        """Records oldest first, filtered by status and name."""
-        return [json.loads(item) for item in self.list_json(statuses=statuses, name=name, output=output)]
-
-    def list_json(self, *, statuses: Optional[Iterable[str]] = None, name: Optional[str] = None,
-                  output: bool = True) -> List[bytes]:
-        """The records of list(), each as cached JSON bytes (what the HTTP listing sends)."""
-        wanted = set(statuses) if statuses else None
-        with self._lock:
-            recs = list(self._records.values())
-            positions = {r.id: i + 1 for i, r in enumerate(self._queue)}
-        out = []
-        for rec in recs:
-            if name is not None and rec.launch.name != name:
-                continue
-            with rec.cond:
-                if wanted is None or rec.status in wanted:
-                    out.append(rec.to_json_bytes(output=output, queue_position=positions.get(rec.id)))
-        return out
-
-    def wait(self, rec: _ProcessRecord, timeout: float) -> bool:
-        """Block until the record is final or ``timeout`` passes; True when final."""
-        with rec.cond:
-            return rec.cond.wait_for(lambda: rec.finished, timeout)
-
-    def wait_for_output(self, rec: _ProcessRecord, offsets: Dict[str, Optional[int]],
-                        timeout: float) -> None:
-        """Block until there is output past ``offsets`` (past what exists now
-        for a stream without one), the record is final, or ``timeout`` passes."""
-        with rec.cond:
-            marks = {name: offsets.get(name) if offsets.get(name) is not None
-                     else rec.stream(name).end(False) for name in ("stdout", "stderr")}
-            rec.cond.wait_for(lambda: rec.finished or any(
-                rec.stream(name).end(False) > mark for name, mark in marks.items()), timeout)
-
-    def stats(self) -> Dict[str, Any]:
-        """Counters for /metrics."""
-        with self._lock:
-            recs = list(self._records.values())
-            stats = dict(self._stats)
-            queued, running = len(self._queue), self._running
-        held = 0
-        for rec in recs:
-            with rec.cond:
-                held += rec.stdout.held + rec.stderr.held
-        return {"started": stats.get("started", 0), "running": running, "queued": queued,
-                "records": len(recs), "output_bytes_held": held,
-                "by_status": {k[7:]: v for k, v in stats.items() if k.startswith("status_")},
-                "by_reason": {k[7:]: v for k, v in stats.items() if k.startswith("reason_")},
-                "webhooks": {"delivered": stats.get("webhooks_delivered", 0),
-                             "failed": stats.get("webhooks_failed", 0)}}
-
-    # -- shutting down ----------------------------------------------------------
-
-    def shutdown(self, timeout: Optional[float] = None) -> None:
-        """End every process group (TERM, grace, KILL), drop the queue, join
-        every thread; returns within ``timeout`` (default: grace + 2 s)."""
-        grace = self.config.kill_grace
-        deadline = time.monotonic() + (grace + 2.0 if timeout is None else timeout)
-        self.stopping.set()
-        with self._lock:
-            self._closed = True
-            queued = list(self._queue)
-            self._queue.clear()
-            live = [r for r in self._records.values() if r not in queued]
-        for rec in queued:
-            with rec.cond:
-                rec.kill_reason = "shutdown"
-                self._set_final(rec, "shutdown", None, None)
-            self._retire(rec, was_running=False)
-        marked = _scan_marked()
-        for rec in live:
-            with rec.cond:
-                if not rec.finished and rec.exit_info is None:
-                    rec.kill_reason = rec.kill_reason or "shutdown"
-            self._signal_group(rec, signal.SIGTERM)
-            self._end_marked(rec, signal.SIGTERM, marked)
-        term_deadline = min(deadline, time.monotonic() + grace)
-        for rec in live:
-            self.wait(rec, max(0.0, term_deadline - time.monotonic()))
-            if not rec.finished:
-                self._signal_group(rec, signal.SIGKILL)
-        marked = _scan_marked()
-        for rec in live:
-            self._end_marked(rec, signal.SIGKILL, marked)
-        _wait_gone([pid for rec in live for pid in marked.get(rec.id, [])], deadline)
-        for rec in live:
-            self.wait(rec, max(0.0, deadline - time.monotonic()))
-            with rec.cond:
-                rec.cond.wait_for(lambda: rec.open_streams == 0, max(0.0, deadline - time.monotonic()))
-        self._workers.stop(max(0.0, deadline - time.monotonic()))
-        self._exits.stop(max(0.0, deadline - time.monotonic()))
-        self._watchdog.stop(max(0.0, deadline - time.monotonic()))
-        self._stop_reaper(deadline)
+            self.changed.notify_all()
 
 
-class _IdempotentStart:
-    """The first request made with one Idempotency-Key, and its answer once known."""
-
-    def __init__(self, digest: str) -> None:
-        self.digest = digest
-        self.done = threading.Event()
-        self.answer: Optional[Dict[str, Any]] = None
-
-
-def _write_before(fd: int, data: bytes, deadline: float) -> int:
-    """Write what a pipe takes before ``deadline``; returns the bytes written."""
-    os.set_blocking(fd, False)
-    view = memoryview(data)
-    written = 0
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    while written < len(data):
-        try:
-            written += os.write(fd, view[written:])
-        except BlockingIOError:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            poller.poll(remaining * 1000)
-    return written
-
+# ============================================================================
+# Process manager: escaped descendants and the subreaper
+# ============================================================================
 
 def _marker_of(environ: bytes) -> str:
     """The HOPX_PROCESS_ID value in a /proc/<pid>/environ blob, or ""."""
@@ -1879,15 +1314,19 @@ def _scan_marked() -> Dict[str, List[int]]:
     return found
 
 
-def _signal_marked(pid: int, process_id: str, sig: int) -> bool:
+def _signal_marked(pid: int, process_id: str, sig: int,
+                   on_match: Optional[Callable[[], None]] = None) -> bool:
     """Signal ``pid`` only if it still carries the marker; with a pidfd the
-    check and the signal name the same process even if the pid is reused."""
+    check and the signal name the same process even if the pid is reused.
+    ``on_match`` runs after the check, before the signal."""
     pidfd = None
     try:
         if hasattr(os, "pidfd_open"):
             pidfd = os.pidfd_open(pid)
         if _marker_of(_read_environ(pid)) != process_id:
             return False
+        if on_match is not None:
+            on_match()
         if pidfd is not None:
             signal.pidfd_send_signal(pidfd, sig)
         else:
@@ -1957,6 +1396,943 @@ def _killpg(pgid: int, sig: int) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
+
+
+def _end_marked(rec: _ProcessRecord, sig: int, marked: Optional[Dict[str, List[int]]] = None) -> None:
+    """Signal the processes that carry the record's HOPX_PROCESS_ID but left
+    its process group (setsid, double fork); remember them as stragglers."""
+    pids = (marked if marked is not None else _scan_marked()).get(rec.id, [])
+    for pid in pids:
+        try:
+            if os.getpgid(pid) == rec.pid and not rec.reaped:
+                continue               # in the group: the group signal reaches it
+        except OSError:
+            continue
+        _signal_marked(pid, rec.id, sig, on_match=lambda pid=pid: _add_straggler(rec, pid))
+
+
+def _add_straggler(rec: _ProcessRecord, pid: int) -> None:
+    # Counted before the signal: the record may turn final the moment the straggler dies.
+    with rec.cond:
+        rec.stragglers.add(pid)
+
+
+class _Subreaper:
+    """Adopts orphaned descendants (Linux PR_SET_CHILD_SUBREAPER) and reaps
+    them on a thread of its own, so no zombie is ever left. Only for a process
+    whose children all come from the spawner (the CLI agent)."""
+
+    def __init__(self, spawner: _Spawner, stopping: threading.Event) -> None:
+        self._spawner = spawner
+        self._stopping = stopping
+        self._lock = threading.Lock()   # guards _thread
+        self._thread: Optional[threading.Thread] = None
+
+    def enable(self) -> bool:
+        if not _set_subreaper(True):
+            return False
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="hopx-reaper", daemon=True)
+                self._thread.start()
+        return True
+
+    def _run(self) -> None:
+        """Wait (without reaping) for any child to exit; reap it only if it is
+        not a tracked child, whose status belongs to its owner."""
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:   # no children now: wait for the next spawn
+                self._spawner.wait_for_children(self._stopping)
+                info = None
+            if self._stopping.is_set():
+                return                  # stop() does the last sweep itself
+            if info is not None:
+                self._reap_if_orphan(info.si_pid, wait=True)
+
+    def _reap_if_orphan(self, pid: int, *, wait: bool) -> bool:
+        """Reap ``pid`` unless it is a tracked child or may be one being
+        spawned (with ``wait``, wait a little for that to change). False when
+        it was left alone."""
+        if self._spawner.owns(pid):
+            if wait:
+                self._spawner.wait_released(pid, 1.0)
+            return False
+        try:
+            os.waitpid(pid, os.WNOHANG)
+            log.debug("reaped orphan %d", pid)
+        except ChildProcessError:
+            pass
+        return True
+
+    def stop(self, deadline: float) -> None:
+        """Stop being a subreaper, reap the orphans already adopted, end the thread."""
+        with self._lock:
+            thread = self._thread
+        self._spawner.wake()
+        if thread is None:
+            return
+        _set_subreaper(False)
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                break
+            if info is None or not self._reap_if_orphan(info.si_pid, wait=False):
+                break
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# ============================================================================
+# Process manager: the environment and launches (languages, code files, directories)
+# ============================================================================
+
+
+class _Launcher:
+    """Builds launches: the working directory of a request, the interpreter
+    and code file of its language, and its environment (agent < global store
+    < request, api.md §7). Owns the global env store."""
+
+    def __init__(self, config: AgentConfig, environ: Optional[Dict[str, str]] = None) -> None:
+        self.config = config
+        self._lock = threading.Lock()   # guards _env
+        self._env: Dict[str, str] = {}  # the global env store (api.md §7)
+        base = dict(os.environ if environ is None else environ)
+        base.pop(SECRET_ENV, None)
+        base.setdefault("PYTHONUNBUFFERED", "1")   # live output from Python children by default
+        self._base_env = base
+
+    def env_snapshot(self) -> Dict[str, str]:
+        """Agent environment overlaid with the global store (what GET /env shows)."""
+        with self._lock:
+            env = dict(self._base_env)
+            env.update(self._env)
+        env.pop(SECRET_ENV, None)
+        return env
+
+    def env_set(self, values: Dict[str, str], *, replace: bool) -> None:
+        with self._lock:
+            if replace:
+                self._env = dict(values)
+            else:
+                self._env.update(values)
+
+    def env_delete(self, keys: Optional[Iterable[str]] = None) -> None:
+        """Forget the given keys of the global store, or all of it."""
+        with self._lock:
+            if keys is None:
+                self._env.clear()
+            else:
+                for key in keys:
+                    self._env.pop(key, None)
+
+    def child_env(self, request_env: Optional[Dict[str, str]]) -> Dict[str, str]:
+        """Precedence: request > global store > agent (api.md §7)."""
+        env = self.env_snapshot()
+        env.update(request_env or {})
+        env.pop(SECRET_ENV, None)
+        return env
+
+    def resolve_cwd(self, value: Optional[str]) -> str:
+        """The working directory for a request (api.md §1): the default when
+        absent, the default too for a missing /workspace (the SDK always sends
+        it), 400 for any other directory that does not exist."""
+        if value is None or value == "":
+            return self.config.workdir
+        path = os.path.join(self.config.workdir, value)
+        if os.path.isdir(path):
+            return os.path.normpath(path)
+        if os.path.normpath(value) == "/workspace":
+            return self.config.workdir
+        raise BadRequest("working directory does not exist: %s" % value)
+
+    def code_launch(self, code: str, language: Optional[str], *, cwd: Optional[str] = None,
+                    env: Optional[Dict[str, str]] = None, timeout: float = BACKGROUND_TIMEOUT_S,
+                    name: Optional[str] = None, stdin: bool = False,
+                    idle_timeout: Optional[float] = None) -> _Launch:
+        """A launch that runs ``code`` with the language's interpreter from a temp file."""
+        lang, program = _resolve_language(language)
+        directory = self.resolve_cwd(cwd)
+        path = _write_code_file(code, _LANGUAGES[lang][3])
+        argv = _LANGUAGES[lang][2](program, path)
+        return _Launch(argv=argv, cwd=directory, env=self.child_env(env), kind="code", language=lang,
+                       name=name, timeout=timeout, stdin=stdin, tempfile=path, idle_timeout=idle_timeout)
+
+    def command_launch(self, command: str, args: Optional[List[str]] = None, *,
+                       cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                       timeout: float = BACKGROUND_TIMEOUT_S, name: Optional[str] = None,
+                       stdin: bool = False, idle_timeout: Optional[float] = None) -> _Launch:
+        """A launch of ``[command] + args`` as argv, or of a shell string through /bin/sh -c."""
+        argv = [command] + list(args) if args is not None else ["/bin/sh", "-c", command]
+        shown = " ".join([command] + list(args)) if args is not None else command
+        return _Launch(argv=argv, cwd=self.resolve_cwd(cwd), env=self.child_env(env), kind="command",
+                       command=shown, name=name, timeout=timeout, stdin=stdin, idle_timeout=idle_timeout)
+
+
+# ============================================================================
+# Process manager: the records, the queue, retention and idempotent starts
+# ============================================================================
+
+
+class _IdempotentStart:
+    """The first request made with one Idempotency-Key, and its answer once known."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self.done = threading.Event()
+        self.answer: Optional[Dict[str, Any]] = None
+
+
+class _Registry:
+    """Every record, the FIFO queue of those waiting for a slot, retention of
+    finished records and their output, the counters /metrics reports, the
+    Idempotency-Keys and the listings' JSON cache. Lock order: ``lock`` may be
+    taken before a record's ``cond``, never after it."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.lock = threading.Lock()   # guards every field below but the cache (which locks itself)
+        self._records: Dict[str, _ProcessRecord] = {}          # creation order = listing order
+        self._finished: "collections.OrderedDict[str, _ProcessRecord]" = collections.OrderedDict()
+        self._queue: collections.deque = collections.deque()   # FIFO of queued records
+        self.running = 0                                       # slots taken (spawning or running)
+        self.closed = False
+        self._finished_bytes = 0                               # output held by finished records
+        self._stats: Dict[str, int] = collections.Counter()
+        self._idempotency: Dict[str, _IdempotentStart] = {}    # Idempotency-Key -> its first start
+        self.cache = _RecordCache(RECORD_CACHE_BYTES)
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            self._stats[name] += n
+
+    def admit(self, rec: _ProcessRecord) -> bool:
+        """Take in a new record: True when it may run now, False when it was
+        queued; Unavailable while closing, LimitExceeded (429) when the queue is full."""
+        with self.lock:
+            if self.closed:
+                raise Unavailable("agent is shutting down")
+            if self.running < self.config.max_running and not self._queue:
+                self.running += 1
+                run_now = True
+            elif len(self._queue) >= self.config.queue_limit:
+                raise LimitExceeded("too many processes: %d running and %d queued"
+                                    % (self.running, len(self._queue)))
+            else:
+                self._queue.append(rec)
+                run_now = False
+            self._records[rec.id] = rec
+            self._stats["started"] += 1
+        return run_now
+
+    def dequeue(self, rec: _ProcessRecord) -> bool:
+        """Take a record out of the queue; False if it was not queued."""
+        with self.lock:
+            if rec not in self._queue:
+                return False
+            self._queue.remove(rec)
+            return True
+
+    def close(self) -> Tuple[List[_ProcessRecord], List[_ProcessRecord]]:
+        """No more starts: returns (the queued records, now out of the queue, the others)."""
+        with self.lock:
+            self.closed = True
+            queued = list(self._queue)
+            self._queue.clear()
+            return queued, [r for r in self._records.values() if r not in queued]
+
+    def retire(self, rec: _ProcessRecord, *, was_running: bool) -> List[_ProcessRecord]:
+        """Book-keeping once a record is final; returns queued records that may start now."""
+        with rec.cond:
+            held = rec.stdout.held + rec.stderr.held
+            status, reason = rec.status, rec.reason
+        with self.lock:
+            if was_running:
+                self.running -= 1
+            self._finished[rec.id] = rec
+            rec.accounted = held
+            self._finished_bytes += held
+            self._stats["status_" + status] += 1
+            self._stats["reason_" + str(reason)] += 1
+            self._enforce_retention()
+            ready = []
+            while not self.closed and self._queue and self.running < self.config.max_running:
+                ready.append(self._queue.popleft())
+                self.running += 1
+        return ready
+
+    def _enforce_retention(self) -> None:
+        """Keep at most ``retain`` finished records and ``output_budget`` bytes
+        of their output: the oldest records go first (call with ``lock`` held)."""
+        while len(self._finished) > self.config.retain:
+            _, old = self._finished.popitem(last=False)
+            self._records.pop(old.id, None)
+            self._idempotency.pop(old.idempotency_key or "", None)
+            self._finished_bytes -= old.accounted
+            self.cache.forget(old.id)
+        for old in self._finished.values():
+            if self._finished_bytes <= self.config.output_budget:
+                break
+            with old.cond:
+                old.stdout.discard()
+                old.stderr.discard()
+            self._finished_bytes -= old.accounted
+            old.accounted = 0
+
+    # -- reading -----------------------------------------------------------------
+
+    def get(self, process_id: str) -> _ProcessRecord:
+        with self.lock:
+            rec = self._records.get(process_id)
+        if rec is None:
+            raise NotFound("process not found: %s" % process_id, code="PROCESS_NOT_FOUND")
+        return rec
+
+    def position(self, rec: _ProcessRecord) -> Optional[int]:
+        """The record's place in the queue (1 = next), or None."""
+        with self.lock:
+            return self._queue.index(rec) + 1 if rec in self._queue else None
+
+    def list_json(self, *, statuses: Optional[Iterable[str]] = None, name: Optional[str] = None,
+                  output: bool = True) -> List[bytes]:
+        """Records oldest first, filtered by status and name, each as JSON bytes."""
+        wanted = set(statuses) if statuses else None
+        with self.lock:
+            recs = list(self._records.values())
+            positions = {r.id: i + 1 for i, r in enumerate(self._queue)}
+        out = []
+        for rec in recs:
+            if name is not None and rec.launch.name != name:
+                continue
+            with rec.cond:
+                if wanted is None or rec.status in wanted:
+                    out.append(self.cache.get(rec, output=output, queue_position=positions.get(rec.id)))
+        return out
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters for /metrics."""
+        with self.lock:
+            recs = list(self._records.values())
+            stats = dict(self._stats)
+            queued, running = len(self._queue), self.running
+        held = 0
+        for rec in recs:
+            with rec.cond:
+                held += rec.stdout.held + rec.stderr.held
+        return {"started": stats.get("started", 0), "running": running, "queued": queued,
+                "records": len(recs), "output_bytes_held": held,
+                "by_status": {k[7:]: v for k, v in stats.items() if k.startswith("status_")},
+                "by_reason": {k[7:]: v for k, v in stats.items() if k.startswith("reason_")},
+                "webhooks": {"delivered": stats.get("webhooks_delivered", 0),
+                             "failed": stats.get("webhooks_failed", 0)}}
+
+    def idempotent_start(self, key: str, digest: str, start: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+        """Run ``start`` once per Idempotency-Key: a retry with the same request
+        gets the first answer, the same key with another request is a 409.
+        Keys live as long as the record they started."""
+        deadline = time.monotonic() + IDEMPOTENCY_WAIT_S
+        while True:
+            with self.lock:
+                entry = self._idempotency.get(key)
+                if entry is None:
+                    entry = self._idempotency[key] = _IdempotentStart(digest)
+                    break
+            if entry.digest != digest:
+                raise Conflict("Idempotency-Key %r was used for a different request" % key)
+            if not entry.done.wait(max(0.0, deadline - time.monotonic())):
+                raise Conflict("a request with Idempotency-Key %r is still in progress" % key)
+            if entry.answer is not None:
+                return dict(entry.answer, idempotent_replay=True)
+            # the first request failed and let go of the key: try to take it
+        try:
+            entry.answer = start()
+            self.get(entry.answer["process_id"]).idempotency_key = key
+            return entry.answer
+        except BaseException:
+            with self.lock:
+                self._idempotency.pop(key, None)
+            raise
+        finally:
+            entry.done.set()
+
+
+# ============================================================================
+# Process manager: a record's lifecycle (spawn, drain, exit, timeouts, ending)
+# ============================================================================
+
+
+def _write_before(fd: int, data: bytes, deadline: float) -> int:
+    """Write what a pipe takes before ``deadline``; returns the bytes written."""
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    written = 0
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while written < len(data):
+        try:
+            written += os.write(fd, view[written:])
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            poller.poll(remaining * 1000)
+    return written
+
+
+class _Lifecycle:
+    """Carries each record from spawn to final: its pipes drained by pooled
+    readers, its leader's exit seen by the exit watcher, its timers on the
+    watchdog, its group ended with TERM, grace, KILL, and its retirement,
+    which frees its slot for the next queued record."""
+
+    def __init__(self, config: AgentConfig, registry: _Registry, spawner: _Spawner) -> None:
+        self.config = config
+        self.registry = registry
+        self.spawner = spawner
+        self.watchdog = _Watchdog()
+        self.workers = _WorkerPool()
+        self.exits = _ExitWatcher()
+
+    def start_all(self, recs: List[_ProcessRecord]) -> None:
+        """Spawn each record; a spawn that fails frees its slot for the next queued one."""
+        pending = collections.deque(recs)
+        while pending:
+            pending.extend(self._spawn(pending.popleft()))
+
+    def _spawn(self, rec: _ProcessRecord) -> List[_ProcessRecord]:
+        launch = rec.launch
+        fds: List[int] = []
+        try:
+            out_r, out_w = os.pipe()
+            fds += [out_r, out_w]
+            err_r, err_w = os.pipe()
+            fds += [err_r, err_w]
+            popen = self.spawner.spawn(_ChildSpec(
+                argv=launch.argv, cwd=launch.cwd, env=launch.env, stdout=out_w, stderr=err_w,
+                stdin=subprocess.PIPE if launch.stdin else subprocess.DEVNULL))
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            for fd in fds:
+                _close_quietly(fd)
+            return self._spawn_failed(rec, exc)
+        os.close(out_w)
+        os.close(err_w)
+        with rec.cond:
+            rec.popen, rec.pid = popen, popen.pid
+            rec.status = "running"
+            rec.started, rec.started_mono = time.time(), time.monotonic()
+            rec.open_streams = 2
+            rec.last_output = rec.started_mono
+            kill_now = rec.kill_reason is not None
+            rec.cond.notify_all()
+        # Timers first: a child that ends at once must find them there to cancel.
+        if launch.timeout:
+            rec.timer = self.watchdog.schedule(launch.timeout, lambda: self.on_timeout(rec))
+        if launch.idle_timeout:
+            rec.idle_timer = self.watchdog.schedule(launch.idle_timeout, lambda: self._on_idle(rec))
+        short = rec.id[5:13]
+        self.workers.submit("hopx-proc-%s-stdout" % short, self._read_stream, rec, out_r, "stdout")
+        self.workers.submit("hopx-proc-%s-stderr" % short, self._read_stream, rec, err_r, "stderr")
+        if not self.exits.watch(popen.pid, lambda: self._leader_exited(rec)):
+            self.workers.submit("hopx-proc-%s-wait" % short, self._wait_leader, rec)
+        if kill_now:
+            self.terminate(rec)
+        log.debug("started %s pid %d: %s", rec.id, popen.pid, launch.argv[0])
+        return []
+
+    def _spawn_failed(self, rec: _ProcessRecord, exc: BaseException) -> List[_ProcessRecord]:
+        """Record a child that never ran: a shell's 127 (not found) or 126, and the OS error."""
+        missing = isinstance(exc, FileNotFoundError)
+        text = "%s: %s" % (rec.launch.argv[0], exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        with rec.cond:
+            rec.error = text
+            rec.stderr.append(("hopx_agent: cannot run %s\n" % text).encode("utf-8", "replace"))
+            rec.set_final("spawn_failed", 127 if missing else 126, None)
+        log.info("spawn failed for %s: %s", rec.id, text)
+        return self.retire(rec, was_running=True)
+
+    def _read_stream(self, rec: _ProcessRecord, fd: int, name: str) -> None:
+        """Drain one pipe until EOF into the record's bounded buffer."""
+        buf = rec.stream(name)
+        scratch = getattr(_THREAD_STATE, "scratch", None)
+        if scratch is None:      # one read buffer per pooled thread, reused for every pipe
+            scratch = _THREAD_STATE.scratch = bytearray(READ_CHUNK_BYTES)
+        view = memoryview(scratch)
+        try:
+            grown = False
+            while True:
+                size = os.readv(fd, [scratch])
+                if not size:
+                    break
+                if size >= 65536 and not grown:   # a chatty child: fewer wake-ups with a bigger pipe
+                    grown = True
+                    _grow_pipe(fd)
+                with rec.cond:
+                    buf.append(view[:size])
+                    rec.last_output = time.monotonic()
+                    rec.cond.notify_all()
+        except Exception:
+            log.exception("reading %s of %s failed", name, rec.id)
+        finally:
+            _close_quietly(fd)
+            with rec.cond:
+                rec.open_streams -= 1
+                rec.cond.notify_all()
+                last = rec.open_streams == 0 and rec.exit_info is not None
+            if last:
+                self._finish(rec)
+
+    def _reap(self, rec: _ProcessRecord) -> Tuple[Optional[int], Any]:
+        """After the leader has exited: end the rest of its group, reap it.
+
+        Its exit was seen without reaping (pidfd, or waitid with WNOWAIT), so
+        a zombie is left, which keeps the
+        pid (and so the group id) from being reused while the stragglers
+        (``sleep 1000 &``) get their SIGKILL. Popen's returncode is set so
+        that Popen never waits for this pid itself (no ECHILD surprises).
+        """
+        pid = rec.pid
+        assert pid is not None
+        try:
+            with rec.cond:
+                if rec.prereaped is not None:   # reaped by a waiter job without waitid
+                    if rec.popen is not None:
+                        rec.popen.returncode = os.waitstatus_to_exitcode(rec.prereaped[0])
+                    return rec.prereaped
+                if _is_zombie_child(pid):   # the zombie holds the pid: the group id is still ours
+                    _killpg(pid, signal.SIGKILL)
+                wpid, status, rusage = os.wait4(pid, 0)
+                rec.reaped = True
+                if rec.popen is not None:
+                    rec.popen.returncode = os.waitstatus_to_exitcode(status)
+            return status, rusage
+        except ChildProcessError:      # someone else reaped it: the status is lost
+            with rec.cond:
+                rec.reaped = True
+                rec.error = "exit status lost: the child was reaped elsewhere"
+                if rec.popen is not None and rec.popen.returncode is None:
+                    rec.popen.returncode = -1
+            return None, None
+        finally:
+            self.spawner.untrack(pid)
+
+    def _leader_exited(self, rec: _ProcessRecord) -> None:
+        """The leader has exited (the exit watcher saw its pidfd, or a waiter
+        job its waitid): reap it, end the rest, and finish the record as soon
+        as the readers have taken what it wrote (at most DRAIN_AFTER_EXIT_S)."""
+        try:
+            exit_info = self._reap(rec)
+            self.close_stdin(rec, quiet=True)
+            if rec.kill_reason is not None:   # killed or timed out: escapers go with the leader
+                _end_marked(rec, signal.SIGKILL)
+            with rec.cond:
+                rec.exit_info = exit_info
+                drained = rec.open_streams == 0
+            if drained:
+                self._finish(rec)
+            else:   # a reader at EOF finishes it, or this timer if a straggler holds a pipe
+                self.watchdog.schedule(DRAIN_AFTER_EXIT_S, lambda: self._drain_expired(rec))
+        except Exception:
+            log.exception("handling the exit of %s failed", rec.id)
+
+    def _drain_expired(self, rec: _ProcessRecord) -> None:
+        """The leader is gone but its pipes are still open: a descendant that
+        left the group holds them. It is a straggler like ``sleep 1000 &``:
+        end it (found by its HOPX_PROCESS_ID), so the readers reach EOF and
+        no thread or descriptor stays behind; the record is final now."""
+        with rec.cond:
+            held = rec.open_streams > 0
+        if held:
+            _end_marked(rec, signal.SIGKILL)
+        self._finish(rec)
+
+    def _finish(self, rec: _ProcessRecord) -> None:
+        """Make a record final from its exit status, once (readers, timer and
+        exit handler may all get here)."""
+        with rec.cond:
+            stragglers = list(rec.stragglers) if rec.exit_info is not None and not rec.finished else []
+        if stragglers:   # a signalled escaper may still be exiting: a final record leaves none alive
+            _wait_gone(stragglers, time.monotonic() + ESCAPER_GONE_S)
+        with rec.cond:
+            if rec.exit_info is None or rec.finished:
+                return
+            status, rusage = rec.exit_info
+            exit_code, signame = None, None
+            if status is not None:
+                if os.WIFSIGNALED(status):
+                    exit_code = 128 + os.WTERMSIG(status)
+                    signame = _signal_name(os.WTERMSIG(status))
+                else:
+                    exit_code = os.WEXITSTATUS(status)
+            reason = rec.kill_reason or ("signaled" if signame else "exited")
+            rec.rusage = rusage
+            rec.set_final(reason, 124 if reason in _TIMEOUT_REASONS else exit_code, signame)
+        log.debug("%s finished: %s, exit %s", rec.id, reason, exit_code)
+        self.start_all(self.retire(rec, was_running=True))
+
+    def _wait_leader(self, rec: _ProcessRecord) -> None:
+        """A waiter job, where pidfds are unavailable: block until the leader
+        exits (without reaping it where waitid exists; macOS before Python
+        3.13 has none, and then wait4 also reaps, so the group is not signalled)."""
+        try:
+            if hasattr(os, "waitid"):
+                os.waitid(os.P_PID, rec.pid or 0, os.WEXITED | os.WNOWAIT)
+            else:
+                _, status, rusage = os.wait4(rec.pid or 0, 0)
+                with rec.cond:
+                    rec.reaped = True
+                    rec.prereaped = (status, rusage)
+        except ChildProcessError:
+            pass
+        self._leader_exited(rec)
+
+    def signal_group(self, rec: _ProcessRecord, sig: int) -> bool:
+        """Signal the record's process group, only while its leader is unreaped
+        (so a reused pid is never hit). True when the signal was sent."""
+        with rec.cond:
+            if rec.pid is None or rec.reaped:
+                return False
+            return _killpg(rec.pid, sig)
+
+    def terminate(self, rec: _ProcessRecord) -> None:
+        """SIGTERM to the group and to marked escapers now, SIGKILL after the grace period."""
+        self.signal_group(rec, signal.SIGTERM)
+        _end_marked(rec, signal.SIGTERM)
+        self.watchdog.schedule(self.config.kill_grace, lambda: self._escalate(rec))
+
+    def _escalate(self, rec: _ProcessRecord) -> None:
+        self.signal_group(rec, signal.SIGKILL)
+        _end_marked(rec, signal.SIGKILL)
+
+    def _on_idle(self, rec: _ProcessRecord) -> None:
+        """The idle timer: end the process, or look again when it could next be idle."""
+        with rec.cond:
+            if rec.finished or rec.exit_info is not None or rec.kill_reason is not None:
+                return
+            quiet = time.monotonic() - (rec.last_output or 0.0)
+            idle = rec.launch.idle_timeout or 0.0
+            if quiet < idle:
+                rec.idle_timer = self.watchdog.schedule(idle - quiet, lambda: self._on_idle(rec))
+                return
+            rec.kill_reason = "idle_timeout"
+        log.info("%s printed nothing for %ss: ending it", rec.id, idle)
+        self.terminate(rec)
+
+    def on_timeout(self, rec: _ProcessRecord) -> None:
+        with rec.cond:   # a leader that exited on its own keeps its outcome, drained or not
+            if rec.finished or rec.exit_info is not None or rec.kill_reason is not None:
+                return
+            rec.kill_reason = "timeout"
+        log.info("%s reached its timeout of %ss", rec.id, rec.launch.timeout)
+        self.terminate(rec)
+
+    def drop_queued(self, rec: _ProcessRecord, reason: str) -> bool:
+        """Take a record out of the queue, final with ``reason`` (exit code
+        124 for a timeout, none otherwise: it never ran). False if not queued."""
+        queued = self.registry.dequeue(rec)
+        if queued:
+            with rec.cond:
+                rec.kill_reason = reason
+                rec.set_final(reason, 124 if reason in _TIMEOUT_REASONS else None, None)
+            self.retire(rec, was_running=False)
+        return queued
+
+    def wait_final_locked(self, rec: _ProcessRecord) -> None:
+        """With ``rec.cond`` held: let an exited record become final (drain, at most 0.5 s)."""
+        rec.cond.wait_for(lambda: rec.finished, DRAIN_AFTER_EXIT_S + 1.0)
+
+    def close_stdin(self, rec: _ProcessRecord, *, quiet: bool = False) -> None:
+        """Close the child's stdin (EOF for it); 409 if there is none, unless quiet."""
+        with rec.cond:
+            stream = rec.popen.stdin if rec.popen is not None else None
+            if rec.stdin_closed or stream is None or rec.stdin_busy:
+                if quiet:
+                    return
+                raise Conflict("process %s has no open stdin" % rec.id)
+            rec.stdin_closed = True
+        try:
+            stream.close()
+        except OSError:
+            pass
+
+    def retire(self, rec: _ProcessRecord, *, was_running: bool) -> List[_ProcessRecord]:
+        """After a record became final: its temp file, its timers, the registry's
+        book-keeping, its finish callbacks; returns queued records to start now."""
+        rec.launch.cleanup()
+        for timer in (rec.timer, rec.idle_timer):
+            if timer is not None:
+                timer.cancel()
+        ready = self.registry.retire(rec, was_running=was_running)
+        for callback in rec.on_finish:
+            try:
+                callback(rec)
+            except Exception:
+                log.exception("finish callback of %s failed", rec.id)
+        return ready
+
+    def stop(self, deadline: float) -> None:
+        """Join the threads (the worker pool, the exit watcher, the watchdog) until ``deadline``."""
+        self.workers.stop(max(0.0, deadline - time.monotonic()))
+        self.exits.stop(max(0.0, deadline - time.monotonic()))
+        self.watchdog.stop(max(0.0, deadline - time.monotonic()))
+
+
+# ============================================================================
+# Process manager
+# ============================================================================
+
+
+class ProcessManager:
+    """Starts, watches, queues, times out and ends child process groups.
+
+    Every child runs through ``start()``: one code path for background runs,
+    synchronous runs and commands. The manager coordinates its collaborators:
+    the launcher (languages, code files, environment), the spawner (every
+    child's Popen), the registry (records, queue, retention), the lifecycle
+    (pipes, exits, timers, ending a group) and the subreaper. Lock order: the
+    registry's lock may be taken before a record's ``cond``, never after it.
+    """
+
+    def __init__(self, config: Optional[AgentConfig] = None, *,
+                 environ: Optional[Dict[str, str]] = None) -> None:
+        self.config = config or AgentConfig()
+        self.stopping = threading.Event()   # set by shutdown(); webhook retries stop waiting
+        self.spawner = _Spawner()
+        self.launcher = _Launcher(self.config, environ)
+        self.registry = _Registry(self.config)
+        self.lifecycle = _Lifecycle(self.config, self.registry, self.spawner)
+        self.watchdog = self.lifecycle.watchdog   # one timer thread, shared by every family
+        self.subreaper = _Subreaper(self.spawner, self.stopping)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add to one of the counters /metrics reports."""
+        self.registry.count(name, n)
+
+    # -- the environment and launches (the launcher's) ------------------------------
+
+    def env_snapshot(self) -> Dict[str, str]:
+        """Agent environment overlaid with the global store (what GET /env shows)."""
+        return self.launcher.env_snapshot()
+
+    def env_set(self, values: Dict[str, str], *, replace: bool) -> None:
+        self.launcher.env_set(values, replace=replace)
+
+    def env_delete(self, keys: Optional[Iterable[str]] = None) -> None:
+        """Forget the given keys of the global store, or all of it."""
+        self.launcher.env_delete(keys)
+
+    def resolve_cwd(self, value: Optional[str]) -> str:
+        return self.launcher.resolve_cwd(value)
+
+    def code_launch(self, code: str, language: Optional[str], **kwargs: Any) -> _Launch:
+        """A launch that runs ``code`` with the language's interpreter from a temp file."""
+        return self.launcher.code_launch(code, language, **kwargs)
+
+    def command_launch(self, command: str, args: Optional[List[str]] = None, **kwargs: Any) -> _Launch:
+        """A launch of ``[command] + args`` as argv, or of a shell string through /bin/sh -c."""
+        return self.launcher.command_launch(command, args, **kwargs)
+
+    # -- starting and ending ------------------------------------------------------
+
+    def start(self, launch: _Launch, *,
+              on_finish: Iterable[Callable[[_ProcessRecord], None]] = ()) -> _ProcessRecord:
+        """Run ``launch`` now, or queue it when max-running children run.
+
+        Raises Unavailable while shutting down and LimitExceeded (429) when
+        the queue is full; the launch's temp file is removed in both cases.
+        """
+        rec = _ProcessRecord(launch, self.config.max_output_bytes)
+        rec.on_finish.extend(on_finish)      # before the child exists, so none can be missed
+        launch.env[PROCESS_ID_ENV] = rec.id
+        try:
+            run_now = self.registry.admit(rec)
+        except AgentError:
+            launch.cleanup()
+            raise
+        if run_now:
+            self.lifecycle.start_all([rec])
+        return rec
+
+    def kill(self, process_id: str, sig: Optional[int] = None, *, wait: bool = True) -> Dict[str, Any]:
+        """End a process and its group (api.md §5 Kill); with ``sig``, only send that signal.
+
+        A queued process leaves the queue; a finished one is left as it is.
+        With ``wait`` the call returns once the leader is gone (at most the
+        grace period plus a little).
+        """
+        rec = self.get(process_id)
+        if self.drop_queued(rec, "killed"):
+            return {"process_id": rec.id, "status": "killed", "message": "removed from the queue"}
+        with rec.cond:
+            if rec.finished or rec.exit_info is not None:   # exited: its real outcome stands
+                self.lifecycle.wait_final_locked(rec)
+                return {"process_id": rec.id, "status": rec.status, "record_status": rec.status,
+                        "exit_code": rec.exit_code, "message": "process already finished; nothing changed"}
+            if sig is not None:
+                if rec.pid is None:
+                    raise Conflict("process %s has not started yet" % rec.id)
+                if not rec.reaped:
+                    _killpg(rec.pid, sig)
+                return {"process_id": rec.id, "status": rec.status, "signal": _signal_name(sig),
+                        "message": "sent %s to the process group" % _signal_name(sig)}
+            first = rec.kill_reason is None
+            if first:
+                rec.kill_reason = "killed"
+            started = rec.pid is not None
+        if first and started:
+            self.lifecycle.terminate(rec)
+        if wait:
+            with rec.cond:
+                rec.cond.wait_for(lambda: rec.finished, self.config.kill_grace + 2.0)
+        with rec.cond:
+            return {"process_id": rec.id, "status": "killed",
+                    "message": "process group terminated" if rec.finished else "termination in progress",
+                    "exit_code": rec.exit_code, "signal": rec.signal, "record_status": rec.status,
+                    "stragglers_killed": len(rec.stragglers)}
+
+    def time_out(self, rec: _ProcessRecord) -> None:
+        """End a record as its timeout would (a synchronous run's deadline
+        counts from the request, queue time included)."""
+        if not self.drop_queued(rec, "timeout"):
+            self.lifecycle.on_timeout(rec)
+
+    def drop_queued(self, rec: _ProcessRecord, reason: str) -> bool:
+        """Take a record out of the queue, final with ``reason``; False if not queued."""
+        return self.lifecycle.drop_queued(rec, reason)
+
+    def send_signal(self, process_id: str, sig: int) -> Dict[str, Any]:
+        """Deliver one signal to a running process's group, without escalation (409 otherwise)."""
+        rec = self.get(process_id)
+        with rec.cond:
+            if rec.finished or rec.pid is None or rec.reaped:
+                raise Conflict("process %s is %s; no signal sent" % (rec.id, rec.status))
+            _killpg(rec.pid, sig)
+            return {"process_id": rec.id, "status": rec.status, "signal": _signal_name(sig),
+                    "message": "sent %s to the process group" % _signal_name(sig)}
+
+    # -- stdin ------------------------------------------------------------------
+
+    def write_stdin(self, process_id: str, data: bytes, eof: bool = False) -> Dict[str, Any]:
+        """Write to a child's stdin (started with stdin: true), then close it on ``eof``.
+
+        A child that does not read cannot hold the caller longer than
+        STDIN_WRITE_TIMEOUT_S: what did not fit is reported as a 409.
+        """
+        rec = self.get(process_id)
+        with rec.cond:
+            if rec.stdin_closed or rec.popen is None or rec.popen.stdin is None:
+                raise Conflict("process %s has no open stdin" % rec.id)
+            if rec.stdin_busy:
+                raise Conflict("another write to the stdin of %s is in progress" % rec.id)
+            rec.stdin_busy = True
+            fd = rec.popen.stdin.fileno()
+        written = 0
+        try:
+            written = _write_before(fd, data, time.monotonic() + STDIN_WRITE_TIMEOUT_S)
+        except OSError as exc:    # EPIPE: the child closed its end or exited
+            raise Conflict("stdin of %s is closed (%s)" % (rec.id, exc.strerror or exc)) from None
+        finally:
+            with rec.cond:
+                rec.stdin_busy = False
+                leader_gone = rec.reaped
+            if leader_gone:     # the waiter left stdin open for us: close it now
+                self.lifecycle.close_stdin(rec, quiet=True)
+        if written < len(data):
+            raise Conflict("stdin of %s is full: the process is not reading (wrote %d of %d bytes)"
+                           % (rec.id, written, len(data)))
+        if eof:
+            self.lifecycle.close_stdin(rec, quiet=True)
+        return {"process_id": rec.id, "written": written, "stdin": "closed" if rec.stdin_closed else "open"}
+
+
+    def close_stdin(self, rec: _ProcessRecord, *, quiet: bool = False) -> None:
+        """Close the child's stdin (EOF for it); 409 if there is none, unless quiet."""
+        self.lifecycle.close_stdin(rec, quiet=quiet)
+
+    def idempotent_start(self, key: str, digest: str, start: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+        """Run ``start`` once per Idempotency-Key (see _Registry.idempotent_start)."""
+        return self.registry.idempotent_start(key, digest, start)
+
+    def enable_subreaper(self) -> bool:
+        """Adopt and reap orphaned descendants (the CLI agent, whose children are all ours)."""
+        return self.subreaper.enable()
+
+    # -- reading --------------------------------------------------------------
+
+    def get(self, process_id: str) -> _ProcessRecord:
+        return self.registry.get(process_id)
+
+    def describe(self, rec: _ProcessRecord, *, output: bool = True,
+                 offsets: Optional[Dict[str, Optional[int]]] = None) -> Dict[str, Any]:
+        position = self.registry.position(rec) if rec.status == "queued" else None
+        with rec.cond:
+            return rec.to_json(output=output, offsets=offsets, queue_position=position)
+
+    def list(self, *, statuses: Optional[Iterable[str]] = None, name: Optional[str] = None,
+             output: bool = True) -> List[Dict[str, Any]]:
+        """Records oldest first, filtered by status and name."""
+        return [json.loads(item) for item in self.list_json(statuses=statuses, name=name, output=output)]
+
+    def list_json(self, *, statuses: Optional[Iterable[str]] = None, name: Optional[str] = None,
+                  output: bool = True) -> List[bytes]:
+        """The records of list(), each as cached JSON bytes (what the HTTP listing sends)."""
+        return self.registry.list_json(statuses=statuses, name=name, output=output)
+
+    def wait(self, rec: _ProcessRecord, timeout: float) -> bool:
+        """Block until the record is final or ``timeout`` passes; True when final."""
+        with rec.cond:
+            return rec.cond.wait_for(lambda: rec.finished, timeout)
+
+    def wait_for_output(self, rec: _ProcessRecord, offsets: Dict[str, Optional[int]],
+                        timeout: float) -> None:
+        """Block until there is output past ``offsets`` (past what exists now
+        for a stream without one), the record is final, or ``timeout`` passes."""
+        with rec.cond:
+            marks = {name: offsets.get(name) if offsets.get(name) is not None
+                     else rec.stream(name).end(False) for name in ("stdout", "stderr")}
+            rec.cond.wait_for(lambda: rec.finished or any(
+                rec.stream(name).end(False) > mark for name, mark in marks.items()), timeout)
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters for /metrics."""
+        return self.registry.stats()
+
+    # -- shutting down ----------------------------------------------------------
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """End every process group (TERM, grace, KILL), drop the queue, join
+        every thread; returns within ``timeout`` (default: grace + 2 s)."""
+        grace = self.config.kill_grace
+        deadline = time.monotonic() + (grace + 2.0 if timeout is None else timeout)
+        self.stopping.set()
+        queued, live = self.registry.close()
+        for rec in queued:
+            with rec.cond:
+                rec.kill_reason = "shutdown"
+                rec.set_final("shutdown", None, None)
+            self.lifecycle.retire(rec, was_running=False)
+        marked = _scan_marked()
+        for rec in live:
+            with rec.cond:
+                if not rec.finished and rec.exit_info is None:
+                    rec.kill_reason = rec.kill_reason or "shutdown"
+            self.lifecycle.signal_group(rec, signal.SIGTERM)
+            _end_marked(rec, signal.SIGTERM, marked)
+        term_deadline = min(deadline, time.monotonic() + grace)
+        for rec in live:
+            self.wait(rec, max(0.0, term_deadline - time.monotonic()))
+            if not rec.finished:
+                self.lifecycle.signal_group(rec, signal.SIGKILL)
+        marked = _scan_marked()
+        for rec in live:
+            _end_marked(rec, signal.SIGKILL, marked)
+        _wait_gone([pid for rec in live for pid in marked.get(rec.id, [])], deadline)
+        for rec in live:
+            self.wait(rec, max(0.0, deadline - time.monotonic()))
+            with rec.cond:
+                rec.cond.wait_for(lambda: rec.open_streams == 0, max(0.0, deadline - time.monotonic()))
+        self.lifecycle.stop(deadline)
+        self.subreaper.stop(deadline)
 
 
 # ============================================================================
@@ -2039,7 +2415,7 @@ class _Webhook:
 
 
 # ============================================================================
-# HTTP: the server, the request reader, the route table and the handlers
+# HTTP transport: requests, replies and routes
 # ============================================================================
 
 _TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")           # RFC 9110 §5.6.2
@@ -2087,11 +2463,24 @@ class _DeadlineReader(io.RawIOBase):
                 continue
 
 
-class _Request:
-    """One parsed request; the handlers' only view of HTTP."""
+def _no_stream_body(size: int = 0) -> Iterator[bytes]:
+    raise AgentError("this endpoint does not stream its request body")
 
-    __slots__ = ("method", "target", "path", "query", "headers", "body", "request_id",
-                 "version", "close", "claims", "route", "body_read", "_json")
+
+class _Request:
+    """One parsed request: the endpoints' only view of HTTP.
+
+    The transport gives it two callables besides the parsed head:
+    ``client_gone()`` says whether the client hung up (synchronous runs end
+    their process then), and on ``body="stream"`` routes ``read_body(size)``
+    yields the body in chunks of at most ``size`` bytes, sending
+    ``100 Continue`` first when the client asked for it, so a request refused
+    before its body is read gets its final answer instead.
+    """
+
+    __slots__ = ("method", "target", "path", "query", "headers", "body", "request_id", "version",
+                 "close", "claims", "route", "body_read", "content_length", "client_gone", "read_body",
+                 "_json")
 
     def __init__(self) -> None:
         self.method, self.target, self.path, self.version = "", "", "", "HTTP/1.1"
@@ -2102,8 +2491,12 @@ class _Request:
         self.close = True
         self.claims: Optional[Dict[str, Any]] = None
         self.body_read = False       # the body (if any) is off the wire: the connection can be reused
+        self.content_length = 0
         self.route = "unmatched"
+        self.client_gone: Callable[[], bool] = lambda: False
+        self.read_body: Callable[..., Iterator[bytes]] = _no_stream_body
         self._json: Optional[Dict[str, Any]] = None
+
 
     def header(self, name: str) -> Optional[str]:
         values = self.headers.get(name)
@@ -2129,107 +2522,6 @@ class _Request:
         return self._json
 
 
-def _short(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-
-
-class _Reply:
-    """A response other than a plain 200 JSON object; ``body`` None means the
-    handler has answered on the socket itself (streams)."""
-
-    __slots__ = ("status", "body", "content_type", "headers")
-
-    def __init__(self, status: int, body: Optional[bytes] = b"", content_type: Optional[str] = "application/json",
-                 headers: Optional[Dict[str, str]] = None) -> None:
-        self.status, self.body, self.content_type = status, body, content_type
-        self.headers = headers or {}
-
-
-def _json_bytes(payload: Any) -> bytes:
-    # ensure_ascii keeps lone surrogates from a client's JSON encodable
-    return json.dumps(payload, separators=(",", ":")).encode("ascii")
-
-
-# -- request body fields -------------------------------------------------------
-
-
-def _text(value: Any, field: str, *, nul_ok: bool = False) -> str:
-    """A string that can reach the OS: UTF-8 encodable and without NUL bytes."""
-    if not isinstance(value, str):
-        raise BadRequest("field %r must be a string" % field)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest("field %r is not valid Unicode (unpaired surrogate)" % field) from None
-    if not nul_ok and "\x00" in value:
-        raise BadRequest("field %r must not contain NUL bytes" % field)
-    return value
-
-
-def _opt_text(body: Dict[str, Any], field: str, *, max_chars: Optional[int] = None) -> Optional[str]:
-    value = body.get(field)
-    if value is None:
-        return None
-    value = _text(value, field)
-    if max_chars is not None and len(value) > max_chars:
-        raise BadRequest("field %r is longer than %d characters" % (field, max_chars))
-    return value
-
-
-def _required_text(body: Dict[str, Any], field: str, *, nul_ok: bool = False) -> str:
-    if body.get(field) is None:
-        raise BadRequest("missing required field %r" % field, code="MISSING_PARAMETER")
-    return _text(body[field], field, nul_ok=nul_ok)
-
-
-def _number(value: Any, field: str, low: float, high: float) -> float:
-    # math.isfinite() of an int beyond float range raises: test floats only, compare ints as they are
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or (isinstance(value, float) and not math.isfinite(value)):
-        raise BadRequest("field %r must be a number" % field)
-    if not low < value <= high:
-        raise BadRequest("field %r must be more than %g and at most %g" % (field, low, high))
-    return float(value)
-
-
-def _timeout(body: Dict[str, Any], default: float, maximum: float) -> float:
-    value = body.get("timeout")
-    return default if value is None else _number(value, "timeout", 0, maximum)
-
-
-def _idle_timeout(body: Dict[str, Any]) -> Optional[float]:
-    value = body.get("idle_timeout")
-    return None if value is None else _number(value, "idle_timeout", 0, MAX_BACKGROUND_TIMEOUT_S)
-
-
-def _env_map(value: Any, field: str) -> Dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise BadRequest("field %r must be an object of strings" % field)
-    for key, item in value.items():
-        _text(key, field + " key")
-        if not key or "=" in key:
-            raise BadRequest("%s key %r is not a valid variable name" % (field, key))
-        if not isinstance(item, str):
-            raise BadRequest("%s value for %r must be a string" % (field, key))
-        _text(item, "%s[%s]" % (field, key))
-    return dict(value)
-
-
-def _flag(body: Dict[str, Any], field: str) -> bool:
-    value = body.get(field, False)
-    if not isinstance(value, bool):
-        raise BadRequest("field %r must be true or false" % field)
-    return value
-
-
-def _workdir(body: Dict[str, Any]) -> Optional[str]:
-    """api.md §8: ``workdir``, else ``working_dir``."""
-    value = body.get("workdir")
-    return _opt_text(body, "workdir" if value is not None else "working_dir")
-
-
 def _query_flag(req: _Request, name: str, default: bool) -> bool:
     value = req.param(name)
     if value is None:
@@ -2250,51 +2542,70 @@ def _query_offset(req: _Request, name: str) -> Optional[int]:
     return int(value)
 
 
-# -- the route table -----------------------------------------------------------
-
-# (method, path pattern, handler method name, needs a token). {name} matches one segment.
-_ROUTES = (
-    ("GET", "/health", "_health", False),
-    ("GET", "/ping", "_ping", False),
-    ("GET", "/info", "_info", False),
-    ("POST", "/execute", "_execute", True),
-    ("POST", "/execute/rich", "_execute", True),
-    ("POST", "/execute/background", "_execute_background", True),
-    ("POST", "/execute/async", "_execute_async", True),
-    ("GET", "/execute/processes", "_list_processes", True),
-    ("GET", "/execute/processes/{process_id}", "_get_process", True),
-    ("GET", "/execute/processes/{process_id}/stream", "_stream_sse", True),
-    ("GET", "/execute/stream", "_stream_ws", True),
-    ("DELETE", "/execute/processes/{process_id}", "_kill", True),
-    ("POST", "/execute/kill/{process_id}", "_kill", True),
-    ("DELETE", "/execute/kill", "_kill", True),
-    ("POST", "/execute/kill", "_kill", True),
-    ("POST", "/processes/{process_id}/kill", "_kill", True),
-    ("POST", "/execute/processes/{process_id}/signal", "_signal", True),
-    ("POST", "/execute/processes/{process_id}/stdin", "_stdin", True),
-    ("POST", "/commands/run", "_commands_run", True),
-    ("POST", "/commands/background", "_commands_background", True),
-    ("GET", "/env", "_env_get", True),
-    ("PUT", "/env", "_env_put", True),
-    ("PATCH", "/env", "_env_patch", True),
-    ("DELETE", "/env", "_env_delete", True),
-    ("DELETE", "/env/{name}", "_env_delete", True),
-    ("GET", "/metrics", "_metrics", True),
-    ("GET", "/metrics/snapshot", "_metrics", True),
-    ("GET", "/metrics/prometheus", "_metrics_prometheus", True),
-    ("GET", "/processes", "_system_processes", True),
-)
+# -- what an endpoint may return besides a dict (a 200 JSON answer) ------------
 
 
-def _compile_routes() -> List[Tuple[str, str, "re.Pattern[str]", str, bool]]:
-    compiled = []
-    for method, pattern, handler, needs_auth in _ROUTES:
-        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(pattern))
-        compiled.append((method, pattern, re.compile(regex + r"\Z"), handler, needs_auth))
-    return compiled
+class _Reply:
+    """A complete answer other than a plain 200 JSON object."""
+
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status: int, body: bytes = b"", content_type: Optional[str] = "application/json",
+                 headers: Optional[Dict[str, str]] = None) -> None:
+        self.status, self.body, self.content_type = status, body, content_type
+        self.headers = headers or {}
 
 
-_COMPILED_ROUTES = _compile_routes()
+class _SendFile:
+    """``count`` bytes of an open file from ``offset``, sent with
+    socket.sendfile (zero copy); the transport closes the file."""
+
+    __slots__ = ("file", "offset", "count", "status", "content_type", "headers")
+
+    def __init__(self, file: Any, offset: int, count: int, *, status: int = 200,
+                 content_type: str = "application/octet-stream", headers: Optional[Dict[str, str]] = None) -> None:
+        self.file, self.offset, self.count, self.status = file, offset, count, status
+        self.content_type, self.headers = content_type, headers or {}
+
+
+class _Chunks:
+    """A body written as it is produced (a tar, an event stream); the
+    connection closes at its end, which is how the client sees the end."""
+
+    __slots__ = ("chunks", "status", "content_type", "headers")
+
+    def __init__(self, chunks: Iterable[bytes], *, status: int = 200,
+                 content_type: str = "application/octet-stream", headers: Optional[Dict[str, str]] = None) -> None:
+        self.chunks, self.status, self.content_type = chunks, status, content_type
+        self.headers = headers or {}
+
+
+class _Upgrade:
+    """A WebSocket: the transport sends 101 and runs ``session(ws)`` on the
+    connection's thread until it returns; the connection then closes."""
+
+    __slots__ = ("session", "accept")
+
+    def __init__(self, session: Callable[["_WebSocket"], None]) -> None:
+        self.session = session
+        self.accept = ""             # Sec-WebSocket-Accept, filled in by the transport
+
+
+# -- routes ---------------------------------------------------------------------
+
+_Route = collections.namedtuple("_Route", "method pattern regex fn auth body websocket")
+
+
+def _route(method: str, pattern: str, fn: Callable[..., Any], *, auth: bool = True,
+           body: str = "json", websocket: bool = False) -> _Route:
+    """One route: ``{name}`` in the pattern matches one path segment (``{name*}``
+    the rest of the path) and is passed to ``fn(srv, req, name=...)``. ``auth``:
+    True (a valid token needed), False, or "optional" (``req.claims`` says). ``body``: "json" (read whole, at most
+    MAX_BODY_BYTES, before the endpoint runs) or "stream" (the endpoint reads
+    it with ``req.read_body``; no size limit but its own)."""
+    regex = re.sub(r"\\\{(\w+)\\\*\\\}", r"(?P<\1>.+)", re.escape(pattern))   # {name*}: the rest of the path
+    regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", regex)
+    return _Route(method, pattern, re.compile(regex + r"\Z"), fn, auth, body, websocket)
 
 
 class _Metrics:
@@ -2323,69 +2634,31 @@ class _Metrics:
 
 
 # ============================================================================
-# Live output: a follower of a record's streams, Server-Sent Events, WebSocket
+# HTTP transport: WebSocket (RFC 6455) and Server-Sent Events
 # ============================================================================
 
-SSE_HEARTBEAT_S = 15.0                # a comment line this often keeps proxies from timing out
-STREAM_EVENT_BYTES = 64 * 1024        # output per event at most, so a big backlog comes in pieces
 WS_MAX_MESSAGE_BYTES = 1024 * 1024    # larger client frames or messages are refused (close 1009)
 _WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 §1.3
 _WS_CONT, _WS_TEXT, _WS_BINARY, _WS_CLOSE, _WS_PING, _WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+SSE_HEARTBEAT_S = 15.0                # a comment line this often keeps proxies from timing out
 
 
-def _parse_event_id(value: str) -> Dict[str, Optional[int]]:
-    """A Last-Event-ID of ours: "<stdout offset>:<stderr offset>"."""
-    parts = value.strip().split(":")
-    if len(parts) != 2 or not all(_is_digits(p) and len(p) <= 18 for p in parts):
-        raise BadRequest("Last-Event-ID must be <stdout offset>:<stderr offset>")
-    return {"stdout": int(parts[0]), "stderr": int(parts[1])}
-
-
-class _Follower:
-    """Follows one record's output from given offsets. Woken by the record's
-    condition when output arrives (no polling); many followers share the one
-    buffer, so they cost no extra reads of the pipes."""
-
-    def __init__(self, rec: _ProcessRecord, offsets: Dict[str, Optional[int]]) -> None:
-        self.rec = rec
-        with rec.cond:
-            self.offsets = {name: rec.stream(name).dropped if offsets.get(name) is None else offsets[name]
-                            for name in ("stdout", "stderr")}
-
-    def event_id(self) -> str:
-        return "%d:%d" % (self.offsets["stdout"], self.offsets["stderr"])
-
-    def _pending(self) -> bool:
-        rec = self.rec
-        return rec.finished or any(rec.stream(n).end(False) > off or rec.stream(n).dropped > off
-                                   for n, off in self.offsets.items())
-
-    def next(self, timeout: float) -> Tuple[List[Tuple[str, Dict[str, Any], str]], Optional[Dict[str, Any]]]:
-        """Wait up to ``timeout`` for news; returns (events, final record or None).
-
-        Each event is (kind, payload, id), the id naming the offsets just
-        after that event, so a client resuming from it misses nothing. The
-        final record comes once the record is finished and every byte before
-        its end has been handed out.
-        """
-        rec = self.rec
-        events: List[Tuple[str, Dict[str, Any], str]] = []
-        with rec.cond:
-            rec.cond.wait_for(self._pending, timeout)
-            final = rec.finished
-            for name in ("stdout", "stderr"):
-                buf = rec.stream(name)
-                if self.offsets[name] < buf.dropped:   # fell out of the window: say so, never skip silently
-                    gap = {"stream": name, "offset": self.offsets[name], "bytes": buf.dropped - self.offsets[name]}
-                    self.offsets[name] = buf.dropped
-                    events.append(("dropped", gap, self.event_id()))
-                text, start, stop = buf.read(self.offsets[name], final, STREAM_EVENT_BYTES)
-                if stop > start:
-                    self.offsets[name] = stop
-                    events.append((name, {"data": text, "offset": start}, self.event_id()))
-            done = final and all(self.offsets[n] >= rec.stream(n).total for n in self.offsets)
-            record = rec.to_json(output=False) if done else None
-        return events, record
+def _websocket_accept(req: _Request) -> str:
+    """Check an upgrade request (RFC 6455 §4.2.1); the Sec-WebSocket-Accept value, or 426/400."""
+    key = req.header("sec-websocket-key") or ""
+    if (req.header("upgrade") or "").lower() != "websocket" or "upgrade" not in (req.header("connection") or "").lower():
+        raise AgentError("this endpoint needs a WebSocket upgrade", status=426, code="INVALID_REQUEST",
+                         headers={"Upgrade": "websocket"})
+    if req.header("sec-websocket-version") != "13":
+        raise AgentError("WebSocket version 13 is required", status=426, code="INVALID_REQUEST",
+                         headers={"Sec-WebSocket-Version": "13"})
+    try:
+        valid_key = len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        valid_key = False
+    if not valid_key:
+        raise BadRequest("invalid Sec-WebSocket-Key")
+    return base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode("ascii")
 
 
 class _WsClosed(Exception):
@@ -2435,8 +2708,25 @@ class _WebSocket:
             payload = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(length, "big")
         return fin, opcode, payload
 
-    def recv_message(self) -> Tuple[int, bytes]:
-        """The next text or binary message, reassembled; control frames are answered here."""
+    def recv_message(self, timeout: Optional[float] = None) -> Tuple[int, bytes]:
+        """The next text or binary message, reassembled; control frames are
+        answered here. With ``timeout``, socket.timeout when none arrives in time."""
+        self._reader.deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return self._recv_message()
+        finally:
+            self._reader.deadline = None
+
+    def recv_json(self, timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """The next message as a JSON object, or None when it is not one."""
+        opcode, message = self.recv_message(timeout)
+        try:
+            value = _strict_json(message) if opcode == _WS_TEXT else None
+        except (ValueError, RecursionError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def _recv_message(self) -> Tuple[int, bytes]:
         parts: List[bytes] = []
         kind = None
         while True:
@@ -2504,23 +2794,27 @@ class _WebSocket:
         self.send_json({"type": "error", "error": message, "message": message, "code": error_code})
         self.close(code, message[:100])
 
-    def start_reader(self, on_gone: Callable[[], None], rec: _ProcessRecord) -> None:
-        """Read the client's frames on a thread (pings, close, disconnects):
-        a client that goes away ends its execution."""
+    def start_reader(self, name: str, on_gone: Callable[[], None],
+                     on_message: Optional[Callable[[int, bytes], None]] = None) -> None:
+        """Read the client's frames on a thread of its own: pings and closes
+        are answered, messages go to ``on_message`` (ignored without one), and
+        ``on_gone`` runs once the client has closed or vanished."""
         def run() -> None:
             try:
                 while True:
-                    self.recv_message()      # later messages have no meaning yet: ignored
+                    opcode, message = self.recv_message()
+                    if on_message is not None:
+                        on_message(opcode, message)
             except (_WsClosed, OSError, ValueError):
                 pass
             except Exception:
                 log.exception("WebSocket reader failed")
             self.gone = True
-            if not rec.finished:
+            try:
                 on_gone()
-            with rec.cond:
-                rec.cond.notify_all()        # wake the session so it sees ``gone``
-        self._thread = threading.Thread(target=run, name="hopx-ws-%s" % rec.id[5:13], daemon=True)
+            except Exception:
+                log.exception("WebSocket close handling failed")
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
         self._thread.start()
 
     def finish(self) -> None:
@@ -2535,14 +2829,27 @@ class _WebSocket:
             self._thread.join(1.0)
 
 
+def _sse_event(kind: str, payload: Any, event_id: Optional[str] = None) -> str:
+    """One Server-Sent Event (a JSON payload on one data line)."""
+    head = "id: %s\n" % event_id if event_id is not None else ""
+    return "%sevent: %s\ndata: %s\n\n" % (head, kind, json.dumps(payload))
+
+
+_SSE_HEARTBEAT = b": heartbeat\n\n"
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 # ============================================================================
-# HTTP: the request handler (reading, routing, answering) and the endpoints
+# HTTP transport: the handler (reading, routing, answering) and the server
 # ============================================================================
+
+TRANSFER_IDLE_S = 60.0                # a streamed upload that moves no byte for this long is dropped
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Reads requests strictly (api.md §10), dispatches them through the route
-    table, and answers every one, errors included, with JSON in one write."""
+    """Reads requests strictly (api.md §10), finds the route, authenticates,
+    calls the endpoint, and answers every request, errors included, with JSON
+    in one write, or hands the connection to a stream. Knows no endpoint."""
 
     protocol_version = "HTTP/1.1"
     server_version = "hopx-agent/" + __version__
@@ -2590,12 +2897,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not line:
             return
         req = _Request()
+        req.client_gone = self._client_gone
         try:
-            status, body, content_type, headers = self._respond(req, line)
+            status = self._answer(req, self._respond(req, line))
         except _ClientGone:
             return
-        if body is not None:      # None: a stream already answered on its own
-            self._send(req, status, body, content_type, headers)
         self.server.metrics.observe(req.route, status)
         if req.close and status >= 400:
             self._linger()
@@ -2603,31 +2909,53 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                   status, (time.monotonic() - started) * 1000)
         self.close_connection = req.close
 
-    def _respond(self, req: _Request, line: bytes) -> Tuple[int, Optional[bytes], Optional[str], Dict[str, str]]:
-        """The one error boundary: every outcome becomes (status, body, type, headers)."""
+    def _respond(self, req: _Request, line: bytes) -> Any:
+        """The one error boundary: every outcome becomes a _Reply, or the
+        stream answer (_SendFile, _Chunks, _Upgrade) an endpoint returned."""
         try:
             self._read_head(req, line)
             result = self._dispatch(req)
-            if isinstance(result, _Reply):
-                return result.status, result.body, result.content_type, result.headers
-            return 200, _json_bytes(result), "application/json", {}
+            if isinstance(result, (_Reply, _SendFile, _Chunks, _Upgrade)):
+                return result
+            return _Reply(200, _json_bytes(result))
         except AgentError as exc:
             # Unread body bytes would be taken for the next request: close instead.
             if exc.status >= 500 or exc.status in (408, 413, 414, 431) or not req.body_read:
                 req.close = True
-            return (exc.status, _json_bytes(exc.to_json(request_id=req.request_id, path=req.path)),
-                    "application/json", exc.headers)
+            return self._error_reply(req, exc)
         except socket.timeout:
             req.close = True
-            exc = AgentError("request not received in time", status=408, code="INVALID_REQUEST")
-            return 408, _json_bytes(exc.to_json(request_id=req.request_id, path=req.path)), "application/json", {}
+            return self._error_reply(req, AgentError("request not received in time", status=408,
+                                                     code="INVALID_REQUEST"))
         except (_ClientGone, ConnectionError):
             raise _ClientGone() from None
         except Exception:
             log.exception("internal error on %s %s", req.method, req.path)
             req.close = True
-            exc = AgentError("internal error")
-            return 500, _json_bytes(exc.to_json(request_id=req.request_id, path=req.path)), "application/json", {}
+            return self._error_reply(req, AgentError("internal error"))
+
+    def _error_reply(self, req: _Request, exc: AgentError) -> _Reply:
+        return _Reply(exc.status, _json_bytes(exc.to_json(request_id=req.request_id, path=req.path)),
+                      headers=exc.headers)
+
+    def _answer(self, req: _Request, result: Any) -> int:
+        """Write what _respond decided; returns the status for the metrics."""
+        if isinstance(result, _Reply):
+            self._send(req, result.status, result.body, result.content_type, result.headers)
+            return result.status
+        try:
+            if isinstance(result, _SendFile):
+                self._send_file(req, result)
+            elif isinstance(result, _Chunks):
+                self._send_chunks(req, result)
+            else:
+                self._run_websocket(req, result)
+        except _ClientGone:
+            raise
+        except Exception:     # the head is out: nothing to answer, only to log and close
+            log.exception("streaming the answer to %s %s failed", req.method, req.path)
+            req.close = True
+        return 101 if isinstance(result, _Upgrade) else result.status
 
     def _read_head(self, req: _Request, line: bytes) -> None:
         """Request line and headers, strictly (api.md §10); the body is read later."""
@@ -2683,7 +3011,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise BadRequest("malformed header line")
             req.headers.setdefault(name.decode("ascii").lower(), []).append(value.decode("latin-1"))
 
-    def _content_length(self, req: _Request) -> int:
+    def _content_length(self, req: _Request, limit: Optional[int]) -> int:
         if "transfer-encoding" in req.headers:
             req.close = True
             raise AgentError("Transfer-Encoding is not supported; send Content-Length",
@@ -2695,9 +3023,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             req.close = True
             raise BadRequest("invalid Content-Length")
         length = int(values[0])
-        if length > MAX_BODY_BYTES:
+        if limit is not None and length > limit:
             req.close = True
-            raise AgentError("request body larger than %d bytes" % MAX_BODY_BYTES,
+            raise AgentError("request body larger than %d bytes" % limit,
                              status=413, code="PAYLOAD_TOO_LARGE")
         return length
 
@@ -2713,34 +3041,59 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         req.body = body
         req.body_read = True
 
+    def _body_chunks(self, req: _Request, size: int = READ_CHUNK_BYTES) -> Iterator[bytes]:
+        """A streamed body in chunks, each read within TRANSFER_IDLE_S of the last."""
+        if req.body_read:
+            return
+        if (req.header("expect") or "").lower() == "100-continue":
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        remaining = req.content_length
+        while remaining:
+            self._reader.deadline = time.monotonic() + TRANSFER_IDLE_S
+            data = self.rfile.read1(min(size, remaining))
+            if not data:
+                raise _ClientGone()
+            remaining -= len(data)
+            yield data
+        req.body_read = True
+
     # -- routing ----------------------------------------------------------------
 
     def _dispatch(self, req: _Request) -> Any:
-        """Route, authenticate, read the body, call the handler; 404/405 on no match."""
-        length = self._content_length(req)
+        """Route, authenticate, read the body, call the endpoint; 404/405 on no match."""
         method = "GET" if req.method == "HEAD" else req.method
-        matches = []
-        for route_method, pattern, regex, handler, needs_auth in _COMPILED_ROUTES:
-            found = regex.match(req.path)
-            if found:
-                matches.append((route_method, pattern, handler, needs_auth, found))
+        matches = [(route, found) for route, found in
+                   ((route, route.regex.match(req.path)) for route in self.server.routes) if found]
+        chosen = next((m for m in matches if m[0].method == method), None)
+        streaming = chosen is not None and chosen[0].body == "stream"
+        req.content_length = length = self._content_length(req, None if streaming else MAX_BODY_BYTES)
         if not length:
             req.body_read = True
-        if not matches or all(m[3] for m in matches):
+        if not matches or all(route.auth is True for route, _ in matches):
             self._authenticate(req)
-        self._read_body(req, length)
-        for route_method, pattern, handler, _, found in matches:
-            if route_method == method:
-                if handler != "_stream_ws" and (req.header("upgrade") or "").lower() == "websocket":
-                    raise BadRequest("WebSocket upgrades are offered on /execute/stream only")
-                req.route = pattern
-                params = {k: urllib.parse.unquote(v) for k, v in found.groupdict().items()}
-                return getattr(self, handler)(req, **params)
-        if matches:
-            allowed = sorted({m[0] for m in matches} | ({"HEAD"} if any(m[0] == "GET" for m in matches) else set()))
-            raise AgentError("method %s not allowed on %s" % (req.method, req.path), status=405,
-                             code="METHOD_NOT_ALLOWED", headers={"Allow": ", ".join(allowed)})
-        raise NotFound("no such endpoint: %s" % req.path)
+        elif chosen is not None and chosen[0].auth == "optional":
+            self._authenticate_optional(req)
+        if streaming:
+            req.read_body = functools.partial(self._body_chunks, req)
+        else:
+            self._read_body(req, length)
+        if chosen is None:
+            if matches:
+                allowed = sorted({r.method for r, _ in matches} | ({"HEAD"} if any(r.method == "GET" for r, _ in matches) else set()))
+                raise AgentError("method %s not allowed on %s" % (req.method, req.path), status=405,
+                                 code="METHOD_NOT_ALLOWED", headers={"Allow": ", ".join(allowed)})
+            raise NotFound("no such endpoint: %s" % req.path)
+        route, found = chosen
+        if (req.header("upgrade") or "").lower() == "websocket" and not route.websocket:
+            raise BadRequest("WebSocket upgrades are offered on %s only" % ", ".join(
+                r.pattern for r in self.server.routes if r.websocket))
+        accept = _websocket_accept(req) if route.websocket else None
+        req.route = route.pattern
+        params = {k: urllib.parse.unquote(v) for k, v in found.groupdict().items()}
+        result = route.fn(self.server, req, **params)
+        if isinstance(result, _Upgrade):
+            result.accept = accept
+        return result
 
     def _authenticate(self, req: _Request) -> None:
         config = self.server.config
@@ -2756,6 +3109,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         req.claims = verify_jwt(token.strip(), config.secret or b"", algorithms=config.algorithms,
                                 leeway=config.leeway, audience=config.audience, issuer=config.issuer)
 
+    def _authenticate_optional(self, req: _Request) -> None:
+        """A route that answers everyone but tells more with a valid token:
+        ``req.claims`` is set when the token is valid (or auth is off), else None."""
+        if not self.server.config.auth:
+            req.claims = {}
+            return
+        try:
+            self._authenticate(req)
+        except AuthError:
+            req.claims = None
+
     # -- writing ----------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
@@ -2768,24 +3132,80 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             raise _ClientGone() from None
 
-    def _send(self, req: _Request, status: int, body: bytes, content_type: Optional[str],
-              headers: Dict[str, str]) -> None:
+    def _head(self, req: _Request, status: int, content_type: Optional[str], headers: Dict[str, str],
+              length: Optional[int]) -> bytes:
+        """Status line and headers; without ``length`` the body runs until the connection closes."""
         reason = self.responses.get(status, ("",))[0]
         lines = ["HTTP/1.1 %d %s" % (status, reason), "Server: " + self.server_version,
                  "Date: " + self.date_time_string(), "X-Request-ID: " + (req.request_id or secrets.token_hex(8))]
         if status != 204:
             lines.append("Content-Type: %s" % (content_type or "application/json"))
-            lines.append("Content-Length: %d" % len(body))
+            if length is not None:
+                lines.append("Content-Length: %d" % length)
         lines.extend("%s: %s" % item for item in headers.items())
-        if req.close:
+        if req.close or length is None:
             lines.append("Connection: close")
         elif req.version == "HTTP/1.0":
             lines.append("Connection: keep-alive")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _send(self, req: _Request, status: int, body: bytes, content_type: Optional[str],
+              headers: Dict[str, str]) -> None:
+        head = self._head(req, status, content_type, headers, len(body))
         try:
             self._write(head if req.method == "HEAD" or status == 204 else head + body)
         except _ClientGone:
             req.close = True
+
+    def _send_file(self, req: _Request, reply: _SendFile) -> None:
+        """Head, then the file by socket.sendfile (zero copy where the OS has it)."""
+        try:
+            self._write(self._head(req, reply.status, reply.content_type, reply.headers, reply.count))
+            if req.method == "HEAD" or not reply.count:
+                return
+            self.connection.settimeout(WRITE_TIMEOUT_S)   # per send: an inactivity bound, not a total
+            try:
+                sent = self.connection.sendfile(reply.file, reply.offset, reply.count)
+            except OSError:
+                raise _ClientGone() from None
+            if sent < reply.count:      # the file shrank under us: the framing is broken, close
+                req.close = True
+        finally:
+            reply.file.close()
+
+    def _send_chunks(self, req: _Request, reply: _Chunks) -> None:
+        """Head without a length, then each chunk as it comes; the close ends the body."""
+        req.close = True
+        self._reader.deadline = None
+        try:
+            self._write(self._head(req, reply.status, reply.content_type, reply.headers, None))
+            for chunk in reply.chunks:
+                if chunk:
+                    self._write(chunk)
+        finally:
+            close = getattr(reply.chunks, "close", None)
+            if close is not None:
+                close()
+
+    def _run_websocket(self, req: _Request, reply: _Upgrade) -> None:
+        """101, then the endpoint's session on this thread; the connection closes after it."""
+        req.close = True
+        self._write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Accept: %s\r\nX-Request-ID: %s\r\n\r\n"
+                     % (reply.accept, req.request_id)).encode("latin-1"))
+        ws = _WebSocket(self.connection, self.rfile, self._reader)
+        try:
+            reply.session(ws)
+        except (_WsClosed, OSError, _ClientGone):
+            pass
+        except Exception:
+            log.exception("WebSocket session on %s failed", req.path)
+            try:
+                ws.close(1011, "internal error")
+            except (_WsClosed, OSError):
+                pass
+        finally:
+            ws.finish()
 
     def _linger(self) -> None:
         """Before closing after an error, discard briefly what the client still
@@ -2820,487 +3240,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _wait_final(self, rec: _ProcessRecord) -> None:
-        """Wait for a synchronous run; if the client goes away, end the process.
-        Its timeout also counts while it waits in the queue."""
-        manager = self.server.manager
-        deadline = time.monotonic() + rec.launch.timeout
-        while not manager.wait(rec, 0.25):
-            if self._client_gone():
-                manager.kill(rec.id, wait=False)
-                raise _ClientGone()
-            if time.monotonic() > deadline:
-                manager.time_out(rec)
-
-    # -- endpoints: health and information ------------------------------------------
-
-    def _health(self, req: _Request) -> Dict[str, Any]:
-        return {"status": "healthy", "version": __version__, "uptime": self.server.metrics.uptime,
-                "timestamp": _rfc3339(time.time())}
-
-    def _ping(self, req: _Request) -> Dict[str, Any]:
-        return {"message": "pong", "timestamp": _rfc3339(time.time())}
-
-    def _info(self, req: _Request) -> Dict[str, Any]:
-        import platform  # only /info needs it
-        config = self.server.config
-        languages = _languages_installed()
-        return {"agent": "hopx_agent", "version": __version__, "agent_version": __version__,
-                "python": platform.python_version(), "platform": platform.platform(),
-                "os": platform.system().lower(), "arch": platform.machine(),
-                "hostname": socket.gethostname(), "uptime": self.server.metrics.uptime,
-                "workdir": config.workdir, "auth": "jwt" if config.auth else "disabled",
-                "languages": languages,
-                "supported_languages": [name for name, spec in languages.items() if spec["available"]],
-                "limits": config.limits(), "start_time": _rfc3339(self.server.metrics.started),
-                "features": {"background": True, "sync": True, "async_webhooks": True, "commands": True,
-                             "sse_stream": True, "websocket_stream": True, "stdin": True, "signals": True,
-                             "idempotency_keys": True, "idle_timeout": True},
-                "endpoints": {"%s %s" % (method, pattern): handler.strip("_")
-                              for method, pattern, handler, _ in _ROUTES},
-                "timestamp": _rfc3339(time.time())}
-
-    # -- endpoints: execution ---------------------------------------------------------
-
-    def _code_launch(self, body: Dict[str, Any], default_timeout: float, max_timeout: float) -> _Launch:
-        return self.server.manager.code_launch(
-            _required_text(body, "code", nul_ok=True), body.get("language"),
-            cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
-            timeout=_timeout(body, default_timeout, max_timeout),
-            name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"),
-            idle_timeout=_idle_timeout(body))
-
-    def _command_launch(self, body: Dict[str, Any], default_timeout: float, max_timeout: float) -> _Launch:
-        command = _required_text(body, "command")
-        args = body.get("args")
-        if args is not None:
-            if not isinstance(args, list):
-                raise BadRequest("field 'args' must be an array of strings")
-            args = [_text(arg, "args") for arg in args]
-        elif not command.strip():
-            raise BadRequest("field 'command' must not be empty", code="MISSING_PARAMETER")
-        return self.server.manager.command_launch(
-            command, args, cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
-            timeout=_timeout(body, default_timeout, max_timeout),
-            name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"),
-            idle_timeout=_idle_timeout(body))
-
-    def _started(self, rec: _ProcessRecord) -> Dict[str, Any]:
-        """The answer to every background start."""
-        record = self.server.manager.describe(rec, output=False)
-        answer = {key: record.get(key) for key in ("process_id", "execution_id", "status", "name",
-                                                   "kind", "pid", "started_at", "start_time",
-                                                   "created_at", "timeout")}
-        if "queue_position" in record:
-            answer["queue_position"] = record["queue_position"]
-        if record["status"] in _FINAL_STATUSES:   # it could not start: say why at once
-            answer.update(reason=record["reason"], exit_code=record["exit_code"], error=record.get("error"))
-        return answer
-
-    def _once(self, req: _Request, start: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
-        """A start honouring the Idempotency-Key header, when there is one."""
-        key = req.header("idempotency-key")
-        if key is None:
-            return start()
-        if not 0 < len(key) <= 255 or not key.isprintable():
-            raise BadRequest("Idempotency-Key must be 1 to 255 printable characters")
-        digest = hashlib.sha256(req.path.encode() + b"\0" + req.body).hexdigest()
-        return self.server.manager.idempotent_start(key, digest, start)
-
-    def _execute_background(self, req: _Request) -> Dict[str, Any]:
-        def start() -> Dict[str, Any]:
-            launch = self._code_launch(req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
-            return self._started(self.server.manager.start(launch))
-        return self._once(req, start)
-
-    def _commands_background(self, req: _Request) -> Dict[str, Any]:
-        def start() -> Dict[str, Any]:
-            launch = self._command_launch(req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
-            return self._started(self.server.manager.start(launch))
-        return self._once(req, start)
-
-    def _execute_async(self, req: _Request) -> Dict[str, Any]:
-        return self._once(req, lambda: self._start_async(req))
-
-    def _start_async(self, req: _Request) -> Dict[str, Any]:
-        body = req.json()
-        url = _required_text(body, "callback_url")
-        try:
-            split = urllib.parse.urlsplit(url)
-            valid = url.isascii() and split.scheme in ("http", "https") and bool(split.hostname)
-            split.port      # raises ValueError for a port out of range or not a number
-            if valid and "[" in split.netloc:   # older Pythons let "[x]" through: check it here
-                import ipaddress
-                valid = ipaddress.ip_address(split.hostname or "").version == 6
-        except ValueError:      # an unclosed bracket, a bad IPv6 literal, a bad port
-            valid = False
-        if not valid:
-            raise BadRequest("callback_url must be an http or https URL")
-        headers = _env_map(body.get("callback_headers"), "callback_headers")
-        if any("\r" in k + v or "\n" in k + v for k, v in headers.items()):
-            raise BadRequest("callback_headers must not contain line breaks")
-        secret = _opt_text(body, "callback_signature_secret")
-        launch = self._code_launch(body, ASYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
-        manager = self.server.manager
-        rec = manager.start(launch, on_finish=[_Webhook(manager, url, headers, secret)])
-        answer = self._started(rec)
-        answer.update(status="queued", process_status=answer["status"], callback_url=url)
-        return answer
-
-    def _run_and_wait(self, launch: _Launch) -> Tuple[_ProcessRecord, Dict[str, Any]]:
-        rec = self.server.manager.start(launch)
-        self._wait_final(rec)
-        with rec.cond:
-            final = rec.finished
-            record = rec.to_json()
-        if not final:   # not reached: _wait_final returns only when final
-            raise AgentError("process did not finish")
-        result = {"success": record["status"] == "completed", "stdout": record["stdout"],
-                  "stderr": record["stderr"], "exit_code": record["exit_code"],
-                  "execution_time": record["execution_time"], "timestamp": _rfc3339(time.time()),
-                  "timed_out": record["reason"] == "timeout"}
-        for key in ("process_id", "execution_id", "status", "reason", "signal", "pid", "stdout_bytes",
-                    "stderr_bytes", "stdout_dropped", "stderr_dropped", "error"):
-            if key in record:
-                result[key] = record[key]
-        return rec, result
-
-    def _execute(self, req: _Request) -> Dict[str, Any]:
-        rec, result = self._run_and_wait(self._code_launch(req.json(), SYNC_TIMEOUT_S, MAX_SYNC_TIMEOUT_S))
-        result["language"] = rec.launch.language
-        return result
-
-    def _commands_run(self, req: _Request) -> Dict[str, Any]:
-        rec, result = self._run_and_wait(
-            self._command_launch(req.json(), SYNC_TIMEOUT_S, MAX_SYNC_TIMEOUT_S))
-        result["command"] = rec.launch.command
-        return result
-
-    # -- endpoints: watching and ending processes -----------------------------------------
-
-    def _list_processes(self, req: _Request) -> Dict[str, Any]:
-        statuses = [s.strip() for value in req.query.get("status", []) for s in value.split(",") if s.strip()]
-        unknown = [s for s in statuses if s not in _STATUSES]
-        if unknown:
-            raise BadRequest("unknown status %r; use one of %s" % (unknown[0], ", ".join(_STATUSES)))
-        records = self.server.manager.list_json(statuses=statuses or None, name=req.param("name"),
-                                                output=_query_flag(req, "output", True))
-        body = b'{"processes":[%s],"count":%d,"timestamp":"%s"}' % (
-            b",".join(records), len(records), (_rfc3339(time.time()) or "").encode("ascii"))
-        return _Reply(200, body)
-
-    def _get_process(self, req: _Request, process_id: str) -> Dict[str, Any]:
-        manager = self.server.manager
-        rec = manager.get(process_id)
-        offsets = {"stdout": _query_offset(req, "stdout_offset"), "stderr": _query_offset(req, "stderr_offset")}
-        given = offsets if any(v is not None for v in offsets.values()) else None
-        wait = req.param("wait")
-        if wait:
-            try:
-                seconds = float(wait)
-            except ValueError:
-                raise BadRequest("query parameter 'wait' must be a number of seconds") from None
-            if not 0 <= seconds <= MAX_WAIT_S:
-                raise BadRequest("query parameter 'wait' must be between 0 and %g" % MAX_WAIT_S)
-            manager.wait_for_output(rec, offsets, seconds)
-        return manager.describe(rec, output=_query_flag(req, "output", True), offsets=given)
-
-    def _kill(self, req: _Request, process_id: Optional[str] = None) -> Dict[str, Any]:
-        body = req.json() if req.body else {}
-        process_id = process_id or req.param("process_id") or body.get("process_id")
-        if not process_id:
-            raise BadRequest("missing required field 'process_id'", code="MISSING_PARAMETER")
-        if not isinstance(process_id, str):
-            raise BadRequest("field 'process_id' must be a string")
-        sig = body.get("signal", req.param("signal"))
-        return self.server.manager.kill(process_id, None if sig is None else _parse_signal(sig))
-
-    def _signal(self, req: _Request, process_id: str) -> Dict[str, Any]:
-        sig = req.json().get("signal", req.param("signal"))
-        if sig is None:
-            raise BadRequest("missing required field 'signal'", code="MISSING_PARAMETER")
-        return self.server.manager.send_signal(process_id, _parse_signal(sig))
-
-    def _stdin(self, req: _Request, process_id: str) -> Dict[str, Any]:
-        body = req.json()
-        eof = _flag(body, "eof")
-        if body.get("data") is not None and body.get("data_base64") is not None:
-            raise BadRequest("send either 'data' or 'data_base64', not both")
-        if body.get("data_base64") is not None:
-            try:
-                data = base64.b64decode(_text(body["data_base64"], "data_base64"), validate=True)
-            except ValueError:
-                raise BadRequest("field 'data_base64' is not valid base64") from None
-        elif body.get("data") is not None:
-            data = _text(body["data"], "data", nul_ok=True).encode("utf-8")
-        elif eof:
-            data = b""
-        else:
-            raise BadRequest("missing required field 'data' (or 'data_base64', or eof: true)",
-                             code="MISSING_PARAMETER")
-        manager = self.server.manager
-        if not data and eof:
-            manager.close_stdin(manager.get(process_id))
-            return {"process_id": process_id, "written": 0, "stdin": "closed"}
-        return manager.write_stdin(process_id, data, eof)
-
-    # -- endpoints: live output ---------------------------------------------------------
-
-    def _stream_start(self, req: _Request, content_type: str) -> None:
-        """The head of an answer whose body is written as it comes, then the connection closes."""
-        req.close = True
-        self._reader.deadline = None
-        head = ("HTTP/1.1 200 OK\r\nServer: %s\r\nDate: %s\r\nX-Request-ID: %s\r\n"
-                "Content-Type: %s\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n"
-                "Connection: close\r\n\r\n" % (self.server_version, self.date_time_string(),
-                                                   req.request_id, content_type))
-        self._write(head.encode("latin-1"))
-
-    def _stream_sse(self, req: _Request, process_id: str) -> _Reply:
-        """Server-Sent Events: stdout/stderr/dropped events from the given
-        offsets (or Last-Event-ID), a heartbeat comment when quiet, then exit."""
-        rec = self.server.manager.get(process_id)
-        offsets = {"stdout": _query_offset(req, "stdout_offset"), "stderr": _query_offset(req, "stderr_offset")}
-        if req.header("last-event-id"):
-            offsets = _parse_event_id(req.header("last-event-id") or "")
-        follower = _Follower(rec, offsets)
-        self._stream_start(req, "text/event-stream; charset=utf-8")
-        self._write(b"retry: 1000\n\n")
-        while True:
-            events, record = follower.next(SSE_HEARTBEAT_S)
-            out = ["id: %s\nevent: %s\ndata: %s\n\n" % (event_id, kind, json.dumps(payload))
-                   for kind, payload, event_id in events]
-            if record is not None:
-                out.append("id: %s\nevent: exit\ndata: %s\n\n" % (follower.event_id(), json.dumps(record)))
-            self._write(("".join(out) or ": heartbeat\n\n").encode("utf-8"))
-            if record is not None:
-                return _Reply(200, None)
-
-    def _stream_ws(self, req: _Request) -> _Reply:
-        """The SDK's run_code_stream: a WebSocket that runs one execution and
-        sends its output as JSON messages (RFC 6455)."""
-        key = req.header("sec-websocket-key") or ""
-        if (req.header("upgrade") or "").lower() != "websocket" or "upgrade" not in (req.header("connection") or "").lower():
-            raise AgentError("this endpoint needs a WebSocket upgrade", status=426, code="INVALID_REQUEST",
-                             headers={"Upgrade": "websocket"})
-        if req.header("sec-websocket-version") != "13":
-            raise AgentError("WebSocket version 13 is required", status=426, code="INVALID_REQUEST",
-                             headers={"Sec-WebSocket-Version": "13"})
-        try:
-            valid_key = len(base64.b64decode(key, validate=True)) == 16
-        except ValueError:
-            valid_key = False
-        if not valid_key:
-            raise BadRequest("invalid Sec-WebSocket-Key")
-        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()).decode("ascii")
-        self._write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Accept: %s\r\nX-Request-ID: %s\r\n\r\n" % (accept, req.request_id)).encode())
-        req.close = True
-        ws = _WebSocket(self.connection, self.rfile, self._reader)
-        try:
-            self._ws_session(ws)
-        except _WsClosed:
-            pass
-        except (OSError, _ClientGone):
-            pass
-        finally:
-            ws.finish()
-        return _Reply(101, None)
-
-    def _ws_session(self, ws: "_WebSocket") -> None:
-        self._reader.deadline = time.monotonic() + self.server.config.request_deadline
-        try:
-            opcode, message = ws.recv_message()
-        except socket.timeout:
-            ws.fail(1008, "no execute message received in time")
-            return
-        self._reader.deadline = None
-        try:
-            body = _json_object(message) if opcode == _WS_TEXT else None
-            if body is None or body.get("type", "execute") != "execute":
-                raise BadRequest('the first message must be {"type": "execute", "code": ...}')
-            launch = self._code_launch(body, SYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
-            rec = self.server.manager.start(launch)
-        except (ValueError, RecursionError) as exc:
-            ws.error(1008, "invalid JSON message: %s" % _short(exc), "INVALID_JSON")
-            return
-        except AgentError as exc:
-            ws.error(1008 if exc.status < 500 else 1011, exc.message, exc.code)
-            return
-        ws.start_reader(lambda: self.server.manager.kill(rec.id, wait=False), rec)
-        follower = _Follower(rec, {"stdout": None, "stderr": None})
-        while True:
-            events, record = follower.next(SSE_HEARTBEAT_S)
-            if ws.gone:
-                return
-            for kind, payload, _ in events:
-                if kind == "dropped":
-                    ws.send_json(dict(payload, type="dropped", timestamp=_rfc3339(time.time())))
-                else:
-                    ws.send_json({"type": kind, "data": payload["data"], "timestamp": _rfc3339(time.time())})
-            if record is not None:
-                ws.send_json({"type": "result", "exit_code": record["exit_code"],
-                              "execution_time": record["execution_time"], "status": record["status"],
-                              "reason": record["reason"], "process_id": record["process_id"]})
-                ws.send_json({"type": "complete", "success": record["status"] == "completed"})
-                ws.close(1000, "done")
-                return
-
-    # -- endpoints: environment, metrics, system processes ----------------------------------
-
-    def _env_get(self, req: _Request) -> Dict[str, Any]:
-        return {"env_vars": self.server.manager.env_snapshot()}
-
-    def _env_values(self, req: _Request) -> Dict[str, str]:
-        body = req.json()
-        return _env_map(body["env_vars"] if "env_vars" in body else body, "env_vars")
-
-    def _env_put(self, req: _Request) -> _Reply:
-        self.server.manager.env_set(self._env_values(req), replace=True)
-        return _Reply(204, content_type=None)
-
-    def _env_patch(self, req: _Request) -> _Reply:
-        self.server.manager.env_set(self._env_values(req), replace=False)
-        return _Reply(204, content_type=None)
-
-    def _env_delete(self, req: _Request, name: Optional[str] = None) -> _Reply:
-        keys = req.json().get("keys") if name is None else [name]
-        if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
-            raise BadRequest("field 'keys' must be an array of strings")
-        self.server.manager.env_delete(keys)
-        return _Reply(204, content_type=None)
-
-    def _metrics_data(self) -> Dict[str, Any]:
-        metrics = self.server.metrics
-        requests, errors = metrics.snapshot()
-        stats = self.server.manager.stats()
-        return {"uptime": metrics.uptime, "uptime_seconds": metrics.uptime,
-                "requests": {"total": sum(requests.values()), "by_route": requests},
-                "errors": {"total": sum(errors.values()), "by_route": errors},
-                "executions": {"total": stats["started"], "running": stats["running"],
-                               "queued": stats["queued"], "active": stats["running"],
-                               "by_status": stats["by_status"], "by_reason": stats["by_reason"]},
-                "total_executions": stats["started"], "active_executions": stats["running"],
-                "records_held": stats["records"], "output_bytes_held": stats["output_bytes_held"],
-                "webhooks": stats["webhooks"], "system": _system_usage(),
-                "process": {"count": stats["running"], "pid": os.getpid()},
-                "timestamp": _rfc3339(time.time())}
-
-    def _metrics(self, req: _Request) -> Dict[str, Any]:
-        return self._metrics_data()
-
-    def _metrics_prometheus(self, req: _Request) -> _Reply:
-        data = self._metrics_data()
-        out: List[str] = []
-
-        def metric(name: str, kind: str, help_text: str, samples: Iterable[Tuple[str, Any]]) -> None:
-            out.extend(["# HELP hopx_agent_%s %s" % (name, help_text), "# TYPE hopx_agent_%s %s" % (name, kind)])
-            out.extend("hopx_agent_%s%s %s" % (name, labels, value) for labels, value in samples)
-
-        def by(label: str, counts: Dict[str, int]) -> List[Tuple[str, int]]:
-            return [('{%s="%s"}' % (label, _prom_escape(k)), v) for k, v in sorted(counts.items())]
-
-        metric("uptime_seconds", "gauge", "Seconds since the agent started.", [("", data["uptime"])])
-        metric("requests_total", "counter", "HTTP requests answered, by route.", by("route", data["requests"]["by_route"]))
-        metric("request_errors_total", "counter", "HTTP answers with status 400 or more, by route.",
-               by("route", data["errors"]["by_route"]))
-        metric("executions_total", "counter", "Processes accepted.", [("", data["executions"]["total"])])
-        metric("executions_running", "gauge", "Processes running now.", [("", data["executions"]["running"])])
-        metric("executions_queued", "gauge", "Processes waiting in the queue.", [("", data["executions"]["queued"])])
-        metric("executions_finished_total", "counter", "Finished processes, by final status.",
-               by("status", data["executions"]["by_status"]))
-        metric("output_bytes_held", "gauge", "Bytes of process output held in memory.", [("", data["output_bytes_held"])])
-        metric("webhook_deliveries_total", "counter", "Webhook deliveries, by outcome.",
-               by("outcome", data["webhooks"]))
-        return _Reply(200, ("\n".join(out) + "\n").encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
-
-    def _system_processes(self, req: _Request) -> Dict[str, Any]:
-        processes = _proc_table()
-        return {"processes": processes, "count": len(processes), "timestamp": _rfc3339(time.time())}
-
-
-def _system_usage() -> Dict[str, Any]:
-    """Load and memory of the machine, from /proc where it exists."""
-    cpus = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    memory: Dict[str, Any] = {}
-    try:
-        with open("/proc/meminfo") as fh:
-            info = {line.split(":")[0]: int(line.split()[1]) for line in fh if len(line.split()) >= 2}
-        total, available = info.get("MemTotal", 0), info.get("MemAvailable", 0)
-        memory = {"total_mb": round(total / 1024, 1), "available_mb": round(available / 1024, 1),
-                  "usage_percent": round(100.0 * (total - available) / total, 1) if total else 0.0}
-    except (OSError, ValueError):
-        pass
-    return {"cpu": {"count": cpus, "load_1m": load, "usage_percent": round(min(100.0, 100.0 * load / cpus), 1)},
-            "memory": memory}
-
-
-def _prom_escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _proc_table() -> List[Dict[str, Any]]:
-    """The machine's processes from /proc; one that vanishes mid-read is skipped."""
-    try:
-        import pwd
-    except ImportError:  # pragma: no cover - not on Linux
-        pwd = None
-    page_kb = os.sysconf("SC_PAGE_SIZE") // 1024 if hasattr(os, "sysconf") else 4
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    try:
-        with open("/proc/uptime") as fh:
-            uptime = float(fh.read().split()[0])
-    except (OSError, ValueError):
-        uptime = 0.0
-    users: Dict[int, str] = {}
-    out = []
-    try:
-        entries = [e for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return []
-    for entry in sorted(entries, key=int):
-        try:
-            with open("/proc/%s/stat" % entry, "rb") as fh:
-                stat = fh.read().decode("utf-8", "replace")
-            with open("/proc/%s/cmdline" % entry, "rb") as fh:
-                cmdline = fh.read().replace(b"\x00", b" ").strip().decode("utf-8", "replace")
-            uid = os.stat("/proc/%s" % entry).st_uid
-        except OSError:
-            continue
-        name = stat[stat.find("(") + 1:stat.rfind(")")]
-        fields = stat[stat.rfind(")") + 2:].split()
-        if uid not in users:
-            try:
-                users[uid] = pwd.getpwuid(uid).pw_name if pwd else str(uid)
-            except KeyError:
-                users[uid] = str(uid)
-        rss_pages = int(fields[21]) if len(fields) > 21 else 0
-        cpu_s = (int(fields[11]) + int(fields[12])) / ticks if len(fields) > 19 else 0.0
-        age_s = uptime - int(fields[19]) / ticks if len(fields) > 19 else 0.0
-        out.append({"pid": int(entry), "ppid": int(fields[1]) if len(fields) > 1 else None,
-                    "name": name, "command": cmdline or "[%s]" % name, "user": users[uid],
-                    "status": fields[0] if fields else "?",
-                    "memory_mb": round(rss_pages * page_kb / 1024.0, 2),
-                    "cpu_percent": round(100.0 * cpu_s / age_s, 1) if age_s > 0 else 0.0})
-    return out
-
 
 class _AgentServer(http.server.ThreadingHTTPServer):
-    """The HTTP server: holds the config, the manager and the metrics, and caps
-    open connections (one more is answered 503 and closed)."""
+    """The HTTP server: holds the agent's state (the config, the process
+    manager, the metrics, the routes and each family's object), and caps open
+    connections (one more is answered 503 and closed)."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, config: AgentConfig, manager: ProcessManager) -> None:
+    def __init__(self, config: AgentConfig, manager: ProcessManager, routes: Iterable[_Route]) -> None:
         self.config = config
         self.manager = manager
         self.metrics = _Metrics()
+        self.routes: Tuple[_Route, ...] = tuple(routes)
+        # Each family's state: .features() for /health and /info, .close(deadline) at the end.
+        self.families: List[Any] = []
         self._conn_lock = threading.Lock()  # guards _connections and _conn_seq
         self._connections = 0
         self._conn_seq = 0
@@ -3363,8 +3319,733 @@ class _AgentServer6(_AgentServer):
 
 
 # ============================================================================
+# Endpoints: system (health, information, the machine, caches, desktop)
+# ============================================================================
+
+# What the execution family serves; each family adds its own (api.md §15:
+# every boolean is true exactly when that family answers).
+_BASE_FEATURES = {"code_execution": True, "background_jobs": True, "websocket_streaming": True,
+                  "system_metrics": True, "file_operations": False, "terminal_access": False,
+                  "rich_output": False, "ipython_kernel": False,
+                  "background": True, "sync": True, "async_webhooks": True, "commands": True,
+                  "sse_stream": True, "websocket_stream": True, "stdin": True, "signals": True,
+                  "idempotency_keys": True, "idle_timeout": True}
+_DESKTOP_PROGRAMS = (("xvfb", "Xvfb"), ("xdotool", "xdotool"), ("tigervnc-standalone-server", "Xvnc"),
+                     ("wmctrl", "wmctrl"), ("imagemagick", "convert"))
+
+
+def _features(srv: "_AgentServer") -> Dict[str, Any]:
+    """The same map in /health and /info."""
+    features: Dict[str, Any] = dict(_BASE_FEATURES)
+    features["resource_limits"] = {"mechanism": "none"}
+    for family in srv.families:
+        features.update(family.features())
+    features["languages"] = [name for name, spec in _languages_installed().items() if spec["available"]]
+    return features
+
+
+def _health(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    return {"status": "healthy", "version": __version__, "uptime": srv.metrics.uptime,
+            "features": _features(srv), "timestamp": _rfc3339(time.time())}
+
+
+def _ping(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    return {"message": "pong", "timestamp": _rfc3339(time.time())}
+
+
+def _endpoint_map(srv: "_AgentServer") -> Dict[str, str]:
+    return {"%s %s" % (route.method, route.pattern): route.fn.__name__.strip("_") for route in srv.routes}
+
+
+def _info(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    import platform  # only /info needs it
+    config = srv.config
+    languages = _languages_installed()
+    return {"agent": "hopx_agent", "version": __version__, "agent_version": __version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "os": platform.system().lower(), "arch": platform.machine(),
+            "hostname": socket.gethostname(), "uptime": srv.metrics.uptime,
+            "workdir": config.workdir, "auth": "jwt" if config.auth else "disabled",
+            "languages": languages,
+            "supported_languages": [name for name, spec in languages.items() if spec["available"]],
+            "limits": config.limits(), "start_time": _rfc3339(srv.metrics.started),
+            "features": _features(srv), "endpoints": _endpoint_map(srv),
+            "timestamp": _rfc3339(time.time())}
+
+
+def _root(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    """GET /: name, version and the endpoint map, keyed by a name for each route."""
+    endpoints: Dict[str, str] = {}
+    for route in srv.routes:
+        name = route.fn.__name__.strip("_")
+        if name in endpoints:     # one function on several routes: name the others by their path
+            name = re.sub(r"[{}]", "", route.pattern.strip("/")).replace("/", "_") or "root"
+            if name in endpoints:
+                name += "_" + route.method.lower()
+        endpoints[name] = "%s %s" % (route.method, route.pattern)
+    return {"name": "hopx_agent", "agent": "hopx_agent", "version": __version__,
+            "endpoints": endpoints, "timestamp": _rfc3339(time.time())}
+
+
+def _system_usage() -> Dict[str, Any]:
+    """Load and memory of the machine, from /proc where it exists."""
+    cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    memory: Dict[str, Any] = {}
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in fh if len(line.split()) >= 2}
+        total, available = info.get("MemTotal", 0), info.get("MemAvailable", 0)
+        memory = {"total_mb": round(total / 1024, 1), "available_mb": round(available / 1024, 1),
+                  "usage_percent": round(100.0 * (total - available) / total, 1) if total else 0.0}
+    except (OSError, ValueError):
+        pass
+    return {"cpu": {"count": cpus, "load_1m": load, "usage_percent": round(min(100.0, 100.0 * load / cpus), 1)},
+            "memory": memory}
+
+
+def _memory_limit_mb() -> Optional[float]:
+    """The memory limit of our own cgroup (v2 memory.max, v1 memory.limit_in_bytes), if any."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            lines = [line.rstrip("\n").split(":", 2) for line in fh]
+    except OSError:
+        return None
+    candidates = []
+    for _, controllers, path in (parts for parts in lines if len(parts) == 3):
+        if controllers == "":
+            candidates.append("/sys/fs/cgroup%s/memory.max" % path.rstrip("/"))
+        elif "memory" in controllers.split(","):
+            candidates.append("/sys/fs/cgroup/memory%s/memory.limit_in_bytes" % path.rstrip("/"))
+    for candidate in candidates:
+        try:
+            with open(candidate) as fh:
+                value = fh.read().strip()
+        except OSError:
+            continue
+        if _is_digits(value) and int(value) < 1 << 60:    # v1 says "unlimited" with a huge number
+            return int(value) / (1024 * 1024)
+    return None
+
+
+def _hardware(workdir: str) -> Dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh
+                          if line.lower().startswith(("model name", "hardware", "cpu model"))), "")
+    except OSError:
+        pass
+    memory_mb = _system_usage()["memory"].get("total_mb")
+    limit = _memory_limit_mb()
+    if limit is not None and (memory_mb is None or limit < memory_mb):
+        memory_mb = round(limit, 1)
+    try:
+        disk = shutil.disk_usage(workdir)
+        disk_mb, free_mb = round(disk.total / (1024 * 1024), 1), round(disk.free / (1024 * 1024), 1)
+    except OSError:
+        disk_mb = free_mb = None
+    return {"cpu_cores": os.cpu_count() or 1, "cpu_model": model, "memory_mb": memory_mb,
+            "machine_memory_mb": _system_usage()["memory"].get("total_mb"),
+            "disk_mb": disk_mb, "disk_free_mb": free_mb}
+
+
+def _network(detailed: bool) -> Dict[str, Any]:
+    """Interface names; with a token, also the host name and IPv4 addresses."""
+    try:
+        names = sorted(name for _, name in socket.if_nameindex())
+    except (OSError, AttributeError):
+        names = []
+    if not detailed:
+        return {"interfaces": [{"name": name} for name in names]}
+    interfaces = []
+    for name in names:
+        entry: Dict[str, Any] = {"name": name, "ipv4": None}
+        try:
+            import fcntl
+            import struct
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            entry["ipv4"] = socket.inet_ntoa(packed[20:24])
+        except (OSError, ImportError):
+            pass
+        interfaces.append(entry)
+    return {"hostname": socket.gethostname(), "interfaces": interfaces}
+
+
+def _system(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    """GET /system: the machine as the agent sees it (a token adds addresses and paths)."""
+    import platform
+    detailed = req.claims is not None
+    features = _features(srv)
+    return {"os": {"name": platform.system().lower(), "release": platform.release(),
+                   "arch": platform.machine(), "python": platform.python_version()},
+            "hardware": _hardware(srv.config.workdir), "network": _network(detailed),
+            "capabilities": {name: value for name, value in features.items()},
+            "uptime": srv.metrics.uptime, "timestamp": _rfc3339(time.time())}
+
+
+def _cache_stats(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    return dict(srv.manager.registry.cache.stats(), timestamp=_rfc3339(time.time()))
+
+
+def _cache_clear(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    return dict(srv.manager.registry.cache.clear(), timestamp=_rfc3339(time.time()))
+
+
+def _desktop(srv: "_AgentServer", req: _Request, action: str) -> Any:
+    """/desktop/*: this agent has no desktop; the SDK turns this 501 into DesktopNotAvailableError."""
+    missing = [package for package, program in _DESKTOP_PROGRAMS if shutil.which(program) is None]
+    raise AgentError("desktop automation is not available: hopx_agent does not serve /desktop/%s" % action,
+                     status=501, code="DESKTOP_NOT_AVAILABLE",
+                     details={"missing_dependencies": missing, "endpoint": "/desktop/" + action})
+
+
+_SYSTEM_ROUTES = (
+    _route("GET", "/health", _health, auth=False),
+    _route("GET", "/ping", _ping, auth=False),
+    _route("GET", "/info", _info, auth=False),
+    _route("GET", "/", _root, auth=False),
+    _route("GET", "/system", _system, auth="optional"),
+    _route("GET", "/cache/stats", _cache_stats),
+    _route("POST", "/cache/clear", _cache_clear),
+    _route("GET", "/desktop/{action*}", _desktop),
+    _route("POST", "/desktop/{action*}", _desktop),
+)
+
+# ============================================================================
+# Endpoints: execution and processes (start, run, list, read, kill, stdin, streams)
+# ============================================================================
+
+STREAM_EVENT_BYTES = 64 * 1024        # output per event at most, so a big backlog comes in pieces
+
+
+def _parse_event_id(value: str) -> Dict[str, Optional[int]]:
+    """A Last-Event-ID of ours: "<stdout offset>:<stderr offset>"."""
+    parts = value.strip().split(":")
+    if len(parts) != 2 or not all(_is_digits(p) and len(p) <= 18 for p in parts):
+        raise BadRequest("Last-Event-ID must be <stdout offset>:<stderr offset>")
+    return {"stdout": int(parts[0]), "stderr": int(parts[1])}
+
+
+class _Follower:
+    """Follows one record's output from given offsets. Woken by the record's
+    condition when output arrives (no polling); many followers share the one
+    buffer, so they cost no extra reads of the pipes."""
+
+    def __init__(self, rec: _ProcessRecord, offsets: Dict[str, Optional[int]]) -> None:
+        self.rec = rec
+        with rec.cond:
+            self.offsets = {name: rec.stream(name).dropped if offsets.get(name) is None else offsets[name]
+                            for name in ("stdout", "stderr")}
+
+    def event_id(self) -> str:
+        return "%d:%d" % (self.offsets["stdout"], self.offsets["stderr"])
+
+    def _pending(self) -> bool:
+        rec = self.rec
+        return rec.finished or any(rec.stream(n).end(False) > off or rec.stream(n).dropped > off
+                                   for n, off in self.offsets.items())
+
+    def next(self, timeout: float) -> Tuple[List[Tuple[str, Dict[str, Any], str]], Optional[Dict[str, Any]]]:
+        """Wait up to ``timeout`` for news; returns (events, final record or None).
+
+        Each event is (kind, payload, id), the id naming the offsets just
+        after that event, so a client resuming from it misses nothing. The
+        final record comes once the record is finished and every byte before
+        its end has been handed out.
+        """
+        rec = self.rec
+        events: List[Tuple[str, Dict[str, Any], str]] = []
+        with rec.cond:
+            rec.cond.wait_for(self._pending, timeout)
+            final = rec.finished
+            for name in ("stdout", "stderr"):
+                buf = rec.stream(name)
+                if self.offsets[name] < buf.dropped:   # fell out of the window: say so, never skip silently
+                    gap = {"stream": name, "offset": self.offsets[name], "bytes": buf.dropped - self.offsets[name]}
+                    self.offsets[name] = buf.dropped
+                    events.append(("dropped", gap, self.event_id()))
+                text, start, stop = buf.read(self.offsets[name], final, STREAM_EVENT_BYTES)
+                if stop > start:
+                    self.offsets[name] = stop
+                    events.append((name, {"data": text, "offset": start}, self.event_id()))
+            done = final and all(self.offsets[n] >= rec.stream(n).total for n in self.offsets)
+            record = rec.to_json(output=False) if done else None
+        return events, record
+
+
+# -- starting -----------------------------------------------------------------
+
+
+# -- endpoints: execution ---------------------------------------------------------
+
+
+def _code_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: float, max_timeout: float) -> _Launch:
+    return srv.manager.code_launch(
+        _required_text(body, "code", nul_ok=True), body.get("language"),
+        cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
+        timeout=_timeout(body, default_timeout, max_timeout),
+        name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"),
+        idle_timeout=_idle_timeout(body))
+
+
+def _command_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: float, max_timeout: float) -> _Launch:
+    command = _required_text(body, "command")
+    args = body.get("args")
+    if args is not None:
+        if not isinstance(args, list):
+            raise BadRequest("field 'args' must be an array of strings")
+        args = [_text(arg, "args") for arg in args]
+    elif not command.strip():
+        raise BadRequest("field 'command' must not be empty", code="MISSING_PARAMETER")
+    return srv.manager.command_launch(
+        command, args, cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
+        timeout=_timeout(body, default_timeout, max_timeout),
+        name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"),
+        idle_timeout=_idle_timeout(body))
+
+
+def _started(srv: "_AgentServer", rec: _ProcessRecord) -> Dict[str, Any]:
+    """The answer to every background start."""
+    record = srv.manager.describe(rec, output=False)
+    answer = {key: record.get(key) for key in ("process_id", "execution_id", "status", "name",
+                                               "kind", "pid", "started_at", "start_time",
+                                               "created_at", "timeout")}
+    if "queue_position" in record:
+        answer["queue_position"] = record["queue_position"]
+    if record["status"] in _FINAL_STATUSES:   # it could not start: say why at once
+        answer.update(reason=record["reason"], exit_code=record["exit_code"], error=record.get("error"))
+    return answer
+
+
+def _once(srv: "_AgentServer", req: _Request, start: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    """A start honouring the Idempotency-Key header, when there is one."""
+    key = req.header("idempotency-key")
+    if key is None:
+        return start()
+    if not 0 < len(key) <= 255 or not key.isprintable():
+        raise BadRequest("Idempotency-Key must be 1 to 255 printable characters")
+    digest = hashlib.sha256(req.path.encode() + b"\0" + req.body).hexdigest()
+    return srv.manager.idempotent_start(key, digest, start)
+
+
+def _execute_background(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    def start() -> Dict[str, Any]:
+        launch = _code_launch(srv, req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+        return _started(srv, srv.manager.start(launch))
+    return _once(srv, req, start)
+
+
+def _commands_background(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    def start() -> Dict[str, Any]:
+        launch = _command_launch(srv, req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+        return _started(srv, srv.manager.start(launch))
+    return _once(srv, req, start)
+
+
+def _execute_async(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    return _once(srv, req, lambda: _start_async(srv, req))
+
+
+def _start_async(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    body = req.json()
+    url = _required_text(body, "callback_url")
+    try:
+        split = urllib.parse.urlsplit(url)
+        valid = url.isascii() and split.scheme in ("http", "https") and bool(split.hostname)
+        split.port      # raises ValueError for a port out of range or not a number
+        if valid and "[" in split.netloc:   # older Pythons let "[x]" through: check it here
+            import ipaddress
+            valid = ipaddress.ip_address(split.hostname or "").version == 6
+    except ValueError:      # an unclosed bracket, a bad IPv6 literal, a bad port
+        valid = False
+    if not valid:
+        raise BadRequest("callback_url must be an http or https URL")
+    headers = _env_map(body.get("callback_headers"), "callback_headers")
+    if any("\r" in k + v or "\n" in k + v for k, v in headers.items()):
+        raise BadRequest("callback_headers must not contain line breaks")
+    secret = _opt_text(body, "callback_signature_secret")
+    launch = _code_launch(srv, body, ASYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+    manager = srv.manager
+    rec = manager.start(launch, on_finish=[_Webhook(manager, url, headers, secret)])
+    answer = _started(srv, rec)
+    answer.update(status="queued", process_status=answer["status"], callback_url=url)
+    return answer
+
+
+def _wait_final(srv: "_AgentServer", req: _Request, rec: _ProcessRecord) -> None:
+    """Wait for a synchronous run; if the client goes away, end the process.
+    Its timeout also counts while it waits in the queue."""
+    manager = srv.manager
+    deadline = time.monotonic() + rec.launch.timeout
+    while not manager.wait(rec, 0.25):
+        if req.client_gone():
+            manager.kill(rec.id, wait=False)
+            raise _ClientGone()
+        if time.monotonic() > deadline:
+            manager.time_out(rec)
+
+
+def _run_and_wait(srv: "_AgentServer", req: _Request, launch: _Launch) -> Tuple[_ProcessRecord, Dict[str, Any]]:
+    rec = srv.manager.start(launch)
+    _wait_final(srv, req, rec)
+    with rec.cond:
+        final = rec.finished
+        record = rec.to_json()
+    if not final:   # not reached: _wait_final returns only when final
+        raise AgentError("process did not finish")
+    result = {"success": record["status"] == "completed", "stdout": record["stdout"],
+              "stderr": record["stderr"], "exit_code": record["exit_code"],
+              "execution_time": record["execution_time"], "timestamp": _rfc3339(time.time()),
+              "timed_out": record["reason"] == "timeout"}
+    for key in ("process_id", "execution_id", "status", "reason", "signal", "pid", "stdout_bytes",
+                "stderr_bytes", "stdout_dropped", "stderr_dropped", "error"):
+        if key in record:
+            result[key] = record[key]
+    return rec, result
+
+
+def _execute(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    rec, result = _run_and_wait(srv, req, _code_launch(srv, req.json(), SYNC_TIMEOUT_S, MAX_SYNC_TIMEOUT_S))
+    result["language"] = rec.launch.language
+    return result
+
+
+def _commands_run(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    rec, result = _run_and_wait(srv, req,
+        _command_launch(srv, req.json(), SYNC_TIMEOUT_S, MAX_SYNC_TIMEOUT_S))
+    result["command"] = rec.launch.command
+    return result
+
+
+# -- endpoints: watching and ending processes -----------------------------------------
+
+
+def _list_processes(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    statuses = [s.strip() for value in req.query.get("status", []) for s in value.split(",") if s.strip()]
+    unknown = [s for s in statuses if s not in _STATUSES]
+    if unknown:
+        raise BadRequest("unknown status %r; use one of %s" % (unknown[0], ", ".join(_STATUSES)))
+    records = srv.manager.list_json(statuses=statuses or None, name=req.param("name"),
+                                            output=_query_flag(req, "output", True))
+    body = b'{"processes":[%s],"count":%d,"timestamp":"%s"}' % (
+        b",".join(records), len(records), (_rfc3339(time.time()) or "").encode("ascii"))
+    return _Reply(200, body)
+
+
+def _get_process(srv: "_AgentServer", req: _Request, process_id: str) -> Dict[str, Any]:
+    manager = srv.manager
+    rec = manager.get(process_id)
+    offsets = {"stdout": _query_offset(req, "stdout_offset"), "stderr": _query_offset(req, "stderr_offset")}
+    given = offsets if any(v is not None for v in offsets.values()) else None
+    wait = req.param("wait")
+    if wait:
+        try:
+            seconds = float(wait)
+        except ValueError:
+            raise BadRequest("query parameter 'wait' must be a number of seconds") from None
+        if not 0 <= seconds <= MAX_WAIT_S:
+            raise BadRequest("query parameter 'wait' must be between 0 and %g" % MAX_WAIT_S)
+        manager.wait_for_output(rec, offsets, seconds)
+    return manager.describe(rec, output=_query_flag(req, "output", True), offsets=given)
+
+
+def _kill(srv: "_AgentServer", req: _Request, process_id: Optional[str] = None) -> Dict[str, Any]:
+    body = req.json() if req.body else {}
+    process_id = process_id or req.param("process_id") or body.get("process_id")
+    if not process_id:
+        raise BadRequest("missing required field 'process_id'", code="MISSING_PARAMETER")
+    if not isinstance(process_id, str):
+        raise BadRequest("field 'process_id' must be a string")
+    sig = body.get("signal", req.param("signal"))
+    return srv.manager.kill(process_id, None if sig is None else _parse_signal(sig))
+
+
+def _signal(srv: "_AgentServer", req: _Request, process_id: str) -> Dict[str, Any]:
+    sig = req.json().get("signal", req.param("signal"))
+    if sig is None:
+        raise BadRequest("missing required field 'signal'", code="MISSING_PARAMETER")
+    return srv.manager.send_signal(process_id, _parse_signal(sig))
+
+
+def _stdin(srv: "_AgentServer", req: _Request, process_id: str) -> Dict[str, Any]:
+    body = req.json()
+    eof = _flag(body, "eof")
+    if body.get("data") is not None and body.get("data_base64") is not None:
+        raise BadRequest("send either 'data' or 'data_base64', not both")
+    if body.get("data_base64") is not None:
+        try:
+            data = base64.b64decode(_text(body["data_base64"], "data_base64"), validate=True)
+        except ValueError:
+            raise BadRequest("field 'data_base64' is not valid base64") from None
+    elif body.get("data") is not None:
+        data = _text(body["data"], "data", nul_ok=True).encode("utf-8")
+    elif eof:
+        data = b""
+    else:
+        raise BadRequest("missing required field 'data' (or 'data_base64', or eof: true)",
+                         code="MISSING_PARAMETER")
+    manager = srv.manager
+    if not data and eof:
+        manager.close_stdin(manager.get(process_id))
+        return {"process_id": process_id, "written": 0, "stdin": "closed"}
+    return manager.write_stdin(process_id, data, eof)
+
+
+def _stream_sse(srv: "_AgentServer", req: _Request, process_id: str) -> _Chunks:
+    """Server-Sent Events: stdout/stderr/dropped events from the given
+    offsets (or Last-Event-ID), a heartbeat comment when quiet, then exit."""
+    rec = srv.manager.get(process_id)
+    offsets = {"stdout": _query_offset(req, "stdout_offset"), "stderr": _query_offset(req, "stderr_offset")}
+    if req.header("last-event-id"):
+        offsets = _parse_event_id(req.header("last-event-id") or "")
+    follower = _Follower(rec, offsets)
+
+    def events() -> Iterator[bytes]:
+        yield b"retry: 1000\n\n"
+        while True:
+            batch, record = follower.next(SSE_HEARTBEAT_S)
+            out = [_sse_event(kind, payload, event_id) for kind, payload, event_id in batch]
+            if record is not None:
+                out.append(_sse_event("exit", record, follower.event_id()))
+            yield "".join(out).encode("utf-8") if out else _SSE_HEARTBEAT
+            if record is not None:
+                return
+    return _Chunks(events(), content_type="text/event-stream; charset=utf-8", headers=dict(_SSE_HEADERS))
+
+
+def _stream_ws(srv: "_AgentServer", req: _Request) -> _Upgrade:
+    """The SDK's run_code_stream: a WebSocket that runs one execution and
+    sends its output as JSON messages (RFC 6455)."""
+    return _Upgrade(lambda ws: _ws_session(srv, ws))
+
+
+def _ws_session(srv: "_AgentServer", ws: _WebSocket) -> None:
+    try:
+        opcode, message = ws.recv_message(srv.config.request_deadline)
+    except socket.timeout:
+        ws.fail(1008, "no execute message received in time")
+        return
+    try:
+        body = _json_object(message) if opcode == _WS_TEXT else None
+        if body is None or body.get("type", "execute") != "execute":
+            raise BadRequest('the first message must be {"type": "execute", "code": ...}')
+        launch = _code_launch(srv, body, SYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+        rec = srv.manager.start(launch)
+    except (ValueError, RecursionError) as exc:
+        ws.error(1008, "invalid JSON message: %s" % _short(exc), "INVALID_JSON")
+        return
+    except AgentError as exc:
+        ws.error(1008 if exc.status < 500 else 1011, exc.message, exc.code)
+        return
+
+    def gone() -> None:       # a client that goes away ends its execution
+        if not rec.finished:
+            srv.manager.kill(rec.id, wait=False)
+        with rec.cond:
+            rec.cond.notify_all()        # wake the session so it sees ``gone``
+    ws.start_reader("hopx-ws-%s" % rec.id[5:13], gone)
+    _ws_follow(ws, rec)
+
+
+def _ws_follow(ws: _WebSocket, rec: _ProcessRecord) -> None:
+    """Send a record's output as it comes, then its result, then close."""
+    follower = _Follower(rec, {"stdout": None, "stderr": None})
+    while True:
+        events, record = follower.next(SSE_HEARTBEAT_S)
+        if ws.gone:
+            return
+        for kind, payload, _ in events:
+            if kind == "dropped":
+                ws.send_json(dict(payload, type="dropped", timestamp=_rfc3339(time.time())))
+            else:
+                ws.send_json({"type": kind, "data": payload["data"], "timestamp": _rfc3339(time.time())})
+        if record is not None:
+            ws.send_json({"type": "result", "exit_code": record["exit_code"],
+                          "execution_time": record["execution_time"], "status": record["status"],
+                          "reason": record["reason"], "process_id": record["process_id"]})
+            ws.send_json({"type": "complete", "success": record["status"] == "completed"})
+            ws.close(1000, "done")
+            return
+
+
+_EXECUTION_ROUTES = (
+    _route("POST", "/execute", _execute),
+    _route("POST", "/execute/rich", _execute),
+    _route("POST", "/execute/background", _execute_background),
+    _route("POST", "/execute/async", _execute_async),
+    _route("GET", "/execute/processes", _list_processes),
+    _route("GET", "/execute/processes/{process_id}", _get_process),
+    _route("GET", "/execute/processes/{process_id}/stream", _stream_sse),
+    _route("GET", "/execute/stream", _stream_ws, websocket=True),
+    _route("DELETE", "/execute/processes/{process_id}", _kill),
+    _route("POST", "/execute/kill/{process_id}", _kill),
+    _route("DELETE", "/execute/kill", _kill),
+    _route("POST", "/execute/kill", _kill),
+    _route("POST", "/processes/{process_id}/kill", _kill),
+    _route("POST", "/execute/processes/{process_id}/signal", _signal),
+    _route("POST", "/execute/processes/{process_id}/stdin", _stdin),
+    _route("POST", "/commands/run", _commands_run),
+    _route("POST", "/commands/background", _commands_background),
+)
+
+# ============================================================================
+# Endpoints: environment and metrics (the global env store, counters, /processes)
+# ============================================================================
+
+
+def _prom_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _proc_table() -> List[Dict[str, Any]]:
+    """The machine's processes from /proc; one that vanishes mid-read is skipped."""
+    try:
+        import pwd
+    except ImportError:  # pragma: no cover - not on Linux
+        pwd = None
+    page_kb = os.sysconf("SC_PAGE_SIZE") // 1024 if hasattr(os, "sysconf") else 4
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+    except (OSError, ValueError):
+        uptime = 0.0
+    users: Dict[int, str] = {}
+    out = []
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in sorted(entries, key=int):
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as fh:
+                stat = fh.read().decode("utf-8", "replace")
+            with open("/proc/%s/cmdline" % entry, "rb") as fh:
+                cmdline = fh.read().replace(b"\x00", b" ").strip().decode("utf-8", "replace")
+            uid = os.stat("/proc/%s" % entry).st_uid
+        except OSError:
+            continue
+        name = stat[stat.find("(") + 1:stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2:].split()
+        if uid not in users:
+            try:
+                users[uid] = pwd.getpwuid(uid).pw_name if pwd else str(uid)
+            except KeyError:
+                users[uid] = str(uid)
+        rss_pages = int(fields[21]) if len(fields) > 21 else 0
+        cpu_s = (int(fields[11]) + int(fields[12])) / ticks if len(fields) > 19 else 0.0
+        age_s = uptime - int(fields[19]) / ticks if len(fields) > 19 else 0.0
+        out.append({"pid": int(entry), "ppid": int(fields[1]) if len(fields) > 1 else None,
+                    "name": name, "command": cmdline or "[%s]" % name, "user": users[uid],
+                    "status": fields[0] if fields else "?",
+                    "memory_mb": round(rss_pages * page_kb / 1024.0, 2),
+                    "cpu_percent": round(100.0 * cpu_s / age_s, 1) if age_s > 0 else 0.0})
+    return out
+
+
+def _env_get(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    return {"env_vars": srv.manager.env_snapshot()}
+
+
+def _env_values(req: _Request) -> Dict[str, str]:
+    body = req.json()
+    return _env_map(body["env_vars"] if "env_vars" in body else body, "env_vars")
+
+
+def _env_put(srv: "_AgentServer", req: _Request) -> _Reply:
+    srv.manager.env_set(_env_values(req), replace=True)
+    return _Reply(204, content_type=None)
+
+
+def _env_patch(srv: "_AgentServer", req: _Request) -> _Reply:
+    srv.manager.env_set(_env_values(req), replace=False)
+    return _Reply(204, content_type=None)
+
+
+def _env_delete(srv: "_AgentServer", req: _Request, name: Optional[str] = None) -> _Reply:
+    keys = req.json().get("keys") if name is None else [name]
+    if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
+        raise BadRequest("field 'keys' must be an array of strings")
+    srv.manager.env_delete(keys)
+    return _Reply(204, content_type=None)
+
+
+def _metrics_data(srv: "_AgentServer") -> Dict[str, Any]:
+    metrics = srv.metrics
+    requests, errors = metrics.snapshot()
+    stats = srv.manager.stats()
+    return {"uptime": metrics.uptime, "uptime_seconds": metrics.uptime,
+            "requests": {"total": sum(requests.values()), "by_route": requests},
+            "errors": {"total": sum(errors.values()), "by_route": errors},
+            "executions": {"total": stats["started"], "running": stats["running"],
+                           "queued": stats["queued"], "active": stats["running"],
+                           "by_status": stats["by_status"], "by_reason": stats["by_reason"]},
+            "total_executions": stats["started"], "active_executions": stats["running"],
+            "records_held": stats["records"], "output_bytes_held": stats["output_bytes_held"],
+            "webhooks": stats["webhooks"], "system": _system_usage(),
+            "process": {"count": stats["running"], "pid": os.getpid()},
+            "timestamp": _rfc3339(time.time())}
+
+
+def _metrics(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    return _metrics_data(srv)
+
+
+def _metrics_prometheus(srv: "_AgentServer", req: _Request) -> _Reply:
+    data = _metrics_data(srv)
+    out: List[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: Iterable[Tuple[str, Any]]) -> None:
+        out.extend(["# HELP hopx_agent_%s %s" % (name, help_text), "# TYPE hopx_agent_%s %s" % (name, kind)])
+        out.extend("hopx_agent_%s%s %s" % (name, labels, value) for labels, value in samples)
+
+    def by(label: str, counts: Dict[str, int]) -> List[Tuple[str, int]]:
+        return [('{%s="%s"}' % (label, _prom_escape(k)), v) for k, v in sorted(counts.items())]
+
+    metric("uptime_seconds", "gauge", "Seconds since the agent started.", [("", data["uptime"])])
+    metric("requests_total", "counter", "HTTP requests answered, by route.", by("route", data["requests"]["by_route"]))
+    metric("request_errors_total", "counter", "HTTP answers with status 400 or more, by route.",
+           by("route", data["errors"]["by_route"]))
+    metric("executions_total", "counter", "Processes accepted.", [("", data["executions"]["total"])])
+    metric("executions_running", "gauge", "Processes running now.", [("", data["executions"]["running"])])
+    metric("executions_queued", "gauge", "Processes waiting in the queue.", [("", data["executions"]["queued"])])
+    metric("executions_finished_total", "counter", "Finished processes, by final status.",
+           by("status", data["executions"]["by_status"]))
+    metric("output_bytes_held", "gauge", "Bytes of process output held in memory.", [("", data["output_bytes_held"])])
+    metric("webhook_deliveries_total", "counter", "Webhook deliveries, by outcome.",
+           by("outcome", data["webhooks"]))
+    return _Reply(200, ("\n".join(out) + "\n").encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
+
+
+def _system_processes(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    processes = _proc_table()
+    return {"processes": processes, "count": len(processes), "timestamp": _rfc3339(time.time())}
+
+
+_ENVIRONMENT_ROUTES = (
+    _route("GET", "/env", _env_get),
+    _route("PUT", "/env", _env_put),
+    _route("PATCH", "/env", _env_patch),
+    _route("DELETE", "/env", _env_delete),
+    _route("DELETE", "/env/{name}", _env_delete),
+    _route("GET", "/metrics", _metrics),
+    _route("GET", "/metrics/snapshot", _metrics),
+    _route("GET", "/metrics/prometheus", _metrics_prometheus),
+    _route("GET", "/processes", _system_processes),
+)
+
+
+# ============================================================================
 # Entry points
 # ============================================================================
+
+# Every family's routes, in the order /info lists them.
+_ROUTES = _SYSTEM_ROUTES + _EXECUTION_ROUTES + _ENVIRONMENT_ROUTES
 
 
 def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None) -> _AgentServer:
@@ -3373,7 +4054,7 @@ def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None)
     if config.auth and not config.secret:
         raise ValueError("auth is on but no secret is configured")
     cls = _AgentServer6 if ":" in config.host else _AgentServer
-    return cls(config, manager or ProcessManager(config))
+    return cls(config, manager or ProcessManager(config), _ROUTES)
 
 
 def _run_until_signalled(server: _AgentServer) -> int:

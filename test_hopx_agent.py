@@ -127,6 +127,22 @@ def zombie_children():
     return found
 
 
+def record_ids(mgr):
+    """The ids of every record a manager holds."""
+    return [r["process_id"] for r in mgr.list(output=False)]
+
+
+def records_of(mgr, ids):
+    """The records of those ids that the manager still holds."""
+    recs = []
+    for pid in ids:
+        try:
+            recs.append(mgr.get(pid))
+        except hopx_agent.NotFound:
+            pass
+    return recs
+
+
 @contextlib.contextmanager
 def local_http_server(handler_cls, name):
     """A throwaway http.server on 127.0.0.1:0 serving in a thread; shut down and joined on exit."""
@@ -200,7 +216,7 @@ def config(tmp_path):
 def manager(config):
     mgr = hopx_agent.ProcessManager(config)
     yield mgr
-    ids = list(mgr._records)
+    ids = record_ids(mgr)
     mgr.shutdown(5.0)
     leftovers = {pid for rid in ids for pid in pids_with_marker(rid)}
     assert not leftovers, "children left behind: %s" % sorted(leftovers)
@@ -1268,7 +1284,7 @@ def manager_with(config):
 
     yield make
     for mgr in made:
-        ids = list(mgr._records)
+        ids = record_ids(mgr)
         mgr.shutdown(5.0)
         # a SIGKILLed process may need a moment of CPU to be gone from /proc
         wait_until(lambda: not [pid for rid in ids for pid in pids_with_marker(rid)], 5.0,
@@ -1676,7 +1692,7 @@ def test_shutdown_leaves_no_process_thread_or_zombie(manager_with):
 
 
 # ============================================================================
-# Controlling running processes: stdin, signals, escapers, idle timeout, idempotency
+# Process manager: controlling running processes (stdin, signals, escapers, idle timeout, idempotency, the subreaper)
 # ============================================================================
 
 FINAL = ("completed", "failed")
@@ -2348,6 +2364,12 @@ def test_no_zombie_is_left_after_100_processes_whose_children_orphan_themselves(
     wait_until(lambda: not any(pids_with_marker(rec.id) for rec in recs), WAIT_S, "no marked pid left")
 
 
+
+# ============================================================================
+# HTTP transport: authentication, errors, framing, body validation, connections
+# ============================================================================
+
+
 # -- helpers for this section ------------------------------------------------------
 
 READY = "import sys, time\nsys.stdout.write('ready\\n')\nsys.stdout.flush()\ntime.sleep(60)\n"   # runs until ended
@@ -2828,6 +2850,446 @@ def test_the_connection_cap_answers_503_and_recovers_when_one_closes(tmp_path):
             second.close()
 
 
+# ============================================================================
+# Endpoints: system (health, information, the machine, caches, desktop)
+# ============================================================================
+
+FEATURE_FLAGS = ("code_execution", "file_operations", "terminal_access", "websocket_streaming", "rich_output",
+                 "background_jobs", "ipython_kernel", "system_metrics")
+
+
+def test_health_and_info_features_tell_what_the_agent_serves(client):
+    health = client.ok("GET", "/health")
+    info = client.ok("GET", "/info")
+    assert health["features"] == info["features"]
+    features = health["features"]
+    for flag in FEATURE_FLAGS:
+        assert isinstance(features[flag], bool), flag
+    assert features["code_execution"] and features["background_jobs"] and features["websocket_streaming"]
+    assert isinstance(features["resource_limits"], dict) and "mechanism" in features["resource_limits"]
+    assert "python" in features["languages"] and "sh" in features["languages"]
+    # each flag is true exactly when its family answers: probe one route of each
+    probes = {"file_operations": ("GET", "/files/list"), "terminal_access": ("GET", "/terminals"),
+              "ipython_kernel": ("GET", "/jupyter/sessions")}
+    for flag, (method, path) in probes.items():
+        status = client.call(method, path)[0]
+        assert features[flag] == (status != 404), (flag, status)
+
+
+def test_root_maps_a_name_to_every_route_without_a_token(server, client):
+    status, root, _ = client.call("GET", "/", token=False)
+    assert status == 200 and root["version"] == hopx_agent.__version__
+    endpoints = root["endpoints"]
+    assert sorted(endpoints.values()) == sorted("%s %s" % (r.method, r.pattern) for r in server.routes)
+    assert endpoints["health"] == "GET /health" and endpoints["execute"] == "POST /execute"
+
+
+def test_system_describes_the_machine_and_names_the_host_only_with_a_token(client, config):
+    status, anonymous, _ = client.call("GET", "/system", token=False)
+    assert status == 200
+    hardware = anonymous["hardware"]
+    assert hardware["cpu_cores"] == (os.cpu_count() or 1)
+    assert 0 < hardware["memory_mb"] <= hardware["machine_memory_mb"]
+    disk = os.statvfs(config.workdir)
+    assert abs(hardware["disk_mb"] - disk.f_blocks * disk.f_frsize / 1048576) < 1
+    assert anonymous["os"]["name"] == ("linux" if sys.platform.startswith("linux") else anonymous["os"]["name"])
+    assert "hostname" not in anonymous["network"] and "lo" in [i["name"] for i in anonymous["network"]["interfaces"]]
+    assert anonymous["capabilities"]["code_execution"] is True
+    detailed = client.ok("GET", "/system")
+    assert detailed["network"]["hostname"] == socket.gethostname()
+    loopback = [i for i in detailed["network"]["interfaces"] if i["name"] == "lo"]
+    assert loopback and loopback[0]["ipv4"] == "127.0.0.1"
+
+
+def test_cache_stats_count_listing_hits_and_clear_empties_the_cache(client):
+    pid = client.ok("POST", "/commands/background", {"command": "echo cached"})["process_id"]
+    wait_until(lambda: client.ok("GET", "/execute/processes/" + pid)["status"] == "completed", WAIT_S, "done")
+    client.ok("GET", "/execute/processes")
+    before = client.ok("GET", "/cache/stats")
+    client.ok("GET", "/execute/processes")       # unchanged: answered from the cache
+    stats = client.ok("GET", "/cache/stats")
+    assert stats["hits"] == before["hits"] + 1 and stats["misses"] == before["misses"]
+    assert stats["count"] >= 1 and stats["size"] > 0 and 0 < stats["hit_rate"] <= 1
+    cleared = client.ok("POST", "/cache/clear")
+    assert cleared["entries_removed"] == cleared["cleared_entries"] == stats["count"]
+    assert cleared["freed_bytes"] == stats["size"]
+    after = client.ok("GET", "/cache/stats")
+    assert (after["count"], after["size"]) == (0, 0)
+    assert client.ok("GET", "/execute/processes")["count"] == 1     # a cleared cache loses nothing
+    assert client.call("GET", "/cache/stats", token=False)[0] == 401
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/desktop/vnc/status"), ("POST", "/desktop/mouse/click"),
+                                         ("POST", "/desktop/screenshot")])
+def test_desktop_endpoints_say_desktop_not_available(client, method, path):
+    status, parsed, resp = client.call(method, path, {"x": 1, "y": 2} if method == "POST" else None)
+    assert_error(status, parsed, resp, 501, "DESKTOP_NOT_AVAILABLE", path)
+    assert isinstance(parsed["details"]["missing_dependencies"], list)
+    assert client.call(method, path, token=False)[0] == 401
+
+
+# ============================================================================
+# Endpoints: execution and processes (sync runs, commands, async, kill, listing, the SDK's requests)
+# ============================================================================
+
+# -- helpers --------------------------------------------------------------------
+
+
+def _records(client, **query):
+    path = "/execute/processes"
+    if query:
+        path += "?" + "&".join("%s=%s" % item for item in query.items())
+    return client.ok("GET", path)["processes"]
+
+
+def _record(client, process_id):
+    return client.ok("GET", "/execute/processes/%s" % process_id)
+
+
+def _finished(client, process_id):
+    rec = _record(client, process_id)
+    return rec if rec["status"] in ("completed", "failed") else None
+
+
+def _assert_error(status, parsed, resp, expected_status=400):
+    assert status == expected_status, (status, parsed)
+    assert resp.getheader("Content-Type", "").startswith("application/json")
+    assert parsed["error"] == parsed["message"] and parsed["error"], parsed
+    assert parsed["code"], parsed
+
+
+def _no_content(client, method, path, body=None):
+    """A request that must answer 204 with no body (and leave the connection usable)."""
+    status, resp, data = client.raw(method, path, body)
+    assert status == 204, (status, data)
+    assert data == b""
+    assert resp.getheader("Content-Length") in (None, "0")
+
+
+def _closed_port():
+    """A port that nothing listens on (bound, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+LOOP_FOREVER_SH = "echo so-far\nwhile :; do sleep 1; done\n"
+
+
+class _WebhookSink:
+    """A small threaded HTTP server on 127.0.0.1:0 that records every POST and answers 200."""
+
+    def __init__(self):
+        self.received = []
+        self._lock = threading.Lock()  # guards received
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with sink._lock:
+                    sink.received.append({"path": self.path, "body": body,
+                                          "headers": {k.lower(): v for k, v in self.headers.items()}})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self._stack = contextlib.ExitStack()
+        self.server = self._stack.enter_context(local_http_server(Handler, "test-webhook-sink"))
+        self.url = "http://127.0.0.1:%d/hook" % self.server.server_address[1]
+
+    def calls(self):
+        with self._lock:
+            return list(self.received)
+
+    def close(self):
+        self._stack.close()
+
+
+@pytest.fixture
+def sink():
+    s = _WebhookSink()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def env_client(config):
+    """A server whose manager's agent environment is given explicitly (the
+    lowest level of the env precedence), including a secret that must not leak."""
+    environ = dict(os.environ, HOPX_T_LEVEL="agent", HOPX_T_AGENT_ONLY="from-agent",
+                   HOPX_AGENT_SECRET="must-not-reach-a-child")
+    mgr = hopx_agent.ProcessManager(config, environ=environ)
+    srv = hopx_agent.create_server(config, mgr)
+    thread = threading.Thread(target=srv.serve_forever, name="test-serve-env", daemon=True)
+    thread.start()
+    c = Client(srv)
+    yield c
+    c.close()
+    srv.shutdown()
+    srv.server_close()
+    ids = record_ids(mgr)
+    mgr.shutdown(5.0)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert not {pid for rid in ids for pid in pids_with_marker(rid)}
+
+
+# -- POST /execute ----------------------------------------------------------------
+
+
+def test_execute_returns_output_of_a_successful_program(client):
+    for path in ("/execute", "/execute/rich"):
+        result = client.ok("POST", path, {"code": "print('hello from', 6 * 7)", "language": "python"})
+        assert result["success"] is True, path
+        assert result["stdout"] == "hello from 42\n"
+        assert result["stderr"] == ""
+        assert result["exit_code"] == 0
+        assert isinstance(result["execution_time"], float) and result["execution_time"] >= 0
+        assert result["language"] == "python"
+        assert isinstance(result["timestamp"], str) and result["timestamp"].endswith("Z")
+
+
+def test_execute_language_defaults_to_python_and_aliases_work(client):
+    assert client.ok("POST", "/execute", {"code": "import sys; print(sys.version_info[0])"})["stdout"] == "3\n"
+    result = client.ok("POST", "/execute", {"code": "echo $((40 + 2))", "language": "shell"})
+    assert (result["stdout"], result["language"]) == ("42\n", "sh")
+
+
+def test_failing_program_is_200_with_its_exit_code_and_traceback(client):
+    code = "print('before')\nraise ValueError('boom')\n"
+    result = client.ok("POST", "/execute", {"code": code})
+    assert result["success"] is False
+    assert result["exit_code"] == 1
+    assert result["stdout"] == "before\n"
+    assert "Traceback (most recent call last)" in result["stderr"]
+    assert "ValueError: boom" in result["stderr"]
+    assert result.get("timed_out") in (False, None)
+
+
+def test_program_exit_status_is_reported(client):
+    result = client.ok("POST", "/execute", {"code": "import sys\nsys.stderr.write('err\\n')\nsys.exit(3)"})
+    assert (result["success"], result["exit_code"], result["stderr"]) == (False, 3, "err\n")
+
+
+def test_execute_timeout_ends_the_group_and_keeps_output_so_far(client):
+    started = time.monotonic()
+    result = client.ok("POST", "/execute", {"code": LOOP_FOREVER_SH, "language": "sh", "timeout": 1})
+    elapsed = time.monotonic() - started
+    assert result["success"] is False
+    assert result["timed_out"] is True
+    assert result["exit_code"] == 124
+    assert result["stdout"] == "so-far\n"
+    assert result["execution_time"] >= 0.9
+    assert elapsed < 15, elapsed
+    wait_until(lambda: not pids_with_marker(result["process_id"]), 5, "timed-out group to be gone")
+
+
+def test_execute_timeout_above_300_is_400(client):
+    for path in ("/execute", "/execute/rich", "/commands/run"):
+        for timeout in (301, 300.5, 10 ** 6):
+            body = {"code": "print(1)", "command": "echo 1", "timeout": timeout}
+            status, parsed, resp = client.call("POST", path, body)
+            _assert_error(status, parsed, resp)
+    assert _records(client) == []   # nothing was started
+
+
+def test_execute_timeout_of_300_is_accepted(client):
+    result = client.ok("POST", "/execute", {"code": "print(1)", "timeout": 300})
+    assert result["stdout"] == "1\n"
+    assert _record(client, result["process_id"])["timeout"] == 300
+
+
+def test_execute_default_timeout_is_60(client):
+    result = client.ok("POST", "/execute", {"code": "print(1)"})
+    records = _records(client)
+    assert [r["process_id"] for r in records] == [result["process_id"]]
+    assert records[0]["timeout"] == 60
+
+
+def test_client_disconnect_during_execute_ends_the_process(server, client):
+    body = json.dumps({"code": "import time\nprint('waiting', flush=True)\ntime.sleep(1000)\n"}).encode()
+    head = ("POST /execute HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+            "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (good_token(), len(body)))
+    sock = socket.create_connection(server.server_address[:2], timeout=10)
+    try:
+        sock.sendall(head.encode("ascii") + body)
+        running = wait_until(lambda: [r for r in _records(client)
+                                      if r["status"] == "running" and "waiting" in r["stdout"]],
+                             15, "the synchronous run to be running")
+    finally:
+        sock.close()
+    rec = running[0]
+    final = wait_until(lambda: _finished(client, rec["process_id"]), 15, "the abandoned run to end")
+    assert final["reason"] == "killed"
+    assert final["status"] == "failed"
+    wait_until(lambda: not pid_alive(rec["pid"]), 5, "the child pid to be gone")
+    assert not pids_with_marker(rec["process_id"])
+
+
+# -- POST /commands/run --------------------------------------------------------------
+
+
+def test_command_string_runs_through_sh(client):
+    result = client.ok("POST", "/commands/run", {"command": "echo $((2 + 3)) | tr 5 x; echo err >&2"})
+    assert result["stdout"] == "x\n"
+    assert result["stderr"] == "err\n"
+    assert (result["exit_code"], result["success"]) == (0, True)
+    assert result["command"] == "echo $((2 + 3)) | tr 5 x; echo err >&2"
+    assert isinstance(result["pid"], int)
+    assert isinstance(result["execution_time"], float)
+
+
+def test_command_with_args_is_executed_directly(client):
+    args = ["-c", "import sys; print(repr(sys.argv[1:]))", "a b", "$HOME", "c;d"]
+    result = client.ok("POST", "/commands/run", {"command": sys.executable, "args": args})
+    assert result["stdout"] == "['a b', '$HOME', 'c;d']\n"
+    assert result["exit_code"] == 0
+
+
+def test_command_non_zero_exit_is_200_with_exit_code(client):
+    result = client.ok("POST", "/commands/run", {"command": "echo oops >&2; exit 7"})
+    assert (result["exit_code"], result["success"], result["stderr"]) == (7, False, "oops\n")
+
+
+def test_missing_program_exits_127_with_a_message(client):
+    for body in ({"command": "hopx-no-such-program-4711"},
+                 {"command": "hopx-no-such-program-4711", "args": ["x"]},
+                 {"command": "/nonexistent/dir/hopx-no-such-program-4711", "args": []}):
+        status, result, _ = client.call("POST", "/commands/run", body)
+        assert status == 200, (body, result)
+        assert result["exit_code"] == 127, body
+        assert result["success"] is False
+        assert "hopx-no-such-program-4711" in result["stderr"], result["stderr"]
+
+
+def test_command_timeout_reports_timed_out_124(client):
+    result = client.ok("POST", "/commands/run", {"command": "echo so-far; sleep 30", "timeout": 1})
+    assert result["timed_out"] is True
+    assert result["exit_code"] == 124
+    assert result["success"] is False
+    assert result["stdout"] == "so-far\n"
+    wait_until(lambda: not pids_with_marker(result["process_id"]), 5, "timed-out command to be gone")
+
+
+def test_command_runs_in_requested_working_dir(client, tmp_path):
+    sub = tmp_path / "sub dir"
+    sub.mkdir()
+    assert client.ok("POST", "/commands/run", {"command": "pwd", "working_dir": str(sub)})["stdout"] == "%s\n" % sub
+    status, parsed, resp = client.call("POST", "/commands/run", {"command": "pwd", "workdir": str(tmp_path / "nope")})
+    _assert_error(status, parsed, resp)
+
+
+# -- POST /commands/background ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [{"command": "sleep 1000"}, {"command": "sleep", "args": ["1000"]}],
+                         ids=["shell", "argv"])
+def test_background_command_is_listed_as_command_and_killable(client, body):
+    started = client.ok("POST", "/commands/background", dict(body, name="bg-cmd"))
+    process_id = started["process_id"]
+    assert process_id.startswith("proc_")
+    assert started["status"] in ("running", "queued")
+    listed = [r for r in _records(client) if r["process_id"] == process_id]
+    assert len(listed) == 1
+    assert listed[0]["kind"] == "command"
+    assert listed[0]["name"] == "bg-cmd"
+    assert "sleep" in listed[0]["command"]
+    killed = client.ok("POST", "/execute/kill/%s" % process_id)
+    assert (killed["process_id"], killed["status"]) == (process_id, "killed")
+    final = wait_until(lambda: _finished(client, process_id), 10, "killed command to be final")
+    assert (final["status"], final["reason"]) == ("failed", "killed")
+    wait_until(lambda: not pids_with_marker(process_id), 5, "killed command to be gone")
+
+
+# -- POST /execute/async ----------------------------------------------------------------
+
+
+def _signature(secret, headers, body):
+    return "sha256=" + hmac.new(secret.encode(), headers["x-hopx-timestamp"].encode() + body,
+                                hashlib.sha256).hexdigest()
+
+
+def test_async_webhook_carries_result_headers_and_signature(client, sink):
+    answer = client.ok("POST", "/execute/async", {
+        "code": "print('async-out')", "callback_url": sink.url,
+        "callback_headers": {"X-Custom": "yes", "X-Tenant": "t-1"},
+        "callback_signature_secret": "hook-secret"})
+    assert answer["status"] == "queued"
+    assert answer["callback_url"] == sink.url
+    assert answer["execution_id"].startswith("exec_") and answer["process_id"].startswith("proc_")
+    call = wait_until(sink.calls, 15, "the webhook")[0]
+    assert call["path"] == "/hook"
+    payload = json.loads(call["body"])
+    assert {"execution_id", "process_id", "status", "success", "stdout", "stderr", "exit_code",
+            "execution_time", "timestamp", "error"} <= set(payload)
+    assert payload["execution_id"] == answer["execution_id"]
+    assert payload["process_id"] == answer["process_id"]
+    assert (payload["status"], payload["success"], payload["exit_code"]) == ("completed", True, 0)
+    assert (payload["stdout"], payload["stderr"], payload["error"]) == ("async-out\n", "", None)
+    assert isinstance(payload["execution_time"], float)
+    assert isinstance(payload["timestamp"], str)
+    headers = call["headers"]
+    assert headers["content-type"].startswith("application/json")
+    assert (headers["x-custom"], headers["x-tenant"]) == ("yes", "t-1")
+    assert headers["x-hopx-timestamp"].isdigit()
+    assert abs(int(headers["x-hopx-timestamp"]) - time.time()) < 300
+    assert hmac.compare_digest(headers["x-hopx-signature"], _signature("hook-secret", headers, call["body"]))
+    rec = wait_until(lambda: (lambda r: r if r.get("webhook", {}).get("delivered") else None)(
+        _record(client, answer["process_id"])), 10, "the record to show the delivery")
+    assert rec["webhook"]["attempts"] == 1
+    assert rec["timeout"] == 3600   # api.md §6: the async default
+
+
+def test_async_webhook_reports_failure_and_timeout(client, sink):
+    failed = client.ok("POST", "/execute/async", {"code": "import sys; sys.exit(2)", "callback_url": sink.url})
+    timed_out = client.ok("POST", "/execute/async", {"code": LOOP_FOREVER_SH, "language": "sh", "timeout": 1,
+                                                     "callback_url": sink.url})
+    calls = wait_until(lambda: (lambda got: got if len(got) == 2 else None)(sink.calls()), 15, "two webhooks")
+    payloads = {p["process_id"]: p for p in (json.loads(call["body"]) for call in calls)}
+    for answer, status, exit_code, stdout in ((failed, "failed", 2, ""), (timed_out, "timeout", 124, "so-far\n")):
+        payload = payloads[answer["process_id"]]
+        assert (payload["status"], payload["success"], payload["exit_code"]) == (status, False, exit_code)
+        assert payload["stdout"] == stdout
+        assert payload["error"]
+    for call in calls:
+        assert "x-hopx-signature" not in call["headers"]     # no secret given: nothing to sign with
+        assert call["headers"]["x-hopx-timestamp"].isdigit()
+
+
+def test_async_webhook_to_closed_port_is_retried_then_given_up(client, monkeypatch):
+    monkeypatch.setattr(hopx_agent, "WEBHOOK_BACKOFF_S", 0.01)
+    monkeypatch.setattr(hopx_agent, "WEBHOOK_ATTEMPTS", 3)
+    url = "http://127.0.0.1:%d/hook" % _closed_port()
+    answer = client.ok("POST", "/execute/async", {"code": "print(1)", "callback_url": url})
+    # the failure is counted once the delivery thread has given up: only then is the record final
+    wait_until(lambda: client.ok("GET", "/metrics/snapshot")["webhooks"]["failed"] == 1, 15, "the delivery to give up")
+    rec = _record(client, answer["process_id"])
+    assert rec["status"] == "completed"
+    assert rec["webhook"]["attempts"] == 3
+    assert rec["webhook"]["delivered"] is False
+    assert rec["webhook"]["last_error"]
+    assert client.ok("GET", "/health")["status"] == "healthy"
+    assert client.ok("POST", "/execute", {"code": "print('still serving')"})["stdout"] == "still serving\n"
+
+
+def test_async_callback_url_must_be_http(client):
+    for url in ("ftp://127.0.0.1/hook", "file:///etc/passwd", "javascript:alert(1)", "127.0.0.1:8000/hook",
+                "http://", "", None):
+        body = {"code": "print(1)"} if url is None else {"code": "print(1)", "callback_url": url}
+        status, parsed, resp = client.call("POST", "/execute/async", body)
+        _assert_error(status, parsed, resp)
+    assert _records(client) == []
+
+
 # -- kill (api.md §5) ---------------------------------------------------------------------
 
 
@@ -3097,520 +3559,6 @@ def test_the_monitoring_loop_ends_for_a_timed_out_process_with_124(client):
     assert time.monotonic() - began >= 0.9
 
 
-# ============================================================================
-# Execution family and the SDK's requests
-# ============================================================================
-
-# -- helpers --------------------------------------------------------------------
-
-
-def _records(client, **query):
-    path = "/execute/processes"
-    if query:
-        path += "?" + "&".join("%s=%s" % item for item in query.items())
-    return client.ok("GET", path)["processes"]
-
-
-def _record(client, process_id):
-    return client.ok("GET", "/execute/processes/%s" % process_id)
-
-
-def _finished(client, process_id):
-    rec = _record(client, process_id)
-    return rec if rec["status"] in ("completed", "failed") else None
-
-
-def _assert_error(status, parsed, resp, expected_status=400):
-    assert status == expected_status, (status, parsed)
-    assert resp.getheader("Content-Type", "").startswith("application/json")
-    assert parsed["error"] == parsed["message"] and parsed["error"], parsed
-    assert parsed["code"], parsed
-
-
-def _no_content(client, method, path, body=None):
-    """A request that must answer 204 with no body (and leave the connection usable)."""
-    status, resp, data = client.raw(method, path, body)
-    assert status == 204, (status, data)
-    assert data == b""
-    assert resp.getheader("Content-Length") in (None, "0")
-
-
-def _closed_port():
-    """A port that nothing listens on (bound, then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-LOOP_FOREVER_SH = "echo so-far\nwhile :; do sleep 1; done\n"
-
-
-class _WebhookSink:
-    """A small threaded HTTP server on 127.0.0.1:0 that records every POST and answers 200."""
-
-    def __init__(self):
-        self.received = []
-        self._lock = threading.Lock()  # guards received
-        sink = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                with sink._lock:
-                    sink.received.append({"path": self.path, "body": body,
-                                          "headers": {k.lower(): v for k, v in self.headers.items()}})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args):
-                pass
-
-        self._stack = contextlib.ExitStack()
-        self.server = self._stack.enter_context(local_http_server(Handler, "test-webhook-sink"))
-        self.url = "http://127.0.0.1:%d/hook" % self.server.server_address[1]
-
-    def calls(self):
-        with self._lock:
-            return list(self.received)
-
-    def close(self):
-        self._stack.close()
-
-
-@pytest.fixture
-def sink():
-    s = _WebhookSink()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def env_client(config):
-    """A server whose manager's agent environment is given explicitly (the
-    lowest level of the env precedence), including a secret that must not leak."""
-    environ = dict(os.environ, HOPX_T_LEVEL="agent", HOPX_T_AGENT_ONLY="from-agent",
-                   HOPX_AGENT_SECRET="must-not-reach-a-child")
-    mgr = hopx_agent.ProcessManager(config, environ=environ)
-    srv = hopx_agent.create_server(config, mgr)
-    thread = threading.Thread(target=srv.serve_forever, name="test-serve-env", daemon=True)
-    thread.start()
-    c = Client(srv)
-    yield c
-    c.close()
-    srv.shutdown()
-    srv.server_close()
-    ids = list(mgr._records)
-    mgr.shutdown(5.0)
-    thread.join(5)
-    assert not thread.is_alive()
-    assert not {pid for rid in ids for pid in pids_with_marker(rid)}
-
-
-# -- POST /execute ----------------------------------------------------------------
-
-
-def test_execute_returns_output_of_a_successful_program(client):
-    for path in ("/execute", "/execute/rich"):
-        result = client.ok("POST", path, {"code": "print('hello from', 6 * 7)", "language": "python"})
-        assert result["success"] is True, path
-        assert result["stdout"] == "hello from 42\n"
-        assert result["stderr"] == ""
-        assert result["exit_code"] == 0
-        assert isinstance(result["execution_time"], float) and result["execution_time"] >= 0
-        assert result["language"] == "python"
-        assert isinstance(result["timestamp"], str) and result["timestamp"].endswith("Z")
-
-
-def test_execute_language_defaults_to_python_and_aliases_work(client):
-    assert client.ok("POST", "/execute", {"code": "import sys; print(sys.version_info[0])"})["stdout"] == "3\n"
-    result = client.ok("POST", "/execute", {"code": "echo $((40 + 2))", "language": "shell"})
-    assert (result["stdout"], result["language"]) == ("42\n", "sh")
-
-
-def test_failing_program_is_200_with_its_exit_code_and_traceback(client):
-    code = "print('before')\nraise ValueError('boom')\n"
-    result = client.ok("POST", "/execute", {"code": code})
-    assert result["success"] is False
-    assert result["exit_code"] == 1
-    assert result["stdout"] == "before\n"
-    assert "Traceback (most recent call last)" in result["stderr"]
-    assert "ValueError: boom" in result["stderr"]
-    assert result.get("timed_out") in (False, None)
-
-
-def test_program_exit_status_is_reported(client):
-    result = client.ok("POST", "/execute", {"code": "import sys\nsys.stderr.write('err\\n')\nsys.exit(3)"})
-    assert (result["success"], result["exit_code"], result["stderr"]) == (False, 3, "err\n")
-
-
-def test_execute_timeout_ends_the_group_and_keeps_output_so_far(client):
-    started = time.monotonic()
-    result = client.ok("POST", "/execute", {"code": LOOP_FOREVER_SH, "language": "sh", "timeout": 1})
-    elapsed = time.monotonic() - started
-    assert result["success"] is False
-    assert result["timed_out"] is True
-    assert result["exit_code"] == 124
-    assert result["stdout"] == "so-far\n"
-    assert result["execution_time"] >= 0.9
-    assert elapsed < 15, elapsed
-    wait_until(lambda: not pids_with_marker(result["process_id"]), 5, "timed-out group to be gone")
-
-
-def test_execute_timeout_above_300_is_400(client):
-    for path in ("/execute", "/execute/rich", "/commands/run"):
-        for timeout in (301, 300.5, 10 ** 6):
-            body = {"code": "print(1)", "command": "echo 1", "timeout": timeout}
-            status, parsed, resp = client.call("POST", path, body)
-            _assert_error(status, parsed, resp)
-    assert _records(client) == []   # nothing was started
-
-
-def test_execute_timeout_of_300_is_accepted(client):
-    result = client.ok("POST", "/execute", {"code": "print(1)", "timeout": 300})
-    assert result["stdout"] == "1\n"
-    assert _record(client, result["process_id"])["timeout"] == 300
-
-
-def test_execute_default_timeout_is_60(client):
-    result = client.ok("POST", "/execute", {"code": "print(1)"})
-    records = _records(client)
-    assert [r["process_id"] for r in records] == [result["process_id"]]
-    assert records[0]["timeout"] == 60
-
-
-def test_client_disconnect_during_execute_ends_the_process(server, client):
-    body = json.dumps({"code": "import time\nprint('waiting', flush=True)\ntime.sleep(1000)\n"}).encode()
-    head = ("POST /execute HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
-            "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (good_token(), len(body)))
-    sock = socket.create_connection(server.server_address[:2], timeout=10)
-    try:
-        sock.sendall(head.encode("ascii") + body)
-        running = wait_until(lambda: [r for r in _records(client)
-                                      if r["status"] == "running" and "waiting" in r["stdout"]],
-                             15, "the synchronous run to be running")
-    finally:
-        sock.close()
-    rec = running[0]
-    final = wait_until(lambda: _finished(client, rec["process_id"]), 15, "the abandoned run to end")
-    assert final["reason"] == "killed"
-    assert final["status"] == "failed"
-    wait_until(lambda: not pid_alive(rec["pid"]), 5, "the child pid to be gone")
-    assert not pids_with_marker(rec["process_id"])
-
-
-# -- POST /commands/run --------------------------------------------------------------
-
-
-def test_command_string_runs_through_sh(client):
-    result = client.ok("POST", "/commands/run", {"command": "echo $((2 + 3)) | tr 5 x; echo err >&2"})
-    assert result["stdout"] == "x\n"
-    assert result["stderr"] == "err\n"
-    assert (result["exit_code"], result["success"]) == (0, True)
-    assert result["command"] == "echo $((2 + 3)) | tr 5 x; echo err >&2"
-    assert isinstance(result["pid"], int)
-    assert isinstance(result["execution_time"], float)
-
-
-def test_command_with_args_is_executed_directly(client):
-    args = ["-c", "import sys; print(repr(sys.argv[1:]))", "a b", "$HOME", "c;d"]
-    result = client.ok("POST", "/commands/run", {"command": sys.executable, "args": args})
-    assert result["stdout"] == "['a b', '$HOME', 'c;d']\n"
-    assert result["exit_code"] == 0
-
-
-def test_command_non_zero_exit_is_200_with_exit_code(client):
-    result = client.ok("POST", "/commands/run", {"command": "echo oops >&2; exit 7"})
-    assert (result["exit_code"], result["success"], result["stderr"]) == (7, False, "oops\n")
-
-
-def test_missing_program_exits_127_with_a_message(client):
-    for body in ({"command": "hopx-no-such-program-4711"},
-                 {"command": "hopx-no-such-program-4711", "args": ["x"]},
-                 {"command": "/nonexistent/dir/hopx-no-such-program-4711", "args": []}):
-        status, result, _ = client.call("POST", "/commands/run", body)
-        assert status == 200, (body, result)
-        assert result["exit_code"] == 127, body
-        assert result["success"] is False
-        assert "hopx-no-such-program-4711" in result["stderr"], result["stderr"]
-
-
-def test_command_timeout_reports_timed_out_124(client):
-    result = client.ok("POST", "/commands/run", {"command": "echo so-far; sleep 30", "timeout": 1})
-    assert result["timed_out"] is True
-    assert result["exit_code"] == 124
-    assert result["success"] is False
-    assert result["stdout"] == "so-far\n"
-    wait_until(lambda: not pids_with_marker(result["process_id"]), 5, "timed-out command to be gone")
-
-
-def test_command_runs_in_requested_working_dir(client, tmp_path):
-    sub = tmp_path / "sub dir"
-    sub.mkdir()
-    assert client.ok("POST", "/commands/run", {"command": "pwd", "working_dir": str(sub)})["stdout"] == "%s\n" % sub
-    status, parsed, resp = client.call("POST", "/commands/run", {"command": "pwd", "workdir": str(tmp_path / "nope")})
-    _assert_error(status, parsed, resp)
-
-
-# -- POST /commands/background ---------------------------------------------------------
-
-
-@pytest.mark.parametrize("body", [{"command": "sleep 1000"}, {"command": "sleep", "args": ["1000"]}],
-                         ids=["shell", "argv"])
-def test_background_command_is_listed_as_command_and_killable(client, body):
-    started = client.ok("POST", "/commands/background", dict(body, name="bg-cmd"))
-    process_id = started["process_id"]
-    assert process_id.startswith("proc_")
-    assert started["status"] in ("running", "queued")
-    listed = [r for r in _records(client) if r["process_id"] == process_id]
-    assert len(listed) == 1
-    assert listed[0]["kind"] == "command"
-    assert listed[0]["name"] == "bg-cmd"
-    assert "sleep" in listed[0]["command"]
-    killed = client.ok("POST", "/execute/kill/%s" % process_id)
-    assert (killed["process_id"], killed["status"]) == (process_id, "killed")
-    final = wait_until(lambda: _finished(client, process_id), 10, "killed command to be final")
-    assert (final["status"], final["reason"]) == ("failed", "killed")
-    wait_until(lambda: not pids_with_marker(process_id), 5, "killed command to be gone")
-
-
-# -- POST /execute/async ----------------------------------------------------------------
-
-
-def _signature(secret, headers, body):
-    return "sha256=" + hmac.new(secret.encode(), headers["x-hopx-timestamp"].encode() + body,
-                                hashlib.sha256).hexdigest()
-
-
-def test_async_webhook_carries_result_headers_and_signature(client, sink):
-    answer = client.ok("POST", "/execute/async", {
-        "code": "print('async-out')", "callback_url": sink.url,
-        "callback_headers": {"X-Custom": "yes", "X-Tenant": "t-1"},
-        "callback_signature_secret": "hook-secret"})
-    assert answer["status"] == "queued"
-    assert answer["callback_url"] == sink.url
-    assert answer["execution_id"].startswith("exec_") and answer["process_id"].startswith("proc_")
-    call = wait_until(sink.calls, 15, "the webhook")[0]
-    assert call["path"] == "/hook"
-    payload = json.loads(call["body"])
-    assert {"execution_id", "process_id", "status", "success", "stdout", "stderr", "exit_code",
-            "execution_time", "timestamp", "error"} <= set(payload)
-    assert payload["execution_id"] == answer["execution_id"]
-    assert payload["process_id"] == answer["process_id"]
-    assert (payload["status"], payload["success"], payload["exit_code"]) == ("completed", True, 0)
-    assert (payload["stdout"], payload["stderr"], payload["error"]) == ("async-out\n", "", None)
-    assert isinstance(payload["execution_time"], float)
-    assert isinstance(payload["timestamp"], str)
-    headers = call["headers"]
-    assert headers["content-type"].startswith("application/json")
-    assert (headers["x-custom"], headers["x-tenant"]) == ("yes", "t-1")
-    assert headers["x-hopx-timestamp"].isdigit()
-    assert abs(int(headers["x-hopx-timestamp"]) - time.time()) < 300
-    assert hmac.compare_digest(headers["x-hopx-signature"], _signature("hook-secret", headers, call["body"]))
-    rec = wait_until(lambda: (lambda r: r if r.get("webhook", {}).get("delivered") else None)(
-        _record(client, answer["process_id"])), 10, "the record to show the delivery")
-    assert rec["webhook"]["attempts"] == 1
-    assert rec["timeout"] == 3600   # api.md §6: the async default
-
-
-def test_async_webhook_reports_failure_and_timeout(client, sink):
-    failed = client.ok("POST", "/execute/async", {"code": "import sys; sys.exit(2)", "callback_url": sink.url})
-    timed_out = client.ok("POST", "/execute/async", {"code": LOOP_FOREVER_SH, "language": "sh", "timeout": 1,
-                                                     "callback_url": sink.url})
-    calls = wait_until(lambda: (lambda got: got if len(got) == 2 else None)(sink.calls()), 15, "two webhooks")
-    payloads = {p["process_id"]: p for p in (json.loads(call["body"]) for call in calls)}
-    for answer, status, exit_code, stdout in ((failed, "failed", 2, ""), (timed_out, "timeout", 124, "so-far\n")):
-        payload = payloads[answer["process_id"]]
-        assert (payload["status"], payload["success"], payload["exit_code"]) == (status, False, exit_code)
-        assert payload["stdout"] == stdout
-        assert payload["error"]
-    for call in calls:
-        assert "x-hopx-signature" not in call["headers"]     # no secret given: nothing to sign with
-        assert call["headers"]["x-hopx-timestamp"].isdigit()
-
-
-def test_async_webhook_to_closed_port_is_retried_then_given_up(client, monkeypatch):
-    monkeypatch.setattr(hopx_agent, "WEBHOOK_BACKOFF_S", 0.01)
-    monkeypatch.setattr(hopx_agent, "WEBHOOK_ATTEMPTS", 3)
-    url = "http://127.0.0.1:%d/hook" % _closed_port()
-    answer = client.ok("POST", "/execute/async", {"code": "print(1)", "callback_url": url})
-    # the failure is counted once the delivery thread has given up: only then is the record final
-    wait_until(lambda: client.ok("GET", "/metrics/snapshot")["webhooks"]["failed"] == 1, 15, "the delivery to give up")
-    rec = _record(client, answer["process_id"])
-    assert rec["status"] == "completed"
-    assert rec["webhook"]["attempts"] == 3
-    assert rec["webhook"]["delivered"] is False
-    assert rec["webhook"]["last_error"]
-    assert client.ok("GET", "/health")["status"] == "healthy"
-    assert client.ok("POST", "/execute", {"code": "print('still serving')"})["stdout"] == "still serving\n"
-
-
-def test_async_callback_url_must_be_http(client):
-    for url in ("ftp://127.0.0.1/hook", "file:///etc/passwd", "javascript:alert(1)", "127.0.0.1:8000/hook",
-                "http://", "", None):
-        body = {"code": "print(1)"} if url is None else {"code": "print(1)", "callback_url": url}
-        status, parsed, resp = client.call("POST", "/execute/async", body)
-        _assert_error(status, parsed, resp)
-    assert _records(client) == []
-
-
-# -- /env ------------------------------------------------------------------------------------
-
-
-def _env(client):
-    return client.ok("GET", "/env")["env_vars"]
-
-
-def test_env_get_put_patch_delete(client):
-    env = _env(client)
-    assert isinstance(env, dict) and env.get("PATH") == os.environ.get("PATH")
-    assert not [k for k in env if k.startswith("HOPX_T_")]
-    _no_content(client, "PUT", "/env", {"env_vars": {"HOPX_T_A": "1", "HOPX_T_B": "2"}})
-    env = _env(client)
-    assert (env["HOPX_T_A"], env["HOPX_T_B"]) == ("1", "2")
-    _no_content(client, "PUT", "/env", {"env_vars": {"HOPX_T_C": "3"}})   # replaces
-    env = _env(client)
-    assert env["HOPX_T_C"] == "3" and "HOPX_T_A" not in env and "HOPX_T_B" not in env
-    _no_content(client, "PATCH", "/env", {"env_vars": {"HOPX_T_D": "4", "HOPX_T_C": "three"}})  # merges
-    env = _env(client)
-    assert (env["HOPX_T_C"], env["HOPX_T_D"]) == ("three", "4")
-    _no_content(client, "DELETE", "/env")                                  # clears
-    env = _env(client)
-    assert not [k for k in env if k.startswith("HOPX_T_")]
-    assert env.get("PATH") == os.environ.get("PATH")                       # the agent's env stays
-
-
-def test_env_values_must_be_strings(client):
-    for method in ("PUT", "PATCH"):
-        for env_vars in ({"HOPX_T_X": 1}, {"HOPX_T_X": None}, {"HOPX_T_X": ["a"]}, {"HOPX_T_X": True},
-                         {"HOPX_T_OK": "1", "HOPX_T_X": 2}, ["HOPX_T_X=1"]):
-            status, parsed, resp = client.call(method, "/env", {"env_vars": env_vars})
-            _assert_error(status, parsed, resp)
-    env = _env(client)
-    assert "HOPX_T_X" not in env and "HOPX_T_OK" not in env   # a rejected request changes nothing
-
-
-def test_env_precedence_request_over_global_over_agent(env_client):
-    c = env_client
-    code = ("import json, os\nprint(json.dumps({k: os.environ.get(k) for k in "
-            "('HOPX_T_LEVEL', 'HOPX_T_AGENT_ONLY', 'HOPX_T_GLOBAL_ONLY', 'HOPX_AGENT_SECRET')}))")
-
-    def seen(**extra):
-        return json.loads(c.ok("POST", "/execute", dict({"code": code}, **extra))["stdout"])
-
-    assert seen() == {"HOPX_T_LEVEL": "agent", "HOPX_T_AGENT_ONLY": "from-agent",
-                      "HOPX_T_GLOBAL_ONLY": None, "HOPX_AGENT_SECRET": None}
-    _no_content(c, "PUT", "/env", {"env_vars": {"HOPX_T_LEVEL": "global", "HOPX_T_GLOBAL_ONLY": "g"}})
-    assert seen() == {"HOPX_T_LEVEL": "global", "HOPX_T_AGENT_ONLY": "from-agent",
-                      "HOPX_T_GLOBAL_ONLY": "g", "HOPX_AGENT_SECRET": None}
-    assert seen(env={"HOPX_T_LEVEL": "request"})["HOPX_T_LEVEL"] == "request"
-    # api.md §1: the secret never reaches a child, whoever names it
-    _no_content(c, "PATCH", "/env", {"env_vars": {"HOPX_AGENT_SECRET": "from-global"}})
-    assert seen(env={"HOPX_AGENT_SECRET": "from-request"})["HOPX_AGENT_SECRET"] is None
-    assert seen()["HOPX_AGENT_SECRET"] is None
-    printed = c.ok("POST", "/commands/run", {"command": "printenv", "args": ["HOPX_T_LEVEL", "HOPX_T_GLOBAL_ONLY"],
-                                             "env": {"HOPX_T_LEVEL": "request"}})
-    assert printed["stdout"] == "request\ng\n"
-    assert c.ok("POST", "/commands/run", {"command": "printenv HOPX_T_LEVEL"})["stdout"] == "global\n"
-    _no_content(c, "DELETE", "/env")
-    assert seen()["HOPX_T_LEVEL"] == "agent"
-    assert "HOPX_AGENT_SECRET" not in _env(c)
-
-
-# -- /metrics ----------------------------------------------------------------------------------
-
-
-def _metrics_when(client, path, running, by_status):
-    """The snapshot once the manager's book-keeping caught up: a record turns
-    final a moment before its slot and status count are booked."""
-    def ready():
-        snap = client.ok("GET", path)
-        ex = snap["executions"]
-        return snap if (ex["running"], ex["by_status"]) == (running, by_status) else None
-    return wait_until(ready, 10, "executions running=%d by_status=%s" % (running, by_status))
-
-
-def test_metrics_snapshot_counts_requests_errors_and_executions(client):
-    assert client.ok("POST", "/execute", {"code": "print('x' * 10)"})["stdout"] == "x" * 10 + "\n"
-    status, _, _ = client.call("POST", "/execute", {"code": "print(1)", "timeout": 301})
-    assert status == 400
-    bg = client.ok("POST", "/execute/background", {"code": "import time\ntime.sleep(1000)"})
-    snap = _metrics_when(client, "/metrics/snapshot", 1, {"completed": 1})
-    assert isinstance(snap["uptime"], (int, float)) and snap["uptime"] >= 0
-    assert snap["requests"]["by_route"]["/execute"] == 2
-    assert snap["requests"]["by_route"]["/execute/background"] == 1
-    assert snap["requests"]["total"] == sum(snap["requests"]["by_route"].values()) >= 3
-    assert snap["errors"]["by_route"] == {"/execute": 1}
-    assert snap["errors"]["total"] == 1
-    assert (snap["executions"]["total"], snap["executions"]["queued"]) == (2, 0)
-    assert snap["output_bytes_held"] == 11
-    assert snap["webhooks"] == {"delivered": 0, "failed": 0}
-    client.ok("POST", "/execute/kill/%s" % bg["process_id"])
-    snap = _metrics_when(client, "/metrics", 0, {"completed": 1, "failed": 1})
-    assert snap["requests"]["by_route"]["/execute/kill/{process_id}"] == 1
-    assert snap["executions"]["total"] == 2
-    assert snap["requests"]["by_route"]["/metrics/snapshot"] >= 1
-
-
-_PROM_LABELS = r'(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")'
-_PROM_SAMPLE = re.compile(r"(hopx_agent_[a-zA-Z_:][a-zA-Z0-9_:]*)(\{%s(?:,%s)*\})? (\S+)" % (_PROM_LABELS, _PROM_LABELS))
-
-
-def test_metrics_prometheus_text_is_well_formed(client):
-    client.ok("POST", "/execute", {"code": "print(1)"})
-    status, resp, data = client.raw("GET", "/metrics/prometheus")
-    assert status == 200
-    assert resp.getheader("Content-Type").startswith("text/plain")
-    helps, types, samples = set(), {}, {}
-    for line in data.decode("utf-8").splitlines():
-        if line.startswith("# HELP "):
-            helps.add(line.split()[2])
-        elif line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
-            types[name] = kind
-        else:
-            assert not line.startswith("#"), line
-            found = _PROM_SAMPLE.fullmatch(line)
-            assert found, "not a Prometheus sample: %r" % line
-            samples.setdefault(found.group(1), []).append((found.group(2) or "", float(found.group(3))))
-    assert samples
-    for name in samples:
-        assert name in helps and name in types, name
-    assert ('{route="/execute"}', 1.0) in samples["hopx_agent_requests_total"]
-    assert samples["hopx_agent_executions_total"] == [("", 1.0)]
-    assert samples["hopx_agent_uptime_seconds"][0][1] >= 0
-
-
-# -- GET /processes --------------------------------------------------------------------------------
-
-
-def test_system_processes_include_the_agent_and_its_children(client):
-    bg = client.ok("POST", "/execute/background", {"code": "import time\ntime.sleep(1000)"})
-    data = client.ok("GET", "/processes")
-    assert data["count"] == len(data["processes"])
-    mine = [p for p in data["processes"] if p["pid"] == os.getpid()]
-    assert len(mine) == 1
-    me = mine[0]
-    assert {"pid", "ppid", "name", "command", "user", "status", "memory_mb"} <= set(me)
-    assert me["ppid"] == os.getppid()
-    with open("/proc/self/comm") as fh:
-        assert me["name"] == fh.read().strip()
-    with open("/proc/self/cmdline", "rb") as fh:
-        assert me["command"] == fh.read().replace(b"\0", b" ").strip().decode()
-    assert me["user"] == pwd.getpwuid(os.getuid()).pw_name
-    assert me["status"] in ("R", "S", "D")
-    assert isinstance(me["memory_mb"], (int, float)) and me["memory_mb"] > 1
-    child = [p for p in data["processes"] if p["pid"] == bg["pid"]]
-    assert len(child) == 1 and child[0]["ppid"] == os.getpid()
-    client.ok("POST", "/execute/kill/%s" % bg["process_id"])
-
-
 # -- the SDK's requests, replayed byte for byte (hopx-ai 0.5.0 over httpx) ----------------------------
 
 _SDK_HEADERS = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate", "User-Agent": "python-httpx/0.28.1"}
@@ -3721,246 +3669,13 @@ def test_sdk_env_calls(client):
     assert ran["stdout"] == "3\n"
 
 
-# ============================================================================
-# CLI
-# ============================================================================
-
-
-def _clean_env(**extra):
-    """The test's environment without any HOPX_AGENT_* setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOPX_AGENT_")}
-    env.update(extra)
-    return env
-
-
-@pytest.fixture
-def no_agent_env(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("HOPX_AGENT_"):
-            monkeypatch.delenv(key)
-    return monkeypatch
-
-
-class _AgentProcess:
-    """``python3 hopx_agent.py ...`` as a child; stderr read line by line on a thread."""
-
-    def __init__(self, args, env, cwd):
-        self.proc = subprocess.Popen([sys.executable, hopx_agent.__file__] + list(args), env=env, cwd=cwd,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        self.lines = queue.Queue()
-        self.seen = []
-        self._thread = threading.Thread(target=self._pump, name="test-agent-stderr", daemon=True)
-        self._thread.start()
-
-    def _pump(self):
-        for line in self.proc.stderr:
-            self.lines.put(line.decode("utf-8", "replace"))
-        self.lines.put(None)
-
-    def wait_line(self, pattern, timeout=20.0):
-        """The first stderr line (seen or still to come) matching ``pattern``."""
-        regex = re.compile(pattern)
-        for line in self.seen:
-            found = regex.search(line)
-            if found:
-                return found
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                line = self.lines.get(timeout=max(0.0, remaining)) if remaining > 0 else None
-            except queue.Empty:
-                line = None
-            if line is None:
-                raise AssertionError("no stderr line matching %r; stderr so far:\n%s"
-                                     % (pattern, "".join(self.seen)))
-            self.seen.append(line)
-            found = regex.search(line)
-            if found:
-                return found
-
-    def port(self):
-        return int(self.wait_line(r"listening on http://127\.0\.0\.1:(\d+)\b").group(1))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._thread.join(5)
-        self.proc.stderr.close()
-
-
-@pytest.fixture
-def run_agent(tmp_path):
-    started = []
-
-    def start(*args, **env):
-        agent = _AgentProcess(args, _clean_env(**env), str(tmp_path))
-        started.append(agent)
-        return agent
-
-    yield start
-    for agent in started:
-        agent.stop()
-
-
-def _get(port, path, token=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
-    try:
-        conn.request("GET", path, headers={"Authorization": "Bearer " + token} if token else {})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
-
-
-def _post(port, path, body, token=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
-    try:
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = "Bearer " + token
-        conn.request("POST", path, body=json.dumps(body).encode(), headers=headers)
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
-
-
-def test_main_version_prints_the_version(capsys):
-    assert hopx_agent.main(["--version"]) == 0
-    assert hopx_agent.__version__ in capsys.readouterr().out
-
-
-def test_running_the_file_as_a_script_prints_the_version():
-    done = subprocess.run([sys.executable, hopx_agent.__file__, "--version"], capture_output=True,
-                          timeout=30, env=_clean_env())
-    assert done.returncode == 0, done.stderr
-    assert hopx_agent.__version__ in done.stdout.decode()
-
-
-def test_token_command_mints_a_verifiable_token(no_agent_env, capsys):
-    no_agent_env.setenv("HOPX_AGENT_SECRET", "cli-secret-0123456789abcdef0123456789")
-    before = time.time()
-    assert hopx_agent.main(["token", "--ttl", "60", "--sub", "me"]) == 0
-    token = capsys.readouterr().out.strip()
-    claims = hopx_agent.verify_jwt(token, b"cli-secret-0123456789abcdef0123456789")
-    assert claims["sub"] == "me"
-    assert before + 60 - 2 <= claims["exp"] <= time.time() + 60 + 2
-    with pytest.raises(hopx_agent.AuthError):
-        hopx_agent.verify_jwt(token, b"another-secret")
-
-
-def test_token_command_without_a_secret_exits_2(no_agent_env, capsys):
-    assert hopx_agent.main(["token"]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert "secret" in captured.err
-
-
-def test_token_command_reads_the_secret_file_less_its_trailing_newline(no_agent_env, capsys, tmp_path):
-    key_file = tmp_path / "key"
-    key_file.write_bytes(b"file-secret-0123456789abcdef0123\n")
-    assert hopx_agent.main(["--secret-file", str(key_file), "token", "--sub", "filed"]) == 0
-    token = capsys.readouterr().out.strip()
-    assert hopx_agent.verify_jwt(token, b"file-secret-0123456789abcdef0123")["sub"] == "filed"
-    with pytest.raises(hopx_agent.AuthError):
-        hopx_agent.verify_jwt(token, b"file-secret-0123456789abcdef0123\n")
-
-
-def test_served_agent_without_secret_prints_a_working_token(run_agent):
-    agent = run_agent("--port", "0")
-    port = agent.port()
-    token = agent.wait_line(r"\b(eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+)").group(1)
-    curl = agent.wait_line(r"curl .*").group(0)
-    assert "Bearer " + token in curl and ":%d/" % port in curl
-    status, body = _get(port, "/execute/processes", token)
-    assert status == 200 and body["processes"] == []
-    status, body = _get(port, "/execute/processes")
-    assert status == 401 and body["code"] == "AUTHENTICATION_REQUIRED"
-    assert _get(port, "/execute/processes", good_token())[0] == 401   # the secret is random, not ours
-
-
-def test_sigterm_ends_children_and_exits_0_within_grace(run_agent):
-    grace = 1.0
-    agent = run_agent("--port", "0", "--kill-grace", str(grace), HOPX_AGENT_SECRET=SECRET.decode())
-    port = agent.port()
-    token = good_token()
-    status, started = _post(port, "/commands/background", {"command": "sleep 1000 & sleep 1000"}, token)
-    assert status == 200, started
-    pids = wait_until(lambda: (lambda found: found if len(found) >= 2 else None)(
-        pids_with_marker(started["process_id"])), 15, "the child and its grandchild")
-    assert started["pid"] in pids
-    agent.proc.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    code = agent.proc.wait(grace + 2 + 10)
-    elapsed = time.monotonic() - sent
-    assert code == 0, "".join(agent.seen)
-    assert elapsed <= grace + 2, elapsed
-    wait_until(lambda: not any(pid_alive(pid) for pid in pids), 2, "the children to be gone")
-
-
-@pytest.mark.parametrize("how", ["env", "file", "file-newline-only"])
-def test_empty_secret_refuses_to_start(tmp_path, how):
-    env, args = _clean_env(), [sys.executable, hopx_agent.__file__, "--port", "0"]
-    if how == "env":
-        env["HOPX_AGENT_SECRET"] = ""
-    else:
-        key_file = tmp_path / "key"
-        key_file.write_bytes(b"" if how == "file" else b"\n")
-        args += ["--secret-file", str(key_file)]
-    done = subprocess.run(args, env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
-                          capture_output=True, timeout=30)
-    assert done.returncode == 2, done.stderr
-    assert b"secret" in done.stderr
-    assert b"listening on" not in done.stderr
-
-
-def test_no_auth_serves_without_tokens_and_says_so(run_agent):
-    agent = run_agent("--port", "0", "--no-auth")
-    port = agent.port()
-    status, body = _get(port, "/execute/processes")
-    assert status == 200 and body["count"] == 0
-    status, body = _post(port, "/execute", {"code": "print('open')"})
-    assert status == 200 and body["stdout"] == "open\n"
-    assert any(re.search(r"(?i)auth\w* (is )?disabled|no-auth", line) for line in agent.seen)
-    assert not any(re.search(r"eyJ[A-Za-z0-9_-]+\.", line) for line in agent.seen)
-    agent.proc.send_signal(signal.SIGTERM)
-    assert agent.proc.wait(15) == 0
-
-
-def test_all_lists_exactly_the_public_names():
-    names = hopx_agent.__all__
-    assert len(names) == len(set(names))
-    for name in names:
-        assert hasattr(hopx_agent, name), name
-    public = {name for name, obj in vars(hopx_agent).items()
-              if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj))
-              and getattr(obj, "__module__", None) == "hopx_agent"}
-    assert public <= set(names), sorted(public - set(names))
-    for name in ("AgentConfig", "AgentError", "verify_jwt", "ProcessManager", "create_server", "serve", "main"):
-        assert name in names
-
-
-def test_importing_the_module_starts_nothing():
-    code = ("import logging, signal, threading, hopx_agent\n"
-            "assert threading.active_count() == 1, threading.enumerate()\n"
-            "assert logging.getLogger('hopx_agent').handlers == []\n"
-            "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
-            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n")
-    env = _clean_env(PYTHONPATH=os.path.dirname(os.path.abspath(hopx_agent.__file__)))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=30)
-    assert done.returncode == 0, done.stderr.decode()
-    assert done.stdout == b"" and done.stderr == b""
-
 
 READ_TIMEOUT_S = 10.0      # one blocked read at most; a hang fails instead of stalling the suite
 FOLLOW_DEADLINE_S = 20.0   # a whole stream at most
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 §1.3
 
 # ============================================================================
-# Helpers: a tiny SSE reader, a tiny WebSocket client
+# Endpoints: execution, live output: a tiny SSE reader, a tiny WebSocket client
 # ============================================================================
 
 
@@ -4193,7 +3908,7 @@ def capped_server(config):
 TEN_LINES = "".join("line %d\n" % i for i in range(10))
 
 # ============================================================================
-# Server-Sent Events
+# Endpoints: execution, live output over Server-Sent Events
 # ============================================================================
 
 
@@ -4392,7 +4107,7 @@ def test_sse_malformed_last_event_id_is_400(client):
     assert body["code"] == "INVALID_REQUEST"
 
 # ============================================================================
-# WebSocket
+# Endpoints: execution, live output over WebSocket (and the transport's RFC 6455 framing)
 # ============================================================================
 
 
@@ -4677,7 +4392,7 @@ def agent_server(tmp_path, **overrides):
         yield srv
     finally:
         srv.shutdown()
-        ids = list(mgr._records)
+        ids = record_ids(mgr)
         mgr.shutdown(5.0)
         srv.server_close()
         thread.join(5)
@@ -4693,7 +4408,7 @@ def own_manager(tmp_path, **overrides):
     try:
         yield mgr
     finally:
-        ids = list(mgr._records)
+        ids = record_ids(mgr)
         mgr.shutdown(5.0)
         markers = live_markers()
         leftovers = sorted(pid for rid in ids for pid in markers.get(rid, []))
@@ -4792,7 +4507,398 @@ def measured_window(seconds):
 
 
 # ============================================================================
-# Regressions found in review
+# Endpoints: environment and metrics
+# ============================================================================
+
+# -- /env ------------------------------------------------------------------------------------
+
+
+def _env(client):
+    return client.ok("GET", "/env")["env_vars"]
+
+
+def test_env_get_put_patch_delete(client):
+    env = _env(client)
+    assert isinstance(env, dict) and env.get("PATH") == os.environ.get("PATH")
+    assert not [k for k in env if k.startswith("HOPX_T_")]
+    _no_content(client, "PUT", "/env", {"env_vars": {"HOPX_T_A": "1", "HOPX_T_B": "2"}})
+    env = _env(client)
+    assert (env["HOPX_T_A"], env["HOPX_T_B"]) == ("1", "2")
+    _no_content(client, "PUT", "/env", {"env_vars": {"HOPX_T_C": "3"}})   # replaces
+    env = _env(client)
+    assert env["HOPX_T_C"] == "3" and "HOPX_T_A" not in env and "HOPX_T_B" not in env
+    _no_content(client, "PATCH", "/env", {"env_vars": {"HOPX_T_D": "4", "HOPX_T_C": "three"}})  # merges
+    env = _env(client)
+    assert (env["HOPX_T_C"], env["HOPX_T_D"]) == ("three", "4")
+    _no_content(client, "DELETE", "/env")                                  # clears
+    env = _env(client)
+    assert not [k for k in env if k.startswith("HOPX_T_")]
+    assert env.get("PATH") == os.environ.get("PATH")                       # the agent's env stays
+
+
+def test_env_values_must_be_strings(client):
+    for method in ("PUT", "PATCH"):
+        for env_vars in ({"HOPX_T_X": 1}, {"HOPX_T_X": None}, {"HOPX_T_X": ["a"]}, {"HOPX_T_X": True},
+                         {"HOPX_T_OK": "1", "HOPX_T_X": 2}, ["HOPX_T_X=1"]):
+            status, parsed, resp = client.call(method, "/env", {"env_vars": env_vars})
+            _assert_error(status, parsed, resp)
+    env = _env(client)
+    assert "HOPX_T_X" not in env and "HOPX_T_OK" not in env   # a rejected request changes nothing
+
+
+def test_env_precedence_request_over_global_over_agent(env_client):
+    c = env_client
+    code = ("import json, os\nprint(json.dumps({k: os.environ.get(k) for k in "
+            "('HOPX_T_LEVEL', 'HOPX_T_AGENT_ONLY', 'HOPX_T_GLOBAL_ONLY', 'HOPX_AGENT_SECRET')}))")
+
+    def seen(**extra):
+        return json.loads(c.ok("POST", "/execute", dict({"code": code}, **extra))["stdout"])
+
+    assert seen() == {"HOPX_T_LEVEL": "agent", "HOPX_T_AGENT_ONLY": "from-agent",
+                      "HOPX_T_GLOBAL_ONLY": None, "HOPX_AGENT_SECRET": None}
+    _no_content(c, "PUT", "/env", {"env_vars": {"HOPX_T_LEVEL": "global", "HOPX_T_GLOBAL_ONLY": "g"}})
+    assert seen() == {"HOPX_T_LEVEL": "global", "HOPX_T_AGENT_ONLY": "from-agent",
+                      "HOPX_T_GLOBAL_ONLY": "g", "HOPX_AGENT_SECRET": None}
+    assert seen(env={"HOPX_T_LEVEL": "request"})["HOPX_T_LEVEL"] == "request"
+    # api.md §1: the secret never reaches a child, whoever names it
+    _no_content(c, "PATCH", "/env", {"env_vars": {"HOPX_AGENT_SECRET": "from-global"}})
+    assert seen(env={"HOPX_AGENT_SECRET": "from-request"})["HOPX_AGENT_SECRET"] is None
+    assert seen()["HOPX_AGENT_SECRET"] is None
+    printed = c.ok("POST", "/commands/run", {"command": "printenv", "args": ["HOPX_T_LEVEL", "HOPX_T_GLOBAL_ONLY"],
+                                             "env": {"HOPX_T_LEVEL": "request"}})
+    assert printed["stdout"] == "request\ng\n"
+    assert c.ok("POST", "/commands/run", {"command": "printenv HOPX_T_LEVEL"})["stdout"] == "global\n"
+    _no_content(c, "DELETE", "/env")
+    assert seen()["HOPX_T_LEVEL"] == "agent"
+    assert "HOPX_AGENT_SECRET" not in _env(c)
+
+
+# -- /metrics ----------------------------------------------------------------------------------
+
+
+def _metrics_when(client, path, running, by_status):
+    """The snapshot once the manager's book-keeping caught up: a record turns
+    final a moment before its slot and status count are booked."""
+    def ready():
+        snap = client.ok("GET", path)
+        ex = snap["executions"]
+        return snap if (ex["running"], ex["by_status"]) == (running, by_status) else None
+    return wait_until(ready, 10, "executions running=%d by_status=%s" % (running, by_status))
+
+
+def test_metrics_snapshot_counts_requests_errors_and_executions(client):
+    assert client.ok("POST", "/execute", {"code": "print('x' * 10)"})["stdout"] == "x" * 10 + "\n"
+    status, _, _ = client.call("POST", "/execute", {"code": "print(1)", "timeout": 301})
+    assert status == 400
+    bg = client.ok("POST", "/execute/background", {"code": "import time\ntime.sleep(1000)"})
+    snap = _metrics_when(client, "/metrics/snapshot", 1, {"completed": 1})
+    assert isinstance(snap["uptime"], (int, float)) and snap["uptime"] >= 0
+    assert snap["requests"]["by_route"]["/execute"] == 2
+    assert snap["requests"]["by_route"]["/execute/background"] == 1
+    assert snap["requests"]["total"] == sum(snap["requests"]["by_route"].values()) >= 3
+    assert snap["errors"]["by_route"] == {"/execute": 1}
+    assert snap["errors"]["total"] == 1
+    assert (snap["executions"]["total"], snap["executions"]["queued"]) == (2, 0)
+    assert snap["output_bytes_held"] == 11
+    assert snap["webhooks"] == {"delivered": 0, "failed": 0}
+    client.ok("POST", "/execute/kill/%s" % bg["process_id"])
+    snap = _metrics_when(client, "/metrics", 0, {"completed": 1, "failed": 1})
+    assert snap["requests"]["by_route"]["/execute/kill/{process_id}"] == 1
+    assert snap["executions"]["total"] == 2
+    assert snap["requests"]["by_route"]["/metrics/snapshot"] >= 1
+
+
+_PROM_LABELS = r'(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")'
+_PROM_SAMPLE = re.compile(r"(hopx_agent_[a-zA-Z_:][a-zA-Z0-9_:]*)(\{%s(?:,%s)*\})? (\S+)" % (_PROM_LABELS, _PROM_LABELS))
+
+
+def test_metrics_prometheus_text_is_well_formed(client):
+    client.ok("POST", "/execute", {"code": "print(1)"})
+    status, resp, data = client.raw("GET", "/metrics/prometheus")
+    assert status == 200
+    assert resp.getheader("Content-Type").startswith("text/plain")
+    helps, types, samples = set(), {}, {}
+    for line in data.decode("utf-8").splitlines():
+        if line.startswith("# HELP "):
+            helps.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            types[name] = kind
+        else:
+            assert not line.startswith("#"), line
+            found = _PROM_SAMPLE.fullmatch(line)
+            assert found, "not a Prometheus sample: %r" % line
+            samples.setdefault(found.group(1), []).append((found.group(2) or "", float(found.group(3))))
+    assert samples
+    for name in samples:
+        assert name in helps and name in types, name
+    assert ('{route="/execute"}', 1.0) in samples["hopx_agent_requests_total"]
+    assert samples["hopx_agent_executions_total"] == [("", 1.0)]
+    assert samples["hopx_agent_uptime_seconds"][0][1] >= 0
+
+
+# -- GET /processes --------------------------------------------------------------------------------
+
+
+def test_system_processes_include_the_agent_and_its_children(client):
+    bg = client.ok("POST", "/execute/background", {"code": "import time\ntime.sleep(1000)"})
+    data = client.ok("GET", "/processes")
+    assert data["count"] == len(data["processes"])
+    mine = [p for p in data["processes"] if p["pid"] == os.getpid()]
+    assert len(mine) == 1
+    me = mine[0]
+    assert {"pid", "ppid", "name", "command", "user", "status", "memory_mb"} <= set(me)
+    assert me["ppid"] == os.getppid()
+    with open("/proc/self/comm") as fh:
+        assert me["name"] == fh.read().strip()
+    with open("/proc/self/cmdline", "rb") as fh:
+        assert me["command"] == fh.read().replace(b"\0", b" ").strip().decode()
+    assert me["user"] == pwd.getpwuid(os.getuid()).pw_name
+    assert me["status"] in ("R", "S", "D")
+    assert isinstance(me["memory_mb"], (int, float)) and me["memory_mb"] > 1
+    child = [p for p in data["processes"] if p["pid"] == bg["pid"]]
+    assert len(child) == 1 and child[0]["ppid"] == os.getpid()
+    client.ok("POST", "/execute/kill/%s" % bg["process_id"])
+
+
+
+# ============================================================================
+# Entry points: the CLI
+# ============================================================================
+
+
+def _clean_env(**extra):
+    """The test's environment without any HOPX_AGENT_* setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOPX_AGENT_")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def no_agent_env(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("HOPX_AGENT_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+class _AgentProcess:
+    """``python3 hopx_agent.py ...`` as a child; stderr read line by line on a thread."""
+
+    def __init__(self, args, env, cwd):
+        self.proc = subprocess.Popen([sys.executable, hopx_agent.__file__] + list(args), env=env, cwd=cwd,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        self.lines = queue.Queue()
+        self.seen = []
+        self._thread = threading.Thread(target=self._pump, name="test-agent-stderr", daemon=True)
+        self._thread.start()
+
+    def _pump(self):
+        for line in self.proc.stderr:
+            self.lines.put(line.decode("utf-8", "replace"))
+        self.lines.put(None)
+
+    def wait_line(self, pattern, timeout=20.0):
+        """The first stderr line (seen or still to come) matching ``pattern``."""
+        regex = re.compile(pattern)
+        for line in self.seen:
+            found = regex.search(line)
+            if found:
+                return found
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(0.0, remaining)) if remaining > 0 else None
+            except queue.Empty:
+                line = None
+            if line is None:
+                raise AssertionError("no stderr line matching %r; stderr so far:\n%s"
+                                     % (pattern, "".join(self.seen)))
+            self.seen.append(line)
+            found = regex.search(line)
+            if found:
+                return found
+
+    def port(self):
+        return int(self.wait_line(r"listening on http://127\.0\.0\.1:(\d+)\b").group(1))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._thread.join(5)
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def run_agent(tmp_path):
+    started = []
+
+    def start(*args, **env):
+        agent = _AgentProcess(args, _clean_env(**env), str(tmp_path))
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+def _get(port, path, token=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        conn.request("GET", path, headers={"Authorization": "Bearer " + token} if token else {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _post(port, path, body, token=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        conn.request("POST", path, body=json.dumps(body).encode(), headers=headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_main_version_prints_the_version(capsys):
+    assert hopx_agent.main(["--version"]) == 0
+    assert hopx_agent.__version__ in capsys.readouterr().out
+
+
+def test_running_the_file_as_a_script_prints_the_version():
+    done = subprocess.run([sys.executable, hopx_agent.__file__, "--version"], capture_output=True,
+                          timeout=30, env=_clean_env())
+    assert done.returncode == 0, done.stderr
+    assert hopx_agent.__version__ in done.stdout.decode()
+
+
+def test_token_command_mints_a_verifiable_token(no_agent_env, capsys):
+    no_agent_env.setenv("HOPX_AGENT_SECRET", "cli-secret-0123456789abcdef0123456789")
+    before = time.time()
+    assert hopx_agent.main(["token", "--ttl", "60", "--sub", "me"]) == 0
+    token = capsys.readouterr().out.strip()
+    claims = hopx_agent.verify_jwt(token, b"cli-secret-0123456789abcdef0123456789")
+    assert claims["sub"] == "me"
+    assert before + 60 - 2 <= claims["exp"] <= time.time() + 60 + 2
+    with pytest.raises(hopx_agent.AuthError):
+        hopx_agent.verify_jwt(token, b"another-secret")
+
+
+def test_token_command_without_a_secret_exits_2(no_agent_env, capsys):
+    assert hopx_agent.main(["token"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "secret" in captured.err
+
+
+def test_token_command_reads_the_secret_file_less_its_trailing_newline(no_agent_env, capsys, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"file-secret-0123456789abcdef0123\n")
+    assert hopx_agent.main(["--secret-file", str(key_file), "token", "--sub", "filed"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert hopx_agent.verify_jwt(token, b"file-secret-0123456789abcdef0123")["sub"] == "filed"
+    with pytest.raises(hopx_agent.AuthError):
+        hopx_agent.verify_jwt(token, b"file-secret-0123456789abcdef0123\n")
+
+
+def test_served_agent_without_secret_prints_a_working_token(run_agent):
+    agent = run_agent("--port", "0")
+    port = agent.port()
+    token = agent.wait_line(r"\b(eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+)").group(1)
+    curl = agent.wait_line(r"curl .*").group(0)
+    assert "Bearer " + token in curl and ":%d/" % port in curl
+    status, body = _get(port, "/execute/processes", token)
+    assert status == 200 and body["processes"] == []
+    status, body = _get(port, "/execute/processes")
+    assert status == 401 and body["code"] == "AUTHENTICATION_REQUIRED"
+    assert _get(port, "/execute/processes", good_token())[0] == 401   # the secret is random, not ours
+
+
+def test_sigterm_ends_children_and_exits_0_within_grace(run_agent):
+    grace = 1.0
+    agent = run_agent("--port", "0", "--kill-grace", str(grace), HOPX_AGENT_SECRET=SECRET.decode())
+    port = agent.port()
+    token = good_token()
+    status, started = _post(port, "/commands/background", {"command": "sleep 1000 & sleep 1000"}, token)
+    assert status == 200, started
+    pids = wait_until(lambda: (lambda found: found if len(found) >= 2 else None)(
+        pids_with_marker(started["process_id"])), 15, "the child and its grandchild")
+    assert started["pid"] in pids
+    agent.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code = agent.proc.wait(grace + 2 + 10)
+    elapsed = time.monotonic() - sent
+    assert code == 0, "".join(agent.seen)
+    assert elapsed <= grace + 2, elapsed
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), 2, "the children to be gone")
+
+
+@pytest.mark.parametrize("how", ["env", "file", "file-newline-only"])
+def test_empty_secret_refuses_to_start(tmp_path, how):
+    env, args = _clean_env(), [sys.executable, hopx_agent.__file__, "--port", "0"]
+    if how == "env":
+        env["HOPX_AGENT_SECRET"] = ""
+    else:
+        key_file = tmp_path / "key"
+        key_file.write_bytes(b"" if how == "file" else b"\n")
+        args += ["--secret-file", str(key_file)]
+    done = subprocess.run(args, env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert b"secret" in done.stderr
+    assert b"listening on" not in done.stderr
+
+
+def test_no_auth_serves_without_tokens_and_says_so(run_agent):
+    agent = run_agent("--port", "0", "--no-auth")
+    port = agent.port()
+    status, body = _get(port, "/execute/processes")
+    assert status == 200 and body["count"] == 0
+    status, body = _post(port, "/execute", {"code": "print('open')"})
+    assert status == 200 and body["stdout"] == "open\n"
+    assert any(re.search(r"(?i)auth\w* (is )?disabled|no-auth", line) for line in agent.seen)
+    assert not any(re.search(r"eyJ[A-Za-z0-9_-]+\.", line) for line in agent.seen)
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(15) == 0
+
+
+def test_all_lists_exactly_the_public_names():
+    names = hopx_agent.__all__
+    assert len(names) == len(set(names))
+    for name in names:
+        assert hasattr(hopx_agent, name), name
+    public = {name for name, obj in vars(hopx_agent).items()
+              if not name.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj))
+              and getattr(obj, "__module__", None) == "hopx_agent"}
+    assert public <= set(names), sorted(public - set(names))
+    for name in ("AgentConfig", "AgentError", "verify_jwt", "ProcessManager", "create_server", "serve", "main"):
+        assert name in names
+
+
+def test_importing_the_module_starts_nothing():
+    code = ("import logging, signal, threading, hopx_agent\n"
+            "assert threading.active_count() == 1, threading.enumerate()\n"
+            "assert logging.getLogger('hopx_agent').handlers == []\n"
+            "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n")
+    env = _clean_env(PYTHONPATH=os.path.dirname(os.path.abspath(hopx_agent.__file__)))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b"" and done.stderr == b""
+
+
+# ============================================================================
+# Hardening: regressions found in review
 # ============================================================================
 
 
@@ -4895,7 +5001,7 @@ def test_a_kept_alive_connection_outlives_a_slow_request_before_it(tmp_path):
 
 
 # ============================================================================
-# Request-body mutation fuzzer
+# Hardening: request-body mutation fuzzer
 # ============================================================================
 
 _RAW = "@@RAW@@"
@@ -5117,9 +5223,8 @@ def test_mutated_request_bodies_get_4xx_json_never_500_and_the_server_keeps_serv
         elapsed = time.monotonic() - began
         assert c.call("GET", "/health")[0] == 200
         assert c.call("DELETE", "/env")[0] == 204
-        with manager._lock:     # at large scales the oldest finished records were evicted
-            recs = [manager._records[pid] for pid in started + [v.id for v in victims.all]
-                    if pid in manager._records]
+        # at large scales the oldest finished records were evicted
+        recs = records_of(manager, started + [v.id for v in victims.all])
         for rec in recs:
             manager.kill(rec.id, wait=False)
         for rec in recs:
@@ -5156,7 +5261,7 @@ def test_the_500s_found_by_the_fuzzer_pinned(client):
 
 
 # ============================================================================
-# HTTP: slow clients, the connection cap, pipelining, framing
+# Hardening: HTTP: slow clients, the connection cap, pipelining, framing
 # ============================================================================
 
 SLOW_DEADLINE_S = 1.0
@@ -5362,7 +5467,7 @@ def test_a_60_kib_header_line_is_431_and_closed(server):
 
 
 # ============================================================================
-# Processes: hostile children
+# Hardening: processes: hostile children
 # ============================================================================
 
 
@@ -5538,7 +5643,7 @@ def test_kills_racing_the_processes_own_exit_are_clean(manager):
             before = (rec.status, rec.reason, rec.exit_code)
             assert manager.kill(rec.id)["status"] in ("completed", "failed")
             assert (rec.status, rec.reason, rec.exit_code) == before
-        wait_until(lambda: not [t for t in list(manager._watchdog._heap) if t.fn is not None and t.deadline
+        wait_until(lambda: not [t for t in list(manager.watchdog._heap) if t.fn is not None and t.deadline
                                 < time.monotonic() + 5], 5, "every escalation timer to fire")
     outcomes = collections.Counter((r.status, r.reason) for r in recs)
     print("\nkill races: %s" % dict(outcomes))
@@ -5608,7 +5713,7 @@ def test_sigterm_to_the_agent_script_ends_every_group_and_exits_0(tmp_path):
 
 
 # ============================================================================
-# Load
+# Hardening: load
 # ============================================================================
 
 
@@ -5683,8 +5788,7 @@ def _mixed_load(server, manager):
     assert not [s for s in statuses if s >= 500]
 
     def all_final():
-        with manager._lock:
-            recs = [manager._records[pid] for pid in set(started)]
+        recs = records_of(manager, set(started))
         return all(r.finished for r in recs)
     wait_until(all_final, 30, "every started process to finish")
     # the agent keeps its watchdog, its exit watcher and WORKER_RESERVE idle pooled threads; nothing else
@@ -5698,7 +5802,7 @@ def _mixed_load(server, manager):
 
 
 # ============================================================================
-# Secrets
+# Hardening: secrets
 # ============================================================================
 
 
@@ -5760,6 +5864,10 @@ def test_the_secret_and_tokens_never_leave_the_agent(tmp_path, monkeypatch):
             assert tok not in body, "a token was echoed: %s" % body[:200]
         assert secret_text not in body, "the secret appears in a response: %s" % body[:200]
 
+
+# ============================================================================
+# Benchmark (HOPX_BENCH=1): figures, never timed assertions
+# ============================================================================
 
 bench = pytest.mark.skipif(os.environ.get("HOPX_BENCH") != "1", reason="set HOPX_BENCH=1")
 
