@@ -3852,6 +3852,15 @@ def _ws_session(srv: "_AgentServer", ws: _WebSocket) -> None:
     _ws_follow(ws, rec)
 
 
+def _ws_send_output(ws: _WebSocket, stream: str, data: str) -> None:
+    """One piece of output as the HopX documentation names it (``stdout``/``stderr``),
+    then as ``output`` with its ``stream``, the name other HopX clients read
+    (the async SDK's own tests); a client handles one name or the other."""
+    stamp = _rfc3339(time.time())
+    ws.send_json({"type": stream, "data": data, "timestamp": stamp})
+    ws.send_json({"type": "output", "stream": stream, "data": data, "timestamp": stamp})
+
+
 def _ws_follow(ws: _WebSocket, rec: _ProcessRecord) -> None:
     """Send a record's output as it comes, then its result, then close."""
     follower = _Follower(rec, {"stdout": None, "stderr": None})
@@ -3863,7 +3872,7 @@ def _ws_follow(ws: _WebSocket, rec: _ProcessRecord) -> None:
             if kind == "dropped":
                 ws.send_json(dict(payload, type="dropped", timestamp=_rfc3339(time.time())))
             else:
-                ws.send_json({"type": kind, "data": payload["data"], "timestamp": _rfc3339(time.time())})
+                _ws_send_output(ws, kind, payload["data"])
         if record is not None:
             ws.send_json({"type": "result", "exit_code": record["exit_code"],
                           "execution_time": record["execution_time"], "status": record["status"],

@@ -3875,6 +3875,9 @@ class WS:
             assert time.monotonic() < deadline, got
             opcode, payload = self.recv()
             message = json.loads(payload)
+            if message["type"] == "output":       # the same output under its other name
+                assert message["stream"] == "stdout", message
+                continue
             assert (opcode, message["type"]) == (self.TEXT, "stdout"), message
             got += message["data"]
         return got
@@ -4132,9 +4135,13 @@ def test_ws_runs_code_and_streams_output_then_result_complete_close(server):
     finally:
         ws.close()
     kinds = [m["type"] for m in messages]
-    assert kinds[-2:] == ["result", "complete"] and set(kinds[:-2]) == {"stdout"}
+    assert kinds[-2:] == ["result", "complete"] and set(kinds[:-2]) == {"stdout", "output"}
     assert "".join(m["data"] for m in messages if m["type"] == "stdout") == "hello\nworld\n"
-    assert all(m["timestamp"] for m in messages if m["type"] == "stdout")
+    # every piece comes twice: as "stdout" (the HopX docs) and as "output" with its stream
+    outputs = [m for m in messages if m["type"] == "output"]
+    assert [(m["stream"], m["data"]) for m in outputs] == [("stdout", m["data"]) for m in messages
+                                                             if m["type"] == "stdout"]
+    assert all(m["timestamp"] for m in messages if m["type"] in ("stdout", "output"))
     result = messages[-2]
     assert result["exit_code"] == 0 and isinstance(result["execution_time"], (int, float))
     assert messages[-1] == {"type": "complete", "success": True}
