@@ -34,12 +34,14 @@ from __future__ import annotations
 import base64
 import collections
 import dataclasses
+import errno
 import functools
 import hashlib
 import heapq
 import hmac
 import http.server
 import io
+import itertools
 import json
 import logging
 import math
@@ -55,6 +57,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import zlib
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 # ============================================================================
@@ -159,6 +162,9 @@ class AgentConfig:
     request_deadline: float = REQUEST_DEADLINE_S
     log_level: str = "info"
     log_format: str = "text"
+    # durability (issue 16): where the journal lives; None: no journal (embedders,
+    # tests; main() fills in a default per port, see _default_state_dir)
+    state_dir: Optional[str] = None
 
     @property
     def queue_limit(self) -> int:
@@ -719,6 +725,18 @@ class _ProcessRecord:
         self.exit_info: Optional[Tuple[Optional[int], Any]] = None   # (wait status, rusage) once reaped
         self.prereaped: Optional[Tuple[int, Any]] = None   # the same, where wait4 had to reap to wait
         self.changes = 0                   # bumped by changes to_json cannot see in its cache key
+        # durability (issue 16): what the journal and an upgrade need of the record
+        self.seq = 0                       # creation order (the listing's), from the registry
+        self.fseq = 0                      # the order it became final in (retention's)
+        self.starttime: Optional[int] = None   # the leader's start (clock ticks since boot): proof after a crash
+        self.boot_id: Optional[str] = None
+        self.final_hook: Optional[Callable[["_ProcessRecord"], None]] = None  # set_final calls it, cond held
+        self.fds: Dict[str, int] = {}      # output pipes not at EOF yet, by stream: an upgrade hands them over
+        self.readers = 0                   # reader jobs submitted and not returned (an upgrade restarts parked ones)
+        self.timers: Dict[str, _Timer] = {}   # "escalate", "drain": pending deadlines an upgrade carries over
+        self.journaled = False             # the journal has its start (so a later spawn is journaled too)
+        self.idempotency: Optional[List[Any]] = None   # [key, request digest, first answer], kept with it
+        self.cgroups: List[str] = []       # the record's cgroup directories (issue 15), swept after a crash
 
     @property
     def finished(self) -> bool:
@@ -738,6 +756,8 @@ class _ProcessRecord:
         self.status = "completed" if reason == "exited" and exit_code == 0 else "failed"
         self.ended = time.time()
         self.duration = round(time.monotonic() - self.started_mono, 6) if self.started_mono else 0.0
+        if self.final_hook is not None:     # the journal: the outcome is written before anyone sees it
+            self.final_hook(self)
         self.cond.notify_all()
 
     def to_json(self, *, output: bool = True, offsets: Optional[Dict[str, Optional[int]]] = None,
@@ -892,11 +912,12 @@ def _resolve_language(value: Any) -> Tuple[str, str]:
     return name, program
 
 
-def _write_code_file(code: str, suffix: str) -> str:
+def _write_code_file(code: str, suffix: str, prefix: str = "hopx-") -> str:
     """The code in a private (0600) temp file, so there is no argv length limit
-    and tracebacks name a real file."""
+    and tracebacks name a real file. An agent with a journal names it after
+    its state directory (``prefix``), so a restart finds what a crash left."""
     import tempfile  # imported here: it costs import time and is needed only to run code
-    fd, path = tempfile.mkstemp(prefix="hopx-", suffix=suffix)
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(code.encode("utf-8"))
@@ -934,6 +955,9 @@ class _Watchdog:
         self._seq = 0
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
+        # Held by an upgrade in place while it takes its snapshot: callbacks
+        # wait here (taken around each one, never while holding _cond).
+        self.gate = threading.Lock()
 
     def schedule(self, delay: float, fn: Callable[[], None]) -> _Timer:
         with self._cond:
@@ -968,13 +992,14 @@ class _Watchdog:
             if not due:
                 return
             for timer in due:
-                fn, timer.fn = timer.fn, None
-                if fn is None:
-                    continue
-                try:
-                    fn()
-                except Exception:
-                    log.exception("watchdog callback failed")
+                with self.gate:
+                    fn, timer.fn = timer.fn, None
+                    if fn is None:
+                        continue
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("watchdog callback failed")
 
     def stop(self, timeout: float) -> None:
         with self._cond:
@@ -983,6 +1008,10 @@ class _Watchdog:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+
+    def pending(self, timer: Optional[_Timer]) -> Optional[float]:
+        """The monotonic deadline of ``timer`` if it has neither run nor been cancelled."""
+        return timer.deadline if timer is not None and timer.fn is not None else None
 
 
 # ============================================================================
@@ -1098,6 +1127,107 @@ class _WorkerPool:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
+class _Parking:
+    """Lets the readers of children's output stop between two reads when an
+    upgrade in place asks, leaving what is unread in the pipe (or pty) for
+    the successor: the offset handed over is exactly where reading stopped.
+
+    A reader job is counted from its submission (submit()) to its return,
+    so park() also waits for jobs not started yet (they see the request and
+    return before reading). A reader polls its descriptor together with this
+    wake-up pipe and reads its (non-blocking) descriptor until it is empty
+    before it polls again: a flood costs one poll per emptied pipe, not one
+    per read.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())  # guards _active, _pipe
+        self.requested = False   # read by readers between reads without the lock: a stale False costs one read
+        self._active = 0         # reader jobs submitted and not returned
+        self._pipe: Optional[Tuple[int, int]] = None
+
+    def submit(self, workers: "_WorkerPool", name: str, fn: Callable[..., None], *args: Any) -> None:
+        """Run a reader job on the pool, counted until it returns."""
+        with self._cond:
+            self._active += 1
+        workers.submit(name, self._run, fn, args)
+
+    def _run(self, fn: Callable[..., None], args: Tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def poller(self, fd: int) -> Any:
+        """A poll set for a reader of ``fd`` (made non-blocking) and the wake-up pipe."""
+        with self._cond:
+            if self._pipe is None:
+                self._pipe = os.pipe()
+            wake = self._pipe[0]
+        os.set_blocking(fd, False)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        return poller
+
+    def park(self, timeout: float) -> bool:
+        """Ask every reader to stop; True once all have (within ``timeout``)."""
+        with self._cond:
+            self.requested = True
+            if self._pipe is not None:
+                os.write(self._pipe[1], b"p")        # level-triggered: wakes every poller until unpark
+            return self._cond.wait_for(lambda: self._active == 0, timeout)
+
+    def unpark(self) -> None:
+        """The upgrade did not happen: readers may be submitted again."""
+        with self._cond:
+            self.requested = False
+            if self._pipe is not None:
+                os.set_blocking(self._pipe[0], False)
+                try:
+                    os.read(self._pipe[0], 64)
+                except BlockingIOError:
+                    pass
+
+    def close(self) -> None:
+        """Close the wake-up pipe, unless a reader still polls it (a closed fd would make it spin)."""
+        with self._cond:
+            if self._active:
+                return
+            pipe, self._pipe = self._pipe, None
+        for fd in pipe or ():
+            _close_quietly(fd)
+
+
+def _read_parkable(fd: int, parking: _Parking, scratch: bytearray, deliver: Callable[[memoryview], None]) -> bool:
+    """Read ``fd`` into ``deliver`` until EOF (True) or until parking is
+    requested (False: ``fd`` is left open, just after the last byte
+    delivered). A pty master's EIO (its other side closed) counts as EOF."""
+    view = memoryview(scratch)
+    poller = parking.poller(fd)
+    empty = True
+    while not parking.requested:
+        if empty:
+            poller.poll()
+            empty = False
+            continue
+        try:
+            size = os.readv(fd, [scratch])
+        except BlockingIOError:
+            empty = True
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                return True
+            raise
+        if not size:
+            return True
+        deliver(view[:size])
+    return False
+
+
 class _ExitWatcher:
     """One thread that learns of every leader's exit: each leader's pidfd
     (Linux 5.3+) in one epoll set, so no thread per process sits waiting for
@@ -1111,6 +1241,7 @@ class _ExitWatcher:
         self._wake: Optional[Tuple[int, int]] = None
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
+        self.gate = threading.Lock()   # held by an upgrade in place: exit handlers wait (see _Watchdog.gate)
 
     def watch(self, pid: int, on_exit: Callable[[], None]) -> bool:
         if not hasattr(os, "pidfd_open") or not hasattr(select, "epoll"):
@@ -1158,18 +1289,25 @@ class _ExitWatcher:
             except (OSError, ValueError):     # closed under us: stop() gave up waiting
                 return
             for fd, _ in events:
-                with self._lock:
-                    if self._stopped:
+                with self.gate:
+                    if not self._handle(epoll, fd):
                         return
-                    on_exit = self._callbacks.pop(fd, None)
-                if on_exit is None:
-                    continue
-                try:
-                    epoll.unregister(fd)
-                    os.close(fd)
-                    on_exit()
-                except Exception:      # one failure must not end the watch for every process
-                    log.exception("exit handling failed")
+
+    def _handle(self, epoll: Any, fd: int) -> bool:
+        """Run the exit callback of one readable pidfd; False once stopped."""
+        with self._lock:
+            if self._stopped:
+                return False
+            on_exit = self._callbacks.pop(fd, None)
+        if on_exit is None:
+            return True
+        try:
+            epoll.unregister(fd)
+            os.close(fd)
+            on_exit()
+        except Exception:      # one failure must not end the watch for every process
+            log.exception("exit handling failed")
+        return True
 
     def stop(self, timeout: float) -> None:
         with self._lock:
@@ -1223,6 +1361,9 @@ class _Spawner:
         self.changed = threading.Condition(self._lock)   # notified when either shrinks or grows
         self._tracked: set = set()                  # pids started and not reaped yet
         self._spawning = 0                          # Popen calls under way: pids not known yet
+        # Added to every child's environment (durability: HOPX_AGENT_STATE, the
+        # state dir's id, by which a restarted agent proves an orphan its own).
+        self.markers: Dict[str, str] = {}
 
     def spawn(self, spec: _ChildSpec) -> subprocess.Popen:
         """Popen for ``spec``; the pid is tracked until untrack() says it was reaped.
@@ -1232,6 +1373,7 @@ class _Spawner:
         program is executed directly (a shell costs ~0.8 ms per start).
         """
         argv = list(spec.argv)
+        env = dict(os.environ if spec.env is None else spec.env, **self.markers) if self.markers else spec.env
         if spec.preludes:
             argv = ["/bin/sh", "-c", "; ".join(spec.preludes) + '; exec "$0" "$@"'] + argv
         with self._lock:
@@ -1239,7 +1381,7 @@ class _Spawner:
         popen = None
         try:
             popen = subprocess.Popen(argv, stdin=spec.stdin, stdout=spec.stdout, stderr=spec.stderr,
-                                     cwd=spec.cwd, env=spec.env, pass_fds=spec.pass_fds,
+                                     cwd=spec.cwd, env=env, pass_fds=spec.pass_fds,
                                      start_new_session=True, close_fds=True)
             return popen
         finally:
@@ -1248,6 +1390,12 @@ class _Spawner:
                 if popen is not None:
                     self._tracked.add(popen.pid)
                 self.changed.notify_all()
+
+    def adopt(self, pid: int) -> None:
+        """``pid`` is a child the agent's previous version started (an upgrade in place)."""
+        with self._lock:
+            self._tracked.add(pid)
+            self.changed.notify_all()
 
     def untrack(self, pid: int) -> None:
         """``pid`` was reaped by its owner."""
@@ -1502,6 +1650,7 @@ class _Launcher:
         base.pop(SECRET_ENV, None)
         base.setdefault("PYTHONUNBUFFERED", "1")   # live output from Python children by default
         self._base_env = base
+        self.code_prefix = "hopx-"      # durability: "hopx-<state dir id>-" once there is a journal
 
     def env_snapshot(self) -> Dict[str, str]:
         """Agent environment overlaid with the global store (what GET /env shows)."""
@@ -1517,6 +1666,11 @@ class _Launcher:
                 self._env = dict(values)
             else:
                 self._env.update(values)
+
+    def env_store(self) -> Dict[str, str]:
+        """The global store alone (what an upgrade hands over)."""
+        with self._lock:
+            return dict(self._env)
 
     def env_delete(self, keys: Optional[Iterable[str]] = None) -> None:
         """Forget the given keys of the global store, or all of it."""
@@ -1554,7 +1708,7 @@ class _Launcher:
         """A launch that runs ``code`` with the language's interpreter from a temp file."""
         lang, program = _resolve_language(language)
         directory = self.resolve_cwd(cwd)
-        path = _write_code_file(code, _LANGUAGES[lang][3])
+        path = _write_code_file(code, _LANGUAGES[lang][3], self.code_prefix)
         argv = _LANGUAGES[lang][2](program, path)
         return _Launch(argv=argv, cwd=directory, env=self.child_env(env), kind="code", language=lang,
                        name=name, timeout=timeout, stdin=stdin, tempfile=path, idle_timeout=idle_timeout)
@@ -1602,6 +1756,12 @@ class _Registry:
         self._stats: Dict[str, int] = collections.Counter()
         self._idempotency: Dict[str, _IdempotentStart] = {}    # Idempotency-Key -> its first start
         self.cache = _RecordCache(RECORD_CACHE_BYTES)
+        # durability (issue 16): the journal told of evictions once the lock is released
+        self.journal: Optional[Any] = None
+        self._seq = 0                                          # the last record's creation number
+        self.fseq = itertools.count(1)     # the order records become final in (lock-free: set_final's cond is held)
+        self._forgotten: List[str] = []                        # evicted, not journaled yet
+        self._emptied: List[str] = []                          # output dropped by the budget, likewise
 
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -1622,9 +1782,57 @@ class _Registry:
             else:
                 self._queue.append(rec)
                 run_now = False
+            self._seq += 1
+            rec.seq = self._seq
             self._records[rec.id] = rec
             self._stats["started"] += 1
         return run_now
+
+    def all(self) -> List[_ProcessRecord]:
+        with self.lock:
+            return list(self._records.values())
+
+    def hand_over(self) -> Tuple[List[_ProcessRecord], List[str], Dict[str, Any]]:
+        """For an upgrade: every record (creation order), the queue's ids, and the rest."""
+        with self.lock:
+            keys = {key: [entry.digest, entry.answer] for key, entry in self._idempotency.items()
+                    if entry.done.is_set() and entry.answer is not None}
+            return (list(self._records.values()), [r.id for r in self._queue],
+                    {"stats": dict(self._stats), "seq": self._seq, "finished": list(self._finished),
+                     "idempotency": keys})
+
+    def adopt(self, recs: List[_ProcessRecord], queue: List[str], extra: Dict[str, Any]) -> None:
+        """Take in the records of a previous agent: a restart's (all final) or
+        an upgrade's (running and queued too, with the queue's order)."""
+        by_id = {rec.id: rec for rec in recs}
+        finished_order = [i for i in extra.get("finished", []) if i in by_id]
+        with self.lock:
+            for rec in sorted(recs, key=lambda r: r.seq):
+                self._records[rec.id] = rec
+                self._seq = max(self._seq, rec.seq)
+            self._seq = max(self._seq, int(extra.get("seq", 0)))
+            finals = [by_id[i] for i in finished_order] or sorted(
+                (r for r in recs if r.finished), key=lambda r: (r.fseq or float("inf"), r.seq))
+            for rec in finals:
+                self._finished[rec.id] = rec
+                rec.accounted = rec.stdout.held + rec.stderr.held
+                self._finished_bytes += rec.accounted
+            self._queue.extend(by_id[i] for i in queue)
+            self.running += sum(1 for r in recs if not r.finished and r.status != "queued")
+            self.fseq = itertools.count(max([r.fseq for r in recs] + [0]) + 1)
+            self._stats.update(extra.get("stats") or {})
+            for key, (digest, answer) in (extra.get("idempotency") or {}).items():
+                self._adopt_key(key, digest, answer)
+            for rec in recs:
+                if rec.idempotency and rec.idempotency[0] not in self._idempotency:
+                    self._adopt_key(*rec.idempotency)
+            self._enforce_retention()
+        self.journal_retention()
+
+    def _adopt_key(self, key: str, digest: str, answer: Dict[str, Any]) -> None:
+        entry = self._idempotency[key] = _IdempotentStart(digest)
+        entry.answer = answer
+        entry.done.set()
 
     def dequeue(self, rec: _ProcessRecord) -> bool:
         """Take a record out of the queue; False if it was not queued."""
@@ -1660,7 +1868,18 @@ class _Registry:
             while not self.closed and self._queue and self.running < self.config.max_running:
                 ready.append(self._queue.popleft())
                 self.running += 1
+        self.journal_retention()
         return ready
+
+    def journal_retention(self) -> None:
+        """Tell the journal what retention evicted or emptied (outside the lock)."""
+        with self.lock:
+            forgotten, self._forgotten = self._forgotten, []
+            emptied, self._emptied = self._emptied, []
+        if self.journal is not None:
+            self.journal.forget(forgotten)
+            for rec_id in emptied:
+                self.journal.output_dropped(rec_id)
 
     def _enforce_retention(self) -> None:
         """Keep at most ``retain`` finished records and ``output_budget`` bytes
@@ -1671,6 +1890,7 @@ class _Registry:
             self._idempotency.pop(old.idempotency_key or "", None)
             self._finished_bytes -= old.accounted
             self.cache.forget(old.id)
+            self._forgotten.append(old.id)
         for old in self._finished.values():
             if self._finished_bytes <= self.config.output_budget:
                 break
@@ -1678,6 +1898,8 @@ class _Registry:
                 old.stdout.discard()
                 old.stderr.discard()
             self._finished_bytes -= old.accounted
+            if old.accounted:
+                self._emptied.append(old.id)
             old.accounted = 0
 
     # -- reading -----------------------------------------------------------------
@@ -1747,7 +1969,12 @@ class _Registry:
             # the first request failed and let go of the key: try to take it
         try:
             entry.answer = start()
-            self.get(entry.answer["process_id"]).idempotency_key = key
+            rec = self.get(entry.answer["process_id"])
+            with rec.cond:
+                rec.idempotency_key = key
+                rec.idempotency = [key, digest, entry.answer]
+            if self.journal is not None:
+                self.journal.changed(rec)
             return entry.answer
         except BaseException:
             with self.lock:
@@ -1793,6 +2020,7 @@ class _Lifecycle:
         self.watchdog = _Watchdog()
         self.workers = _WorkerPool()
         self.exits = _ExitWatcher()
+        self.parking = _Parking()
 
     def start_all(self, recs: List[_ProcessRecord]) -> None:
         """Spawn each record; a spawn that fails frees its slot for the next queued one."""
@@ -1822,23 +2050,40 @@ class _Lifecycle:
             rec.status = "running"
             rec.started, rec.started_mono = time.time(), time.monotonic()
             rec.open_streams = 2
+            rec.fds = {"stdout": out_r, "stderr": err_r}
             rec.last_output = rec.started_mono
             kill_now = rec.kill_reason is not None
+            if rec.journaled and self.registry.journal is not None:   # queued before: its start is known
+                self.registry.journal.ran(rec)
             rec.cond.notify_all()
         # Timers first: a child that ends at once must find them there to cancel.
         if launch.timeout:
             rec.timer = self.watchdog.schedule(launch.timeout, lambda: self.on_timeout(rec))
         if launch.idle_timeout:
-            rec.idle_timer = self.watchdog.schedule(launch.idle_timeout, lambda: self._on_idle(rec))
-        short = rec.id[5:13]
-        self.workers.submit("hopx-proc-%s-stdout" % short, self._read_stream, rec, out_r, "stdout")
-        self.workers.submit("hopx-proc-%s-stderr" % short, self._read_stream, rec, err_r, "stderr")
-        if not self.exits.watch(popen.pid, lambda: self._leader_exited(rec)):
-            self.workers.submit("hopx-proc-%s-wait" % short, self._wait_leader, rec)
+            rec.idle_timer = self.watchdog.schedule(launch.idle_timeout, lambda: self.on_idle(rec))
+        self.watch(rec)
         if kill_now:
             self.terminate(rec)
         log.debug("started %s pid %d: %s", rec.id, popen.pid, launch.argv[0])
         return []
+
+    def watch(self, rec: _ProcessRecord) -> None:
+        """Readers for the record's open streams, and a watch on its leader's exit
+        (also what an upgraded agent does for each record it adopted)."""
+        short = rec.id[5:13]
+        self.read_streams(rec)
+        if rec.pid is not None and not rec.reaped:
+            if not self.exits.watch(rec.pid, lambda: self._leader_exited(rec)):
+                self.workers.submit("hopx-proc-%s-wait" % short, self._wait_leader, rec)
+
+    def read_streams(self, rec: _ProcessRecord) -> None:
+        """A reader job for each open stream that has none (after a refused upgrade, the parked ones)."""
+        with rec.cond:
+            idle = [(name, fd) for name, fd in sorted(rec.fds.items())] if not rec.readers else []
+            rec.readers += len(idle)
+        for name, fd in idle:
+            self.parking.submit(self.workers, "hopx-proc-%s-%s" % (rec.id[5:13], name), self._read_stream,
+                                rec, fd, name)
 
     def _spawn_failed(self, rec: _ProcessRecord, exc: BaseException) -> List[_ProcessRecord]:
         """Record a child that never ran: a shell's 127 (not found) or 126, and the OS error."""
@@ -1852,35 +2097,40 @@ class _Lifecycle:
         return self.retire(rec, was_running=True)
 
     def _read_stream(self, rec: _ProcessRecord, fd: int, name: str) -> None:
-        """Drain one pipe until EOF into the record's bounded buffer."""
+        """Drain one pipe until EOF into the record's bounded buffer, or until
+        an upgrade parks the reader (the pipe then stays open, for the successor)."""
         buf = rec.stream(name)
         scratch = getattr(_THREAD_STATE, "scratch", None)
         if scratch is None:      # one read buffer per pooled thread, reused for every pipe
             scratch = _THREAD_STATE.scratch = bytearray(READ_CHUNK_BYTES)
-        view = memoryview(scratch)
+        grown = [False]
+
+        def deliver(data: memoryview) -> None:
+            if len(data) >= 65536 and not grown[0]:   # a chatty child: fewer wake-ups with a bigger pipe
+                grown[0] = True
+                _grow_pipe(fd)
+            with rec.cond:
+                buf.append(data)
+                rec.last_output = time.monotonic()
+                rec.cond.notify_all()
+
+        at_eof = True
         try:
-            grown = False
-            while True:
-                size = os.readv(fd, [scratch])
-                if not size:
-                    break
-                if size >= 65536 and not grown:   # a chatty child: fewer wake-ups with a bigger pipe
-                    grown = True
-                    _grow_pipe(fd)
-                with rec.cond:
-                    buf.append(view[:size])
-                    rec.last_output = time.monotonic()
-                    rec.cond.notify_all()
+            at_eof = _read_parkable(fd, self.parking, scratch, deliver)
         except Exception:
             log.exception("reading %s of %s failed", name, rec.id)
         finally:
-            _close_quietly(fd)
             with rec.cond:
-                rec.open_streams -= 1
+                rec.readers -= 1
+                if at_eof:
+                    rec.fds.pop(name, None)
+                    rec.open_streams -= 1
                 rec.cond.notify_all()
-                last = rec.open_streams == 0 and rec.exit_info is not None
+                last = at_eof and rec.open_streams == 0 and rec.exit_info is not None
+            if at_eof:
+                _close_quietly(fd)
             if last:
-                self._finish(rec)
+                self.finish(rec)
 
     def _reap(self, rec: _ProcessRecord) -> Tuple[Optional[int], Any]:
         """After the leader has exited: end the rest of its group, reap it.
@@ -1929,11 +2179,16 @@ class _Lifecycle:
                 rec.exit_info = exit_info
                 drained = rec.open_streams == 0
             if drained:
-                self._finish(rec)
+                self.finish(rec)
             else:   # a reader at EOF finishes it, or this timer if a straggler holds a pipe
-                self.watchdog.schedule(DRAIN_AFTER_EXIT_S, lambda: self._drain_expired(rec))
+                self.schedule_drain(rec, DRAIN_AFTER_EXIT_S)
         except Exception:
             log.exception("handling the exit of %s failed", rec.id)
+
+    def schedule_drain(self, rec: _ProcessRecord, delay: float) -> None:
+        timer = self.watchdog.schedule(delay, lambda: self._drain_expired(rec))
+        with rec.cond:
+            rec.timers["drain"] = timer
 
     def _drain_expired(self, rec: _ProcessRecord) -> None:
         """The leader is gone but its pipes are still open: a descendant that
@@ -1944,9 +2199,9 @@ class _Lifecycle:
             held = rec.open_streams > 0
         if held:
             _end_marked(rec, signal.SIGKILL)
-        self._finish(rec)
+        self.finish(rec)
 
-    def _finish(self, rec: _ProcessRecord) -> None:
+    def finish(self, rec: _ProcessRecord) -> None:
         """Make a record final from its exit status, once (readers, timer and
         exit handler may all get here)."""
         with rec.cond:
@@ -1998,13 +2253,18 @@ class _Lifecycle:
         """SIGTERM to the group and to marked escapers now, SIGKILL after the grace period."""
         self.signal_group(rec, signal.SIGTERM)
         _end_marked(rec, signal.SIGTERM)
-        self.watchdog.schedule(self.config.kill_grace, lambda: self._escalate(rec))
+        self.schedule_escalation(rec, self.config.kill_grace)
+
+    def schedule_escalation(self, rec: _ProcessRecord, delay: float) -> None:
+        timer = self.watchdog.schedule(delay, lambda: self._escalate(rec))
+        with rec.cond:
+            rec.timers["escalate"] = timer
 
     def _escalate(self, rec: _ProcessRecord) -> None:
         self.signal_group(rec, signal.SIGKILL)
         _end_marked(rec, signal.SIGKILL)
 
-    def _on_idle(self, rec: _ProcessRecord) -> None:
+    def on_idle(self, rec: _ProcessRecord) -> None:
         """The idle timer: end the process, or look again when it could next be idle."""
         with rec.cond:
             if rec.finished or rec.exit_info is not None or rec.kill_reason is not None:
@@ -2012,7 +2272,7 @@ class _Lifecycle:
             quiet = time.monotonic() - (rec.last_output or 0.0)
             idle = rec.launch.idle_timeout or 0.0
             if quiet < idle:
-                rec.idle_timer = self.watchdog.schedule(idle - quiet, lambda: self._on_idle(rec))
+                rec.idle_timer = self.watchdog.schedule(idle - quiet, lambda: self.on_idle(rec))
                 return
             rec.kill_reason = "idle_timeout"
         log.info("%s printed nothing for %ss: ending it", rec.id, idle)
@@ -2075,6 +2335,7 @@ class _Lifecycle:
         self.workers.stop(max(0.0, deadline - time.monotonic()))
         self.exits.stop(max(0.0, deadline - time.monotonic()))
         self.watchdog.stop(max(0.0, deadline - time.monotonic()))
+        self.parking.close()
 
 
 # ============================================================================
@@ -2103,6 +2364,7 @@ class ProcessManager:
         self.lifecycle = _Lifecycle(self.config, self.registry, self.spawner)
         self.watchdog = self.lifecycle.watchdog   # one timer thread, shared by every family
         self.subreaper = _Subreaper(self.spawner, self.stopping)
+        self.interrupt = threading.Event()   # an upgrade wakes the long polls (?wait=): they answer now
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to one of the counters /metrics reports."""
@@ -2144,6 +2406,7 @@ class ProcessManager:
         rec = _ProcessRecord(launch, self.config.max_output_bytes)
         rec.on_finish.extend(on_finish)      # before the child exists, so none can be missed
         launch.env[PROCESS_ID_ENV] = rec.id
+        self.prepare(rec)
         try:
             run_now = self.registry.admit(rec)
         except AgentError:
@@ -2151,7 +2414,34 @@ class ProcessManager:
             raise
         if run_now:
             self.lifecycle.start_all([rec])
+        if self.registry.journal is not None:   # before the caller answers with the id
+            self.registry.journal.created(rec)
         return rec
+
+    def prepare(self, rec: _ProcessRecord) -> None:
+        """What every record gets, started here or taken over from a previous agent."""
+        rec.final_hook = self._on_final
+
+    def _on_final(self, rec: _ProcessRecord) -> None:
+        """set_final's hook (``rec.cond`` held): its place in the finished order, and the journal."""
+        rec.fseq = next(self.registry.fseq)
+        if self.registry.journal is not None:
+            self.registry.journal.ended(rec)
+
+    def record_changed(self, rec: _ProcessRecord) -> None:
+        """A final record's ``extra`` changed (a webhook delivery): the journal keeps it."""
+        if self.registry.journal is not None:
+            self.registry.journal.changed(rec)
+
+    def interrupt_waits(self, on: bool) -> None:
+        """Wake every long poll so that it answers now (an upgrade is about to exec), or stop doing so."""
+        if not on:
+            self.interrupt.clear()
+            return
+        self.interrupt.set()
+        for rec in self.registry.all():
+            with rec.cond:
+                rec.cond.notify_all()
 
     def kill(self, process_id: str, sig: Optional[int] = None, *, wait: bool = True) -> Dict[str, Any]:
         """End a process and its group (api.md §5 Kill); with ``sig``, only send that signal.
@@ -2290,7 +2580,7 @@ class ProcessManager:
         with rec.cond:
             marks = {name: offsets.get(name) if offsets.get(name) is not None
                      else rec.stream(name).end(False) for name in ("stdout", "stderr")}
-            rec.cond.wait_for(lambda: rec.finished or any(
+            rec.cond.wait_for(lambda: rec.finished or self.interrupt.is_set() or any(
                 rec.stream(name).end(False) > mark for name, mark in marks.items()), timeout)
 
     def stats(self) -> Dict[str, Any]:
@@ -2353,14 +2643,36 @@ class _Webhook:
         self.url = url
         self.headers = headers
         self.signing_secret = signing_secret
+        self.attempts = 0            # made so far (an upgrade's successor goes on from there)
+        self.state = "waiting"       # "waiting" for the record's end, "delivering", "done"
 
     def __call__(self, rec: _ProcessRecord) -> None:
         with rec.cond:
             rec.extra["webhook"] = {"url": self.url, "delivered": False, "attempts": 0,
                                     "last_status": None, "last_error": None}
             rec.changes += 1
+        self.manager.record_changed(rec)
+        self._start(rec)
+
+    def _start(self, rec: _ProcessRecord) -> None:
+        self.state = "delivering"
         threading.Thread(target=self._deliver, args=(rec,), daemon=True,
                          name="hopx-webhook-%s" % rec.id[5:13]).start()
+
+    def hand_over(self) -> Dict[str, Any]:
+        """What an upgrade's successor needs to deliver it (kept in memory only, never on disk)."""
+        return {"url": self.url, "headers": self.headers, "secret": self.signing_secret,
+                "attempts": self.attempts, "state": self.state}
+
+    @classmethod
+    def adopt(cls, manager: ProcessManager, rec: _ProcessRecord, state: Dict[str, Any]) -> None:
+        """The successor's side: wait for the record's end, or go on delivering."""
+        hook = cls(manager, state["url"], dict(state.get("headers") or {}), state.get("secret"))
+        hook.attempts = int(state.get("attempts") or 0)
+        if state.get("state") == "waiting":
+            rec.on_finish.append(hook)
+        elif state.get("state") == "delivering":
+            hook._start(rec)
 
     def payload(self, rec: _ProcessRecord) -> bytes:
         with rec.cond:
@@ -2392,26 +2704,1761 @@ class _Webhook:
 
     def _deliver(self, rec: _ProcessRecord) -> None:
         body = self.payload(rec)
-        delay = WEBHOOK_BACKOFF_S
-        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+        delay = WEBHOOK_BACKOFF_S * 2 ** self.attempts
+        delivered, attempt = False, self.attempts
+        for attempt in range(self.attempts + 1, WEBHOOK_ATTEMPTS + 1):
             status, error = None, None
             try:
                 status = self._post(body)
             except Exception as exc:  # network errors of every kind are one more failed attempt
                 error = "%s: %s" % (type(exc).__name__, exc)
             delivered = status is not None and 200 <= status < 300
+            self.attempts = attempt
             with rec.cond:
                 rec.extra["webhook"].update(attempts=attempt, last_status=status,
                                             last_error=error, delivered=delivered)
                 rec.changes += 1
+            self.manager.record_changed(rec)
             # 4xx other than 408/429 will not change on a retry
             final = delivered or (status is not None and 400 <= status < 500 and status not in (408, 429))
             if final or attempt == WEBHOOK_ATTEMPTS or self.manager.stopping.wait(delay):
                 break
             delay *= 2
+        self.state = "done"
         self.manager.count("webhooks_delivered" if delivered else "webhooks_failed")
         log.info("webhook for %s: %s after %d attempt(s)", rec.id,
                  "delivered" if delivered else "failed", attempt)
+
+
+# ============================================================================
+# Durability: the state directory and the journal
+# ============================================================================
+#
+# What a restarted agent knows comes from its state directory (--state-dir),
+# private (0700, the agent's own, never a symlink) and held by one agent at a
+# time (an flock that an upgrade's exec keeps):
+#
+#   lock       the flock; holds the holder's pid, for the error message
+#   instance   the directory's id: every child carries it as HOPX_AGENT_STATE,
+#              which is how a restarted agent proves that a process is its orphan
+#   journal    an append-only log of checksummed JSON lines, one per event of a
+#              record (new, run, end, set, gone), rewritten when mostly dead
+#   out/<id>   a record's retained output (final) or its output tail so far
+#              (running, a checkpoint), checksummed, written whole and renamed
+#   aside/     corrupt or foreign files, set aside (the newest ASIDE_KEEP kept)
+#
+# The events a client may rely on at once are appended before they are
+# visible (a new record before its id is answered, an outcome as it is
+# reached): one write(2) to the page cache, which a crash of the agent
+# cannot lose. Everything else (output files, deletions, checkpoints, fsync,
+# compaction) is done by one writer thread, off the request path.
+
+STATE_DIR_ENV = "HOPX_AGENT_STATE"       # every child carries its agent's state-dir id (orphans are proven by it)
+JOURNAL_VERSION = 1                      # format of the journal and the out files; another one is set aside
+CHECKPOINT_S = 2.0                       # a running record's output tail is saved this often, when it grew
+CHECKPOINT_TAIL_BYTES = 64 * 1024        # per stream of a running record; a final one keeps its whole window
+ASIDE_KEEP = 8                           # corrupt or foreign files kept for a post-mortem, newest first
+COMPACT_SLACK_LINES = 4096               # the log is rewritten when it has more lines than 3 per record + this
+MAX_JOURNAL_LINE_BYTES = 32 * 1024 * 1024   # a longer line is corruption (a record's text fields are bounded)
+_JOURNAL_FORMAT = "hopx-agent-journal"
+_OUT_MAGIC = b"HOPXOUT"
+_RECORD_ID = re.compile(r"\Aproc_[0-9a-f]{24}\Z")
+_DIR_ID = re.compile(r"\A[0-9a-f]{32}\Z")
+
+
+class _StateDirError(Exception):
+    """The state directory cannot be used: not ours, not private, or held by another agent."""
+
+
+def _default_state_dir(port: int, environ: Dict[str, str]) -> Optional[str]:
+    """--state-dir's default: one directory per port (two agents of one
+    machine never share one) under $XDG_STATE_HOME, /var/lib when writable,
+    else a per-user directory in the temp dir. None for --port 0: an agent
+    on a random port has no successor to share its state with."""
+    if not port:
+        return None
+    xdg = environ.get("XDG_STATE_HOME", "")
+    if os.path.isabs(xdg):
+        base = os.path.join(xdg, "hopx-agent")
+    elif os.access("/var/lib", os.W_OK):
+        base = "/var/lib/hopx-agent"
+    else:
+        import tempfile
+        base = os.path.join(tempfile.gettempdir(), "hopx-agent-%d" % os.geteuid())
+    return os.path.join(base, str(port))
+
+
+def _private_dir(name: str, dir_fd: Optional[int] = None) -> int:
+    """Create ``name`` (0700) if missing and open it; refuse a symlink, a
+    directory of another user or one others may write to (tightened to 0700
+    when it is ours). Returns its descriptor."""
+    try:
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as exc:
+        raise _StateDirError("cannot open %s: %s (a symlink or not a directory?)" % (name, exc.strerror)) from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        os.close(fd)
+        raise _StateDirError("%s belongs to uid %d, not to this agent (uid %d)" % (name, st.st_uid, os.geteuid()))
+    if st.st_mode & 0o077:
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def _crc_line(payload: Dict[str, Any]) -> bytes:
+    """One journal line: the CRC-32 of the JSON, a space, the JSON (ASCII, so no newline inside)."""
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return b"%08x %s\n" % (zlib.crc32(data), data)
+
+
+def _parse_line(line: bytes) -> Optional[Dict[str, Any]]:
+    """The JSON object of one journal line, or None when its checksum or JSON is wrong."""
+    if len(line) < 11 or line[8:9] != b" " or len(line) > MAX_JOURNAL_LINE_BYTES:
+        return None
+    data = line[9:]
+    try:
+        if int(line[:8], 16) != zlib.crc32(data):
+            return None
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class _StateDir:
+    """The agent's state directory, opened and held (see the section comment).
+    Every file operation goes through the directory descriptors, so that the
+    path cannot be swapped under the agent once it was checked."""
+
+    def __init__(self, path: str, fds: Dict[str, int], lock_fd: int, dir_id: str) -> None:
+        self.path = path
+        self.fd, self.out_fd, self.aside_fd = fds["."], fds["out"], fds["aside"]
+        self.lock_fd = lock_fd            # inheritable across an upgrade's exec; the flock lives on it
+        self.dir_id = dir_id
+        self._warned = 0                  # set-aside warnings logged at this start (capped)
+
+    @classmethod
+    def open(cls, path: str, *, lock_fd: Optional[int] = None) -> "_StateDir":
+        """Open (creating it 0700) and lock the directory; ``lock_fd`` is the
+        lock an upgraded agent inherited. _StateDirError when unusable."""
+        path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
+        fds = {".": _private_dir(path)}
+        try:
+            lock_fd = cls._lock(fds["."]) if lock_fd is None else cls._check_lock(fds["."], lock_fd)
+            for sub in ("out", "aside"):
+                fds[sub] = _private_dir(sub, dir_fd=fds["."])
+            state = cls(path, fds, lock_fd, "")
+            state.dir_id = state._read_dir_id()
+            return state
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+
+    @staticmethod
+    def _lock(dirfd: int) -> int:
+        import fcntl
+        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=dirfd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise _StateDirError("in use by another agent (pid %s)" % holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        os.set_inheritable(fd, True)
+        return fd
+
+    @staticmethod
+    def _check_lock(dirfd: int, lock_fd: int) -> int:
+        """An inherited lock must be this directory's lock file."""
+        st, fst = os.stat("lock", dir_fd=dirfd, follow_symlinks=False), os.fstat(lock_fd)
+        if (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino):
+            raise _StateDirError("the inherited lock is not this directory's")
+        return lock_fd
+
+    def _read_dir_id(self) -> str:
+        """The directory's id from ``instance``, made once (a bad file is set aside)."""
+        try:
+            fd = os.open("instance", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.fd)
+            with os.fdopen(fd, "rb") as fh:
+                text = fh.read(64).decode("ascii", "replace").strip()
+            if _DIR_ID.match(text):
+                return text
+            self.set_aside(self.fd, "instance", "not a state-dir id: orphans of a previous agent "
+                                                "cannot be proven and are left alone")
+        except FileNotFoundError:
+            pass
+        dir_id = secrets.token_hex(16)
+        self.write_atomic(self.fd, "instance", [dir_id.encode("ascii") + b"\n"], sync=True)
+        return dir_id
+
+    def write_atomic(self, dirfd: int, name: str, parts: List[Any], *, sync: bool) -> int:
+        """Write ``parts`` to ``name`` whole: a temp file renamed over it
+        (fdatasync'ed first with ``sync``, so that a power loss leaves the old
+        file or the new one, never a part). Returns the bytes written."""
+        tmp = name + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dirfd)
+        try:
+            size = _write_all(fd, parts)
+            if sync:
+                os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp, dirfd)
+            raise
+        os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        return size
+
+    def set_aside(self, dirfd: int, name: str, why: str) -> None:
+        """Move a corrupt or foreign file to aside/ with one WARNING line; keep the newest ASIDE_KEEP."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = "%s.%s.%s" % (name, stamp, secrets.token_hex(2))
+        try:
+            os.rename(name, target, src_dir_fd=dirfd, dst_dir_fd=self.aside_fd)
+        except OSError as exc:
+            log.warning("state dir %s: cannot set %s aside (%s); removing it", self.path, name, exc)
+            _unlink_quietly(name, dirfd)
+            return
+        self._warned += 1
+        if self._warned <= 10:
+            log.warning("state dir %s: %s set aside as aside/%s: %s", self.path, name, target, why)
+        elif self._warned == 11:
+            log.warning("state dir %s: more files set aside; see aside/", self.path)
+        self._prune_aside()
+
+    def _prune_aside(self) -> None:
+        entries = []
+        for name in os.listdir(self.aside_fd):
+            try:
+                entries.append((os.stat(name, dir_fd=self.aside_fd, follow_symlinks=False).st_mtime, name))
+            except OSError:
+                pass
+        for _, name in sorted(entries, reverse=True)[ASIDE_KEEP:]:
+            _unlink_quietly(name, self.aside_fd)
+
+    def usage(self) -> int:
+        """Bytes the directory's files use (journal, out, aside)."""
+        total = 0
+        for dirfd in (self.fd, self.out_fd, self.aside_fd):
+            for name in os.listdir(dirfd):
+                try:
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if not os.path.stat.S_ISDIR(st.st_mode):
+                    total += st.st_size
+        return total
+
+    def close(self) -> None:
+        """Release the directory (and its lock: another agent may take it)."""
+        for fd in (self.out_fd, self.aside_fd, self.fd, self.lock_fd):
+            _close_quietly(fd)
+
+
+def _write_all(fd: int, parts: List[Any]) -> int:
+    """writev until every byte of ``parts`` is written (regular files may write short)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    total = sum(len(v) for v in views)
+    while views:
+        done = os.writev(fd, views)
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if views and done:
+            views[0] = views[0][done:]
+    return total
+
+
+def _unlink_quietly(name: str, dirfd: Optional[int] = None) -> None:
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
+
+
+# -- a record as the journal keeps it ---------------------------------------------------------
+#
+# A record's state is a flat JSON object of the fields below (the names of
+# the record JSON where there is one). The journal's "rec" lines, the merged
+# result of loading, and the records an upgrade hands over are all this
+# shape, checked by one table.
+
+_STATE_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "id": (str,), "seq": (int,), "execution_id": (str,), "name": (str, type(None)),
+    "kind": (str,), "language": (str, type(None)), "command": (str, type(None)),
+    "timeout": (int, float), "working_dir": (str,), "idle_timeout": (int, float, type(None)),
+    "stdin": (bool,), "created": (int, float), "tempfile": (str, type(None)),
+    "status": (str,), "pid": (int, type(None)), "started": (int, float, type(None)),
+    "starttime": (int, type(None)), "boot_id": (str, type(None)),
+    "fseq": (int, type(None)), "reason": (str, type(None)), "exit_code": (int, type(None)),
+    "signal": (str, type(None)), "ended": (int, float, type(None)), "duration": (int, float, type(None)),
+    "error": (str, type(None)), "usage": (list, type(None)), "stragglers": (list,),
+    "extra": (dict,), "stdout_bytes": (int,), "stderr_bytes": (int,),
+    "idempotency": (list, type(None)), "kill_reason": (str, type(None)), "cgroups": (list,),
+}
+_STATE_DEFAULTS: Dict[str, Any] = {
+    "name": None, "language": None, "command": None, "idle_timeout": None, "stdin": False,
+    "tempfile": None, "pid": None, "started": None, "starttime": None, "boot_id": None, "fseq": None,
+    "reason": None, "exit_code": None, "signal": None, "ended": None, "duration": None, "error": None,
+    "usage": None, "stragglers": [], "extra": {}, "stdout_bytes": 0, "stderr_bytes": 0,
+    "idempotency": None, "kill_reason": None, "cgroups": [],
+}
+_STATE_STATUSES = ("queued", "running", "completed", "failed")
+
+
+def _check_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A record state with every field present and of its type; ValueError otherwise."""
+    full = dict(_STATE_DEFAULTS)
+    full.update((k, v) for k, v in state.items() if k in _STATE_FIELDS)
+    for key, kinds in _STATE_FIELDS.items():
+        if key not in full:
+            raise ValueError("field %s missing" % key)
+        value = full[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError("field %s is %r" % (key, type(value).__name__))
+    if not _RECORD_ID.match(full["id"]) or full["status"] not in _STATE_STATUSES:
+        raise ValueError("bad id or status")
+    usage = full["usage"]
+    if usage is not None and (len(usage) != 3 or not all(isinstance(u, (int, float)) for u in usage)):
+        raise ValueError("bad usage")
+    if not all(isinstance(p, int) for p in full["stragglers"]):
+        raise ValueError("bad stragglers")
+    return full
+
+
+class _Usage(collections.namedtuple("_Usage", "ru_utime ru_stime ru_maxrss")):
+    """The part of a resource.struct_rusage the record shows, restored from the journal."""
+
+
+def _record_state(rec: _ProcessRecord) -> Dict[str, Any]:
+    """The record as a journal state (call with ``rec.cond`` held)."""
+    launch = rec.launch
+    usage = rec.rusage
+    return {
+        "id": rec.id, "seq": rec.seq, "execution_id": rec.execution_id, "name": launch.name,
+        "kind": launch.kind, "language": launch.language, "command": launch.command,
+        "timeout": launch.timeout, "working_dir": launch.cwd, "idle_timeout": launch.idle_timeout,
+        "stdin": launch.stdin, "created": rec.created, "tempfile": launch.tempfile,
+        "status": rec.status, "pid": rec.pid, "started": rec.started,
+        "starttime": rec.starttime, "boot_id": rec.boot_id,
+        "fseq": rec.fseq or None, "reason": rec.reason, "exit_code": rec.exit_code,
+        "signal": rec.signal, "ended": rec.ended, "duration": rec.duration, "error": rec.error,
+        "usage": None if usage is None else [usage.ru_utime, usage.ru_stime, usage.ru_maxrss],
+        "stragglers": sorted(rec.stragglers), "extra": dict(rec.extra),
+        "stdout_bytes": rec.stdout.total, "stderr_bytes": rec.stderr.total,
+        "idempotency": rec.idempotency, "kill_reason": rec.kill_reason, "cgroups": list(rec.cgroups),
+    }
+
+
+def _start_state(rec: _ProcessRecord) -> Dict[str, Any]:
+    """What is known of a record when it starts (call with ``rec.cond`` held):
+    a shorter line than the whole state, on the request's path."""
+    launch = rec.launch
+    return {
+        "id": rec.id, "seq": rec.seq, "execution_id": rec.execution_id, "name": launch.name,
+        "kind": launch.kind, "language": launch.language, "command": launch.command,
+        "timeout": launch.timeout, "working_dir": launch.cwd, "idle_timeout": launch.idle_timeout,
+        "stdin": launch.stdin, "created": rec.created, "tempfile": launch.tempfile, "status": rec.status,
+        "pid": rec.pid, "started": rec.started, "starttime": rec.starttime, "boot_id": rec.boot_id,
+    }
+
+
+def _restored_buffer(cap: int, total: int, data: bytes) -> _OutputBuffer:
+    """An output buffer that holds ``data`` as the newest bytes of ``total`` written."""
+    buf = _OutputBuffer(cap)
+    buf.append(data[len(data) - cap:] if cap and len(data) > cap else data)
+    buf.total = max(total, buf.held)
+    return buf
+
+
+def _restore_record(state: Dict[str, Any], cap: int, out: bytes = b"", err: bytes = b"") -> _ProcessRecord:
+    """A record rebuilt from its state and retained output, with no child:
+    a finished one as a restart loads it (an upgrade adds the rest)."""
+    launch = _Launch(argv=[], cwd=state["working_dir"], env={}, kind=state["kind"],
+                     language=state["language"], command=state["command"], name=state["name"],
+                     timeout=state["timeout"], stdin=state["stdin"], tempfile=state["tempfile"],
+                     idle_timeout=state["idle_timeout"])
+    rec = _ProcessRecord(launch, cap)
+    rec.id, rec.execution_id = state["id"], state["execution_id"]
+    for key in ("status", "pid", "started", "reason", "exit_code", "signal", "ended", "duration",
+                "error", "created", "kill_reason", "seq", "starttime", "boot_id", "idempotency"):
+        setattr(rec, key, state[key])
+    rec.fseq = state["fseq"] or 0
+    rec.idempotency_key = state["idempotency"][0] if state["idempotency"] else None
+    rec.cgroups = list(state["cgroups"])
+    rec.rusage = None if state["usage"] is None else _Usage(*state["usage"])
+    rec.stragglers = set(state["stragglers"])
+    rec.extra = dict(state["extra"])
+    rec.reaped = True                     # never ours to signal: its pid may be anyone's now
+    rec.stdin_closed = True
+    rec.journaled = True
+    rec.stdout = _restored_buffer(cap, state["stdout_bytes"], out)
+    rec.stderr = _restored_buffer(cap, state["stderr_bytes"], err)
+    return rec
+
+
+def _boot_id() -> Optional[str]:
+    """This boot's id: a pid and a start time name the same process only within one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as fh:
+            return fh.read(64).decode("ascii", "replace").strip() or None
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> Optional[Tuple[int, int, int]]:
+    """(start time in clock ticks since boot, session id, process group) from /proc/<pid>/stat."""
+    try:
+        fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY)
+        try:
+            data = os.read(fd, 2048)
+        finally:
+            os.close(fd)
+        fields = data[data.rindex(b")") + 2:].split()   # the name may hold spaces and parentheses
+        return int(fields[19]), int(fields[3]), int(fields[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _tail_bytes(buf: _OutputBuffer, limit: Optional[int] = None) -> bytes:
+    """The newest ``limit`` bytes a buffer holds (all of them without a limit), copied."""
+    start = buf.dropped if limit is None else max(buf.dropped, buf.total - limit)
+    return buf._slice(start, buf.total)
+
+
+class _Journal:
+    """The records' journal in a state directory (see the section comment).
+
+    created/ran/ended/changed/forget are called by the process manager at
+    each step of a record's life, never with the registry lock held; each
+    costs one append of a short line, plus work queued for the writer thread.
+    A failing disk never fails a request: the journal logs one WARNING per
+    kind of error and the records live on in memory.
+    """
+
+    def __init__(self, state: _StateDir, *, checkpoint_s: float = CHECKPOINT_S) -> None:
+        self.state = state
+        self.checkpoint_s = checkpoint_s
+        self.boot_id = _boot_id()
+        self._lock = threading.Lock()   # guards _fd, _lines, _unsynced: held across one append write(2), never an fsync
+        self._fd = -1
+        self._lines = 0                 # lines in the log since it was last rewritten
+        self._unsynced = False          # lines appended since the last fdatasync
+        self._cond = threading.Condition(threading.Lock())  # guards every field below
+        self._tasks: "collections.OrderedDict[str, Tuple[str, Any]]" = collections.OrderedDict()
+        self._live: Dict[str, Any] = {}         # running records -> totals at their last checkpoint
+        self._records = 0                       # records the journal holds (for the compaction rule)
+        self._next_ckpt = 0.0                   # monotonic time of the next checkpoint round
+        self._busy = False                      # the writer is doing a batch
+        self._doing: List[str] = []             # the ids of that batch (an upgrade hands them on)
+        self._stopped = False
+        self._thread: Optional[threading.Thread] = None
+        self._errors: set = set()               # error kinds already logged
+
+    # -- the log ---------------------------------------------------------------------
+
+    def _open_log(self) -> None:
+        self._fd = os.open("journal", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600,
+                           dir_fd=self.state.fd)
+
+    def _append(self, payload: Dict[str, Any]) -> None:
+        line = _crc_line(payload)
+        try:
+            with self._lock:
+                os.write(self._fd, line)   # O_APPEND: one line, whole, at the end
+                self._lines += 1
+                self._unsynced = True
+        except OSError as exc:
+            self._failed("append", exc)
+
+    def _failed(self, kind: str, exc: BaseException) -> None:
+        if kind not in self._errors:
+            self._errors.add(kind)
+            log.warning("journal %s: cannot %s (%s); records stay in memory, a restart may lose them",
+                        self.state.path, kind, exc)
+
+    def _header(self) -> Dict[str, Any]:
+        return {"format": _JOURNAL_FORMAT, "version": JOURNAL_VERSION, "dir": self.state.dir_id,
+                "agent": __version__, "written": time.time()}
+
+    # -- events of a record's life (the manager's hooks) -----------------------------
+
+    def created(self, rec: _ProcessRecord) -> None:
+        """A record exists (queued, or running once spawned): before its id is answered."""
+        with rec.cond:
+            self._note_spawn(rec)
+            state = _record_state(rec) if rec.finished else _start_state(rec)
+            running = rec.status == "running"
+            rec.journaled = True       # a queued one's spawn is journaled from now on (ran())
+        state["e"] = "new"
+        self._append(state)
+        with self._cond:
+            self._records += 1
+            if running:
+                self._watch_locked(rec)
+
+    def ran(self, rec: _ProcessRecord) -> None:
+        """A queued record was spawned (call with ``rec.cond`` held)."""
+        self._note_spawn(rec)
+        self._append({"e": "run", "id": rec.id, "pid": rec.pid, "started": rec.started,
+                      "starttime": rec.starttime, "boot_id": rec.boot_id, "status": rec.status})
+        with self._cond:
+            self._watch_locked(rec)
+
+    def _watch_locked(self, rec: _ProcessRecord) -> None:
+        """Checkpoint a running record from now on. The writer is woken only
+        when it slept without a timeout (no record ran): a start never pays
+        for a thread switch otherwise."""
+        if not self._live:
+            self._start_locked()
+            self._cond.notify_all()
+        self._live[rec.id] = (rec, 0, 0)
+
+    def _note_spawn(self, rec: _ProcessRecord) -> None:
+        """The leader's start time, read while it is unreaped (so the pid is surely its own)."""
+        if rec.pid is not None and not rec.reaped and rec.starttime is None:
+            stat = _proc_stat(rec.pid)
+            rec.starttime, rec.boot_id = (stat[0] if stat else None), self.boot_id
+
+    def ended(self, rec: _ProcessRecord) -> None:
+        """A record became final: its outcome is appended before anyone can
+        see it (call with ``rec.cond`` held), its output goes to the writer."""
+        state = _record_state(rec)
+        state["e"] = "rec"
+        self._append(state)
+        self._queue(rec.id, "final", rec)
+
+    def changed(self, rec: _ProcessRecord) -> None:
+        """``extra`` (a webhook's delivery) or the Idempotency-Key changed after the start."""
+        with rec.cond:
+            payload = {"e": "set", "id": rec.id, "extra": dict(rec.extra), "idempotency": rec.idempotency}
+        self._append(payload)
+
+    def output_dropped(self, rec_id: str) -> None:
+        """The output budget took this finished record's output: its out file goes too."""
+        self._queue(rec_id, "unlink", None)
+
+    def forget(self, ids: Iterable[str]) -> None:
+        """Records evicted by retention."""
+        ids = list(ids)
+        if not ids:
+            return
+        self._append({"e": "gone", "ids": ids})
+        with self._cond:
+            self._records -= len(ids)
+        for rec_id in ids:
+            self._queue(rec_id, "unlink", None)
+
+    def _queue(self, rec_id: str, kind: str, rec: Any) -> None:
+        with self._cond:
+            self._tasks.pop(rec_id, None)      # the newest task of a record supersedes the older
+            self._tasks[rec_id] = (kind, rec)
+            self._live.pop(rec_id, None)
+            self._start_locked()
+            self._cond.notify_all()
+
+    # -- the writer thread -----------------------------------------------------------
+
+    def _start_locked(self) -> None:
+        if self._thread is None and not self._stopped:
+            self._thread = threading.Thread(target=self._run, name="hopx-journal", daemon=True)
+            self._thread.start()
+
+    def _next_batch(self) -> Optional[Tuple[List[Tuple[str, str, Any]], List[Tuple[str, Any]]]]:
+        """Wait for tasks or a checkpoint that is due (only while records run:
+        an idle agent's writer sleeps without a timeout); None once stopped."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                due = bool(self._live) and now >= self._next_ckpt
+                if self._tasks or due or self._stopped:
+                    break
+                self._cond.wait(self._next_ckpt - now if self._live else None)
+            if self._stopped and not self._tasks:
+                return None
+            tasks = [(rid, kind, rec) for rid, (kind, rec) in self._tasks.items()]
+            self._tasks.clear()
+            self._doing = [rid for rid, _, _ in tasks]
+            live = list(self._live.items()) if due else []
+            if due or not self._live:
+                self._next_ckpt = now + self.checkpoint_s
+            self._busy = True
+            return tasks, live
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                for rec_id, kind, rec in batch[0]:
+                    self._do(rec_id, kind, rec)
+                for rec_id, entry in batch[1]:
+                    self._checkpoint(rec_id, entry)
+                self._sync()       # group commit: one fdatasync for the whole batch
+                self._maybe_compact()
+            except Exception:      # the journal must never die silently: log and go on
+                log.exception("journal writer failed")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._doing = []
+                    self._cond.notify_all()
+
+    def _do(self, rec_id: str, kind: str, rec: Any) -> None:
+        try:
+            if kind == "unlink":
+                _unlink_quietly(rec_id + ".out", self.state.out_fd)
+            elif kind == "final":
+                self._write_output(rec, final=True)
+        except OSError as exc:
+            self._failed("write output", exc)
+
+    def _write_output(self, rec: _ProcessRecord, *, final: bool, limit: Optional[int] = None) -> Tuple[int, int]:
+        """The record's retained output (or its tail, for a running one) to out/<id>.out."""
+        with rec.cond:
+            out, err = _tail_bytes(rec.stdout, limit), _tail_bytes(rec.stderr, limit)
+            totals = rec.stdout.total, rec.stderr.total
+        if not out and not err:
+            _unlink_quietly(rec.id + ".out", self.state.out_fd)
+            return totals
+        meta = json.dumps({"id": rec.id, "final": final, "stdout_bytes": totals[0], "stderr_bytes": totals[1],
+                           "stdout_len": len(out), "stderr_len": len(err)}).encode("ascii")
+        crc = zlib.crc32(err, zlib.crc32(out, zlib.crc32(meta)))
+        head = b"%s %d %d %08x\n" % (_OUT_MAGIC, JOURNAL_VERSION, len(meta), crc)
+        self.state.write_atomic(self.state.out_fd, rec.id + ".out", [head, meta, out, err], sync=final)
+        return totals
+
+    def _checkpoint(self, rec_id: str, entry: Tuple[Any, int, int]) -> None:
+        rec, out_total, err_total = entry
+        with rec.cond:
+            if rec.finished or (rec.stdout.total, rec.stderr.total) == (out_total, err_total):
+                return
+        try:
+            totals = self._write_output(rec, final=False, limit=CHECKPOINT_TAIL_BYTES)
+        except OSError as exc:
+            self._failed("write a checkpoint", exc)
+            return
+        with self._cond:
+            if rec_id in self._live:       # it may have ended meanwhile: its final write comes next
+                self._live[rec_id] = (rec, totals[0], totals[1])
+
+    def _sync(self) -> None:
+        """The log's new lines and the out files' renames reach the disk."""
+        with self._lock:
+            fd, unsynced, self._unsynced = self._fd, self._unsynced, False
+        if fd < 0:
+            return
+        try:
+            if unsynced:
+                os.fdatasync(fd)
+            os.fsync(self.state.out_fd)
+        except OSError as exc:
+            self._failed("sync", exc)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the writer has done every queued task (True) or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._tasks or self._busy) and self._thread is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the writer (its queue done, bounded) and release the state directory."""
+        self.stop(timeout)
+        self.state.close()
+
+    def pending(self) -> List[str]:
+        """Ids whose task the writer has not done or not finished (an upgrade
+        hands them on: the exec may cut a write in its middle, which leaves
+        only a temp file, and the successor does it again)."""
+        with self._cond:
+            return list(self._doing) + list(self._tasks)
+
+    def stop(self, timeout: float) -> None:
+        """Finish the queued work (bounded), sync, end the thread, close the log."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if thread is None or not thread.is_alive():
+            self._sync()
+            with self._lock:
+                _close_quietly(self._fd)
+                self._fd = -1
+
+    # -- compaction --------------------------------------------------------------------
+
+    def _maybe_compact(self) -> None:
+        with self._cond:
+            records = self._records
+        with self._lock:
+            lines = self._lines
+        if lines > 3 * records + COMPACT_SLACK_LINES:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the log as one line per record it holds. The slow part
+        (reading, merging, writing, fsync) runs without the lock; under it
+        only the lines appended meanwhile are copied and the files swapped."""
+        try:
+            size = os.fstat(self._fd).st_size
+            states, _ = self._read_log(limit=size, report=False)
+            parts = [_crc_line(self._header())] + [_crc_line(dict(s, e="rec")) for s in states]
+            tmp = os.open("journal.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW,
+                          0o600, dir_fd=self.state.fd)
+        except OSError as exc:
+            self._failed("compact", exc)
+            return
+        try:
+            _write_all(tmp, parts)
+            os.fdatasync(tmp)
+            with self._lock:
+                tail = self._read_from(size)
+                _write_all(tmp, [tail])
+                os.rename("journal.tmp", "journal", src_dir_fd=self.state.fd, dst_dir_fd=self.state.fd)
+                old, self._fd = self._fd, tmp
+                self._lines = len(parts) + tail.count(b"\n")
+            os.close(old)
+            os.fsync(self.state.fd)
+            with self._cond:
+                self._records = len(states)
+        except OSError as exc:
+            _close_quietly(tmp)
+            self._failed("compact", exc)
+
+    def _read_from(self, offset: int) -> bytes:
+        fd = os.open("journal", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.fd)
+        try:
+            chunks = []
+            while True:
+                chunk = os.pread(fd, 1 << 20, offset)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+                offset += len(chunk)
+        finally:
+            os.close(fd)
+
+    # -- loading -----------------------------------------------------------------------
+
+    def load(self) -> List[Dict[str, Any]]:
+        """The records of the journal, merged and checked, in creation order,
+        each with ``_out``/``_err``: the retained output bytes found for it.
+        A foreign, damaged or truncated file is reported and set aside; the
+        start goes on with what could be read. Leaves the log rewritten and open."""
+        try:
+            states, damaged = self._read_log(limit=None, report=True)
+        except _ForeignJournal as exc:
+            self.state.set_aside(self.state.fd, "journal", str(exc))
+            states, damaged = [], False
+        if damaged:     # keep a copy for a post-mortem; the rewrite below drops what was unreadable
+            self._copy_aside("journal", "lines with a wrong checksum or length were skipped")
+        outputs = self._load_outputs({s["id"] for s in states})
+        for state in states:
+            out, err, meta = outputs.get(state["id"], (b"", b"", None))
+            state["_out"], state["_err"] = (out, err) if _output_matches(state, meta) else (b"", b"")
+        return states
+
+    def _read_log(self, *, limit: Optional[int], report: bool) -> Tuple[List[Dict[str, Any]], bool]:
+        """Merge the log's lines into states (creation order). Returns (states, damaged)."""
+        try:
+            fd = os.open("journal", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.fd)
+        except FileNotFoundError:
+            return [], False
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read() if limit is None else fh.read(limit)
+        lines = data.split(b"\n")
+        truncated = lines.pop() != b""           # no newline at the end: a write cut short
+        if not lines:
+            if truncated and report:
+                raise _ForeignJournal("no complete header line")
+            return [], False
+        header = _parse_line(lines[0])
+        if header is None or header.get("format") != _JOURNAL_FORMAT:
+            raise _ForeignJournal("not a hopx-agent journal")
+        if header.get("version") != JOURNAL_VERSION or header.get("dir") != self.state.dir_id:
+            raise _ForeignJournal("a journal of format %r for directory %r (this agent writes %d for %s)"
+                                  % (header.get("version"), header.get("dir"), JOURNAL_VERSION, self.state.dir_id))
+        merged: "collections.OrderedDict[str, Dict[str, Any]]" = collections.OrderedDict()
+        bad = sum(1 for line in lines[1:] if not _merge_line(merged, _parse_line(line)))
+        if report and truncated:
+            log.warning("journal %s: the last line was cut short (a crash mid-write); it is ignored",
+                        self.state.path)
+        if report and bad:
+            log.warning("journal %s: %d damaged lines skipped", self.state.path, bad)
+        states = []
+        for state in merged.values():
+            try:
+                states.append(_check_state(state))
+            except ValueError as exc:
+                bad += 1
+                if report:
+                    log.warning("journal %s: record %s skipped: %s", self.state.path, state.get("id"), exc)
+        states.sort(key=lambda s: s["seq"])
+        return states, bad > 0
+
+    def _copy_aside(self, name: str, why: str) -> None:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.fd)
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read()
+        self.state.write_atomic(self.state.fd, name + ".damaged", [data], sync=False)
+        self.state.set_aside(self.state.fd, name + ".damaged", why)
+
+    def _load_outputs(self, wanted: set) -> Dict[str, Tuple[bytes, bytes, Dict[str, Any]]]:
+        """Every out file, checked; a damaged or foreign one is set aside, one of no record removed."""
+        found = {}
+        for name in os.listdir(self.state.out_fd):
+            rec_id, _, suffix = name.partition(".")
+            if suffix != "out" or rec_id not in wanted:
+                _unlink_quietly(name, self.state.out_fd)      # a temp file, or output of an evicted record
+                continue
+            try:
+                found[rec_id] = self._read_output(name, rec_id)
+            except (OSError, ValueError) as exc:
+                self.state.set_aside(self.state.out_fd, name, str(exc))
+        return found
+
+    def _read_output(self, name: str, rec_id: str) -> Tuple[bytes, bytes, Dict[str, Any]]:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.out_fd)
+        with os.fdopen(fd, "rb") as fh:
+            head = fh.readline(128).split()
+            if len(head) != 4 or head[0] != _OUT_MAGIC or head[1] != b"%d" % JOURNAL_VERSION:
+                raise ValueError("not an output file of this version")
+            meta_len, crc = int(head[2]), int(head[3], 16)
+            meta_raw = fh.read(meta_len)
+            meta = json.loads(meta_raw)
+            if not isinstance(meta, dict) or meta.get("id") != rec_id:
+                raise ValueError("the output of another record")
+            lengths = meta["stdout_len"], meta["stderr_len"]
+            out, err = fh.read(lengths[0]), fh.read(lengths[1])
+            if (len(out), len(err)) != lengths or fh.read(1):
+                raise ValueError("length does not match (cut short?)")
+        if zlib.crc32(err, zlib.crc32(out, zlib.crc32(meta_raw))) != crc:
+            raise ValueError("checksum does not match")
+        for key in ("stdout_bytes", "stderr_bytes"):
+            if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool):
+                raise ValueError("bad %s" % key)
+        meta["final"] = bool(meta.get("final"))
+        return out, err, meta
+
+    def rewrite(self, states: List[Dict[str, Any]]) -> None:
+        """Start a fresh log holding exactly ``states`` (after a load and its
+        recovery), then keep it open for appends."""
+        parts = [_crc_line(self._header())]
+        parts += [_crc_line(dict({k: v for k, v in s.items() if not k.startswith("_")}, e="rec"))
+                  for s in states]
+        self.state.write_atomic(self.state.fd, "journal", parts, sync=True)
+        os.fsync(self.state.fd)
+        self._open_log()
+        with self._lock:
+            self._lines = len(parts)
+        with self._cond:
+            self._records = len(states)
+
+    def reopen(self, records: int) -> None:
+        """An upgraded agent goes on with its predecessor's log (the handover,
+        not the log, tells it the records)."""
+        self._open_log()
+        lines = 0
+        fd = os.open("journal", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.fd)
+        with os.fdopen(fd, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                lines += chunk.count(b"\n")
+        with self._lock:
+            self._lines = lines
+        with self._cond:
+            self._records = records
+
+    def adopted(self, recs: List[_ProcessRecord], pending: List[str]) -> None:
+        """After an upgrade: checkpoint the running records again, and do the
+        output writes the predecessor had queued but not done."""
+        by_id = {rec.id: rec for rec in recs}
+        for rec in recs:
+            with rec.cond:
+                running = not rec.finished and rec.status == "running"
+            if running:
+                with self._cond:
+                    self._watch_locked(rec)
+        for rec_id in pending:
+            rec = by_id.get(rec_id)
+            self._queue(rec_id, "final" if rec is not None and rec.finished else "unlink", rec)
+
+    def write_final_output(self, state: Dict[str, Any], out: bytes, err: bytes) -> None:
+        """At start: a record made final by recovery keeps its checkpointed output as final."""
+        if not out and not err:
+            _unlink_quietly(state["id"] + ".out", self.state.out_fd)
+            return
+        rec = _restore_record(state, max(len(out), len(err), 1), out, err)
+        self._write_output(rec, final=True)
+
+
+def _output_matches(state: Dict[str, Any], meta: Optional[Dict[str, Any]]) -> bool:
+    """Output belongs to a state when it ends where the state's counts end
+    (a final record), or when it is the checkpoint of one still running
+    (whose counts then become the checkpoint's: all that is known)."""
+    if meta is None:
+        return False
+    if state["status"] in _FINAL_STATUSES:
+        return meta["final"] and (meta["stdout_bytes"], meta["stderr_bytes"]) == \
+            (state["stdout_bytes"], state["stderr_bytes"])
+    if meta["final"]:
+        return False
+    state["stdout_bytes"], state["stderr_bytes"] = meta["stdout_bytes"], meta["stderr_bytes"]
+    return True
+
+
+class _ForeignJournal(Exception):
+    """The journal was written by another format or for another directory."""
+
+
+def _merge_line(merged: Dict[str, Dict[str, Any]], obj: Optional[Dict[str, Any]]) -> bool:
+    """Apply one journal line to the states; False when it is not a valid event."""
+    if obj is None:
+        return False
+    event, rec_id = obj.pop("e", None), obj.get("id")
+    if event == "gone":
+        ids = obj.get("ids")
+        if not isinstance(ids, list):
+            return False
+        for gone in ids:
+            if isinstance(gone, str):
+                merged.pop(gone, None)
+        return True
+    if not isinstance(rec_id, str):
+        return False
+    if event in ("new", "rec"):
+        merged[rec_id] = obj
+    elif event in ("run", "set") and rec_id in merged:
+        state = merged[rec_id]
+        if event == "set":
+            state["extra"] = obj.get("extra", {})
+            state["idempotency"] = obj.get("idempotency")
+        elif state.get("status") not in _FINAL_STATUSES:   # an outcome already read stands
+            state.update(obj)
+    elif event not in ("run", "set"):
+        return False
+    return True
+
+
+# ============================================================================
+# Durability: orphans of a previous agent
+# ============================================================================
+#
+# After a crash (kill -9, the OOM killer) the dead agent's children live on,
+# re-parented to init, with no timeout anyone enforces. A restarted agent on
+# the same state directory ends them before it serves (TERM, grace, KILL)
+# and makes each of their records final: failed, reason "agent_restart", so
+# a client polling one sees it end. A process is proven an orphan, never
+# guessed; each proof is made through a pidfd opened before the check and
+# found alive after it, so the pid cannot have been reused in between:
+#   - it carries HOPX_AGENT_STATE=<this directory's id> in its environment;
+#   - or it is a leader the journal names: same pid and same start time
+#     (clock ticks since boot, /proc/<pid>/stat) in the same boot;
+#   - or it is in the session of such a journaled leader, proven as above
+#     and still alive and leading it after the check (every child of the
+#     agent leads its own session; a marker alone never extends to a session:
+#     anyone who saw it could put it on a process of a session not ours).
+# Signals go through the pidfds: they reach the proven process or nobody.
+
+AGENT_RESTART_REASON = "agent_restart"   # api.md §5 reason of a record whose agent died under it
+ORPHAN_EXIT_WAIT_S = 1.0                 # after the SIGKILLs, wait this long for the orphans to be gone
+
+
+class _Orphan:
+    """A process proven to be left by a previous agent of this state directory."""
+
+    __slots__ = ("pid", "pidfd", "record_id", "sid")
+
+    def __init__(self, pid: int, pidfd: int, record_id: Optional[str], sid: int) -> None:
+        self.pid, self.pidfd, self.record_id, self.sid = pid, pidfd, record_id, sid
+
+
+def _env_item(environ: bytes, name: str) -> Optional[str]:
+    """The value of ``name`` in a /proc/<pid>/environ blob, or None."""
+    prefix = name.encode("ascii") + b"="
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):].decode("ascii", "replace")
+    return None
+
+
+def _pidfd_alive(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _prove_orphan(pid: int, dir_id: str, leaders: Dict[int, Tuple[int, str]]) -> Optional[_Orphan]:
+    """The process as an _Orphan when it carries the marker or is a journaled
+    leader (same start time); None otherwise or when it went away meanwhile."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    environ = _read_environ(pid)
+    stat = _proc_stat(pid)
+    record_id = None
+    if _env_item(environ, STATE_DIR_ENV) == dir_id:
+        record_id = _env_item(environ, PROCESS_ID_ENV)
+    elif stat is not None and pid in leaders and leaders[pid][0] == stat[0]:
+        record_id = leaders[pid][1]
+    else:
+        os.close(pidfd)
+        return None
+    if stat is None or not _pidfd_alive(pidfd):
+        os.close(pidfd)
+        return None
+    return _Orphan(pid, pidfd, record_id, stat[1])
+
+
+def _prove_session_member(pid: int, anchors: Dict[int, _Orphan]) -> Optional[_Orphan]:
+    """A process in the session of a proven leader (which must still lead it
+    and be alive afterwards): it inherits that leader's record."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    stat = _proc_stat(pid)
+    anchor = anchors.get(stat[1]) if stat else None
+    if anchor is not None and _pidfd_alive(pidfd):
+        again = _proc_stat(anchor.pid)
+        if again is not None and again[1] == anchor.sid and _pidfd_alive(anchor.pidfd):
+            return _Orphan(pid, pidfd, anchor.record_id, anchor.sid)
+    os.close(pidfd)
+    return None
+
+
+def _find_orphans(dir_id: str, leaders: Dict[int, Tuple[int, str]]) -> List[_Orphan]:
+    """Every process proven to be left by a previous agent of ``dir_id``.
+    ``leaders``: pid -> (start time, record id) of the journal's running records."""
+    if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
+        log.warning("no pidfds (Linux 5.3+, Python 3.9+): orphans of a previous agent cannot be proven "
+                    "and are left alone")
+        return []
+    me = os.getpid()
+    try:
+        pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != me]
+    except OSError:
+        return []
+    found: Dict[int, _Orphan] = {}
+    for pid in pids:
+        orphan = _prove_orphan(pid, dir_id, leaders)
+        if orphan is not None:
+            found[pid] = orphan
+    anchors = {o.pid: o for o in found.values() if o.sid == o.pid and o.pid in leaders}
+    for pid in pids:
+        if pid not in found:
+            member = _prove_session_member(pid, anchors)
+            if member is not None:
+                found[pid] = member
+    return list(found.values())
+
+
+def _end_orphans(orphans: List[_Orphan], grace: float) -> Dict[Optional[str], str]:
+    """TERM every orphan, KILL those left after ``grace``, wait (bounded) for
+    them to be gone; closes their pidfds. Returns, per record id, the last
+    signal its processes needed."""
+    endings: Dict[Optional[str], str] = {}
+    pending = {o.pidfd: o for o in orphans}
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, ORPHAN_EXIT_WAIT_S)):
+        for orphan in pending.values():
+            try:
+                signal.pidfd_send_signal(orphan.pidfd, sig)
+                endings[orphan.record_id] = signal.Signals(sig).name
+            except OSError:
+                pass
+        _wait_pidfds(pending, time.monotonic() + wait)
+        if not pending:
+            break
+    for orphan in orphans:
+        _close_quietly(orphan.pidfd)
+    if pending:
+        log.warning("%d orphans of a previous agent survived SIGKILL (uninterruptible sleep?)", len(pending))
+    return endings
+
+
+def _wait_pidfds(pending: Dict[int, Any], deadline: float) -> None:
+    """Remove from ``pending`` each pidfd whose process exits before ``deadline``."""
+    poller = select.poll()
+    for fd in pending:
+        poller.register(fd, select.POLLIN)
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        for fd, _ in poller.poll(remaining * 1000):
+            poller.unregister(fd)
+            pending.pop(fd, None)
+
+
+def _code_file_prefix(dir_id: str) -> str:
+    """Temp code files of an agent with a state directory are named after it,
+    so a restarted agent can find the ones its predecessor left."""
+    return "hopx-%s-" % dir_id[:12]
+
+
+def _sweep_code_files(dir_id: str, tempdir: str, journaled: Iterable[Optional[str]]) -> int:
+    """Remove the temp code files a dead agent left (named with ``dir_id``,
+    regular, our own): those of the temp dir and those the journal names."""
+    prefix = _code_file_prefix(dir_id)
+    try:
+        paths = {os.path.join(tempdir, n) for n in os.listdir(tempdir) if n.startswith(prefix)}
+    except OSError:
+        paths = set()
+    paths.update(p for p in journaled if p and os.path.basename(p).startswith(prefix))
+    removed = 0
+    for path in paths:
+        try:
+            st = os.lstat(path)
+            if os.path.stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                os.unlink(path)
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _recover(states: List[Dict[str, Any]], dir_id: str, boot_id: Optional[str], grace: float,
+             tempdir: str) -> Dict[str, int]:
+    """At a start after a crash: end the orphans, remove the temp files, and
+    make every record that was queued or running final (agent_restart).
+    Changes ``states`` in place; returns counts for the log line."""
+    unfinished = [s for s in states if s["status"] not in _FINAL_STATUSES]
+    leaders = {s["pid"]: (s["starttime"], s["id"]) for s in unfinished
+               if s["pid"] and s["starttime"] is not None and s["boot_id"] == boot_id}
+    orphans = _find_orphans(dir_id, leaders)
+    endings = _end_orphans(orphans, grace) if orphans else {}
+    now = time.time()
+    for state in unfinished:
+        _finish_after_restart(state, endings.get(state["id"]), state["boot_id"] not in (None, boot_id), now)
+    removed = _sweep_code_files(dir_id, tempdir, [s["tempfile"] for s in states])
+    return {"orphans": len(orphans), "records": len(unfinished), "files": removed,
+            "unknown": sum(1 for o in orphans if o.record_id not in {s["id"] for s in states})}
+
+
+def _finish_after_restart(state: Dict[str, Any], ending: Optional[str], rebooted: bool, now: float) -> None:
+    """A record whose agent died under it: failed, agent_restart, and what became of its process."""
+    if state["status"] == "queued":
+        why = "it was still queued and never ran"
+    elif rebooted:
+        why = "the machine restarted, and the process with it"
+    elif ending is not None:
+        why = "its process was still running and was ended with %s" % ending
+    else:
+        why = "its process had exited meanwhile; its exit status is lost"
+    state.update(status="failed", reason=AGENT_RESTART_REASON, exit_code=None, signal=None,
+                 ended=now, error="the agent restarted after it stopped unexpectedly; " + why,
+                 kill_reason=AGENT_RESTART_REASON,
+                 duration=round(max(0.0, now - state["started"]), 6) if state["started"] else 0.0)
+    state["tempfile"] = None
+    state["_recovered"] = True
+
+
+
+
+def _attach_journal(manager: Any, journal: _Journal) -> None:
+    """Wire a journal into a process manager: the registry tells it each
+    step, the spawner marks every child with the state dir's id, code files
+    are named after it."""
+    manager.registry.journal = journal
+    manager.spawner.markers[STATE_DIR_ENV] = journal.state.dir_id
+    manager.launcher.code_prefix = _code_file_prefix(journal.state.dir_id)
+
+
+def _restore_records(manager: Any, states: List[Dict[str, Any]]) -> None:
+    """The records a restart loaded, into the manager (in their order; retention applies)."""
+    cap = manager.config.max_output_bytes
+    recs = [_restore_record(state, cap, state["_out"], state["_err"]) for state in states]
+    for rec in recs:
+        manager.prepare(rec)
+    manager.registry.adopt(recs, [], {})
+
+
+def _open_journal(config: AgentConfig, *, lock_fd: Optional[int] = None) -> _Journal:
+    """The journal of ``config.state_dir`` (opened and locked), not loaded yet."""
+    assert config.state_dir is not None
+    try:
+        return _Journal(_StateDir.open(config.state_dir, lock_fd=lock_fd))
+    except OSError as exc:
+        raise _StateDirError(str(exc)) from None
+
+
+def _load_journal(journal: _Journal, grace: float) -> List[Dict[str, Any]]:
+    """A cold start with a state directory: the previous agent's records,
+    its orphans ended and its records made final, the log rewritten. Returns
+    the records' states (with their output) for ProcessManager.restore()."""
+    import tempfile
+    started = time.monotonic()
+    states = journal.load()
+    counts = _recover(states, journal.state.dir_id, journal.boot_id, grace, tempfile.gettempdir())
+    for state in states:
+        if state.get("_recovered"):
+            journal.write_final_output(state, state["_out"], state["_err"])
+    journal.rewrite(states)
+    if states or counts["orphans"] or counts["files"]:
+        log.info("journal %s: %d records loaded; %d left running or queued by a crash made final, "
+                 "%d orphans ended (%d of no record), %d temp files removed, in %.0f ms",
+                 journal.state.path, len(states), counts["records"], counts["orphans"], counts["unknown"],
+                 counts["files"], (time.monotonic() - started) * 1000)
+    return states
+
+
+# ============================================================================
+# Durability: upgrade in place
+# ============================================================================
+#
+# SIGHUP (or POST /admin/restart) replaces the running agent by the file on
+# disk, and nothing is lost. The same process execs the new version, so each
+# child stays its child (waited for, reaped, signalled as before); what must
+# outlive the exec is handed over in an anonymous memory file (memfd): the
+# records with their output, and the descriptors kept open across exec (the
+# listening socket, each running child's pipes and ptys, the state lock).
+#
+#  1. Pre-check: a child imports the new file and runs its _handover_check on
+#     a preview of the handover. Any failure there (syntax error, exception,
+#     a file too old to adopt) ends the upgrade: the agent serves on untouched.
+#  2. Quiesce: the transport stops accepting (the listening socket stays
+#     open: the kernel queues new connections), lets requests in flight
+#     finish (bounded) and closes idle connections; the pipe readers park,
+#     each between two reads, so what a child wrote since waits in its pipe;
+#     the callbacks of the exit watcher and the watchdog wait at a gate.
+#  3. Hand over: every record (its fields, its output, the offset where
+#     reading stopped, its deadlines on the monotonic clock, which exec keeps)
+#     into the memfd; then execve(python, the file, the same arguments).
+#  4. The new version parses and checks the whole handover before it touches
+#     anything; a failure there re-execs the previous version, whose source the
+#     handover carries. Then it takes the descriptors, resumes each reader at
+#     its offset (no gap, no duplicate), watches each leader through a new
+#     pidfd (an exit during the exec left a zombie: its status is not lost),
+#     re-arms the deadlines, and serves on the inherited socket.
+
+HANDOVER_ENV = "HOPX_AGENT_HANDOVER"     # the memfd's number, for the exec'd successor only
+FALLBACK_ENV = "HOPX_AGENT_FALLBACK"     # set when the previous version is re-exec'd after a failed adoption
+SOURCE_ENV = "HOPX_AGENT_SOURCE"         # the file on disk, when the running code came from elsewhere
+HANDOVER_VERSION = 1                     # the handover document's format; a successor refuses another
+UPGRADE_CHECK_TIMEOUT_S = 30.0           # the pre-check child may take this long (import and check)
+UPGRADE_PARK_S = 2.0                     # readers and callbacks must reach their gate within this
+_HANDOVER_FORMAT = "hopx-agent-handover"
+_HANDOVER_MAGIC = b"HOPXHANDOVER"
+
+
+class _UpgradeRefused(Exception):
+    """The upgrade did not happen; the running agent serves on."""
+
+
+class _HandoverWriter:
+    """Builds the handover in a memfd: byte blobs written as they come (so
+    the output is held twice at most, in the buffers and here, never thrice),
+    referred to by [offset, length] from a JSON document written last, and
+    the descriptors it names (made inheritable). A ``dry`` one writes and
+    changes nothing: its document is the preview the pre-check child gets."""
+
+    def __init__(self, *, dry: bool = False) -> None:
+        self.dry = dry
+        self.doc: Dict[str, Any] = {"format": _HANDOVER_FORMAT, "version": HANDOVER_VERSION,
+                                    "from_version": __version__, "written": time.time(),
+                                    "monotonic": time.monotonic()}
+        self._size = 0
+        self.fds: List[int] = []
+        self._fd = -1 if dry else os.memfd_create("hopx-handover", 0)   # no MFD_CLOEXEC: the successor's
+
+    def blob(self, data: Any) -> List[int]:
+        ref = [self._size, len(data)]
+        if len(data) and not self.dry:
+            _write_all(self._fd, [data])
+        self._size += len(data)
+        return ref
+
+    def fd(self, fd: int) -> int:
+        if not self.dry:
+            os.set_inheritable(fd, True)
+            self.fds.append(fd)
+        return fd
+
+    def seal(self) -> int:
+        """The document and a trailer after the blobs; the memfd (inheritable) positioned at 0."""
+        doc = json.dumps(self.doc, separators=(",", ":")).encode("ascii")
+        trailer = (b"%s %d %d %d" % (_HANDOVER_MAGIC, HANDOVER_VERSION, self._size, len(doc))).ljust(63) + b"\n"
+        _write_all(self._fd, [doc, trailer])
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        self.fds.append(self._fd)
+        return self._fd
+
+    def release(self) -> None:
+        """The upgrade failed: descriptors back to close-on-exec, the memfd closed."""
+        for fd in self.fds:
+            if fd != self._fd:
+                try:
+                    os.set_inheritable(fd, False)
+                except OSError:
+                    pass
+        if self._fd >= 0:
+            _close_quietly(self._fd)
+            self._fd = -1
+
+
+class _HandoverReader:
+    """Reads a handover memfd: [blobs][document][64-byte trailer]."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        size = os.fstat(fd).st_size
+        if size < 64:
+            raise ValueError("not a handover (too short)")
+        parts = os.pread(fd, 64, size - 64).split()
+        if len(parts) != 4 or parts[0] != _HANDOVER_MAGIC:
+            raise ValueError("not a handover")
+        if parts[1] != b"%d" % HANDOVER_VERSION:
+            raise ValueError("a handover of format %s (this agent reads %d)"
+                             % (parts[1].decode("ascii", "replace"), HANDOVER_VERSION))
+        self._blob_size, doc_len = int(parts[2]), int(parts[3])
+        if self._blob_size + doc_len + 64 != size:
+            raise ValueError("the handover's size does not match")
+        self.doc = json.loads(os.pread(fd, doc_len, self._blob_size))
+
+    def take(self, ref: Any) -> bytes:
+        """A blob's bytes (never consumed: a fallback reads the same handover again)."""
+        if not (isinstance(ref, list) and len(ref) == 2 and all(isinstance(x, int) for x in ref)):
+            raise ValueError("a bad blob reference")
+        offset, length = ref
+        if offset < 0 or length < 0 or offset + length > self._blob_size:
+            raise ValueError("a blob outside the handover")
+        data = os.pread(self.fd, length, offset) if length else b""
+        if len(data) != length:
+            raise ValueError("a blob cut short")
+        return data
+
+    def close(self) -> None:
+        _close_quietly(self.fd)
+
+
+def _claim_fd(fd: Any) -> int:
+    """An inherited descriptor named by the handover, checked. It stays
+    inheritable until the successor is ready (_seal_fds), so that a fallback
+    to the previous version still gets it."""
+    if not isinstance(fd, int) or isinstance(fd, bool) or fd < 3:
+        raise ValueError("bad descriptor %r" % (fd,))
+    os.fstat(fd)                       # EBADF if the predecessor did not really hand it over
+    return fd
+
+
+def _seal_fds(doc: Dict[str, Any]) -> None:
+    """The successor is ready: every descriptor the handover named is close-on-exec again."""
+    fds = [doc.get("listen_fd"), doc.get("lock_fd")]
+    for state in doc.get("records", []):
+        run = state.get("_run") or {}
+        fds += list((run.get("fds") or {}).values()) + [run.get("stdin")]
+    for family in (doc.get("families") or {}).values():
+        fds += list(family.get("fds", [])) if isinstance(family, dict) else []
+    for fd in fds:
+        if isinstance(fd, int) and fd >= 3:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
+
+
+_UPGRADE_CHECK_PROGRAM = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("hopx_agent_successor", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module          # dataclasses look their module up while it executes
+spec.loader.exec_module(module)
+check = getattr(module, "_handover_check", None)
+if check is None:
+    raise SystemExit("this file cannot take over a running agent (no _handover_check)")
+answer = check(json.load(sys.stdin), sys.argv[2:])
+sys.stdout.write("\nHOPX-UPGRADE-CHECK " + json.dumps(answer) + "\n")
+"""
+
+
+def _check_successor(path: str, preview: Dict[str, Any], argv: List[str],
+                     spawn: Callable[..., subprocess.Popen], timeout: float = UPGRADE_CHECK_TIMEOUT_S) -> Dict[str, Any]:
+    """Run the new file's _handover_check on ``preview`` in a child; its answer,
+    or _UpgradeRefused with the reason (the child's last words). ``spawn`` is
+    Popen-like: the agent's spawner, so its subreaper never takes this child."""
+    if not os.path.isfile(path):
+        raise _UpgradeRefused("%s is not a file" % path)
+    proc = spawn([sys.executable, "-c", _UPGRADE_CHECK_PROGRAM, path] + list(argv),
+                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(json.dumps(preview).encode("ascii"), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise _UpgradeRefused("the new file's check took longer than %gs" % timeout) from None
+    for line in reversed(out.decode("utf-8", "replace").splitlines()):
+        if line.startswith("HOPX-UPGRADE-CHECK "):
+            answer = json.loads(line[len("HOPX-UPGRADE-CHECK "):])
+            if proc.returncode == 0 and isinstance(answer, dict) and answer.get("ok") is True:
+                return answer
+            break
+    words = err.decode("utf-8", "replace").strip().splitlines()
+    raise _UpgradeRefused("the new file failed its check: %s" % (words[-1] if words else "exit %s" % proc.returncode))
+
+
+def _successor_argv(path: str, argv: List[str]) -> List[str]:
+    """The command line of the new version: the same interpreter and flags,
+    the file on disk, the same arguments."""
+    flags = list(getattr(sys, "orig_argv", [])[1:])
+    script = flags.index(sys.argv[0]) if sys.argv[0] in flags else None
+    flags = flags[:script] if script is not None else []
+    return [sys.executable] + flags + [path] + list(argv)
+
+
+def _exec_successor(path: str, argv: List[str], handover_fd: int, extra: Optional[Dict[str, str]] = None) -> None:
+    """execve the new version with the handover; returns only if exec failed (OSError raised)."""
+    env = dict(os.environ)
+    env.pop(FALLBACK_ENV, None)
+    env[HANDOVER_ENV] = str(handover_fd)
+    env.update(extra or {})
+    os.execve(sys.executable, _successor_argv(path, argv), env)
+
+
+def _exec_previous(source: bytes, path: str, argv: List[str], handover_fd: int) -> None:
+    """The new version could not adopt: run the previous one (its source came
+    with the handover) on the same handover. Returns only if exec failed."""
+    fd = os.memfd_create("hopx-agent-previous", 0)
+    _write_all(fd, [source])
+    os.lseek(handover_fd, 0, os.SEEK_SET)
+    env = dict(os.environ)
+    env.update({HANDOVER_ENV: str(handover_fd), FALLBACK_ENV: "1", SOURCE_ENV: path})
+    os.execve(sys.executable, [sys.executable, "/proc/self/fd/%d" % fd] + list(argv), env)
+
+
+def _take_handover_env(environ: Dict[str, str]) -> Optional[int]:
+    """The handover memfd's number, removed from the environment (no child may inherit it)."""
+    value = environ.pop(HANDOVER_ENV, None)
+    os.environ.pop(HANDOVER_ENV, None)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise ValueError("%s=%r is not a descriptor" % (HANDOVER_ENV, value))
+    return int(value)
+
+
+def _check_handover_doc(doc: Any) -> Dict[str, Any]:
+    """The handover document, checked for format and version (ValueError otherwise)."""
+    if not isinstance(doc, dict) or doc.get("format") != _HANDOVER_FORMAT:
+        raise ValueError("not a hopx-agent handover")
+    if doc.get("version") != HANDOVER_VERSION:
+        raise ValueError("a handover of format %r; this version reads %d" % (doc.get("version"), HANDOVER_VERSION))
+    return doc
+
+
+UPGRADE_DRAIN_S = 0.5                    # requests in flight may finish this long before the exec
+
+
+def _own_source(path: str) -> Optional[bytes]:
+    """The running version's source, read at start: the file on disk may be
+    replaced later, and a successor that cannot adopt re-execs this."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _usage_list(usage: Any) -> Optional[List[float]]:
+    return None if usage is None else [usage.ru_utime, usage.ru_stime, usage.ru_maxrss]
+
+
+def _hand_over_record(rec: _ProcessRecord, writer: _HandoverWriter, watchdog: _Watchdog) -> Dict[str, Any]:
+    """A record as its successor takes it over (call with ``rec.cond`` held):
+    its state and output, and for one not final its descriptors (the readers
+    are parked: each stream's offset is its total), its exit if the leader
+    was reaped already, and its deadlines on the monotonic clock."""
+    state = _record_state(rec)
+    state["_out"] = writer.blob(_tail_bytes(rec.stdout))
+    state["_err"] = writer.blob(_tail_bytes(rec.stderr))
+    for hook in rec.on_finish:
+        if hasattr(hook, "hand_over"):
+            state["_webhook"] = hook.hand_over()
+    if rec.finished:
+        return state
+    stdin = rec.popen.stdin if rec.popen is not None and not rec.stdin_closed else None
+    exit_info = rec.exit_info
+    state["_run"] = {
+        "fds": {name: writer.fd(fd) for name, fd in rec.fds.items()},
+        "stdin": writer.fd(stdin.fileno()) if stdin is not None else None,
+        "reaped": rec.reaped, "open_streams": rec.open_streams,
+        "exit_info": None if exit_info is None else [exit_info[0], _usage_list(exit_info[1])],
+        "started_mono": rec.started_mono, "last_output": rec.last_output,
+        "deadlines": {"timeout": watchdog.pending(rec.timer), "idle": watchdog.pending(rec.idle_timer),
+                      "escalate": watchdog.pending(rec.timers.get("escalate")),
+                      "drain": watchdog.pending(rec.timers.get("drain"))},
+    }
+    return state
+
+
+_RUN_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "fds": (dict,), "stdin": (int, type(None)), "reaped": (bool,), "open_streams": (int,),
+    "exit_info": (list, type(None)), "started_mono": (int, float, type(None)),
+    "last_output": (int, float, type(None)), "deadlines": (dict,),
+}
+
+
+def _check_handed_record(state: Any) -> Dict[str, Any]:
+    """One record of a handover, checked like a journal state plus its run-time part."""
+    if not isinstance(state, dict):
+        raise ValueError("a record that is not an object")
+    full = _check_state(state)
+    for key in ("_out", "_err"):
+        ref = state.get(key)
+        if not (isinstance(ref, list) and len(ref) == 2 and all(isinstance(x, int) for x in ref)):
+            raise ValueError("bad %s of %s" % (key, full["id"]))
+        full[key] = ref
+    run = state.get("_run")
+    if full["status"] == "running" and not isinstance(run, dict):
+        raise ValueError("running record %s without its run-time state" % full["id"])
+    if run is not None:
+        for key, kinds in _RUN_FIELDS.items():
+            if not isinstance(run.get(key), kinds):
+                raise ValueError("bad %s of %s" % (key, full["id"]))
+        full["_run"] = run
+    if isinstance(state.get("_webhook"), dict):
+        full["_webhook"] = state["_webhook"]
+    return full
+
+
+def _parse_handover(doc: Any) -> Dict[str, Any]:
+    """Everything a successor will rely on, checked before it touches anything."""
+    doc = _check_handover_doc(doc)
+    for key, kinds in (("listen_fd", (int,)), ("records", (list,)), ("queue", (list,)), ("agent", (dict,)),
+                       ("families", (dict,))):
+        if not isinstance(doc.get(key), kinds):
+            raise ValueError("handover without a valid %s" % key)
+    doc["records"] = [_check_handed_record(r) for r in doc["records"]]
+    ids = {r["id"] for r in doc["records"]}
+    if not all(isinstance(i, str) and i in ids for i in doc["queue"]):
+        raise ValueError("the queue names records the handover does not hold")
+    return doc
+
+
+class _Upgrader:
+    """The running agent's upgrade in place (see the section comment): the
+    pre-check, the quiesce, the handover and the exec. run() returns only
+    when the upgrade did not happen (the agent serves on), with the reason."""
+
+    def __init__(self, server: Any, path: str, argv: List[str], source: Optional[bytes]) -> None:
+        self.server = server
+        self.path = path
+        self.argv = list(argv)
+        self.source = source
+        self._lock = threading.Lock()      # one upgrade at a time (SIGHUP and /admin/restart may race)
+        self._gates: List[Any] = []
+        self.request: Callable[[], None] = lambda: None   # set by the main loop: run() there, soon
+
+    def check(self) -> Dict[str, Any]:
+        """The new file's pre-check on a preview of the handover; _UpgradeRefused when it fails."""
+        preview = _HandoverWriter(dry=True)
+        self._hand_over(preview)
+        spawner = self.server.manager.spawner
+        env = dict(os.environ)
+        env.pop(SECRET_ENV, None)           # the check needs no secret; no child ever gets it
+        started: List[Any] = []
+
+        def spawn(argv: List[str], **pipes: Any) -> subprocess.Popen:
+            # Through the spawner: its subreaper must not take this child's exit status.
+            started.append(spawner.spawn(_ChildSpec(argv=argv, cwd=os.getcwd(), env=env, **pipes)))
+            return started[-1]
+
+        try:
+            return _check_successor(self.path, preview.doc, self.argv, spawn=spawn)
+        finally:
+            for proc in started:
+                spawner.untrack(proc.pid)
+
+    def run(self) -> str:
+        if not self._lock.acquire(blocking=False):
+            return "an upgrade is already under way"
+        try:
+            return self._run()
+        finally:
+            self._lock.release()
+
+    def _run(self) -> str:
+        started = time.monotonic()
+        try:
+            answer = self.check()
+        except _UpgradeRefused as exc:
+            log.error("upgrade refused, serving on as %s: %s", __version__, exc)
+            return str(exc)
+        checked = time.monotonic()
+        writer = _HandoverWriter()
+        try:
+            self._quiesce()
+            self._hand_over(writer)
+            fd = writer.seal()
+            log.warning("upgrading in place from %s to %s (%s): checked in %.0f ms, handed over %d records in %.0f ms",
+                        __version__, answer.get("version"), self.path, (checked - started) * 1000,
+                        len(writer.doc["records"]), (time.monotonic() - checked) * 1000)
+            _exec_successor(self.path, self.argv, fd)
+            raise OSError("exec returned")            # not reached: execve does not return on success
+        except Exception as exc:
+            writer.release()
+            log.exception("upgrade failed before the exec, serving on as %s", __version__)
+            self._resume()
+            return "the upgrade failed before the exec: %s" % exc
+
+    def _quiesce(self) -> None:
+        """No request in flight, no callback running, no reader reading (bounded; RuntimeError otherwise)."""
+        srv, lifecycle = self.server, self.server.manager.lifecycle
+        srv.drain(UPGRADE_DRAIN_S)
+        gates = []
+        for gate in (lifecycle.watchdog.gate, lifecycle.exits.gate):
+            if not gate.acquire(timeout=UPGRADE_PARK_S):
+                for held in gates:
+                    held.release()
+                raise RuntimeError("a timer or exit callback did not finish within %gs" % UPGRADE_PARK_S)
+            gates.append(gate)
+        self._gates = gates
+        if not lifecycle.parking.park(UPGRADE_PARK_S):
+            raise RuntimeError("the output readers did not stop within %gs" % UPGRADE_PARK_S)
+
+    def _resume(self) -> None:
+        """Undo _quiesce: readers restarted where they parked, callbacks released, serving again."""
+        manager = self.server.manager
+        manager.lifecycle.parking.unpark()
+        for rec in manager.registry.all():
+            manager.lifecycle.read_streams(rec)
+        for gate in self._gates:
+            gate.release()
+        self._gates = []
+        self.server.resume()
+
+    def _hand_over(self, writer: _HandoverWriter) -> None:
+        srv = self.server
+        manager = srv.manager
+        registry = manager.registry
+        records, queue, extra = registry.hand_over()
+        docs = []
+        for rec in records:
+            with rec.cond:
+                docs.append(_hand_over_record(rec, writer, manager.watchdog))
+        journal = registry.journal
+        writer.doc.update({
+            "listen_fd": writer.fd(srv.socket.fileno()),
+            "lock_fd": writer.fd(journal.state.lock_fd) if journal is not None else None,
+            "journal_pending": journal.pending() if journal is not None else [],
+            "agent": {"started": srv.metrics.started, "started_mono": srv.metrics.started_mono,
+                      "metrics": srv.metrics.snapshot(),
+                      "secret": base64.b64encode(srv.config.secret).decode("ascii") if srv.config.secret else None,
+                      "env": manager.launcher.env_store(), "registry": extra},
+            "records": docs, "queue": queue, "families": {},
+            "source": writer.blob(self.source or b""),
+        })
+        for family in srv.families:
+            if hasattr(family, "hand_over"):
+                writer.doc["families"][family.handover_name] = family.hand_over(writer)
+
+
+def _adopt_record(state: Dict[str, Any], manager: Any, blobs: Dict[str, bytes]) -> _ProcessRecord:
+    """A record handed over, rebuilt; one not final gets its descriptors, its
+    child (tracked again), its deadlines, readers and an exit watch."""
+    cap = manager.config.max_output_bytes
+    rec = _restore_record(state, cap, blobs.get(state["id"] + ":out", b""), blobs.get(state["id"] + ":err", b""))
+    run = state.get("_run")
+    if run is None:
+        return rec
+    rec.reaped, rec.open_streams = run["reaped"], run["open_streams"]
+    rec.started_mono, rec.last_output = run["started_mono"], run["last_output"]
+    rec.fds = {name: _claim_fd(fd) for name, fd in run["fds"].items() if name in ("stdout", "stderr")}
+    rec.popen = _AdoptedChild(rec.pid, _claim_fd(run["stdin"]) if run["stdin"] is not None else None)
+    rec.stdin_closed = run["stdin"] is None
+    if run["exit_info"] is not None:
+        status, usage = run["exit_info"]
+        rec.exit_info = (status, None if usage is None else _Usage(*usage))
+    rec.journaled = True
+    return rec
+
+
+class _AdoptedChild:
+    """What the lifecycle uses of a Popen, for a child its predecessor started."""
+
+    def __init__(self, pid: Optional[int], stdin_fd: Optional[int]) -> None:
+        self.pid = pid
+        self.stdin = os.fdopen(stdin_fd, "wb", buffering=0) if stdin_fd is not None else None
+        self.returncode: Optional[int] = None
+
+
+def _rearm(rec: _ProcessRecord, run: Dict[str, Any], manager: Any) -> None:
+    """A running record's deadlines, readers and exit watch, in the successor."""
+    lifecycle, now = manager.lifecycle, time.monotonic()
+    deadlines = run["deadlines"]
+
+    def delay(name: str) -> Optional[float]:
+        at = deadlines.get(name)
+        return max(0.0, at - now) if isinstance(at, (int, float)) else None
+
+    if delay("timeout") is not None:
+        rec.timer = lifecycle.watchdog.schedule(delay("timeout"), lambda: lifecycle.on_timeout(rec))
+    if delay("idle") is not None:
+        rec.idle_timer = lifecycle.watchdog.schedule(delay("idle"), lambda: lifecycle.on_idle(rec))
+    if delay("escalate") is not None:
+        lifecycle.schedule_escalation(rec, delay("escalate"))
+    if rec.pid is not None and not rec.reaped:
+        manager.spawner.adopt(rec.pid)
+    lifecycle.watch(rec)
+    if rec.exit_info is not None:          # reaped before the exec: drained, or waiting for its pipes
+        if rec.open_streams == 0:
+            lifecycle.finish(rec)
+        elif delay("drain") is not None:
+            lifecycle.schedule_drain(rec, delay("drain"))
+
+
+def _adopt_agent(doc: Dict[str, Any], reader: _HandoverReader,
+                 manager: Any) -> List[Tuple[_ProcessRecord, Dict[str, Any]]]:
+    """The successor's side, after _parse_handover: the records and the
+    agent's state into ``manager``. Starts nothing and consumes nothing, so
+    that a failure here can still hand the same handover to the previous
+    version; _resume_adopted() then starts the readers, watches and timers."""
+    refs = {}
+    for state in doc["records"]:
+        refs[state["id"] + ":out"], refs[state["id"] + ":err"] = state["_out"], state["_err"]
+    blobs = {key: reader.take(ref) for key, ref in refs.items()}
+    agent = doc["agent"]
+    manager.launcher.env_set(agent.get("env") or {}, replace=True)
+    adopted = [(_adopt_record(state, manager, blobs), state) for state in doc["records"]]
+    manager.registry.adopt([rec for rec, _ in adopted], doc["queue"], agent.get("registry") or {})
+    for rec, _ in adopted:
+        manager.prepare(rec)
+    return adopted
+
+
+def _resume_adopted(manager: Any, adopted: List[Tuple[_ProcessRecord, Dict[str, Any]]],
+                    pending: List[str]) -> None:
+    """The successor is committed: each running record resumes (a failure
+    is logged and costs that record only), webhooks go on, the journal too."""
+    for rec, state in adopted:
+        try:
+            if state.get("_webhook"):
+                _Webhook.adopt(manager, rec, state["_webhook"])
+            if state.get("_run") is not None:
+                _rearm(rec, state["_run"], manager)
+        except Exception:
+            log.exception("upgrade: record %s could not be resumed", rec.id)
+    journal = manager.registry.journal
+    if journal is not None:
+        journal.adopted([rec for rec, _ in adopted], pending)
 
 
 # ============================================================================
@@ -2884,8 +4931,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self._reader.deadline = time.monotonic() + KEEPALIVE_IDLE_S
         try:
+            self.server.idle(self.connection, True)
             if not self.rfile.peek(1):          # idle keep-alive: wait for a first byte
                 return
+            if not self.server.request_begins(self.connection):   # an upgrade closes idle connections
+                return
+        except (OSError, ValueError):
+            return
+        try:
+            self._handle_request()
+        finally:
+            self.server.request_ends(self.connection)
+
+    def _handle_request(self) -> None:
+        try:
             started = time.monotonic()          # the request deadline runs from its first byte
             self._reader.deadline = started + self.server.config.request_deadline
             line = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
@@ -2899,7 +4958,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         req = _Request()
         req.client_gone = self._client_gone
         try:
-            status = self._answer(req, self._respond(req, line))
+            result = self._respond(req, line)
+            if self.server.draining:           # an upgrade: this connection's last answer
+                req.close = True
+            if isinstance(result, (_Chunks, _Upgrade)):   # a stream: not a request an upgrade waits for
+                self.server.request_ends(self.connection)
+            status = self._answer(req, result)
         except _ClientGone:
             return
         self.server.metrics.observe(req.route, status)
@@ -3250,17 +5314,32 @@ class _AgentServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, config: AgentConfig, manager: ProcessManager, routes: Iterable[_Route]) -> None:
+    def __init__(self, config: AgentConfig, manager: ProcessManager, routes: Iterable[_Route],
+                 sock: Optional[socket.socket] = None) -> None:
         self.config = config
         self.manager = manager
         self.metrics = _Metrics()
         self.routes: Tuple[_Route, ...] = tuple(routes)
         # Each family's state: .features() for /health and /info, .close(deadline) at the end.
         self.families: List[Any] = []
-        self._conn_lock = threading.Lock()  # guards _connections and _conn_seq
+        self._conn_lock = threading.Lock()  # guards _connections, _conn_seq, _busy, _idle, draining, closing
         self._connections = 0
         self._conn_seq = 0
-        super().__init__((config.host, config.port), _Handler)
+        # durability (issue 16): an upgrade in place drains the requests in flight
+        self._drained = threading.Condition(self._conn_lock)   # notified when _busy drops
+        self._busy: Dict[Any, int] = {}   # connection -> requests being handled on it (0 or 1)
+        self._idle: set = set()           # connections waiting for their next request
+        self.draining = False             # answers say Connection: close
+        self.closing = False              # idle connections are closed, new requests refused
+        self.accepting: Optional[threading.Thread] = None   # the thread in serve_forever()
+        self.upgrader: Optional[Any] = None   # _Upgrader, when this agent can upgrade itself in place
+        if sock is None:
+            super().__init__((config.host, config.port), _Handler)
+        else:                             # the listening socket an upgraded agent inherited
+            super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
 
     @property
     def url(self) -> str:
@@ -3290,6 +5369,77 @@ class _AgentServer(http.server.ThreadingHTTPServer):
             self.shutdown_request(request)
             with self._conn_lock:
                 self._connections -= 1
+                self._idle.discard(request)
+                if self._busy.pop(request, 0):
+                    self._drained.notify_all()
+
+    # -- draining, for an upgrade in place -----------------------------------------
+
+    def idle(self, conn: Any, on: bool) -> None:
+        with self._conn_lock:
+            (self._idle.add if on else self._idle.discard)(conn)
+
+    def request_begins(self, conn: Any) -> bool:
+        """A request arrived on ``conn``; False when the agent is closing its connections."""
+        with self._conn_lock:
+            self._idle.discard(conn)
+            if self.closing:
+                return False
+            self._busy[conn] = 1
+            return True
+
+    def request_ends(self, conn: Any) -> None:
+        with self._conn_lock:
+            if self._busy.pop(conn, 0):
+                self._drained.notify_all()
+
+    def start_accepting(self) -> None:
+        self.accepting = threading.Thread(target=self.serve_forever, name="hopx-http-accept", daemon=True)
+        self.accepting.start()
+
+    def drain(self, timeout: float) -> bool:
+        """Stop accepting (the listening socket stays open: the kernel queues
+        new connections for the successor), let the requests in flight finish
+        (each answer closes its connection) for up to ``timeout``, then close
+        the idle connections. True when nothing was in flight any more."""
+        deadline = time.monotonic() + timeout
+        self._stop_accepting(deadline)
+        self.manager.interrupt_waits(True)      # long polls answer now
+        with self._conn_lock:
+            self.draining = True
+            done = self._drained.wait_for(lambda: not self._busy, max(0.0, deadline - time.monotonic()))
+            self.closing = True
+            idle = list(self._idle)
+        for conn in idle:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return done
+
+    def _stop_accepting(self, deadline: float) -> None:
+        """serve_forever() notices a shutdown between two select()s (every
+        0.5 s): a connection of our own wakes it at once (it stays queued and
+        the successor accepts it, reads nothing and closes it)."""
+        thread = self.accepting
+        stopper = threading.Thread(target=self.shutdown, name="hopx-http-stop", daemon=True)
+        stopper.start()
+        while stopper.is_alive() and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(self.server_address[:2], timeout=0.05):
+                    pass
+            except OSError:
+                pass
+            stopper.join(0.02)
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def resume(self) -> None:
+        """The upgrade did not happen: serve again."""
+        with self._conn_lock:
+            self.draining = self.closing = False
+        self.manager.interrupt_waits(False)
+        self.start_accepting()
 
     def _refuse(self, request: socket.socket) -> None:
         """503 on the accepting thread: a short write to a fresh socket never blocks long."""
@@ -4050,41 +6200,152 @@ _ENVIRONMENT_ROUTES = (
 
 
 # ============================================================================
+# Endpoints: admin (upgrade in place)
+# ============================================================================
+
+
+def _admin_restart(srv: "_AgentServer", req: _Request) -> _Reply:
+    """POST /admin/restart: upgrade in place to the file on disk, as SIGHUP
+    does. The new file is checked first; a file that fails its check is a
+    409 saying why, and nothing changes. Otherwise 202, and the agent execs
+    the new version once this answer is out (clients see a pause under 1 s)."""
+    upgrader = srv.upgrader
+    if upgrader is None:
+        raise Conflict("this agent cannot upgrade in place: only the CLI agent on Linux can "
+                       "(python3 hopx_agent.py), and its source file must be readable")
+    try:
+        answer = upgrader.check()
+    except _UpgradeRefused as exc:
+        raise Conflict("upgrade refused: %s" % exc, details={"path": upgrader.path}) from None
+    upgrader.request()
+    return _Reply(202, _json_bytes({"status": "restarting", "from_version": __version__,
+                                    "to_version": answer.get("version"), "path": upgrader.path,
+                                    "message": "upgrading in place; running processes keep running"}))
+
+
+_ADMIN_ROUTES = (
+    _route("POST", "/admin/restart", _admin_restart),
+)
+
+
+# ============================================================================
 # Entry points
 # ============================================================================
 
 # Every family's routes, in the order /info lists them.
-_ROUTES = _SYSTEM_ROUTES + _EXECUTION_ROUTES + _ENVIRONMENT_ROUTES
+_ROUTES = _SYSTEM_ROUTES + _EXECUTION_ROUTES + _ENVIRONMENT_ROUTES + _ADMIN_ROUTES
 
 
-def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None) -> _AgentServer:
+def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None, *,
+                  sock: Optional[socket.socket] = None) -> _AgentServer:
     """A bound server, not yet serving: run ``serve_forever()`` in a thread,
-    later ``shutdown()``, ``manager.shutdown()`` and ``server_close()``."""
+    later ``shutdown()``, ``manager.shutdown()`` and ``server_close()``.
+    ``sock``: a listening socket to serve on instead of binding one."""
     if config.auth and not config.secret:
         raise ValueError("auth is on but no secret is configured")
     cls = _AgentServer6 if ":" in config.host else _AgentServer
-    return cls(config, manager or ProcessManager(config), _ROUTES)
+    return cls(config, manager or ProcessManager(config), _ROUTES, sock=sock)
+
+
+def _start_agent(config: AgentConfig) -> _AgentServer:
+    """A cold start: with a state directory, the previous agent's journal is
+    loaded first (its orphans ended, its records restored), then the server
+    is bound. _StateDirError when the directory cannot be used."""
+    manager = ProcessManager(config)
+    journal = None
+    if config.state_dir:
+        journal = _open_journal(config)
+        try:
+            states = _load_journal(journal, config.kill_grace)
+            _attach_journal(manager, journal)
+            _restore_records(manager, states)
+        except BaseException:
+            journal.close()
+            raise
+    try:
+        return create_server(config, manager)
+    except BaseException:
+        if journal is not None:
+            journal.close()
+        raise
+
+
+def _adopt_server(config: AgentConfig, doc: Dict[str, Any], reader: _HandoverReader) -> Tuple[_AgentServer, Any]:
+    """An upgraded agent's start from its predecessor's (checked) handover:
+    the journal on the inherited lock, the records, the server on the
+    inherited socket. Starts no thread (see _adopt_agent)."""
+    manager = ProcessManager(config)
+    journal = None
+    lock_fd = doc.get("lock_fd")
+    if config.state_dir and isinstance(lock_fd, int):
+        journal = _open_journal(config, lock_fd=_claim_fd(lock_fd))
+        journal.reopen(len(doc["records"]))
+        _attach_journal(manager, journal)
+    adopted = _adopt_agent(doc, reader, manager)
+    server = create_server(config, manager, sock=socket.socket(fileno=_claim_fd(doc["listen_fd"])))
+    agent = doc["agent"]
+    if isinstance(agent.get("started"), (int, float)) and isinstance(agent.get("started_mono"), (int, float)):
+        server.metrics.started, server.metrics.started_mono = agent["started"], agent["started_mono"]
+    counts = agent.get("metrics")
+    if isinstance(counts, list) and len(counts) == 2 and all(isinstance(c, dict) for c in counts):
+        server.metrics.requests.update(counts[0])
+        server.metrics.errors.update(counts[1])
+    return server, adopted
+
+
+def _handover_check(doc: Any, argv: List[str]) -> Dict[str, Any]:
+    """What a running agent runs in a child on this file before it execs it
+    for an upgrade: everything the adoption parses (the handover preview,
+    the command line), nothing it touches. Any exception refuses the upgrade."""
+    _parse_handover(doc)
+    _config_from(_build_parser().parse_args(list(argv)), dict(os.environ))
+    return {"ok": True, "version": __version__}
+
+
+def _make_upgrader(server: _AgentServer, wake: Callable[[], None]) -> Optional[_Upgrader]:
+    """An upgrader when this process runs hopx_agent.py as its script on Linux."""
+    if __name__ != "__main__" or not hasattr(os, "memfd_create") or not hasattr(os, "pidfd_open"):
+        return None
+    running = os.path.abspath(globals().get("__file__") or "")
+    path = os.environ.get(SOURCE_ENV) or running
+    source = _own_source(running)
+    if source is None:
+        return None
+    upgrader = _Upgrader(server, path, sys.argv[1:], source)
+    upgrader.request = wake           # POST /admin/restart asks the main loop, as SIGHUP does
+    return upgrader
 
 
 def _run_until_signalled(server: _AgentServer) -> int:
     """Serve until SIGTERM/SIGINT, then stop accepting, end every child and exit 0.
+    SIGHUP (or POST /admin/restart) upgrades in place to the file on disk.
 
     The handlers only set an event: server.shutdown() called from the thread
     running serve_forever() would wait for itself forever.
     """
     stop = threading.Event()
+    upgrade = threading.Event()
     previous = {}
     wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: upgrade.set())
         # Wait in select() on the signal wake-up fd, not in a lock: a lock wait
         # is not interrupted by signals on every Python (3.13.0 is one).
-        os.set_blocking(wake_w, False)
         previous_fd = signal.set_wakeup_fd(wake_w)
+
+    def request_upgrade() -> None:
+        upgrade.set()
+        try:
+            os.write(wake_w, b"u")
+        except OSError:
+            pass
+
+    server.upgrader = _make_upgrader(server, request_upgrade) if previous else None
     server.manager.enable_subreaper()
-    thread = threading.Thread(target=server.serve_forever, name="hopx-http-accept", daemon=True)
-    thread.start()
+    server.start_accepting()
     log.info("listening on %s", server.url)
     try:
         poller = select.poll()
@@ -4095,6 +6356,12 @@ def _run_until_signalled(server: _AgentServer) -> int:
                 os.read(wake_r, 512)
             else:
                 stop.wait()
+            if upgrade.is_set() and not stop.is_set():
+                upgrade.clear()
+                if server.upgrader is None:
+                    log.warning("SIGHUP: this agent cannot upgrade in place (not the CLI on Linux); ignored")
+                else:
+                    server.upgrader.run()       # returns only if the upgrade did not happen
     finally:
         if previous:
             signal.set_wakeup_fd(previous_fd)
@@ -4104,15 +6371,63 @@ def _run_until_signalled(server: _AgentServer) -> int:
         server.shutdown()
         server.manager.shutdown(server.config.kill_grace + 1.5)
         server.server_close()
-        thread.join(1.0)
+        if server.accepting is not None:
+            server.accepting.join(1.0)
+        journal = server.manager.registry.journal
+        if journal is not None:
+            journal.close(2.0)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0
 
 
+def _serve_upgraded(config: AgentConfig, handover_fd: int) -> int:
+    """The start of a version exec'd by its predecessor: adopt, then serve.
+    A failure before it is ready runs the previous version again (its source
+    came with the handover), so the agent serves on as it was."""
+    try:
+        reader = _HandoverReader(handover_fd)
+    except (OSError, ValueError) as exc:
+        log.error("upgrade: the handover cannot be read (%s); nothing to adopt", exc)
+        return 1
+    try:
+        doc = _parse_handover(reader.doc)
+        secret = doc["agent"].get("secret")
+        if config.auth and config.secret is None and isinstance(secret, str):
+            config = dataclasses.replace(config, secret=base64.b64decode(secret))   # it made one at its start
+        server, adopted = _adopt_server(config, doc, reader)
+    except Exception:
+        log.exception("upgrade: version %s cannot take over", __version__)
+        return _fall_back(reader, handover_fd)
+    _seal_fds(doc)        # ready: from here on nothing goes back to the previous version
+    reader.close()
+    _resume_adopted(server.manager, adopted, doc.get("journal_pending") or [])
+    running = sum(1 for rec, state in adopted if state.get("_run") is not None)
+    log.warning("upgraded in place from %s to %s: %d records (%d running) taken over, serving %.0f ms after the exec",
+                doc.get("from_version"), __version__, len(adopted), running,
+                (time.monotonic() - doc.get("monotonic", time.monotonic())) * 1000)
+    return _run_until_signalled(server)
+
+
+def _fall_back(reader: _HandoverReader, handover_fd: int) -> int:
+    source_ref = reader.doc.get("source") if isinstance(reader.doc, dict) else None
+    if os.environ.get(FALLBACK_ENV) or not source_ref:
+        log.error("upgrade: no previous version to go back to; the agent stops here")
+        return 1
+    try:
+        source = reader.take(source_ref)
+        log.warning("upgrade: going back to the previous version")
+        _exec_previous(source, os.environ.get(SOURCE_ENV) or os.path.abspath(sys.argv[0]), sys.argv[1:],
+                       handover_fd)
+    except (OSError, ValueError) as exc:
+        log.error("upgrade: cannot run the previous version again: %s", exc)
+    return 1
+
+
 def serve(config: AgentConfig) -> int:
-    """Bind, serve until SIGTERM/SIGINT, clean up; the CLI's blocking call."""
-    return _run_until_signalled(create_server(config))
+    """Bind, serve until SIGTERM/SIGINT, clean up; the CLI's blocking call.
+    With ``config.state_dir``, the journal is loaded first (see _start_agent)."""
+    return _run_until_signalled(_start_agent(config))
 
 
 # Options of api.md §1: flag -> (AgentConfig field, type, help). Each also reads HOPX_AGENT_<FLAG>.
@@ -4132,6 +6447,10 @@ _OPTIONS: Tuple[Tuple[str, str, Any, str], ...] = (
     ("--algorithms", "algorithms", str, "JWT algorithms accepted, comma-separated (default HS256,HS384,HS512)"),
     ("--log-level", "log_level", str, "debug, info, warning or error (default info)"),
     ("--log-format", "log_format", str, "text or json (default text)"),
+    # durability (issue 16)
+    ("--state-dir", "state_dir", str, "the journal's private directory, 'none' for no journal (default: "
+                                      "$XDG_STATE_HOME/hopx-agent/PORT, /var/lib/hopx-agent/PORT or "
+                                      "$TMPDIR/hopx-agent-UID/PORT; none with --port 0)"),
 )
 
 
@@ -4193,6 +6512,10 @@ def _config_from(args: Any, environ: Dict[str, str]) -> AgentConfig:
     for field in ("max_running", "max_output_bytes", "retain", "max_connections"):
         if field in values and values[field] < 1:
             raise ValueError("%s must be at least 1" % field)
+    if "state_dir" not in values:          # durability: one per port by default, none for --port 0
+        values["state_dir"] = _default_state_dir(values.get("port", DEFAULT_PORT), environ)
+    elif values["state_dir"].strip().lower() in ("", "none", "off"):
+        values["state_dir"] = None
     if "workdir" in values and not os.path.isdir(values["workdir"]):
         raise ValueError("--workdir %s is not a directory" % values["workdir"])
     return AgentConfig(**values)
@@ -4219,6 +6542,11 @@ def _setup_logging(config: AgentConfig) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line of api.md §1; returns the exit status."""
+    try:    # an upgraded agent's handover: never passed on to a child
+        handover_fd = _take_handover_env(os.environ)
+    except ValueError as exc:
+        print("hopx_agent: %s" % exc, file=sys.stderr)
+        return 2
     parser = _build_parser()
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -4246,13 +6574,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(encode_jwt(claims, config.secret, config.algorithms[0]))
         return 0
     _setup_logging(config)
+    if handover_fd is not None:
+        return _serve_upgraded(config, handover_fd)
     generated = config.auth and config.secret is None
     if generated:
         config = dataclasses.replace(config, secret=secrets.token_bytes(32))
     elif config.auth and len(config.secret or b"") < MIN_SECRET_BYTES:
         log.warning("the secret is shorter than %d bytes; use a longer random one", MIN_SECRET_BYTES)
     try:
-        server = create_server(config)
+        server = _start_agent(config)
+    except _StateDirError as exc:
+        log.error("state directory %s: %s (--state-dir none runs without a journal)", config.state_dir, exc)
+        return 2
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
         return 1
