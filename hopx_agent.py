@@ -52,6 +52,7 @@ import select
 import shutil
 import signal
 import socket
+import stat as _stat   # S_ISREG/S_ISDIR; `stat` is a common local name here
 import subprocess
 import sys
 import threading
@@ -2755,7 +2756,7 @@ class _Webhook:
 
 STATE_DIR_ENV = "HOPX_AGENT_STATE"       # every child carries its agent's state-dir id (orphans are proven by it)
 JOURNAL_VERSION = 1                      # format of the journal and the out files; another one is set aside
-CHECKPOINT_S = 2.0                       # a running record's output tail is saved this often, when it grew
+CHECKPOINT_S = 1.0                       # a running record's output tail is saved this often, when it grew
 CHECKPOINT_TAIL_BYTES = 64 * 1024        # per stream of a running record; a final one keeps its whole window
 ASIDE_KEEP = 8                           # corrupt or foreign files kept for a post-mortem, newest first
 COMPACT_SLACK_LINES = 4096               # the log is rewritten when it has more lines than 3 per record + this
@@ -2953,7 +2954,7 @@ class _StateDir:
                     st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
                 except OSError:
                     continue
-                if not os.path.stat.S_ISDIR(st.st_mode):
+                if not _stat.S_ISDIR(st.st_mode):
                     total += st.st_size
         return total
 
@@ -3828,7 +3829,7 @@ def _sweep_code_files(dir_id: str, tempdir: str, journaled: Iterable[Optional[st
     for path in paths:
         try:
             st = os.lstat(path)
-            if os.path.stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+            if _stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
                 os.unlink(path)
                 removed += 1
         except OSError:
@@ -4192,7 +4193,9 @@ def _hand_over_record(rec: _ProcessRecord, writer: _HandoverWriter, watchdog: _W
     for hook in rec.on_finish:
         if hasattr(hook, "hand_over"):
             state["_webhook"] = hook.hand_over()
-    if rec.finished:
+    if rec.status == "queued":      # it has yet to run: what to run (never journaled: env may hold secrets)
+        state["_launch"] = {"argv": rec.launch.argv, "env": rec.launch.env}
+    if rec.finished or rec.status == "queued":
         return state
     stdin = rec.popen.stdin if rec.popen is not None and not rec.stdin_closed else None
     exit_info = rec.exit_info
@@ -4236,6 +4239,12 @@ def _check_handed_record(state: Any) -> Dict[str, Any]:
         full["_run"] = run
     if isinstance(state.get("_webhook"), dict):
         full["_webhook"] = state["_webhook"]
+    if full["status"] == "queued":
+        launch = state.get("_launch")
+        if not (isinstance(launch, dict) and isinstance(launch.get("argv"), list) and launch["argv"]
+                and all(isinstance(a, str) for a in launch["argv"]) and isinstance(launch.get("env"), dict)):
+            raise ValueError("queued record %s without what to run" % full["id"])
+        full["_launch"] = launch
     return full
 
 
@@ -4371,11 +4380,22 @@ class _Upgrader:
                 writer.doc["families"][family.handover_name] = family.hand_over(writer)
 
 
+def _durability_info(server: Any) -> Dict[str, Any]:
+    """What /info says of the journal and of upgrades in place."""
+    journal = server.manager.registry.journal
+    return {"journal": journal is not None, "state_dir": journal.state.path if journal is not None else None,
+            "disk_bytes": journal.state.usage() if journal is not None else 0,
+            "upgrade_in_place": server.upgrader is not None}
+
+
 def _adopt_record(state: Dict[str, Any], manager: Any, blobs: Dict[str, bytes]) -> _ProcessRecord:
     """A record handed over, rebuilt; one not final gets its descriptors, its
     child (tracked again), its deadlines, readers and an exit watch."""
     cap = manager.config.max_output_bytes
     rec = _restore_record(state, cap, blobs.get(state["id"] + ":out", b""), blobs.get(state["id"] + ":err", b""))
+    if state.get("_launch"):               # queued: it runs when its turn comes
+        rec.launch.argv, rec.launch.env = list(state["_launch"]["argv"]), dict(state["_launch"]["env"])
+        rec.reaped, rec.stdin_closed = False, not rec.launch.stdin
     run = state.get("_run")
     if run is None:
         return rec
@@ -5520,7 +5540,7 @@ def _info(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
             "supported_languages": [name for name, spec in languages.items() if spec["available"]],
             "limits": config.limits(), "start_time": _rfc3339(srv.metrics.started),
             "features": _features(srv), "endpoints": _endpoint_map(srv),
-            "timestamp": _rfc3339(time.time())}
+            "durability": _durability_info(srv), "timestamp": _rfc3339(time.time())}
 
 
 def _root(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:

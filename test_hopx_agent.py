@@ -36,6 +36,7 @@ import string
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -2366,6 +2367,510 @@ def test_no_zombie_is_left_after_100_processes_whose_children_orphan_themselves(
 
 
 # ============================================================================
+# Durability: the state directory and the journal
+# ============================================================================
+
+
+@contextlib.contextmanager
+def journalled(tmp_path, config, **changes):
+    """A manager on a journal in tmp_path/state, made as a cold start makes it
+    (load, recover, restore); shut down, its journal closed, nothing left running."""
+    cfg = dataclasses.replace(config, state_dir=str(tmp_path / "state"), **changes)
+    journal = hopx_agent._open_journal(cfg)
+    mgr = None
+    try:
+        states = hopx_agent._load_journal(journal, cfg.kill_grace)
+        mgr = hopx_agent.ProcessManager(cfg)
+        hopx_agent._attach_journal(mgr, journal)
+        hopx_agent._restore_records(mgr, states)
+        yield mgr
+    finally:
+        ids = record_ids(mgr) if mgr is not None else []
+        if mgr is not None:
+            mgr.shutdown(5.0)
+        journal.close(5.0)
+        leftovers = {pid for rid in ids for pid in pids_with_marker(rid)}
+        assert not leftovers, "children left behind: %s" % sorted(leftovers)
+
+
+def run_to_end(mgr, code, language="sh", **kwargs):
+    rec = mgr.start(mgr.code_launch(code, language, **kwargs))
+    assert mgr.wait(rec, 10), "did not finish: %r" % code
+    return rec
+
+
+def described(mgr):
+    return [mgr.describe(mgr.get(rid)) for rid in record_ids(mgr)]
+
+
+def journal_files(tmp_path, sub="out"):
+    return sorted(os.listdir(tmp_path / "state" / sub))
+
+
+def test_finished_records_survive_a_restart_with_every_field_in_order(tmp_path, config):
+    with journalled(tmp_path, config) as mgr:
+        run_to_end(mgr, "printf 'h\\303\\251llo\\n'; echo err >&2")
+        run_to_end(mgr, "exit 3")
+        run_to_end(mgr, "sleep 5", timeout=0.2)
+        killed = mgr.start(mgr.code_launch("echo up; sleep 5", "sh"))
+        wait_until(lambda: killed.stdout.total, what="the sleeper's first line")
+        mgr.kill(killed.id)
+        missing = mgr.start(mgr.command_launch("/nonexistent/program", []))
+        mgr.wait(missing, 5)
+        run_to_end(mgr, "head -c 300000 /dev/zero | tr '\\0' x")
+        answer = mgr.idempotent_start("key-1", "digest-1", lambda: {"process_id": run_to_end(mgr, "true").id})
+        before, listing = described(mgr), mgr.list()
+    assert [r["reason"] for r in before] == ["exited", "exited", "timeout", "killed", "spawn_failed", "exited",
+                                             "exited"]
+    with journalled(tmp_path, config) as mgr:
+        assert described(mgr) == before
+        assert mgr.list() == listing
+        part = mgr.describe(mgr.get(before[0]["process_id"]), offsets={"stdout": 1, "stderr": None})
+        assert (part["stdout"], part["stdout_next_offset"]) == ("\u00e9llo\n", 7)
+        replay = mgr.idempotent_start("key-1", "digest-1", lambda: pytest.fail("started twice"))
+        assert replay == dict(answer, idempotent_replay=True)
+        run_to_end(mgr, "echo later")       # a new record after the restored ones
+        assert [r["process_id"] for r in mgr.list()][:-1] == [r["process_id"] for r in before]
+
+
+def test_a_stopped_agents_records_survive_with_reason_shutdown(tmp_path, config):
+    with journalled(tmp_path, config) as mgr:
+        rec = mgr.start(mgr.code_launch("echo up; sleep 30", "sh"))
+        wait_until(lambda: rec.stdout.total, what="the child's first line")
+    with journalled(tmp_path, config) as mgr:
+        again = mgr.describe(mgr.get(rec.id))
+        assert (again["status"], again["reason"], again["stdout"]) == ("failed", "shutdown", "up\n")
+
+
+def test_retention_bounds_the_records_and_their_output_files_on_disk(tmp_path, config):
+    with journalled(tmp_path, config, retain=3) as mgr:
+        ids = [run_to_end(mgr, "echo %d" % i).id for i in range(6)]
+        journal = mgr.registry.journal
+        wait_until(lambda: journal.flush(5) and journal_files(tmp_path) == sorted(i + ".out" for i in ids[3:]),
+                   what="the evicted records' output files to go")
+    with journalled(tmp_path, config, retain=3) as mgr:
+        assert record_ids(mgr) == ids[3:]
+    with journalled(tmp_path, config, retain=2) as mgr:   # a smaller --retain applies at the start
+        assert record_ids(mgr) == ids[4:]
+
+
+def test_the_output_budget_removes_the_output_files_it_empties(tmp_path, config):
+    with journalled(tmp_path, config, output_budget=150000) as mgr:
+        first = run_to_end(mgr, "head -c 100000 /dev/zero | tr '\\0' a")
+        second = run_to_end(mgr, "head -c 100000 /dev/zero | tr '\\0' b")
+        journal = mgr.registry.journal
+        wait_until(lambda: journal.flush(5) and journal_files(tmp_path) == [second.id + ".out"],
+                   what="the emptied record's output file to go")
+    with journalled(tmp_path, config, output_budget=150000) as mgr:
+        one = mgr.describe(mgr.get(first.id))
+        assert (one["stdout"], one["stdout_bytes"], one["stdout_dropped"]) == ("", 100000, 100000)
+        assert mgr.describe(mgr.get(second.id))["stdout"] == "b" * 100000
+
+
+def test_the_log_is_compacted_and_stays_bounded(tmp_path, config, monkeypatch):
+    monkeypatch.setattr(hopx_agent, "COMPACT_SLACK_LINES", 20)
+    with journalled(tmp_path, config, retain=5) as mgr:
+        ids = [run_to_end(mgr, "true").id for _ in range(40)]
+        mgr.registry.journal.flush(5)
+        lines = (tmp_path / "state" / "journal").read_bytes().count(b"\n")
+        assert lines <= 3 * 5 + 20 + 3, lines
+    with journalled(tmp_path, config, retain=5) as mgr:
+        assert record_ids(mgr) == ids[-5:]
+
+
+def test_a_journal_cut_short_mid_write_loads_what_it_holds(tmp_path, config, caplog):
+    with journalled(tmp_path, config) as mgr:
+        first = run_to_end(mgr, "echo one")
+        second = run_to_end(mgr, "echo two")
+    path = tmp_path / "state" / "journal"
+    path.write_bytes(path.read_bytes()[:-7])        # the last line (the second one's outcome) cut short
+    with caplog.at_level(logging.WARNING, logger="hopx_agent"), journalled(tmp_path, config) as mgr:
+        assert record_ids(mgr) == [first.id, second.id]
+        assert mgr.describe(mgr.get(first.id))["stdout"] == "one\n"
+        lost = mgr.describe(mgr.get(second.id))     # its start was kept, its outcome not
+        assert (lost["status"], lost["reason"]) == ("failed", "agent_restart")
+    assert any("cut short" in r.getMessage() for r in caplog.records)
+
+
+def test_damaged_lines_are_skipped_reported_once_and_kept_aside(tmp_path, config, caplog):
+    with journalled(tmp_path, config) as mgr:
+        first = run_to_end(mgr, "echo one")
+        second = run_to_end(mgr, "echo two")
+    path = tmp_path / "state" / "journal"
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join(line.replace(b"sh", b"zz", 1) if first.id.encode() in line else line
+                                for line in lines))
+    with caplog.at_level(logging.WARNING, logger="hopx_agent"), journalled(tmp_path, config) as mgr:
+        assert record_ids(mgr) == [second.id]
+    assert [r.getMessage() for r in caplog.records if "damaged lines" in r.getMessage()] == \
+        ["journal %s: 2 damaged lines skipped" % (tmp_path / "state")]
+    assert [n for n in journal_files(tmp_path, "aside") if n.startswith("journal.damaged")]
+    assert first.id + ".out" not in journal_files(tmp_path)      # output of no record: removed
+
+
+@pytest.mark.parametrize("header", [{"format": "hopx-agent-journal", "version": 2},
+                                    {"format": "another-program", "version": 1}, None])
+def test_a_journal_of_another_version_or_program_is_set_aside(tmp_path, config, caplog, header):
+    with journalled(tmp_path, config) as mgr:
+        run_to_end(mgr, "echo one")
+        dir_id = mgr.registry.journal.state.dir_id
+    path = tmp_path / "state" / "journal"
+    rest = path.read_bytes().split(b"\n", 1)[1]
+    path.write_bytes(os.urandom(3000) if header is None
+                     else hopx_agent._crc_line(dict(header, dir=dir_id)) + rest)
+    with caplog.at_level(logging.WARNING, logger="hopx_agent"), journalled(tmp_path, config) as mgr:
+        assert mgr.list() == []
+        run_to_end(mgr, "echo after")                  # and the new journal works
+    assert [r for r in caplog.records if "set aside" in r.getMessage()]
+    assert [n for n in journal_files(tmp_path, "aside") if n.startswith("journal.")]
+    with journalled(tmp_path, config) as mgr:
+        assert [r["stdout"] for r in mgr.list()] == ["after\n"]
+
+
+def test_a_damaged_output_file_is_set_aside_and_its_record_kept(tmp_path, config, caplog):
+    with journalled(tmp_path, config) as mgr:
+        rec = run_to_end(mgr, "echo one; echo two >&2")
+    path = tmp_path / "state" / "out" / (rec.id + ".out")
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="hopx_agent"), journalled(tmp_path, config) as mgr:
+        again = mgr.describe(mgr.get(rec.id))
+        assert (again["status"], again["stdout"], again["stdout_bytes"], again["stdout_dropped"]) == \
+            ("completed", "", 4, 4)
+    assert any("checksum" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failing_disk_never_fails_a_start_and_is_reported_once(tmp_path, config, caplog):
+    with journalled(tmp_path, config) as mgr:
+        journal = mgr.registry.journal
+        with journal._lock:            # the log now refuses every write (EBADF), as a broken disk would
+            os.close(journal._fd)
+            journal._fd = os.open(os.devnull, os.O_RDONLY)
+        with caplog.at_level(logging.WARNING, logger="hopx_agent"):
+            recs = [run_to_end(mgr, "echo %d" % i) for i in range(3)]
+        assert [r.status for r in recs] == ["completed"] * 3
+    assert len([r for r in caplog.records if "cannot append" in r.getMessage()]) == 1
+
+
+def test_the_state_dir_is_private_and_held_by_one_agent(tmp_path):
+    path = tmp_path / "state"
+    path.mkdir(mode=0o755)
+    state = hopx_agent._StateDir.open(str(path))
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o700
+        with pytest.raises(hopx_agent._StateDirError, match=r"in use by another agent \(pid %d\)" % os.getpid()):
+            hopx_agent._StateDir.open(str(path))
+    finally:
+        state.close()
+    hopx_agent._StateDir.open(str(path)).close()          # released: the next agent may take it
+    (tmp_path / "link").symlink_to(path)
+    with pytest.raises(hopx_agent._StateDirError, match="symlink"):
+        hopx_agent._StateDir.open(str(tmp_path / "link"))
+    if os.geteuid() == 0:
+        other = tmp_path / "other"
+        other.mkdir(mode=0o700)
+        os.chown(other, 65534, 65534)
+        with pytest.raises(hopx_agent._StateDirError, match="belongs to uid 65534"):
+            hopx_agent._StateDir.open(str(other))
+
+
+def test_the_default_state_dir_is_one_per_port_and_none_on_port_zero(tmp_path):
+    default = hopx_agent._default_state_dir
+    assert default(0, {}) is None
+    assert default(7777, {"XDG_STATE_HOME": str(tmp_path)}) == str(tmp_path / "hopx-agent" / "7777")
+    assert default(7777, {"XDG_STATE_HOME": "relative/path"}).endswith(os.sep + "7777")
+    parse = hopx_agent._build_parser().parse_args
+    assert hopx_agent._config_from(parse(["--port", "0"]), {}).state_dir is None
+    assert hopx_agent._config_from(parse(["--state-dir", "none"]), {}).state_dir is None
+    assert hopx_agent._config_from(parse([]), {"HOPX_AGENT_STATE_DIR": str(tmp_path)}).state_dir == str(tmp_path)
+
+
+# ============================================================================
+# Durability: orphans of a previous agent
+# ============================================================================
+
+def marked_with_state(dir_id):
+    """Live processes carrying HOPX_AGENT_STATE=<dir_id>."""
+    marker = ("%s=%s" % (hopx_agent.STATE_DIR_ENV, dir_id)).encode()
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and pid_alive(int(e))
+            and marker in hopx_agent._read_environ(int(e)).split(b"\0")]
+
+
+def in_sessions(sessions):
+    found = []
+    for entry in os.listdir("/proc"):
+        stat = hopx_agent._proc_stat(int(entry)) if entry.isdigit() else None
+        if stat is not None and stat[1] in sessions and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def start_via_http(port, token, code, **fields):
+    status, answer = _post(port, "/execute/background", dict({"language": "sh", "code": code}, **fields), token)
+    assert status == 200, answer
+    return answer["process_id"]
+
+
+def test_kill_9_then_a_restart_ends_the_orphans_and_records_them(run_agent, tmp_path):
+    state = tmp_path / "state"
+    agent = run_agent("--port", "0", "--state-dir", str(state), "--kill-grace", "0.5", "--max-running", "4",
+                      HOPX_AGENT_SECRET=SECRET.decode())
+    port, token = agent.port(), good_token()
+    ids = {name: start_via_http(port, token, code) for name, code in (
+        ("done", "echo hello; echo err >&2"), ("failed", "exit 3"))}
+    finished = {name: wait_until(lambda rid=rid: _final(port, rid, token), what=name) for name, rid in ids.items()}
+    ids.update({name: start_via_http(port, token, code) for name, code in (
+        ("sleeper", "echo up; exec sleep 1000"),
+        ("escaper", "setsid sleep 1000 & echo up; wait"),          # left the session: found by its marker
+        ("cleanenv", "env -i sleep 1000 & echo up; wait"),         # lost its markers: found by its session
+        ("chatty", "echo up; while :; do echo line; sleep 0.05; done"),
+        ("queued", "echo never"))})
+    for name in ("sleeper", "escaper", "cleanenv", "chatty"):
+        wait_until(lambda name=name: "up" in _get(port, "/execute/processes/" + ids[name], token)[1]["stdout"],
+                   what="%s to start" % name)
+    wait_until(lambda: os.path.exists(state / "out" / (ids["chatty"] + ".out")), what="a checkpoint of the chatty one")
+    dir_id = (state / "instance").read_text().strip()
+    leaders = {_get(port, "/execute/processes/" + ids[n], token)[1]["pid"] for n in ("sleeper", "escaper", "cleanenv")}
+    orphans = set(marked_with_state(dir_id)) | set(in_sessions(leaders))
+    unmarked = set(in_sessions(leaders)) - set(marked_with_state(dir_id))
+    assert unmarked and len(orphans) >= 5, (orphans, unmarked)
+    prefix = hopx_agent._code_file_prefix(dir_id)
+    assert [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(prefix)]
+    agent.proc.send_signal(signal.SIGKILL)
+    agent.proc.wait(5)
+    # the same state dir, another secret: the journal is not the secret's
+    again = run_agent("--port", "0", "--state-dir", str(state), "--kill-grace", "0.5",
+                      HOPX_AGENT_SECRET="another-secret-0123456789abcdef01234")
+    port, token = again.port(), good_token(secret=b"another-secret-0123456789abcdef01234")
+    assert not [p for p in orphans if pid_alive(p)], "an orphan outlived the restart"
+    listed = {r["process_id"]: r for r in _get(port, "/execute/processes", token)[1]["processes"]}
+    assert list(listed) == list(ids.values())
+    for name in ("done", "failed"):
+        assert _get(port, "/execute/processes/" + ids[name], token)[1] == finished[name]
+    for name in ("sleeper", "escaper", "cleanenv", "chatty", "queued"):
+        rec = listed[ids[name]]
+        assert (rec["status"], rec["reason"], rec["exit_code"]) == ("failed", "agent_restart", None), rec
+    assert "ended with SIGTERM" in listed[ids["sleeper"]]["error"]
+    assert "never ran" in listed[ids["queued"]]["error"]
+    assert listed[ids["chatty"]]["stdout"].startswith("up\nline\n")
+    assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(prefix)], "temp code files left"
+    assert int(again.wait_line(r"(\d+) orphans ended").group(1)) >= 5   # the chatty one's sleeps come and go
+
+
+def _final(port, rid, token):
+    status, rec = _get(port, "/execute/processes/" + rid, token)
+    return rec if rec["status"] in ("completed", "failed") else None
+
+
+def test_a_pid_is_signalled_only_with_proof(tmp_path):
+    dir_id = "ab" * 16
+    other = subprocess.Popen(["sleep", "30"], env={hopx_agent.STATE_DIR_ENV: "cd" * 16, "PATH": os.environ["PATH"]})
+    plain = subprocess.Popen(["sleep", "30"])
+    try:
+        wait_until(lambda: b"sleep" in open("/proc/%d/cmdline" % plain.pid, "rb").read(), what="sleep to exec")
+        start = hopx_agent._proc_stat(plain.pid)[0]
+        record = "proc_" + "1" * 24
+        # another directory's marker; a journaled leader whose start time differs (a reused pid): left alone
+        assert hopx_agent._find_orphans(dir_id, {plain.pid: (start + 1, record)}) == []
+        # the journal's pid with its start time, but it leads no session of its own: only itself
+        found = hopx_agent._find_orphans(dir_id, {plain.pid: (start, record)})
+        assert [(o.pid, o.record_id) for o in found] == [(plain.pid, record)]
+        assert hopx_agent._end_orphans(found, 1.0) == {record: "SIGTERM"}
+        assert plain.wait(5) == -signal.SIGTERM and other.poll() is None
+    finally:
+        for proc in (other, plain):
+            proc.kill()
+            proc.wait()
+
+
+def test_temp_code_files_are_removed_only_when_ours_by_name(tmp_path):
+    dir_id = "ef" * 16
+    ours = tmp_path / (hopx_agent._code_file_prefix(dir_id) + "x.py")
+    theirs = tmp_path / "hopx-0123456789ab-y.py"
+    named = tmp_path / "notes.txt"
+    for path in (ours, theirs, named):
+        path.write_text("x")
+    assert hopx_agent._sweep_code_files(dir_id, str(tmp_path), [str(named)]) == 1
+    assert (ours.exists(), theirs.exists(), named.exists()) == (False, True, True)
+
+
+# ============================================================================
+# Durability: upgrade in place
+# ============================================================================
+
+COUNTER = "import sys, time\ni = 0\nwhile True:\n    print(i, flush=True)\n    i += 1\n    time.sleep(0.002)\n"
+
+
+class _Prober:
+    """GET /health in a loop on fresh connections; the longest a request took is the pause clients saw."""
+
+    def __init__(self, port):
+        self.port, self.worst, self.count, self.versions, self.retried = port, 0.0, 0, [], 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-prober", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            started = time.monotonic()
+            while True:                 # a connection refused or reset is retried; its time counts
+                try:
+                    status, health = _get(self.port, "/health")
+                    break
+                except (OSError, http.client.HTTPException):
+                    self.retried += 1
+                    if time.monotonic() - started > 10:
+                        raise
+            self.worst = max(self.worst, time.monotonic() - started)
+            self.count += 1
+            if not self.versions or self.versions[-1] != health["version"]:
+                self.versions.append(health["version"])
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(15)
+
+
+def agent_copy(tmp_path, version=None, patch=None):
+    """hopx_agent.py as tmp_path/agent.py (with another version or a patch), the file an upgrade execs."""
+    path = tmp_path / "agent.py"
+    source = open(hopx_agent.__file__).read()
+    if version is not None:
+        source = source.replace('__version__ = "%s"' % hopx_agent.__version__, '__version__ = "%s"' % version, 1)
+    if patch is not None:
+        source = patch(source)
+    path.write_text(source)
+    return str(path)
+
+
+def counted_once(text):
+    numbers = [int(x) for x in text.split()]
+    assert numbers == list(range(len(numbers))), "a gap or a duplicate in %d lines" % len(numbers)
+    return len(numbers)
+
+
+def kill_and_read(port, token, rid):
+    status, answer = _post(port, "/execute/kill/" + rid, {}, token)
+    assert status == 200 and answer["record_status"] == "failed", answer
+    return _get(port, "/execute/processes/" + rid, token)[1]
+
+
+def test_an_upgrade_keeps_every_line_once_and_the_process_killable(run_agent, tmp_path):
+    script = agent_copy(tmp_path)
+    agent = _AgentProcess(["--port", "0", "--state-dir", str(tmp_path / "state"), "--kill-grace", "0.5",
+                           "--max-running", "2"], _clean_env(HOPX_AGENT_SECRET=SECRET.decode()), str(tmp_path),
+                          script=script)
+    try:
+        port, token = agent.port(), good_token()
+        counter = start_via_http(port, token, COUNTER, language="python", timeout=60)
+        reader = start_via_http(port, token, "cat", stdin=True)
+        queued = start_via_http(port, token, "echo queued")
+        wait_until(lambda: _get(port, "/execute/processes/" + counter, token)[1]["stdout_bytes"] > 200)
+        prober = _Prober(port)
+        try:
+            agent_copy(tmp_path, version="9.9.1")
+            agent.proc.send_signal(signal.SIGHUP)
+            agent.wait_line(r"upgraded in place from %s to 9\.9\.1" % re.escape(hopx_agent.__version__))
+            before = _get(port, "/execute/processes/" + counter, token)[1]["stdout_bytes"]
+            wait_until(lambda: _get(port, "/execute/processes/" + counter, token)[1]["stdout_bytes"] > before + 300)
+            agent_copy(tmp_path, version="9.9.2")
+            status, answer = _post(port, "/admin/restart", {}, token)
+            assert (status, answer["to_version"]) == (202, "9.9.2"), answer
+            agent.wait_line(r"upgraded in place from 9\.9\.1 to 9\.9\.2")
+        finally:
+            prober.stop()
+        assert _get(port, "/health")[1]["version"] == "9.9.2"
+        assert prober.versions == [hopx_agent.__version__, "9.9.1", "9.9.2"], prober.versions
+        status, answer = _post(port, "/execute/processes/%s/stdin" % reader, {"data": "after\n", "eof": True}, token)
+        assert status == 200, answer
+        done = wait_until(lambda: _final(port, reader, token), what="cat to end")
+        assert (done["stdout"], done["exit_code"]) == ("after\n", 0)
+        rec = kill_and_read(port, token, counter)
+        assert (rec["reason"], rec["exit_code"], rec["signal"]) == ("killed", 143, "SIGTERM")
+        lines = counted_once(rec["stdout"])
+        assert wait_until(lambda: _final(port, queued, token))["stdout"] == "queued\n"
+        print("\nupgrade in place: %d lines once across 2 upgrades; worst /health %.0f ms of %d, %d retried"
+              % (lines, prober.worst * 1000, prober.count, prober.retried))
+        assert prober.worst < 5.0
+    finally:
+        agent.stop()
+
+
+def test_a_new_file_that_fails_its_check_leaves_the_agent_serving(run_agent, tmp_path):
+    script = agent_copy(tmp_path)
+    agent = _AgentProcess(["--port", "0", "--kill-grace", "0.5"], _clean_env(HOPX_AGENT_SECRET=SECRET.decode()),
+                          str(tmp_path), script=script)
+    try:
+        port, token = agent.port(), good_token()
+        counter = start_via_http(port, token, COUNTER, language="python", timeout=60)
+        agent_copy(tmp_path, version="9.9.1", patch=lambda s: s + "\ndef broken(:\n")
+        agent.proc.send_signal(signal.SIGHUP)
+        assert "SyntaxError" in agent.wait_line(r"upgrade refused.*").group(0)
+        agent_copy(tmp_path, version="9.9.1", patch=lambda s: s.replace("def _handover_check(", "def _gone(", 1))
+        status, answer = _post(port, "/admin/restart", {}, token)
+        assert status == 409 and "cannot take over a running agent" in answer["error"], answer
+        assert _get(port, "/health")[1]["version"] == hopx_agent.__version__
+        before = _get(port, "/execute/processes/" + counter, token)[1]["stdout_bytes"]
+        wait_until(lambda: _get(port, "/execute/processes/" + counter, token)[1]["stdout_bytes"] > before + 100)
+        counted_once(kill_and_read(port, token, counter)["stdout"])
+    finally:
+        agent.stop()
+
+
+def test_a_new_version_that_cannot_adopt_falls_back_to_the_previous_one(run_agent, tmp_path):
+    script = agent_copy(tmp_path)
+    agent = _AgentProcess(["--port", "0", "--kill-grace", "0.5"], _clean_env(HOPX_AGENT_SECRET=SECRET.decode()),
+                          str(tmp_path), script=script)
+    try:
+        port, token = agent.port(), good_token()
+        counter = start_via_http(port, token, COUNTER, language="python", timeout=60)
+        wait_until(lambda: _get(port, "/execute/processes/" + counter, token)[1]["stdout_bytes"] > 100)
+
+        def breaks_adoption(source):   # passes its check, fails after the exec
+            return source.replace('    manager = ProcessManager(config)\n    journal = None\n    lock_fd = doc.get("lock_fd")',
+                                  '    raise RuntimeError("this version cannot adopt")\n    lock_fd = None', 1)
+
+        agent_copy(tmp_path, version="9.9.1", patch=breaks_adoption)
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_line(r"going back to the previous version")
+        agent.wait_line(r"upgraded in place from %s to %s" % ((re.escape(hopx_agent.__version__),) * 2))
+        assert _get(port, "/health")[1]["version"] == hopx_agent.__version__
+        agent_copy(tmp_path, version="9.9.2")       # and a good file upgrades it later
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_line(r"upgraded in place from %s to 9\.9\.2" % re.escape(hopx_agent.__version__))
+        counted_once(kill_and_read(port, token, counter)["stdout"])
+    finally:
+        agent.stop()
+
+
+def test_a_handover_is_checked_before_anything_is_adopted(tmp_path):
+    writer = hopx_agent._HandoverWriter()
+    writer.doc.update({"listen_fd": 3, "records": [], "queue": [], "agent": {}, "families": {}})
+    ref = writer.blob(b"abc")
+    fd = writer.seal()
+    try:
+        reader = hopx_agent._HandoverReader(fd)
+        assert reader.take(ref) == b"abc" and hopx_agent._parse_handover(reader.doc)["records"] == []
+        with pytest.raises(ValueError):
+            reader.take([1, 10])
+    finally:
+        os.close(fd)
+    for doc in ({"format": "hopx-agent-handover", "version": 2}, {"format": "x"}, [],
+                {"format": "hopx-agent-handover", "version": 1, "listen_fd": 3, "records": [{"id": "x"}],
+                 "queue": [], "agent": {}, "families": {}}):
+        with pytest.raises(ValueError):
+            hopx_agent._handover_check(doc, [])
+    garbage = os.memfd_create("garbage", 0)
+    try:
+        os.write(garbage, os.urandom(200))
+        with pytest.raises(ValueError):
+            hopx_agent._HandoverReader(garbage)
+    finally:
+        os.close(garbage)
+
+
+# ============================================================================
 # HTTP transport: authentication, errors, framing, body validation, connections
 # ============================================================================
 
@@ -4691,10 +5196,11 @@ def no_agent_env(monkeypatch):
 
 
 class _AgentProcess:
-    """``python3 hopx_agent.py ...`` as a child; stderr read line by line on a thread."""
+    """``python3 hopx_agent.py ...`` as a child (or another copy of the file:
+    ``script``); stderr read line by line on a thread."""
 
-    def __init__(self, args, env, cwd):
-        self.proc = subprocess.Popen([sys.executable, hopx_agent.__file__] + list(args), env=env, cwd=cwd,
+    def __init__(self, args, env, cwd, script=None):
+        self.proc = subprocess.Popen([sys.executable, script or hopx_agent.__file__] + list(args), env=env, cwd=cwd,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         self.lines = queue.Queue()
@@ -5987,11 +6493,12 @@ def bench_address(port):
     return types.SimpleNamespace(server_address=("127.0.0.1", port))
 
 
-def bench_spawn_agent(*args):
-    """``python3 hopx_agent.py --port 0 ...`` as a child: (proc, port), once it
-    has said where it listens; the rest of its stderr is drained on a thread."""
+def bench_spawn_agent(*args, script=None):
+    """``python3 hopx_agent.py --port 0 ...`` (or another copy of the file) as a
+    child: (proc, port), once it has said where it listens; the rest of its
+    stderr is drained on a thread."""
     env = dict(os.environ, HOPX_AGENT_SECRET=BENCH_SECRET.decode("ascii"))
-    proc = subprocess.Popen([sys.executable, hopx_agent.__file__, "--port", "0"] + list(args), env=env,
+    proc = subprocess.Popen([sys.executable, script or hopx_agent.__file__, "--port", "0"] + list(args), env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             bufsize=0)
     fd = proc.stderr.fileno()
@@ -6370,6 +6877,84 @@ def test_bench_cold_start():
     idle_mib = bench_pct(rss, 0.5) / 1024.0
     bench_row("cold start: idle agent RSS", "%.1f / %.1f MiB" % (idle_mib, max(rss) / 1024.0), "-", None,
               "<= 30 MiB", idle_mib <= 30)
+
+
+def bench_starts(client, n):
+    """Seconds per POST /execute/background of `sleep 5`, and the ids started."""
+    samples, ids = [], []
+    for _ in range(n):
+        started = time.perf_counter()
+        answer = client.ok("POST", "/execute/background", {"language": "sh", "code": "sleep 5"})
+        samples.append(time.perf_counter() - started)
+        ids.append(answer["process_id"])
+    return samples, ids
+
+
+@bench
+def test_bench_journal_cost(tmp_path):
+    """Durability: the same rows with and without the journal, interleaved in one run."""
+    agents = {}
+    try:
+        for name, args in (("off", ["--state-dir", "none"]), ("on", ["--state-dir", str(tmp_path / "state")])):
+            proc, port = bench_spawn_agent("--max-running", "256", "--workdir", str(tmp_path), *args)
+            agents[name] = (proc, Client(bench_address(port), good_token(secret=BENCH_SECRET)))
+        starts, floods, ids = {"off": [], "on": []}, {"off": [], "on": []}, []
+        for _ in range(10):
+            for name, (_, client) in agents.items():
+                samples, started = bench_starts(client, 20)
+                starts[name] += samples
+                ids += started
+        bench_kill_marked(ids)
+        command = "head -c %d /dev/zero" % OUTPUT_BYTES
+        for _ in range(3):
+            for name, (_, client) in agents.items():
+                started = time.perf_counter()
+                answer = client.ok("POST", "/execute/background", {"language": "sh", "code": command, "timeout": 120})
+                record = bench_wait_final(client, answer["process_id"])
+                floods[name].append(time.perf_counter() - started)
+                assert record["stdout_bytes"] == OUTPUT_BYTES
+    finally:
+        for proc, client in agents.values():
+            client.close()
+            bench_stop_agent(proc)
+    ratio = bench_pct(starts["on"], 0.5) / bench_pct(starts["off"], 0.5)
+    bench_row("background start, journal (sleep 5, N=200)", bench_spread(starts["on"]),
+              bench_spread(starts["off"]) + " (no journal)", ratio, "<= 1.1x", ratio <= 1.1)
+    mib = OUTPUT_BYTES / MIB
+    rates = {k: "%.0f / %.0f MiB/s" % (mib / bench_pct(v, 0.5), mib / bench_pct(v, 0.99)) for k, v in floods.items()}
+    ratio = bench_pct(floods["off"], 0.5) / bench_pct(floods["on"], 0.5)
+    bench_row("output (256 MiB), journal (N=3)", rates["on"], rates["off"] + " (no journal)", ratio,
+              ">= 0.9x", ratio >= 0.9)
+
+
+@bench
+def test_bench_upgrade_pause(tmp_path):
+    """Durability: the longest a /health request waits across an upgrade in place, with a chatty child."""
+    script = agent_copy(tmp_path)
+    proc, port = bench_spawn_agent("--state-dir", str(tmp_path / "state"), script=script)
+    client = Client(bench_address(port), good_token(secret=BENCH_SECRET))
+    pauses = []
+    try:
+        counter = client.ok("POST", "/execute/background", {"language": "python", "code": COUNTER, "timeout": 120})
+        for n in range(3):
+            prober = _Prober(port)
+            try:
+                version = "9.9.%d" % n
+                agent_copy(tmp_path, version=version)
+                proc.send_signal(signal.SIGHUP)
+                wait_until(lambda: prober.versions[-1:] == [version], timeout=30, what="the upgrade")
+                wait_until(lambda: prober.count > 50, what="probes after the upgrade")
+            finally:
+                prober.stop()
+            pauses.append(prober.worst)
+        record = client.ok("POST", "/execute/kill/" + counter["process_id"])
+        assert record["record_status"] == "failed"
+        counted_once(client.ok("GET", "/execute/processes/" + counter["process_id"])["stdout"])
+    finally:
+        client.close()
+        bench_stop_agent(proc)
+    worst = max(pauses)
+    bench_row("upgrade in place: longest wait (N=3)", bench_spread(pauses), "-", None, "<= 1 s", worst <= 1.0)
 
 
 @bench
