@@ -2838,7 +2838,7 @@ class _StateDir:
     def __init__(self, path: str, fds: Dict[str, int], lock_fd: int, dir_id: str) -> None:
         self.path = path
         self.fd, self.out_fd, self.aside_fd = fds["."], fds["out"], fds["aside"]
-        self.lock_fd = lock_fd            # inheritable across an upgrade's exec; the flock lives on it
+        self.lock_fd = lock_fd            # the flock lives on it; an upgrade's exec keeps it (handed over)
         self.dir_id = dir_id
         self._warned = 0                  # set-aside warnings logged at this start (capped)
 
@@ -2847,8 +2847,16 @@ class _StateDir:
         """Open (creating it 0700) and lock the directory; ``lock_fd`` is the
         lock an upgraded agent inherited. _StateDirError when unusable."""
         path = os.path.abspath(path)
-        os.makedirs(os.path.dirname(path), 0o700, exist_ok=True)
-        fds = {".": _private_dir(path)}
+        parent, leaf = os.path.split(path)
+        os.makedirs(parent, 0o700, exist_ok=True)
+        parent_fd = None
+        if os.path.basename(parent).startswith("hopx-agent"):   # the default's base: ours and private too
+            parent_fd = _private_dir(parent)
+        try:
+            fds = {".": _private_dir(leaf if parent_fd is not None else path, dir_fd=parent_fd)}
+        finally:
+            if parent_fd is not None:
+                os.close(parent_fd)
         try:
             lock_fd = cls._lock(fds["."]) if lock_fd is None else cls._check_lock(fds["."], lock_fd)
             for sub in ("out", "aside"):
@@ -2873,7 +2881,6 @@ class _StateDir:
             raise _StateDirError("in use by another agent (pid %s)" % holder) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, b"%d\n" % os.getpid(), 0)
-        os.set_inheritable(fd, True)
         return fd
 
     @staticmethod
@@ -3419,7 +3426,7 @@ class _Journal:
         only the lines appended meanwhile are copied and the files swapped."""
         try:
             size = os.fstat(self._fd).st_size
-            states, _ = self._read_log(limit=size, report=False)
+            states, _ = _JournalReader(self.state).read_log(limit=size, report=False)
             parts = [_crc_line(self._header())] + [_crc_line(dict(s, e="rec")) for s in states]
             tmp = os.open("journal.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW,
                           0o600, dir_fd=self.state.fd)
@@ -3459,104 +3466,8 @@ class _Journal:
     # -- loading -----------------------------------------------------------------------
 
     def load(self) -> List[Dict[str, Any]]:
-        """The records of the journal, merged and checked, in creation order,
-        each with ``_out``/``_err``: the retained output bytes found for it.
-        A foreign, damaged or truncated file is reported and set aside; the
-        start goes on with what could be read. Leaves the log rewritten and open."""
-        try:
-            states, damaged = self._read_log(limit=None, report=True)
-        except _ForeignJournal as exc:
-            self.state.set_aside(self.state.fd, "journal", str(exc))
-            states, damaged = [], False
-        if damaged:     # keep a copy for a post-mortem; the rewrite below drops what was unreadable
-            self._copy_aside("journal", "lines with a wrong checksum or length were skipped")
-        outputs = self._load_outputs({s["id"] for s in states})
-        for state in states:
-            out, err, meta = outputs.get(state["id"], (b"", b"", None))
-            state["_out"], state["_err"] = (out, err) if _output_matches(state, meta) else (b"", b"")
-        return states
-
-    def _read_log(self, *, limit: Optional[int], report: bool) -> Tuple[List[Dict[str, Any]], bool]:
-        """Merge the log's lines into states (creation order). Returns (states, damaged)."""
-        try:
-            fd = os.open("journal", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.fd)
-        except FileNotFoundError:
-            return [], False
-        with os.fdopen(fd, "rb") as fh:
-            data = fh.read() if limit is None else fh.read(limit)
-        lines = data.split(b"\n")
-        truncated = lines.pop() != b""           # no newline at the end: a write cut short
-        if not lines:
-            if truncated and report:
-                raise _ForeignJournal("no complete header line")
-            return [], False
-        header = _parse_line(lines[0])
-        if header is None or header.get("format") != _JOURNAL_FORMAT:
-            raise _ForeignJournal("not a hopx-agent journal")
-        if header.get("version") != JOURNAL_VERSION or header.get("dir") != self.state.dir_id:
-            raise _ForeignJournal("a journal of format %r for directory %r (this agent writes %d for %s)"
-                                  % (header.get("version"), header.get("dir"), JOURNAL_VERSION, self.state.dir_id))
-        merged: "collections.OrderedDict[str, Dict[str, Any]]" = collections.OrderedDict()
-        bad = sum(1 for line in lines[1:] if not _merge_line(merged, _parse_line(line)))
-        if report and truncated:
-            log.warning("journal %s: the last line was cut short (a crash mid-write); it is ignored",
-                        self.state.path)
-        if report and bad:
-            log.warning("journal %s: %d damaged lines skipped", self.state.path, bad)
-        states = []
-        for state in merged.values():
-            try:
-                states.append(_check_state(state))
-            except ValueError as exc:
-                bad += 1
-                if report:
-                    log.warning("journal %s: record %s skipped: %s", self.state.path, state.get("id"), exc)
-        states.sort(key=lambda s: s["seq"])
-        return states, bad > 0
-
-    def _copy_aside(self, name: str, why: str) -> None:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.fd)
-        with os.fdopen(fd, "rb") as fh:
-            data = fh.read()
-        self.state.write_atomic(self.state.fd, name + ".damaged", [data], sync=False)
-        self.state.set_aside(self.state.fd, name + ".damaged", why)
-
-    def _load_outputs(self, wanted: set) -> Dict[str, Tuple[bytes, bytes, Dict[str, Any]]]:
-        """Every out file, checked; a damaged or foreign one is set aside, one of no record removed."""
-        found = {}
-        for name in os.listdir(self.state.out_fd):
-            rec_id, _, suffix = name.partition(".")
-            if suffix != "out" or rec_id not in wanted:
-                _unlink_quietly(name, self.state.out_fd)      # a temp file, or output of an evicted record
-                continue
-            try:
-                found[rec_id] = self._read_output(name, rec_id)
-            except (OSError, ValueError) as exc:
-                self.state.set_aside(self.state.out_fd, name, str(exc))
-        return found
-
-    def _read_output(self, name: str, rec_id: str) -> Tuple[bytes, bytes, Dict[str, Any]]:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.out_fd)
-        with os.fdopen(fd, "rb") as fh:
-            head = fh.readline(128).split()
-            if len(head) != 4 or head[0] != _OUT_MAGIC or head[1] != b"%d" % JOURNAL_VERSION:
-                raise ValueError("not an output file of this version")
-            meta_len, crc = int(head[2]), int(head[3], 16)
-            meta_raw = fh.read(meta_len)
-            meta = json.loads(meta_raw)
-            if not isinstance(meta, dict) or meta.get("id") != rec_id:
-                raise ValueError("the output of another record")
-            lengths = meta["stdout_len"], meta["stderr_len"]
-            out, err = fh.read(lengths[0]), fh.read(lengths[1])
-            if (len(out), len(err)) != lengths or fh.read(1):
-                raise ValueError("length does not match (cut short?)")
-        if zlib.crc32(err, zlib.crc32(out, zlib.crc32(meta_raw))) != crc:
-            raise ValueError("checksum does not match")
-        for key in ("stdout_bytes", "stderr_bytes"):
-            if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool):
-                raise ValueError("bad %s" % key)
-        meta["final"] = bool(meta.get("final"))
-        return out, err, meta
+        """The records of the journal, checked, in creation order (see _JournalReader.load)."""
+        return _JournalReader(self.state).load()
 
     def rewrite(self, states: List[Dict[str, Any]]) -> None:
         """Start a fresh log holding exactly ``states`` (after a load and its
@@ -3655,6 +3566,114 @@ def _merge_line(merged: Dict[str, Dict[str, Any]], obj: Optional[Dict[str, Any]]
     elif event not in ("run", "set"):
         return False
     return True
+
+
+class _JournalReader:
+    """Reads a state directory's journal and output files, checking each:
+    what a cold start loads (and what compaction merges)."""
+
+    def __init__(self, state: _StateDir) -> None:
+        self.state = state
+
+    def load(self) -> List[Dict[str, Any]]:
+        """The records of the journal, merged and checked, in creation order,
+        each with ``_out``/``_err``: the retained output bytes found for it.
+        A foreign, damaged or truncated file is reported and set aside; the
+        start goes on with what could be read. Leaves the log rewritten and open."""
+        try:
+            states, damaged = self.read_log(limit=None, report=True)
+        except _ForeignJournal as exc:
+            self.state.set_aside(self.state.fd, "journal", str(exc))
+            states, damaged = [], False
+        if damaged:     # keep a copy for a post-mortem; the rewrite below drops what was unreadable
+            self._copy_aside("journal", "lines with a wrong checksum or length were skipped")
+        outputs = self._load_outputs({s["id"] for s in states})
+        for state in states:
+            out, err, meta = outputs.get(state["id"], (b"", b"", None))
+            state["_out"], state["_err"] = (out, err) if _output_matches(state, meta) else (b"", b"")
+        return states
+
+    def read_log(self, *, limit: Optional[int], report: bool) -> Tuple[List[Dict[str, Any]], bool]:
+        """Merge the log's lines into states (creation order). Returns (states, damaged)."""
+        try:
+            fd = os.open("journal", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.fd)
+        except FileNotFoundError:
+            return [], False
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read() if limit is None else fh.read(limit)
+        lines = data.split(b"\n")
+        truncated = lines.pop() != b""           # no newline at the end: a write cut short
+        if not lines:
+            if truncated and report:
+                raise _ForeignJournal("no complete header line")
+            return [], False
+        header = _parse_line(lines[0])
+        if header is None or header.get("format") != _JOURNAL_FORMAT:
+            raise _ForeignJournal("not a hopx-agent journal")
+        if header.get("version") != JOURNAL_VERSION or header.get("dir") != self.state.dir_id:
+            raise _ForeignJournal("a journal of format %r for directory %r (this agent writes %d for %s)"
+                                  % (header.get("version"), header.get("dir"), JOURNAL_VERSION, self.state.dir_id))
+        merged: "collections.OrderedDict[str, Dict[str, Any]]" = collections.OrderedDict()
+        bad = sum(1 for line in lines[1:] if not _merge_line(merged, _parse_line(line)))
+        if report and truncated:
+            log.warning("journal %s: the last line was cut short (a crash mid-write); it is ignored",
+                        self.state.path)
+        if report and bad:
+            log.warning("journal %s: %d damaged lines skipped", self.state.path, bad)
+        states = []
+        for state in merged.values():
+            try:
+                states.append(_check_state(state))
+            except ValueError as exc:
+                bad += 1
+                if report:
+                    log.warning("journal %s: record %s skipped: %s", self.state.path, state.get("id"), exc)
+        states.sort(key=lambda s: s["seq"])
+        return states, bad > 0
+
+    def _copy_aside(self, name: str, why: str) -> None:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.fd)
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read()
+        self.state.write_atomic(self.state.fd, name + ".damaged", [data], sync=False)
+        self.state.set_aside(self.state.fd, name + ".damaged", why)
+
+    def _load_outputs(self, wanted: set) -> Dict[str, Tuple[bytes, bytes, Dict[str, Any]]]:
+        """Every out file, checked; a damaged or foreign one is set aside, one of no record removed."""
+        found = {}
+        for name in os.listdir(self.state.out_fd):
+            rec_id, _, suffix = name.partition(".")
+            if suffix != "out" or rec_id not in wanted:
+                _unlink_quietly(name, self.state.out_fd)      # a temp file, or output of an evicted record
+                continue
+            try:
+                found[rec_id] = self._read_output(name, rec_id)
+            except (OSError, ValueError) as exc:
+                self.state.set_aside(self.state.out_fd, name, str(exc))
+        return found
+
+    def _read_output(self, name: str, rec_id: str) -> Tuple[bytes, bytes, Dict[str, Any]]:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.out_fd)
+        with os.fdopen(fd, "rb") as fh:
+            head = fh.readline(128).split()
+            if len(head) != 4 or head[0] != _OUT_MAGIC or head[1] != b"%d" % JOURNAL_VERSION:
+                raise ValueError("not an output file of this version")
+            meta_len, crc = int(head[2]), int(head[3], 16)
+            meta_raw = fh.read(meta_len)
+            meta = json.loads(meta_raw)
+            if not isinstance(meta, dict) or meta.get("id") != rec_id:
+                raise ValueError("the output of another record")
+            lengths = meta["stdout_len"], meta["stderr_len"]
+            out, err = fh.read(lengths[0]), fh.read(lengths[1])
+            if (len(out), len(err)) != lengths or fh.read(1):
+                raise ValueError("length does not match (cut short?)")
+        if zlib.crc32(err, zlib.crc32(out, zlib.crc32(meta_raw))) != crc:
+            raise ValueError("checksum does not match")
+        for key in ("stdout_bytes", "stderr_bytes"):
+            if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool):
+                raise ValueError("bad %s" % key)
+        meta["final"] = bool(meta.get("final"))
+        return out, err, meta
 
 
 # ============================================================================
@@ -3931,7 +3950,7 @@ def _load_journal(journal: _Journal, grace: float) -> List[Dict[str, Any]]:
 # child stays its child (waited for, reaped, signalled as before); what must
 # outlive the exec is handed over in an anonymous memory file (memfd): the
 # records with their output, and the descriptors kept open across exec (the
-# listening socket, each running child's pipes and ptys, the state lock).
+# listening socket, each running child's pipes, the state lock).
 #
 #  1. Pre-check: a child imports the new file and runs its _handover_check on
 #     a preview of the handover. Any failure there (syntax error, exception,
@@ -3944,12 +3963,13 @@ def _load_journal(journal: _Journal, grace: float) -> List[Dict[str, Any]]:
 #  3. Hand over: every record (its fields, its output, the offset where
 #     reading stopped, its deadlines on the monotonic clock, which exec keeps)
 #     into the memfd; then execve(python, the file, the same arguments).
-#  4. The new version parses and checks the whole handover before it touches
-#     anything; a failure there re-execs the previous version, whose source the
-#     handover carries. Then it takes the descriptors, resumes each reader at
-#     its offset (no gap, no duplicate), watches each leader through a new
-#     pidfd (an exit during the exec left a zombie: its status is not lost),
-#     re-arms the deadlines, and serves on the inherited socket.
+#  4. The new version checks the whole handover and rebuilds its state
+#     before it starts a thread or reads a byte; a failure up to there
+#     re-execs the previous version (whose source the handover carries) on
+#     the same handover. Once ready it resumes each reader at its offset (no
+#     gap, no duplicate), watches each leader through a new pidfd (an exit
+#     during the exec left a zombie: its status is not lost), re-arms the
+#     deadlines, and serves on the inherited socket.
 
 HANDOVER_ENV = "HOPX_AGENT_HANDOVER"     # the memfd's number, for the exec'd successor only
 FALLBACK_ENV = "HOPX_AGENT_FALLBACK"     # set when the previous version is re-exec'd after a failed adoption
