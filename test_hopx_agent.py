@@ -2200,7 +2200,8 @@ def test_a_queued_run_holds_no_code_file_until_it_starts(manager_with):
     assert mgr.describe(queued)["status"] == "queued" and queued.launch.tempfile is None
     mgr.kill(first.id)
     assert mgr.wait(queued, WAIT_S) and mgr.describe(queued)["stdout"] == "late\n"
-    assert queued.launch.tempfile is None    # written when it started, removed when it ended
+    # written when it started, removed as it ended
+    wait_until(lambda: queued.launch.tempfile is None, WAIT_S, "the code file to be removed")
 
 
 def test_the_queue_is_bounded_in_bytes_of_code(manager_with, monkeypatch):
