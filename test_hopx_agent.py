@@ -26,11 +26,13 @@ import json
 import logging
 import math
 import os
+import pathlib
 import pwd
 import queue
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import string
@@ -2214,6 +2216,39 @@ def test_the_queue_is_bounded_in_bytes_of_code(manager_with, monkeypatch):
     assert mgr.describe(mgr.start(mgr.code_launch("#" * 300, "python")))["status"] == "queued"
 
 
+
+DAEMON_WITHOUT_PIPES = """\
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        fd = os.open(os.devnull, os.O_RDWR)
+        for n in (0, 1, 2):
+            os.dup2(fd, n)
+        open(sys.argv[0] + ".pid", "w").write(str(os.getpid()))
+        time.sleep(60)
+    os._exit(0)
+os.wait()
+while not os.path.exists(sys.argv[0] + ".pid"):
+    time.sleep(0.01)
+"""
+
+
+def test_a_kill_of_a_finished_record_ends_the_daemon_it_left_and_keeps_its_outcome(client, tmp_path):
+    script = tmp_path / "daemon.py"
+    script.write_text(DAEMON_WITHOUT_PIPES)
+    started = start_command(client, sys.executable, [str(script)])
+    rec = http_wait_final(client, started["process_id"])
+    assert (rec["status"], rec["exit_code"]) == ("completed", 0)
+    daemon = int((tmp_path / "daemon.py.pid").read_text())
+    assert pid_alive(daemon)
+    answer = kill(client, started["process_id"])
+    assert answer["status"] == "completed" and answer["leftovers_ended"] == 1
+    wait_until(lambda: not pid_alive(daemon), WAIT_S, "the daemon to end")
+    after = http_record(client, started["process_id"])
+    assert (after["status"], after["reason"], after["exit_code"]) == ("completed", "exited", 0)
+
+
 # -- escaped descendants ------------------------------------------------------------------
 
 SETSID_CHILD = """\
@@ -2998,6 +3033,58 @@ def test_at_the_cap_the_connection_idle_the_longest_is_closed_for_a_new_one(tmp_
             newer.close()
 
 
+
+def _no_auth_call(srv, method, path, body=b"", headers=None):
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        hdrs = {"Host": "127.0.0.1:%d" % srv.server_address[1]}
+        hdrs.update(headers or {})
+        for name, value in hdrs.items():
+            if value is not None:
+                conn.putheader(name, value)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, (json.loads(data) if data else None)
+    finally:
+        conn.close()
+
+
+def test_no_auth_refuses_what_a_foreign_web_page_could_send(tmp_path):
+    with own_server(tmp_path, auth=False, secret=None) as srv:
+        port = srv.server_address[1]
+        body = json.dumps({"command": "echo ran"}).encode()
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            status, parsed = _no_auth_call(srv, "POST", "/commands/run", body, {"Content-Type": kind})
+            assert (status, parsed["code"]) == (415, "UNSUPPORTED_MEDIA_TYPE"), (kind, parsed)
+        status, parsed = _no_auth_call(srv, "POST", "/commands/run", body,
+                                       {"Content-Type": "application/json; charset=utf-8"})
+        assert status == 200 and parsed["stdout"] == "ran\n"
+        for host in ("evil.example", "evil.example:%d" % port, "127.0.0.1.evil.example"):
+            status, parsed = _no_auth_call(srv, "GET", "/execute/processes", headers={"Host": host})
+            assert (status, parsed["code"]) == (403, "FORBIDDEN"), host
+        for host in ("localhost:%d" % port, "127.0.0.1:%d" % port, "127.0.0.1", "[::1]:%d" % port, "app.localhost"):
+            assert _no_auth_call(srv, "GET", "/execute/processes", headers={"Host": host})[0] == 200, host
+        for origin in ("http://evil.example", "null", "http://localhost:%d" % (port + 1)):
+            status, parsed = _no_auth_call(srv, "POST", "/commands/run", body,
+                                           {"Content-Type": "application/json", "Origin": origin})
+            assert (status, parsed["code"]) == (403, "FORBIDDEN"), origin
+        assert _no_auth_call(srv, "POST", "/commands/run", body, {
+            "Content-Type": "application/json", "Origin": "http://127.0.0.1:%d" % port})[0] == 200
+        status, parsed = _no_auth_call(srv, "GET", "/execute/stream", headers={       # a cross-site WebSocket
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "Origin": "http://evil.example"})
+        assert (status, parsed["code"]) == (403, "FORBIDDEN")
+        assert len(srv.manager.list()) == 2          # the two accepted runs, nothing else
+
+
+def test_with_a_token_a_body_without_content_type_is_json_as_curl_sends_it(client):
+    status, parsed, _ = client.call("POST", "/commands/run", json.dumps({"command": "echo curl"}).encode())
+    assert status == 200 and parsed["stdout"] == "curl\n"
+
+
 # ============================================================================
 # Endpoints: system (health, information, the machine, caches, desktop)
 # ============================================================================
@@ -3030,6 +3117,19 @@ def test_root_maps_a_name_to_every_route_without_a_token(server, client):
     endpoints = root["endpoints"]
     assert sorted(endpoints.values()) == sorted("%s %s" % (r.method, r.pattern) for r in server.routes)
     assert endpoints["health"] == "GET /health" and endpoints["execute"] == "POST /execute"
+
+
+def test_info_without_a_token_names_the_agent_and_its_features_only(client):
+    status, anonymous, _ = client.call("GET", "/info", token=False)
+    assert status == 200
+    assert set(anonymous) == {"agent", "version", "agent_version", "supported_languages", "features",
+                              "endpoints", "timestamp"}
+    full = client.ok("GET", "/info")
+    for key in ("hostname", "workdir", "python", "platform", "languages", "limits"):
+        assert key in full and key not in anonymous, key
+    assert full["workdir"] not in json.dumps(anonymous)
+    bad = client.call("GET", "/info", headers={"Authorization": "Bearer " + BAD_TOKENS["expired"]}, token=False)[1]
+    assert "hostname" not in bad
 
 
 def test_system_describes_the_machine_and_names_the_host_only_with_a_token(client, config):
@@ -4665,6 +4765,17 @@ def measured_window(seconds):
 # Endpoints: environment and metrics
 # ============================================================================
 
+
+@pytest.mark.parametrize("name", ["Host", "content-length", "Content-Type", "Transfer-Encoding", "Connection",
+                                  "X-HopX-Timestamp", "x-hopx-signature"])
+def test_callback_headers_may_not_set_what_the_agent_sets(client, name):
+    status, parsed, resp = client.call("POST", "/execute/async", {
+        "code": "print(1)", "callback_url": "http://127.0.0.1:9/hook", "callback_headers": {name: "forged"}})
+    assert_error(status, parsed, resp, 400, "INVALID_REQUEST")
+    assert name in parsed["error"]
+    assert client.ok("GET", "/execute/processes")["count"] == 0
+
+
 # -- /env ------------------------------------------------------------------------------------
 
 
@@ -4726,6 +4837,37 @@ def test_env_precedence_request_over_global_over_agent(env_client):
     _no_content(c, "DELETE", "/env")
     assert seen()["HOPX_T_LEVEL"] == "agent"
     assert "HOPX_AGENT_SECRET" not in _env(c)
+
+
+
+def test_the_env_store_refuses_what_would_keep_later_executions_from_starting(client):
+    big = "x" * 200000                                  # over what exec takes for one variable
+    status, parsed, resp = client.call("PATCH", "/env", {"env_vars": {"BIG": big}})
+    assert_error(status, parsed, resp, 413, "PAYLOAD_TOO_LARGE")
+    assert "BIG" in parsed["error"]
+    for bad in ({"A=B": "1"}, {"": "1"}, {"NUL\u0000": "1"}, {"OK": "nul\u0000"}):
+        status, parsed, resp = client.call("PUT", "/env", {"env_vars": bad})
+        assert_error(status, parsed, resp, 400, "INVALID_REQUEST")
+    chunk = "y" * (hopx_agent.ENV_ENTRY_BYTES - 100)    # each is fine, all of them are too much
+    accepted = 0
+    for n in range(10):
+        status = client.call("PATCH", "/env", {"env_vars": {"MANY_%d" % n: chunk}})[0]
+        if status != 204:
+            assert status == 413
+            break
+        accepted += 1
+    assert 0 < accepted < 10
+    env = client.ok("GET", "/env")["env_vars"]
+    assert sorted(k for k in env if k.startswith("MANY_")) == ["MANY_%d" % n for n in range(accepted)]
+    # whatever the store holds, every later execution still starts
+    assert client.ok("POST", "/commands/run", {"command": "echo ${#MANY_0}"})["stdout"] == "%d\n" % len(chunk)
+    status, parsed, resp = client.call("POST", "/commands/run", {"command": "true", "env": {"HUGE": big}})
+    assert_error(status, parsed, resp, 413, "PAYLOAD_TOO_LARGE")
+    many = {"R_%d" % n: chunk for n in range(14)}       # each fine; together more than exec takes
+    status, parsed, resp = client.call("POST", "/execute/background", {"code": "pass", "env": many})
+    assert_error(status, parsed, resp, 413, "PAYLOAD_TOO_LARGE")
+    assert client.ok("GET", "/execute/processes")["count"] == 1      # only the echo ran
+    assert client.call("DELETE", "/env")[0] == 204
 
 
 # -- /metrics ----------------------------------------------------------------------------------
@@ -5025,6 +5167,103 @@ def test_no_auth_serves_without_tokens_and_says_so(run_agent):
     assert not any(re.search(r"eyJ[A-Za-z0-9_-]+\.", line) for line in agent.seen)
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait(15) == 0
+
+
+@pytest.mark.parametrize("args,word", [(["--port", "99999"], "--port"), (["--log-level", "verbose"], "--log-level"),
+                                       (["--log-format", "xml"], "--log-format"), (["--kill-grace", "-1"], "--kill-grace"),
+                                       (["--kill-grace", "nan"], "--kill-grace"), (["--max-running", "0"], "--max-running"),
+                                       (["token", "--ttl", "-5"], "--ttl"), (["token", "--ttl", "0"], "--ttl")])
+def test_a_bad_option_is_a_message_and_exit_2(args, word, tmp_path):
+    env = _clean_env(HOPX_AGENT_SECRET=SECRET.decode())
+    done = subprocess.run([sys.executable, hopx_agent.__file__] + args, env=env, capture_output=True,
+                          timeout=30, cwd=str(tmp_path))
+    assert done.returncode == 2, (done.returncode, done.stderr.decode())
+    err = done.stderr.decode()
+    assert word in err and "Traceback" not in err, err
+    assert done.stdout == b""
+
+
+def test_a_newline_in_a_command_cannot_forge_a_log_line(run_agent):
+    agent = run_agent("--port", "0", "--log-level", "debug", HOPX_AGENT_SECRET=SECRET.decode())
+    port, token = agent.port(), good_token()
+    forged = "no-such-program\n2026-01-01 00:00:00,000 WARNING hopx_agent: FORGED"
+    status, answer = _post(port, "/commands/background", {"command": forged, "args": []}, token)
+    assert status == 200 and answer["reason"] == "spawn_failed"
+    _get(port, "/execute/processes?token=" + token, token)     # a token in the query must not reach the log
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(15) == 0
+    agent.wait_line("stopping")
+    text = "".join(agent.seen) + "".join(iter(lambda: agent.lines.get(timeout=5) or "", ""))
+    assert "\\x0a2026-01-01" in text, text[-2000:]
+    assert not any(line.startswith("2026-01-01 00:00:00,000 WARNING hopx_agent: FORGED") for line in text.splitlines())
+    assert token not in text
+
+
+def test_a_secret_file_readable_by_others_is_warned_about(run_agent, tmp_path):
+    key = tmp_path / "agent.key"
+    key.write_bytes(SECRET)
+    key.chmod(0o644)
+    agent = run_agent("--port", "0", "--secret-file", str(key))
+    agent.port()
+    assert agent.wait_line(r"WARNING .*secret file .*readable by group or others \(mode 0644\)")
+    agent.stop()
+    key.chmod(0o600)
+    quiet = run_agent("--port", "0", "--secret-file", str(key))
+    quiet.port()
+    assert not any("readable by group or others" in line for line in quiet.seen)
+
+
+def _usable_by_others(path):
+    """Every directory on the way searchable, and the file executable, by other users."""
+    path = os.path.realpath(path)
+    parts = path.split(os.sep)
+    for n in range(2, len(parts)):
+        if not os.stat(os.sep.join(parts[:n]) or os.sep).st_mode & 0o001:
+            return False
+    return bool(os.stat(path).st_mode & 0o001)
+
+
+def test_a_child_cannot_read_the_secret_from_the_agents_proc_files(tmp_path):
+    # Same uid as the agent: PR_SET_DUMPABLE 0 keeps /proc/<agent>/environ and mem from it.
+    # As root the agent runs as nobody here, since root children can read anything (--run-as).
+    import tempfile
+    home = tempfile.mkdtemp(prefix="hopx-test-")      # in the temp dir itself: pytest's are private
+    os.chmod(home, 0o755)
+    script = pathlib.Path(home) / "hopx_agent.py"
+    script.write_bytes(open(hopx_agent.__file__, "rb").read())
+    script.chmod(0o644)
+    user, python = {}, sys.executable
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+        python = next((p for p in (sys.executable, shutil.which("python3"), "/usr/bin/python3")
+                       if p and _usable_by_others(p)), None)
+        if python is None:
+            pytest.skip("no python3 that another user may run")
+    env = _clean_env(HOPX_AGENT_SECRET=SECRET.decode())
+    proc = subprocess.Popen([python, str(script), "--port", "0", "--workdir", "/tmp"], env=env,
+                            cwd="/tmp", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, **user)
+    try:
+        line = b""
+        while b"listening on" not in line:
+            line = proc.stderr.readline()
+            assert line, "the agent did not start"
+        port = int(re.search(rb"127\.0\.0\.1:(\d+)", line).group(1))
+        code = ("import os\nfor name in ('environ', 'mem', 'cmdline'):\n"
+                "    try:\n        data = open('/proc/%d/' % os.getppid() + name, 'rb').read(4096)\n"
+                "        print(name, 'readable', " + repr(SECRET) + " in data)\n"
+                "    except OSError as exc:\n        print(name, 'refused', exc.errno)\n")
+        ran = _post(port, "/execute", {"code": code, "timeout": 30}, good_token())[1]
+        lines = dict(line.split(" ", 1) for line in ran["stdout"].splitlines())
+        assert lines["environ"].startswith("refused"), ran
+        assert lines["mem"].startswith("refused"), ran
+        assert "True" not in ran["stdout"], ran
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        proc.stderr.close()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_all_lists_exactly_the_public_names():
