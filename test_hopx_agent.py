@@ -5961,7 +5961,7 @@ def test_under_a_pids_limit_every_start_is_answered_and_nothing_stays_running(ru
         for n in range(12):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
             try:
-                conn.request("POST", "/commands/background", body=json.dumps({"command": "sleep 30"}),
+                conn.request("POST", "/commands/background", body=json.dumps({"command": "sleep 300"}),
                              headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
                 resp = conn.getresponse()
                 answers.append((resp.status, json.loads(resp.read())))
@@ -5979,7 +5979,8 @@ def test_under_a_pids_limit_every_start_is_answered_and_nothing_stays_running(ru
             status, rec = _get(port, "/execute/processes/" + pid, token)
             assert status == 200 and rec["status"] in ("running", "failed", "completed"), rec
             if rec["status"] == "running":
-                assert _post(port, "/execute/kill/" + pid, {}, token)[0] == 200
+                status, killed = _post(port, "/execute/kill/" + pid, {}, token)
+                assert status == 200, killed
         for pid in started:
             final = wait_until(lambda: (lambda r: r if r["status"] in ("completed", "failed") else None)(
                 _get(port, "/execute/processes/" + pid, token)[1]), 15, "%s to be final" % pid)
@@ -6236,7 +6237,8 @@ def _proc_status(pid, field):
 def test_a_listing_of_huge_binary_outputs_is_bounded_in_size_and_memory(run_agent):
     # issue 11: 40 records x (4 MiB of NUL on stdout + 4 MiB of 0xFF on stderr) at full size
     count, size = scaled(8), min(4 * MIB, int(4 * MIB * HARDEN_SCALE / 5))
-    agent = run_agent("--port", "0", "--max-output-bytes", str(4 * MIB), HOPX_AGENT_SECRET=SECRET.decode())
+    agent = run_agent("--port", "0", "--max-output-bytes", str(4 * MIB), "--output-budget", str(count * 2 * size + MIB),
+                      HOPX_AGENT_SECRET=SECRET.decode())
     port, token = agent.port(), good_token()
     code = "import sys; sys.stdout.buffer.write(bytes(%d)); sys.stderr.buffer.write(b'\\xff' * %d)" % (size, size)
     ids = [_post(port, "/commands/background", {"command": sys.executable, "args": ["-c", code]}, token)[1]["process_id"]
