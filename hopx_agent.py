@@ -6002,7 +6002,7 @@ class _FileService:
             if size > self.max_read_bytes or st.st_size > self.max_read_bytes:
                 raise FileError(413, "PAYLOAD_TOO_LARGE", "file is larger than %d bytes; use /files/download: %s"
                                 % (self.max_read_bytes, target.path), target.path,
-                                download="/files/download?path=" + urllib.parse.quote(target.path),
+                                download="/files/download?path=" + urllib.parse.quote(target.path, safe=""),
                                 max_read_bytes=self.max_read_bytes)
             data = os.read(fd, FILES_CHUNK_BYTES)
             if not data:
@@ -6351,7 +6351,7 @@ def _files_read(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
 
 
 def _files_download(srv: "_AgentServer", req: _Request) -> Any:
-    found = srv.files.download(_files_path(req), req.header, req.param("format"))
+    found = srv.files.download(_files_path(req), lambda name: req.header(name.lower()), req.param("format"))
     if isinstance(found, _TarStream):
         headers = {"Content-Disposition": _content_disposition(found.name), "Cache-Control": "no-store"}
         if req.method == "HEAD":
