@@ -7978,6 +7978,161 @@ def test_bench_cold_start():
               "<= 30 MiB", idle_mib <= 30)
 
 
+# -- files (issue 12): transfers and listing ------------------------------------------
+
+BENCH_TRANSFER_BYTES = 1024 * 1024 * 1024
+
+# The floors of the transfer rows, each a process of its own: the least a
+# sendfile download and a receive-into-a-file upload cost over HTTP/1.1.
+_BENCH_FILE_FLOOR = r"""
+import os, socket, sys
+mode, path = sys.argv[1], sys.argv[2]
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(8)
+print(srv.getsockname()[1], flush=True)
+while True:
+    conn, _ = srv.accept()
+    fh = conn.makefile("rb")
+    length = 0
+    for line in iter(fh.readline, b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    if mode == "download":
+        fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        conn.sendfile(os.fdopen(fd, "rb", buffering=0), 0, size)
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while length:
+            n = fh.readinto(view[:min(length, len(buf))])
+            if not n:
+                break
+            os.write(fd, view[:n])
+            length -= n
+        os.close(fd)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    fh.close(); conn.close()
+"""
+
+
+def bench_file_floor(mode, path):
+    proc = subprocess.Popen([sys.executable, "-c", _BENCH_FILE_FLOOR, mode, path], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    assert ready, "the floor server did not start"
+    return proc, int(proc.stdout.readline())
+
+
+def bench_download(port, path_and_query, token=None):
+    """Seconds to GET a body into nothing (recv_into one buffer)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    started = time.perf_counter()
+    auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: b\r\n%s\r\n" % (path_and_query.encode(), auth))
+    buf = bytearray(1 << 20)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    left = length - len(head.split(b"\r\n\r\n", 1)[1])
+    while left > 0:
+        n = sock.recv_into(buf)
+        assert n, "connection closed early"
+        left -= n
+    took = time.perf_counter() - started
+    sock.close()
+    return took
+
+
+def bench_upload(port, path_and_query, source, token=None):
+    """Seconds to PUT `source` as a raw body and read the answer."""
+    size = os.path.getsize(source)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    started = time.perf_counter()
+    auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
+    sock.sendall(b"PUT %s HTTP/1.1\r\nHost: b\r\nContent-Type: application/octet-stream\r\n"
+                 b"Content-Length: %d\r\n%s\r\n" % (path_and_query.encode(), size, auth))
+    with open(source, "rb") as fh:
+        sock.sendfile(fh)
+    answer = sock.recv(65536)
+    took = time.perf_counter() - started
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    return took
+
+
+def bench_big_file(tmp_path):
+    path = tmp_path / "big.bin"
+    block = os.urandom(1 << 20)
+    with open(str(path), "wb") as fh:
+        for _ in range(BENCH_TRANSFER_BYTES >> 20):
+            fh.write(block)
+    return path
+
+
+@bench
+def test_bench_files_download_and_upload(tmp_path):
+    big = bench_big_file(tmp_path)
+    token = good_token(secret=BENCH_SECRET)
+    mb = BENCH_TRANSFER_BYTES / 1e6
+    proc, port = bench_spawn_agent("--workdir", str(tmp_path))
+    try:
+        before = bench_status_kib(proc.pid, "VmHWM")
+        agent_down = [bench_download(port, "/files/download?path=big.bin", token) for _ in range(3)]
+        down_hwm = bench_status_kib(proc.pid, "VmHWM") - before
+        agent_up = [bench_upload(port, "/files/upload?path=up.bin", str(big), token) for _ in range(3)]
+        up_hwm = bench_status_kib(proc.pid, "VmHWM") - before
+    finally:
+        bench_stop_agent(proc)
+    floors = {}
+    for mode, path in (("download", str(big)), ("upload", str(tmp_path / "floor.bin"))):
+        fproc, fport = bench_file_floor(mode, path)
+        try:
+            floors[mode] = [bench_download(fport, "/") if mode == "download" else bench_upload(fport, "/", str(big))
+                            for _ in range(3)]
+        finally:
+            fproc.kill()
+            fproc.wait(5)
+    for name, agent, floor, target in (("download 1 GiB (sendfile)", agent_down, floors["download"], 0.8),
+                                        ("upload 1 GiB (raw body, fdatasync)", agent_up, floors["upload"], 0.6)):
+        ratio = bench_pct(floor, 0.5) / bench_pct(agent, 0.5)
+        bench_row(name, "%.0f MB/s" % (mb / bench_pct(agent, 0.5)), "%.0f MB/s" % (mb / bench_pct(floor, 0.5)),
+                  ratio, ">= %.1fx" % target, ratio >= target)
+    for name, kib in (("download 1 GiB: agent peak RSS growth", down_hwm),
+                      ("upload 1 GiB: agent peak RSS growth", up_hwm)):
+        bench_row(name, "%.1f MiB" % (kib / 1024.0), "-", None, "<= 16 MiB", kib <= 16 * 1024)
+
+
+@bench
+def test_bench_files_list_10000(tmp_path):
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(10000):
+        os.close(os.open(str(many / ("file-%05d.txt" % i)), os.O_CREAT | os.O_WRONLY, 0o644))
+    floor = []
+    for _ in range(20):
+        started = time.perf_counter()
+        with os.scandir(str(many)) as items:
+            for entry in items:
+                entry.stat(follow_symlinks=False)
+        floor.append(time.perf_counter() - started)
+    with bench_agent_process(tmp_path) as (proc, client):
+        agent = []
+        for _ in range(20):
+            started = time.perf_counter()
+            status, _, raw = client.raw("GET", "/files/list?path=many")     # read, not parsed: the floor parses nothing
+            agent.append(time.perf_counter() - started)
+            assert status == 200
+        assert json.loads(raw)["count"] == 10000
+    floor_ms = bench_pct(floor, 0.5) * 1000 + bench_round_trip_floor_ms()
+    ratio = bench_pct(agent, 0.5) * 1000 / floor_ms
+    bench_row("list 10,000 entries", bench_spread(agent), "%.2f ms (scandir+lstat+round trip)" % floor_ms,
+              ratio, "<= 3x", ratio <= 3)
+
+
 @bench
 def test_bench_table_is_printed():
     assert BENCH_ROWS, "no benchmark row ran"
