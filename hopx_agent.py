@@ -4333,6 +4333,8 @@ class _PathPolicy:
               owner: Optional[Tuple[int, int]]) -> Any:
         root, parts = self._root_of(internal, display)
         fd = self._open_root(root, display)
+        # `real` is built from directories actually opened, so it holds no
+        # symlink: a link's relative text can be joined to it lexically.
         real = root.real
         try:
             for index, name in enumerate(parts):
@@ -4344,7 +4346,7 @@ class _PathPolicy:
                     target, fd = _Target(fd, name, display, posixpath.join(real, name), root), -1
                     return target
                 step = self._step(fd, name, create, owner)
-                if isinstance(step, str):
+                if isinstance(step, str):       # a symlink: its target is walked from the top, checked anew
                     return _link_target(real, step, rest, display)
                 os.close(fd)
                 fd, real = step, posixpath.join(real, name)
@@ -4570,6 +4572,7 @@ class _Listing:
         return self.files[:self._limit], more
 
     def _children(self, fd: int) -> Iterator["os.DirEntry[str]"]:
+        # no directory can contribute more than what is still to skip plus what is still wanted
         need = self._skip + self._want - len(self.files)
         with os.scandir(fd) as it:
             return iter(_sorted_children(it, need))
@@ -4784,9 +4787,10 @@ class _AtomicWriter:
     def commit(self) -> int:
         """Give the new version its name; the size written."""
         try:
-            os.fchmod(self._fd, self._mode)
+            os.fchmod(self._fd, self._mode)      # exact, whatever the umask
             if self._owner is not None:
                 os.fchown(self._fd, *self._owner)
+            # delayed allocation reports ENOSPC here, not at write(): still a 507 with nothing left
             os.fdatasync(self._fd)
             self._place()
         except OSError as exc:
@@ -4808,13 +4812,15 @@ class _AtomicWriter:
         else:
             source, src_fd, follow = self._temp, self._dir_fd, False
         try:
+            # linkat never replaces: this is what makes overwrite=false race-free
             os.link(source, self._name, src_dir_fd=src_fd, dst_dir_fd=self._dir_fd, follow_symlinks=follow)
         except FileExistsError:
             if not self._overwrite:
                 raise
-            if self._temp is None:
+            if self._temp is None:      # an O_TMPFILE needs a name of its own before rename can use it
                 self._temp = _temp_name()
                 os.link(source, self._temp, dst_dir_fd=self._dir_fd, follow_symlinks=True)
+            # rename replaces the name itself, never what a symlink there points to
             os.rename(self._temp, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
             self._temp = None
             return
@@ -5079,6 +5085,7 @@ class _MultipartParser:
             events.append(("end", None))
             self._buf, self._state = buf[found + len(self._delim):], self._AFTER
             return True
+        # no delimiter in buf: everything but a possible delimiter prefix at its end is data
         keep = self._held_back(buf)
         if len(buf) > keep:
             events.append(("data", memoryview(buf)[:len(buf) - keep]))
@@ -5451,7 +5458,7 @@ def _tar_file(writer: _TarWriter, entries: _Entries, dir_fd: int, own: str, name
         info = _tar_info(name, st, entries, tarfile.REGTYPE)
         info.size = st.st_size
         yield writer.header(info)
-        left = st.st_size
+        left = st.st_size              # the header promised this many bytes: exactly these follow
         while left:
             data = os.read(fd, min(left, FILES_CHUNK_BYTES))
             if not data:
@@ -5770,13 +5777,14 @@ class _InotifyWatcher(_WatcherBase):
         path, is_dir = _child_path(base, name), bool(mask & _IN_ISDIR)
         temp = bool(_TEMP_NAME.match(name))
         if mask & _IN_MOVED_FROM:
+            # held until its IN_MOVED_TO (same cookie) or the window ends (then it left the tree)
             self._moves[cookie] = (path, is_dir, now + WATCH_COALESCE_S)
         elif mask & _IN_MOVED_TO:
             self._moved_to(path, is_dir, self._moves.pop(cookie, None), temp, now)
         elif self._only is not None and name != self._only:
             return
         elif temp or (_KERNEL_TMPFILE_NAME.match(name) and not self._exists(path)):
-            return
+            return                      # our temp files, and O_TMPFILE inodes (named "#<ino>" by inotify)
         elif mask & _IN_CREATE:
             self._queue.add(_change(path, "created", is_dir), now)
             if is_dir and self._recursive:
@@ -5826,6 +5834,7 @@ class _InotifyWatcher(_WatcherBase):
                 del self._dirs[wd]
 
     def _exists(self, path: str) -> bool:
+        # a lookup through the policy: the watcher never touches a path the walk did not approve
         try:
             with self._policy.locate(path, follow=False) as target:
                 return target.lstat() is not None
@@ -5877,6 +5886,7 @@ class _PollingWatcher(_WatcherBase):
 
     def _scan(self) -> Dict[str, Tuple[int, int, int, int]]:
         """{path: (inode, mode, size, mtime_ns)} of everything under the top."""
+        # the top is walked again each time: a replaced or removed top is seen, never followed blindly
         seen: Dict[str, Tuple[int, int, int, int]] = {}
         try:
             top = self._policy.open_dir(self._top)
@@ -6396,6 +6406,8 @@ def _files_upload(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     """multipart/form-data (`path` field and `file` part, either order) or a
     raw body with ?path=; streamed to disk, refused before 100 Continue when
     it cannot succeed (no path, outside the roots, over --max-upload-bytes)."""
+    # made before the body is read: a path outside the roots, no path or a Content-Length over the
+    # limit is refused now, and the transport then answers instead of sending 100 Continue
     upload = srv.files.upload(path=req.param("path"), content_type=req.header("content-type"),
                               content_length=req.content_length, overwrite=_query_flag(req, "overwrite", True))
     try:
@@ -6491,6 +6503,8 @@ def _watch_events(ws: "_WebSocket", watcher: _WatcherBase) -> None:
     ws.send_json({"type": "watching", "path": watcher.path, "backend": watcher.backend,
                   "timestamp": _rfc3339(time.time())})
     ws.start_reader("hopx-watch-reader", watcher.close)     # a client close wakes the pull at once
+    # a client that stops reading blocks send_json (bounded by the write timeout); meanwhile events
+    # wait in the watcher's bounded queue and the kernel's, and what does not fit becomes an overflow
     while not ws.gone and not watcher.closed:
         for event in watcher.pull(WATCH_IDLE_PULL_S):
             ws.send_json(event)
