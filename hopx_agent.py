@@ -6761,6 +6761,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
         return 1
+    except ValueError as exc:       # a --files-root that is not a directory
+        log.error("%s", exc)
+        return 2
     if not config.auth:
         log.warning("AUTHENTICATION IS DISABLED (--no-auth): anyone who can reach %s can run code", server.url)
     if generated:

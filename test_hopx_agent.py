@@ -6383,6 +6383,21 @@ def _post(port, path, body, token=None):
         conn.close()
 
 
+def test_files_root_options_repeat_split_and_read_the_environment(tmp_path, run_agent):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    parser = hopx_agent._build_parser()
+    config = hopx_agent._config_from(parser.parse_args(["--files-root", a + "," + b, "--files-root", c]), {})
+    assert config.files_roots == (a, b, c)
+    config = hopx_agent._config_from(parser.parse_args([]), {"HOPX_AGENT_FILES_ROOT": a + ", " + b})
+    assert config.files_roots == (a, b)
+    assert hopx_agent._config_from(parser.parse_args([]), {}).files_roots is None
+    with pytest.raises(ValueError):
+        hopx_agent._config_from(parser.parse_args(["--max-upload-bytes", "-1"]), {})
+    agent = run_agent("--port", "0", "--files-root", str(tmp_path / "missing"), HOPX_AGENT_SECRET=SECRET.decode())
+    assert agent.proc.wait(20) == 2
+    agent.wait_line(r"files root is not a directory")
+
+
 def test_main_version_prints_the_version(capsys):
     assert hopx_agent.main(["--version"]) == 0
     assert hopx_agent.__version__ in capsys.readouterr().out
