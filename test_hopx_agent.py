@@ -1576,7 +1576,7 @@ def test_a_full_queue_raises_limit_exceeded(manager_with):
     launch = mgr.code_launch("print(1)", "python")
     with pytest.raises(hopx_agent.LimitExceeded):
         mgr.start(launch)
-    assert not os.path.exists(launch.argv[-1]), "the refused launch's temp file was left behind"
+    assert launch.tempfile is None, "the refused launch wrote a code file"
     assert len(mgr.list()) == 1 + mgr.config.queue_limit
 
 
@@ -2820,10 +2820,12 @@ def test_a_request_line_dribbled_byte_by_byte_is_cut_off_at_the_request_deadline
 
 def test_the_connection_cap_answers_503_and_recovers_when_one_closes(tmp_path):
     with own_server(tmp_path, max_connections=2) as srv:
-        first, second = Client(srv), Client(srv)
+        # two connections in the middle of a request head: busy, not idle, so nothing can be closed for a third
+        first, second = connect(srv), connect(srv)
         try:
-            assert first.ok("GET", "/ping")["message"] == "pong"
-            assert second.ok("GET", "/ping")["message"] == "pong"
+            for sock in (first, second):
+                sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n")
+            wait_until(lambda: srv.hub.counts()["reading"] == 2, 5, "both heads under way")
             with contextlib.closing(connect(srv)) as third:   # sends nothing: the 503 comes at once
                 data = read_until_eof(third)
             status, headers, body = parse(data)
@@ -2833,6 +2835,8 @@ def test_the_connection_cap_answers_503_and_recovers_when_one_closes(tmp_path):
             assert parsed["code"] == "SERVICE_UNAVAILABLE"
             assert parsed["error"] == parsed["message"]
             assert parsed["request_id"] and "timestamp" in parsed and "path" in parsed
+            # api.md §3: every response carries X-Request-ID, the 503 too
+            assert headers.get("x-request-id") == parsed["request_id"], "503 without X-Request-ID: %r" % headers
             first.close()
 
             def fresh_request_works():
@@ -2846,12 +2850,32 @@ def test_the_connection_cap_answers_503_and_recovers_when_one_closes(tmp_path):
                     probe.close()
 
             wait_until(fresh_request_works, 10, "a free connection slot")
-            assert second.ok("GET", "/ping")["message"] == "pong"
-            # api.md §3: every response carries X-Request-ID, the 503 too
-            assert headers.get("x-request-id") == parsed["request_id"], "503 without X-Request-ID: %r" % headers
+            second.sendall(b"\r\n")                 # the head it started is served after all
+            assert read_response(second)[0] == 200
         finally:
             first.close()
             second.close()
+
+
+def test_at_the_cap_the_connection_idle_the_longest_is_closed_for_a_new_one(tmp_path):
+    with own_server(tmp_path, max_connections=2) as srv:
+        older, newer = Client(srv), Client(srv)
+        try:
+            assert older.ok("GET", "/ping")["message"] == "pong"     # both kept alive, then idle
+            assert newer.ok("GET", "/ping")["message"] == "pong"
+            third = Client(srv)
+            assert third.ok("GET", "/ping")["message"] == "pong"     # served: the idlest one made room
+            older.conn.sock.settimeout(5)
+            assert older.conn.sock.recv(1) == b"", "the connection idle the longest was not closed"
+            newer.conn.sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                newer.conn.sock.recv(1)                               # still open
+            newer.conn.sock.setblocking(True)
+            assert newer.ok("GET", "/ping")["message"] == "pong"
+            third.close()
+        finally:
+            older.close()
+            newer.close()
 
 
 # ============================================================================
@@ -6979,18 +7003,16 @@ def test_a_request_line_dribbled_byte_by_byte_is_cut_at_the_request_deadline(tmp
 def test_the_connection_cap_answers_503_and_recovers(tmp_path):
     with agent_server(tmp_path, max_connections=3) as srv:
         held = []
-        for _ in range(3):      # three kept-alive connections, each proven accepted by an answer
+        for _ in range(3):      # three connections each in the middle of a head: none is idle
             sock = raw_socket(srv)
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            fh = sock.makefile("rb")
-            assert read_one_response(fh)[0] == 200
-            held.append((sock, fh))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            held.append(sock)
+        wait_until(lambda: srv.hub.counts()["reading"] == 3, 5, "three heads under way")
         for _ in range(3):
             status, headers, body, closed = exchange_raw(srv, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             json_error(status, headers, body, 503, "SERVICE_UNAVAILABLE")
             assert closed
-        for sock, fh in held:
-            fh.close()
+        for sock in held:
             sock.close()
 
         def served():
@@ -7419,8 +7441,10 @@ def _mixed_load(server, manager):
         recs = records_of(manager, set(started))
         return all(r.finished for r in recs)
     wait_until(all_final, 30, "every started process to finish")
-    # the agent keeps its watchdog, its exit watcher and WORKER_RESERVE idle pooled threads; nothing else
-    wait_until(lambda: threading.active_count() <= base_threads + 2 + hopx_agent.WORKER_RESERVE, 10,
+    # the agent keeps its watchdog, its exit watcher, WORKER_RESERVE idle pooled threads and
+    # REQUEST_THREADS_KEPT idle request threads; nothing else
+    standing = 2 + hopx_agent.WORKER_RESERVE + hopx_agent.REQUEST_THREADS_KEPT
+    wait_until(lambda: threading.active_count() <= base_threads + standing, 10,
                "threads back near %d + the agent's standing threads" % base_threads)
     # + the exit watcher's epoll and wake-up pipe (3 descriptors that stay open)
     wait_until(lambda: fd_count() <= base_fds + 2 + 3, 10, "fds back near %d" % base_fds)
