@@ -6085,6 +6085,46 @@ def test_files_upload_over_the_limit_is_413_before_100_continue(config, manager)
         thread.join(5)
 
 
+def test_files_upload_on_a_disk_that_fills_up_is_507_and_leaves_nothing(files_server, fc, monkeypatch):
+    fc.ok("POST", "/files/write", {"path": "/workspace/keep", "content": "old"})
+    calls = []
+    real = hopx_agent._write_all
+
+    def filling(fd, data):
+        calls.append(len(data))
+        if sum(calls) > 1 << 20:            # the disk is full after the first MiB
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(hopx_agent, "_write_all", filling)
+    data = os.urandom(4 << 20)
+    interim, status, headers, body = raw_exchange(files_server, upload_head("/files/upload?path=%2Fworkspace%2Fkeep",
+                                                                            len(data)), data, wait_continue=True)
+    error = json.loads(body)
+    assert (interim, status, error["code"], error["details"]["path"]) == (100, 507, "INSUFFICIENT_STORAGE",
+                                                                          "/workspace/keep")
+    assert headers.get("connection") == "close"
+    assert os.listdir(str(files_server.work)) == ["keep"] and (files_server.work / "keep").read_text() == "old"
+
+
+def test_files_concurrent_uploads_to_one_path_leave_one_whole_file(files_server):
+    bodies = [bytes([65 + i]) * (2 << 20) for i in range(4)]
+    answers = []
+
+    def upload(data):
+        answers.append(raw_exchange(files_server, upload_head("/files/upload?path=%2Fworkspace%2Fsame", len(data)),
+                                    data, wait_continue=True)[1])
+
+    threads = [threading.Thread(target=upload, args=(b,), name="test-upload-%d" % i) for i, b in enumerate(bodies)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert answers == [200] * 4
+    assert (files_server.work / "same").read_bytes() in bodies
+    assert os.listdir(str(files_server.work)) == ["same"]
+
+
 def _temp_files_open(work):
     """Our descriptors of temp files in `work` (an O_TMPFILE shows as '#<ino> (deleted)')."""
     found = []
