@@ -4984,7 +4984,7 @@ class _PathPolicy:
             if exc.errno != errno.ENOENT or create is None:
                 raise
         try:
-            os.mkdir(name, create, dir_fd=fd)
+            os.mkdir(name, create, dir_fd=fd)       # mkdirat never follows: a symlink there is EEXIST
         except FileExistsError:
             pass                    # made meanwhile: open it as found (a symlink is walked)
         else:
@@ -5014,6 +5014,8 @@ class _PathPolicy:
     def open_file(self, path: Any, flags: int, mode: int = 0o644) -> Tuple[_Target, int]:
         """(target, fd) of what `path` leads to, opened with flags | O_NOFOLLOW;
         the path itself being a directory gives a descriptor of it."""
+        # each round walks from the top: a name that became a symlink after the
+        # walk (ELOOP under O_NOFOLLOW) is looked up again and checked again
         for _ in range(FILES_MAX_SYMLINKS + 1):
             target = self.locate(path, follow=True)
             if target.name is None:
@@ -5133,6 +5135,7 @@ def _sorted_children(items: Iterable["os.DirEntry[str]"], need: int) -> List["os
     dirs: List["os.DirEntry[str]"] = []
     files: List["os.DirEntry[str]"] = []
     for entry in items:
+        # d_type from readdir: no stat until an entry is known to be in the window
         (dirs if _is_dir_entry(entry) else files).append(entry)
         if len(dirs) + len(files) >= 2 * need + 1024:
             dirs, files = _cut(dirs, files, need)
@@ -5197,7 +5200,7 @@ class _Listing:
             link = os.readlink(entry.name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else None
         except OSError:
             return None             # gone since the directory was read
-        if self._skip:
+        if self._skip:              # before the window: counted, and walked (its children may be in it)
             self._skip -= 1
         else:
             self.files.append(self._entries.entry(entry.name, _child_path(base, entry.name), st, link))
@@ -5299,6 +5302,7 @@ class _AtomicWriter:
         if old is not None and not self._overwrite:
             raise FileError(409, "FILE_ALREADY_EXISTS", "file already exists: %s" % target.path, target.path)
         replaced = old is not None and stat.S_ISREG(old.st_mode)
+        # (the name can change before commit: the placement step decides atomically, this only plans)
         if mode is None:
             mode = stat.S_IMODE(old.st_mode) if replaced else 0o644
         if replaced and owner is None and os.geteuid() == 0:
@@ -5319,6 +5323,7 @@ class _AtomicWriter:
                     raise _os_failure(exc, self.path)
         self._temp = _temp_name()
         try:
+            # O_EXCL: a name planted in advance (even a symlink) is never opened, only refused
             return os.open(self._temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                            0o600, dir_fd=self._dir_fd)
         except OSError as exc:
@@ -5863,6 +5868,8 @@ class _DownloadPlan:
     content_type: str
 
 
+# The validators: an ETag from inode, size and mtime in ns changes whenever the
+# file is replaced (a new inode) or written, which is what a resuming client needs.
 def _parse_range(value: str, size: int) -> Optional[Tuple[int, int]]:
     """RFC 9110 §14.1.2 single range -> (first, last) inclusive; None: ignore the
     header (not bytes, several ranges, or malformed: a server may send it all);
@@ -6310,6 +6317,8 @@ class _InotifyWatcher(_WatcherBase):
                 _close_quietly(left)
 
     def _watch_one(self, dfd: int, dpath: str, report: bool, pending: List[Tuple[int, str]]) -> None:
+        # the kernel's budget (fs.inotify.max_user_watches) is shared by the whole user: one
+        # watcher must not take it all, and what is not watched is said (overflow), not hidden
         if len(self._dirs) >= WATCH_MAX_DIRS:
             log.warning("watch of %s: more than %d directories; some are not watched", self._top, WATCH_MAX_DIRS)
             self._queue.add({"type": "overflow"}, time.monotonic())
@@ -6545,6 +6554,7 @@ class _PollingWatcher(_WatcherBase):
         self._snapshot = now_seen
         gone = {p: v for p, v in before.items() if p not in now_seen}
         new = {p: v for p, v in now_seen.items() if p not in before}
+        # a path gone and another new with the same inode and type, in one scan, is a rename
         by_inode = {(v[0], stat.S_IFMT(v[1])): p for p, v in gone.items()}
         for path in sorted(new):
             info = new[path]
@@ -6621,6 +6631,7 @@ class _FileService:
     def _read_small(self, target: _Target, fd: int) -> bytes:
         st = self._regular(target, fd)
         chunks, size = [], 0
+        # read until EOF, not st_size: a file growing meanwhile is still capped by max_read_bytes
         while True:
             if size > self.max_read_bytes or st.st_size > self.max_read_bytes:
                 raise FileError(413, "PAYLOAD_TOO_LARGE", "file is larger than %d bytes; use /files/download: %s"
@@ -6763,6 +6774,7 @@ class _FileService:
 
     def staging_writer(self, max_bytes: Optional[int]) -> _AtomicWriter:
         """Where a file part that came before its path waits: the first root."""
+        # inside a root, so its disk use is where the operator allowed files to go
         with self.policy.open_dir(self.policy.roots[0].real) as top:
             holder = _Target(top.dir_fd, _temp_name(), top.path, top.real, top.root)
             return _AtomicWriter(holder, overwrite=True, max_bytes=max_bytes, owner=self.owner)
@@ -6858,6 +6870,8 @@ class _FileService:
         existing = dst.lstat()
         if existing is not None and not overwrite:
             raise FileExistsError(errno.EEXIST, "file exists", dst.name)
+        # the copy is built under a temp name (watchers hide it) and appears in one rename;
+        # `.c` tells watchers that the name it takes is new (created, not modified)
         temp = _temp_name(new=existing is None)
         try:
             _copy_tree_at(src.dir_fd, src.name, dst.dir_fd, temp)
