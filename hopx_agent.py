@@ -2032,10 +2032,15 @@ class _Lifecycle:
     def _spawn_failed(self, rec: _ProcessRecord, exc: BaseException) -> List[_ProcessRecord]:
         """Record a child that never ran: a shell's 127 (not found) or 126, and the OS error."""
         missing = isinstance(exc, FileNotFoundError)
-        text = "%s: %s" % (rec.launch.argv[0], exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        cwd = rec.launch.cwd
+        if isinstance(exc, OSError) and (exc.filename == cwd or not os.path.isdir(cwd)):
+            text = "the working directory %s is gone (%s)" % (cwd, exc.strerror or exc)
+        else:
+            text = "cannot run %s: %s" % (rec.launch.argv[0],
+                                          exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
         with rec.cond:
             rec.error = text
-            rec.stderr.append(("hopx_agent: cannot run %s\n" % text).encode("utf-8", "replace"))
+            rec.stderr.append(("hopx_agent: %s\n" % text).encode("utf-8", "replace"))
             rec.set_final("spawn_failed", 127 if missing else 126, None)
         log.info("spawn failed for %s: %s", rec.id, text)
         return self.retire(rec, was_running=True)
