@@ -5101,14 +5101,17 @@ class _Entries:
             self._remember(self._seconds, whole, head)
         return "%s.%03dZ" % (head, frac // 1000000)
 
-    def entry(self, name: str, path: str, st: os.stat_result, link: Optional[str] = None) -> Dict[str, Any]:
-        # the hot loop of a 10,000-entry listing: plain dict lookups, no helpers per field
-        mode = st.st_mode
+    def _mode_texts(self, mode: int) -> Tuple[str, str]:
         texts = self._modes.get(mode)
         if texts is None:
             texts = (stat.filemode(mode), "%04o" % stat.S_IMODE(mode))
             self._remember(self._modes, mode, texts)
-        is_dir = stat.S_ISDIR(mode)
+        return texts
+
+    def entry(self, name: str, path: str, st: os.stat_result, link: Optional[str] = None) -> Dict[str, Any]:
+        # the hot loop of a listing: plain dict lookups, no helper per field
+        texts = self._mode_texts(st.st_mode)
+        is_dir = stat.S_ISDIR(st.st_mode)
         out = {"name": name, "path": path, "size": st.st_size, "is_directory": is_dir, "is_dir": is_dir,
                "is_symlink": link is not None, "permissions": texts[0], "mode": texts[1],
                "modified_time": self.time_text(st.st_mtime_ns),
@@ -5117,6 +5120,22 @@ class _Entries:
         if link is not None:
             out["target"] = link
         return out
+
+    _JSON = ('{"name":%s,"path":%s,"size":%d,"is_directory":%s,"is_dir":%s,"is_symlink":%s,"permissions":"%s",'
+             '"mode":"%s","modified_time":"%s","owner":%s,"group":%s%s}')
+
+    def entry_json(self, name: str, path: str, st: os.stat_result, link: Optional[str] = None) -> str:
+        """entry() as JSON text, with no dict in between: what /files/list sends
+        (10,000 of these cost half of json.dumps of the dicts)."""
+        quote = json.encoder.encode_basestring_ascii
+        texts = self._mode_texts(st.st_mode)
+        is_dir = "true" if stat.S_ISDIR(st.st_mode) else "false"
+        return self._JSON % (quote(name), quote(path), st.st_size, is_dir, is_dir,
+                             "false" if link is None else "true", texts[0], texts[1],
+                             self.time_text(st.st_mtime_ns),
+                             quote(self._users.get(st.st_uid) or self._user(st.st_uid)),
+                             quote(self._groups.get(st.st_gid) or self._group(st.st_gid)),
+                             "" if link is None else ',"target":' + quote(link))
 
 
 def _child_path(base: str, name: str) -> str:
@@ -5163,8 +5182,10 @@ class _Listing:
     as the window can still use are kept sorted (_sorted_children), and a
     directory's descriptor is open only while its subtree is walked."""
 
-    def __init__(self, entries: _Entries, max_depth: float, offset: int, limit: int) -> None:
+    def __init__(self, entries: _Entries, max_depth: float, offset: int, limit: int, *,
+                 as_json: bool = False) -> None:
         self._entries = entries
+        self._make = entries.entry_json if as_json else entries.entry   # JSON text or dicts
         self._max_depth = max_depth
         self._skip = offset
         self._want = limit + 1      # one more than asked tells whether more follow
@@ -5201,14 +5222,15 @@ class _Listing:
     def _emit(self, fd: int, base: str, entry: "os.DirEntry[str]", depth: int) -> Optional[int]:
         """Count or record one entry; the fd of its directory when it is to be walked."""
         try:
-            st = entry.stat(follow_symlinks=False)
+            # os.stat with dir_fd: the same fstatat as DirEntry.stat, ~20% less overhead per call
+            st = os.stat(entry.name, dir_fd=fd, follow_symlinks=False)
             link = os.readlink(entry.name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else None
         except OSError:
             return None             # gone since the directory was read
         if self._skip:              # before the window: counted, and walked (its children may be in it)
             self._skip -= 1
         else:
-            self.files.append(self._entries.entry(entry.name, _child_path(base, entry.name), st, link))
+            self.files.append(self._make(entry.name, _child_path(base, entry.name), st, link))
         if not stat.S_ISDIR(st.st_mode) or depth >= self._max_depth:
             return None
         try:
@@ -6684,14 +6706,15 @@ class _FileService:
         return _TarStream(_Target(fd, None, target.path, target.real, target.root), fmt != "tar")
 
     def list(self, path: Any = None, *, recursive: bool = False, depth: Optional[int] = None,
-             limit: Optional[int] = None, offset: int = 0) -> Dict[str, Any]:
+             limit: Optional[int] = None, offset: int = 0, as_json: bool = False) -> Dict[str, Any]:
+        """A listing; with as_json the entries are JSON texts (the endpoint joins them)."""
         if depth is not None and depth < 1 or offset < 0 or limit is not None and limit < 0:
             raise BadRequest("depth must be >= 1, limit and offset >= 0")
         max_depth = depth if depth is not None else (float("inf") if recursive else 1)
         limit = FILES_MAX_LIST_ENTRIES if limit is None else min(limit, FILES_MAX_LIST_ENTRIES)
         with self.policy.open_dir(self.policy.workdir if path is None else path) as top:
             try:
-                files, more = _Listing(self.entries, max_depth, offset, limit).run(top)
+                files, more = _Listing(self.entries, max_depth, offset, limit, as_json=as_json).run(top)
             except OSError as exc:
                 raise _os_failure(exc, top.path)
         return {"files": files, "path": top.path, "count": len(files), "truncated": more}
@@ -7054,27 +7077,17 @@ def _files_list(srv: "_AgentServer", req: _Request) -> Any:
     recursive = _query_flag(req, "recursive", False)
     depth = _query_int(req, "depth")
     answer = srv.files.list(req.param("path"), recursive=recursive or depth is not None, depth=depth,
-                            limit=_query_int(req, "limit"), offset=_query_int(req, "offset") or 0)
+                            limit=_query_int(req, "limit"), offset=_query_int(req, "offset") or 0,
+                            as_json=True)
     return _Reply(200, _listing_json(answer))
 
 
 def _listing_json(answer: Dict[str, Any]) -> bytes:
-    """The listing as JSON, entries encoded with one template each (about twice
-    as fast as json.dumps of 10,000 dicts; the listing benchmark's target)."""
+    """The answer around entries that are JSON texts already (_Entries.entry_json)."""
     quote = json.encoder.encode_basestring_ascii
-    files = ",".join(_entry_json(entry, quote) for entry in answer["files"])
     return ('{"files":[%s],"path":%s,"count":%d,"truncated":%s}'
-            % (files, quote(answer["path"]), answer["count"], "true" if answer["truncated"] else "false")).encode()
-
-
-def _entry_json(entry: Dict[str, Any], quote: Callable[[str], str]) -> str:
-    is_dir = "true" if entry["is_directory"] else "false"
-    text = ('{"name":%s,"path":%s,"size":%d,"is_directory":%s,"is_dir":%s,"is_symlink":%s,"permissions":"%s",'
-            '"mode":"%s","modified_time":"%s","owner":%s,"group":%s'
-            % (quote(entry["name"]), quote(entry["path"]), entry["size"], is_dir, is_dir,
-               "true" if entry["is_symlink"] else "false", entry["permissions"], entry["mode"],
-               entry["modified_time"], quote(entry["owner"]), quote(entry["group"])))
-    return text + (',"target":%s}' % quote(entry["target"]) if "target" in entry else "}")
+            % (",".join(answer["files"]), quote(answer["path"]), answer["count"],
+               "true" if answer["truncated"] else "false")).encode()
 
 
 def _files_stat(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
