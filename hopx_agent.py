@@ -4543,7 +4543,8 @@ class _Kernel:
         self.in_cell = True
         try:
             body, last, quiet = self._compile(code, filename)
-            self._evaluate(body)
+            if body is not None:
+                self._evaluate(body)
             value = self._evaluate(last) if last is not None else None
             result = None
             if value is not None and not quiet:
@@ -4563,8 +4564,14 @@ class _Kernel:
             self.in_cell = False
 
     def _compile(self, code: str, filename: str) -> tuple:
+        """(body, last expression, hidden): the cell split as Jupyter does."""
         import ast                        # here, not at the top: the agent imports this section too
         flags = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
+        if "\n" not in code.strip() and ";" not in code:
+            try:                          # one expression (print(1)): one compile, no tree
+                return None, compile(code, filename, "eval", flags, dont_inherit=True), False
+            except SyntaxError:
+                pass
         tree = compile(code, filename, "exec", ast.PyCF_ONLY_AST | flags, dont_inherit=True)
         last = None
         quiet = False
@@ -4858,12 +4865,11 @@ def _kernel_source(path: str) -> Tuple[int, bytes]:
     return start + 1, b"\n".join(lines[start:end]) + b"\n"
 
 
-def _kernel_payload(path: str) -> bytes:
+def _kernel_payload(first: int, source: bytes, path: str) -> bytes:
     """What a kernel child reads first: the head, the section's source and
     its bytecode (a child of the agent's Python version skips compiling)."""
     import marshal
     import importlib.util
-    first, source = _kernel_source(path)
     code = marshal.dumps(compile(b"\n" * (first - 1) + source, path, "exec", _CO_FUTURE_ANNOTATIONS, True))
     head = b"".join(n.to_bytes(4, "big") for n in (first, len(source), len(code)))
     return head + importlib.util.MAGIC_NUMBER.ljust(16, b"\0") + source + code
@@ -5402,6 +5408,19 @@ class _PythonKernel(_ContextChild):
                 return frame
         return None
 
+    def _send_request(self, frame: bytes, fds: List[int], deadline: float) -> None:
+        """The request and the call's fds on the (non-blocking) channel; a
+        big one waits for room, until the call's deadline."""
+        view = memoryview(frame)
+        view = view[socket.send_fds(self.sock, [view], fds):]
+        while view:
+            if not select.select([], [self.sock], [], max(0.0, deadline - time.monotonic()))[1]:
+                raise OSError("the kernel does not read its channel")
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                continue
+
     def interrupt(self, marker: str) -> bool:
         """KeyboardInterrupt in the cell (the kernel ignores SIGINT between cells)."""
         return self.signal(signal.SIGINT)
@@ -5415,15 +5434,12 @@ class _PythonKernel(_ContextChild):
                               "cwd": call.workdir, "marker": call.marker}).encode("ascii")
         frame = len(request).to_bytes(4, "big") + request
         try:
-            self.sock.settimeout(max(0.001, call.deadline - time.monotonic()))
-            sent = socket.send_fds(self.sock, [frame], [out_w, err_w])
-            self.sock.sendall(frame[sent:])
+            self._send_request(frame, [out_w, err_w], call.deadline)
         except OSError:                   # dead, or too stuck to take a request: the wait decides
             pass
         finally:
             os.close(out_w)
             os.close(err_w)
-            self.sock.setblocking(False)
         try:
             answer = self._wait(call, output, pipes, self.sock.fileno(), lambda: self._on_channel(output))
         except _ChildBroken as exc:
@@ -5729,8 +5745,6 @@ class _Context:
             child = self.child
             self.executions += 1
             call.marker = "%s.%d" % (self.marker, self.executions)
-        if call.workdir is None:
-            call.workdir = self.workdir
         outcome = child.run(call, output, self.manager.global_env())
         with self.cond:
             self.late_dropped += int(outcome.get("late_bytes") or 0)
@@ -5915,6 +5929,7 @@ class _ContextManager:
         self.late = _LateOutput()
         path = os.path.abspath(agent_file or __file__)
         self._payload: Optional[bytes] = None
+        self._source: Optional[Tuple[int, bytes]] = None
         self.host = _ContextHost(spawner=spawner, late=self.late, kill_grace=kill_grace,
                                  kernel_payload=self.kernel_payload, agent_file=path, watch=watch,
                                  limits=limits, user=user)
@@ -5923,12 +5938,15 @@ class _ContextManager:
         self._closed = False
         if python_kernel != "off":
             self._contexts["default"] = _Context(self, "default", "python", "default", workdir, {})
-        if python_kernel != "off":          # now: a file replaced later cannot change our kernel
-            self.kernel_payload()
+        if python_kernel != "off":          # read now: a file replaced later cannot change our kernel
+            self._source = _kernel_source(path)
 
     def kernel_payload(self) -> bytes:
+        """Compiled on first use, after the first kernel was spawned: while
+        that python3 starts, so the compile costs the first call nothing."""
         if self._payload is None:
-            self._payload = _kernel_payload(self.host.agent_file)
+            first, source = self._source or _kernel_source(self.host.agent_file)
+            self._payload = _kernel_payload(first, source, self.host.agent_file)
         return self._payload
 
     def prestart(self) -> None:
