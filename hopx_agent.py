@@ -5610,6 +5610,7 @@ LONG_CALL_S = 0.05                    # a call still running after this leaves t
 CONTEXT_NAME_CHARS = 256              # context names are labels
 _CONTEXT_LANGUAGES = ("python", "bash")
 _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT)
 
 # The -c program of a kernel child. It reads the kernel section from the
 # channel: a head (first line number, sizes, the agent's bytecode magic), the
@@ -6231,8 +6232,15 @@ class _PythonKernel(_ContextChild):
 
     def run(self, call: _Call, output: _CallOutput, global_env: Dict[str, str]) -> Dict[str, Any]:
         self.calls += 1
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        fds: List[int] = []
+        try:
+            for _ in range(2):
+                fds.extend(os.pipe())
+        except OSError as exc:            # out of descriptors: nothing ran, say so (503)
+            for fd in fds:
+                os.close(fd)
+            raise _StartRefused(exc).error from None
+        out_r, out_w, err_r, err_w = fds
         pipes = _CallPipes(out_r, err_r)
         request = json.dumps({"op": "exec", "code": call.code, "env": call.env, "global_env": global_env,
                               "cwd": call.workdir, "marker": call.marker}).encode("ascii")
@@ -6381,17 +6389,14 @@ class _BashShell(_ContextChild):
         paths = [base + suffix for suffix in (".sh", ".out", ".err", ".call")]
         fds: List[int] = []
         try:
-            with open(os.open(paths[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-                fh.write(call.code.encode("utf-8", "surrogateescape"))
-            for path in paths[1:3]:
-                os.mkfifo(path, 0o600)
-                fds.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-                # our own writer: until the status arrives, no writer yet is not EOF
-                fds.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            try:
+                nonce = self._prepare(call, global_env, paths, fds)
+            except OSError as exc:        # no disk or no descriptors: nothing ran, say so (507, 503)
+                for fd in fds:
+                    _close_quietly(fd)
+                fds.clear()
+                raise _StartRefused(exc).error from None
             pipes = _CallPipes(fds[0], fds[2])
-            nonce = secrets.token_hex(16)
-            with open(os.open(paths[3], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-                fh.write(self._wrapper(call, global_env, nonce, paths))
             self._send(". %s\n" % _sh_quote(paths[3]))
             answer = self._wait(call, output, pipes, self.status_fd,
                                 lambda: self._on_status(nonce, fds))
@@ -6404,6 +6409,21 @@ class _BashShell(_ContextChild):
                     os.unlink(path)
                 except OSError:
                     pass
+
+    def _prepare(self, call: _Call, global_env: Dict[str, str], paths: List[str], fds: List[int]) -> str:
+        """The call's files: its code, two FIFOs (read ends in ``fds``, each
+        with a writer of ours: until the status arrives, no writer yet is not
+        EOF) and the call file the shell sources; returns the status nonce."""
+        with open(os.open(paths[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+            fh.write(call.code.encode("utf-8", "surrogateescape"))
+        for path in paths[1:3]:
+            os.mkfifo(path, 0o600)
+            fds.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            fds.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        nonce = secrets.token_hex(16)
+        with open(os.open(paths[3], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fh.write(self._wrapper(call, global_env, nonce, paths))
+        return nonce
 
     def _wrapper(self, call: _Call, global_env: Dict[str, str], nonce: str, paths: List[str]) -> str:
         before, after = self._env_lines(call.env, global_env)
@@ -6591,6 +6611,8 @@ class _Context:
             said = child.tail.decode("utf-8", "replace") if child is not None else ""
             if child is not None:
                 child.close()
+            if isinstance(exc, OSError) and exc.errno in _SHORTAGES:   # nothing ran: 503, 507
+                raise _StartRefused(exc).error from None
             output.add("stderr", ("hopx_agent: the %s context could not start: %s\n%s"
                                   % (self.language, exc, said)).encode("utf-8", "replace"))
             return {"start_failed": True, "exit_code": 1,

@@ -2187,9 +2187,11 @@ def test_a_full_disk_answers_507_and_leaves_nothing(client, monkeypatch):
     status, parsed, resp = client.call("POST", "/execute/background", {"code": "print(1)"})
     assert_error(status, parsed, resp, 507, "INSUFFICIENT_STORAGE")
     assert "space" in parsed["error"]
-    status, parsed, resp = client.call("POST", "/execute", {"code": "print(1)"})
+    status, parsed, resp = client.call("POST", "/execute", {"code": "print(1)", "isolated": True})
     assert_error(status, parsed, resp, 507, "INSUFFICIENT_STORAGE")
     assert client.ok("GET", "/execute/processes")["count"] == 0
+    # the kernel writes no code file: Python in the default context still runs
+    assert client.ok("POST", "/execute", {"code": "print(1)"})["stdout"] == "1\n"
     # a command needs no code file: it still runs
     assert client.ok("POST", "/commands/run", {"command": "echo fine"})["stdout"] == "fine\n"
 
@@ -5180,6 +5182,19 @@ def test_restart_forgets_and_delete_ends_a_context(contexts):
         contexts.get(ctx.id)
     with pytest.raises(hopx_agent.NotFound):
         cell(ctx, "1")
+
+
+def test_a_call_short_of_descriptors_is_refused_before_it_runs(contexts, monkeypatch):
+    ctx = contexts.default
+    cell(ctx, "ran = 0")
+
+    def no_pipe():
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(hopx_agent.os, "pipe", no_pipe)
+    with pytest.raises(hopx_agent.Unavailable):
+        cell(ctx, "ran = 1")
+    monkeypatch.undo()
+    assert cell(ctx, "ran")["result"] == "0"
 
 
 def test_output_is_bounded_keeping_the_newest(tmp_path):
