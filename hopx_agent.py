@@ -9061,6 +9061,20 @@ class _Context:
             self._leave(ticket)
             self.manager.touched(self)
 
+    def start_now(self) -> None:
+        """Start the child without running a call (--python-kernel prestart);
+        it takes its turn in the queue like a call."""
+        ticket = object()
+        call = _Call(code="", timeout=KERNEL_START_TIMEOUT_S)
+        try:
+            if self._enter(ticket, call):
+                failed = self._ensure_child(call, _CallOutput(CHILD_TAIL_BYTES, None))
+                if isinstance(failed, dict):
+                    log.warning("the %s context %s did not start: %s", self.language, self.id,
+                                failed["error"]["value"])
+        finally:
+            self._leave(ticket)
+
     def _run(self, call: _Call) -> Dict[str, Any]:
         output = _CallOutput(self.manager.max_output_bytes, call.on_event)
         previous = self._ensure_child(call, output)
@@ -9286,7 +9300,7 @@ class _ContextManager:
 
     def _prestart(self, context: _Context) -> None:
         try:
-            context.execute(_Call(code="", timeout=KERNEL_START_TIMEOUT_S))
+            context.start_now()
         except Exception:
             log.exception("prestarting the default kernel failed")
 

@@ -7126,7 +7126,8 @@ def test_python_kernel_prestart_starts_it_with_the_agent(tmp_path):
         client = Client(srv)
         try:
             wait_until(lambda: client.ok("GET", "/contexts/default")["pid"], 15, "the prestarted kernel")
-            assert client.ok("POST", "/execute", {"code": "1 + 1"})["result"] == "2"
+            answer = client.ok("POST", "/execute", {"code": "1 + 1"})
+            assert answer["result"] == "2" and answer["execution_count"] == 1
         finally:
             client.close()
 
