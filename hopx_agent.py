@@ -8742,7 +8742,7 @@ class _PythonKernel(_ContextChild):
         frame = len(request).to_bytes(4, "big") + request
         try:
             self._send_request(frame, [out_w, err_w], call.deadline)
-        except OSError:                   # dead, or too stuck to take a request: the wait decides
+        except (OSError, ValueError):     # dead, closed by a restart, or too stuck to read: the wait decides
             pass
         finally:
             os.close(out_w)
