@@ -2974,6 +2974,12 @@ def test_an_upgrade_keeps_every_line_once_and_the_process_killable(run_agent, tm
         print("\nupgrade in place: %d lines once across 2 upgrades; worst /health %.0f ms of %d, %d retried"
               % (lines, prober.worst * 1000, prober.count, prober.retried))
         assert prober.worst < 5.0
+        before = {r["process_id"]: r for r in _get(port, "/execute/processes", token)[1]["processes"]}
+        agent.proc.send_signal(signal.SIGKILL)        # the journal went on across the upgrades
+        agent.proc.wait(5)
+        again = run_agent("--port", "0", "--state-dir", str(tmp_path / "state"), HOPX_AGENT_SECRET=SECRET.decode())
+        after = {r["process_id"]: r for r in _get(again.port(), "/execute/processes", token)[1]["processes"]}
+        assert after == before
     finally:
         agent.stop()
 
