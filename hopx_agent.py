@@ -4319,7 +4319,8 @@ class _HandoverWriter:
                                     "from_version": __version__, "written": time.time(),
                                     "monotonic": time.monotonic()}
         self._size = 0
-        self.fds: List[int] = []
+        self.fds: List[int] = []          # every descriptor handed over: the successor closes them once ready
+        self.doc["fds"] = self.fds
         self._fd = -1 if dry else os.memfd_create("hopx-handover", 0)   # no MFD_CLOEXEC: the successor's
 
     def blob(self, data: Any) -> List[int]:
@@ -4332,7 +4333,7 @@ class _HandoverWriter:
     def fd(self, fd: int) -> int:
         if not self.dry:
             os.set_inheritable(fd, True)
-            self.fds.append(fd)
+        self.fds.append(fd)
         return fd
 
     def seal(self) -> int:
@@ -4341,17 +4342,15 @@ class _HandoverWriter:
         trailer = (b"%s %d %d %d" % (_HANDOVER_MAGIC, HANDOVER_VERSION, self._size, len(doc))).ljust(63) + b"\n"
         _writev_all(self._fd, [doc, trailer])
         os.lseek(self._fd, 0, os.SEEK_SET)
-        self.fds.append(self._fd)
         return self._fd
 
     def release(self) -> None:
         """The upgrade failed: descriptors back to close-on-exec, the memfd closed."""
         for fd in self.fds:
-            if fd != self._fd:
-                try:
-                    os.set_inheritable(fd, False)
-                except OSError:
-                    pass
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
         if self._fd >= 0:
             _close_quietly(self._fd)
             self._fd = -1
@@ -4393,30 +4392,21 @@ class _HandoverReader:
 
 
 def _claim_fd(fd: Any) -> int:
-    """An inherited descriptor named by the handover, checked. It stays
-    inheritable until the successor is ready (_seal_fds), so that a fallback
-    to the previous version still gets it."""
+    """A duplicate of a descriptor the handover names. The successor works
+    on duplicates and leaves the inherited ones as they are until it is ready
+    (_seal_fds), so that a fallback to the previous version still finds them
+    all, whatever the successor's objects did (a socket object collected
+    closes its descriptor)."""
     if not isinstance(fd, int) or isinstance(fd, bool) or fd < 3:
         raise ValueError("bad descriptor %r" % (fd,))
-    os.fstat(fd)                       # EBADF if the predecessor did not really hand it over
-    return fd
+    return os.dup(fd)                  # EBADF if the predecessor did not really hand it over
 
 
 def _seal_fds(doc: Dict[str, Any]) -> None:
-    """The successor is ready: every descriptor the handover named is close-on-exec again."""
-    fds = [doc.get("listen_fd"), doc.get("lock_fd")] + [c.get("fd") for c in doc.get("connections", [])
-                                                        if isinstance(c, dict)]
-    for state in doc.get("records", []):
-        run = state.get("_run") or {}
-        fds += list((run.get("fds") or {}).values()) + [run.get("stdin")]
-    for family in (doc.get("families") or {}).values():
-        fds += list(family.get("fds", [])) if isinstance(family, dict) else []
-    for fd in fds:
-        if isinstance(fd, int) and fd >= 3:
-            try:
-                os.set_inheritable(fd, False)
-            except OSError:
-                pass
+    """The successor is ready: the inherited descriptors are closed (it has its duplicates)."""
+    for fd in doc.get("fds") or []:
+        if isinstance(fd, int) and not isinstance(fd, bool) and fd >= 3:
+            _close_quietly(fd)
 
 
 _UPGRADE_CHECK_PROGRAM = r"""
@@ -4596,7 +4586,7 @@ def _parse_handover(doc: Any) -> Dict[str, Any]:
     """Everything a successor will rely on, checked before it touches anything."""
     doc = _check_handover_doc(doc)
     for key, kinds in (("listen_fd", (int,)), ("records", (list,)), ("queue", (list,)), ("agent", (dict,)),
-                       ("families", (dict,))):
+                       ("families", (dict,)), ("fds", (list,))):
         if not isinstance(doc.get(key), kinds):
             raise ValueError("handover without a valid %s" % key)
     doc["records"] = [_check_handed_record(r) for r in doc["records"]]
