@@ -604,6 +604,15 @@ class _OutputBuffer:
             if skip:
                 self._trim(skip)
 
+    def char_start(self, offset: int) -> int:
+        """The first character boundary at or after ``offset`` (within the
+        window; invalid bytes count as characters)."""
+        head = self._slice(offset, offset + 3)
+        skip = 0
+        while skip < len(head) and head[skip] & 0xC0 == 0x80:
+            skip += 1
+        return offset + skip
+
     def discard(self) -> int:
         """Drop everything held (the output budget needs the room); returns the bytes freed."""
         freed = self._held
@@ -4289,7 +4298,11 @@ _ENVIRONMENT_ROUTES = (
 # a slow client costs one offset, and replay is simply a cursor that starts at
 # the beginning of the window.
 
-SCROLLBACK_BYTES = 256 * 1024         # api.md §12: the newest output kept per session, replayed on attach
+SCROLLBACK_BYTES = 256 * 1024         # api.md §12: the newest output replayed to a client that attaches
+TERMINAL_LAG_BYTES = 1024 * 1024      # an attached client may fall this far behind before it loses bytes
+TERMINAL_BATCH_S = 0.002              # during a flood a writer waits at most this long to fill a message,
+TERMINAL_BATCH_BYTES = 16 * 1024      # until this much is ready (fewer frames and encodes per byte)
+TERMINAL_BATCH_MIN_BYTES = 512        # a flood: the previous message was at least this big
 TERMINAL_MESSAGE_BYTES = 64 * 1024    # output per message at most: a replay or a flood comes in pieces
 TERMINAL_READ_BUDGET_BYTES = 64 * 1024    # read from one master per wake-up: a flood starves no other session
 TERMINAL_DRAIN_S = 0.5                # after the shell exits, its last output is read for this long at most
@@ -4420,13 +4433,15 @@ def _end_session(sid: int, marker: str, grace: float,
 class _TerminalClient:
     """One attached client: where it is in the scrollback and what it lost."""
 
-    __slots__ = ("offset", "gone", "dropped", "done")
+    __slots__ = ("offset", "gone", "dropped", "done", "last_sent", "last_size")
 
     def __init__(self, offset: int) -> None:
         self.offset = offset      # absolute offset of the next byte it gets
         self.gone = False         # it detached (or its connection died)
         self.dropped = 0          # bytes that fell out of the window before it read them
         self.done = False         # it has been given the exit message
+        self.last_sent = 0.0      # monotonic time and size of its last output message:
+        self.last_size = 0        # a stream of big ones means a flood, worth batching
 
 
 class _TerminalSession:
@@ -4449,7 +4464,9 @@ class _TerminalSession:
         # fd outside the hub thread (so it is never used after its close).
         self.cond = threading.Condition(threading.Lock())
         self.cols, self.rows = pty.size()
-        self.scrollback = _OutputBuffer(SCROLLBACK_BYTES)
+        # The newest TERMINAL_LAG_BYTES: a client that attaches starts in its
+        # last SCROLLBACK_BYTES, one already attached may lag up to all of it.
+        self.scrollback = _OutputBuffer(TERMINAL_LAG_BYTES)
         self.clients: List[_TerminalClient] = []
         self.dropped_bytes = 0       # what clients lost, all together (GET /terminals)
         self.shell_exited = False    # the shell's pidfd fired (not reaped yet)
@@ -4479,7 +4496,8 @@ class _TerminalSession:
         the scrollback first (what was printed while nobody was attached
         included), then live output. A pending linger ends."""
         with self.cond:
-            client = _TerminalClient(self.scrollback.dropped)
+            buf = self.scrollback
+            client = _TerminalClient(buf.char_start(max(buf.dropped, buf.total - SCROLLBACK_BYTES)))
             self.clients.append(client)
             self.set_linger(None)
             return client
@@ -4516,10 +4534,13 @@ class _TerminalSession:
         """
         with self.cond:
             self.cond.wait_for(lambda: self._has_news(client), timeout)
+            buf = self.scrollback
+            if self._streaming(client):
+                self.cond.wait_for(lambda: client.gone or self.finished or client.offset < buf.dropped
+                                   or buf.end(False) - client.offset >= TERMINAL_BATCH_BYTES, TERMINAL_BATCH_S)
             if client.gone or client.done:
                 return [], True
             messages: List[Dict[str, Any]] = []
-            buf = self.scrollback
             if client.offset < buf.dropped:
                 lost = buf.dropped - client.offset
                 client.offset = buf.dropped
@@ -4529,11 +4550,20 @@ class _TerminalSession:
             text, start, stop = buf.read(client.offset, self.finished, TERMINAL_MESSAGE_BYTES)
             if stop > start:
                 client.offset = stop
+                client.last_sent, client.last_size = time.monotonic(), stop - start
                 messages.append({"type": "output", "data": text})
             if self.finished and client.offset >= buf.total:
                 client.done = True
                 messages.append({"type": "exit", "code": self.exit_code})
             return messages, client.done
+
+    def _streaming(self, client: _TerminalClient) -> bool:
+        """A flood is under way for ``client`` (its last message was big and
+        just now) and only a little is ready: worth waiting a moment to fill
+        a message. An echo or a prompt never waits (their messages are small)."""
+        ready = self.scrollback.end(False) - client.offset
+        return client.last_size >= TERMINAL_BATCH_MIN_BYTES and 0 < ready < TERMINAL_BATCH_BYTES \
+            and time.monotonic() - client.last_sent < TERMINAL_BATCH_S and not self.finished
 
     # -- input and size, from any client's thread ----------------------------
 
@@ -4626,7 +4656,7 @@ class _TerminalSession:
                     "dropped_bytes": self.dropped_bytes,
                     "status": "exited" if self.finished else "running",
                     "exit_code": self.exit_code, "shell": self.shell, "cwd": self.cwd,
-                    "user": self.user, "scrollback_bytes": self.scrollback.held,
+                    "user": self.user, "scrollback_bytes": min(self.scrollback.held, SCROLLBACK_BYTES),
                     "output_bytes": self.scrollback.total}
 
 

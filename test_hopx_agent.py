@@ -4906,7 +4906,7 @@ def test_terminal_client_that_does_not_read_blocks_neither_shell_nor_others(term
     stall = threading.Event()
     stuck, reader = TermClient(terminals, s, stall=stall), TermClient(terminals, s)
     reader.ready()
-    reader.send("head -c 2000000 /dev/zero | tr '\\0' x; echo; echo flood-$((7*6))\n")    # 8 windows
+    reader.send("head -c 4000000 /dev/zero | tr '\\0' x; echo; echo flood-$((7*6))\n")    # 4 lag windows
     reader.expect("flood-42", 20)
     reader.send("echo still-$((8*8))\n")
     reader.expect("still-64")
@@ -4918,7 +4918,7 @@ def test_terminal_client_that_does_not_read_blocks_neither_shell_nor_others(term
     reader.pump()
     lost = sum(m["bytes"] for c in (stuck, reader) for m in c.all if m["type"] == "dropped")
     assert s.describe()["dropped_bytes"] == lost
-    assert s.scrollback.held <= hopx_agent.SCROLLBACK_BYTES
+    assert s.scrollback.held <= hopx_agent.TERMINAL_LAG_BYTES
     stuck.leave()
     reader.leave()
 
@@ -4932,6 +4932,12 @@ def test_terminal_utf8_is_never_split_between_messages(terminals):
     outputs = [m["data"] for m in c.all if m["type"] == "output"]
     assert "é€😀é€😀é€😀" in c.text and "\ufffd" not in c.text
     assert len(outputs) > 3 and all(len(m.encode()) <= hopx_agent.TERMINAL_MESSAGE_BYTES for m in outputs)
+    for odd in (0, 1):        # a replay window that starts inside a character starts after it
+        s.write(b"printf x\n" if odd else b"true\n")
+        late = TermClient(terminals, s)
+        late.expect("END-9")
+        assert "\ufffd" not in late.text and late.text.count("ü") > 1000
+        late.leave()
     c.leave()
 
 
@@ -5141,9 +5147,9 @@ class TermWS:
     """A terminal client over a real WebSocket: the session message first,
     then output, dropped, exit, and the close frame."""
 
-    def __init__(self, server, query="", rcvbuf=None):
+    def __init__(self, server, query="", rcvbuf=None, token=None):
         if rcvbuf is None:
-            self.ws = WS(server, path="/terminal" + query)
+            self.ws = WS(server, path="/terminal" + query, token=token)
         else:    # a small receive buffer: a client that stops reading fills up fast
             self.ws = WS.__new__(WS)
             sock = socket.socket()
@@ -5178,8 +5184,11 @@ class TermWS:
 
     def expect(self, pattern):
         deadline = time.monotonic() + FOLLOW_DEADLINE_S
-        while not re.search(pattern, self.text):
-            assert time.monotonic() < deadline and self.next() is not None, (pattern, self.text[-1500:])
+        try:
+            while not re.search(pattern, self.text):
+                assert time.monotonic() < deadline and self.next() is not None, (pattern, self.text[-1500:])
+        except socket.timeout:
+            raise AssertionError("nothing for %ss: %r not in %r" % (READ_TIMEOUT_S, pattern, self.text[-1500:]))
         return re.search(pattern, self.text)
 
     def until_exit(self):
@@ -7111,6 +7120,159 @@ def test_bench_cold_start():
     idle_mib = bench_pct(rss, 0.5) / 1024.0
     bench_row("cold start: idle agent RSS", "%.1f / %.1f MiB" % (idle_mib, max(rss) / 1024.0), "-", None,
               "<= 30 MiB", idle_mib <= 30)
+
+
+# -- terminals (issue 14) ------------------------------------------------------------
+
+TERM_FLOOD = "head -c 4M /dev/zero | od -v"      # 17 MB of od lines: the pty's newline path
+
+
+def bench_term_ws(srv, query="?shell=bash", token=None):
+    """A terminal WebSocket client (TermWS) whose shell has answered once."""
+    t = TermWS(srv, query, token=token)
+    t.send("echo ready-$((1+2))\n")
+    t.expect("ready-3")
+    return t
+
+
+def bench_keystroke(t, char):
+    """Seconds from an input message of one character until its echo arrives."""
+    mark = len(t.text)
+    started = time.perf_counter()
+    t.send(char)
+    while char not in t.text[mark:]:
+        assert t.next() is not None
+    return time.perf_counter() - started
+
+
+def bench_term_sync(t, n):
+    """The typed line erased (^U) and a marker through the shell, so the next keys start clean."""
+    t.send("\x15")
+    t.send("echo sync-$((%d*2))\n" % n)
+    t.expect("sync-%d" % (n * 2))
+
+
+@bench
+def test_bench_terminal_keystroke(tmp_path):
+    n = 400
+    floor = bench_round_trip_floor_ms() / 1000.0
+    with bench_agent(tmp_path) as srv:
+        srv.manager.env_set({"HOME": str(tmp_path)}, replace=False)
+        t = bench_term_ws(srv)
+        try:
+            samples = []
+            for i in range(n):
+                samples.append(bench_keystroke(t, "abcdefghij"[i % 10]))
+                if i % 50 == 49:
+                    bench_term_sync(t, i)
+        finally:
+            t.close()
+    ratio = bench_pct(samples, 0.5) / floor
+    bench_row("terminal keystroke (bash echo, N=%d)" % n, bench_spread(samples),
+              "%s ms (round trip)" % bench_ms(floor), ratio, "<= 3x", ratio <= 3)
+
+
+def bench_pty_drain(command):
+    """The command on a pty, its master drained by a plain loop; (seconds, bytes)."""
+    pty = hopx_agent._Pty(80, 24)
+    started = time.perf_counter()
+    child = subprocess.Popen(["/bin/sh", "-c", hopx_agent._ctty_prelude(pty.path) + '; exec "$0" "$@"',
+                              "sh", "-c", command], stdin=pty.slave, stdout=pty.slave, stderr=pty.slave,
+                             start_new_session=True, close_fds=True)
+    pty.close_slave()
+    total = 0
+    while True:
+        chunk = hopx_agent._read_pty(pty.master, 65536)
+        if not chunk:
+            break
+        total += len(chunk)
+    elapsed = time.perf_counter() - started
+    child.wait(30)
+    pty.close()
+    return elapsed, total
+
+
+def bench_term_flood(t, n):
+    """Seconds until the flood and a marker after it reached the client;
+    output bytes received, bytes reported dropped. The client keeps only a
+    tail and parses each frame once, so it is not what limits the rate."""
+    marker = "flood-done-%d" % (n * 3)
+    started = time.perf_counter()
+    t.send("%s; echo flood-done-$((%d*3))\n" % (TERM_FLOOD, n))
+    tail, got, dropped, messages = "", 0, 0, 0
+    while marker not in tail:
+        assert time.perf_counter() - started < 120, "no marker after the flood"
+        opcode, payload = t.ws.recv()
+        message = json.loads(payload)
+        if message["type"] == "output":
+            got += len(payload)
+            messages += 1
+            tail = (tail + message["data"])[-256:]
+        elif message["type"] == "dropped":
+            dropped += message["bytes"]
+    return time.perf_counter() - started, got, dropped, messages
+
+
+@bench
+def test_bench_terminal_throughput(tmp_path):
+    runs = 3
+    agent, base, sizes, dropped, frames, framed = [], [], [], 0, 0, 0
+    with bench_agent_process(tmp_path) as (proc, client):     # the client's parsing off the agent's GIL
+        assert client.call("PATCH", "/env", {"env_vars": {"HOME": str(tmp_path)}})[0] == 204
+        t = bench_term_ws(bench_address(int(client.port)), token=good_token(secret=BENCH_SECRET))
+        try:
+            for i in range(runs):
+                elapsed, got, lost, messages = bench_term_flood(t, i)
+                agent.append(elapsed)
+                dropped, frames, framed = dropped + lost, frames + messages, framed + got
+                elapsed, total = bench_pty_drain(TERM_FLOOD)
+                base.append(elapsed)
+                sizes.append(total)
+        finally:
+            t.close()
+    mb = bench_pct(sizes, 0.5) / 1e6
+
+    def rates(samples):
+        return "%.1f / %.1f MB/s" % (mb / bench_pct(samples, 0.5), mb / bench_pct(samples, 0.99))
+
+    ratio = bench_pct(base, 0.5) / bench_pct(agent, 0.5)
+    bench_row("terminal output (%s, %.0f MB, N=%d)" % (TERM_FLOOD, mb, runs),
+              rates(agent) + " (%d B/message)" % (framed // max(1, frames))
+              + ("" if not dropped else ", %d B dropped" % dropped), rates(base) + " (pty loop)",
+              ratio, ">= 0.5x", ratio >= 0.5 and not dropped)
+
+
+@bench
+def test_bench_terminal_idle_sessions(tmp_path):
+    n = 32
+    with bench_agent_process(tmp_path) as (proc, client):
+        assert client.call("PATCH", "/env", {"env_vars": {"HOME": str(tmp_path), "HISTFILE": "/dev/null"}})[0] == 204
+        client.ok("GET", "/terminals")
+        idle_kib, idle_threads = bench_status_kib(proc.pid, "VmRSS"), bench_status_kib(proc.pid, "Threads")
+        srv = bench_address(int(client.port))
+        clients = []
+        try:
+            for _ in range(n):
+                clients.append(TermWS(srv, "?shell=bash", token=good_token(secret=BENCH_SECRET)))
+            for t in clients:
+                t.send("echo ready-$((1+2))\n")
+                t.expect("ready-3")
+            attached_kib, attached_threads = bench_status_kib(proc.pid, "VmRSS"), bench_status_kib(proc.pid, "Threads")
+            for t in clients:
+                t.close()
+            wait_until(lambda: all(e["clients"] == 0 for e in client.ok("GET", "/terminals")["terminals"]),
+                       10, "the detaches")
+            detached_kib, detached_threads = bench_status_kib(proc.pid, "VmRSS"), bench_status_kib(proc.pid, "Threads")
+        finally:
+            for t in clients:
+                t.ws.close()
+            for entry in client.ok("GET", "/terminals")["terminals"]:
+                client.call("DELETE", "/terminals/" + entry["session_id"])
+    bench_row("terminal: 32 idle sessions, attached", "+%.1f MiB RSS, +%d threads" % (
+        (attached_kib - idle_kib) / 1024.0, attached_threads - idle_threads),
+        "idle %.1f MiB, %d threads" % (idle_kib / 1024.0, idle_threads), None, "-", True)
+    bench_row("terminal: 32 idle sessions, detached", "+%.1f MiB RSS, +%d threads" % (
+        (detached_kib - idle_kib) / 1024.0, detached_threads - idle_threads), "(lingering)", None, "-", True)
 
 
 @bench
