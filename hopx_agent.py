@@ -4285,18 +4285,18 @@ _ENVIRONMENT_ROUTES = (
 #   _TerminalHub       ONE thread for every session: reads each master as soon as
 #                      it has output and learns of each shell's exit from its
 #                      pidfd, so no shell ever waits for a client
-#   _TerminalSession   the scrollback (the newest 256 KiB), its clients, input,
-#                      resize, and its end: SIGHUP, SIGTERM, grace, SIGKILL to
-#                      every process of the session
+#   _TerminalSession   the output window (the newest 1 MiB, of which a reattach
+#                      replays 256 KiB), its clients, input, resize, and its end:
+#                      SIGHUP, SIGTERM, grace, SIGKILL to every process of it
 #   _Terminals         the family object: ids, --max-terminals, linger, listing,
 #                      delete, shutdown
 #
-# A client is a cursor (an absolute byte offset) into its session's
-# scrollback. The hub appends and never waits for anyone; each client's writer
-# reads from its own cursor on its own thread. A client more than the window
-# behind loses the oldest bytes and is told how many ({"type": "dropped"}), so
-# a slow client costs one offset, and replay is simply a cursor that starts at
-# the beginning of the window.
+# A client is a cursor (an absolute byte offset) into its session's output
+# window. The hub appends and never waits for anyone; each client's writer
+# reads from its own cursor on its own thread. A client that falls out of the
+# window loses the oldest bytes and is told how many ({"type": "dropped"}), so
+# a slow client costs one offset and no copy, and a replay is simply a cursor
+# that starts 256 KiB before the end.
 
 SCROLLBACK_BYTES = 256 * 1024         # api.md §12: the newest output replayed to a client that attaches
 TERMINAL_LAG_BYTES = 1024 * 1024      # an attached client may fall this far behind before it loses bytes
