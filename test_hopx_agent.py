@@ -16,6 +16,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import hmac
 import http.client
@@ -25,11 +26,13 @@ import json
 import logging
 import math
 import os
+import pathlib
 import pwd
 import queue
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import string
@@ -1572,7 +1575,7 @@ def test_a_full_queue_raises_limit_exceeded(manager_with):
     launch = mgr.code_launch("print(1)", "python")
     with pytest.raises(hopx_agent.LimitExceeded):
         mgr.start(launch)
-    assert not os.path.exists(launch.argv[-1]), "the refused launch's temp file was left behind"
+    assert launch.tempfile is None, "the refused launch wrote a code file"
     assert len(mgr.list()) == 1 + mgr.config.queue_limit
 
 
@@ -2088,6 +2091,162 @@ def test_a_non_executable_file_as_command_fails_with_126(client, tmp_path):
     assert (answer["status"], answer["reason"], answer["exit_code"]) == ("failed", "spawn_failed", 126)
     assert str(script) in answer["error"] and "denied" in answer["error"].lower()
     assert http_wait_final(client, answer["process_id"])["exit_code"] == 126
+
+
+def test_a_working_directory_deleted_while_queued_is_named_as_gone(manager_with, tmp_path):
+    mgr = manager_with(max_running=1)
+    gone = tmp_path / "soon-gone"
+    gone.mkdir()
+    first = mgr.start(mgr.command_launch("sleep", ["1000"]))
+    queued = mgr.start(mgr.command_launch("true", [], cwd=str(gone)))
+    assert mgr.describe(queued)["status"] == "queued"
+    gone.rmdir()
+    mgr.kill(first.id)
+    assert mgr.wait(queued, WAIT_S)
+    d = mgr.describe(queued)
+    assert (d["reason"], d["exit_code"]) == ("spawn_failed", 127)
+    assert "working directory %s is gone" % gone in d["error"], d["error"]
+    assert "/bin/sh" not in d["error"] and "is gone" in d["stderr"]
+
+
+# -- resources: threads, descriptors, disk ------------------------------------------------
+
+
+def hopx_temp_files():
+    """The agent's code files in the temp directory (hopx-*)."""
+    import tempfile
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("hopx-")}
+
+
+def test_a_start_with_no_thread_to_be_had_is_refused_with_503_before_anything_ran(client, manager, monkeypatch):
+    real_start = threading.Thread.start
+
+    def no_worker_threads(thread):
+        if thread.name.startswith("hopx-worker-"):
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    manager.lifecycle.workers.stop(1.0)         # no pooled reader waits: every start needs a new thread
+    manager.lifecycle.workers = hopx_agent._WorkerPool()
+    before = hopx_temp_files()
+    monkeypatch.setattr(threading.Thread, "start", no_worker_threads)
+    status, parsed, resp = client.call("POST", "/execute/background",
+                                       {"code": "open(%r, 'w').write('ran')" % str(manager.config.workdir + "/ran")})
+    assert_error(status, parsed, resp, 503, "SERVICE_UNAVAILABLE")
+    assert "thread" in parsed["error"]
+    assert client.ok("GET", "/execute/processes")["count"] == 0       # undone: never listed
+    assert not os.path.exists(manager.config.workdir + "/ran"), "the refused start ran"
+    assert hopx_temp_files() <= before, "the refused start left its code file"
+    monkeypatch.undo()
+    answer = client.ok("POST", "/execute/background", {"code": "print('after')"})
+    assert http_wait_final(client, answer["process_id"])["stdout"] == "after\n"
+
+
+def test_a_leader_with_no_thread_to_wait_for_it_is_polled_to_its_end(manager, monkeypatch):
+    monkeypatch.setattr(hopx_agent._ExitWatcher, "watch", lambda self, pid, on_exit: False)
+    real_submit = hopx_agent._WorkerPool.submit
+
+    def no_waiters(pool, name, fn, *args):
+        if name.endswith("-wait"):
+            raise hopx_agent.Unavailable("no thread")
+        return real_submit(pool, name, fn, *args)
+
+    monkeypatch.setattr(hopx_agent._WorkerPool, "submit", no_waiters)
+    rec = manager.start(manager.code_launch("print('polled')", "python"))
+    assert manager.wait(rec, WAIT_S), "nothing noticed the leader's exit"
+    d = manager.describe(rec)
+    assert (d["status"], d["exit_code"], d["stdout"]) == ("completed", 0, "polled\n")
+    assert not zombie_children()
+
+
+def test_shutdown_is_clean_after_a_thread_failed_to_start(manager, monkeypatch):
+    real_start = threading.Thread.start
+    failures = []
+
+    def fail_once(thread):
+        if thread.name.startswith("hopx-worker-") and not failures:
+            failures.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", fail_once)
+    manager.lifecycle.workers.stop(1.0)
+    manager.lifecycle.workers = hopx_agent._WorkerPool()
+    with pytest.raises(hopx_agent.Unavailable):
+        manager.start(manager.command_launch("sleep", ["1000"]))
+    rec = manager.start(manager.command_launch("sleep", ["1000"]))
+    assert failures and manager.describe(rec)["status"] == "running"
+    manager.shutdown(5.0)        # must not try to join the thread that never started
+    assert manager.describe(rec)["reason"] == "shutdown"
+
+
+def test_a_full_disk_answers_507_and_leaves_nothing(client, monkeypatch):
+    def no_space(code, suffix):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hopx_agent, "_write_code_file", no_space)
+    status, parsed, resp = client.call("POST", "/execute/background", {"code": "print(1)"})
+    assert_error(status, parsed, resp, 507, "INSUFFICIENT_STORAGE")
+    assert "space" in parsed["error"]
+    status, parsed, resp = client.call("POST", "/execute", {"code": "print(1)"})
+    assert_error(status, parsed, resp, 507, "INSUFFICIENT_STORAGE")
+    assert client.ok("GET", "/execute/processes")["count"] == 0
+    # a command needs no code file: it still runs
+    assert client.ok("POST", "/commands/run", {"command": "echo fine"})["stdout"] == "fine\n"
+
+
+def test_a_queued_run_holds_no_code_file_until_it_starts(manager_with):
+    mgr = manager_with(max_running=1)
+    first = mgr.start(mgr.command_launch("sleep", ["1000"]))
+    queued = mgr.start(mgr.code_launch("print('late')", "python"))
+    assert mgr.describe(queued)["status"] == "queued" and queued.launch.tempfile is None
+    mgr.kill(first.id)
+    assert mgr.wait(queued, WAIT_S) and mgr.describe(queued)["stdout"] == "late\n"
+    # written when it started, removed as it ended
+    wait_until(lambda: queued.launch.tempfile is None, WAIT_S, "the code file to be removed")
+
+
+def test_the_queue_is_bounded_in_bytes_of_code(manager_with, monkeypatch):
+    monkeypatch.setattr(hopx_agent, "QUEUE_CODE_BYTES", 1000)
+    mgr = manager_with(max_running=1)
+    mgr.start(mgr.command_launch("sleep", ["1000"]))
+    mgr.start(mgr.code_launch("#" * 600, "python"))          # queued: 600 bytes held
+    with pytest.raises(hopx_agent.LimitExceeded, match="bytes of code"):
+        mgr.start(mgr.code_launch("#" * 600, "python"))
+    assert mgr.describe(mgr.start(mgr.code_launch("#" * 300, "python")))["status"] == "queued"
+
+
+
+DAEMON_WITHOUT_PIPES = """\
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        fd = os.open(os.devnull, os.O_RDWR)
+        for n in (0, 1, 2):
+            os.dup2(fd, n)
+        open(sys.argv[0] + ".pid", "w").write(str(os.getpid()))
+        time.sleep(60)
+    os._exit(0)
+os.wait()
+while not os.path.exists(sys.argv[0] + ".pid"):
+    time.sleep(0.01)
+"""
+
+
+def test_a_kill_of_a_finished_record_ends_the_daemon_it_left_and_keeps_its_outcome(client, tmp_path):
+    script = tmp_path / "daemon.py"
+    script.write_text(DAEMON_WITHOUT_PIPES)
+    started = start_command(client, sys.executable, [str(script)])
+    rec = http_wait_final(client, started["process_id"])
+    assert (rec["status"], rec["exit_code"]) == ("completed", 0)
+    daemon = int((tmp_path / "daemon.py.pid").read_text())
+    assert pid_alive(daemon)
+    answer = kill(client, started["process_id"])
+    assert answer["status"] == "completed" and answer["leftovers_ended"] == 1
+    wait_until(lambda: not pid_alive(daemon), WAIT_S, "the daemon to end")
+    after = http_record(client, started["process_id"])
+    assert (after["status"], after["reason"], after["exit_code"]) == ("completed", "exited", 0)
 
 
 # -- escaped descendants ------------------------------------------------------------------
@@ -2816,10 +2975,12 @@ def test_a_request_line_dribbled_byte_by_byte_is_cut_off_at_the_request_deadline
 
 def test_the_connection_cap_answers_503_and_recovers_when_one_closes(tmp_path):
     with own_server(tmp_path, max_connections=2) as srv:
-        first, second = Client(srv), Client(srv)
+        # two connections in the middle of a request head: busy, not idle, so nothing can be closed for a third
+        first, second = connect(srv), connect(srv)
         try:
-            assert first.ok("GET", "/ping")["message"] == "pong"
-            assert second.ok("GET", "/ping")["message"] == "pong"
+            for sock in (first, second):
+                sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n")
+            wait_until(lambda: srv.hub.counts()["reading"] == 2, 5, "both heads under way")
             with contextlib.closing(connect(srv)) as third:   # sends nothing: the 503 comes at once
                 data = read_until_eof(third)
             status, headers, body = parse(data)
@@ -2829,6 +2990,8 @@ def test_the_connection_cap_answers_503_and_recovers_when_one_closes(tmp_path):
             assert parsed["code"] == "SERVICE_UNAVAILABLE"
             assert parsed["error"] == parsed["message"]
             assert parsed["request_id"] and "timestamp" in parsed and "path" in parsed
+            # api.md §3: every response carries X-Request-ID, the 503 too
+            assert headers.get("x-request-id") == parsed["request_id"], "503 without X-Request-ID: %r" % headers
             first.close()
 
             def fresh_request_works():
@@ -2842,12 +3005,84 @@ def test_the_connection_cap_answers_503_and_recovers_when_one_closes(tmp_path):
                     probe.close()
 
             wait_until(fresh_request_works, 10, "a free connection slot")
-            assert second.ok("GET", "/ping")["message"] == "pong"
-            # api.md §3: every response carries X-Request-ID, the 503 too
-            assert headers.get("x-request-id") == parsed["request_id"], "503 without X-Request-ID: %r" % headers
+            second.sendall(b"\r\n")                 # the head it started is served after all
+            assert read_response(second)[0] == 200
         finally:
             first.close()
             second.close()
+
+
+def test_at_the_cap_the_connection_idle_the_longest_is_closed_for_a_new_one(tmp_path):
+    with own_server(tmp_path, max_connections=2) as srv:
+        older, newer = Client(srv), Client(srv)
+        try:
+            assert older.ok("GET", "/ping")["message"] == "pong"     # both kept alive, then idle
+            assert newer.ok("GET", "/ping")["message"] == "pong"
+            third = Client(srv)
+            assert third.ok("GET", "/ping")["message"] == "pong"     # served: the idlest one made room
+            older.conn.sock.settimeout(5)
+            assert older.conn.sock.recv(1) == b"", "the connection idle the longest was not closed"
+            newer.conn.sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                newer.conn.sock.recv(1)                               # still open
+            newer.conn.sock.setblocking(True)
+            assert newer.ok("GET", "/ping")["message"] == "pong"
+            third.close()
+        finally:
+            older.close()
+            newer.close()
+
+
+
+def _no_auth_call(srv, method, path, body=b"", headers=None):
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        hdrs = {"Host": "127.0.0.1:%d" % srv.server_address[1]}
+        hdrs.update(headers or {})
+        for name, value in hdrs.items():
+            if value is not None:
+                conn.putheader(name, value)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, (json.loads(data) if data else None)
+    finally:
+        conn.close()
+
+
+def test_no_auth_refuses_what_a_foreign_web_page_could_send(tmp_path):
+    with own_server(tmp_path, auth=False, secret=None) as srv:
+        port = srv.server_address[1]
+        body = json.dumps({"command": "echo ran"}).encode()
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            status, parsed = _no_auth_call(srv, "POST", "/commands/run", body, {"Content-Type": kind})
+            assert (status, parsed["code"]) == (415, "UNSUPPORTED_MEDIA_TYPE"), (kind, parsed)
+        status, parsed = _no_auth_call(srv, "POST", "/commands/run", body,
+                                       {"Content-Type": "application/json; charset=utf-8"})
+        assert status == 200 and parsed["stdout"] == "ran\n"
+        for host in ("evil.example", "evil.example:%d" % port, "127.0.0.1.evil.example"):
+            status, parsed = _no_auth_call(srv, "GET", "/execute/processes", headers={"Host": host})
+            assert (status, parsed["code"]) == (403, "FORBIDDEN"), host
+        for host in ("localhost:%d" % port, "127.0.0.1:%d" % port, "127.0.0.1", "[::1]:%d" % port, "app.localhost"):
+            assert _no_auth_call(srv, "GET", "/execute/processes", headers={"Host": host})[0] == 200, host
+        for origin in ("http://evil.example", "null", "http://localhost:%d" % (port + 1)):
+            status, parsed = _no_auth_call(srv, "POST", "/commands/run", body,
+                                           {"Content-Type": "application/json", "Origin": origin})
+            assert (status, parsed["code"]) == (403, "FORBIDDEN"), origin
+        assert _no_auth_call(srv, "POST", "/commands/run", body, {
+            "Content-Type": "application/json", "Origin": "http://127.0.0.1:%d" % port})[0] == 200
+        status, parsed = _no_auth_call(srv, "GET", "/execute/stream", headers={       # a cross-site WebSocket
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "Origin": "http://evil.example"})
+        assert (status, parsed["code"]) == (403, "FORBIDDEN")
+        assert len(srv.manager.list()) == 2          # the two accepted runs, nothing else
+
+
+def test_with_a_token_a_body_without_content_type_is_json_as_curl_sends_it(client):
+    status, parsed, _ = client.call("POST", "/commands/run", json.dumps({"command": "echo curl"}).encode())
+    assert status == 200 and parsed["stdout"] == "curl\n"
 
 
 # ============================================================================
@@ -2882,6 +3117,19 @@ def test_root_maps_a_name_to_every_route_without_a_token(server, client):
     endpoints = root["endpoints"]
     assert sorted(endpoints.values()) == sorted("%s %s" % (r.method, r.pattern) for r in server.routes)
     assert endpoints["health"] == "GET /health" and endpoints["execute"] == "POST /execute"
+
+
+def test_info_without_a_token_names_the_agent_and_its_features_only(client):
+    status, anonymous, _ = client.call("GET", "/info", token=False)
+    assert status == 200
+    assert set(anonymous) == {"agent", "version", "agent_version", "supported_languages", "features",
+                              "endpoints", "timestamp"}
+    full = client.ok("GET", "/info")
+    for key in ("hostname", "workdir", "python", "platform", "languages", "limits"):
+        assert key in full and key not in anonymous, key
+    assert full["workdir"] not in json.dumps(anonymous)
+    bad = client.call("GET", "/info", headers={"Authorization": "Bearer " + BAD_TOKENS["expired"]}, token=False)[1]
+    assert "hostname" not in bad
 
 
 def test_system_describes_the_machine_and_names_the_host_only_with_a_token(client, config):
@@ -4517,6 +4765,17 @@ def measured_window(seconds):
 # Endpoints: environment and metrics
 # ============================================================================
 
+
+@pytest.mark.parametrize("name", ["Host", "content-length", "Content-Type", "Transfer-Encoding", "Connection",
+                                  "X-HopX-Timestamp", "x-hopx-signature"])
+def test_callback_headers_may_not_set_what_the_agent_sets(client, name):
+    status, parsed, resp = client.call("POST", "/execute/async", {
+        "code": "print(1)", "callback_url": "http://127.0.0.1:9/hook", "callback_headers": {name: "forged"}})
+    assert_error(status, parsed, resp, 400, "INVALID_REQUEST")
+    assert name in parsed["error"]
+    assert client.ok("GET", "/execute/processes")["count"] == 0
+
+
 # -- /env ------------------------------------------------------------------------------------
 
 
@@ -4578,6 +4837,37 @@ def test_env_precedence_request_over_global_over_agent(env_client):
     _no_content(c, "DELETE", "/env")
     assert seen()["HOPX_T_LEVEL"] == "agent"
     assert "HOPX_AGENT_SECRET" not in _env(c)
+
+
+
+def test_the_env_store_refuses_what_would_keep_later_executions_from_starting(client):
+    big = "x" * 200000                                  # over what exec takes for one variable
+    status, parsed, resp = client.call("PATCH", "/env", {"env_vars": {"BIG": big}})
+    assert_error(status, parsed, resp, 413, "PAYLOAD_TOO_LARGE")
+    assert "BIG" in parsed["error"]
+    for bad in ({"A=B": "1"}, {"": "1"}, {"NUL\u0000": "1"}, {"OK": "nul\u0000"}):
+        status, parsed, resp = client.call("PUT", "/env", {"env_vars": bad})
+        assert_error(status, parsed, resp, 400, "INVALID_REQUEST")
+    chunk = "y" * (hopx_agent.ENV_ENTRY_BYTES - 100)    # each is fine, all of them are too much
+    accepted = 0
+    for n in range(10):
+        status = client.call("PATCH", "/env", {"env_vars": {"MANY_%d" % n: chunk}})[0]
+        if status != 204:
+            assert status == 413
+            break
+        accepted += 1
+    assert 0 < accepted < 10
+    env = client.ok("GET", "/env")["env_vars"]
+    assert sorted(k for k in env if k.startswith("MANY_")) == ["MANY_%d" % n for n in range(accepted)]
+    # whatever the store holds, every later execution still starts
+    assert client.ok("POST", "/commands/run", {"command": "echo ${#MANY_0}"})["stdout"] == "%d\n" % len(chunk)
+    status, parsed, resp = client.call("POST", "/commands/run", {"command": "true", "env": {"HUGE": big}})
+    assert_error(status, parsed, resp, 413, "PAYLOAD_TOO_LARGE")
+    many = {"R_%d" % n: chunk for n in range(14)}       # each fine; together more than exec takes
+    status, parsed, resp = client.call("POST", "/execute/background", {"code": "pass", "env": many})
+    assert_error(status, parsed, resp, 413, "PAYLOAD_TOO_LARGE")
+    assert client.ok("GET", "/execute/processes")["count"] == 1      # only the echo ran
+    assert client.call("DELETE", "/env")[0] == 204
 
 
 # -- /metrics ----------------------------------------------------------------------------------
@@ -5629,6 +5919,103 @@ def test_no_auth_serves_without_tokens_and_says_so(run_agent):
     assert agent.proc.wait(15) == 0
 
 
+@pytest.mark.parametrize("args,word", [(["--port", "99999"], "--port"), (["--log-level", "verbose"], "--log-level"),
+                                       (["--log-format", "xml"], "--log-format"), (["--kill-grace", "-1"], "--kill-grace"),
+                                       (["--kill-grace", "nan"], "--kill-grace"), (["--max-running", "0"], "--max-running"),
+                                       (["token", "--ttl", "-5"], "--ttl"), (["token", "--ttl", "0"], "--ttl")])
+def test_a_bad_option_is_a_message_and_exit_2(args, word, tmp_path):
+    env = _clean_env(HOPX_AGENT_SECRET=SECRET.decode())
+    done = subprocess.run([sys.executable, hopx_agent.__file__] + args, env=env, capture_output=True,
+                          timeout=30, cwd=str(tmp_path))
+    assert done.returncode == 2, (done.returncode, done.stderr.decode())
+    err = done.stderr.decode()
+    assert word in err and "Traceback" not in err, err
+    assert done.stdout == b""
+
+
+def test_a_newline_in_a_command_cannot_forge_a_log_line(run_agent):
+    agent = run_agent("--port", "0", "--log-level", "debug", HOPX_AGENT_SECRET=SECRET.decode())
+    port, token = agent.port(), good_token()
+    forged = "no-such-program\n2026-01-01 00:00:00,000 WARNING hopx_agent: FORGED"
+    status, answer = _post(port, "/commands/background", {"command": forged, "args": []}, token)
+    assert status == 200 and answer["reason"] == "spawn_failed"
+    _get(port, "/execute/processes?token=" + token, token)     # a token in the query must not reach the log
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(15) == 0
+    agent.wait_line("stopping")
+    text = "".join(agent.seen) + "".join(iter(lambda: agent.lines.get(timeout=5) or "", ""))
+    assert "\\x0a2026-01-01" in text, text[-2000:]
+    assert not any(line.startswith("2026-01-01 00:00:00,000 WARNING hopx_agent: FORGED") for line in text.splitlines())
+    assert token not in text
+
+
+def test_a_secret_file_readable_by_others_is_warned_about(run_agent, tmp_path):
+    key = tmp_path / "agent.key"
+    key.write_bytes(SECRET)
+    key.chmod(0o644)
+    agent = run_agent("--port", "0", "--secret-file", str(key))
+    agent.port()
+    assert agent.wait_line(r"WARNING .*secret file .*readable by group or others \(mode 0644\)")
+    agent.stop()
+    key.chmod(0o600)
+    quiet = run_agent("--port", "0", "--secret-file", str(key))
+    quiet.port()
+    assert not any("readable by group or others" in line for line in quiet.seen)
+
+
+def _usable_by_others(path):
+    """Every directory on the way searchable, and the file executable, by other users."""
+    path = os.path.realpath(path)
+    parts = path.split(os.sep)
+    for n in range(2, len(parts)):
+        if not os.stat(os.sep.join(parts[:n]) or os.sep).st_mode & 0o001:
+            return False
+    return bool(os.stat(path).st_mode & 0o001)
+
+
+def test_a_child_cannot_read_the_secret_from_the_agents_proc_files(tmp_path):
+    # Same uid as the agent: PR_SET_DUMPABLE 0 keeps /proc/<agent>/environ and mem from it.
+    # As root the agent runs as nobody here, since root children can read anything (--run-as).
+    import tempfile
+    home = tempfile.mkdtemp(prefix="hopx-test-")      # in the temp dir itself: pytest's are private
+    os.chmod(home, 0o755)
+    script = pathlib.Path(home) / "hopx_agent.py"
+    script.write_bytes(open(hopx_agent.__file__, "rb").read())
+    script.chmod(0o644)
+    user, python = {}, sys.executable
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+        python = next((p for p in (sys.executable, shutil.which("python3"), "/usr/bin/python3")
+                       if p and _usable_by_others(p)), None)
+        if python is None:
+            pytest.skip("no python3 that another user may run")
+    env = _clean_env(HOPX_AGENT_SECRET=SECRET.decode())
+    proc = subprocess.Popen([python, str(script), "--port", "0", "--workdir", "/tmp"], env=env,
+                            cwd="/tmp", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, **user)
+    try:
+        line = b""
+        while b"listening on" not in line:
+            line = proc.stderr.readline()
+            assert line, "the agent did not start"
+        port = int(re.search(rb"127\.0\.0\.1:(\d+)", line).group(1))
+        code = ("import os\nfor name in ('environ', 'mem', 'cmdline'):\n"
+                "    try:\n        data = open('/proc/%d/' % os.getppid() + name, 'rb').read(4096)\n"
+                "        print(name, 'readable', " + repr(SECRET) + " in data)\n"
+                "    except OSError as exc:\n        print(name, 'refused', exc.errno)\n")
+        ran = _post(port, "/execute", {"code": code, "timeout": 30}, good_token())[1]
+        lines = dict(line.split(" ", 1) for line in ran["stdout"].splitlines())
+        assert lines["environ"].startswith("refused"), ran
+        assert lines["mem"].startswith("refused"), ran
+        assert "True" not in ran["stdout"], ran
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        proc.stderr.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def test_all_lists_exactly_the_public_names():
     names = hopx_agent.__all__
     assert len(names) == len(set(names))
@@ -6108,18 +6495,16 @@ def test_a_request_line_dribbled_byte_by_byte_is_cut_at_the_request_deadline(tmp
 def test_the_connection_cap_answers_503_and_recovers(tmp_path):
     with agent_server(tmp_path, max_connections=3) as srv:
         held = []
-        for _ in range(3):      # three kept-alive connections, each proven accepted by an answer
+        for _ in range(3):      # three connections each in the middle of a head: none is idle
             sock = raw_socket(srv)
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            fh = sock.makefile("rb")
-            assert read_one_response(fh)[0] == 200
-            held.append((sock, fh))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            held.append(sock)
+        wait_until(lambda: srv.hub.counts()["reading"] == 3, 5, "three heads under way")
         for _ in range(3):
             status, headers, body, closed = exchange_raw(srv, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             json_error(status, headers, body, 503, "SERVICE_UNAVAILABLE")
             assert closed
-        for sock, fh in held:
-            fh.close()
+        for sock in held:
             sock.close()
 
         def served():
@@ -6131,6 +6516,47 @@ def test_the_connection_cap_answers_503_and_recovers(tmp_path):
         c = Client(srv)
         assert c.call("GET", "/health")[0] == 200
         c.close()
+
+
+def test_idle_and_slow_connections_take_no_thread_and_lock_no_client_out(tmp_path):
+    idle_n, slow_n = 300, 50           # issue 11's figures; sockets are cheap, so full size in CI
+    with agent_server(tmp_path) as srv:
+        before = threading.active_count()
+        idle = [raw_socket(srv) for _ in range(idle_n)]
+        slow = [raw_socket(srv) for _ in range(slow_n)]
+        for sock in slow:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+        stop = threading.Event()
+
+        def dribble():                 # then one header line per connection every half second
+            while not stop.is_set():
+                for sock in slow:
+                    try:
+                        sock.send(b"X-Slow: a\r\n")
+                    except OSError:
+                        pass
+                stop.wait(0.5)
+        dribbler = threading.Thread(target=dribble, name="test-dribbler", daemon=True)
+        dribbler.start()
+        try:
+            wait_until(lambda: srv.hub.counts()["reading"] >= slow_n, 10, "the slow heads under way")
+            threads = threading.active_count() - before
+            began = time.monotonic()
+            c = Client(srv)
+            status = c.call("GET", "/health", token=False)[0]
+            took = time.monotonic() - began
+            assert c.ok("POST", "/commands/run", {"command": "echo served"})["stdout"] == "served\n"
+            c.close()
+            print("\n%d idle + %d slow connections: /health in %.1f ms, %d agent threads"
+                  % (idle_n, slow_n, took * 1000, threads))
+            assert status == 200
+            assert took < 3.0, "a new client waited %.1fs" % took     # issue 11: within 1 s on an idle machine
+            assert threads < 80, "%d threads for idle and slow connections" % threads
+        finally:
+            stop.set()
+            dribbler.join(5)
+            for sock in idle + slow:
+                sock.close()
 
 
 def test_pipelined_requests_in_one_write_get_answers_in_order(server):
@@ -6238,6 +6664,85 @@ def test_a_child_spawning_200_grandchildren_then_exiting_leaves_nothing(manager)
     assert len(pids) == 200 and record["stdout"].endswith("done\n")
     wait_until(lambda: not any(pid_alive(p) for p in pids), 10, "every grandchild to be gone")
     assert not pids_with_marker(rec.id)
+
+
+def _fresh_pids_cgroup():
+    """A new cgroup with the pids controller below our own (v1 or v2), or None."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            lines = [line.rstrip("\n").split(":", 2) for line in fh]
+    except OSError:
+        return None
+    for _, controllers, path in (parts for parts in lines if len(parts) == 3):
+        if "pids" in controllers.split(","):
+            base = "/sys/fs/cgroup/pids" + path
+        elif controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers") \
+                and "pids" in open("/sys/fs/cgroup/cgroup.controllers").read().split():
+            base = "/sys/fs/cgroup" + path
+        else:
+            continue
+        group = os.path.join(base.rstrip("/"), "hopx-test-%s" % os.urandom(4).hex())
+        try:
+            os.mkdir(group)
+            return group
+        except OSError:
+            return None
+    return None
+
+
+def _cgroup_write(group, name, value):
+    with open(os.path.join(group, name), "w") as fh:
+        fh.write(str(value))
+
+
+def test_under_a_pids_limit_every_start_is_answered_and_nothing_stays_running(run_agent):
+    group = _fresh_pids_cgroup()
+    if group is None:
+        pytest.skip("no pids cgroup can be made here")
+    agent = run_agent("--port", "0", "--kill-grace", "0.5", HOPX_AGENT_SECRET=SECRET.decode())
+    try:
+        port = agent.port()
+        token = good_token()
+        assert _get(port, "/health")[0] == 200          # its standing threads exist
+        _cgroup_write(group, "cgroup.procs", agent.proc.pid)
+        current = int(open(os.path.join(group, "pids.current")).read())
+        _cgroup_write(group, "pids.max", current + 8)      # a few more tasks, then fork and clone fail
+        answers = []
+        for n in range(12):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+            try:
+                conn.request("POST", "/commands/background", body=json.dumps({"command": "sleep 30"}),
+                             headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+                resp = conn.getresponse()
+                answers.append((resp.status, json.loads(resp.read())))
+            finally:
+                conn.close()
+        statuses = collections.Counter(status for status, _ in answers)
+        print("\nunder pids.max = %d: %s" % (current + 8, dict(statuses)))
+        assert set(statuses) <= {200, 503}, answers      # never a 500, never a reset
+        assert statuses[503] >= 1, "the limit never bit: %s" % answers
+        for status, body in answers:
+            if status == 503:
+                assert body["code"] == "SERVICE_UNAVAILABLE" and body["error"]
+        started = [body["process_id"] for status, body in answers if status == 200]
+        for pid in started:                               # each is killable and then final
+            status, rec = _get(port, "/execute/processes/" + pid, token)
+            assert status == 200 and rec["status"] in ("running", "failed", "completed"), rec
+            if rec["status"] == "running":
+                assert _post(port, "/execute/kill/" + pid, {}, token)[0] == 200
+        for pid in started:
+            final = wait_until(lambda: (lambda r: r if r["status"] in ("completed", "failed") else None)(
+                _get(port, "/execute/processes/" + pid, token)[1]), 15, "%s to be final" % pid)
+            assert final["reason"] in ("killed", "spawn_failed"), final
+        agent.proc.send_signal(signal.SIGTERM)          # still under the limit
+        assert agent.proc.wait(15) == 0, "".join(agent.seen)
+    finally:
+        agent.stop()
+        try:
+            os.rmdir(group)
+        except OSError:
+            pass
+
 
 
 def test_a_child_closing_stdout_early_runs_on_and_keeps_its_stderr(manager):
@@ -6469,6 +6974,66 @@ def test_sigterm_to_the_agent_script_ends_every_group_and_exits_0(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+def _proc_status(pid, field):
+    """A /proc/<pid>/status figure in KiB (VmRSS, VmHWM)."""
+    with open("/proc/%d/status" % pid) as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+def test_a_listing_of_huge_binary_outputs_is_bounded_in_size_and_memory(run_agent):
+    # issue 11: 40 records x (4 MiB of NUL on stdout + 4 MiB of 0xFF on stderr) at full size
+    count, size = scaled(8), min(4 * MIB, int(4 * MIB * HARDEN_SCALE / 5))
+    agent = run_agent("--port", "0", "--max-output-bytes", str(4 * MIB), HOPX_AGENT_SECRET=SECRET.decode())
+    port, token = agent.port(), good_token()
+    code = "import sys; sys.stdout.buffer.write(bytes(%d)); sys.stderr.buffer.write(b'\\xff' * %d)" % (size, size)
+    ids = [_post(port, "/commands/background", {"command": sys.executable, "args": ["-c", code]}, token)[1]["process_id"]
+           for _ in range(count)]
+    for pid in ids:
+        wait_until(lambda: _get(port, "/execute/processes/%s?output=false" % pid, token)[1]["status"] == "completed",
+                   30, "the output to be written")
+    fields_bytes = 4096              # a record's JSON without its output, generously
+    bound = count * fields_bytes + 6 * (hopx_agent.LISTING_OUTPUT_BYTES + 2 * count * 4)
+    with open("/proc/%d/clear_refs" % agent.proc.pid, "w") as fh:
+        fh.write("5")                # resets the peak (VmHWM) to the current RSS
+    before = _proc_status(agent.proc.pid, "VmRSS")
+
+    def listing():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request("GET", "/execute/processes", headers={"Authorization": "Bearer " + token})
+            return conn.getresponse().read()
+        finally:
+            conn.close()
+    body = listing()
+    peak = _proc_status(agent.proc.pid, "VmHWM")
+    threes = []
+    for t in [threading.Thread(target=lambda: threes.append(len(listing()))) for _ in range(3)]:
+        t.start()
+        t.join(60)
+    peak3 = _proc_status(agent.proc.pid, "VmHWM")
+    print("\nlisting %d records of 2 x %d bytes: %d bytes (bound %d), RSS %d KiB, peak +%d KiB, three at once +%d KiB"
+          % (count, size, len(body), bound, before, peak - before, peak3 - before))
+    assert len(body) <= bound, "the listing is %d bytes, more than its bound %d" % (len(body), bound)
+    assert threes == [len(body)] * 3
+    assert (peak - before) * 1024 <= 2 * bound, "a listing took %d KiB above the RSS before it" % (peak - before)
+    listed = json.loads(body)["processes"]
+    assert [r["process_id"] for r in listed] == ids           # every record is listed
+    for r in listed:
+        assert r["stdout_bytes"] == r["stderr_bytes"] == size
+        assert r["stdout_truncated"] and r["stderr_truncated"]
+        assert r["stdout_next_offset"] == size and 0 < r["stdout_offset"] < size
+        assert r["stdout"] == "\0" * (size - r["stdout_offset"])       # the newest bytes
+        assert r["stderr"] == "\ufffd" * (size - r["stderr_offset"])
+    # the rest is there for the asking, from the offset the listing names
+    first = listed[0]
+    status, part = _get(port, "/execute/processes/%s?stdout_offset=%d" % (first["process_id"], first["stdout_offset"] - 100), token)
+    assert status == 200 and part["stdout"] == "\0" * (size - first["stdout_offset"] + 100)
+
+
+
 # ============================================================================
 # Hardening: load
 # ============================================================================
@@ -6548,8 +7113,10 @@ def _mixed_load(server, manager):
         recs = records_of(manager, set(started))
         return all(r.finished for r in recs)
     wait_until(all_final, 30, "every started process to finish")
-    # the agent keeps its watchdog, its exit watcher and WORKER_RESERVE idle pooled threads; nothing else
-    wait_until(lambda: threading.active_count() <= base_threads + 2 + hopx_agent.WORKER_RESERVE, 10,
+    # the agent keeps its watchdog, its exit watcher, WORKER_RESERVE idle pooled threads and
+    # REQUEST_THREADS_KEPT idle request threads; nothing else
+    standing = 2 + hopx_agent.WORKER_RESERVE + hopx_agent.REQUEST_THREADS_KEPT
+    wait_until(lambda: threading.active_count() <= base_threads + standing, 10,
                "threads back near %d + the agent's standing threads" % base_threads)
     # + the exit watcher's epoll and wake-up pipe (3 descriptors that stay open)
     wait_until(lambda: fd_count() <= base_fds + 2 + 3, 10, "fds back near %d" % base_fds)
