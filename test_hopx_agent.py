@@ -5683,6 +5683,45 @@ def test_terminal_server_close_ends_sessions_and_their_clients(config, manager, 
     t.close()
 
 
+def test_terminal_options(tmp_path):
+    args = hopx_agent._build_parser().parse_args(["--terminal-linger", "5", "--max-terminals", "3"])
+    config = hopx_agent._config_from(args, {"HOPX_AGENT_SECRET": SECRET.decode()})
+    assert (config.terminal_linger, config.max_terminals) == (5.0, 3)
+    assert config.limits()["max_terminals"] == 3
+    env = {"HOPX_AGENT_TERMINAL_LINGER": "7"}
+    assert hopx_agent._config_from(hopx_agent._build_parser().parse_args([]), env).terminal_linger == 7.0
+    for bad, word in (({"max_terminals": 0}, "--max-terminals"), ({"terminal_linger": -1.0}, "--terminal-linger"),
+                      ({"terminal_linger": float("nan")}, "--terminal-linger")):
+        with pytest.raises(ValueError, match=word):
+            hopx_agent._check_options(bad)
+
+
+def test_terminal_upgrade_refused_for_want_of_streams_ends_its_session(term_server, monkeypatch):
+    monkeypatch.setattr(hopx_agent._Handler, "_become_stream", lambda self, capped: False)
+    sock, fh, status, head, _ = ws_handshake(term_server, path="/terminal?shell=sh")
+    assert status == 503 and read_json_body(fh, head)["code"] == "SERVICE_UNAVAILABLE"
+    sock.close()
+    assert TermClientListing(term_server) == {}             # forgotten at once, and ended
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("hopx-term-") and
+                            t.name.endswith("-end")], 10, "the end of the refused session")
+
+
+def test_pty_start_refused_before_the_fork_leaks_nothing(manager, monkeypatch):
+    warm = manager.start(manager.command_launch("true", pty=(80, 24)))   # the watchers' own descriptors
+    assert manager.wait(warm, 10)
+    wait_until(lambda: warm.open_streams == 0, 5, "the reader at EOF")
+    fds = len(os.listdir("/proc/self/fd"))
+
+    def no_threads(pool, name, fn, *args):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(hopx_agent._WorkerPool, "submit", no_threads)
+    with pytest.raises(hopx_agent.AgentError) as refused:
+        manager.start(manager.command_launch("echo never", pty=(80, 24)))
+    assert refused.value.status == 503
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_pty_background_process_read_through_sse(server, client):
     answer = client.ok("POST", "/commands/background", {
         "command": "tty; stty size; echo to-stderr >&2; read x; echo got-$x", "pty": True, "cols": 100, "rows": 30})
