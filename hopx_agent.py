@@ -18,6 +18,12 @@ group (SIGTERM, a grace period, SIGKILL). A process is finished when its
 leader exits, not when its pipes close. Pipes are always drained into bounded
 buffers that say what they dropped.
 
+Nothing a client was promised is lost when the agent dies or is upgraded: a
+journal in a private state directory (--state-dir) keeps every record, a
+restarted agent ends what its dead predecessor left running and records it,
+and SIGHUP (or POST /admin/restart) execs the file on disk in place, handing
+over the running processes, their output and the open connections.
+
 The file reads top to bottom, each section leaning only on those above it
 (``grep -n '^# ==' hopx_agent.py`` is its table of contents): configuration,
 errors, JWT, the process model and manager with its collaborators, the HTTP
