@@ -7116,6 +7116,78 @@ def test_bench_cold_start():
 
 
 @bench
+def test_bench_background_start_with_limits(tmp_path):
+    """Issue 15: a start with limits (cgroup made, joined at the gate) against the same without."""
+    n = 150
+    limited = {"language": "sh", "code": "sleep 5", "memory_limit_mb": 256, "pids_limit": 64}
+    plain = {"language": "sh", "code": "sleep 5"}
+    times = {"plain": [], "limited": []}
+    with bench_agent(tmp_path, max_running=2 * n + 8) as srv:
+        client = Client(srv)
+        try:
+            for _ in range(n):
+                for kind, body in (("plain", plain), ("limited", limited)):
+                    started = time.perf_counter()
+                    answer = client.ok("POST", "/execute/background", body)
+                    times[kind].append(time.perf_counter() - started)
+                    assert answer["status"] == "running", answer
+        finally:
+            client.close()
+        mechanism = srv.manager.limits.mechanism
+    ratio = bench_pct(times["limited"], 0.5) / bench_pct(times["plain"], 0.5)
+    bench_row("background start with limits (%s, N=%d)" % (mechanism, n), bench_spread(times["limited"]),
+              bench_spread(times["plain"]), ratio, "<= 1.5x", ratio <= 1.5)
+
+
+@bench
+def test_bench_run_with_limits(tmp_path):
+    """Issue 15: a whole run (/commands/run true) with its cgroup created, joined and removed."""
+    n = 150
+    times = {"plain": [], "limited": []}
+    with bench_agent(tmp_path) as srv:
+        client = Client(srv)
+        try:
+            for _ in range(n):
+                for kind, extra in (("plain", {}), ("limited", {"memory_limit_mb": 256, "pids_limit": 64})):
+                    started = time.perf_counter()
+                    answer = client.ok("POST", "/commands/run", dict({"command": "true"}, **extra))
+                    times[kind].append(time.perf_counter() - started)
+                    assert answer["exit_code"] == 0, answer
+        finally:
+            client.close()
+        mechanism = srv.manager.limits.mechanism
+    ratio = bench_pct(times["limited"], 0.5) / bench_pct(times["plain"], 0.5)
+    bench_row("run true with limits, cgroup removed (%s, N=%d)" % (mechanism, n),
+              bench_spread(times["limited"]), bench_spread(times["plain"]), ratio, "<= 1.5x", ratio <= 1.5)
+
+
+@bench
+def test_bench_health_during_a_fork_bomb(tmp_path):
+    """Issue 15: /health while a spinning fork bomb is held at its pids_limit, against idle."""
+    n = 300
+    bomb = "b() { b & b & while :; do :; done; }; b"
+    with bench_agent(tmp_path) as srv:
+        client = Client(srv)
+        try:
+            idle = [bench_round_trip(client) for _ in range(n)]
+            extra = {"pids_limit": 64} if srv.manager.limits.tree is not None else {}
+            if not extra:
+                pytest.skip("no cgroups: a fork bomb cannot be held for a root child")
+            started = client.ok("POST", "/commands/background",
+                                dict({"command": "bash", "args": ["-c", bomb]}, **extra))
+            group = srv.manager.get(started["process_id"]).confinement.cgroup
+            wait_until(lambda: group.usage().get("pids_limit_hits", 0) > 0, 20, "the bomb at its limit")
+            busy = [bench_round_trip(client) for _ in range(n)]
+            held = len(group.members())
+            client.ok("POST", "/execute/kill/" + started["process_id"])
+        finally:
+            client.close()
+    ratio = bench_pct(busy, 0.5) / bench_pct(idle, 0.5)
+    bench_row("/health during a fork bomb held at %d pids" % held, bench_spread(busy), bench_spread(idle),
+              ratio, "<= 3x", ratio <= 3.0)
+
+
+@bench
 def test_bench_table_is_printed():
     assert BENCH_ROWS, "no benchmark row ran"
     print("\n\n" + bench_table() + "\n")
