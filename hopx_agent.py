@@ -2074,8 +2074,11 @@ def _probe_v1(mounts, own: Dict[str, str]) -> Tuple[Optional[_CgroupTree], str]:
     missing = [c for c in ("memory", "pids", "freezer") if c not in dirs]
     if missing:
         return None, "cgroup v1 lacks %s" % ", ".join(missing)
+    if "cpu" in dirs and not _owned_by_us(dirs["cpu"]):
+        del dirs["cpu"]                  # optional: without it cpu_limit is a 400
     bad = [d for d in dirs.values() if not _owned_by_us(d)]
     if bad:
+
         return None, "cgroup v1: %s is not delegated to uid %d" % (bad[0], os.geteuid())
     return _opened(_CgroupTreeV1(dirs, [c for c in ("memory", "pids", "cpu") if c in dirs], own["freezer"]))
 

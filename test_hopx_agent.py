@@ -1839,6 +1839,72 @@ def test_v2_the_leaf_move_is_undone_when_others_share_the_cgroup(v2_base):
             p.wait()
 
 
+NON_ROOT_SCRIPT = r"""
+import json, os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import hopx_agent as H
+lim = H._ResourceLimits(agent_oom_score_adj=None)
+lim.open()
+out = {"uid": os.geteuid(), "mechanism": lim.mechanism, "why": lim.why_not}
+if lim.tree is not None:
+    spec = H._ChildSpec(argv=["cat", "/proc/self/cgroup"], cwd="/", env=dict(os.environ),
+                        stdout=subprocess.PIPE, limits=H._LimitValues(pids_limit=5), name="deleg")
+    popen = H._Spawner(lim).spawn(spec)
+    out["child"] = popen.communicate()[0].decode()
+    out["pids_max"] = open(spec.confinement.cgroup.dirs["pids"] + "/pids.max").read().strip()
+    spec.confinement.finish()
+try:
+    lim.resolve({"user": "root"})
+except H.BadRequest as exc:
+    out["user_refused"] = exc.message
+lim.close()
+print(json.dumps(out))
+"""
+
+
+@needs_root
+@pytest.mark.skipif(LIM_MECH != "cgroup_v1", reason="the delegation test builds v1 cgroups")
+def test_a_non_root_agent_uses_a_delegated_cgroup_and_refuses_users(tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    python = "/usr/bin/python3"
+    repo = os.path.dirname(os.path.abspath(hopx_agent.__file__))
+    probe = subprocess.run(["setpriv", "--reuid=%d" % nobody.pw_uid, "--regid=%d" % nobody.pw_gid,
+                            "--clear-groups", python, "-c", "import sys; sys.path.insert(0, %r); import hopx_agent"
+                            % repo], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("nobody cannot run this checkout with %s" % python)
+    lim = H._ResourceLimits(agent_oom_score_adj=None)
+    lim.open()
+    delegated = {}
+    try:
+        for controller in ("memory", "pids", "freezer"):
+            path = os.path.join(lim.tree.own[controller], "hopx-test-deleg-%d" % os.getpid())
+            os.mkdir(path)
+            for name in ("", "cgroup.procs", "tasks"):
+                os.chown(os.path.join(path, name), nobody.pw_uid, nobody.pw_gid)
+            delegated[controller] = path
+        # The non-root agent starts inside its delegated cgroups (placed at a gate, as we place children).
+        agent = subprocess.Popen(["/bin/sh", "-c", 'read _ && exec "$0" "$@"', python, "-c", NON_ROOT_SCRIPT, repo],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
+        for path in delegated.values():
+            H._write_text(path + "/cgroup.procs", str(agent.pid))
+        out, err = agent.communicate(b"\n", timeout=30)
+        got = json.loads(out)
+    finally:
+        for path in delegated.values():
+            for root, dirs, _ in os.walk(path, topdown=False):
+                for d in dirs:
+                    os.rmdir(os.path.join(root, d))
+            os.rmdir(path)
+        lim.close()
+    assert got["uid"] == nobody.pw_uid and got["mechanism"] == "cgroup_v1", (got, err)
+    child = H._parse_proc_cgroup(got["child"])
+    assert "/hopx-test-deleg-%d/%s" % (os.getpid(), H.CGROUP_RUNS_PREFIX) in child["pids"]
+    assert child["pids"].endswith("/deleg") and got["pids_max"] == "5"
+    assert "root" in got["user_refused"]
+
+
 # -- through the process manager and HTTP -------------------------------------------------
 
 
