@@ -1476,13 +1476,20 @@ class _OomPolicy:
         """A child's value: the configured one, else what the agent had before it lowered its own."""
         return self.child_adj if self.child_adj is not None else self.before
 
-    def prelude(self) -> Optional[str]:
-        """The shell step that sets a child's value, or None when it inherits the right one."""
+    def plan(self) -> Tuple[Optional[int], bool]:
+        """(a child's value to set or None, whether it must be set before exec).
+
+        Before exec when the agent lowered its own value: what the child
+        forked in its first microseconds would otherwise keep the agent's
+        -1000 and be unkillable. Otherwise the agent writes it right after
+        the child starts (a gated child: before it is released), which
+        keeps plain starts a direct exec: an early grandchild then keeps the
+        agent's unchanged value, never a protected one.
+        """
         target = self.child_target
         if target is None or target == self.agent_adj:
-            return None
-        # Errors silenced: a read-only /proc must not print into the child's stderr.
-        return "echo %d 2>/dev/null >/proc/self/oom_score_adj" % target
+            return None, False
+        return target, self.agent_adj != self.before
 
     def to_json(self) -> Dict[str, Any]:
         return {"agent": self.agent_adj, "agent_requested": self.requested, "agent_protected": self.protected,
@@ -2155,7 +2162,7 @@ class _Confinement:
     while it runs and ``finish()`` once its record is final.
     """
 
-    def __init__(self, limits: _LimitValues, user: Optional[_RunAs], *, oom_prelude: Optional[str],
+    def __init__(self, limits: _LimitValues, user: Optional[_RunAs], *, oom: Tuple[Optional[int], bool],
                  cgroup: Optional[_ExecCgroup], tree: Optional[_CgroupTree], name: str,
                  setpriv: Callable[[], Optional[str]]) -> None:
         self.limits = limits
@@ -2166,7 +2173,10 @@ class _Confinement:
         self.rlimits = _rlimits_for(limits, cgroup is not None)
         self.drop = user is not None and not user.is_current
         self.gated = bool(cgroup is not None or self.rlimits)
-        self._oom_prelude = oom_prelude
+        self._oom_adj, early = oom
+        # Errors silenced: a read-only /proc must not print into the child's stderr.
+        self._oom_prelude = ("echo %d 2>/dev/null >/proc/self/oom_score_adj" % self._oom_adj
+                             if early and not self.gated else None)
         self._setpriv = setpriv
         self._gate_r: Optional[int] = None
         self._gate_w: Optional[int] = None
@@ -2226,11 +2236,17 @@ class _Confinement:
         under its rlimits, then open the gate. If any step fails the child
         is killed (it has run nothing yet) and the error raised."""
         self._close_gate_r()
+        late_oom = self._oom_adj is not None and self._oom_prelude is None
         if not self.gated:
+            if late_oom:
+                _write_oom_score_adj(self._oom_adj, str(popen.pid))
             return
         try:
+            if late_oom:     # still at the gate: exact, before any user code
+                _write_oom_score_adj(self._oom_adj, str(popen.pid))
             if self.cgroup is not None:
                 self.cgroup.join(popen.pid)
+
             if self.rlimits:
                 import resource
                 for res, soft, hard in self.rlimits:
@@ -2384,7 +2400,8 @@ class _ResourceLimits:
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64] or "child-%d" % self._count
 
         group = self.tree.create(name, limits) if self.tree is not None and limits.needs_cgroup else None
-        return _Confinement(limits, user, oom_prelude=self.oom.prelude(), cgroup=group, tree=self.tree,
+        return _Confinement(limits, user, oom=self.oom.plan(), cgroup=group, tree=self.tree,
+
                             name=name, setpriv=self.setpriv)
 
     def setpriv(self) -> Optional[str]:

@@ -1468,13 +1468,31 @@ def test_the_agent_is_protected_where_permitted_and_restored():
     assert H._read_oom_score_adj() == before
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_a_child_and_what_it_forks_get_the_child_oom_score_adj(limits, gated):
+@pytest.mark.parametrize("lowered", [False, True])
+def test_a_gated_child_and_what_it_forks_get_the_child_oom_score_adj_before_anything_runs(limits, lowered):
     lim = limits(mechanism="rlimit", child_oom_score_adj=500)
-    values = H._LimitValues(cpu_time_limit_s=10) if gated else None
+    if lowered:     # as if the agent had taken -1000: the shell sets it (no CAP_SYS_RESOURCE needed to raise)
+        lim.oom.before = lim.oom.agent_adj + 1
+        values = None
+    else:           # gated: the agent writes it while the child waits at the gate
+        values = H._LimitValues(cpu_time_limit_s=10)
     popen, conf = lim_spawn(lim, ["/bin/sh", "-c", "cat /proc/self/oom_score_adj; (cat /proc/self/oom_score_adj)"],
                             values)
-    assert popen.communicate(timeout=10)[0].split() == [b"500", b"500"] and conf.gated == gated
+    assert popen.communicate(timeout=10)[0].split() == [b"500", b"500"]
+    assert conf.gated != lowered and (conf._oom_prelude is not None) == lowered
+
+
+def test_an_ungated_child_of_an_unprotected_agent_is_a_direct_exec_set_right_after(limits):
+    lim = limits(mechanism="rlimit", child_oom_score_adj=500)
+    if lim.oom.agent_adj == 500:
+        pytest.skip("the agent already runs at 500")
+    popen, conf = lim_spawn(lim, ["/bin/cat"], stdin=subprocess.PIPE)
+    try:
+        assert popen.args == ["/bin/cat"] and not conf.gated     # no shell in between
+        assert H._read_oom_score_adj(str(popen.pid)) == 500
+    finally:
+        popen.communicate(b"", timeout=5)
+
 
 
 def test_a_plain_start_stays_a_direct_exec_when_nothing_is_needed(limits):
@@ -1483,10 +1501,26 @@ def test_a_plain_start_stays_a_direct_exec_when_nothing_is_needed(limits):
     assert (argv, stdin, extra) == (["/bin/true"], subprocess.DEVNULL, {})
 
 
-def test_a_wrapped_start_of_a_missing_program_still_fails_to_spawn(limits):
-    lim = limits(mechanism="rlimit", child_oom_score_adj=500)
-    with pytest.raises(FileNotFoundError):
-        lim_spawn(lim, ["/nonexistent/hopx-no-such-program"])
+def test_a_wrapped_start_of_a_missing_program_still_fails_to_spawn(limits, tmp_path):
+    lim = limits(mechanism="rlimit")
+    script = tmp_path / "script"
+    script.write_text("#!%s\necho hi\n" % (tmp_path / "missing-interpreter"))
+    script.chmod(0o755)
+    plain = tmp_path / "plain"
+    plain.write_text("echo hi\n")
+    gated = H._LimitValues(cpu_time_limit_s=5)     # a shell starts first: exec's refusal is checked ahead
+    for program, error in (("/nonexistent/hopx-no-such-program", FileNotFoundError),
+                           (str(script), FileNotFoundError), (str(tmp_path), PermissionError)):
+        with pytest.raises(error):
+            lim_spawn(lim, [program], gated)
+    plain.chmod(0o644)
+    with pytest.raises(PermissionError):
+        lim_spawn(lim, [str(plain)], gated)
+    plain.chmod(0o755)
+    with pytest.raises(OSError) as info:
+        lim_spawn(lim, [str(plain)], gated)      # no #! and not ELF: execve says ENOEXEC
+    assert info.value.errno == errno.ENOEXEC
+
 
 
 # -- the gate ------------------------------------------------------------------------
