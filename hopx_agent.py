@@ -49,6 +49,7 @@ import pwd
 import re
 import secrets
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -102,6 +103,8 @@ OUTPUT_BUDGET_BYTES = 256 * 1024 * 1024   # output held by all finished records 
 RECORD_CACHE_BYTES = 32 * 1024 * 1024     # listings' cached record JSON, least recently used dropped first
 MAX_RUNNING = 64                      # children running at once; the rest queue
 QUEUE_FACTOR = 10                     # queue holds this many times max-running, then 429
+QUEUE_CODE_BYTES = 64 * 1024 * 1024   # code held by queued runs (written to files when they start), then 429
+EXIT_POLL_S = 0.5                     # with no thread to wait for a leader, look this often
 MAX_CONNECTIONS = 256                 # open client connections; one more gets 503
 MAX_BODY_BYTES = 10 * 1024 * 1024     # api.md §10: larger bodies get 413 unread
 MAX_REQUEST_LINE_BYTES = 8192         # longer request lines get 414
@@ -693,7 +696,10 @@ def _parse_signal(value: Any) -> int:
 @dataclasses.dataclass
 class _Launch:
     """What to run: argv, where, with which environment, and the temp file to
-    remove when it ends. Built by the HTTP layer, consumed by the manager."""
+    remove when it ends. Built by the HTTP layer, consumed by the manager.
+
+    For code, ``code`` and ``code_argv`` stand in for argv until the process
+    starts: the code file is written then, so a queued run holds no file."""
 
     argv: List[str]
     cwd: str
@@ -708,6 +714,19 @@ class _Launch:
     idle_timeout: Optional[float] = None   # end the process after this long without output
     limits: Optional["_LimitValues"] = None    # api.md §14, validated (section "Children: limits")
     user: Optional["_RunAs"] = None
+    code: Optional[bytes] = None           # the code to write to a file when the process starts
+    code_suffix: str = ""
+    code_argv: Optional[Callable[[str], List[str]]] = None   # argv for the code file's path
+
+    def prepare(self) -> None:
+        """Write the code file (just before the spawn) and make the argv that
+        runs it. The file is 0600 and, with a ``user``, owned by that user:
+        readable by it and by nobody else."""
+        if self.code is not None and self.code_argv is not None and self.tempfile is None:
+            self.tempfile = _write_code_file(self.code, self.code_suffix)
+            if self.user is not None and not self.user.is_current:
+                os.chown(self.tempfile, self.user.uid, self.user.gid)   # on failure cleanup() removes it
+            self.argv = self.code_argv(self.tempfile)
 
     def cleanup(self) -> None:
         if self.tempfile:
@@ -938,14 +957,14 @@ def _resolve_language(value: Any) -> Tuple[str, str]:
     return name, program
 
 
-def _write_code_file(code: str, suffix: str) -> str:
+def _write_code_file(code: bytes, suffix: str) -> str:
     """The code in a private (0600) temp file, so there is no argv length limit
-    and tracebacks name a real file."""
+    and tracebacks name a real file. A full disk removes the partial file."""
     import tempfile  # imported here: it costs import time and is needed only to run code
     fd, path = tempfile.mkstemp(prefix="hopx-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(code.encode("utf-8"))
+            fh.write(code)
     except BaseException:
         os.unlink(path)
         raise
@@ -981,14 +1000,20 @@ class _Watchdog:
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
 
+    def ensure_running(self) -> None:
+        """Start the thread now if it is not running; RuntimeError when it cannot be."""
+        with self._cond:
+            if self._thread is None and not self._stopped:
+                thread = threading.Thread(target=self._run, name="hopx-watchdog", daemon=True)
+                thread.start()           # raises before we remember it: a later call tries again
+                self._thread = thread
+
     def schedule(self, delay: float, fn: Callable[[], None]) -> _Timer:
+        self.ensure_running()
         with self._cond:
             self._seq += 1
             timer = _Timer(time.monotonic() + delay, self._seq, fn)
             heapq.heappush(self._heap, timer)
-            if self._thread is None and not self._stopped:
-                self._thread = threading.Thread(target=self._run, name="hopx-watchdog", daemon=True)
-                self._thread.start()
             if self._heap[0] is timer:
                 self._cond.notify()
             return timer
@@ -1080,11 +1105,18 @@ class _WorkerPool:
             if self._stopped:       # a start that raced shutdown still gets its threads
                 threading.Thread(target=fn, args=args, name=name, daemon=True).start()
                 return
-            self._jobs.append((name, fn, args))
+            job = (name, fn, args)
+            self._jobs.append(job)
             if self._idle >= len(self._jobs):
                 self._cond.notify()
                 return
-        self._grow()            # the reserve ran out: this start pays for a new thread
+        try:
+            self._grow()        # the reserve ran out: this start pays for a new thread
+        except RuntimeError:    # none to be had (a pids or memory limit): take the job back, say so
+            with self._cond:
+                if job in self._jobs and self._idle < len(self._jobs):
+                    self._jobs.remove(job)
+                    raise Unavailable("no thread is available to run %s" % name) from None
 
     def _grow(self) -> None:
         with self._cond:
@@ -1093,7 +1125,12 @@ class _WorkerPool:
             self._seq += 1
             thread = threading.Thread(target=self._work, name="hopx-worker-%d" % self._seq, daemon=True)
             self._threads.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:     # never started: stop() must not join it
+            with self._cond:
+                self._threads.discard(thread)
+            raise
 
     def _next_job(self) -> Optional[Tuple[str, Callable[..., None], Tuple[Any, ...], bool]]:
         """Wait for a job; None when this thread should end. The flag says
@@ -1121,7 +1158,10 @@ class _WorkerPool:
                     return
                 name, fn, args, top_up = job
                 if top_up:
-                    self._grow()
+                    try:
+                        self._grow()
+                    except RuntimeError:     # the reserve stays short; this job runs anyway
+                        pass
                 me.name = name
                 try:
                     fn(*args)
@@ -1179,6 +1219,15 @@ class _ExitWatcher:
                 log.debug("exit watcher unavailable for pid %d: %s", pid, exc)
                 os.close(pidfd)
                 return False
+
+    def ensure_running(self) -> None:
+        """Start the epoll set and its thread now (where pidfds exist); OSError
+        or RuntimeError when that cannot be done."""
+        if not hasattr(os, "pidfd_open") or not hasattr(select, "epoll"):
+            return
+        with self._lock:
+            if self._epoll is None and not self._stopped:
+                self._start()
 
     def _start(self) -> None:
         """The epoll set, its wake-up pipe and the thread (with ``_lock`` held)."""
@@ -2748,8 +2797,14 @@ class _Subreaper:
             return False
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="hopx-reaper", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="hopx-reaper", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:
+                    _set_subreaper(False)      # adopted orphans would have nobody to reap them
+                    log.warning("cannot start the orphan reaper: not a subreaper")
+                    return False
+                self._thread = thread
         return True
 
     def _run(self) -> None:
@@ -2871,17 +2926,11 @@ class _Launcher:
         temp file (0600, owned by ``user`` when there is one: readable by it and nobody else)."""
         lang, program = _resolve_language(language)
         directory = self.resolve_cwd(cwd)
-        path = _write_code_file(code, _LANGUAGES[lang][3])
-        try:
-            if user is not None and not user.is_current:
-                os.chown(path, user.uid, user.gid)
-        except OSError:
-            os.unlink(path)
-            raise
-        argv = _LANGUAGES[lang][2](program, path)
-        return _Launch(argv=argv, cwd=directory, env=self.child_env(env), kind="code", language=lang,
-                       name=name, timeout=timeout, stdin=stdin, tempfile=path, idle_timeout=idle_timeout,
-                       limits=limits, user=user)
+        build = _LANGUAGES[lang][2]
+        return _Launch(argv=[program], cwd=directory, env=self.child_env(env), kind="code", language=lang,
+                       name=name, timeout=timeout, stdin=stdin, idle_timeout=idle_timeout,
+                       code=code.encode("utf-8"), code_suffix=_LANGUAGES[lang][3],
+                       code_argv=lambda path: build(program, path), limits=limits, user=user)
 
     def command_launch(self, command: str, args: Optional[List[str]] = None, *,
                        cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
@@ -2922,6 +2971,7 @@ class _Registry:
         self._records: Dict[str, _ProcessRecord] = {}          # creation order = listing order
         self._finished: "collections.OrderedDict[str, _ProcessRecord]" = collections.OrderedDict()
         self._queue: collections.deque = collections.deque()   # FIFO of queued records
+        self._queued_code_bytes = 0                            # code the queued records hold in memory
         self.running = 0                                       # slots taken (spawning or running)
         self.closed = False
         self._finished_bytes = 0                               # output held by finished records
@@ -2945,12 +2995,35 @@ class _Registry:
             elif len(self._queue) >= self.config.queue_limit:
                 raise LimitExceeded("too many processes: %d running and %d queued"
                                     % (self.running, len(self._queue)))
+            elif self._queued_code_bytes + len(rec.launch.code or b"") > QUEUE_CODE_BYTES:
+                raise LimitExceeded("the queue holds %d bytes of code already (at most %d)"
+                                    % (self._queued_code_bytes, QUEUE_CODE_BYTES))
             else:
                 self._queue.append(rec)
+                self._queued_code_bytes += len(rec.launch.code or b"")
                 run_now = False
             self._records[rec.id] = rec
             self._stats["started"] += 1
         return run_now
+
+    def withdraw(self, rec: _ProcessRecord) -> List[_ProcessRecord]:
+        """Forget a record that could not start, as if it never came; returns
+        queued records that may start in its slot."""
+        with self.lock:
+            self._records.pop(rec.id, None)
+            self._stats["started"] -= 1
+            self.running -= 1
+            return self._ready()
+
+    def _ready(self) -> List[_ProcessRecord]:
+        """Queued records that may start now, their slots taken (call with ``lock`` held)."""
+        ready = []
+        while not self.closed and self._queue and self.running < self.config.max_running:
+            rec = self._queue.popleft()
+            self._queued_code_bytes -= len(rec.launch.code or b"")
+            ready.append(rec)
+            self.running += 1
+        return ready
 
     def dequeue(self, rec: _ProcessRecord) -> bool:
         """Take a record out of the queue; False if it was not queued."""
@@ -2958,6 +3031,7 @@ class _Registry:
             if rec not in self._queue:
                 return False
             self._queue.remove(rec)
+            self._queued_code_bytes -= len(rec.launch.code or b"")
             return True
 
     def close(self) -> Tuple[List[_ProcessRecord], List[_ProcessRecord]]:
@@ -2966,6 +3040,7 @@ class _Registry:
             self.closed = True
             queued = list(self._queue)
             self._queue.clear()
+            self._queued_code_bytes = 0
             return queued, [r for r in self._records.values() if r not in queued]
 
     def retire(self, rec: _ProcessRecord, *, was_running: bool) -> List[_ProcessRecord]:
@@ -2982,11 +3057,7 @@ class _Registry:
             self._stats["status_" + status] += 1
             self._stats["reason_" + str(reason)] += 1
             self._enforce_retention()
-            ready = []
-            while not self.closed and self._queue and self.running < self.config.max_running:
-                ready.append(self._queue.popleft())
-                self.running += 1
-        return ready
+            return self._ready()
 
     def _enforce_retention(self) -> None:
         """Keep at most ``retain`` finished records and ``output_budget`` bytes
@@ -3106,6 +3177,30 @@ def _write_before(fd: int, data: bytes, deadline: float) -> int:
     return written
 
 
+class _StartRefused(Exception):
+    """A child that cannot start now for want of a resource; nothing of it ran."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        if isinstance(cause, AgentError):
+            self.error: AgentError = cause
+        elif isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.error = AgentError("no space left to write the code file (%s)" % (cause.strerror or cause),
+                                    status=507, code="INSUFFICIENT_STORAGE")
+        else:
+            self.error = Unavailable("cannot start a process now: %s" % (
+                "no thread available" if isinstance(cause, RuntimeError) else getattr(cause, "strerror", None) or cause))
+
+
+def _has_exited(pid: int) -> bool:
+    """True when our child ``pid`` has exited (not reaped: WNOWAIT) or is gone."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
 class _Lifecycle:
     """Carries each record from spawn to final: its pipes drained by pooled
     readers, its leader's exit seen by the exit watcher, its timers on the
@@ -3120,36 +3215,75 @@ class _Lifecycle:
         self.workers = _WorkerPool()
         self.exits = _ExitWatcher()
 
-    def start_all(self, recs: List[_ProcessRecord]) -> None:
-        """Spawn each record; a spawn that fails frees its slot for the next queued one."""
+    def start_all(self, recs: List[_ProcessRecord], *, refuse_first: bool = False) -> None:
+        """Spawn each record; a spawn that fails frees its slot for the next queued one.
+
+        With ``refuse_first`` (a start answering its request), a first record
+        the machine cannot start now (no thread, no descriptor, a full disk)
+        is withdrawn as if it never came, and the refusal raised: nothing ran.
+        Later ones (queued, nobody waiting) are recorded as ``spawn_failed``.
+        """
         pending = collections.deque(recs)
+        first = recs[0] if refuse_first and recs else None
         while pending:
-            pending.extend(self._spawn(pending.popleft()))
+            rec = pending.popleft()
+            try:
+                pending.extend(self._spawn(rec))
+            except _StartRefused as refused:
+                if rec is first:
+                    rec.launch.cleanup()
+                    self.start_all(self.registry.withdraw(rec))
+                    raise refused.error from None
+                pending.extend(self._spawn_failed(rec, refused.cause))
 
     def _spawn(self, rec: _ProcessRecord) -> List[_ProcessRecord]:
+        """Start one record's child. Everything the child needs from the agent
+        (its code file, pipes, the timer and exit-watcher threads, two pooled
+        readers) is had before it is forked, so a shortage refuses the start
+        (_StartRefused) before anything ran, and a running child always has
+        its readers and a watcher."""
         launch = rec.launch
         fds: List[int] = []
         try:
+            launch.prepare()
             out_r, out_w = os.pipe()
             fds += [out_r, out_w]
             err_r, err_w = os.pipe()
             fds += [err_r, err_w]
+            self.watchdog.ensure_running()
+            self.exits.ensure_running()
+            with rec.cond:
+                rec.open_streams = 2
+            short = rec.id[5:13]
+            self.workers.submit("hopx-proc-%s-stdout" % short, self._read_stream, rec, out_r, "stdout")
+            fds.remove(out_r)            # the reader owns it now
+            self.workers.submit("hopx-proc-%s-stderr" % short, self._read_stream, rec, err_r, "stderr")
+            fds.remove(err_r)
+        except (OSError, RuntimeError, Unavailable) as exc:
+            for fd in fds:               # a reader already given its pipe sees EOF and ends
+                _close_quietly(fd)
+            raise _StartRefused(exc) from None
+        return self._fork(rec, out_w, err_w)
+
+    def _fork(self, rec: _ProcessRecord, out_w: int, err_w: int) -> List[_ProcessRecord]:
+        launch = rec.launch
+        try:
             spec = _ChildSpec(argv=launch.argv, cwd=launch.cwd, env=launch.env, stdout=out_w, stderr=err_w,
                               stdin=subprocess.PIPE if launch.stdin else subprocess.DEVNULL,
                               limits=launch.limits, user=launch.user, name=rec.id)
             popen = self.spawner.spawn(spec)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            for fd in fds:
-                _close_quietly(fd)
+            if isinstance(exc, BlockingIOError) or getattr(exc, "errno", None) in (errno.EAGAIN, errno.ENOMEM):
+                raise _StartRefused(exc) from None    # fork itself failed: nothing ran (the readers see EOF)
             return self._spawn_failed(rec, exc)
-        os.close(out_w)
-        os.close(err_w)
+        finally:
+            _close_quietly(out_w)        # the readers reach EOF when the child (or nobody) holds these
+            _close_quietly(err_w)
         with rec.cond:
             rec.confinement = spec.confinement
             rec.popen, rec.pid = popen, popen.pid
             rec.status = "running"
             rec.started, rec.started_mono = time.time(), time.monotonic()
-            rec.open_streams = 2
             rec.last_output = rec.started_mono
             kill_now = rec.kill_reason is not None
             rec.cond.notify_all()
@@ -3158,23 +3292,42 @@ class _Lifecycle:
             rec.timer = self.watchdog.schedule(launch.timeout, lambda: self.on_timeout(rec))
         if launch.idle_timeout:
             rec.idle_timer = self.watchdog.schedule(launch.idle_timeout, lambda: self._on_idle(rec))
-        short = rec.id[5:13]
-        self.workers.submit("hopx-proc-%s-stdout" % short, self._read_stream, rec, out_r, "stdout")
-        self.workers.submit("hopx-proc-%s-stderr" % short, self._read_stream, rec, err_r, "stderr")
-        if not self.exits.watch(popen.pid, lambda: self._leader_exited(rec)):
-            self.workers.submit("hopx-proc-%s-wait" % short, self._wait_leader, rec)
+        self._watch_leader(rec)
         if kill_now:
             self.terminate(rec)
         log.debug("started %s pid %d: %s", rec.id, popen.pid, launch.argv[0])
         return []
 
+    def _watch_leader(self, rec: _ProcessRecord) -> None:
+        """The leader's exit: by its pidfd, else a waiter job, else (no thread
+        to be had) a watchdog timer that looks every EXIT_POLL_S."""
+        pid = rec.pid or 0
+        if self.exits.watch(pid, lambda: self._leader_exited(rec)):
+            return
+        try:
+            self.workers.submit("hopx-proc-%s-wait" % rec.id[5:13], self._wait_leader, rec)
+        except (RuntimeError, Unavailable):
+            log.warning("no thread to wait for %s: polling its exit", rec.id)
+            self._poll_leader(rec)
+
+    def _poll_leader(self, rec: _ProcessRecord) -> None:
+        if _has_exited(rec.pid or 0):
+            self._leader_exited(rec)
+        else:
+            self.watchdog.schedule(EXIT_POLL_S, lambda: self._poll_leader(rec))
+
     def _spawn_failed(self, rec: _ProcessRecord, exc: BaseException) -> List[_ProcessRecord]:
         """Record a child that never ran: a shell's 127 (not found) or 126, and the OS error."""
         missing = isinstance(exc, FileNotFoundError)
-        text = "%s: %s" % (rec.launch.argv[0], exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        cwd = rec.launch.cwd
+        if isinstance(exc, OSError) and (exc.filename == cwd or not os.path.isdir(cwd)):
+            text = "the working directory %s is gone (%s)" % (cwd, exc.strerror or exc)
+        else:
+            text = "cannot run %s: %s" % (rec.launch.argv[0],
+                                          exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
         with rec.cond:
             rec.error = text
-            rec.stderr.append(("hopx_agent: cannot run %s\n" % text).encode("utf-8", "replace"))
+            rec.stderr.append(("hopx_agent: %s\n" % text).encode("utf-8", "replace"))
             rec.set_final("spawn_failed", 127 if missing else 126, None)
         log.info("spawn failed for %s: %s", rec.id, text)
         return self.retire(rec, was_running=True)
@@ -3286,9 +3439,12 @@ class _Lifecycle:
         with rec.cond:
             conf = rec.confinement if rec.exit_info is not None and not rec.finished else None
         usage = conf.finish() if conf is not None else {}   # usage read, the rest ended, cgroups removed
+        if conf is not None:
+            rec.launch.cleanup()     # before it is final: whoever waits for it finds the code file gone
         with rec.cond:
             if rec.exit_info is None or rec.finished:
                 return
+
             status, rusage = rec.exit_info
             rec.usage = usage
             exit_code, signame = None, None
@@ -3493,7 +3649,7 @@ class ProcessManager:
             launch.cleanup()
             raise
         if run_now:
-            self.lifecycle.start_all([rec])
+            self.lifecycle.start_all([rec], refuse_first=True)
         return rec
 
     def kill(self, process_id: str, sig: Optional[int] = None, *, wait: bool = True) -> Dict[str, Any]:
@@ -3708,8 +3864,20 @@ class _Webhook:
             rec.extra["webhook"] = {"url": self.url, "delivered": False, "attempts": 0,
                                     "last_status": None, "last_error": None}
             rec.changes += 1
-        threading.Thread(target=self._deliver, args=(rec,), daemon=True,
-                         name="hopx-webhook-%s" % rec.id[5:13]).start()
+        self._start_thread(rec, WEBHOOK_ATTEMPTS)
+
+    def _start_thread(self, rec: _ProcessRecord, tries: int) -> None:
+        """The delivery thread; where none can be had now, try again later (a
+        result is not dropped for want of a thread)."""
+        try:
+            threading.Thread(target=self._deliver, args=(rec,), daemon=True,
+                             name="hopx-webhook-%s" % rec.id[5:13]).start()
+        except RuntimeError:
+            if tries <= 1 or self.manager.stopping.is_set():
+                log.warning("webhook for %s not delivered: no thread could be started", rec.id)
+                self.manager.count("webhooks_failed")
+                return
+            self.manager.watchdog.schedule(WEBHOOK_BACKOFF_S, lambda: self._start_thread(rec, tries - 1))
 
     def payload(self, rec: _ProcessRecord) -> bytes:
         with rec.cond:
@@ -3777,20 +3945,16 @@ class _ClientGone(Exception):
     """The client closed the connection; there is nobody to answer."""
 
 
-class _DeadlineReader(io.RawIOBase):
+class _DeadlineReader:
     """Socket reads bounded by one deadline for a whole request, so that a
     client dribbling a byte a second cannot hold a thread (a per-recv timeout
     would never fire)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        super().__init__()
         self._sock = sock
         self.deadline: Optional[float] = None
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
+    def recv(self, size: int) -> bytes:
         while self.deadline is not None:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
@@ -3802,14 +3966,67 @@ class _DeadlineReader(io.RawIOBase):
             if not current or current > remaining + 0.5:
                 self._sock.settimeout(remaining)
             try:
-                return self._sock.recv_into(buffer)
+                return self._sock.recv(size)
             except socket.timeout:
                 self._sock.settimeout(max(0.001, self.deadline - time.monotonic()))
         while True:   # no deadline (a WebSocket): another thread's write timeout is not ours
             try:
-                return self._sock.recv_into(buffer)
+                return self._sock.recv(size)
             except (socket.timeout, BlockingIOError):
                 continue
+
+
+class _ConnReader:
+    """The buffered reading side of one connection, as http.server's rfile:
+    the bytes the accept loop already read come first, then the socket
+    through the deadline reader. What is left unread after a request (a
+    pipelined next request) goes back to the accept loop with the connection."""
+
+    def __init__(self, raw: _DeadlineReader, prefix: bytes = b"") -> None:
+        self._raw = raw
+        self._buf = bytearray(prefix)
+
+    def _fill(self, size: int = 65536) -> bool:
+        data = self._raw.recv(max(size, 65536))
+        if not data:
+            return False
+        self._buf += data
+        return True
+
+    def _take(self, size: int) -> bytes:
+        data = bytes(self._buf[:size])
+        del self._buf[:size]            # O(1) at the front of a bytearray
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        searched = 0
+        while True:
+            end = len(self._buf) if limit < 0 else min(len(self._buf), limit)
+            found = self._buf.find(b"\n", searched, end)
+            if found >= 0:
+                return self._take(found + 1)
+            if 0 <= limit <= len(self._buf):
+                return self._take(limit)
+            searched = end
+            if not self._fill():
+                return self._take(len(self._buf))
+
+    def read(self, size: int) -> bytes:
+        while len(self._buf) < size and self._fill(size - len(self._buf)):
+            pass
+        return self._take(min(size, len(self._buf)))
+
+    def read1(self, size: int) -> bytes:
+        if not self._buf:
+            self._fill(size)
+        return self._take(min(size, len(self._buf)))
+
+    def leftover(self) -> bytes:
+        """What was read from the socket and not consumed: it belongs to the next request."""
+        return self._take(len(self._buf))
+
+    def close(self) -> None:
+        self._buf = bytearray()
 
 
 def _no_stream_body(size: int = 0) -> Iterator[bytes]:
@@ -3819,9 +4036,11 @@ def _no_stream_body(size: int = 0) -> Iterator[bytes]:
 class _Request:
     """One parsed request: the endpoints' only view of HTTP.
 
-    The transport gives it two callables besides the parsed head:
+    The transport gives it callables besides the parsed head:
     ``client_gone()`` says whether the client hung up (synchronous runs end
-    their process then), and on ``body="stream"`` routes ``read_body(size)``
+    their process then); ``long_wait()`` says the endpoint is about to block
+    for long (a synchronous run, a long poll), so the request leaves the
+    request-thread slots; and on ``body="stream"`` routes ``read_body(size)``
     yields the body in chunks of at most ``size`` bytes, sending
     ``100 Continue`` first when the client asked for it, so a request refused
     before its body is read gets its final answer instead.
@@ -3829,7 +4048,7 @@ class _Request:
 
     __slots__ = ("method", "target", "path", "query", "headers", "body", "request_id", "version",
                  "close", "claims", "route", "body_read", "content_length", "client_gone", "read_body",
-                 "_json")
+                 "long_wait", "_json")
 
     def __init__(self) -> None:
         self.method, self.target, self.path, self.version = "", "", "", "HTTP/1.1"
@@ -3844,6 +4063,7 @@ class _Request:
         self.route = "unmatched"
         self.client_gone: Callable[[], bool] = lambda: False
         self.read_body: Callable[..., Iterator[bytes]] = _no_stream_body
+        self.long_wait: Callable[[], bool] = lambda: False
         self._json: Optional[Dict[str, Any]] = None
 
 
@@ -4189,6 +4409,393 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # ============================================================================
+# HTTP transport: connections (one accept loop, a pool of request threads)
+# ============================================================================
+
+HEAD_DEADLINE_S = 10.0                # from a request's first byte to the end of its head
+MAX_REQUEST_THREADS = 64              # requests handled at once; more wait, their heads read, for one
+REQUEST_THREADS_KEPT = 4              # idle request threads kept ready; the others end when idle
+REQUEST_THREAD_IDLE_S = 5.0           # a request thread beyond those ends after this long idle
+MAX_STREAMS = 256                     # streams (SSE, WebSocket, transfers) at once, apart from requests
+MAX_HEAD_BUFFER_BYTES = MAX_REQUEST_LINE_BYTES + MAX_HEADER_BYTES + 8   # then the parser says 414/431
+
+
+class _Conn:
+    """A client connection and what the accept loop has read from it."""
+
+    __slots__ = ("sock", "addr", "buf", "idle_since", "head_since", "seq")
+
+    def __init__(self, sock: socket.socket, addr: Any, seq: int) -> None:
+        self.sock, self.addr, self.seq = sock, addr, seq
+        self.buf = bytearray()
+        self.idle_since = time.monotonic()     # sent nothing of its next request since then
+        self.head_since: Optional[float] = None   # when the head now being read began
+
+    def head_complete(self) -> bool:
+        """A whole request head (or more than a head may be) has arrived."""
+        start = 0
+        while start < min(len(self.buf), 8) and self.buf[start] in b"\r\n":
+            start += 1                       # stray CRLFs before a request (RFC 9112 §2.2)
+        return (self.buf.find(b"\n\r\n", start) >= 0 or self.buf.find(b"\n\n", start) >= 0
+                or len(self.buf) > MAX_HEAD_BUFFER_BYTES)
+
+
+def _refusal(status: int, exc: AgentError) -> bytes:
+    """A complete answer for a connection that gets no thread (503 at the cap, 408)."""
+    request_id = secrets.token_hex(8)
+    body = _json_bytes(exc.to_json(request_id=request_id))
+    reason = http.server.BaseHTTPRequestHandler.responses.get(status, ("",))[0]
+    head = ("HTTP/1.1 %d %s\r\nServer: hopx-agent/%s\r\nX-Request-ID: %s\r\nContent-Type: application/json\r\n"
+            "Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+            % (status, reason, __version__, request_id, len(body)))
+    return head.encode("ascii") + body
+
+
+class _RequestThreads:
+    """The threads that handle requests whose head has arrived: at most
+    MAX_REQUEST_THREADS at once, reused, a few kept idle. A thread whose
+    request becomes a stream leaves the pool (release()), so streams never
+    take request slots."""
+
+    def __init__(self, run: Callable[[_Conn], None], limit: int = MAX_REQUEST_THREADS) -> None:
+        self._run = run
+        self._limit = limit
+        self._cond = threading.Condition()   # guards every field below
+        self._pending: collections.deque = collections.deque()
+        self._threads = 0                    # pool threads alive (busy or idle)
+        self._idle = 0
+        self._seq = 0
+        self._stopped = False
+        self._local = threading.local()      # .released: this thread left the pool for a stream
+
+    def submit(self, conn: _Conn) -> bool:
+        """Queue a connection for a thread; False when no thread exists nor can be started."""
+        with self._cond:
+            self._pending.append(conn)
+            if self._idle >= len(self._pending) or self._threads >= self._limit:
+                self._cond.notify()
+                return True
+            self._threads += 1
+            self._seq += 1
+            name = "hopx-request-%d" % self._seq
+        try:
+            threading.Thread(target=self._work, name=name, daemon=True).start()
+            return True
+        except RuntimeError:      # no thread to be had (pid or memory limits): say so, not a reset
+            with self._cond:
+                self._threads -= 1
+                if self._threads or conn not in self._pending:
+                    return True   # another thread will take it
+                self._pending.remove(conn)
+            log.warning("cannot start a thread for a request: answering 503")
+            return False
+
+    def release(self) -> None:
+        """The calling pool thread's request became a stream: it no longer counts."""
+        if getattr(self._local, "released", True):
+            return
+        self._local.released = True
+        with self._cond:
+            self._threads -= 1
+            need = bool(self._pending) and self._idle == 0 and self._threads < self._limit
+        if need:                  # requests are waiting: a new thread takes over the slot
+            self._grow()
+
+    def _grow(self) -> None:
+        with self._cond:
+            self._threads += 1
+            self._seq += 1
+            name = "hopx-request-%d" % self._seq
+        try:
+            threading.Thread(target=self._work, name=name, daemon=True).start()
+        except RuntimeError:
+            with self._cond:
+                self._threads -= 1
+
+    def _next(self) -> Optional[_Conn]:
+        with self._cond:
+            while not self._pending:
+                if self._stopped:
+                    self._threads -= 1
+                    return None
+                self._idle += 1
+                notified = self._cond.wait(None if self._threads <= REQUEST_THREADS_KEPT else REQUEST_THREAD_IDLE_S)
+                self._idle -= 1
+                if not notified and not self._pending and self._threads > REQUEST_THREADS_KEPT:
+                    self._threads -= 1
+                    return None
+            return self._pending.popleft()
+
+    def _work(self) -> None:
+        me = threading.current_thread()
+        idle_name = me.name
+        while True:
+            conn = self._next()
+            if conn is None:
+                return
+            self._local.released = False
+            me.name = "hopx-http-%d" % conn.seq      # a busy request thread, by its connection
+            try:
+                self._run(conn)
+            except Exception:
+                log.exception("request thread failed")
+            finally:
+                me.name = idle_name
+            if self._local.released:                 # it served a stream: the pool replaced it
+                return
+
+    def stop(self) -> List[_Conn]:
+        """Idle threads end; returns the connections still waiting for one."""
+        with self._cond:
+            self._stopped = True
+            pending = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        return pending
+
+
+class _Hub:
+    """The accept loop: one thread and one selector hold every connection that
+    is idle or still sending its request head, so an idle or slow client
+    costs no thread; a connection gets a request thread only once a whole
+    head has arrived, and comes back here between kept-alive requests.
+
+    At the cap (``max_connections``, streams not counted) the connection
+    idle the longest is closed for the new one; with none idle the new one
+    gets 503. Heads must arrive within HEAD_DEADLINE_S (408), idle kept-alive
+    connections close after KEEPALIVE_IDLE_S.
+    """
+
+    def __init__(self, server: "_AgentServer") -> None:
+        self._server = server
+        self._lock = threading.Lock()        # guards _returned, _streams, _active, _seq
+        self._returned: List[_Conn] = []     # connections handed back by request threads
+        self._active = 0                     # connections with a request thread (not streams)
+        self._streams = 0
+        self._seq = 0
+        # fd -> connection held by the loop: changed by its thread only (under _lock, for counts())
+        self._held: Dict[int, _Conn] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._done.set()
+        self.threads = _RequestThreads(server.handle_connection)
+
+    # -- called from request threads ---------------------------------------------
+
+    def give_back(self, conn: _Conn, *, stream: bool) -> None:
+        """A kept-alive connection whose request is answered (``stream``: it
+        had left the request slots): wait for its next head here."""
+        conn.idle_since, conn.head_since = time.monotonic(), None
+        with self._lock:
+            if stream:
+                self._streams -= 1
+            else:
+                self._active -= 1
+            self._returned.append(conn)
+        self._wake()
+
+    def closed(self, conn: _Conn, *, stream: bool) -> None:
+        with self._lock:
+            if stream:
+                self._streams -= 1
+            else:
+                self._active -= 1
+        self._wake()
+
+    def to_stream(self, conn: _Conn, *, capped: bool) -> bool:
+        """The connection's request becomes a stream (or a long wait): it leaves
+        the request slots and the connection cap. False over MAX_STREAMS."""
+        with self._lock:
+            if capped and self._streams >= MAX_STREAMS:
+                return False
+            self._active -= 1
+            self._streams += 1
+        self.threads.release()
+        self._wake()
+        return True
+
+    def counts(self) -> Dict[str, int]:
+        with self._lock:
+            reading = sum(1 for conn in self._held.values() if conn.buf)
+            return {"active": self._active, "streams": self._streams, "reading": reading,
+                    "idle": len(self._held) - reading}
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:           # full (a wake-up is pending anyway) or closed at shutdown
+            pass
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self, listener: socket.socket, poll_interval: float) -> None:
+        self._stop.clear()
+        self._done.clear()
+        selector = selectors.DefaultSelector()
+        try:
+            listener.setblocking(False)
+            selector.register(listener, selectors.EVENT_READ, "accept")
+            selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+            while not self._stop.is_set():
+                timeout = max(0.0, min(poll_interval, self._next_deadline() - time.monotonic()))
+                for key, _ in selector.select(timeout):
+                    if key.data == "accept":
+                        self._accept(selector, listener)
+                    elif key.data == "wake":
+                        self._take_returned(selector)
+                    else:
+                        self._readable(selector, key.data)
+                self._expire(selector)
+        finally:
+            for conn in list(self._held.values()):
+                self._drop(selector, conn)
+            selector.close()
+            self._done.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake()
+        self._done.wait(timeout)
+        for conn in self.threads.stop():     # heads read, never answered: close them
+            _close_socket(conn.sock)
+
+    def close(self) -> None:
+        for sock in (self._wake_r, self._wake_w):
+            sock.close()
+
+    def _accept(self, selector: Any, listener: socket.socket) -> None:
+        for _ in range(64):                  # a burst at a time; the rest on the next round
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:           # EMFILE and the like: log, keep serving the others
+                log.warning("accept failed: %s", exc)
+                return
+            with self._lock:
+                self._seq += 1
+                seq = self._seq
+            if self._full() and not self._evict_idle(selector):
+                self._refuse(sock, 503, Unavailable("too many open connections (max %d)"
+                                                    % self._server.config.max_connections))
+                continue
+            sock.setblocking(False)
+            conn = _Conn(sock, addr, seq)
+            self._hold(selector, conn)
+
+    def _full(self) -> bool:
+        with self._lock:
+            return self._active + len(self._held) >= self._server.config.max_connections
+
+    def _evict_idle(self, selector: Any) -> bool:
+        """Close the connection idle the longest (it has sent nothing since its last answer)."""
+        idle = [c for c in self._held.values() if not c.buf]
+        if not idle:
+            return False
+        self._drop(selector, min(idle, key=lambda c: c.idle_since))
+        return True
+
+    def _hold(self, selector: Any, conn: _Conn) -> None:
+        if conn.buf and conn.head_since is None:
+            conn.head_since = time.monotonic()
+        with self._lock:
+            self._held[conn.sock.fileno()] = conn
+        selector.register(conn.sock, selectors.EVENT_READ, conn)
+        if conn.head_complete():             # a pipelined request came back with its connection
+            self._dispatch(selector, conn)
+
+    def _drop(self, selector: Any, conn: _Conn) -> None:
+        with self._lock:
+            self._held.pop(conn.sock.fileno(), None)
+        try:
+            selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        _close_socket(conn.sock)
+
+    def _take_returned(self, selector: Any) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:       # BlockingIOError: drained
+            pass
+        with self._lock:
+            returned, self._returned = self._returned, []
+        for conn in returned:
+            conn.sock.setblocking(False)
+            self._hold(selector, conn)
+
+    def _readable(self, selector: Any, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:                         # the client closed (or reset) its side
+            self._drop(selector, conn)
+            return
+        if not conn.buf:
+            conn.head_since = time.monotonic()
+        conn.buf += data
+        if conn.head_complete():
+            self._dispatch(selector, conn)
+
+    def _dispatch(self, selector: Any, conn: _Conn) -> None:
+        """Hand a connection with a whole head to a request thread."""
+        selector.unregister(conn.sock)
+        conn.sock.setblocking(True)
+        with self._lock:
+            self._held.pop(conn.sock.fileno(), None)
+            self._active += 1
+        if not self.threads.submit(conn):
+            with self._lock:
+                self._active -= 1
+            self._refuse(conn.sock, 503, Unavailable("no thread is available to serve the request"))
+
+    def _refuse(self, sock: socket.socket, status: int, exc: AgentError) -> None:
+        """A short answer on a fresh or idle socket: its send buffer takes it at once."""
+        try:
+            sock.setblocking(False)
+            sock.send(_refusal(status, exc))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        _close_socket(sock)
+
+    def _next_deadline(self) -> float:
+        deadline = time.monotonic() + 60.0
+        head_s = min(HEAD_DEADLINE_S, self._server.config.request_deadline)
+        for conn in self._held.values():
+            due = conn.head_since + head_s if conn.buf and conn.head_since else conn.idle_since + KEEPALIVE_IDLE_S
+            deadline = min(deadline, due)
+        return deadline
+
+    def _expire(self, selector: Any) -> None:
+        now = time.monotonic()
+        head_s = min(HEAD_DEADLINE_S, self._server.config.request_deadline)
+        for conn in list(self._held.values()):
+            if conn.buf and conn.head_since is not None and now >= conn.head_since + head_s:
+                with self._lock:
+                    self._held.pop(conn.sock.fileno(), None)
+                selector.unregister(conn.sock)
+                self._refuse(conn.sock, 408, AgentError("request head not received in time", status=408,
+                                                        code="INVALID_REQUEST"))
+            elif not conn.buf and now >= conn.idle_since + KEEPALIVE_IDLE_S:
+                self._drop(selector, conn)
+
+
+def _close_socket(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+# ============================================================================
 # HTTP transport: the handler (reading, routing, answering) and the server
 # ============================================================================
 
@@ -4208,7 +4815,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # -- connection set-up ------------------------------------------------------
 
     def setup(self) -> None:
-        self.connection = self.request
+        self._conn: _Conn = self.request
+        self.connection = self._conn.sock
+        self._stream = False             # the request became a stream (or a long wait): see _become_stream
         try:
             # Headers and body go out in one write anyway; this also covers the
             # 100-continue interim answer (no 40 ms Nagle/delayed-ACK stalls).
@@ -4216,13 +4825,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
         self._reader = _DeadlineReader(self.connection)
-        self.rfile = io.BufferedReader(self._reader, 65536)
+        self.rfile = _ConnReader(self._reader, bytes(self._conn.buf))
+        self._conn.buf = bytearray()
+
+    def handle(self) -> None:
+        self.handle_one_request()        # one request; the hub holds the connection between requests
 
     def finish(self) -> None:
-        try:
-            self.rfile.close()
-        except OSError:
-            pass
+        """Give a kept-alive connection back to the hub (with what was read of
+        the next request), or close it."""
+        hub, conn = self.server.hub, self._conn
+        if not self.close_connection:
+            conn.buf = bytearray(self.rfile.leftover())
+            hub.give_back(conn, stream=self._stream)
+            return
+        self.rfile.close()
+        _close_socket(self.connection)
+        hub.closed(conn, stream=self._stream)
+
+    def _become_stream(self, *, capped: bool) -> bool:
+        """This request will hold its connection for long (a stream, a transfer,
+        a long wait): it leaves the request slots. False over MAX_STREAMS."""
+        if not self._stream:
+            self._stream = self.server.hub.to_stream(self._conn, capped=capped)
+        return self._stream
 
     def log_message(self, format: str, *args: Any) -> None:  # http.server's stderr logging, silenced
         log.debug("http: " + format, *args)
@@ -4231,12 +4857,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self.close_connection = True
-        self._reader.deadline = time.monotonic() + KEEPALIVE_IDLE_S
+        started = self._conn.head_since or time.monotonic()   # the request deadline runs from its first byte
+        self._reader.deadline = started + self.server.config.request_deadline
         try:
-            if not self.rfile.peek(1):          # idle keep-alive: wait for a first byte
-                return
-            started = time.monotonic()          # the request deadline runs from its first byte
-            self._reader.deadline = started + self.server.config.request_deadline
             line = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
             skipped = 0
             while line in (b"\r\n", b"\n") and skipped < 4:   # RFC 9112 §2.2: tolerate stray CRLF
@@ -4247,6 +4870,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         req = _Request()
         req.client_gone = self._client_gone
+        req.long_wait = functools.partial(self._become_stream, capped=False)
         try:
             status = self._answer(req, self._respond(req, line))
         except _ClientGone:
@@ -4283,12 +4907,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             req.close = True
             return self._error_reply(req, AgentError("internal error"))
 
+    @staticmethod
+    def _discard(result: Any) -> None:
+        """Release what an answer that will not be sent holds (a file, a generator)."""
+        if isinstance(result, _SendFile):
+            result.file.close()
+        elif isinstance(result, _Chunks) and hasattr(result.chunks, "close"):
+            result.chunks.close()
+
     def _error_reply(self, req: _Request, exc: AgentError) -> _Reply:
         return _Reply(exc.status, _json_bytes(exc.to_json(request_id=req.request_id, path=req.path)),
                       headers=exc.headers)
 
     def _answer(self, req: _Request, result: Any) -> int:
         """Write what _respond decided; returns the status for the metrics."""
+        if not isinstance(result, _Reply) and not self._become_stream(capped=True):
+            self._discard(result)
+            req.close = True
+            result = self._error_reply(req, Unavailable("too many open streams (max %d)" % MAX_STREAMS))
         if isinstance(result, _Reply):
             self._send(req, result.status, result.body, result.content_type, result.headers)
             return result.status
@@ -4423,6 +5059,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif chosen is not None and chosen[0].auth == "optional":
             self._authenticate_optional(req)
         if streaming:
+            if not self._become_stream(capped=True):
+                raise Unavailable("too many open streams (max %d)" % MAX_STREAMS)
             req.read_body = functools.partial(self._body_chunks, req)
         else:
             self._read_body(req, length)
@@ -4592,10 +5230,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class _AgentServer(http.server.ThreadingHTTPServer):
     """The HTTP server: holds the agent's state (the config, the process
-    manager, the metrics, the routes and each family's object), and caps open
-    connections (one more is answered 503 and closed)."""
+    manager, the metrics, the routes and each family's object) and the hub,
+    the accept loop that serve_forever() runs."""
 
-    daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
@@ -4606,54 +5243,34 @@ class _AgentServer(http.server.ThreadingHTTPServer):
         self.routes: Tuple[_Route, ...] = tuple(routes)
         # Each family's state: .features() for /health and /info, .close(deadline) at the end.
         self.families: List[Any] = []
-        self._conn_lock = threading.Lock()  # guards _connections and _conn_seq
-        self._connections = 0
-        self._conn_seq = 0
         super().__init__((config.host, config.port), _Handler)
+        self.hub = _Hub(self)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
-        with self._conn_lock:
-            full = self._connections >= self.config.max_connections
-            if not full:
-                self._connections += 1
-                self._conn_seq += 1
-                seq = self._conn_seq
-        if full:
-            self._refuse(request)
-            return
-        thread = threading.Thread(target=self._serve_connection, args=(request, client_address),
-                                  name="hopx-http-%d" % seq, daemon=True)
-        thread.start()
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept and serve until shutdown() (as socketserver's, on the hub)."""
+        self.hub.run(self.socket, poll_interval)
 
-    def _serve_connection(self, request: socket.socket, client_address: Any) -> None:
+    def shutdown(self) -> None:
+        """Stop accepting and close the connections waiting in the hub; requests
+        under way finish on their threads."""
+        self.hub.stop()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.hub.close()
+
+    def handle_connection(self, conn: _Conn) -> None:
+        """On a request thread: one request on ``conn`` (the handler gives the
+        connection back to the hub or closes it)."""
         try:
-            self.finish_request(request, client_address)
+            self.RequestHandlerClass(conn, conn.addr, self)
         except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-            with self._conn_lock:
-                self._connections -= 1
-
-    def _refuse(self, request: socket.socket) -> None:
-        """503 on the accepting thread: a short write to a fresh socket never blocks long."""
-        request_id = secrets.token_hex(8)
-        body = _json_bytes(Unavailable("too many open connections (max %d)" % self.config.max_connections)
-                           .to_json(request_id=request_id))
-        head = ("HTTP/1.1 503 Service Unavailable\r\nServer: hopx-agent/%s\r\nX-Request-ID: %s\r\n"
-                "Content-Type: application/json\r\nContent-Length: %d\r\nRetry-After: 1\r\n"
-                "Connection: close\r\n\r\n" % (__version__, request_id, len(body)))
-        try:
-            request.settimeout(1.0)
-            request.sendall(head.encode("ascii") + body)
-        except OSError:
-            pass
-        self.shutdown_request(request)
+            self.handle_error(conn.sock, conn.addr)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
@@ -5035,6 +5652,8 @@ def _wait_final(srv: "_AgentServer", req: _Request, rec: _ProcessRecord) -> None
     Its timeout also counts while it waits in the queue."""
     manager = srv.manager
     deadline = time.monotonic() + rec.launch.timeout
+    if not manager.wait(rec, 0.05):
+        req.long_wait()
     while not manager.wait(rec, 0.25):
         if req.client_gone():
             manager.kill(rec.id, wait=False)
@@ -5105,6 +5724,8 @@ def _get_process(srv: "_AgentServer", req: _Request, process_id: str) -> Dict[st
             raise BadRequest("query parameter 'wait' must be a number of seconds") from None
         if not 0 <= seconds <= MAX_WAIT_S:
             raise BadRequest("query parameter 'wait' must be between 0 and %g" % MAX_WAIT_S)
+        if seconds > 0:
+            req.long_wait()
         manager.wait_for_output(rec, offsets, seconds)
     return manager.describe(rec, output=_query_flag(req, "output", True), offsets=given)
 

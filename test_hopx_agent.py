@@ -2415,7 +2415,7 @@ def test_a_full_queue_raises_limit_exceeded(manager_with):
     launch = mgr.code_launch("print(1)", "python")
     with pytest.raises(hopx_agent.LimitExceeded):
         mgr.start(launch)
-    assert not os.path.exists(launch.argv[-1]), "the refused launch's temp file was left behind"
+    assert launch.tempfile is None, "the refused launch wrote a code file"
     assert len(mgr.list()) == 1 + mgr.config.queue_limit
 
 
@@ -2931,6 +2931,128 @@ def test_a_non_executable_file_as_command_fails_with_126(client, tmp_path):
     assert (answer["status"], answer["reason"], answer["exit_code"]) == ("failed", "spawn_failed", 126)
     assert str(script) in answer["error"] and "denied" in answer["error"].lower()
     assert http_wait_final(client, answer["process_id"])["exit_code"] == 126
+
+
+def test_a_working_directory_deleted_while_queued_is_named_as_gone(manager_with, tmp_path):
+    mgr = manager_with(max_running=1)
+    gone = tmp_path / "soon-gone"
+    gone.mkdir()
+    first = mgr.start(mgr.command_launch("sleep", ["1000"]))
+    queued = mgr.start(mgr.command_launch("true", [], cwd=str(gone)))
+    assert mgr.describe(queued)["status"] == "queued"
+    gone.rmdir()
+    mgr.kill(first.id)
+    assert mgr.wait(queued, WAIT_S)
+    d = mgr.describe(queued)
+    assert (d["reason"], d["exit_code"]) == ("spawn_failed", 127)
+    assert "working directory %s is gone" % gone in d["error"], d["error"]
+    assert "/bin/sh" not in d["error"] and "is gone" in d["stderr"]
+
+
+# -- resources: threads, descriptors, disk ------------------------------------------------
+
+
+def hopx_temp_files():
+    """The agent's code files in the temp directory (hopx-*)."""
+    import tempfile
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("hopx-")}
+
+
+def test_a_start_with_no_thread_to_be_had_is_refused_with_503_before_anything_ran(client, manager, monkeypatch):
+    real_start = threading.Thread.start
+
+    def no_worker_threads(thread):
+        if thread.name.startswith("hopx-worker-"):
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    manager.lifecycle.workers.stop(1.0)         # no pooled reader waits: every start needs a new thread
+    manager.lifecycle.workers = hopx_agent._WorkerPool()
+    before = hopx_temp_files()
+    monkeypatch.setattr(threading.Thread, "start", no_worker_threads)
+    status, parsed, resp = client.call("POST", "/execute/background",
+                                       {"code": "open(%r, 'w').write('ran')" % str(manager.config.workdir + "/ran")})
+    assert_error(status, parsed, resp, 503, "SERVICE_UNAVAILABLE")
+    assert "thread" in parsed["error"]
+    assert client.ok("GET", "/execute/processes")["count"] == 0       # undone: never listed
+    assert not os.path.exists(manager.config.workdir + "/ran"), "the refused start ran"
+    assert hopx_temp_files() <= before, "the refused start left its code file"
+    monkeypatch.undo()
+    answer = client.ok("POST", "/execute/background", {"code": "print('after')"})
+    assert http_wait_final(client, answer["process_id"])["stdout"] == "after\n"
+
+
+def test_a_leader_with_no_thread_to_wait_for_it_is_polled_to_its_end(manager, monkeypatch):
+    monkeypatch.setattr(hopx_agent._ExitWatcher, "watch", lambda self, pid, on_exit: False)
+    real_submit = hopx_agent._WorkerPool.submit
+
+    def no_waiters(pool, name, fn, *args):
+        if name.endswith("-wait"):
+            raise hopx_agent.Unavailable("no thread")
+        return real_submit(pool, name, fn, *args)
+
+    monkeypatch.setattr(hopx_agent._WorkerPool, "submit", no_waiters)
+    rec = manager.start(manager.code_launch("print('polled')", "python"))
+    assert manager.wait(rec, WAIT_S), "nothing noticed the leader's exit"
+    d = manager.describe(rec)
+    assert (d["status"], d["exit_code"], d["stdout"]) == ("completed", 0, "polled\n")
+    assert not zombie_children()
+
+
+def test_shutdown_is_clean_after_a_thread_failed_to_start(manager, monkeypatch):
+    real_start = threading.Thread.start
+    failures = []
+
+    def fail_once(thread):
+        if thread.name.startswith("hopx-worker-") and not failures:
+            failures.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", fail_once)
+    manager.lifecycle.workers.stop(1.0)
+    manager.lifecycle.workers = hopx_agent._WorkerPool()
+    with pytest.raises(hopx_agent.Unavailable):
+        manager.start(manager.command_launch("sleep", ["1000"]))
+    rec = manager.start(manager.command_launch("sleep", ["1000"]))
+    assert failures and manager.describe(rec)["status"] == "running"
+    manager.shutdown(5.0)        # must not try to join the thread that never started
+    assert manager.describe(rec)["reason"] == "shutdown"
+
+
+def test_a_full_disk_answers_507_and_leaves_nothing(client, monkeypatch):
+    def no_space(code, suffix):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hopx_agent, "_write_code_file", no_space)
+    status, parsed, resp = client.call("POST", "/execute/background", {"code": "print(1)"})
+    assert_error(status, parsed, resp, 507, "INSUFFICIENT_STORAGE")
+    assert "space" in parsed["error"]
+    status, parsed, resp = client.call("POST", "/execute", {"code": "print(1)"})
+    assert_error(status, parsed, resp, 507, "INSUFFICIENT_STORAGE")
+    assert client.ok("GET", "/execute/processes")["count"] == 0
+    # a command needs no code file: it still runs
+    assert client.ok("POST", "/commands/run", {"command": "echo fine"})["stdout"] == "fine\n"
+
+
+def test_a_queued_run_holds_no_code_file_until_it_starts(manager_with):
+    mgr = manager_with(max_running=1)
+    first = mgr.start(mgr.command_launch("sleep", ["1000"]))
+    queued = mgr.start(mgr.code_launch("print('late')", "python"))
+    assert mgr.describe(queued)["status"] == "queued" and queued.launch.tempfile is None
+    mgr.kill(first.id)
+    assert mgr.wait(queued, WAIT_S) and mgr.describe(queued)["stdout"] == "late\n"
+    assert queued.launch.tempfile is None    # written when it started, removed when it ended
+
+
+def test_the_queue_is_bounded_in_bytes_of_code(manager_with, monkeypatch):
+    monkeypatch.setattr(hopx_agent, "QUEUE_CODE_BYTES", 1000)
+    mgr = manager_with(max_running=1)
+    mgr.start(mgr.command_launch("sleep", ["1000"]))
+    mgr.start(mgr.code_launch("#" * 600, "python"))          # queued: 600 bytes held
+    with pytest.raises(hopx_agent.LimitExceeded, match="bytes of code"):
+        mgr.start(mgr.code_launch("#" * 600, "python"))
+    assert mgr.describe(mgr.start(mgr.code_launch("#" * 300, "python")))["status"] == "queued"
 
 
 # -- escaped descendants ------------------------------------------------------------------
@@ -3659,10 +3781,12 @@ def test_a_request_line_dribbled_byte_by_byte_is_cut_off_at_the_request_deadline
 
 def test_the_connection_cap_answers_503_and_recovers_when_one_closes(tmp_path):
     with own_server(tmp_path, max_connections=2) as srv:
-        first, second = Client(srv), Client(srv)
+        # two connections in the middle of a request head: busy, not idle, so nothing can be closed for a third
+        first, second = connect(srv), connect(srv)
         try:
-            assert first.ok("GET", "/ping")["message"] == "pong"
-            assert second.ok("GET", "/ping")["message"] == "pong"
+            for sock in (first, second):
+                sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n")
+            wait_until(lambda: srv.hub.counts()["reading"] == 2, 5, "both heads under way")
             with contextlib.closing(connect(srv)) as third:   # sends nothing: the 503 comes at once
                 data = read_until_eof(third)
             status, headers, body = parse(data)
@@ -3672,6 +3796,8 @@ def test_the_connection_cap_answers_503_and_recovers_when_one_closes(tmp_path):
             assert parsed["code"] == "SERVICE_UNAVAILABLE"
             assert parsed["error"] == parsed["message"]
             assert parsed["request_id"] and "timestamp" in parsed and "path" in parsed
+            # api.md §3: every response carries X-Request-ID, the 503 too
+            assert headers.get("x-request-id") == parsed["request_id"], "503 without X-Request-ID: %r" % headers
             first.close()
 
             def fresh_request_works():
@@ -3685,12 +3811,32 @@ def test_the_connection_cap_answers_503_and_recovers_when_one_closes(tmp_path):
                     probe.close()
 
             wait_until(fresh_request_works, 10, "a free connection slot")
-            assert second.ok("GET", "/ping")["message"] == "pong"
-            # api.md §3: every response carries X-Request-ID, the 503 too
-            assert headers.get("x-request-id") == parsed["request_id"], "503 without X-Request-ID: %r" % headers
+            second.sendall(b"\r\n")                 # the head it started is served after all
+            assert read_response(second)[0] == 200
         finally:
             first.close()
             second.close()
+
+
+def test_at_the_cap_the_connection_idle_the_longest_is_closed_for_a_new_one(tmp_path):
+    with own_server(tmp_path, max_connections=2) as srv:
+        older, newer = Client(srv), Client(srv)
+        try:
+            assert older.ok("GET", "/ping")["message"] == "pong"     # both kept alive, then idle
+            assert newer.ok("GET", "/ping")["message"] == "pong"
+            third = Client(srv)
+            assert third.ok("GET", "/ping")["message"] == "pong"     # served: the idlest one made room
+            older.conn.sock.settimeout(5)
+            assert older.conn.sock.recv(1) == b"", "the connection idle the longest was not closed"
+            newer.conn.sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                newer.conn.sock.recv(1)                               # still open
+            newer.conn.sock.setblocking(True)
+            assert newer.ok("GET", "/ping")["message"] == "pong"
+            third.close()
+        finally:
+            older.close()
+            newer.close()
 
 
 # ============================================================================
@@ -6201,18 +6347,16 @@ def test_a_request_line_dribbled_byte_by_byte_is_cut_at_the_request_deadline(tmp
 def test_the_connection_cap_answers_503_and_recovers(tmp_path):
     with agent_server(tmp_path, max_connections=3) as srv:
         held = []
-        for _ in range(3):      # three kept-alive connections, each proven accepted by an answer
+        for _ in range(3):      # three connections each in the middle of a head: none is idle
             sock = raw_socket(srv)
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            fh = sock.makefile("rb")
-            assert read_one_response(fh)[0] == 200
-            held.append((sock, fh))
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            held.append(sock)
+        wait_until(lambda: srv.hub.counts()["reading"] == 3, 5, "three heads under way")
         for _ in range(3):
             status, headers, body, closed = exchange_raw(srv, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             json_error(status, headers, body, 503, "SERVICE_UNAVAILABLE")
             assert closed
-        for sock, fh in held:
-            fh.close()
+        for sock in held:
             sock.close()
 
         def served():
@@ -6224,6 +6368,47 @@ def test_the_connection_cap_answers_503_and_recovers(tmp_path):
         c = Client(srv)
         assert c.call("GET", "/health")[0] == 200
         c.close()
+
+
+def test_idle_and_slow_connections_take_no_thread_and_lock_no_client_out(tmp_path):
+    idle_n, slow_n = 300, 50           # issue 11's figures; sockets are cheap, so full size in CI
+    with agent_server(tmp_path) as srv:
+        before = threading.active_count()
+        idle = [raw_socket(srv) for _ in range(idle_n)]
+        slow = [raw_socket(srv) for _ in range(slow_n)]
+        for sock in slow:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+        stop = threading.Event()
+
+        def dribble():                 # then one header line per connection every half second
+            while not stop.is_set():
+                for sock in slow:
+                    try:
+                        sock.send(b"X-Slow: a\r\n")
+                    except OSError:
+                        pass
+                stop.wait(0.5)
+        dribbler = threading.Thread(target=dribble, name="test-dribbler", daemon=True)
+        dribbler.start()
+        try:
+            wait_until(lambda: srv.hub.counts()["reading"] >= slow_n, 10, "the slow heads under way")
+            threads = threading.active_count() - before
+            began = time.monotonic()
+            c = Client(srv)
+            status = c.call("GET", "/health", token=False)[0]
+            took = time.monotonic() - began
+            assert c.ok("POST", "/commands/run", {"command": "echo served"})["stdout"] == "served\n"
+            c.close()
+            print("\n%d idle + %d slow connections: /health in %.1f ms, %d agent threads"
+                  % (idle_n, slow_n, took * 1000, threads))
+            assert status == 200
+            assert took < 3.0, "a new client waited %.1fs" % took     # issue 11: within 1 s on an idle machine
+            assert threads < 80, "%d threads for idle and slow connections" % threads
+        finally:
+            stop.set()
+            dribbler.join(5)
+            for sock in idle + slow:
+                sock.close()
 
 
 def test_pipelined_requests_in_one_write_get_answers_in_order(server):
@@ -6331,6 +6516,85 @@ def test_a_child_spawning_200_grandchildren_then_exiting_leaves_nothing(manager)
     assert len(pids) == 200 and record["stdout"].endswith("done\n")
     wait_until(lambda: not any(pid_alive(p) for p in pids), 10, "every grandchild to be gone")
     assert not pids_with_marker(rec.id)
+
+
+def _fresh_pids_cgroup():
+    """A new cgroup with the pids controller below our own (v1 or v2), or None."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            lines = [line.rstrip("\n").split(":", 2) for line in fh]
+    except OSError:
+        return None
+    for _, controllers, path in (parts for parts in lines if len(parts) == 3):
+        if "pids" in controllers.split(","):
+            base = "/sys/fs/cgroup/pids" + path
+        elif controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers") \
+                and "pids" in open("/sys/fs/cgroup/cgroup.controllers").read().split():
+            base = "/sys/fs/cgroup" + path
+        else:
+            continue
+        group = os.path.join(base.rstrip("/"), "hopx-test-%s" % os.urandom(4).hex())
+        try:
+            os.mkdir(group)
+            return group
+        except OSError:
+            return None
+    return None
+
+
+def _cgroup_write(group, name, value):
+    with open(os.path.join(group, name), "w") as fh:
+        fh.write(str(value))
+
+
+def test_under_a_pids_limit_every_start_is_answered_and_nothing_stays_running(run_agent):
+    group = _fresh_pids_cgroup()
+    if group is None:
+        pytest.skip("no pids cgroup can be made here")
+    agent = run_agent("--port", "0", "--kill-grace", "0.5", HOPX_AGENT_SECRET=SECRET.decode())
+    try:
+        port = agent.port()
+        token = good_token()
+        assert _get(port, "/health")[0] == 200          # its standing threads exist
+        _cgroup_write(group, "cgroup.procs", agent.proc.pid)
+        current = int(open(os.path.join(group, "pids.current")).read())
+        _cgroup_write(group, "pids.max", current + 8)      # a few more tasks, then fork and clone fail
+        answers = []
+        for n in range(12):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+            try:
+                conn.request("POST", "/commands/background", body=json.dumps({"command": "sleep 30"}),
+                             headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+                resp = conn.getresponse()
+                answers.append((resp.status, json.loads(resp.read())))
+            finally:
+                conn.close()
+        statuses = collections.Counter(status for status, _ in answers)
+        print("\nunder pids.max = %d: %s" % (current + 8, dict(statuses)))
+        assert set(statuses) <= {200, 503}, answers      # never a 500, never a reset
+        assert statuses[503] >= 1, "the limit never bit: %s" % answers
+        for status, body in answers:
+            if status == 503:
+                assert body["code"] == "SERVICE_UNAVAILABLE" and body["error"]
+        started = [body["process_id"] for status, body in answers if status == 200]
+        for pid in started:                               # each is killable and then final
+            status, rec = _get(port, "/execute/processes/" + pid, token)
+            assert status == 200 and rec["status"] in ("running", "failed", "completed"), rec
+            if rec["status"] == "running":
+                assert _post(port, "/execute/kill/" + pid, {}, token)[0] == 200
+        for pid in started:
+            final = wait_until(lambda: (lambda r: r if r["status"] in ("completed", "failed") else None)(
+                _get(port, "/execute/processes/" + pid, token)[1]), 15, "%s to be final" % pid)
+            assert final["reason"] in ("killed", "spawn_failed"), final
+        agent.proc.send_signal(signal.SIGTERM)          # still under the limit
+        assert agent.proc.wait(15) == 0, "".join(agent.seen)
+    finally:
+        agent.stop()
+        try:
+            os.rmdir(group)
+        except OSError:
+            pass
+
 
 
 def test_a_child_closing_stdout_early_runs_on_and_keeps_its_stderr(manager):
@@ -6641,8 +6905,10 @@ def _mixed_load(server, manager):
         recs = records_of(manager, set(started))
         return all(r.finished for r in recs)
     wait_until(all_final, 30, "every started process to finish")
-    # the agent keeps its watchdog, its exit watcher and WORKER_RESERVE idle pooled threads; nothing else
-    wait_until(lambda: threading.active_count() <= base_threads + 2 + hopx_agent.WORKER_RESERVE, 10,
+    # the agent keeps its watchdog, its exit watcher, WORKER_RESERVE idle pooled threads and
+    # REQUEST_THREADS_KEPT idle request threads; nothing else
+    standing = 2 + hopx_agent.WORKER_RESERVE + hopx_agent.REQUEST_THREADS_KEPT
+    wait_until(lambda: threading.active_count() <= base_threads + standing, 10,
                "threads back near %d + the agent's standing threads" % base_threads)
     # + the exit watcher's epoll and wake-up pipe (3 descriptors that stay open)
     wait_until(lambda: fd_count() <= base_fds + 2 + 3, 10, "fds back near %d" % base_fds)
