@@ -3499,7 +3499,11 @@ class _Lifecycle:
         self.signal_group(rec, signal.SIGKILL)
         _end_marked(rec, signal.SIGKILL)
         if rec.confinement is not None:   # freeze-kill-thaw may wait: not on the watchdog's thread
-            self.workers.submit("hopx-proc-%s-cgkill" % rec.id[5:13], rec.confinement.kill)
+            try:
+                self.workers.submit("hopx-proc-%s-cgkill" % rec.id[5:13], rec.confinement.kill)
+            except (RuntimeError, Unavailable):   # no thread to be had: better late here than never
+                rec.confinement.kill()
+
 
 
     def _on_idle(self, rec: _ProcessRecord) -> None:
