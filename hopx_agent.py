@@ -41,6 +41,7 @@ import heapq
 import hmac
 import http.server
 import io
+import itertools
 import json
 import logging
 import math
@@ -101,6 +102,8 @@ MAX_OUTPUT_BYTES = 4 * 1024 * 1024    # per stream, newest bytes kept (api.md §
 RETAIN_RECORDS = 1000                 # finished records kept, oldest evicted
 OUTPUT_BUDGET_BYTES = 256 * 1024 * 1024   # output held by all finished records together
 RECORD_CACHE_BYTES = 32 * 1024 * 1024     # listings' cached record JSON, least recently used dropped first
+LISTING_STREAM_BYTES = 16 * 1024      # output a listing carries per stream and record (the newest bytes)
+LISTING_OUTPUT_BYTES = 1024 * 1024    # output one listing carries in all; records share it equally
 MAX_RUNNING = 64                      # children running at once; the rest queue
 QUEUE_FACTOR = 10                     # queue holds this many times max-running, then 429
 QUEUE_CODE_BYTES = 64 * 1024 * 1024   # code held by queued runs (written to files when they start), then 429
@@ -127,6 +130,10 @@ DRAIN_AFTER_EXIT_S = 0.5              # after the leader exits, wait this long f
 WORKER_RESERVE = 6                    # idle pooled threads kept ready: a start never waits for new ones
 WORKER_IDLE_S = 2.0                   # a pooled thread beyond the reserve ends after this long idle
 MAX_NAME_CHARS = 256                  # process names are labels, not payloads
+ENV_ENTRY_BYTES = 128 * 1024          # Linux MAX_ARG_STRLEN: one "NAME=value" longer than this fails exec
+ENV_STORE_BYTES = 256 * 1024          # the global env store in all: every later execution must still start
+ENV_STORE_VARS = 1024                 # variables in the global env store
+EXEC_ARGS_BYTES = 1536 * 1024         # argv + environment of one child, below ARG_MAX (2 MiB with an 8 MiB stack)
 SECRET_ENV = "HOPX_AGENT_SECRET"      # never passed on to a child
 PROCESS_ID_ENV = "HOPX_PROCESS_ID"    # every child carries its own record id, to find escapers
 STDIN_WRITE_TIMEOUT_S = 5.0           # a child that does not read its stdin cannot hold a thread longer
@@ -494,6 +501,8 @@ def _idle_timeout(body: Dict[str, Any]) -> Optional[float]:
 
 
 def _env_map(value: Any, field: str) -> Dict[str, str]:
+    """Environment variables: names without "=" or NUL, each "NAME=value" short
+    enough for exec (ENV_ENTRY_BYTES; 413 beyond)."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -501,11 +510,21 @@ def _env_map(value: Any, field: str) -> Dict[str, str]:
     for key, item in value.items():
         _text(key, field + " key")
         if not key or "=" in key:
-            raise BadRequest("%s key %r is not a valid variable name" % (field, key))
+            raise BadRequest("%s key %r is not a valid variable name (empty, or has '=')" % (field, key[:64]))
         if not isinstance(item, str):
-            raise BadRequest("%s value for %r must be a string" % (field, key))
-        _text(item, "%s[%s]" % (field, key))
+            raise BadRequest("%s value for %r must be a string" % (field, key[:64]))
+        _text(item, "%s[%s]" % (field, key[:64]))
+        size = len(key.encode("utf-8")) + len(item.encode("utf-8")) + 2
+        if size > ENV_ENTRY_BYTES:
+            raise AgentError("%s[%s] is %d bytes; a variable can be at most %d (what exec takes)"
+                             % (field, key[:64], size, ENV_ENTRY_BYTES), status=413, code="PAYLOAD_TOO_LARGE")
     return dict(value)
+
+
+def _env_bytes(env: Dict[str, str]) -> int:
+    """What an environment takes in a child's exec: each "NAME=value\0" and its pointer."""
+    return sum(len(k.encode("utf-8", "surrogateescape")) + len(v.encode("utf-8", "surrogateescape")) + 2 + 8
+               for k, v in env.items())
 
 
 def _flag(body: Dict[str, Any], field: str) -> bool:
@@ -636,6 +655,19 @@ class _OutputBuffer:
             if pos >= stop:
                 break
         return b"".join(parts)
+
+    def tail(self, final: bool, limit: int) -> Tuple[str, int, int]:
+        """The newest ``limit`` bytes up to the readable end, from a character
+        boundary: (text, start, stop) as read() returns them."""
+        stop = self.end(final)
+        start = max(self.dropped, stop - limit)
+        if start > self.dropped:             # cut inside the window: start on a character boundary
+            head = self._slice(start, min(stop, start + 3))
+            skip = 0
+            while skip < len(head) and head[skip] & 0xC0 == 0x80:
+                skip += 1
+            start += skip
+        return (self._slice(start, stop).decode("utf-8", "replace") if stop > start else ""), start, stop
 
     def read(self, offset: Optional[int], final: bool, limit: Optional[int] = None) -> Tuple[str, int, int]:
         """Text from ``offset`` (None: the whole window) to the readable end,
@@ -800,8 +832,11 @@ class _ProcessRecord:
         self.cond.notify_all()
 
     def to_json(self, *, output: bool = True, offsets: Optional[Dict[str, Optional[int]]] = None,
-                queue_position: Optional[int] = None) -> Dict[str, Any]:
-        """The process record of api.md §5. Call with ``cond`` held."""
+                queue_position: Optional[int] = None, cap: Optional[int] = None) -> Dict[str, Any]:
+        """The process record of api.md §5. Call with ``cond`` held. With
+        ``cap`` (listings), each stream carries its newest ``cap`` bytes at most,
+        with ``*_offset`` where that text starts and ``*_truncated`` when older
+        kept bytes were left out (GET /execute/processes/{id} has them)."""
         launch = self.launch
         rec: Dict[str, Any] = {
             "process_id": self.id, "execution_id": self.execution_id, "name": launch.name,
@@ -821,7 +856,11 @@ class _ProcessRecord:
         final = self.finished
         for name in ("stdout", "stderr"):
             buf = self.stream(name)
-            if output:
+            if output and cap is not None:
+                text, start, stop = buf.tail(final, cap)
+                rec[name], rec[name + "_offset"], rec[name + "_next_offset"] = text, start, stop
+                rec[name + "_truncated"] = start > buf.dropped
+            elif output:
                 offset = offsets.get(name) if offsets else None
                 text, start, stop = buf.read(offset, final)
                 rec[name] = text
@@ -864,9 +903,11 @@ class _RecordCache:
         self._hits = 0
         self._misses = 0
 
-    def get(self, rec: _ProcessRecord, *, output: bool, queue_position: Optional[int]) -> bytes:
-        """The record as JSON bytes, from the cache when unchanged. Call with ``rec.cond`` held."""
-        key = rec.cache_key(queue_position)
+    def get(self, rec: _ProcessRecord, *, output: bool, queue_position: Optional[int],
+            cap: Optional[int] = None) -> bytes:
+        """The record as JSON bytes (a listing's, output capped at ``cap``),
+        from the cache when unchanged. Call with ``rec.cond`` held."""
+        key = (cap,) + rec.cache_key(queue_position)
         ident = (rec.id, output)
         with self._lock:
             entry = self._entries.get(ident)
@@ -875,7 +916,7 @@ class _RecordCache:
                 self._hits += 1
                 return entry[1]
             self._misses += 1
-        data = _json_bytes(rec.to_json(output=output, queue_position=queue_position))
+        data = _json_bytes(rec.to_json(output=output, queue_position=queue_position, cap=cap))
         with self._lock:
             self._drop(ident)
             if len(data) <= self._budget:
@@ -2119,7 +2160,8 @@ def _probe_v2(mounts, own: Dict[str, str]) -> Tuple[Optional[_CgroupTree], str]:
     if missing:
         return None, "cgroup v2 offers no %s controller (bound to v1 or not delegated)" % " or ".join(missing)
     if not _owned_by_us(base):
-        return None, "cgroup v2: %s is not delegated to uid %d" % (base, os.geteuid())
+        log.info("cgroup v2: %s is not delegated to uid %d", base, os.geteuid())
+        return None, "cgroup v2: the agent's cgroup is not delegated to uid %d" % os.geteuid()
     proc_base = own[""] if base == directory else (os.path.dirname(own[""].rstrip("/")) or "/")
     tree = _CgroupTreeV2(base, [c for c in ("memory", "pids", "cpu") if c in offered], proc_base)
     return _opened(tree)
@@ -2135,7 +2177,8 @@ def _probe_v1(mounts, own: Dict[str, str]) -> Tuple[Optional[_CgroupTree], str]:
     bad = [d for d in dirs.values() if not _owned_by_us(d)]
     if bad:
 
-        return None, "cgroup v1: %s is not delegated to uid %d" % (bad[0], os.geteuid())
+        log.info("cgroup v1: %s is not delegated to uid %d", bad[0], os.geteuid())
+        return None, "cgroup v1: the agent's cgroups are not delegated to uid %d" % os.geteuid()
     return _opened(_CgroupTreeV1(dirs, [c for c in ("memory", "pids", "cpu") if c in dirs], own["freezer"]))
 
 
@@ -2152,7 +2195,9 @@ def _opened(tree: _CgroupTree) -> Tuple[Optional[_CgroupTree], str]:
         return tree, ""
     except OSError as exc:
         tree.close()
-        return None, "%s: %s" % (tree.version, exc.strerror or exc)
+        log.info("%s unusable: %s", tree.version, exc)      # the paths go to the log, not to /health
+        return None, "%s: %s" % (tree.version, exc.strerror or type(exc).__name__)
+
 
 
 def _probe_cgroups(prefer: str = "auto") -> Tuple[Optional[_CgroupTree], List[str]]:
@@ -2882,11 +2927,19 @@ class _Launcher:
         return env
 
     def env_set(self, values: Dict[str, str], *, replace: bool) -> None:
+        """Replace or merge the global store; 413 (nothing changed) when the
+        result would pass ENV_STORE_VARS or ENV_STORE_BYTES."""
         with self._lock:
-            if replace:
-                self._env = dict(values)
-            else:
-                self._env.update(values)
+            merged = dict(values) if replace else dict(self._env, **values)
+            if len(merged) > ENV_STORE_VARS:
+                raise AgentError("the global environment would hold %d variables; at most %d"
+                                 % (len(merged), ENV_STORE_VARS), status=413, code="PAYLOAD_TOO_LARGE")
+            size = _env_bytes(merged)
+            if size > ENV_STORE_BYTES:
+                raise AgentError("the global environment would take %d bytes; at most %d, so that every "
+                                 "later execution can still start" % (size, ENV_STORE_BYTES),
+                                 status=413, code="PAYLOAD_TOO_LARGE")
+            self._env = merged
 
     def env_delete(self, keys: Optional[Iterable[str]] = None) -> None:
         """Forget the given keys of the global store, or all of it."""
@@ -2898,10 +2951,15 @@ class _Launcher:
                     self._env.pop(key, None)
 
     def child_env(self, request_env: Optional[Dict[str, str]]) -> Dict[str, str]:
-        """Precedence: request > global store > agent (api.md §7)."""
+        """Precedence: request > global store > agent (api.md §7); 413 when the
+        whole would not fit a child's exec (EXEC_ARGS_BYTES)."""
         env = self.env_snapshot()
         env.update(request_env or {})
         env.pop(SECRET_ENV, None)
+        size = _env_bytes(env)
+        if size > EXEC_ARGS_BYTES:
+            raise AgentError("the environment of this execution would take %d bytes; a child's exec "
+                             "takes at most %d" % (size, EXEC_ARGS_BYTES), status=413, code="PAYLOAD_TOO_LARGE")
         return env
 
     def resolve_cwd(self, value: Optional[str]) -> str:
@@ -3093,18 +3151,24 @@ class _Registry:
 
     def list_json(self, *, statuses: Optional[Iterable[str]] = None, name: Optional[str] = None,
                   output: bool = True) -> List[bytes]:
-        """Records oldest first, filtered by status and name, each as JSON bytes."""
+        """Records oldest first, filtered by status and name, each as JSON bytes.
+
+        Every record is listed; the output a listing carries is bounded: the
+        newest LISTING_STREAM_BYTES per stream, fewer when many records share
+        LISTING_OUTPUT_BYTES, so a listing costs at most about six times that
+        (JSON escapes) plus the records' fields, whatever the children printed."""
         wanted = set(statuses) if statuses else None
         with self.lock:
-            recs = list(self._records.values())
+            recs = [r for r in self._records.values() if name is None or r.launch.name == name]
             positions = {r.id: i + 1 for i, r in enumerate(self._queue)}
+        if wanted is not None:
+            recs = [r for r in recs if r.status in wanted]
+        cap = min(LISTING_STREAM_BYTES, LISTING_OUTPUT_BYTES // max(1, 2 * len(recs))) if output else None
         out = []
         for rec in recs:
-            if name is not None and rec.launch.name != name:
-                continue
             with rec.cond:
                 if wanted is None or rec.status in wanted:
-                    out.append(self.cache.get(rec, output=output, queue_position=positions.get(rec.id)))
+                    out.append(self.cache.get(rec, output=output, queue_position=positions.get(rec.id), cap=cap))
         return out
 
     def stats(self) -> Dict[str, Any]:
@@ -3495,6 +3559,16 @@ class _Lifecycle:
             rec.confinement.signal(signal.SIGTERM)
         self.watchdog.schedule(self.config.kill_grace, lambda: self._escalate(rec))
 
+    def end_leftovers(self, rec: _ProcessRecord) -> int:
+        """SIGTERM now, SIGKILL after the grace period, to the live processes
+        that carry a finished record's marker; returns how many there were."""
+        marked = _scan_marked()
+        count = len(marked.get(rec.id, []))
+        if count:
+            _end_marked(rec, signal.SIGTERM, marked)
+            self.watchdog.schedule(self.config.kill_grace, lambda: _end_marked(rec, signal.SIGKILL))
+        return count
+
     def _escalate(self, rec: _ProcessRecord) -> None:
         self.signal_group(rec, signal.SIGKILL)
         _end_marked(rec, signal.SIGKILL)
@@ -3669,8 +3743,15 @@ class ProcessManager:
         with rec.cond:
             if rec.finished or rec.exit_info is not None:   # exited: its real outcome stands
                 self.lifecycle.wait_final_locked(rec)
-                return {"process_id": rec.id, "status": rec.status, "record_status": rec.status,
-                        "exit_code": rec.exit_code, "message": "process already finished; nothing changed"}
+                answer = {"process_id": rec.id, "status": rec.status, "record_status": rec.status,
+                          "exit_code": rec.exit_code, "message": "process already finished; its outcome stands"}
+            else:
+                answer = None
+        if answer is not None:      # ...but what it left running (a daemon with its marker) ends now
+            left = self.lifecycle.end_leftovers(rec)
+            answer.update(leftovers_ended=left)
+            return answer
+        with rec.cond:
             if sig is not None:
                 if rec.pid is None:
                     raise Conflict("process %s has not started yet" % rec.id)
@@ -4119,11 +4200,12 @@ def _query_offset(req: _Request, name: str) -> Optional[int]:
 
 
 class _Reply:
-    """A complete answer other than a plain 200 JSON object."""
+    """A complete answer other than a plain 200 JSON object. ``body`` may be a
+    list of byte strings (a listing's records), sent without joining them."""
 
     __slots__ = ("status", "body", "content_type", "headers")
 
-    def __init__(self, status: int, body: bytes = b"", content_type: Optional[str] = "application/json",
+    def __init__(self, status: int, body: Any = b"", content_type: Optional[str] = "application/json",
                  headers: Optional[Dict[str, str]] = None) -> None:
         self.status, self.body, self.content_type = status, body, content_type
         self.headers = headers or {}
@@ -4806,6 +4888,54 @@ def _close_socket(sock: socket.socket) -> None:
 TRANSFER_IDLE_S = 60.0                # a streamed upload that moves no byte for this long is dropped
 
 
+_JSON_TYPES = ("application/json",)
+_STREAM_TYPES = ("application/octet-stream", "multipart/form-data")
+
+
+def _host_of(value: str) -> Tuple[str, str]:
+    """(host, port) of a Host header or an origin's authority, lower case."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host.lower(), rest.lstrip(":")
+    host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+    return host.lower(), port
+
+
+def _is_local_host(host: str, bound: str) -> bool:
+    """The bound address, a loopback name or a loopback address; behind a
+    wildcard bind any IP literal too (DNS rebinding needs a host name)."""
+    import ipaddress
+    if host == bound.lower() or host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or bound in ("0.0.0.0", "::", "")
+
+
+def _check_local_request(req: _Request, srv: "_AgentServer", route: Optional[_Route], length: int) -> None:
+    """Under --no-auth, refuse what a web page in a browser could send (as
+    Jupyter does): a foreign Host (DNS rebinding), a foreign Origin (CSRF,
+    WebSockets included) and bodies of a type a cross-site form may send."""
+    host_header = req.header("host")
+    if host_header is not None and not _is_local_host(_host_of(host_header)[0], srv.config.host):
+        raise AgentError("Host %r is not this agent's address (--no-auth serves local clients only)"
+                         % host_header[:100], status=403, code="FORBIDDEN")
+    origin = req.header("origin")
+    if origin is not None:
+        scheme, _, authority = origin.partition("://")
+        if scheme not in ("http", "https") or host_header is None or authority.lower() != host_header.lower():
+            raise AgentError("cross-origin request from %r refused (--no-auth)" % origin[:100],
+                             status=403, code="FORBIDDEN")
+    if length:
+        kind = (req.header("content-type") or "").split(";")[0].strip().lower()
+        allowed = _STREAM_TYPES if route is not None and route.body == "stream" else _JSON_TYPES
+        if kind not in allowed:
+            raise AgentError("Content-Type %r refused under --no-auth: send %s" % (kind or "(none)", " or ".join(allowed)),
+                             status=415, code="UNSUPPORTED_MEDIA_TYPE")
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Reads requests strictly (api.md §10), finds the route, authenticates,
     calls the endpoint, and answers every request, errors included, with JSON
@@ -4882,7 +5012,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.server.metrics.observe(req.route, status)
         if req.close and status >= 400:
             self._linger()
-        log.debug("%s %s %s -> %d in %.1f ms", self.client_address[0], req.method, req.target,
+        log.debug("%s %s %s -> %d in %.1f ms", self.client_address[0], req.method,
+                  req.path + ("?" + ",".join(sorted(req.query)) if req.query else ""),   # names only: no token
                   status, (time.monotonic() - started) * 1000)
         self.close_connection = req.close
 
@@ -5058,6 +5189,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         req.content_length = length = self._content_length(req, None if streaming else MAX_BODY_BYTES)
         if not length:
             req.body_read = True
+        if not self.server.config.auth:
+            _check_local_request(req, self.server, chosen[0] if chosen else None, length)
         if not matches or all(route.auth is True for route, _ in matches):
             self._authenticate(req)
         elif chosen is not None and chosen[0].auth == "optional":
@@ -5140,13 +5273,42 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: keep-alive")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def _send(self, req: _Request, status: int, body: bytes, content_type: Optional[str],
+    def _send(self, req: _Request, status: int, body: Any, content_type: Optional[str],
               headers: Dict[str, str]) -> None:
-        head = self._head(req, status, content_type, headers, len(body))
+        parts = body if isinstance(body, (list, tuple)) else [body]
+        head = self._head(req, status, content_type, headers, sum(len(p) for p in parts))
         try:
-            self._write(head if req.method == "HEAD" or status == 204 else head + body)
+            if req.method == "HEAD" or status == 204:
+                self._write(head)
+            elif len(parts) == 1 and len(parts[0]) < 65536:
+                self._write(head + parts[0])          # one write: no Nagle stall, no second copy to speak of
+            else:
+                self._write_parts([head] + list(parts))
         except _ClientGone:
             req.close = True
+
+    def _write_parts(self, parts: List[bytes]) -> None:
+        """Several byte strings in as few system calls as possible, never joined
+        (a big answer is not copied once more to be sent)."""
+        if not hasattr(self.connection, "sendmsg"):
+            for part in parts:
+                self._write(part)
+            return
+        views = collections.deque(memoryview(p) for p in parts if p)
+        try:
+            self.connection.settimeout(WRITE_TIMEOUT_S)
+            while views:
+                sent = self.connection.sendmsg(list(itertools.islice(views, 0, 512)))
+                while sent and views:
+                    first = views[0]
+                    if sent >= len(first):
+                        sent -= len(first)
+                        views.popleft()
+                    else:
+                        views[0] = first[sent:]
+                        sent = 0
+        except OSError:
+            raise _ClientGone() from None
 
     def _send_file(self, req: _Request, reply: _SendFile) -> None:
         """Head, then the file by socket.sendfile (zero copy where the OS has it)."""
@@ -5329,9 +5491,15 @@ def _endpoint_map(srv: "_AgentServer") -> Dict[str, str]:
 
 
 def _info(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    """Without a valid token: name, version, features, languages and the endpoint
+    map; with one, also the machine, paths and limits."""
+    languages = _languages_installed()
+    if req.claims is None:
+        return {"agent": "hopx_agent", "version": __version__, "agent_version": __version__,
+                "supported_languages": [name for name, spec in languages.items() if spec["available"]],
+                "features": _features(srv), "endpoints": _endpoint_map(srv), "timestamp": _rfc3339(time.time())}
     import platform  # only /info needs it
     config = srv.config
-    languages = _languages_installed()
     return {"agent": "hopx_agent", "version": __version__, "agent_version": __version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "os": platform.system().lower(), "arch": platform.machine(),
@@ -5478,7 +5646,7 @@ def _desktop(srv: "_AgentServer", req: _Request, action: str) -> Any:
 _SYSTEM_ROUTES = (
     _route("GET", "/health", _health, auth=False),
     _route("GET", "/ping", _ping, auth=False),
-    _route("GET", "/info", _info, auth=False),
+    _route("GET", "/info", _info, auth="optional"),
     _route("GET", "/", _root, auth=False),
     _route("GET", "/system", _system, auth="optional"),
     _route("GET", "/cache/stats", _cache_stats),
@@ -5625,6 +5793,10 @@ def _execute_async(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     return _once(srv, req, lambda: _start_async(srv, req))
 
 
+_RESERVED_CALLBACK_HEADERS = ("host", "content-length", "content-type", "transfer-encoding", "connection",
+                              "x-hopx-timestamp", "x-hopx-signature")
+
+
 def _start_async(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     body = req.json()
     url = _required_text(body, "callback_url")
@@ -5642,6 +5814,9 @@ def _start_async(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     headers = _env_map(body.get("callback_headers"), "callback_headers")
     if any("\r" in k + v or "\n" in k + v for k, v in headers.items()):
         raise BadRequest("callback_headers must not contain line breaks")
+    reserved = sorted(k for k in headers if k.lower() in _RESERVED_CALLBACK_HEADERS)
+    if reserved:
+        raise BadRequest("callback_headers may not set %s: the agent sets those" % ", ".join(reserved))
     secret = _opt_text(body, "callback_signature_secret")
     launch = _code_launch(srv, body, ASYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
     manager = srv.manager
@@ -5709,10 +5884,12 @@ def _list_processes(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     if unknown:
         raise BadRequest("unknown status %r; use one of %s" % (unknown[0], ", ".join(_STATUSES)))
     records = srv.manager.list_json(statuses=statuses or None, name=req.param("name"),
-                                            output=_query_flag(req, "output", True))
-    body = b'{"processes":[%s],"count":%d,"timestamp":"%s"}' % (
-        b",".join(records), len(records), (_rfc3339(time.time()) or "").encode("ascii"))
-    return _Reply(200, body)
+                                    output=_query_flag(req, "output", True))
+    parts: List[bytes] = [b'{"processes":[']
+    for n, record in enumerate(records):
+        parts.extend((b",", record) if n else (record,))
+    parts.append(b'],"count":%d,"timestamp":"%s"}' % (len(records), (_rfc3339(time.time()) or "").encode("ascii")))
+    return _Reply(200, parts)     # the records' cached bytes, never joined into one more copy
 
 
 def _get_process(srv: "_AgentServer", req: _Request, process_id: str) -> Dict[str, Any]:
@@ -6046,6 +6223,36 @@ def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None)
     return cls(config, manager or ProcessManager(config), _ROUTES)
 
 
+def _keep_secret_from_children() -> bool:
+    """PR_SET_DUMPABLE 0 (Linux): a child of the same uid can no longer read
+    /proc/<agent>/environ or /proc/<agent>/mem, where the secret is (root
+    children still can: --run-as keeps them from it)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(4, 0, 0, 0, 0) != 0:     # 4 = PR_SET_DUMPABLE
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        return True
+    except (OSError, AttributeError, ImportError) as exc:
+        log.warning("cannot make the agent non-dumpable (%s): same-user children can read its secret", exc)
+        return False
+
+
+def _warn_if_readable(path: Optional[str]) -> None:
+    """A secret file readable by group or others is a secret shared with them."""
+    if not path:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o044:
+        log.warning("the secret file %s is readable by group or others (mode %04o): chmod 600 it",
+                    path, mode & 0o7777)
+
+
 def _run_until_signalled(server: _AgentServer) -> int:
     """Serve until SIGTERM/SIGINT, then stop accepting, end every child and exit 0.
 
@@ -6063,6 +6270,8 @@ def _run_until_signalled(server: _AgentServer) -> int:
         os.set_blocking(wake_w, False)
         previous_fd = signal.set_wakeup_fd(wake_w)
     server.manager.enable_subreaper()
+    if server.config.auth:
+        _keep_secret_from_children()
     thread = threading.Thread(target=server.serve_forever, name="hopx-http-accept", daemon=True)
     thread.start()
     log.info("listening on %s", server.url)
@@ -6210,9 +6419,7 @@ def _config_from(args: Any, environ: Dict[str, str]) -> AgentConfig:
         environ.get(_env_name("--no-auth"), "").lower() in ("1", "true", "yes", "on")
     values["auth"] = not no_auth
     values["secret"] = _read_secret(args, environ)
-    for field in ("max_running", "max_output_bytes", "retain", "max_connections"):
-        if field in values and values[field] < 1:
-            raise ValueError("%s must be at least 1" % field)
+    _check_options(values)
     if "workdir" in values and not os.path.isdir(values["workdir"]):
         raise ValueError("--workdir %s is not a directory" % values["workdir"])
     _check_limit_options(values)
@@ -6234,6 +6441,36 @@ def _check_limit_options(values: Dict[str, Any]) -> None:
             raise ValueError(exc.message) from None
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_LOG_FORMATS = ("text", "json")
+
+
+def _check_options(values: Dict[str, Any]) -> None:
+    """Every option within its range, or ValueError naming it (main() exits 2)."""
+    for field in ("max_running", "max_output_bytes", "retain", "max_connections", "output_budget"):
+        if field in values and values[field] < 1:
+            raise ValueError("--%s must be at least 1" % field.replace("_", "-"))
+    if "port" in values and not 0 <= values["port"] <= 65535:
+        raise ValueError("--port must be between 0 and 65535")
+    if "kill_grace" in values and not (math.isfinite(values["kill_grace"]) and 0 <= values["kill_grace"] <= 3600):
+        raise ValueError("--kill-grace must be a number of seconds from 0 to 3600")
+    if "log_level" in values and values["log_level"].lower() not in _LOG_LEVELS:
+        raise ValueError("--log-level must be one of %s" % ", ".join(_LOG_LEVELS))
+    if "log_format" in values and values["log_format"].lower() not in _LOG_FORMATS:
+        raise ValueError("--log-format must be text or json")
+
+
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class _TextFormatter(logging.Formatter):
+    """The text log format, one line per record: control characters in the
+    message (a newline in a command, say) are escaped, so none forges a line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        return _CONTROL_RE.sub(lambda m: "\\x%02x" % ord(m.group()), line)
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -6246,8 +6483,8 @@ class _JsonFormatter(logging.Formatter):
 
 def _setup_logging(config: AgentConfig) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if config.log_format == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_JsonFormatter() if config.log_format.lower() == "json" else
+                         _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("hopx_agent")
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, config.log_level.upper(), logging.INFO))
@@ -6274,6 +6511,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not config.secret:
             print("hopx_agent: no secret configured (set HOPX_AGENT_SECRET or --secret-file)", file=sys.stderr)
             return 2
+        if args.ttl <= 0:
+            print("hopx_agent: --ttl must be a positive number of seconds", file=sys.stderr)
+            return 2
         now = int(time.time())
         claims: Dict[str, Any] = {"sub": args.sub, "iat": now, "exp": now + args.ttl}
         if config.audience:
@@ -6283,6 +6523,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(encode_jwt(claims, config.secret, config.algorithms[0]))
         return 0
     _setup_logging(config)
+    if config.auth:
+        _warn_if_readable(args.secret_file or environ.get(_env_name("--secret-file")))
     generated = config.auth and config.secret is None
     if generated:
         config = dataclasses.replace(config, secret=secrets.token_bytes(32))

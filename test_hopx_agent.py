@@ -3042,7 +3042,8 @@ def test_a_queued_run_holds_no_code_file_until_it_starts(manager_with):
     assert mgr.describe(queued)["status"] == "queued" and queued.launch.tempfile is None
     mgr.kill(first.id)
     assert mgr.wait(queued, WAIT_S) and mgr.describe(queued)["stdout"] == "late\n"
-    assert queued.launch.tempfile is None    # written when it started, removed when it ended
+    # written when it started, removed as it ended
+    wait_until(lambda: queued.launch.tempfile is None, WAIT_S, "the code file to be removed")
 
 
 def test_the_queue_is_bounded_in_bytes_of_code(manager_with, monkeypatch):
@@ -6824,6 +6825,66 @@ def test_sigterm_to_the_agent_script_ends_every_group_and_exits_0(tmp_path):
         for i in ids:
             for pid in markers.get(i, []):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _proc_status(pid, field):
+    """A /proc/<pid>/status figure in KiB (VmRSS, VmHWM)."""
+    with open("/proc/%d/status" % pid) as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+def test_a_listing_of_huge_binary_outputs_is_bounded_in_size_and_memory(run_agent):
+    # issue 11: 40 records x (4 MiB of NUL on stdout + 4 MiB of 0xFF on stderr) at full size
+    count, size = scaled(8), min(4 * MIB, int(4 * MIB * HARDEN_SCALE / 5))
+    agent = run_agent("--port", "0", "--max-output-bytes", str(4 * MIB), HOPX_AGENT_SECRET=SECRET.decode())
+    port, token = agent.port(), good_token()
+    code = "import sys; sys.stdout.buffer.write(bytes(%d)); sys.stderr.buffer.write(b'\\xff' * %d)" % (size, size)
+    ids = [_post(port, "/commands/background", {"command": sys.executable, "args": ["-c", code]}, token)[1]["process_id"]
+           for _ in range(count)]
+    for pid in ids:
+        wait_until(lambda: _get(port, "/execute/processes/%s?output=false" % pid, token)[1]["status"] == "completed",
+                   30, "the output to be written")
+    fields_bytes = 4096              # a record's JSON without its output, generously
+    bound = count * fields_bytes + 6 * (hopx_agent.LISTING_OUTPUT_BYTES + 2 * count * 4)
+    with open("/proc/%d/clear_refs" % agent.proc.pid, "w") as fh:
+        fh.write("5")                # resets the peak (VmHWM) to the current RSS
+    before = _proc_status(agent.proc.pid, "VmRSS")
+
+    def listing():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request("GET", "/execute/processes", headers={"Authorization": "Bearer " + token})
+            return conn.getresponse().read()
+        finally:
+            conn.close()
+    body = listing()
+    peak = _proc_status(agent.proc.pid, "VmHWM")
+    threes = []
+    for t in [threading.Thread(target=lambda: threes.append(len(listing()))) for _ in range(3)]:
+        t.start()
+        t.join(60)
+    peak3 = _proc_status(agent.proc.pid, "VmHWM")
+    print("\nlisting %d records of 2 x %d bytes: %d bytes (bound %d), RSS %d KiB, peak +%d KiB, three at once +%d KiB"
+          % (count, size, len(body), bound, before, peak - before, peak3 - before))
+    assert len(body) <= bound, "the listing is %d bytes, more than its bound %d" % (len(body), bound)
+    assert threes == [len(body)] * 3
+    assert (peak - before) * 1024 <= 2 * bound, "a listing took %d KiB above the RSS before it" % (peak - before)
+    listed = json.loads(body)["processes"]
+    assert [r["process_id"] for r in listed] == ids           # every record is listed
+    for r in listed:
+        assert r["stdout_bytes"] == r["stderr_bytes"] == size
+        assert r["stdout_truncated"] and r["stderr_truncated"]
+        assert r["stdout_next_offset"] == size and 0 < r["stdout_offset"] < size
+        assert r["stdout"] == "\0" * (size - r["stdout_offset"])       # the newest bytes
+        assert r["stderr"] == "\ufffd" * (size - r["stderr_offset"])
+    # the rest is there for the asking, from the offset the listing names
+    first = listed[0]
+    status, part = _get(port, "/execute/processes/%s?stdout_offset=%d" % (first["process_id"], first["stdout_offset"] - 100), token)
+    assert status == 200 and part["stdout"] == "\0" * (size - first["stdout_offset"] + 100)
+
 
 
 # ============================================================================
