@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import base64
 import collections
+import ctypes
 import dataclasses
+import email.utils
 import errno
 import functools
+import grp
 import hashlib
 import heapq
 import hmac
@@ -45,7 +48,10 @@ import itertools
 import json
 import logging
 import math
+import mimetypes
+import operator
 import os
+import posixpath
 import pwd
 import re
 import secrets
@@ -54,11 +60,16 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
+import struct
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 import urllib.parse
+import zlib
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 # ============================================================================
@@ -76,6 +87,7 @@ __all__ = [
     "Conflict",
     "LimitExceeded",
     "Unavailable",
+    "FileError",
     "verify_jwt",
     "encode_jwt",
     "ProcessManager",
@@ -139,6 +151,23 @@ PROCESS_ID_ENV = "HOPX_PROCESS_ID"    # every child carries its own record id, t
 STDIN_WRITE_TIMEOUT_S = 5.0           # a child that does not read its stdin cannot hold a thread longer
 ESCAPER_GONE_S = 1.0                  # after its SIGKILL, how long an escaped descendant may take to exit
 IDEMPOTENCY_WAIT_S = 10.0             # a retry waits this long for the first request with its key
+# files (issue 12)
+FILES_MAX_READ_BYTES = 10 * 1024 * 1024     # api.md §11: /files/read answers in JSON; more goes to download
+FILES_MAX_LIST_ENTRIES = 10000              # api.md §11: entries in one /files/list answer
+FILES_CHUNK_BYTES = 1024 * 1024             # one read or write of an upload, a tar member, a copy
+FILES_MAX_SYMLINKS = 40                     # Linux's MAXSYMLINKS: more links in one lookup is a loop
+FILES_MAX_PATH_BYTES = 4096                 # PATH_MAX: a longer request path is refused unwalked
+FILES_TEMP_PREFIX = ".hopx-tmp-"            # named temp files (no O_TMPFILE); watchers never report them
+FILES_WRITEBACK_BYTES = 8 * 1024 * 1024     # a large write starts writeback this often: the final fsync stays short
+FILES_MAX_PART_HEADER_BYTES = 16 * 1024     # the headers of one multipart part
+FILES_MAX_FIELD_BYTES = 64 * 1024           # one multipart form field that is not the file
+FILES_MULTIPART_SLACK_BYTES = 64 * 1024     # Content-Length allowed over --max-upload-bytes for the framing
+FILES_TAR_GZIP_LEVEL = 6                    # gzip's own default
+WATCH_COALESCE_S = 0.05                     # changes of one path within this window are reported once
+WATCH_POLL_S = 0.5                          # the polling watcher scans this often
+WATCH_MAX_PENDING = 4096                    # events held for a slow client; more is an overflow
+WATCH_MAX_DIRS = 8192                       # inotify watches of one watcher (the kernel's budget is per user)
+WATCH_MAX_POLL_ENTRIES = 100000             # entries a polling watcher remembers; more is an overflow
 
 # limits, users and the agent's own safety (issue 15, api.md §14)
 AGENT_OOM_SCORE_ADJ = -1000           # the OOM killer never picks the agent (needs CAP_SYS_RESOURCE)
@@ -204,6 +233,10 @@ class AgentConfig:
     run_as: Optional[str] = None                   # children's user unless a request names one
     agent_oom_score_adj: Optional[int] = AGENT_OOM_SCORE_ADJ   # None: leave the agent's own alone
     child_oom_score_adj: Optional[int] = CHILD_OOM_SCORE_ADJ   # None: what the agent had at start
+    # files (issue 12)
+    files_roots: Optional[Tuple[str, ...]] = None     # None: the working directory and the temp directory
+    max_read_bytes: int = FILES_MAX_READ_BYTES
+    max_upload_bytes: Optional[int] = None            # None: no limit but the disk
 
     @property
 
@@ -225,6 +258,9 @@ class AgentConfig:
             "max_background_timeout_s": MAX_BACKGROUND_TIMEOUT_S,
             "max_sync_timeout_s": MAX_SYNC_TIMEOUT_S,
             "max_wait_s": MAX_WAIT_S,
+            "files_max_read_bytes": self.max_read_bytes,
+            "files_max_upload_bytes": self.max_upload_bytes,
+            "files_max_list_entries": FILES_MAX_LIST_ENTRIES,
         }
 
 
@@ -5262,7 +5298,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         reason = self.responses.get(status, ("",))[0]
         lines = ["HTTP/1.1 %d %s" % (status, reason), "Server: " + self.server_version,
                  "Date: " + self.date_time_string(), "X-Request-ID: " + (req.request_id or secrets.token_hex(8))]
-        if status != 204:
+        if status not in (204, 304):
             lines.append("Content-Type: %s" % (content_type or "application/json"))
             if length is not None:
                 lines.append("Content-Length: %d" % length)
@@ -5278,7 +5314,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         parts = body if isinstance(body, (list, tuple)) else [body]
         head = self._head(req, status, content_type, headers, sum(len(p) for p in parts))
         try:
-            if req.method == "HEAD" or status == 204:
+            if req.method == "HEAD" or status in (204, 304):
                 self._write(head)
             elif len(parts) == 1 and len(parts[0]) < 65536:
                 self._write(head + parts[0])          # one write: no Nagle stall, no second copy to speak of
@@ -5427,8 +5463,16 @@ class _AgentServer(http.server.ThreadingHTTPServer):
         self.hub.stop()
 
     def server_close(self) -> None:
+        """Close the listening socket, then each family's state (watchers and
+        other sessions are woken and end), within one shared deadline."""
         super().server_close()
         self.hub.close()
+        deadline = time.monotonic() + 5.0
+        for family in self.families:
+            try:
+                family.close(deadline)
+            except Exception:
+                log.exception("closing %s failed", type(family).__name__)
 
     def handle_connection(self, conn: _Conn) -> None:
         """On a request thread: one request on ``conn`` (the handler gives the
@@ -5444,6 +5488,7 @@ class _AgentServer(http.server.ThreadingHTTPServer):
             log.debug("connection from %s ended: %s", client_address, exc)
         else:
             log.exception("error serving %s", client_address)
+
 
 
 class _AgentServer6(_AgentServer):
@@ -6207,11 +6252,2467 @@ _ENVIRONMENT_ROUTES = (
 
 
 # ============================================================================
+# Files: paths, transfers and watching
+# ============================================================================
+#
+# The machinery of api.md §11, no HTTP: where a path may lead (_PathPolicy),
+# how a file gets its new content without ever being half written
+# (_AtomicWriter), how an upload is parsed while it arrives (_MultipartParser,
+# _Upload), what a download sends (_DownloadPlan, _tar_stream), and how a
+# directory is watched (_InotifyWatcher, _PollingWatcher). _FileService ties
+# them together for the endpoints.
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+_TEMP_NAME = re.compile(r"\.hopx-tmp-[0-9a-f]{16}(\.c)?\Z")
+_KERNEL_TMPFILE_NAME = re.compile(r"#[0-9]+\Z")    # how inotify names an O_TMPFILE inode
+
+
+class FileError(AgentError):
+    """A refused file operation: an api.md §11 code and details.path (the SDK reads it)."""
+
+    def __init__(self, status: int, code: str, message: str, path: str, **details: Any) -> None:
+        super().__init__(message, status=status, code=code, details=dict(details, path=path))
+
+
+# errno -> (status, code, text); anything else is a 500 that names the errno
+_ERRNO_ERRORS = {
+    errno.ENOENT: (404, "FILE_NOT_FOUND", "no such file or directory"),
+    errno.EEXIST: (409, "FILE_ALREADY_EXISTS", "file already exists"),
+    errno.ENOTEMPTY: (409, "DIRECTORY_NOT_EMPTY", "directory not empty"),
+    errno.EISDIR: (400, "IS_A_DIRECTORY", "is a directory"),
+    errno.ENOTDIR: (400, "NOT_A_DIRECTORY", "not a directory"),
+    errno.ELOOP: (400, "INVALID_PATH", "too many levels of symbolic links"),
+    errno.ENAMETOOLONG: (400, "INVALID_PATH", "file name too long"),
+    errno.EINVAL: (400, "INVALID_PATH", "invalid argument"),
+    errno.EACCES: (403, "PERMISSION_DENIED", "permission denied"),
+    errno.EPERM: (403, "PERMISSION_DENIED", "operation not permitted"),
+    errno.EROFS: (403, "PERMISSION_DENIED", "read-only file system"),
+    errno.ETXTBSY: (409, "CONFLICT", "text file busy"),
+    errno.EBUSY: (409, "CONFLICT", "device or resource busy"),
+    errno.ENOSPC: (507, "INSUFFICIENT_STORAGE", "no space left on device"),
+    errno.EDQUOT: (507, "INSUFFICIENT_STORAGE", "disk quota exceeded"),
+    errno.EFBIG: (413, "PAYLOAD_TOO_LARGE", "file too large"),
+    errno.EMFILE: (503, "SERVICE_UNAVAILABLE", "too many open files"),
+    errno.ENFILE: (503, "SERVICE_UNAVAILABLE", "too many open files in the system"),
+    errno.ENXIO: (400, "INVALID_PATH", "not a regular file"),
+}
+
+
+def _os_failure(exc: OSError, path: str) -> AgentError:
+    """The api.md §11 error for an OSError met while working on `path`."""
+    status, code, text = _ERRNO_ERRORS.get(exc.errno, (500, "INTERNAL_ERROR", None))
+    if text is None:
+        log.warning("file operation on %s failed: %s", path, exc)
+        text = os.strerror(exc.errno) if exc.errno else str(exc)
+    return FileError(status, code, "%s: %s" % (text, path), path)
+
+
+def _invalid_path(path: str, why: str) -> FileError:
+    return FileError(400, "INVALID_PATH", "%s: %r" % (why, path[:200]), path)
+
+
+def _not_allowed(path: str, why: str = "outside the allowed file roots") -> FileError:
+    return FileError(403, "PATH_NOT_ALLOWED", "%s: %s" % (why, path), path)
+
+
+def _normpath(path: str) -> str:
+    """posixpath.normpath, with '//x' as '/x' (POSIX lets normpath keep two slashes)."""
+    out = posixpath.normpath(path)
+    return "/" + out.lstrip("/") if out.startswith("//") else out
+
+
+def _close_quietly(fd: Optional[int]) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _readlink_at(dir_fd: int, name: str) -> Optional[str]:
+    """The text of symlink `name` in dir_fd, or None when it is not a symlink (or gone)."""
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise
+
+
+def _lstat_at(dir_fd: int, name: Optional[str]) -> Optional[os.stat_result]:
+    """lstat of `name` in dir_fd (of dir_fd itself when name is None); None when absent."""
+    try:
+        return os.fstat(dir_fd) if name is None else os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------
+# Paths: the allowed roots and the walk that cannot be raced
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Root:
+    real: str                   # realpath at start-up: what every walk opens
+    names: Tuple[str, ...]      # the spellings a request may use for it (as configured, real)
+
+
+class _Target:
+    """Where a path leads: an open descriptor of the directory that holds the
+    final name, and that name (None: the path is that directory itself).
+    Operations use dir_fd=self.dir_fd and never follow the name."""
+
+    __slots__ = ("dir_fd", "name", "path", "real", "root")
+
+    def __init__(self, dir_fd: int, name: Optional[str], path: str, real: str, root: _Root) -> None:
+        self.dir_fd = dir_fd
+        self.name = name
+        self.path = path            # the request's path, absolute and normalised (symlinks kept)
+        self.real = real            # where it leads: no symlink in it
+        self.root = root
+
+    def close(self) -> None:
+        _close_quietly(self.dir_fd)
+        self.dir_fd = -1
+
+    def __enter__(self) -> "_Target":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def lstat(self) -> Optional[os.stat_result]:
+        return _lstat_at(self.dir_fd, self.name)
+
+
+def _default_files_roots(workdir: str) -> Tuple[str, ...]:
+    """api.md §11: the working directory and the system temp directory."""
+    return (workdir, tempfile.gettempdir())
+
+
+class _PathPolicy:
+    """Which paths a request may name, and the walk that proves where they lead.
+
+    A path is walked from its root downwards, one openat(O_NOFOLLOW |
+    O_DIRECTORY) per component relative to the previous directory's
+    descriptor, so no component can be swapped for a symlink between the
+    check and the use: callers get the open directory that holds the final
+    name and work with dir_fd on it. A symlink met on the way is read
+    (readlinkat) and its target walked again from whichever root contains it;
+    a target outside every root is refused. `..` in a request is resolved
+    lexically (as a shell does); inside a symlink's target it is resolved
+    against the real directory holding the link.
+    """
+
+    def __init__(self, roots: Sequence[str], workdir: str, *, workspace_alias: Optional[bool] = None) -> None:
+        self.workdir = _normpath(os.path.abspath(workdir))
+        if workspace_alias is None:
+            workspace_alias = not os.path.isdir("/workspace")
+        # api.md §11: /workspace/... names the working directory on a machine without /workspace
+        self.workspace_alias = workspace_alias and self.workdir != "/workspace"
+        self.roots = tuple(self._root(given) for given in roots)
+        if not self.roots:
+            raise ValueError("at least one files root is needed")
+        # longest spelling first: a root inside another root is found as itself
+        self._spellings = sorted(((name, root) for root in self.roots for name in root.names),
+                                 key=lambda pair: -len(pair[0]))
+
+    def _root(self, given: str) -> _Root:
+        named = _normpath(os.path.join(self.workdir, given))
+        real = os.path.realpath(named)
+        if not os.path.isdir(real):
+            raise ValueError("files root is not a directory: %s" % given)
+        return _Root(real, tuple(dict.fromkeys((named, real))))
+
+    def normalise(self, path: Any) -> Tuple[str, str]:
+        """(display, internal): the absolute normalised path for answers, and the
+        same with the /workspace alias applied, for walking."""
+        if not isinstance(path, str) or not path:
+            raise _invalid_path("" if path is None else str(path), "path is empty")
+        if "\x00" in path:
+            raise _invalid_path(path, "path contains a NUL byte")
+        if len(path.encode("utf-8", "surrogateescape")) > FILES_MAX_PATH_BYTES:
+            raise _invalid_path(path, "path is longer than %d bytes" % FILES_MAX_PATH_BYTES)
+        display = _normpath(path if path.startswith("/") else posixpath.join(self.workdir, path))
+        internal = display
+        if self.workspace_alias and (display == "/workspace" or display.startswith("/workspace/")):
+            internal = _normpath(self.workdir + display[len("/workspace"):])
+        return display, internal
+
+    def _root_of(self, internal: str, display: str) -> Tuple[_Root, List[str]]:
+        for name, root in self._spellings:
+            if name == "/" or internal == name or internal.startswith(name + "/"):
+                rest = internal if name == "/" else internal[len(name):]
+                return root, [part for part in rest.split("/") if part]
+        if internal != self.normalise(display)[1]:
+            raise _not_allowed(display, "a symlink leads outside the allowed file roots")
+        raise _not_allowed(display)
+
+    def _open_root(self, root: _Root, display: str) -> int:
+        """The root's directory, itself walked with O_NOFOLLOW from '/', so a root
+        replaced by a symlink (or a symlinked ancestor) is refused, not followed."""
+        fd = os.open("/", _DIR_FLAGS)
+        try:
+            for name in (part for part in root.real.split("/") if part):
+                parent, fd = fd, -1
+                try:
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+                finally:
+                    os.close(parent)
+            return fd
+        except OSError as exc:
+            _close_quietly(fd if fd >= 0 else None)
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise _not_allowed(display, "the files root %s is no longer a plain directory" % root.real)
+            raise _os_failure(exc, display)
+
+    def locate(self, path: Any, *, follow: bool = True, create: Optional[int] = None,
+               owner: Optional[Tuple[int, int]] = None) -> _Target:
+        """Walk `path`. follow: a final symlink is resolved too (read, write);
+        otherwise the name itself is the target (stat, remove, move). create:
+        missing directories on the way are made with this mode (and owner)."""
+        display, internal = self.normalise(path)
+        for _ in range(FILES_MAX_SYMLINKS + 1):
+            found = self._walk(internal, display, follow, create, owner)
+            if isinstance(found, _Target):
+                return found
+            internal = found        # a symlink was met: walk its target from the top
+        raise _invalid_path(display, "too many levels of symbolic links")
+
+    def _walk(self, internal: str, display: str, follow: bool, create: Optional[int],
+              owner: Optional[Tuple[int, int]]) -> Any:
+        root, parts = self._root_of(internal, display)
+        fd = self._open_root(root, display)
+        # `real` is built from directories actually opened, so it holds no
+        # symlink: a link's relative text can be joined to it lexically.
+        real = root.real
+        try:
+            for index, name in enumerate(parts):
+                rest = parts[index + 1:]
+                if not rest:
+                    link = _readlink_at(fd, name) if follow else None
+                    if link is not None:
+                        return _link_target(real, link, rest, display)
+                    target, fd = _Target(fd, name, display, posixpath.join(real, name), root), -1
+                    return target
+                step = self._step(fd, name, create, owner)
+                if isinstance(step, str):       # a symlink: its target is walked from the top, checked anew
+                    return _link_target(real, step, rest, display)
+                os.close(fd)
+                fd, real = step, posixpath.join(real, name)
+            target, fd = _Target(fd, None, display, real, root), -1
+            return target
+        except OSError as exc:
+            raise _os_failure(exc, display)
+        finally:
+            _close_quietly(fd if fd >= 0 else None)
+
+    @staticmethod
+    def _step(fd: int, name: str, create: Optional[int], owner: Optional[Tuple[int, int]]) -> Any:
+        """Open directory `name` under fd without following it: the new fd, or a
+        symlink's text for the caller to walk."""
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                link = _readlink_at(fd, name)
+                if link is not None:
+                    return link
+            if exc.errno != errno.ENOENT or create is None:
+                raise
+        try:
+            os.mkdir(name, create, dir_fd=fd)       # mkdirat never follows: a symlink there is EEXIST
+        except FileExistsError:
+            pass                    # made meanwhile: open it as found (a symlink is walked)
+        else:
+            if owner is not None:
+                os.chown(name, *owner, dir_fd=fd, follow_symlinks=False)
+        return _PathPolicy._step(fd, name, None, None)
+
+    def open_dir(self, path: Any) -> _Target:
+        """The directory `path` leads to (a final symlink followed), open, name None."""
+        for _ in range(FILES_MAX_SYMLINKS + 1):
+            target = self.locate(path, follow=True)
+            if target.name is None:
+                return target
+            try:
+                fd = os.open(target.name, _DIR_FLAGS, dir_fd=target.dir_fd)
+            except OSError as exc:
+                swapped = exc.errno in (errno.ENOTDIR, errno.ELOOP) and _readlink_at(target.dir_fd, target.name)
+                target.close()
+                if swapped:
+                    continue        # became a symlink after the walk: walk again
+                raise _os_failure(exc, target.path)
+            os.close(target.dir_fd)
+            target.dir_fd, target.name = fd, None
+            return target
+        raise _invalid_path(str(path), "too many levels of symbolic links")
+
+    def open_file(self, path: Any, flags: int, mode: int = 0o644) -> Tuple[_Target, int]:
+        """(target, fd) of what `path` leads to, opened with flags | O_NOFOLLOW;
+        the path itself being a directory gives a descriptor of it."""
+        # each round walks from the top: a name that became a symlink after the
+        # walk (ELOOP under O_NOFOLLOW) is looked up again and checked again
+        for _ in range(FILES_MAX_SYMLINKS + 1):
+            target = self.locate(path, follow=True)
+            if target.name is None:
+                return target, os.dup(target.dir_fd)
+            try:
+                fd = os.open(target.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=target.dir_fd)
+            except OSError as exc:
+                swapped = exc.errno == errno.ELOOP and _readlink_at(target.dir_fd, target.name)
+                if not swapped:
+                    target.close()
+                    raise _os_failure(exc, target.path)
+                target.close()
+                continue
+            return target, fd
+        raise _invalid_path(str(path), "too many levels of symbolic links")
+
+    def holds_root(self, real: str) -> bool:
+        """Whether removing or moving `real` would take an allowed root with it."""
+        return any(root.real == real or root.real.startswith(real.rstrip("/") + "/") for root in self.roots)
+
+
+def _link_target(real_dir: str, link: str, rest: Sequence[str], display: str) -> str:
+    """The path a symlink in real_dir leads to, with what followed it in the request."""
+    if not link:
+        raise FileError(404, "FILE_NOT_FOUND", "empty symlink: %s" % display, display)
+    return _normpath(posixpath.join(real_dir, link, *rest))
+
+
+# ----------------------------------------------------------------------------
+# Entries: lstat results in the shape of api.md §11
+# ----------------------------------------------------------------------------
+
+
+class _Entries:
+    """Builds entries; caches the slow parts (owner names, time text, mode text).
+    The caches are plain dicts whose single operations the GIL keeps whole; a
+    racing miss only computes a value twice."""
+
+    _MAX_CACHED = 4096
+
+    def __init__(self) -> None:
+        self._users: Dict[int, str] = {}
+        self._groups: Dict[int, str] = {}
+        self._modes: Dict[int, Tuple[str, str]] = {}
+        self._seconds: Dict[int, str] = {}
+
+    def _user(self, uid: int) -> str:
+        name = self._users.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = str(uid)
+            self._remember(self._users, uid, name)
+        return name
+
+    def _group(self, gid: int) -> str:
+        name = self._groups.get(gid)
+        if name is None:
+            try:
+                name = grp.getgrgid(gid).gr_name
+            except KeyError:
+                name = str(gid)
+            self._remember(self._groups, gid, name)
+        return name
+
+    def _remember(self, cache: Dict[Any, Any], key: Any, value: Any) -> None:
+        if len(cache) >= self._MAX_CACHED:
+            cache.clear()
+        cache[key] = value
+
+    def time_text(self, ns: int) -> str:
+        """RFC 3339 UTC with milliseconds, as _rfc3339, for a st_mtime_ns."""
+        whole, frac = divmod(ns, 1000000000)
+        head = self._seconds.get(whole)
+        if head is None:
+            head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+            self._remember(self._seconds, whole, head)
+        return "%s.%03dZ" % (head, frac // 1000000)
+
+    def _mode_texts(self, mode: int) -> Tuple[str, str]:
+        texts = self._modes.get(mode)
+        if texts is None:
+            texts = (stat.filemode(mode), "%04o" % stat.S_IMODE(mode))
+            self._remember(self._modes, mode, texts)
+        return texts
+
+    def entry(self, name: str, path: str, st: os.stat_result, link: Optional[str] = None) -> Dict[str, Any]:
+        # the hot loop of a listing: plain dict lookups, no helper per field
+        texts = self._mode_texts(st.st_mode)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        out = {"name": name, "path": path, "size": st.st_size, "is_directory": is_dir, "is_dir": is_dir,
+               "is_symlink": link is not None, "permissions": texts[0], "mode": texts[1],
+               "modified_time": self.time_text(st.st_mtime_ns),
+               "owner": self._users.get(st.st_uid) or self._user(st.st_uid),
+               "group": self._groups.get(st.st_gid) or self._group(st.st_gid)}
+        if link is not None:
+            out["target"] = link
+        return out
+
+    _JSON = ('{"name":%s,"path":%s,"size":%d,"is_directory":%s,"is_dir":%s,"is_symlink":%s,"permissions":"%s",'
+             '"mode":"%s","modified_time":"%s","owner":%s,"group":%s%s}')
+
+    def entry_json(self, name: str, path: str, st: os.stat_result, link: Optional[str] = None) -> str:
+        """entry() as JSON text, with no dict in between: what /files/list sends
+        (10,000 of these cost half of json.dumps of the dicts)."""
+        quote = json.encoder.encode_basestring_ascii
+        texts = self._mode_texts(st.st_mode)
+        is_dir = "true" if stat.S_ISDIR(st.st_mode) else "false"
+        return self._JSON % (quote(name), quote(path), st.st_size, is_dir, is_dir,
+                             "false" if link is None else "true", texts[0], texts[1],
+                             self.time_text(st.st_mtime_ns),
+                             quote(self._users.get(st.st_uid) or self._user(st.st_uid)),
+                             quote(self._groups.get(st.st_gid) or self._group(st.st_gid)),
+                             "" if link is None else ',"target":' + quote(link))
+
+
+def _child_path(base: str, name: str) -> str:
+    return base + name if base.endswith("/") else base + "/" + name
+
+
+def _is_dir_entry(entry: "os.DirEntry[str]") -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+_BY_NAME = operator.attrgetter("name")
+
+
+def _sorted_children(items: Iterable["os.DirEntry[str]"], need: int) -> List["os.DirEntry[str]"]:
+    """The first `need` entries in api.md §11 order (directories first, then by
+    name in code point order), holding at most about 2 x need of them: the
+    list is cut back to the best `need` whenever it doubles."""
+    dirs: List["os.DirEntry[str]"] = []
+    files: List["os.DirEntry[str]"] = []
+    for entry in items:
+        # d_type from readdir: no stat until an entry is known to be in the window
+        (dirs if _is_dir_entry(entry) else files).append(entry)
+        if len(dirs) + len(files) >= 2 * need + 1024:
+            dirs, files = _cut(dirs, files, need)
+    dirs.sort(key=_BY_NAME)
+    files.sort(key=_BY_NAME)
+    return (dirs + files)[:need] if len(dirs) + len(files) > need else dirs + files
+
+
+def _cut(dirs: List[Any], files: List[Any], need: int) -> Tuple[List[Any], List[Any]]:
+    dirs.sort(key=_BY_NAME)
+    dirs = dirs[:need]
+    files.sort(key=_BY_NAME)
+    return dirs, files[:max(0, need - len(dirs))]
+
+
+class _Listing:
+    """One /files/list answer: depth-first, each directory's children
+    directories first then by name, the window [offset, offset + limit) of
+    that order, and whether more follow. Only as many children of a directory
+    as the window can still use are kept sorted (_sorted_children), and a
+    directory's descriptor is open only while its subtree is walked."""
+
+    def __init__(self, entries: _Entries, max_depth: float, offset: int, limit: int, *,
+                 as_json: bool = False) -> None:
+        self._entries = entries
+        self._make = entries.entry_json if as_json else entries.entry   # JSON text or dicts
+        self._max_depth = max_depth
+        self._skip = offset
+        self._want = limit + 1      # one more than asked tells whether more follow
+        self._limit = limit
+        self.files: List[Dict[str, Any]] = []
+
+    def run(self, top: _Target) -> Tuple[List[Dict[str, Any]], bool]:
+        stack = [(top.dir_fd, top.path, self._children(top.dir_fd), 1)]
+        try:
+            while stack and len(self.files) < self._want:
+                fd, base, items, depth = stack[-1]
+                entry = next(items, None)
+                if entry is None:
+                    stack.pop()
+                    if fd != top.dir_fd:
+                        os.close(fd)
+                    continue
+                sub = self._emit(fd, base, entry, depth)
+                if sub is not None:
+                    stack.append((sub, _child_path(base, entry.name), self._children(sub), depth + 1))
+        finally:
+            for fd, _, _, _ in stack:
+                if fd != top.dir_fd:
+                    _close_quietly(fd)
+        more = len(self.files) > self._limit
+        return self.files[:self._limit], more
+
+    def _children(self, fd: int) -> Iterator["os.DirEntry[str]"]:
+        # no directory can contribute more than what is still to skip plus what is still wanted
+        need = self._skip + self._want - len(self.files)
+        with os.scandir(fd) as it:
+            return iter(_sorted_children(it, need))
+
+    def _emit(self, fd: int, base: str, entry: "os.DirEntry[str]", depth: int) -> Optional[int]:
+        """Count or record one entry; the fd of its directory when it is to be walked."""
+        try:
+            # os.stat with dir_fd: the same fstatat as DirEntry.stat, ~20% less overhead per call
+            st = os.stat(entry.name, dir_fd=fd, follow_symlinks=False)
+            link = os.readlink(entry.name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else None
+        except OSError:
+            return None             # gone since the directory was read
+        if self._skip:              # before the window: counted, and walked (its children may be in it)
+            self._skip -= 1
+        else:
+            self.files.append(self._make(entry.name, _child_path(base, entry.name), st, link))
+        if not stat.S_ISDIR(st.st_mode) or depth >= self._max_depth:
+            return None
+        try:
+            return os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+        except OSError:
+            return None             # replaced or unreadable: listed, not walked
+
+
+# ----------------------------------------------------------------------------
+# Writing: temp file beside the target, renamed over it when complete
+# ----------------------------------------------------------------------------
+
+_LIBC: Any = None
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def _rename_noreplace(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
+    """rename that fails with EEXIST instead of replacing (renameat2 RENAME_NOREPLACE).
+    Where the kernel, libc or file system lacks it: check, then rename (racy,
+    and documented as such)."""
+    func = getattr(_libc(), "renameat2", None)
+    if func is not None:
+        if func(src_fd, os.fsencode(src), dst_fd, os.fsencode(dst), 1) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), dst)
+    if _lstat_at(dst_fd, dst) is not None:
+        raise FileExistsError(errno.EEXIST, "file exists", dst)
+    os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+
+
+def _temp_name(new: bool = False) -> str:
+    """A named temp file's name; `.c`: it will become a new name (watchers say created)."""
+    return FILES_TEMP_PREFIX + secrets.token_hex(8) + (".c" if new else "")
+
+
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _AtomicWriter:
+    """The next version of one file: written to a temp file in the target's
+    directory and given the target's name only when complete, so a reader
+    sees the old content or the new, never a mix, and a failure leaves
+    nothing. The temp file is an O_TMPFILE inode where the kernel and file
+    system have it (it has no name until linked, so even a SIGKILLed agent
+    leaves nothing), else a `.hopx-tmp-<hex>` file removed on failure.
+
+    Durability: the data is fdatasync'ed before the file gets its name, so
+    after a power loss the name holds the old file or the whole new one;
+    writeback is started every FILES_WRITEBACK_BYTES, so that sync is short.
+    The directory is not fsync'ed: after a power loss the rename itself may
+    be lost, which still leaves a whole (old) file.
+    """
+
+    use_tmpfile: Optional[bool] = None   # O_TMPFILE and /proc to link it: probed at first use
+
+    def __init__(self, target: _Target, *, mode: Optional[int] = None, overwrite: bool = True,
+                 max_bytes: Optional[int] = None, owner: Optional[Tuple[int, int]] = None) -> None:
+        if target.name is None:
+            raise FileError(400, "IS_A_DIRECTORY", "is a directory: %s" % target.path, target.path)
+        self.path = target.path
+        self.size = 0
+        self._name = target.name
+        self._overwrite = overwrite
+        self._max_bytes = max_bytes
+        self._kicked = 0
+        self._temp: Optional[str] = None     # the named temp file, when not O_TMPFILE
+        self._dir_fd = os.dup(target.dir_fd)
+        self._fd = -1
+        try:
+            self._mode, self._owner = self._plan(target, mode, owner)
+            self._fd = self._open_temp()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _plan(self, target: _Target, mode: Optional[int],
+              owner: Optional[Tuple[int, int]]) -> Tuple[int, Optional[Tuple[int, int]]]:
+        """The new file's mode and owner: as asked, else those of the file it replaces."""
+        try:
+            old = target.lstat()
+        except OSError as exc:
+            raise _os_failure(exc, target.path)
+        if old is not None and stat.S_ISDIR(old.st_mode):
+            raise FileError(400, "IS_A_DIRECTORY", "is a directory: %s" % target.path, target.path)
+        if old is not None and not self._overwrite:
+            raise FileError(409, "FILE_ALREADY_EXISTS", "file already exists: %s" % target.path, target.path)
+        replaced = old is not None and stat.S_ISREG(old.st_mode)
+        # (the name can change before commit: the placement step decides atomically, this only plans)
+        if mode is None:
+            mode = stat.S_IMODE(old.st_mode) if replaced else 0o644
+        if replaced and owner is None and os.geteuid() == 0:
+            owner = (old.st_uid, old.st_gid)    # root rewriting a user's file keeps it theirs
+        return mode, owner
+
+    def _open_temp(self) -> int:
+        if _AtomicWriter.use_tmpfile is None:
+            _AtomicWriter.use_tmpfile = bool(_O_TMPFILE) and os.path.isdir("/proc/self/fd")
+        if _AtomicWriter.use_tmpfile:
+            try:
+                return os.open(".", _O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self._dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.EPERM and os.fstat(self._dir_fd).st_nlink == 0:
+                    # what O_TMPFILE says in a directory removed since the walk
+                    raise FileError(404, "FILE_NOT_FOUND", "directory removed meanwhile: %s" % self.path, self.path)
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.EPERM):
+                    raise _os_failure(exc, self.path)
+        self._temp = _temp_name()
+        try:
+            # O_EXCL: a name planted in advance (even a symlink) is never opened, only refused
+            return os.open(self._temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           0o600, dir_fd=self._dir_fd)
+        except OSError as exc:
+            self._temp = None
+            raise _os_failure(exc, self.path)
+
+    def write(self, data: Any) -> None:
+        """Append data to the new version (ENOSPC -> 507, over max_bytes -> 413)."""
+        size = self.size + len(data)
+        if self._max_bytes is not None and size > self._max_bytes:
+            raise FileError(413, "PAYLOAD_TOO_LARGE", "upload is larger than %d bytes: %s"
+                            % (self._max_bytes, self.path), self.path, max_upload_bytes=self._max_bytes)
+        try:
+            _write_all(self._fd, data)
+        except OSError as exc:
+            raise _os_failure(exc, self.path)
+        self.size = size
+        if size - self._kicked >= FILES_WRITEBACK_BYTES:
+            self._kick_writeback()
+
+    def _kick_writeback(self) -> None:
+        """Start writeback of what was written since the last kick, and drop the
+        window before it from the cache (it is on its way to the disk by now)."""
+        start = max(0, self._kicked - FILES_WRITEBACK_BYTES)
+        try:
+            os.posix_fadvise(self._fd, start, self.size - start, os.POSIX_FADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
+        self._kicked = self.size
+
+    def adopt(self, target: _Target) -> "_AtomicWriter":
+        """This (complete) content, for another target: on the same file system
+        the temp file moves there (this writer, retargeted); otherwise it is
+        copied to a new writer and this one dropped. On failure both are."""
+        try:
+            if target.name is not None and os.fstat(target.dir_fd).st_dev == os.fstat(self._dir_fd).st_dev:
+                return self._move_to(target)
+            other = _AtomicWriter(target, overwrite=self._overwrite, max_bytes=self._max_bytes, owner=self._owner)
+        except BaseException:
+            self.abort()
+            raise
+        try:
+            other._copy_from(self._fd, self.size)
+        except BaseException:
+            other.abort()
+            raise
+        finally:
+            self.abort()
+        return other
+
+    def _move_to(self, target: _Target) -> "_AtomicWriter":
+        mode, owner = self._plan(target, None, self._owner)
+        new_dir = os.dup(target.dir_fd)
+        if self._temp is not None:
+            temp = _temp_name()
+            try:
+                os.rename(self._temp, temp, src_dir_fd=self._dir_fd, dst_dir_fd=new_dir)
+            except BaseException:
+                os.close(new_dir)
+                raise
+            self._temp = temp
+        os.close(self._dir_fd)
+        self._dir_fd, self._name, self.path = new_dir, target.name, target.path
+        self._mode, self._owner = mode, owner
+        return self
+
+    def _copy_from(self, src: int, size: int) -> None:
+        offset = 0
+        while offset < size:
+            try:
+                sent = os.sendfile(self._fd, src, offset, min(size - offset, 1 << 30))
+            except OSError as exc:
+                raise _os_failure(exc, self.path)
+            if not sent:
+                raise FileError(500, "INTERNAL_ERROR", "staged upload shrank: %s" % self.path, self.path)
+            offset += sent
+        self.size = size
+
+    def commit(self) -> int:
+        """Give the new version its name; the size written."""
+        try:
+            os.fchmod(self._fd, self._mode)      # exact, whatever the umask
+            if self._owner is not None:
+                os.fchown(self._fd, *self._owner)
+            # delayed allocation reports ENOSPC here, not at write(): still a 507 with nothing left
+            os.fdatasync(self._fd)
+            self._place()
+        except OSError as exc:
+            self.abort()
+            if exc.errno == errno.EEXIST:
+                raise FileError(409, "FILE_ALREADY_EXISTS", "file already exists: %s" % self.path, self.path)
+            raise _os_failure(exc, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self.abort()                # closes; nothing left to remove
+        return self.size
+
+    def _place(self) -> None:
+        """A new name is linked (no-replace: watchers see `created`); an
+        existing one is replaced by rename (watchers see `modified`)."""
+        if self._temp is None:
+            source, src_fd, follow = "/proc/self/fd/%d" % self._fd, None, True
+        else:
+            source, src_fd, follow = self._temp, self._dir_fd, False
+        try:
+            # linkat never replaces: this is what makes overwrite=false race-free
+            os.link(source, self._name, src_dir_fd=src_fd, dst_dir_fd=self._dir_fd, follow_symlinks=follow)
+        except FileExistsError:
+            if not self._overwrite:
+                raise
+            if self._temp is None:      # an O_TMPFILE needs a name of its own before rename can use it
+                self._temp = _temp_name()
+                os.link(source, self._temp, dst_dir_fd=self._dir_fd, follow_symlinks=True)
+            # rename replaces the name itself, never what a symlink there points to
+            os.rename(self._temp, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            self._temp = None
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK) or self._temp is None:
+                raise
+            self._rename_into_place()   # a file system without hard links
+            return
+        os.unlink(self._temp, dir_fd=self._dir_fd) if self._temp is not None else None
+        self._temp = None
+
+    def _rename_into_place(self) -> None:
+        if self._overwrite:
+            os.rename(self._temp, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        else:
+            _rename_noreplace(self._dir_fd, self._temp, self._dir_fd, self._name)
+        self._temp = None
+
+    def abort(self) -> None:
+        """Close, and remove the temp file if it has a name. Idempotent."""
+        if self._temp is not None and self._dir_fd >= 0:
+            try:
+                os.unlink(self._temp, dir_fd=self._dir_fd)
+            except OSError:
+                pass
+            self._temp = None
+        _close_quietly(self._fd if self._fd >= 0 else None)
+        _close_quietly(self._dir_fd if self._dir_fd >= 0 else None)
+        self._fd = self._dir_fd = -1
+
+    def __enter__(self) -> "_AtomicWriter":
+        return self
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        if kind is not None:
+            self.abort()
+
+
+def _append(target: _Target, fd: int, data: bytes) -> int:
+    """Append to an open file in place (a log grows; copying it is no answer);
+    on failure it is cut back to its old size. The size afterwards."""
+    try:
+        before = os.fstat(fd).st_size
+    except OSError as exc:
+        raise _os_failure(exc, target.path)
+    try:
+        _write_all(fd, data)
+        os.fdatasync(fd)
+        return os.fstat(fd).st_size
+    except OSError as exc:
+        try:
+            os.ftruncate(fd, before)
+        except OSError:
+            pass
+        raise _os_failure(exc, target.path)
+
+
+def _rmtree_at(parent_fd: int, name: str) -> None:
+    """rm -rf of directory `name` in parent_fd, every step with dir_fd and no
+    symlink followed (a directory swapped for a link is unlinked, not entered)."""
+    top = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    stack = [(top, os.scandir(top), parent_fd, name)]
+    try:
+        while stack:
+            fd, items, parent, own = stack[-1]
+            sub = None
+            for entry in items:
+                sub = _rm_entry(fd, entry)
+                if sub is not None:
+                    stack.append((sub, os.scandir(sub), fd, entry.name))
+                    break
+            if sub is None:
+                stack.pop()
+                items.close()
+                os.close(fd)
+                os.rmdir(own, dir_fd=parent)
+    finally:
+        for fd, items, _, _ in stack:
+            items.close()
+            _close_quietly(fd)
+
+
+def _rm_entry(fd: int, entry: "os.DirEntry[str]") -> Optional[int]:
+    """Unlink one entry, or open it (a directory) for the caller to empty first."""
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            try:
+                return os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+        os.unlink(entry.name, dir_fd=fd)
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def _copy_tree_at(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
+    """cp -a of `src` (a file, symlink or directory; nothing followed) to the new
+    name `dst`, for moves across file systems. The caller removes a partial copy."""
+    st = os.stat(src, dir_fd=src_fd, follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src, dir_fd=src_fd), dst, dir_fd=dst_fd)
+        return
+    if stat.S_ISDIR(st.st_mode):
+        os.mkdir(dst, 0o700, dir_fd=dst_fd)
+        sfd = os.open(src, _DIR_FLAGS, dir_fd=src_fd)
+        dfd = os.open(dst, _DIR_FLAGS, dir_fd=dst_fd)
+        try:
+            with os.scandir(sfd) as items:
+                for entry in items:
+                    _copy_tree_at(sfd, entry.name, dfd, entry.name)
+            os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(sfd)
+            os.close(dfd)
+        return
+    if not stat.S_ISREG(st.st_mode):
+        return                      # fifos, sockets, devices are not carried across
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=src_fd)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
+        try:
+            while os.sendfile(dfd, sfd, None, FILES_CHUNK_BYTES * 64):
+                pass
+            os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.fdatasync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+# ----------------------------------------------------------------------------
+# Uploads: multipart/form-data parsed as it arrives
+# ----------------------------------------------------------------------------
+
+
+def _header_params(value: str) -> Tuple[str, Dict[str, str]]:
+    """`form-data; name="file"; filename="a b.txt"` -> ("form-data", {...}).
+    Quoted strings may escape with a backslash; RFC 5987 `name*=UTF-8''...`
+    values are decoded and win over the plain ones."""
+    head, _, rest = value.partition(";")
+    params: Dict[str, str] = {}
+    pattern = re.compile(r'\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)\s*(?:;|$)')
+    for key, raw in pattern.findall(rest):
+        key = key.lower()
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        if key.endswith("*"):
+            charset, _, encoded = raw.partition("''")
+            try:
+                params[key[:-1]] = urllib.parse.unquote(encoded, encoding=charset or "utf-8", errors="strict")
+            except (LookupError, UnicodeDecodeError):
+                continue
+        else:
+            params.setdefault(key, raw.strip())
+    return head.strip().lower(), params
+
+
+def _multipart_boundary(content_type: str) -> Optional[str]:
+    """The boundary of a multipart/form-data Content-Type, or None if it is not one."""
+    kind, params = _header_params(content_type or "")
+    if kind != "multipart/form-data":
+        return None
+    boundary = params.get("boundary", "")
+    if not 1 <= len(boundary) <= 200:
+        raise BadRequest("multipart/form-data needs a boundary of 1 to 200 characters")
+    return boundary
+
+
+class _MultipartParser:
+    """A streaming multipart/form-data parser (RFC 7578 / RFC 2046 §5.1):
+    feed() it chunks of any size, get back events:
+
+        ("part", {"name": ..., "filename": ..., "content_type": ...})
+        ("data", memoryview)       # the current part's bytes, in order
+        ("end", None)              # the current part is complete
+
+    A delimiter cut across two chunks is found: up to len(delimiter) - 1
+    bytes of a chunk are held back until the next one says whether they
+    start one. Memory is one chunk plus that tail, whatever the body's size.
+    """
+
+    _PREAMBLE, _AFTER, _HEADERS, _BODY, _DONE = range(5)
+
+    def __init__(self, boundary: str) -> None:
+        self._delim = b"\r\n--" + boundary.encode("latin-1")
+        self._state = self._PREAMBLE
+        self._buf = b"\r\n"         # the body's first delimiter has no CRLF before it
+        self.done = False
+
+    def feed(self, chunk: bytes) -> List[Tuple[str, Any]]:
+        self._buf = self._buf + chunk if self._buf else bytes(chunk)
+        events: List[Tuple[str, Any]] = []
+        while self._step(events):
+            pass
+        return events
+
+    def close(self) -> None:
+        """The body ended: anything but a complete closing delimiter is a 400."""
+        if self._state != self._DONE:
+            raise BadRequest("multipart body ended before its closing boundary")
+
+    def _step(self, events: List[Tuple[str, Any]]) -> bool:
+        """Advance one state; False when more input is needed."""
+        if self._state == self._BODY:
+            return self._body(events)
+        if self._state == self._PREAMBLE:
+            found = self._buf.find(self._delim)
+            if found < 0:
+                self._buf = self._buf[-(len(self._delim) - 1):]
+                return False
+            self._buf, self._state = self._buf[found + len(self._delim):], self._AFTER
+            return True
+        if self._state == self._AFTER:
+            return self._after_delimiter()
+        if self._state == self._HEADERS:
+            return self._headers(events)
+        self._buf = b""             # the epilogue is ignored
+        return False
+
+    def _after_delimiter(self) -> bool:
+        """`--` closes the body; else optional padding, then CRLF and a part."""
+        if len(self._buf) < 2:
+            return False
+        if self._buf[:2] == b"--":
+            self._state, self._buf, self.done = self._DONE, b"", True
+            return False
+        end = self._buf.find(b"\r\n")
+        if end < 0:
+            if len(self._buf) > 256:
+                raise BadRequest("malformed multipart delimiter line")
+            return False
+        if self._buf[:end].strip(b" \t"):
+            raise BadRequest("malformed multipart delimiter line")
+        self._buf, self._state = self._buf[end + 2:], self._HEADERS
+        return True
+
+    def _headers(self, events: List[Tuple[str, Any]]) -> bool:
+        if self._buf.startswith(b"\r\n"):
+            end, skip = 0, 2        # a part with no headers at all
+        else:
+            end, skip = self._buf.find(b"\r\n\r\n"), 4
+        if end < 0:
+            if len(self._buf) > FILES_MAX_PART_HEADER_BYTES:
+                raise BadRequest("multipart part headers are larger than %d bytes" % FILES_MAX_PART_HEADER_BYTES)
+            return False
+        head, self._buf = self._buf[:end], self._buf[end + skip:]
+        events.append(("part", _part_info(head)))
+        self._state = self._BODY
+        return True
+
+    def _body(self, events: List[Tuple[str, Any]]) -> bool:
+        buf = self._buf
+        found = buf.find(self._delim)
+        if found >= 0:
+            if found:
+                events.append(("data", memoryview(buf)[:found]))
+            events.append(("end", None))
+            self._buf, self._state = buf[found + len(self._delim):], self._AFTER
+            return True
+        # no delimiter in buf: everything but a possible delimiter prefix at its end is data
+        keep = self._held_back(buf)
+        if len(buf) > keep:
+            events.append(("data", memoryview(buf)[:len(buf) - keep]))
+            self._buf = buf[len(buf) - keep:]
+        return False
+
+    def _held_back(self, buf: bytes) -> int:
+        """How many trailing bytes could be the start of a delimiter."""
+        pos = buf.find(b"\r", max(0, len(buf) - (len(self._delim) - 1)))
+        while pos >= 0:
+            if self._delim.startswith(buf[pos:]):
+                return len(buf) - pos
+            pos = buf.find(b"\r", pos + 1)
+        return 0
+
+
+def _part_info(head: bytes) -> Dict[str, Optional[str]]:
+    """A part's name, filename and content type from its header block."""
+    info: Dict[str, Optional[str]] = {"name": None, "filename": None, "content_type": None}
+    for line in head.decode("utf-8", "replace").split("\r\n"):
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip().lower()
+        if key == "content-disposition":
+            _, params = _header_params(value)
+            info["name"], info["filename"] = params.get("name"), params.get("filename")
+        elif key == "content-type":
+            info["content_type"] = value.strip()
+    return info
+
+
+class _Upload:
+    """One upload (multipart or raw) from its first byte to its committed file.
+
+    Multipart: the target is ?path=, else the `path` field (both given must
+    agree); the `file` part is written straight to disk as it arrives. When
+    `file` comes before a `path` field it is staged in the first root (an
+    O_TMPFILE there, or a named temp) and moved (same file system) or copied
+    next to the target at the end. Anything that goes wrong aborts the
+    writer: nothing is left behind.
+    """
+
+    def __init__(self, service: "_FileService", *, path: Optional[str], boundary: Optional[str],
+                 overwrite: bool = True, max_bytes: Optional[int] = None) -> None:
+        self._service = service
+        self._path = path
+        self._parser = _MultipartParser(boundary) if boundary is not None else None
+        self._overwrite = overwrite
+        self._max_bytes = max_bytes
+        self._writer: Optional[_AtomicWriter] = None
+        self._staged = False
+        self._part: Optional[Dict[str, Optional[str]]] = None
+        self._field = bytearray()
+        self._filename: Optional[str] = None
+        if self._parser is None:
+            self._writer = self._open(self._required_path())
+
+    def _required_path(self) -> str:
+        if self._path is None:
+            raise _invalid_path("", "upload needs a path (the `path` form field or ?path=)")
+        return self._path
+
+    def _open(self, path: str) -> _AtomicWriter:
+        with self._service.locate_for_write(path, self._filename) as target:
+            return _AtomicWriter(target, overwrite=self._overwrite, max_bytes=self._max_bytes,
+                                 owner=self._service.owner)
+
+    def feed(self, chunk: bytes) -> None:
+        """The body's next bytes; an error aborts the upload (nothing left)."""
+        try:
+            if self._parser is None:
+                self._writer.write(chunk)
+                return
+            for kind, value in self._parser.feed(chunk):
+                self._event(kind, value)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _event(self, kind: str, value: Any) -> None:
+        name = self._part["name"] if self._part is not None else None
+        if kind == "part":
+            self._part = value
+            if value["name"] == "file":
+                self._start_file(value)
+        elif kind == "data" and name == "file":
+            self._writer.write(value)
+        elif kind == "data" and name in ("path", "overwrite"):
+            if len(self._field) + len(value) > FILES_MAX_FIELD_BYTES:
+                raise BadRequest("form field %r is larger than %d bytes" % (name, FILES_MAX_FIELD_BYTES))
+            self._field += value
+        elif kind == "end":
+            self._end_part(name)
+
+    def _start_file(self, info: Dict[str, Optional[str]]) -> None:
+        if self._writer is not None:
+            raise BadRequest("one `file` part per upload")
+        self._filename = info["filename"]
+        if self._path is not None:
+            self._writer = self._open(self._path)
+        else:
+            self._writer = self._service.staging_writer(self._max_bytes)
+            self._staged = True
+
+    def _end_part(self, name: Optional[str]) -> None:
+        if name == "path":
+            text = self._field_text("path")
+            if self._path is not None and text != self._path:
+                raise BadRequest("upload path given twice: %r and %r" % (self._path, text))
+            self._path = text
+        elif name == "overwrite":
+            text = self._field_text("overwrite").strip().lower()
+            if text not in ("true", "false", "1", "0"):
+                raise BadRequest("overwrite must be true or false")
+            self._overwrite = text in ("true", "1")
+        self._part, self._field = None, bytearray()
+
+    def _field_text(self, name: str) -> str:
+        try:
+            return bytes(self._field).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("form field %r is not UTF-8" % name)
+
+    def finish(self) -> Dict[str, Any]:
+        """The body is complete: give the file its name; the answer of api.md §11."""
+        try:
+            if self._parser is not None:
+                self._parser.close()
+                if self._writer is None:
+                    raise BadRequest("multipart upload has no `file` part")
+                if self._staged:
+                    self._writer._overwrite = self._overwrite
+                    with self._service.locate_for_write(self._required_path(), self._filename) as target:
+                        self._writer = self._writer.adopt(target)   # on failure it aborts itself
+            self._writer._overwrite = self._overwrite
+            size = self._writer.commit()
+            return self._service.done(self._writer.path, "file uploaded", size=size)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+
+
+# ----------------------------------------------------------------------------
+# Downloads: what socket.sendfile needs, ranges, tar streams
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _DownloadPlan:
+    """What the endpoint sends: `count` bytes of `fd` from `offset` (fd None:
+    a body-less answer), with these status and headers. The receiver owns fd."""
+
+    status: int
+    fd: Optional[int]
+    offset: int
+    count: int
+    headers: Dict[str, str]
+    content_type: str
+
+
+# The validators: an ETag from inode, size and mtime in ns changes whenever the
+# file is replaced (a new inode) or written, which is what a resuming client needs.
+def _parse_range(value: str, size: int) -> Optional[Tuple[int, int]]:
+    """RFC 9110 §14.1.2 single range -> (first, last) inclusive; None: ignore the
+    header (not bytes, several ranges, or malformed: a server may send it all);
+    unsatisfiable raises 416 with `bytes */SIZE`."""
+    unit, sep, spec = value.partition("=")
+    if not sep or unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":
+        if last == "":
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise _unsatisfiable(size)
+        return max(0, size - suffix), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None             # "5-2" is not a range at all (§14.1.1): ignored
+    if start >= size:
+        raise _unsatisfiable(size)
+    return start, min(int(last), size - 1) if last else size - 1
+
+
+def _unsatisfiable(size: int) -> AgentError:
+    return AgentError("range not satisfiable (size %d)" % size, status=416, code="RANGE_NOT_SATISFIABLE",
+                      headers={"Content-Range": "bytes */%d" % size})
+
+
+def _etag(st: os.stat_result) -> str:
+    return '"%x-%x-%x"' % (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _content_disposition(name: str) -> str:
+    """RFC 6266: an ASCII fallback and the exact UTF-8 name."""
+    ascii_name = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
+    quoted = urllib.parse.quote(name.encode("utf-8", "surrogateescape"), safe="")
+    return "attachment; filename=\"%s\"; filename*=UTF-8''%s" % (ascii_name, quoted)
+
+
+def _guess_type(name: str) -> str:
+    kind, encoding = mimetypes.guess_type(name, strict=False)
+    if encoding or not kind:
+        return "application/octet-stream"   # a .gz is bytes to the client, not text/plain
+    return kind
+
+
+def _download_plan(target: _Target, fd: int, st: os.stat_result, headers: Callable[[str], Optional[str]]) -> _DownloadPlan:
+    """The answer to GET /files/download for an open regular file. Takes fd."""
+    name = posixpath.basename(target.path) or "download"
+    tag = _etag(st)
+    modified = email.utils.formatdate(st.st_mtime, usegmt=True)
+    base = {"ETag": tag, "Last-Modified": modified, "Accept-Ranges": "bytes",
+            "Content-Disposition": _content_disposition(name)}
+    kind = _guess_type(name)
+    match = headers("If-None-Match")
+    if match is not None and (match.strip() == "*" or tag in [m.strip() for m in match.split(",")]):
+        os.close(fd)
+        return _DownloadPlan(304, None, 0, 0, {"ETag": tag, "Last-Modified": modified}, kind)
+    span = None
+    asked = headers("Range")
+    if asked is not None and _if_range_holds(headers("If-Range"), tag, modified):
+        try:
+            span = _parse_range(asked, st.st_size)
+        except AgentError:
+            os.close(fd)
+            raise
+    if span is None:
+        return _DownloadPlan(200, fd, 0, st.st_size, base, kind)
+    base["Content-Range"] = "bytes %d-%d/%d" % (span[0], span[1], st.st_size)
+    return _DownloadPlan(206, fd, span[0], span[1] - span[0] + 1, base, kind)
+
+
+def _if_range_holds(value: Optional[str], tag: str, modified: str) -> bool:
+    """RFC 9110 §13.1.5: a Range applies only if If-Range (when sent) still matches."""
+    return value is None or value.strip() in (tag, modified)
+
+
+class _TarWriter:
+    """Bytes of a tar (PAX) stream, optionally gzipped, produced in pieces."""
+
+    def __init__(self, gzip: bool) -> None:
+        self._gz = zlib.compressobj(FILES_TAR_GZIP_LEVEL, zlib.DEFLATED, 31) if gzip else None
+        self.written = 0
+
+    def out(self, data: bytes) -> bytes:
+        self.written += len(data)
+        return self._gz.compress(data) if self._gz else data
+
+    def header(self, info: tarfile.TarInfo) -> bytes:
+        return self.out(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def end(self) -> bytes:
+        """Two zero blocks, padded to tar's 10 KiB record, and the gzip trailer."""
+        body = b"\0" * (2 * tarfile.BLOCKSIZE)
+        total = self.written + len(body)
+        body += b"\0" * (-total % tarfile.RECORDSIZE)
+        data = self.out(body)
+        return data + self._gz.flush() if self._gz else data
+
+
+class _TarStream:
+    """A directory download: iterate for the bytes; close() releases the
+    directory even if iteration never started (a generator that never ran
+    would not run its finally)."""
+
+    def __init__(self, top: _Target, gzip: bool) -> None:
+        self._top = top
+        self.gzip = gzip
+        self.name = (posixpath.basename(top.path) or "root") + (".tar.gz" if gzip else ".tar")
+        self.content_type = "application/gzip" if gzip else "application/x-tar"
+        self._gen = _tar_stream(top, gzip)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._gen
+
+    def close(self) -> None:
+        self._gen.close()
+        self._top.close()
+
+
+def _tar_stream(top: _Target, gzip: bool) -> Iterator[bytes]:
+    """A streamed tar of the directory `top` (open, name None), members named
+    `<dirname>/...`: directories (empty ones too), regular files, symlinks as
+    links (never followed), fifos and devices as such; sockets skipped. The
+    walk holds one descriptor per level, reads each file in FILES_CHUNK_BYTES
+    pieces, and stores a file that changed size while read at its header's
+    size (cut or zero-padded, with a warning), as GNU tar does. Owns top."""
+    writer = _TarWriter(gzip)
+    entries = _Entries()
+    base = posixpath.basename(top.path) or "root"
+    stack: List[Tuple[int, Any, str]] = []
+    try:
+        st = os.fstat(top.dir_fd)
+        yield writer.header(_tar_info(base + "/", st, entries, tarfile.DIRTYPE))
+        stack.append((top.dir_fd, os.scandir(top.dir_fd), base))
+        while stack:
+            fd, items, prefix = stack[-1]
+            entry = next(items, None)
+            if entry is None:
+                stack.pop()
+                items.close()
+                if fd != top.dir_fd:
+                    os.close(fd)
+                continue
+            for piece in _tar_member(writer, entries, fd, entry, prefix, stack):
+                yield piece
+        yield writer.end()
+    finally:
+        for fd, items, _ in stack:
+            items.close()
+            if fd != top.dir_fd:
+                _close_quietly(fd)
+        top.close()
+
+
+def _tar_info(name: str, st: os.stat_result, entries: _Entries, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = kind, stat.S_IMODE(st.st_mode), st.st_mtime
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uname, info.gname = entries._user(st.st_uid), entries._group(st.st_gid)
+    return info
+
+
+def _tar_member(writer: _TarWriter, entries: _Entries, fd: int, entry: "os.DirEntry[str]", prefix: str,
+                stack: List[Tuple[int, Any, str]]) -> Iterator[bytes]:
+    name = prefix + "/" + entry.name
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return                      # gone since listed
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        try:
+            sub = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+        except OSError as exc:
+            log.warning("tar: skipped directory %s: %s", name, exc)
+            return
+        yield writer.header(_tar_info(name + "/", st, entries, tarfile.DIRTYPE))
+        stack.append((sub, os.scandir(sub), name))
+    elif stat.S_ISLNK(mode):
+        info = _tar_info(name, st, entries, tarfile.SYMTYPE)
+        info.linkname = os.readlink(entry.name, dir_fd=fd)
+        yield writer.header(info)
+    elif stat.S_ISREG(mode):
+        for piece in _tar_file(writer, entries, fd, entry.name, name):
+            yield piece
+    elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = tarfile.FIFOTYPE if stat.S_ISFIFO(mode) else tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+        info = _tar_info(name, st, entries, kind)
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        yield writer.header(info)
+
+
+def _tar_file(writer: _TarWriter, entries: _Entries, dir_fd: int, own: str, name: str) -> Iterator[bytes]:
+    try:
+        fd = os.open(own, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        log.warning("tar: skipped %s: %s", name, exc)
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return                  # swapped for something else since listed
+        info = _tar_info(name, st, entries, tarfile.REGTYPE)
+        info.size = st.st_size
+        yield writer.header(info)
+        left = st.st_size              # the header promised this many bytes: exactly these follow
+        while left:
+            data = os.read(fd, min(left, FILES_CHUNK_BYTES))
+            if not data:
+                log.warning("tar: %s shrank while read; padded with zeros", name)
+                data = b"\0" * min(left, FILES_CHUNK_BYTES)
+            left -= len(data)
+            yield writer.out(data)
+        yield writer.out(b"\0" * (-st.st_size % tarfile.BLOCKSIZE))
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------
+# Watching: inotify (through ctypes) and a polling fallback
+# ----------------------------------------------------------------------------
+
+_IN_MODIFY, _IN_ATTRIB, _IN_MOVED_FROM, _IN_MOVED_TO = 0x2, 0x4, 0x40, 0x80
+_IN_CREATE, _IN_DELETE, _IN_DELETE_SELF, _IN_MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+_IN_Q_OVERFLOW, _IN_IGNORED, _IN_ONLYDIR, _IN_EXCL_UNLINK, _IN_ISDIR = 0x4000, 0x8000, 0x1000000, 0x4000000, 0x40000000
+_WATCH_MASK = (_IN_MODIFY | _IN_ATTRIB | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+               | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR | _IN_EXCL_UNLINK)
+_INOTIFY_EVENT = struct.Struct("iIII")
+
+
+class _Inotify:
+    """The four inotify calls, through ctypes (the stdlib has no binding)."""
+
+    def __init__(self) -> None:
+        libc = _libc()
+        if not hasattr(libc, "inotify_init1"):
+            raise OSError(errno.ENOSYS, "inotify is not available")
+        self._libc = libc
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        self.fd = fd
+
+    def add(self, dir_fd: int) -> int:
+        """Watch the directory open as dir_fd: through /proc/self/fd, the very
+        inode walked safely, never a path that could be swapped meanwhile."""
+        wd = self._libc.inotify_add_watch(self.fd, b"/proc/self/fd/%d" % dir_fd, _WATCH_MASK)
+        if wd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return wd
+
+    def remove(self, wd: int) -> None:
+        self._libc.inotify_rm_watch(self.fd, wd)
+
+    def read(self) -> List[Tuple[int, int, int, str]]:
+        """(wd, mask, cookie, name) of every event queued now."""
+        out: List[Tuple[int, int, int, str]] = []
+        while True:
+            try:
+                data = os.read(self.fd, 256 * 1024)
+            except BlockingIOError:
+                return out
+            offset = 0
+            while offset < len(data):
+                wd, mask, cookie, size = _INOTIFY_EVENT.unpack_from(data, offset)
+                raw = data[offset + 16:offset + 16 + size].split(b"\0", 1)[0]
+                out.append((wd, mask, cookie, os.fsdecode(raw)))
+                offset += 16 + size
+
+    def close(self) -> None:
+        _close_quietly(self.fd)
+
+
+def _change(path: str, event: str, is_dir: bool, old: Optional[str] = None) -> Dict[str, Any]:
+    out = {"type": "change", "path": path, "event": event, "timestamp": _rfc3339(time.time()),
+           "is_directory": is_dir}
+    if old is not None:
+        out["old_path"] = old
+    return out
+
+
+class _EventQueue:
+    """Changes on their way to the client: a burst of `modified` for one path
+    (one per write() call) within WATCH_COALESCE_S becomes one, as does
+    `modified` right after `created`; at most WATCH_MAX_PENDING wait, and
+    what does not fit is replaced by one {"type": "overflow"}."""
+
+    def __init__(self) -> None:
+        self._batch: List[Dict[str, Any]] = []
+        self._open: Dict[str, int] = {}     # path -> index of its created/modified in the batch
+        self._since = 0.0
+        self._ready: collections.deque = collections.deque()
+        self._lost = False
+
+    def add(self, event: Dict[str, Any], now: float) -> None:
+        if event.get("type") == "overflow":
+            self._overflow()
+            return
+        path, kind = event["path"], event["event"]
+        if kind == "modified" and path in self._open:
+            return
+        if len(self._batch) + len(self._ready) >= WATCH_MAX_PENDING:
+            self._overflow()
+            return
+        if not self._batch:
+            self._since = now
+        self._batch.append(event)
+        if kind in ("created", "modified"):
+            self._open[path] = len(self._batch) - 1
+        else:
+            self._open.pop(path, None)
+            self._open.pop(event.get("old_path"), None)
+
+    def _overflow(self) -> None:
+        self._lost = True
+
+    def release(self, now: float, force: bool = False) -> None:
+        if self._batch and (force or now - self._since >= WATCH_COALESCE_S):
+            self._ready.extend(self._batch)
+            self._batch, self._open = [], {}
+        if self._lost and len(self._ready) < WATCH_MAX_PENDING:
+            self._ready.append({"type": "overflow", "timestamp": _rfc3339(time.time())})
+            self._lost = False
+
+    def due(self) -> Optional[float]:
+        """When the open batch is to be released, if there is one."""
+        return self._since + WATCH_COALESCE_S if self._batch else None
+
+    def take(self) -> List[Dict[str, Any]]:
+        out = list(self._ready)
+        self._ready.clear()
+        return out
+
+
+class _WatcherBase:
+    """What the WebSocket endpoint drives: pull(timeout) -> events, close().
+    One thread pulls; close() may come from any thread (server shutdown) and
+    wakes a pull in progress."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._queue = _EventQueue()
+        self._lock = threading.Lock()       # guards _closed and _busy
+        self._closed = False
+        self._busy = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def pull(self, timeout: float) -> List[Dict[str, Any]]:
+        """The changes available within `timeout` seconds (possibly none)."""
+        with self._lock:
+            if self._closed:
+                return []
+            self._busy = True
+        try:
+            return self._pull(time.monotonic() + timeout)
+        finally:
+            with self._lock:
+                self._busy = False
+                release = self._closed
+            if release:
+                self._release()
+
+    def _wait(self, fds: List[int], deadline: float) -> List[int]:
+        """poll() the given fds and the wake pipe until deadline; the fds ready."""
+        poller = select.poll()
+        for fd in fds + [self._wake_r]:
+            poller.register(fd, select.POLLIN)
+        delay = max(0.0, deadline - time.monotonic())
+        ready = [fd for fd, _ in poller.poll(delay * 1000)]
+        return [fd for fd in ready if fd != self._wake_r]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            busy = self._busy
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        if not busy:
+            self._release()
+
+    def _release(self) -> None:
+        _close_quietly(self._wake_r)
+        _close_quietly(self._wake_w)
+        self._release_own()
+
+    def _release_own(self) -> None:
+        pass
+
+    def _pull(self, deadline: float) -> List[Dict[str, Any]]:
+        raise NotImplementedError
+
+
+class _InotifyWatcher(_WatcherBase):
+    """Changes under a directory from inotify. Subdirectories (recursive) get
+    their own watch as they appear, and what they held before their watch
+    existed is reported as created. Paired IN_MOVED_FROM/IN_MOVED_TO become
+    `renamed` with old_path; a temp file of the agent renamed over a name is
+    that name `modified` (or `created`), and the temp files themselves, like
+    the kernel's O_TMPFILE inodes, are never reported."""
+
+    backend = "inotify"
+
+    def __init__(self, policy: _PathPolicy, top: _Target, *, recursive: bool, only: Optional[str] = None) -> None:
+        self._ino = _Inotify()      # first: without it there is nothing to release
+        super().__init__(top.path if only is None else _child_path(top.path, only))
+        self._policy = policy
+        self._recursive = recursive
+        self._only = only
+        self._top = top.path
+        self._dirs: Dict[int, str] = {}     # wd -> display path of its directory
+        self._moves: "collections.OrderedDict[int, Tuple[str, bool, float]]" = collections.OrderedDict()
+        try:
+            self._watch_tree(top.dir_fd, top.path, report=False)
+        except BaseException:
+            self._release()
+            raise
+
+    def _watch_tree(self, fd: int, path: str, report: bool) -> None:
+        """Watch the directory open as fd and (recursive) every directory under
+        it; report=True: say `created` for what is found (it came unseen)."""
+        pending = [(os.dup(fd), path)]
+        try:
+            while pending:
+                dfd, dpath = pending.pop()
+                try:
+                    self._watch_one(dfd, dpath, report, pending)
+                finally:
+                    os.close(dfd)
+        finally:
+            for left, _ in pending:
+                _close_quietly(left)
+
+    def _watch_one(self, dfd: int, dpath: str, report: bool, pending: List[Tuple[int, str]]) -> None:
+        # the kernel's budget (fs.inotify.max_user_watches) is shared by the whole user: one
+        # watcher must not take it all, and what is not watched is said (overflow), not hidden
+        if len(self._dirs) >= WATCH_MAX_DIRS:
+            log.warning("watch of %s: more than %d directories; some are not watched", self._top, WATCH_MAX_DIRS)
+            self._queue.add({"type": "overflow"}, time.monotonic())
+            return
+        try:
+            self._dirs[self._ino.add(dfd)] = dpath
+            if self._recursive:
+                self._scan(dfd, dpath, report, pending)
+        except OSError as exc:
+            if not self._dirs:
+                raise               # not even the top: the caller falls back to polling
+            log.info("watch of %s: cannot watch %s: %s", self._top, dpath, exc)
+            self._queue.add({"type": "overflow"}, time.monotonic())
+
+    def _scan(self, dfd: int, dpath: str, report: bool, pending: List[Tuple[int, str]]) -> None:
+        with os.scandir(dfd) as items:
+            for entry in items:
+                if _TEMP_NAME.match(entry.name):
+                    continue
+                child = _child_path(dpath, entry.name)
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if report:
+                    self._queue.add(_change(child, "created", is_dir), time.monotonic())
+                if is_dir:
+                    try:
+                        pending.append((os.open(entry.name, _DIR_FLAGS, dir_fd=dfd), child))
+                    except OSError:
+                        pass
+
+    def fileno(self) -> int:
+        return self._ino.fd
+
+    def _pull(self, deadline: float) -> List[Dict[str, Any]]:
+        while True:
+            now = time.monotonic()
+            self._expire_moves(now)
+            self._queue.release(now)
+            out = self._queue.take()
+            if out or now >= deadline or self._closed:
+                return out
+            due = [t for t in (self._queue.due(), self._moves_due()) if t is not None]
+            if self._wait([self._ino.fd], min([deadline] + due)):
+                for raw in self._ino.read():
+                    self._translate(*raw)
+
+    def _moves_due(self) -> Optional[float]:
+        return next(iter(self._moves.values()))[2] if self._moves else None
+
+    def _expire_moves(self, now: float) -> None:
+        """A move whose other half did not come: it left the tree (deleted)."""
+        while self._moves:
+            cookie, (path, is_dir, due) = next(iter(self._moves.items()))
+            if due > now:
+                return
+            del self._moves[cookie]
+            if self._wanted(path) and not _TEMP_NAME.match(posixpath.basename(path)):
+                self._forget(path)
+                self._queue.add(_change(path, "deleted", is_dir), now)
+
+    def _translate(self, wd: int, mask: int, cookie: int, name: str) -> None:
+        now = time.monotonic()
+        if mask & _IN_Q_OVERFLOW:
+            self._queue.add({"type": "overflow"}, now)
+            return
+        base = self._dirs.get(wd)
+        if mask & _IN_IGNORED:
+            self._dirs.pop(wd, None)
+            return
+        if base is None:
+            return
+        if not name:
+            if base == self._top and mask & (_IN_DELETE_SELF | _IN_MOVE_SELF) and self._only is None:
+                self._queue.add(_change(base, "deleted", True), now)
+            return
+        self._named(wd, base, mask, cookie, name, now)
+
+    def _named(self, wd: int, base: str, mask: int, cookie: int, name: str, now: float) -> None:
+        path, is_dir = _child_path(base, name), bool(mask & _IN_ISDIR)
+        temp = bool(_TEMP_NAME.match(name))
+        if mask & _IN_MOVED_FROM:
+            # held until its IN_MOVED_TO (same cookie) or the window ends (then it left the tree)
+            self._moves[cookie] = (path, is_dir, now + WATCH_COALESCE_S)
+        elif mask & _IN_MOVED_TO:
+            self._moved_to(path, is_dir, self._moves.pop(cookie, None), temp, now)
+        elif self._only is not None and name != self._only:
+            return
+        elif temp or (_KERNEL_TMPFILE_NAME.match(name) and not self._exists(path)):
+            return                      # our temp files, and O_TMPFILE inodes (named "#<ino>" by inotify)
+        elif mask & _IN_CREATE:
+            self._queue.add(_change(path, "created", is_dir), now)
+            if is_dir and self._recursive:
+                self._watch_new(path)
+        elif mask & _IN_DELETE:
+            self._queue.add(_change(path, "deleted", is_dir), now)
+        elif mask & (_IN_MODIFY | _IN_ATTRIB):
+            self._queue.add(_change(path, "modified", is_dir), now)
+
+    def _moved_to(self, path: str, is_dir: bool, source: Optional[Tuple[str, bool, float]], temp: bool,
+                  now: float) -> None:
+        if temp:
+            return                  # a staged upload arriving beside its target
+        if source is None:
+            if self._wanted(path):
+                self._queue.add(_change(path, "created", is_dir), now)
+            if is_dir and self._recursive:
+                self._watch_new(path)
+            return
+        old = source[0]
+        name = posixpath.basename(old)
+        if not self._wanted(path) and not self._wanted(old):
+            return
+        if _TEMP_NAME.match(name):
+            self._queue.add(_change(path, "created" if name.endswith(".c") else "modified", is_dir), now)
+        else:
+            self._renamed(old, path)
+            self._queue.add(_change(path, "renamed", is_dir, old), now)
+        if is_dir and self._recursive and _TEMP_NAME.match(name):
+            self._watch_new(path)
+
+    def _wanted(self, path: str) -> bool:
+        """A one-file watch reports that name only."""
+        return self._only is None or path == self.path
+
+    def _renamed(self, old: str, new: str) -> None:
+        """A directory moved within the tree: its watches keep working, with new paths."""
+        for wd, path in list(self._dirs.items()):
+            if path == old or path.startswith(old + "/"):
+                self._dirs[wd] = new + path[len(old):]
+
+    def _forget(self, gone: str) -> None:
+        """A directory moved out of the tree: stop watching it and what is under it."""
+        for wd, path in list(self._dirs.items()):
+            if path == gone or path.startswith(gone + "/"):
+                self._ino.remove(wd)
+                del self._dirs[wd]
+
+    def _exists(self, path: str) -> bool:
+        # a lookup through the policy: the watcher never touches a path the walk did not approve
+        try:
+            with self._policy.locate(path, follow=False) as target:
+                return target.lstat() is not None
+        except AgentError:
+            return False
+
+    def _watch_new(self, path: str) -> None:
+        try:
+            with self._policy.open_dir(path) as target:
+                self._watch_tree(target.dir_fd, path, report=True)
+        except AgentError:
+            pass                    # gone again, or now outside the roots: nothing to watch
+
+    def _release_own(self) -> None:
+        self._ino.close()
+
+
+class _PollingWatcher(_WatcherBase):
+    """The fallback: scan the tree every `interval` seconds and report what
+    changed. Renames are recognised by inode; temp files are skipped."""
+
+    backend = "polling"
+
+    def __init__(self, policy: _PathPolicy, top: _Target, *, recursive: bool, only: Optional[str] = None,
+                 interval: float = WATCH_POLL_S) -> None:
+        super().__init__(top.path if only is None else _child_path(top.path, only))
+        self._policy = policy
+        self._top = top.path
+        self._recursive = recursive
+        self._only = only
+        self._interval = interval
+        self._snapshot = self._scan()
+        self._next = time.monotonic() + interval
+
+    def fileno(self) -> Optional[int]:
+        return None
+
+    def _pull(self, deadline: float) -> List[Dict[str, Any]]:
+        while True:
+            now = time.monotonic()
+            if now >= self._next:
+                self._diff(self._scan(), now)
+                self._next = now + self._interval
+            self._queue.release(now, force=True)
+            out = self._queue.take()
+            if out or now >= deadline or self._closed:
+                return out
+            self._wait([], min(deadline, self._next))
+
+    def _scan(self) -> Dict[str, Tuple[int, int, int, int]]:
+        """{path: (inode, mode, size, mtime_ns)} of everything under the top."""
+        # the top is walked again each time: a replaced or removed top is seen, never followed blindly
+        seen: Dict[str, Tuple[int, int, int, int]] = {}
+        try:
+            top = self._policy.open_dir(self._top)
+        except AgentError:
+            return seen             # the directory itself is gone
+        pending = [(top.dir_fd, self._top)]
+        top.dir_fd = -1
+        try:
+            while pending:
+                fd, base = pending.pop()
+                try:
+                    self._scan_dir(fd, base, seen, pending)
+                finally:
+                    os.close(fd)
+        finally:
+            for fd, _ in pending:
+                _close_quietly(fd)
+        return seen
+
+    def _scan_dir(self, fd: int, base: str, seen: Dict[str, Tuple[int, int, int, int]],
+                  pending: List[Tuple[int, str]]) -> None:
+        with os.scandir(fd) as items:
+            for entry in items:
+                if _TEMP_NAME.match(entry.name) or (self._only is not None and entry.name != self._only):
+                    continue
+                if len(seen) >= WATCH_MAX_POLL_ENTRIES:
+                    self._queue.add({"type": "overflow"}, time.monotonic())
+                    return
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                path = _child_path(base, entry.name)
+                seen[path] = (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns)
+                if self._recursive and stat.S_ISDIR(st.st_mode):
+                    try:
+                        pending.append((os.open(entry.name, _DIR_FLAGS, dir_fd=fd), path))
+                    except OSError:
+                        pass
+
+    def _diff(self, now_seen: Dict[str, Tuple[int, int, int, int]], now: float) -> None:
+        before = self._snapshot
+        self._snapshot = now_seen
+        gone = {p: v for p, v in before.items() if p not in now_seen}
+        new = {p: v for p, v in now_seen.items() if p not in before}
+        # a path gone and another new with the same inode and type, in one scan, is a rename
+        by_inode = {(v[0], stat.S_IFMT(v[1])): p for p, v in gone.items()}
+        for path in sorted(new):
+            info = new[path]
+            old = by_inode.pop((info[0], stat.S_IFMT(info[1])), None)
+            if old is not None:
+                del gone[old]
+                self._queue.add(_change(path, "renamed", stat.S_ISDIR(info[1]), old), now)
+            else:
+                self._queue.add(_change(path, "created", stat.S_ISDIR(info[1])), now)
+        for path in sorted(gone):
+            self._queue.add(_change(path, "deleted", stat.S_ISDIR(gone[path][1])), now)
+        for path in sorted(p for p in now_seen if p in before and now_seen[p] != before[p]):
+            if not stat.S_ISDIR(now_seen[path][1]) or now_seen[path][0] != before[path][0]:
+                self._queue.add(_change(path, "modified", stat.S_ISDIR(now_seen[path][1])), now)
+
+
+# ----------------------------------------------------------------------------
+# The service: the endpoints' one way in
+# ----------------------------------------------------------------------------
+
+
+def _parse_mode(value: Any, default: Optional[int] = None) -> Optional[int]:
+    """"0644", "644", "0o644" or an int (decimal of the octal digits is not
+    guessed: 644 as a JSON number means 0o644 only when all digits are octal)."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise BadRequest("mode must be an octal string such as \"0644\"")
+    if isinstance(value, int):
+        value = str(value)
+    if not isinstance(value, str) or not re.fullmatch(r"(0o)?[0-7]{1,4}", value.strip()):
+        raise BadRequest("mode must be an octal string such as \"0644\"")
+    return int(value.strip().replace("0o", ""), 8)
+
+
+class _FileService:
+    """api.md §11 minus HTTP: every files endpoint is one call here. Owns the
+    path policy and the open watchers (closed at shutdown)."""
+
+    def __init__(self, roots: Sequence[str], workdir: str, *, max_read_bytes: int = FILES_MAX_READ_BYTES,
+                 max_upload_bytes: Optional[int] = None, owner: Optional[Tuple[int, int]] = None,
+                 workspace_alias: Optional[bool] = None, watch_backend: str = "auto") -> None:
+        self.policy = _PathPolicy(roots, workdir, workspace_alias=workspace_alias)
+        self.max_read_bytes = max_read_bytes
+        self.max_upload_bytes = max_upload_bytes
+        self.owner = owner          # (uid, gid) for what is made (issue 15's run-as user)
+        self.watch_backend = watch_backend
+        self.entries = _Entries()
+        self._lock = threading.Lock()   # guards _watchers
+        self._watchers: List[_WatcherBase] = []
+
+    # -- answers
+
+    @staticmethod
+    def done(path: str, message: str, **extra: Any) -> Dict[str, Any]:
+        return dict({"success": True, "path": path, "message": message,
+                     "timestamp": _rfc3339(time.time())}, **extra)
+
+    # -- reading
+
+    def read(self, path: Any) -> Dict[str, Any]:
+        target, fd = self.policy.open_file(path, os.O_RDONLY | os.O_NONBLOCK)
+        with target:
+            try:
+                data = self._read_small(target, fd)
+            finally:
+                os.close(fd)
+        try:
+            return {"content": data.decode("utf-8"), "path": target.path, "size": len(data), "encoding": "utf-8"}
+        except UnicodeDecodeError:
+            return {"content": base64.b64encode(data).decode("ascii"), "path": target.path, "size": len(data),
+                    "encoding": "base64"}
+
+    def _read_small(self, target: _Target, fd: int) -> bytes:
+        st = self._regular(target, fd)
+        chunks, size = [], 0
+        # read until EOF, not st_size: a file growing meanwhile is still capped by max_read_bytes
+        while True:
+            if size > self.max_read_bytes or st.st_size > self.max_read_bytes:
+                raise FileError(413, "PAYLOAD_TOO_LARGE", "file is larger than %d bytes; use /files/download: %s"
+                                % (self.max_read_bytes, target.path), target.path,
+                                download="/files/download?path=" + urllib.parse.quote(target.path, safe=""),
+                                max_read_bytes=self.max_read_bytes)
+            data = os.read(fd, FILES_CHUNK_BYTES)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+            size += len(data)
+
+    @staticmethod
+    def _regular(target: _Target, fd: int) -> os.stat_result:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise FileError(400, "IS_A_DIRECTORY", "is a directory: %s" % target.path, target.path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _invalid_path(target.path, "not a regular file")
+        return st
+
+    def download(self, path: Any, headers: Callable[[str], Optional[str]], fmt: Optional[str] = None) -> Any:
+        """A _DownloadPlan for a file, or a _TarStream for a directory with
+        fmt 'tar' / 'tar.gz'."""
+        if fmt not in (None, "", "tar", "tar.gz", "tgz"):
+            raise BadRequest("format must be tar or tar.gz")
+        target, fd = self.policy.open_file(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                return self._tar(target, fd, fmt)
+            self._regular(target, fd)
+            os.set_blocking(fd, True)
+            return _download_plan(target, fd, st, headers)
+        except BaseException:
+            _close_quietly(fd)
+            raise
+        finally:
+            target.close()
+
+    def _tar(self, target: _Target, fd: int, fmt: Optional[str]) -> _TarStream:
+        if not fmt:
+            raise FileError(400, "IS_A_DIRECTORY", "is a directory (add ?format=tar or tar.gz): %s"
+                            % target.path, target.path)
+        return _TarStream(_Target(fd, None, target.path, target.real, target.root), fmt != "tar")
+
+    def list(self, path: Any = None, *, recursive: bool = False, depth: Optional[int] = None,
+             limit: Optional[int] = None, offset: int = 0, as_json: bool = False) -> Dict[str, Any]:
+        """A listing; with as_json the entries are JSON texts (the endpoint joins them)."""
+        if depth is not None and depth < 1 or offset < 0 or limit is not None and limit < 0:
+            raise BadRequest("depth must be >= 1, limit and offset >= 0")
+        max_depth = depth if depth is not None else (float("inf") if recursive else 1)
+        limit = FILES_MAX_LIST_ENTRIES if limit is None else min(limit, FILES_MAX_LIST_ENTRIES)
+        with self.policy.open_dir(self.policy.workdir if path is None else path) as top:
+            try:
+                files, more = _Listing(self.entries, max_depth, offset, limit, as_json=as_json).run(top)
+            except OSError as exc:
+                raise _os_failure(exc, top.path)
+        return {"files": files, "path": top.path, "count": len(files), "truncated": more}
+
+    def stat(self, path: Any) -> Dict[str, Any]:
+        with self.policy.locate(path, follow=False) as target:
+            try:
+                st = target.lstat()
+                link = _readlink_at(target.dir_fd, target.name) if target.name is not None else None
+            except OSError as exc:
+                raise _os_failure(exc, target.path)
+            if st is None:
+                raise FileError(404, "FILE_NOT_FOUND", "no such file or directory: %s" % target.path, target.path)
+            name = posixpath.basename(target.path) or "/"
+            return self.entries.entry(name, target.path, st, link if stat.S_ISLNK(st.st_mode) else None)
+
+    def exists(self, path: Any) -> Dict[str, Any]:
+        display, _ = self.policy.normalise(path)
+        try:
+            with self.policy.locate(path, follow=False) as target:
+                st = target.lstat()
+        except FileError as exc:
+            if exc.code not in ("FILE_NOT_FOUND", "NOT_A_DIRECTORY"):
+                raise
+            st = None
+        except OSError as exc:
+            raise _os_failure(exc, display)
+        return {"exists": st is not None, "path": display, "is_directory": bool(st and stat.S_ISDIR(st.st_mode))}
+
+    # -- writing
+
+    def locate_for_write(self, path: str, filename: Optional[str] = None) -> _Target:
+        """The target of a write: parents made; a path ending in '/' or naming a
+        directory, with a filename (multipart), means that file in it."""
+        target = self.policy.locate(path, follow=True, create=0o755, owner=self.owner)
+        if filename is not None and (path.endswith("/") or _is_dir(target)):
+            name = posixpath.basename(filename.replace("\\", "/"))
+            if name in ("", ".", ".."):
+                target.close()
+                raise _invalid_path(filename, "upload filename is not a file name")
+            inner = _child_path(target.path, name)
+            target.close()
+            return self.policy.locate(inner, follow=True, create=0o755, owner=self.owner)
+        return target
+
+    def write(self, path: Any, content: bytes, *, mode: Optional[int] = None, overwrite: bool = True,
+              append: bool = False) -> Dict[str, Any]:
+        if append:
+            appended = self._append(path, content)
+            if appended is not None:
+                return appended
+        with self.locate_for_write(path) as target:
+            writer = _AtomicWriter(target, mode=mode, overwrite=overwrite, owner=self.owner)
+        with writer:
+            writer.write(content)
+            size = writer.commit()
+        return self.done(writer.path, "file written", size=size)
+
+    def _append(self, path: Any, content: bytes) -> Optional[Dict[str, Any]]:
+        try:
+            target, fd = self.policy.open_file(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
+        except FileError as exc:
+            if exc.code == "FILE_NOT_FOUND":
+                return None         # appending to nothing makes the file, atomically
+            raise
+        with target:
+            try:
+                self._regular(target, fd)
+                size = _append(target, fd, content)
+            finally:
+                os.close(fd)
+        return self.done(target.path, "file appended", size=size)
+
+    def upload(self, *, path: Optional[str], content_type: Optional[str],
+               content_length: Optional[int] = None, overwrite: bool = True) -> _Upload:
+        """An upload to feed() with the body's chunks and finish()."""
+        boundary = _multipart_boundary(content_type or "")
+        limit = self.max_upload_bytes
+        if limit is not None and content_length is not None:
+            slack = FILES_MULTIPART_SLACK_BYTES if boundary is not None else 0
+            if content_length > limit + slack:
+                raise FileError(413, "PAYLOAD_TOO_LARGE", "upload is larger than %d bytes" % limit,
+                                path or "", max_upload_bytes=limit)
+        return _Upload(self, path=path, boundary=boundary, overwrite=overwrite, max_bytes=limit)
+
+    def staging_writer(self, max_bytes: Optional[int]) -> _AtomicWriter:
+        """Where a file part that came before its path waits: the first root."""
+        # inside a root, so its disk use is where the operator allowed files to go
+        with self.policy.open_dir(self.policy.roots[0].real) as top:
+            holder = _Target(top.dir_fd, _temp_name(), top.path, top.real, top.root)
+            return _AtomicWriter(holder, overwrite=True, max_bytes=max_bytes, owner=self.owner)
+
+    def mkdir(self, path: Any, mode: Optional[int] = None) -> Dict[str, Any]:
+        with self.policy.locate(path, follow=True, create=0o755, owner=self.owner) as target:
+            if target.name is None:
+                return self.done(target.path, "directory exists")
+            try:
+                self._mkdir_at(target, 0o755 if mode is None else mode, mode is not None)
+            except OSError as exc:
+                raise _os_failure(exc, target.path)
+            return self.done(target.path, "directory created")
+
+    def _mkdir_at(self, target: _Target, mode: int, exact: bool) -> None:
+        try:
+            os.mkdir(target.name, mode, dir_fd=target.dir_fd)
+        except FileExistsError:
+            st = target.lstat()
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                return
+            raise FileError(409, "FILE_ALREADY_EXISTS", "a file is in the way: %s" % target.path, target.path)
+        if exact or self.owner is not None:
+            fd = os.open(target.name, _DIR_FLAGS, dir_fd=target.dir_fd)
+            try:
+                if exact:
+                    os.fchmod(fd, mode)
+                if self.owner is not None:
+                    os.fchown(fd, *self.owner)
+            finally:
+                os.close(fd)
+
+    def remove(self, path: Any, *, recursive: bool = True) -> Dict[str, Any]:
+        with self.policy.locate(path, follow=False) as target:
+            self._not_a_root(target, "remove")
+            try:
+                st = target.lstat()
+                if st is None:
+                    raise FileError(404, "FILE_NOT_FOUND", "no such file or directory: %s" % target.path, target.path)
+                if not stat.S_ISDIR(st.st_mode):
+                    os.unlink(target.name, dir_fd=target.dir_fd)
+                elif recursive:
+                    _rmtree_at(target.dir_fd, target.name)
+                else:
+                    os.rmdir(target.name, dir_fd=target.dir_fd)
+            except OSError as exc:
+                raise _os_failure(exc, target.path)
+            return self.done(target.path, "removed")
+
+    def _not_a_root(self, target: _Target, what: str) -> None:
+        if target.name is None or self.policy.holds_root(target.real):
+            raise _not_allowed(target.path, "cannot %s an allowed root or a directory holding one" % what)
+
+    def move(self, source: Any, destination: Any, *, overwrite: bool = False) -> Dict[str, Any]:
+        with self.policy.locate(source, follow=False) as src:
+            self._not_a_root(src, "move")
+            with self.policy.locate(destination, follow=False, create=0o755, owner=self.owner) as dst:
+                self._not_a_root(dst, "replace")
+                if src.lstat() is None:
+                    raise FileError(404, "FILE_NOT_FOUND", "no such file or directory: %s" % src.path, src.path)
+                try:
+                    self._rename(src, dst, overwrite)
+                except OSError as exc:
+                    raise self._move_failure(exc, src, dst)
+                return self.done(dst.path, "moved", source=src.path, destination=dst.path)
+
+    @staticmethod
+    def _move_failure(exc: OSError, src: _Target, dst: _Target) -> AgentError:
+        if exc.errno == errno.EEXIST or exc.errno == errno.ENOTEMPTY:
+            existing = dst.lstat()
+            if existing is not None and stat.S_ISDIR(existing.st_mode) and exc.errno == errno.ENOTEMPTY:
+                return FileError(409, "DIRECTORY_NOT_EMPTY", "destination is a directory that is not empty: %s"
+                                 % dst.path, dst.path)
+            return FileError(409, "FILE_ALREADY_EXISTS", "destination exists: %s" % dst.path, dst.path)
+        if exc.errno == errno.EINVAL:
+            return _invalid_path(dst.path, "cannot move a directory into itself")
+        return _os_failure(exc, dst.path if exc.errno in (errno.EISDIR, errno.ENOTDIR) else src.path)
+
+    def _rename(self, src: _Target, dst: _Target, overwrite: bool) -> None:
+        try:
+            if overwrite:
+                os.rename(src.name, dst.name, src_dir_fd=src.dir_fd, dst_dir_fd=dst.dir_fd)
+            else:
+                _rename_noreplace(src.dir_fd, src.name, dst.dir_fd, dst.name)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            self._move_across(src, dst, overwrite)
+
+    def _move_across(self, src: _Target, dst: _Target, overwrite: bool) -> None:
+        """Another file system: copy beside the destination under a temp name,
+        rename it into place, then remove the source."""
+        existing = dst.lstat()
+        if existing is not None and not overwrite:
+            raise FileExistsError(errno.EEXIST, "file exists", dst.name)
+        # the copy is built under a temp name (watchers hide it) and appears in one rename;
+        # `.c` tells watchers that the name it takes is new (created, not modified)
+        temp = _temp_name(new=existing is None)
+        try:
+            _copy_tree_at(src.dir_fd, src.name, dst.dir_fd, temp)
+            if overwrite:
+                os.rename(temp, dst.name, src_dir_fd=dst.dir_fd, dst_dir_fd=dst.dir_fd)
+            else:
+                _rename_noreplace(dst.dir_fd, temp, dst.dir_fd, dst.name)
+        except BaseException:
+            self._remove_quietly(dst.dir_fd, temp)
+            raise
+        self._remove_quietly(src.dir_fd, src.name)
+
+    @staticmethod
+    def _remove_quietly(dir_fd: int, name: str) -> None:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                _rmtree_at(dir_fd, name)
+            else:
+                os.unlink(name, dir_fd=dir_fd)
+        except OSError:
+            pass
+
+    # -- watching
+
+    def watch(self, path: Any = None, *, recursive: bool = False, backend: Optional[str] = None,
+              interval: float = WATCH_POLL_S) -> _WatcherBase:
+        """A watcher of a directory (or of one file: its parent, that name only)."""
+        backend = backend or self.watch_backend
+        watched = self.policy.workdir if path is None else path
+        only = None
+        try:
+            top = self.policy.open_dir(watched)
+        except FileError as exc:
+            if exc.code != "NOT_A_DIRECTORY":
+                raise
+            display, _ = self.policy.normalise(watched)
+            top = self.policy.open_dir(posixpath.dirname(display))
+            only, recursive = posixpath.basename(display), False
+        with top:
+            watcher = self._make_watcher(top, recursive, only, backend, interval)
+        with self._lock:
+            self._watchers = [w for w in self._watchers if not w.closed] + [watcher]
+        return watcher
+
+    def _make_watcher(self, top: _Target, recursive: bool, only: Optional[str], backend: str,
+                      interval: float) -> _WatcherBase:
+        if backend in ("auto", "inotify"):
+            try:
+                return _InotifyWatcher(self.policy, top, recursive=recursive, only=only)
+            except OSError as exc:
+                if backend == "inotify":
+                    raise _os_failure(exc, top.path)
+                log.info("watch of %s: inotify unavailable (%s); polling", top.path, exc)
+        return _PollingWatcher(self.policy, top, recursive=recursive, only=only, interval=interval)
+
+    def features(self) -> Dict[str, Any]:
+        """api.md §15: what this family adds to /health and /info."""
+        return {"file_operations": True, "file_watch": True}
+
+    def close(self, deadline: Optional[float] = None) -> None:
+        """Server shutdown: every watcher is woken and closed (never blocks)."""
+        with self._lock:
+            watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            watcher.close()
+
+
+def _is_dir(target: _Target) -> bool:
+    st = target.lstat()
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
+# ============================================================================
+# Endpoints: files (read, download, write, upload, list, stat, exists, remove, mkdir, move, watch)
+# ============================================================================
+#
+# api.md §11 over HTTP. Each endpoint is a thin reading of the request
+# followed by one call to srv.files (_FileService); refusals are FileErrors
+# with details.path. Uploads and downloads stream (body="stream", _SendFile,
+# _Chunks); /files/watch is a WebSocket driven by a watcher's pull().
+
+WATCH_IDLE_PULL_S = 0.5               # the watch session wakes this often to notice a closed client
+
+
+def _files_path(req: _Request, name: str = "path") -> str:
+    """The ?path= of a request; absent is 400 INVALID_PATH (empty too, later)."""
+    value = req.param(name)
+    if value is None:
+        raise FileError(400, "INVALID_PATH", "missing query parameter %r" % name, "")
+    return value
+
+
+def _query_int(req: _Request, name: str) -> Optional[int]:
+    value = req.param(name)
+    if value is None or value == "":
+        return None
+    if not _is_digits(value) or len(value) > 9:
+        raise BadRequest("query parameter %r must be a non-negative integer" % name)
+    return int(value)
+
+
+def _body_path(body: Dict[str, Any], field: str = "path") -> str:
+    value = body.get(field)
+    if value is None:
+        raise FileError(400, "INVALID_PATH", "missing field %r" % field, "")
+    if not isinstance(value, str):
+        raise FileError(400, "INVALID_PATH", "field %r must be a string" % field, str(value)[:200])
+    return value
+
+
+def _files_read(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    return srv.files.read(_files_path(req))
+
+
+def _files_download(srv: "_AgentServer", req: _Request) -> Any:
+    found = srv.files.download(_files_path(req), lambda name: req.header(name.lower()), req.param("format"))
+    if isinstance(found, _TarStream):
+        headers = {"Content-Disposition": _content_disposition(found.name), "Cache-Control": "no-store"}
+        if req.method == "HEAD":
+            found.close()
+            return _Reply(200, b"", found.content_type, headers)
+        return _Chunks(found, content_type=found.content_type, headers=headers)
+    if found.fd is None:
+        return _Reply(found.status, b"", None, found.headers)          # 304
+    return _SendFile(os.fdopen(found.fd, "rb", buffering=0), found.offset, found.count, status=found.status,
+                     content_type=found.content_type, headers=found.headers)
+
+
+def _write_content(body: Dict[str, Any]) -> bytes:
+    """`content` as bytes: UTF-8 text, or base64 with encoding "base64"."""
+    content = body.get("content")
+    if content is None:
+        raise BadRequest("missing required field 'content'", code="MISSING_PARAMETER")
+    if not isinstance(content, str):
+        raise BadRequest("field 'content' must be a string")
+    encoding = body.get("encoding") or "utf-8"
+    if not isinstance(encoding, str) or encoding.lower() not in ("utf-8", "utf8", "text", "base64"):
+        raise BadRequest("encoding must be utf-8 or base64")
+    if encoding.lower() != "base64":
+        return content.encode("utf-8", "surrogatepass")
+    try:
+        return base64.b64decode("".join(content.split()), validate=True)
+    except ValueError:
+        raise BadRequest("content is not valid base64") from None
+
+
+def _files_write(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    body = req.json()
+    path = _body_path(body)
+    overwrite = body.get("overwrite", True)
+    if not isinstance(overwrite, bool):
+        raise BadRequest("field 'overwrite' must be true or false")
+    return srv.files.write(path, _write_content(body), mode=_parse_mode(body.get("mode")),
+                           overwrite=overwrite, append=_flag(body, "append"))
+
+
+def _files_upload(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    """multipart/form-data (`path` field and `file` part, either order) or a
+    raw body with ?path=; streamed to disk, refused before 100 Continue when
+    it cannot succeed (no path, outside the roots, over --max-upload-bytes)."""
+    # made before the body is read: a path outside the roots, no path or a Content-Length over the
+    # limit is refused now, and the transport then answers instead of sending 100 Continue
+    upload = srv.files.upload(path=req.param("path"), content_type=req.header("content-type"),
+                              content_length=req.content_length, overwrite=_query_flag(req, "overwrite", True))
+    try:
+        for chunk in req.read_body(FILES_CHUNK_BYTES):
+            upload.feed(chunk)
+        return upload.finish()
+    finally:
+        upload.abort()              # a disconnect or an error: nothing is left behind
+
+
+def _files_list(srv: "_AgentServer", req: _Request) -> Any:
+    recursive = _query_flag(req, "recursive", False)
+    depth = _query_int(req, "depth")
+    answer = srv.files.list(req.param("path"), recursive=recursive or depth is not None, depth=depth,
+                            limit=_query_int(req, "limit"), offset=_query_int(req, "offset") or 0,
+                            as_json=True)
+    return _Reply(200, _listing_json(answer))
+
+
+def _listing_json(answer: Dict[str, Any]) -> bytes:
+    """The answer around entries that are JSON texts already (_Entries.entry_json)."""
+    quote = json.encoder.encode_basestring_ascii
+    return ('{"files":[%s],"path":%s,"count":%d,"truncated":%s}'
+            % (",".join(answer["files"]), quote(answer["path"]), answer["count"],
+               "true" if answer["truncated"] else "false")).encode()
+
+
+def _files_stat(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    return srv.files.stat(_files_path(req))
+
+
+def _files_exists(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    return srv.files.exists(_files_path(req))
+
+
+def _files_remove(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    return srv.files.remove(_files_path(req), recursive=_query_flag(req, "recursive", True))
+
+
+def _files_mkdir(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    body = req.json()
+    return srv.files.mkdir(_body_path(body), _parse_mode(body.get("mode")))
+
+
+def _files_move(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    body = req.json()
+    source = _body_path(body, "source") if "source" in body else _body_path(body, "from")
+    destination = _body_path(body, "destination") if "destination" in body else _body_path(body, "to")
+    return srv.files.move(source, destination, overwrite=_flag(body, "overwrite"))
+
+
+def _files_watch(srv: "_AgentServer", req: _Request) -> _Upgrade:
+    return _Upgrade(lambda ws: _watch_session(srv, ws))
+
+
+def _watch_session(srv: "_AgentServer", ws: "_WebSocket") -> None:
+    """The client's first message names what to watch ({"action": "watch",
+    "path", "recursive"}); then `watching`, then change events until either
+    side closes. A refused path: an error message and close 1008."""
+    request = ws.recv_json(timeout=srv.config.request_deadline)
+    if request is None or request.get("action", "watch") != "watch":
+        ws.send_json({"type": "error", "code": "INVALID_REQUEST",
+                      "message": 'send {"action": "watch", "path": ..., "recursive": false} first'})
+        ws.close(1008, "expected a watch request")
+        return
+    try:
+        recursive = request.get("recursive", False)
+        if not isinstance(recursive, bool):
+            raise BadRequest("recursive must be true or false")
+        watcher = srv.files.watch(request.get("path"), recursive=recursive)
+    except AgentError as exc:
+        ws.send_json({"type": "error", "code": exc.code, "message": exc.message, "error": exc.message,
+                      "details": exc.details or {}})
+        ws.close(1008, exc.message[:100])
+        return
+    try:
+        _watch_events(ws, watcher)
+    finally:
+        watcher.close()
+
+
+def _watch_events(ws: "_WebSocket", watcher: _WatcherBase) -> None:
+    ws.send_json({"type": "watching", "path": watcher.path, "backend": watcher.backend,
+                  "timestamp": _rfc3339(time.time())})
+    ws.start_reader("hopx-watch-reader", watcher.close)     # a client close wakes the pull at once
+    # a client that stops reading blocks send_json (bounded by the write timeout); meanwhile events
+    # wait in the watcher's bounded queue and the kernel's, and what does not fit becomes an overflow
+    while not ws.gone and not watcher.closed:
+        for event in watcher.pull(WATCH_IDLE_PULL_S):
+            ws.send_json(event)
+    if not ws.gone:
+        ws.close(1000, "watch ended")
+
+
+_FILES_ROUTES = (
+    _route("GET", "/files/read", _files_read),
+    _route("GET", "/files/download", _files_download),
+    _route("POST", "/files/write", _files_write),
+    _route("POST", "/files/upload", _files_upload, body="stream"),
+    _route("PUT", "/files/upload", _files_upload, body="stream"),
+    _route("GET", "/files/list", _files_list),
+    _route("GET", "/files/stat", _files_stat),
+    _route("GET", "/files/exists", _files_exists),
+    _route("DELETE", "/files/remove", _files_remove),
+    _route("POST", "/files/mkdir", _files_mkdir),
+    _route("POST", "/files/move", _files_move),
+    _route("GET", "/files/watch", _files_watch, websocket=True),
+)
+
+
+# ============================================================================
 # Entry points
 # ============================================================================
 
 # Every family's routes, in the order /info lists them.
-_ROUTES = _SYSTEM_ROUTES + _EXECUTION_ROUTES + _ENVIRONMENT_ROUTES
+_ROUTES = _SYSTEM_ROUTES + _EXECUTION_ROUTES + _ENVIRONMENT_ROUTES + _FILES_ROUTES
 
 
 def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None) -> _AgentServer:
@@ -6220,7 +8721,24 @@ def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None)
     if config.auth and not config.secret:
         raise ValueError("auth is on but no secret is configured")
     cls = _AgentServer6 if ":" in config.host else _AgentServer
-    return cls(config, manager or ProcessManager(config), _ROUTES)
+    server = cls(config, manager or ProcessManager(config), _ROUTES)
+    try:
+        server.files = _files_service(config, server.manager.limits.run_as)
+    except ValueError:
+        server.server_close()
+        raise
+    server.families.append(server.files)
+    return server
+
+
+def _files_service(config: AgentConfig, run_as: Optional[_RunAs] = None) -> _FileService:
+    """The files family (issue 12) from the configuration; what it writes
+    belongs to the --run-as user (api.md §11, §14)."""
+    owner = (run_as.uid, run_as.gid) if run_as is not None and not run_as.is_current else None
+    return _FileService(config.files_roots or _default_files_roots(config.workdir), config.workdir,
+                        max_read_bytes=config.max_read_bytes, max_upload_bytes=config.max_upload_bytes,
+                        owner=owner)
+
 
 
 def _keep_secret_from_children() -> bool:
@@ -6361,6 +8879,10 @@ _OPTIONS: Tuple[Tuple[str, str, Any, str], ...] = (
      "the agent's own oom_score_adj, or off (default %d; needs CAP_SYS_RESOURCE)" % AGENT_OOM_SCORE_ADJ),
     ("--child-oom-score-adj", "child_oom_score_adj", _oom_option,
      "every child's oom_score_adj, or off: the agent's value at start (default %d)" % CHILD_OOM_SCORE_ADJ),
+    # files (issue 12); --files-root is repeatable, so it is declared in _build_parser
+    ("--max-read-bytes", "max_read_bytes", int,
+     "largest file /files/read answers in JSON (default %d; more: /files/download)" % FILES_MAX_READ_BYTES),
+    ("--max-upload-bytes", "max_upload_bytes", int, "largest upload (default: no limit but the disk)"),
 )
 
 
@@ -6380,6 +8902,9 @@ def _build_parser() -> Any:
                         help="accept every request without a token (loudly logged; never on a shared network)")
     for flag, _, kind, help_text in _OPTIONS:
         parser.add_argument(flag, type=kind, help=help_text)
+    parser.add_argument("--files-root", action="append", metavar="DIR",
+                        help="a directory the files API may reach (repeatable or a comma list; default: the "
+                             "working directory and the temp directory; / allows everything)")
     sub = parser.add_subparsers(dest="command")
     token = sub.add_parser("token", help="print a JWT signed with the configured secret")
     token.add_argument("--ttl", type=int, default=TOKEN_TTL_S, help="lifetime in seconds (default %d)" % TOKEN_TTL_S)
@@ -6419,6 +8944,9 @@ def _config_from(args: Any, environ: Dict[str, str]) -> AgentConfig:
         environ.get(_env_name("--no-auth"), "").lower() in ("1", "true", "yes", "on")
     values["auth"] = not no_auth
     values["secret"] = _read_secret(args, environ)
+    roots = args.files_root or ([environ[_env_name("--files-root")]] if environ.get(_env_name("--files-root")) else [])
+    if roots:
+        values["files_roots"] = tuple(r.strip() for item in roots for r in item.split(",") if r.strip())
     _check_options(values)
     if "workdir" in values and not os.path.isdir(values["workdir"]):
         raise ValueError("--workdir %s is not a directory" % values["workdir"])
@@ -6458,6 +8986,10 @@ def _check_options(values: Dict[str, Any]) -> None:
         raise ValueError("--log-level must be one of %s" % ", ".join(_LOG_LEVELS))
     if "log_format" in values and values["log_format"].lower() not in _LOG_FORMATS:
         raise ValueError("--log-format must be text or json")
+    # files (issue 12)
+    for field in ("max_read_bytes", "max_upload_bytes"):
+        if field in values and values[field] < 0:
+            raise ValueError("--%s must be at least 0" % field.replace("_", "-"))
 
 
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -6535,6 +9067,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
         return 1
+    except ValueError as exc:       # a --files-root that is not a directory
+        log.error("%s", exc)
+        return 2
     if not config.auth:
         log.warning("AUTHENTICATION IS DISABLED (--no-auth): anyone who can reach %s can run code", server.url)
     if generated:

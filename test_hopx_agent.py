@@ -22,21 +22,26 @@ import hmac
 import http.client
 import http.server
 import inspect
+import io
 import json
 import logging
 import math
 import os
+import pathlib
 import pwd
 import queue
 import random
 import re
 import select
+import shutil
 import signal
 import socket
+import stat
 import string
 import struct
 import subprocess
 import sys
+import tarfile
 import textwrap
 import threading
 import time
@@ -2096,6 +2101,30 @@ def test_default_limits_apply_to_requests_that_name_none(config):
         mgr.shutdown(5.0)
 
 
+@needs_root
+def test_files_written_through_the_api_belong_to_the_run_as_user(config, tmp_path):
+    cfg = dataclasses.replace(config, run_as="nobody", limits_mechanism="rlimit")
+    os.chmod(cfg.workdir, 0o711)       # nobody may look names up in it (pytest makes it 0700)
+    mgr = hopx_agent.ProcessManager(cfg)
+    srv = hopx_agent.create_server(cfg, mgr)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name="test-serve", daemon=True)
+    thread.start()
+    c = Client(srv)
+    try:
+        c.ok("POST", "/files/write", {"path": "made/by/api.txt", "content": "hello"})
+        nobody = pwd.getpwnam("nobody")
+        for path in ("made", "made/by", "made/by/api.txt"):
+            st = os.stat(os.path.join(cfg.workdir, path))
+            assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), path
+        answer = c.ok("POST", "/commands/run", {"command": "cat made/by/api.txt"})
+        assert answer["stdout"] == "hello", (answer["stderr"], answer["exit_code"])
+    finally:
+        c.close()
+        srv.shutdown()
+        srv.server_close()
+        mgr.shutdown(5.0)
+        thread.join(5)
+
 @needs_cgroups
 def test_shutdown_removes_every_cgroup_and_kills_their_members(config):
     mgr = hopx_agent.ProcessManager(config)
@@ -3056,6 +3085,39 @@ def test_the_queue_is_bounded_in_bytes_of_code(manager_with, monkeypatch):
     assert mgr.describe(mgr.start(mgr.code_launch("#" * 300, "python")))["status"] == "queued"
 
 
+
+DAEMON_WITHOUT_PIPES = """\
+import os, sys, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        fd = os.open(os.devnull, os.O_RDWR)
+        for n in (0, 1, 2):
+            os.dup2(fd, n)
+        open(sys.argv[0] + ".pid", "w").write(str(os.getpid()))
+        time.sleep(60)
+    os._exit(0)
+os.wait()
+while not os.path.exists(sys.argv[0] + ".pid"):
+    time.sleep(0.01)
+"""
+
+
+def test_a_kill_of_a_finished_record_ends_the_daemon_it_left_and_keeps_its_outcome(client, tmp_path):
+    script = tmp_path / "daemon.py"
+    script.write_text(DAEMON_WITHOUT_PIPES)
+    started = start_command(client, sys.executable, [str(script)])
+    rec = http_wait_final(client, started["process_id"])
+    assert (rec["status"], rec["exit_code"]) == ("completed", 0)
+    daemon = int((tmp_path / "daemon.py.pid").read_text())
+    assert pid_alive(daemon)
+    answer = kill(client, started["process_id"])
+    assert answer["status"] == "completed" and answer["leftovers_ended"] == 1
+    wait_until(lambda: not pid_alive(daemon), WAIT_S, "the daemon to end")
+    after = http_record(client, started["process_id"])
+    assert (after["status"], after["reason"], after["exit_code"]) == ("completed", "exited", 0)
+
+
 # -- escaped descendants ------------------------------------------------------------------
 
 SETSID_CHILD = """\
@@ -3840,6 +3902,58 @@ def test_at_the_cap_the_connection_idle_the_longest_is_closed_for_a_new_one(tmp_
             newer.close()
 
 
+
+def _no_auth_call(srv, method, path, body=b"", headers=None):
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        hdrs = {"Host": "127.0.0.1:%d" % srv.server_address[1]}
+        hdrs.update(headers or {})
+        for name, value in hdrs.items():
+            if value is not None:
+                conn.putheader(name, value)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, (json.loads(data) if data else None)
+    finally:
+        conn.close()
+
+
+def test_no_auth_refuses_what_a_foreign_web_page_could_send(tmp_path):
+    with own_server(tmp_path, auth=False, secret=None) as srv:
+        port = srv.server_address[1]
+        body = json.dumps({"command": "echo ran"}).encode()
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            status, parsed = _no_auth_call(srv, "POST", "/commands/run", body, {"Content-Type": kind})
+            assert (status, parsed["code"]) == (415, "UNSUPPORTED_MEDIA_TYPE"), (kind, parsed)
+        status, parsed = _no_auth_call(srv, "POST", "/commands/run", body,
+                                       {"Content-Type": "application/json; charset=utf-8"})
+        assert status == 200 and parsed["stdout"] == "ran\n"
+        for host in ("evil.example", "evil.example:%d" % port, "127.0.0.1.evil.example"):
+            status, parsed = _no_auth_call(srv, "GET", "/execute/processes", headers={"Host": host})
+            assert (status, parsed["code"]) == (403, "FORBIDDEN"), host
+        for host in ("localhost:%d" % port, "127.0.0.1:%d" % port, "127.0.0.1", "[::1]:%d" % port, "app.localhost"):
+            assert _no_auth_call(srv, "GET", "/execute/processes", headers={"Host": host})[0] == 200, host
+        for origin in ("http://evil.example", "null", "http://localhost:%d" % (port + 1)):
+            status, parsed = _no_auth_call(srv, "POST", "/commands/run", body,
+                                           {"Content-Type": "application/json", "Origin": origin})
+            assert (status, parsed["code"]) == (403, "FORBIDDEN"), origin
+        assert _no_auth_call(srv, "POST", "/commands/run", body, {
+            "Content-Type": "application/json", "Origin": "http://127.0.0.1:%d" % port})[0] == 200
+        status, parsed = _no_auth_call(srv, "GET", "/execute/stream", headers={       # a cross-site WebSocket
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "Origin": "http://evil.example"})
+        assert (status, parsed["code"]) == (403, "FORBIDDEN")
+        assert len(srv.manager.list()) == 2          # the two accepted runs, nothing else
+
+
+def test_with_a_token_a_body_without_content_type_is_json_as_curl_sends_it(client):
+    status, parsed, _ = client.call("POST", "/commands/run", json.dumps({"command": "echo curl"}).encode())
+    assert status == 200 and parsed["stdout"] == "curl\n"
+
+
 # ============================================================================
 # Endpoints: system (health, information, the machine, caches, desktop)
 # ============================================================================
@@ -3872,6 +3986,19 @@ def test_root_maps_a_name_to_every_route_without_a_token(server, client):
     endpoints = root["endpoints"]
     assert sorted(endpoints.values()) == sorted("%s %s" % (r.method, r.pattern) for r in server.routes)
     assert endpoints["health"] == "GET /health" and endpoints["execute"] == "POST /execute"
+
+
+def test_info_without_a_token_names_the_agent_and_its_features_only(client):
+    status, anonymous, _ = client.call("GET", "/info", token=False)
+    assert status == 200
+    assert set(anonymous) == {"agent", "version", "agent_version", "supported_languages", "features",
+                              "endpoints", "timestamp"}
+    full = client.ok("GET", "/info")
+    for key in ("hostname", "workdir", "python", "platform", "languages", "limits"):
+        assert key in full and key not in anonymous, key
+    assert full["workdir"] not in json.dumps(anonymous)
+    bad = client.call("GET", "/info", headers={"Authorization": "Bearer " + BAD_TOKENS["expired"]}, token=False)[1]
+    assert "hostname" not in bad
 
 
 def test_system_describes_the_machine_and_names_the_host_only_with_a_token(client, config):
@@ -5507,6 +5634,17 @@ def measured_window(seconds):
 # Endpoints: environment and metrics
 # ============================================================================
 
+
+@pytest.mark.parametrize("name", ["Host", "content-length", "Content-Type", "Transfer-Encoding", "Connection",
+                                  "X-HopX-Timestamp", "x-hopx-signature"])
+def test_callback_headers_may_not_set_what_the_agent_sets(client, name):
+    status, parsed, resp = client.call("POST", "/execute/async", {
+        "code": "print(1)", "callback_url": "http://127.0.0.1:9/hook", "callback_headers": {name: "forged"}})
+    assert_error(status, parsed, resp, 400, "INVALID_REQUEST")
+    assert name in parsed["error"]
+    assert client.ok("GET", "/execute/processes")["count"] == 0
+
+
 # -- /env ------------------------------------------------------------------------------------
 
 
@@ -5568,6 +5706,37 @@ def test_env_precedence_request_over_global_over_agent(env_client):
     _no_content(c, "DELETE", "/env")
     assert seen()["HOPX_T_LEVEL"] == "agent"
     assert "HOPX_AGENT_SECRET" not in _env(c)
+
+
+
+def test_the_env_store_refuses_what_would_keep_later_executions_from_starting(client):
+    big = "x" * 200000                                  # over what exec takes for one variable
+    status, parsed, resp = client.call("PATCH", "/env", {"env_vars": {"BIG": big}})
+    assert_error(status, parsed, resp, 413, "PAYLOAD_TOO_LARGE")
+    assert "BIG" in parsed["error"]
+    for bad in ({"A=B": "1"}, {"": "1"}, {"NUL\u0000": "1"}, {"OK": "nul\u0000"}):
+        status, parsed, resp = client.call("PUT", "/env", {"env_vars": bad})
+        assert_error(status, parsed, resp, 400, "INVALID_REQUEST")
+    chunk = "y" * (hopx_agent.ENV_ENTRY_BYTES - 100)    # each is fine, all of them are too much
+    accepted = 0
+    for n in range(10):
+        status = client.call("PATCH", "/env", {"env_vars": {"MANY_%d" % n: chunk}})[0]
+        if status != 204:
+            assert status == 413
+            break
+        accepted += 1
+    assert 0 < accepted < 10
+    env = client.ok("GET", "/env")["env_vars"]
+    assert sorted(k for k in env if k.startswith("MANY_")) == ["MANY_%d" % n for n in range(accepted)]
+    # whatever the store holds, every later execution still starts
+    assert client.ok("POST", "/commands/run", {"command": "echo ${#MANY_0}"})["stdout"] == "%d\n" % len(chunk)
+    status, parsed, resp = client.call("POST", "/commands/run", {"command": "true", "env": {"HUGE": big}})
+    assert_error(status, parsed, resp, 413, "PAYLOAD_TOO_LARGE")
+    many = {"R_%d" % n: chunk for n in range(14)}       # each fine; together more than exec takes
+    status, parsed, resp = client.call("POST", "/execute/background", {"code": "pass", "env": many})
+    assert_error(status, parsed, resp, 413, "PAYLOAD_TOO_LARGE")
+    assert client.ok("GET", "/execute/processes")["count"] == 1      # only the echo ran
+    assert client.call("DELETE", "/env")[0] == 204
 
 
 # -- /metrics ----------------------------------------------------------------------------------
@@ -5658,6 +5827,1648 @@ def test_system_processes_include_the_agent_and_its_children(client):
     assert len(child) == 1 and child[0]["ppid"] == os.getpid()
     client.ok("POST", "/execute/kill/%s" % bg["process_id"])
 
+
+
+# ============================================================================
+# Files: paths, transfers and watching (the machinery, no HTTP)
+# ============================================================================
+
+
+def open_fds() -> set:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def no_fd_leak():
+    before = open_fds()
+    yield
+    # listdir's own fd comes and goes; anything else new is a leak
+    leaked = {fd for fd in open_fds() - before if os.path.exists("/proc/self/fd/" + fd)}
+    assert not leaked, {fd: os.readlink("/proc/self/fd/" + fd) for fd in leaked}
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """ws/ (the working directory, a root), tmp/ (a second root), outside/ (not a root)."""
+    for name in ("ws", "tmp", "outside"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "outside" / "secret").write_text("SECRET")
+    return tmp_path
+
+
+@pytest.fixture
+def svc(tree):
+    return hopx_agent._FileService([str(tree / "ws"), str(tree / "tmp")], str(tree / "ws"), workspace_alias=True)
+
+
+@pytest.fixture(params=["tmpfile", "named"])
+def writer_kind(request, monkeypatch):
+    """Every write test runs with O_TMPFILE and with the named-temp fallback."""
+    monkeypatch.setattr(hopx_agent._AtomicWriter, "use_tmpfile", request.param == "tmpfile")
+    return request.param
+
+
+def raises(code, fn, *args, **kwargs):
+    with pytest.raises(hopx_agent.AgentError) as info:
+        fn(*args, **kwargs)
+    assert info.value.code == code, (info.value.code, info.value.message)
+    return info.value
+
+
+def leftovers(directory) -> list:
+    return sorted(n for n in os.listdir(directory) if n.startswith(".hopx-tmp-"))
+
+
+def collect(watcher, predicate, timeout=5.0):
+    """Events from watcher until predicate(events) holds or timeout (bounded)."""
+    events = []
+    deadline = time.monotonic() + timeout
+    while not predicate(events):
+        left = deadline - time.monotonic()
+        assert left > 0, "timed out; events so far: %r" % events
+        events.extend(watcher.pull(min(left, 0.2)))
+    return events
+
+
+def changes(events):
+    return [(e.get("event"), os.path.basename(e["path"])) for e in events if e["type"] == "change"]
+
+
+# -- files: paths and policy --------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+class TestPolicy:
+    def test_relative_paths_are_under_the_working_directory(self, svc, tree):
+        svc.write("a.txt", b"x")
+        assert (tree / "ws" / "a.txt").read_bytes() == b"x"
+        assert svc.stat("a.txt")["path"] == str(tree / "ws" / "a.txt")
+
+    def test_workspace_names_the_working_directory_when_missing(self, svc, tree):
+        out = svc.write("/workspace/w.txt", b"w")
+        assert out["path"] == "/workspace/w.txt"
+        assert (tree / "ws" / "w.txt").read_bytes() == b"w"
+
+    def test_workspace_alias_is_off_when_workspace_exists(self, tree):
+        svc = hopx_agent._FileService([str(tree / "ws")], str(tree / "ws"), workspace_alias=False)
+        raises("PATH_NOT_ALLOWED", svc.read, "/workspace/x")
+
+    @pytest.mark.parametrize("path", ["/etc/passwd", "../outside/secret", "/workspace/../outside/secret", "/"])
+    def test_paths_outside_the_roots_are_refused(self, svc, tree, path):
+        err = raises("PATH_NOT_ALLOWED", svc.read, path)
+        assert err.status == 403 and err.details["path"]
+
+    def test_dotdot_that_stays_inside_is_fine(self, svc, tree):
+        svc.mkdir("d")
+        svc.write("d/../b.txt", b"b")
+        assert (tree / "ws" / "b.txt").exists()
+
+    @pytest.mark.parametrize("path,code", [("", "INVALID_PATH"), ("a\x00b", "INVALID_PATH"),
+                                           ("x" * 5000, "INVALID_PATH"), (None, "INVALID_PATH")])
+    def test_bad_paths_are_400(self, svc, path, code):
+        err = raises(code, svc.read, path)
+        assert err.status == 400
+
+    def test_symlinked_file_pointing_outside_is_refused(self, svc, tree):
+        os.symlink(str(tree / "outside" / "secret"), str(tree / "ws" / "link"))
+        raises("PATH_NOT_ALLOWED", svc.read, "link")
+        raises("PATH_NOT_ALLOWED", svc.write, "link", b"pwned")
+        assert (tree / "outside" / "secret").read_text() == "SECRET"
+
+    def test_symlinked_parent_pointing_outside_is_refused(self, svc, tree):
+        os.symlink(str(tree / "outside"), str(tree / "ws" / "out"))
+        err = raises("PATH_NOT_ALLOWED", svc.read, "out/secret")
+        assert "symlink" in err.message
+        raises("PATH_NOT_ALLOWED", svc.write, "out/new", b"x")
+        raises("PATH_NOT_ALLOWED", svc.list, "out")
+        assert not (tree / "outside" / "new").exists()
+
+    def test_relative_symlink_climbing_out_is_refused(self, svc, tree):
+        os.symlink("../outside/secret", str(tree / "ws" / "rel"))
+        raises("PATH_NOT_ALLOWED", svc.read, "rel")
+
+    def test_symlinks_inside_the_roots_are_followed(self, svc, tree):
+        (tree / "tmp" / "real.txt").write_text("in tmp")
+        os.symlink(str(tree / "tmp"), str(tree / "ws" / "t"))
+        os.symlink("t/real.txt", str(tree / "ws" / "chain"))
+        assert svc.read("chain")["content"] == "in tmp"
+        svc.write("t/new.txt", b"n")
+        assert (tree / "tmp" / "new.txt").read_bytes() == b"n"
+        # answers keep the path as asked: symlinks not substituted
+        assert svc.read("chain")["path"] == str(tree / "ws" / "chain")
+
+    def test_write_through_a_link_replaces_the_target_not_the_link(self, svc, tree):
+        (tree / "ws" / "real").write_text("old")
+        os.symlink("real", str(tree / "ws" / "alias"))
+        svc.write("alias", b"new")
+        assert os.path.islink(str(tree / "ws" / "alias"))
+        assert (tree / "ws" / "real").read_text() == "new"
+
+    def test_symlink_loop_is_invalid_path(self, svc, tree):
+        os.symlink("b", str(tree / "ws" / "a"))
+        os.symlink("a", str(tree / "ws" / "b"))
+        raises("INVALID_PATH", svc.read, "a")
+
+    def test_root_replaced_by_a_symlink_is_refused(self, tree):
+        (tree / "r").mkdir()
+        svc = hopx_agent._FileService([str(tree / "r")], str(tree / "r"), workspace_alias=False)
+        os.rename(str(tree / "r"), str(tree / "r.old"))
+        os.symlink(str(tree / "outside"), str(tree / "r"))
+        raises("PATH_NOT_ALLOWED", svc.read, str(tree / "r" / "secret"))
+
+    def test_a_missing_root_is_refused_at_start(self, tree):
+        with pytest.raises(ValueError):
+            hopx_agent._PathPolicy([str(tree / "nope")], str(tree / "ws"))
+
+    def test_root_slash_allows_everything(self, tree):
+        svc = hopx_agent._FileService(["/"], str(tree / "ws"), workspace_alias=False)
+        assert svc.read(str(tree / "outside" / "secret"))["content"] == "SECRET"
+
+    def test_roots_and_their_holders_cannot_be_removed_or_moved(self, tree):
+        (tree / "ws" / "inner").mkdir()
+        svc = hopx_agent._FileService([str(tree / "ws"), str(tree / "ws" / "inner")], str(tree / "ws"), workspace_alias=False)
+        raises("PATH_NOT_ALLOWED", svc.remove, str(tree / "ws"))
+        raises("PATH_NOT_ALLOWED", svc.remove, str(tree / "ws" / "inner"))
+        raises("PATH_NOT_ALLOWED", svc.move, str(tree / "ws" / "inner"), str(tree / "ws" / "x"))
+        svc2 = hopx_agent._FileService([str(tree)], str(tree), workspace_alias=False)
+        svc3 = hopx_agent._FileService([str(tree), str(tree / "ws")], str(tree), workspace_alias=False)
+        svc2.mkdir(str(tree / "plain"))
+        svc2.remove(str(tree / "plain"))
+        raises("PATH_NOT_ALLOWED", svc3.remove, str(tree / "ws"))      # holds a root
+        raises("PATH_NOT_ALLOWED", svc3.move, str(tree / "tmp"), str(tree / "ws"))  # replaces one
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+class TestRaces:
+    """A component swapped for a symlink after the walk cannot redirect the operation."""
+
+    def test_parent_swapped_after_the_walk_keeps_the_write_inside(self, svc, tree):
+        ws = tree / "ws"
+        (ws / "d").mkdir()
+        target = svc.policy.locate("d/f", follow=True)
+        try:
+            os.rename(str(ws / "d"), str(ws / "d.moved"))
+            os.symlink(str(tree / "outside"), str(ws / "d"))     # the attack: d now leads outside
+            with hopx_agent._AtomicWriter(target) as writer:
+                writer.write(b"data")
+                writer.commit()
+        finally:
+            target.close()
+        assert (ws / "d.moved" / "f").read_bytes() == b"data"     # where the walk proved it goes
+        assert not (tree / "outside" / "f").exists()
+
+    def test_final_name_swapped_for_a_link_after_the_walk_is_walked_again(self, svc, tree, monkeypatch):
+        ws = tree / "ws"
+        (ws / "f").write_text("inside")
+        real_locate = svc.policy.locate
+
+        def locate_then_swap(path, **kwargs):
+            target = real_locate(path, **kwargs)
+            if not os.path.islink(str(ws / "f")):
+                os.unlink(str(ws / "f"))
+                os.symlink(str(tree / "outside" / "secret"), str(ws / "f"))
+            return target
+
+        monkeypatch.setattr(svc.policy, "locate", locate_then_swap)
+        raises("PATH_NOT_ALLOWED", svc.read, "f")
+
+    def test_swapping_thread_never_lets_a_read_or_write_escape(self, svc, tree):
+        """`d` flips between the real directory and a symlink to outside with
+        renameat2(RENAME_EXCHANGE), atomically, as fast as the kernel allows."""
+        ws, outside = tree / "ws", tree / "outside"
+        (ws / "d").mkdir()
+        (ws / "d" / "secret").write_text("INSIDE")
+        os.symlink(str(outside), str(ws / "evil"))
+        libc = hopx_agent._libc()
+        if not hasattr(libc, "renameat2"):
+            pytest.skip("no renameat2 in libc")
+        dir_fd = os.open(str(ws), os.O_RDONLY | os.O_DIRECTORY)
+        stop = threading.Event()
+
+        def swapper():
+            while not stop.is_set():
+                assert libc.renameat2(dir_fd, b"d", dir_fd, b"evil", 2) == 0      # RENAME_EXCHANGE
+
+        thread = threading.Thread(target=swapper, name="swapper")
+        thread.start()
+        seen = set()
+        try:
+            for i in range(1500):
+                try:
+                    seen.add(svc.read("d/secret")["content"])
+                except hopx_agent.AgentError as exc:
+                    seen.add(exc.code)
+                try:
+                    svc.write("d/w%d" % (i % 5), b"w")
+                except hopx_agent.AgentError as exc:
+                    seen.add(exc.code)
+        finally:
+            stop.set()
+            thread.join(10)
+            os.close(dir_fd)
+        assert "SECRET" not in seen
+        assert {"INSIDE", "PATH_NOT_ALLOWED"} <= seen, seen
+        assert sorted(os.listdir(str(outside))) == ["secret"]
+
+
+# -- files: writing -----------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+class TestWrite:
+    def test_new_file_has_mode_and_size(self, svc, tree, writer_kind):
+        out = svc.write("sub/dir/a.sh", b"#!/bin/sh\n", mode=0o755)
+        assert out["success"] and out["size"] == 10 and out["path"] == str(tree / "ws" / "sub/dir/a.sh")
+        assert stat.S_IMODE(os.stat(str(tree / "ws" / "sub/dir/a.sh")).st_mode) == 0o755
+        assert leftovers(str(tree / "ws" / "sub" / "dir")) == []
+
+    def test_default_mode_is_0644_despite_umask(self, svc, tree, writer_kind):
+        old = os.umask(0o077)
+        try:
+            svc.write("m.txt", b"m")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(os.stat(str(tree / "ws" / "m.txt")).st_mode) == 0o644
+
+    def test_replacing_keeps_the_old_mode_unless_asked(self, svc, tree, writer_kind):
+        svc.write("k", b"1", mode=0o600)
+        svc.write("k", b"2")
+        assert stat.S_IMODE(os.stat(str(tree / "ws" / "k")).st_mode) == 0o600
+        svc.write("k", b"3", mode=0o640)
+        assert stat.S_IMODE(os.stat(str(tree / "ws" / "k")).st_mode) == 0o640
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+    def test_root_replacing_a_users_file_keeps_its_owner(self, svc, tree, writer_kind):
+        path = tree / "ws" / "theirs"
+        path.write_text("x")
+        os.chown(str(path), 65534, 65534)
+        svc.write("theirs", b"y")
+        st = os.stat(str(path))
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+
+    def test_overwrite_false_on_existing_file_is_409_and_leaves_it(self, svc, tree, writer_kind):
+        svc.write("o", b"old")
+        err = raises("FILE_ALREADY_EXISTS", svc.write, "o", b"new", overwrite=False)
+        assert err.status == 409 and err.details["path"] == str(tree / "ws" / "o")
+        assert (tree / "ws" / "o").read_bytes() == b"old"
+        assert leftovers(str(tree / "ws")) == []
+
+    def test_overwrite_false_loses_a_race_cleanly(self, svc, tree, writer_kind):
+        with svc.policy.locate("race", follow=True) as target:
+            writer = hopx_agent._AtomicWriter(target, overwrite=False)
+        writer.write(b"mine")
+        (tree / "ws" / "race").write_text("theirs")          # appears before commit
+        raises("FILE_ALREADY_EXISTS", writer.commit)
+        assert (tree / "ws" / "race").read_text() == "theirs"
+        assert leftovers(str(tree / "ws")) == []
+
+    def test_append_reports_the_size_after(self, svc, tree, writer_kind):
+        assert svc.write("log", b"abc", append=True)["size"] == 3     # created
+        assert svc.write("log", b"de", append=True)["size"] == 5
+        assert (tree / "ws" / "log").read_bytes() == b"abcde"
+
+    def test_append_failure_cuts_back(self, svc, tree, monkeypatch):
+        svc.write("log", b"abc")
+        monkeypatch.setattr(hopx_agent, "_write_all", lambda fd, data: (os.write(fd, b"xx"), _raise(errno.ENOSPC)))
+        raises("INSUFFICIENT_STORAGE", svc.write, "log", b"defgh", append=True)
+        assert (tree / "ws" / "log").read_bytes() == b"abc"
+
+    def test_directory_in_the_way(self, svc, tree, writer_kind):
+        svc.mkdir("dir")
+        raises("IS_A_DIRECTORY", svc.write, "dir", b"x")
+        raises("IS_A_DIRECTORY", svc.write, str(tree / "ws"), b"x")
+        svc.write("file", b"x")
+        raises("NOT_A_DIRECTORY", svc.write, "file/child", b"x")
+
+    def test_disk_full_is_507_and_leaves_nothing(self, svc, tree, writer_kind, monkeypatch):
+        svc.write("keep", b"old")
+        monkeypatch.setattr(hopx_agent, "_write_all", lambda fd, data: _raise(errno.ENOSPC))
+        err = raises("INSUFFICIENT_STORAGE", svc.write, "keep", b"new")
+        assert err.status == 507
+        raises("INSUFFICIENT_STORAGE", svc.write, "fresh", b"new")
+        assert (tree / "ws" / "keep").read_bytes() == b"old"
+        assert sorted(os.listdir(str(tree / "ws"))) == ["keep"]
+
+    def test_disk_full_at_fsync_is_507_and_leaves_nothing(self, svc, tree, writer_kind, monkeypatch):
+        monkeypatch.setattr(hopx_agent.os, "fdatasync", lambda fd: _raise(errno.ENOSPC))
+        raises("INSUFFICIENT_STORAGE", svc.write, "late", b"x" * 1000)
+        assert os.listdir(str(tree / "ws")) == []
+
+    def test_real_full_disk(self, tmp_path, writer_kind):
+        small = tmp_path / "small"
+        small.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
+                          capture_output=True).returncode:
+            pytest.skip("cannot mount a small tmpfs here")
+        try:
+            svc = hopx_agent._FileService([str(small)], str(small), workspace_alias=False)
+            up = svc.upload(path="big", content_type="application/octet-stream")
+            with pytest.raises(hopx_agent.AgentError) as info:
+                for _ in range(100):
+                    up.feed(b"x" * 65536)
+            assert info.value.status == 507
+            assert os.listdir(str(small)) == []
+            assert svc.write("ok", b"fits")["size"] == 4
+        finally:
+            subprocess.run(["umount", str(small)], check=True)
+
+    def test_readers_never_see_a_mix(self, svc, tree, writer_kind):
+        size = 64 * 1024
+        svc.write("flip", b"a" * size)
+        stop = threading.Event()
+        errors = []
+
+        def writer():
+            i = 0
+            while not stop.is_set():
+                svc.write("flip", (b"b" if i % 2 else b"a") * size)
+                i += 1
+
+        thread = threading.Thread(target=writer, name="writer")
+        thread.start()
+        try:
+            for _ in range(200):
+                data = (tree / "ws" / "flip").read_bytes()
+                if len(data) != size or len(set(data)) != 1:
+                    errors.append((len(data), set(data)))
+        finally:
+            stop.set()
+            thread.join(10)
+        assert errors == []
+        assert leftovers(str(tree / "ws")) == []
+
+    def test_aborted_writer_leaves_nothing(self, svc, tree, writer_kind):
+        with svc.policy.locate("gone", follow=True) as target:
+            writer = hopx_agent._AtomicWriter(target)
+        writer.write(b"partial")
+        writer.abort()
+        writer.abort()
+        assert os.listdir(str(tree / "ws")) == []
+
+    def test_mode_parsing(self):
+        assert hopx_agent._parse_mode("0644") == 0o644 and hopx_agent._parse_mode("755") == 0o755
+        assert hopx_agent._parse_mode("0o600") == 0o600 and hopx_agent._parse_mode(644) == 0o644
+        assert hopx_agent._parse_mode(None, 0o600) == 0o600
+        for bad in ("rwx", "0999", True, "12345", 3.5):
+            with pytest.raises(hopx_agent.AgentError):
+                hopx_agent._parse_mode(bad)
+
+
+def _raise(code):
+    raise OSError(code, os.strerror(code))
+
+
+# -- files: uploads: the streaming multipart parser ---------------------------------------------------
+
+BOUNDARY = "----hopxTestBoundary7MA4YWxkTrZu0gW"
+
+
+def multipart(parts, boundary=BOUNDARY, preamble=b"", epilogue=b"", padding=b""):
+    out = [preamble]
+    for headers, body in parts:
+        out.append(b"--" + boundary.encode() + padding + b"\r\n")
+        out.append(b"".join(h.encode() + b"\r\n" for h in headers) + b"\r\n")
+        out.append(body + b"\r\n")
+    out.append(b"--" + boundary.encode() + b"--\r\n" + epilogue)
+    return b"".join(out)
+
+
+def path_part(path):
+    return (['Content-Disposition: form-data; name="path"'], path.encode())
+
+
+def file_part(data, filename="f.bin"):
+    return (['Content-Disposition: form-data; name="file"; filename="%s"' % filename,
+             "Content-Type: application/octet-stream"], data)
+
+
+def parse_all(body, sizes):
+    parser = hopx_agent._MultipartParser(BOUNDARY)
+    parts, pos, i = [], 0, 0
+    while pos < len(body):
+        size = sizes[i % len(sizes)]
+        i += 1
+        for kind, value in parser.feed(body[pos:pos + size]):
+            if kind == "part":
+                parts.append([value, b""])
+            elif kind == "data":
+                parts[-1][1] += bytes(value)
+        pos += size
+        assert len(parser._buf) < len(parser._delim) + FIELD_SLACK or parser._state != parser._BODY
+    parser.close()
+    return [(info["name"], info["filename"], data) for info, data in parts]
+
+
+FIELD_SLACK = 1
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+class TestMultipart:
+    # data full of near-boundaries: CRs, dashes, boundary prefixes
+    TRICKY = (b"\r\n--" + BOUNDARY[:-1].encode() + b"X\r\n\r\n--\r\r\n-" + bytes(range(256)) * 4
+              + b"\r\n--" + BOUNDARY[:10].encode() + b"\r")
+
+    @pytest.mark.parametrize("sizes", [[1], [2], [3], [7], [64], [4096], [1, 13, 2, 77], [10 ** 6]])
+    def test_boundaries_are_found_across_chunk_edges(self, sizes):
+        body = multipart([path_part("/workspace/x"), file_part(self.TRICKY), file_part(b"")],
+                         preamble=b"ignored preamble\r\n", epilogue=b"ignored epilogue", padding=b" \t")
+        assert parse_all(body, sizes) == [("path", None, b"/workspace/x"), ("file", "f.bin", self.TRICKY),
+                                          ("file", "f.bin", b"")]
+
+    def test_random_splits(self):
+        rng = random.Random(7)
+        data = bytes(rng.getrandbits(8) for _ in range(20000)) + self.TRICKY
+        body = multipart([file_part(data), path_part("p")])
+        for _ in range(20):
+            sizes = [rng.randint(1, 300) for _ in range(50)]
+            assert parse_all(body, sizes)[0][2] == data
+
+    def test_part_without_headers_and_lf_only_lines_inside_data(self):
+        body = b"--%s\r\n\r\nbare\r\n--%s--" % (BOUNDARY.encode(), BOUNDARY.encode())
+        assert parse_all(body, [5]) == [(None, None, b"bare")]
+
+    def test_truncated_body_is_400(self):
+        parser = hopx_agent._MultipartParser(BOUNDARY)
+        parser.feed(multipart([file_part(b"abc")])[:-10])
+        with pytest.raises(hopx_agent.AgentError) as info:
+            parser.close()
+        assert info.value.status == 400
+
+    def test_oversized_part_headers_are_400(self):
+        parser = hopx_agent._MultipartParser(BOUNDARY)
+        with pytest.raises(hopx_agent.AgentError):
+            parser.feed(b"--" + BOUNDARY.encode() + b"\r\nX-Big: " + b"a" * (hopx_agent.FILES_MAX_PART_HEADER_BYTES + 10))
+
+    def test_header_params(self):
+        kind, params = hopx_agent._header_params('form-data; name="file"; filename="a \\"q\\" b.txt"')
+        assert kind == "form-data" and params == {"name": "file", "filename": 'a "q" b.txt'}
+        _, params = hopx_agent._header_params("form-data; name=file; filename*=UTF-8''%C3%A9t%C3%A9.txt; filename=\"ete.txt\"")
+        assert params["filename"] == "été.txt"
+        assert hopx_agent._multipart_boundary('multipart/form-data; boundary="abc def"') == "abc def"
+        assert hopx_agent._multipart_boundary("application/octet-stream") is None
+        with pytest.raises(hopx_agent.AgentError):
+            hopx_agent._multipart_boundary("multipart/form-data")
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+class TestUpload:
+    def feed(self, upload, body, size=1000):
+        for pos in range(0, len(body), size):
+            upload.feed(body[pos:pos + size])
+        return upload.finish()
+
+    @pytest.mark.parametrize("order", ["path_first", "file_first"])
+    def test_either_part_order(self, svc, tree, writer_kind, order):
+        data = os.urandom(100000)
+        parts = [path_part("/workspace/up/data.bin"), file_part(data)]
+        if order == "file_first":
+            parts.reverse()
+        up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+        out = self.feed(up, multipart(parts))
+        assert out["size"] == len(data) and out["path"] == "/workspace/up/data.bin"
+        assert (tree / "ws" / "up" / "data.bin").read_bytes() == data
+        assert leftovers(str(tree / "ws")) == [] and leftovers(str(tree / "ws" / "up")) == []
+
+    def test_file_first_to_another_file_system_is_copied(self, tmp_path, writer_kind):
+        shm = "/dev/shm"
+        if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(str(tmp_path)).st_dev:
+            pytest.skip("no second file system")
+        other = os.path.join(shm, "hopx-files-test-%d" % os.getpid())
+        os.mkdir(other)
+        try:
+            svc = hopx_agent._FileService([str(tmp_path), other], str(tmp_path), workspace_alias=False)
+            data = os.urandom(300000)
+            up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+            self.feed(up, multipart([file_part(data), path_part(other + "/x.bin")]))
+            assert open(other + "/x.bin", "rb").read() == data
+            assert os.listdir(str(tmp_path)) == []
+        finally:
+            import shutil
+            shutil.rmtree(other)
+
+    def test_query_path_and_field_must_agree(self, svc, tree):
+        up = svc.upload(path="/workspace/a", content_type="multipart/form-data; boundary=" + BOUNDARY)
+        with pytest.raises(hopx_agent.AgentError) as info:
+            self.feed(up, multipart([file_part(b"x"), path_part("/workspace/b")]))
+        assert info.value.status == 400
+        assert os.listdir(str(tree / "ws")) == []
+        up = svc.upload(path="/workspace/a", content_type="multipart/form-data; boundary=" + BOUNDARY)
+        assert self.feed(up, multipart([file_part(b"x")]))["size"] == 1
+
+    def test_into_a_directory_with_the_filename(self, svc, tree):
+        svc.mkdir("inbox")
+        up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+        out = self.feed(up, multipart([path_part("/workspace/inbox"), file_part(b"csv", "../../evil/data.csv")]))
+        assert out["path"] == "/workspace/inbox/data.csv"
+        assert (tree / "ws" / "inbox" / "data.csv").read_bytes() == b"csv"
+
+    def test_without_path_or_file(self, svc, tree):
+        up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+        assert raises("INVALID_PATH", self.feed, up, multipart([file_part(b"x")])).status == 400
+        up = svc.upload(path="/workspace/z", content_type="multipart/form-data; boundary=" + BOUNDARY)
+        raises("INVALID_REQUEST", self.feed, up, multipart([path_part("/workspace/z")]))
+        raises("INVALID_PATH", svc.upload, path=None, content_type="application/octet-stream")
+        assert os.listdir(str(tree / "ws")) == []
+
+    def test_two_file_parts_are_refused(self, svc, tree):
+        up = svc.upload(path="/workspace/two", content_type="multipart/form-data; boundary=" + BOUNDARY)
+        raises("INVALID_REQUEST", self.feed, up, multipart([file_part(b"1"), file_part(b"2")]))
+        assert os.listdir(str(tree / "ws")) == []
+
+    def test_cut_off_halfway_leaves_nothing(self, svc, tree, writer_kind):
+        svc.write("keep", b"old")
+        up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+        body = multipart([path_part("/workspace/keep"), file_part(os.urandom(50000))])
+        up.feed(body[:30000])
+        up.abort()                  # what the endpoint does when the client goes away
+        assert (tree / "ws" / "keep").read_bytes() == b"old"
+        assert sorted(os.listdir(str(tree / "ws"))) == ["keep"]
+        up = svc.upload(path="/workspace/keep2", content_type="application/octet-stream")
+        up.feed(b"half")
+        up.abort()
+        assert sorted(os.listdir(str(tree / "ws"))) == ["keep"]
+
+    def test_raw_body(self, svc, tree, writer_kind):
+        up = svc.upload(path="/workspace/raw.bin", content_type="application/octet-stream", content_length=6)
+        up.feed(b"abc")
+        up.feed(b"def")
+        assert up.finish()["size"] == 6
+        assert (tree / "ws" / "raw.bin").read_bytes() == b"abcdef"
+
+    def test_max_upload_bytes(self, tree):
+        svc = hopx_agent._FileService([str(tree / "ws")], str(tree / "ws"), max_upload_bytes=10, workspace_alias=False)
+        err = raises("PAYLOAD_TOO_LARGE", svc.upload, path="x", content_type="application/octet-stream",
+                     content_length=11)
+        assert err.status == 413
+        up = svc.upload(path="x", content_type="multipart/form-data; boundary=" + BOUNDARY, content_length=500)
+        raises("PAYLOAD_TOO_LARGE", self.feed, up, multipart([file_part(b"x" * 11)]))
+        assert os.listdir(str(tree / "ws")) == []
+
+    def test_overwrite_field(self, svc, tree):
+        svc.write("exists", b"old")
+        up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+        overwrite = (['Content-Disposition: form-data; name="overwrite"'], b"false")
+        raises("FILE_ALREADY_EXISTS", self.feed, up, multipart([path_part("/workspace/exists"), file_part(b"new"),
+                                                                overwrite]))
+        assert (tree / "ws" / "exists").read_bytes() == b"old"
+        assert leftovers(str(tree / "ws")) == []
+
+    def test_large_upload_memory_is_flat(self, svc, tree):
+        chunk = os.urandom(1 << 20)
+        up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+        up.feed(multipart([path_part("/workspace/big")])[:-len(BOUNDARY) - 8])
+        up.feed(b"\r\n--" + BOUNDARY.encode() + b'\r\nContent-Disposition: form-data; name="file"\r\n\r\n')
+        digest = hashlib.sha256()
+        for _ in range(64):
+            up.feed(chunk)
+            digest.update(chunk)
+            assert len(up._parser._buf) < len(up._parser._delim)
+        up.feed(b"\r\n--" + BOUNDARY.encode() + b"--\r\n")
+        assert up.finish()["size"] == 64 << 20
+        assert hashlib.sha256((tree / "ws" / "big").read_bytes()).digest() == digest.digest()
+
+
+# -- files: downloads ---------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+class TestDownload:
+    def headers(self, **values):
+        values = {k.replace("_", "-").lower(): v for k, v in values.items()}
+        return lambda name: values.get(name.lower())
+
+    def plan(self, svc, path, **headers):
+        return svc.download(path, self.headers(**headers))
+
+    def body(self, plan):
+        try:
+            return os.pread(plan.fd, plan.count, plan.offset) if plan.fd is not None else b""
+        finally:
+            if plan.fd is not None:
+                os.close(plan.fd)
+
+    def test_whole_file(self, svc, tree):
+        svc.write("data.csv", b"a,b\n1,2\n")
+        plan = self.plan(svc, "data.csv")
+        assert plan.status == 200 and plan.count == 8 and self.body(plan) == b"a,b\n1,2\n"
+        assert plan.content_type == "text/csv"
+        assert plan.headers["Content-Disposition"].startswith('attachment; filename="data.csv"')
+        assert plan.headers["ETag"].startswith('"') and "GMT" in plan.headers["Last-Modified"]
+
+    @pytest.mark.parametrize("spec,span", [("bytes=0-3", (0, 3)), ("bytes=4-", (4, 9)), ("bytes=-3", (7, 9)),
+                                           ("bytes=5-100", (5, 9)), ("bytes=-100", (0, 9)), ("bytes=9-9", (9, 9))])
+    def test_ranges(self, svc, spec, span):
+        svc.write("ten", b"0123456789")
+        plan = self.plan(svc, "ten", Range=spec)
+        assert plan.status == 206 and (plan.offset, plan.offset + plan.count - 1) == span
+        assert plan.headers["Content-Range"] == "bytes %d-%d/10" % span
+        assert self.body(plan) == b"0123456789"[span[0]:span[1] + 1]
+
+    @pytest.mark.parametrize("spec", ["bytes=10-", "bytes=20-30", "bytes=-0"])
+    def test_unsatisfiable_ranges_are_416(self, svc, spec):
+        svc.write("ten", b"0123456789")
+        err = raises("RANGE_NOT_SATISFIABLE", self.plan, svc, "ten", Range=spec)
+        assert err.status == 416 and err.headers["Content-Range"] == "bytes */10"
+
+    @pytest.mark.parametrize("spec", ["items=0-1", "bytes=0-1,3-4", "bytes=5-2", "bytes=a-b", "bytes=-"])
+    def test_ranges_we_ignore_send_everything(self, svc, spec):
+        svc.write("ten", b"0123456789")
+        plan = self.plan(svc, "ten", Range=spec)
+        assert plan.status == 200 and self.body(plan) == b"0123456789"
+
+    def test_conditionals(self, svc):
+        svc.write("c", b"content")
+        first = self.plan(svc, "c")
+        self.body(first)
+        tag = first.headers["ETag"]
+        assert self.plan(svc, "c", If_None_Match=tag).status == 304
+        plan = self.plan(svc, "c", Range="bytes=0-1", If_Range=tag)
+        assert plan.status == 206
+        self.body(plan)
+        plan = self.plan(svc, "c", Range="bytes=0-1", If_Range='"stale"')
+        assert plan.status == 200
+        self.body(plan)
+
+    def test_errors(self, svc, tree):
+        svc.mkdir("d")
+        raises("IS_A_DIRECTORY", self.plan, svc, "d")
+        raises("FILE_NOT_FOUND", self.plan, svc, "missing")
+        os.mkfifo(str(tree / "ws" / "fifo"))
+        raises("INVALID_PATH", self.plan, svc, "fifo")
+        raises("INVALID_REQUEST", svc.download, "d", self.headers(), "zip")
+
+    def test_content_disposition_of_unicode_names(self):
+        value = hopx_agent._content_disposition('résumé "final".pdf')
+        assert value == "attachment; filename=\"r_sum_ _final_.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%22final%22.pdf"
+
+    def make_tree(self, tree):
+        ws = tree / "ws"
+        (ws / "proj" / "src" / "deep").mkdir(parents=True)
+        (ws / "proj" / "empty").mkdir()
+        (ws / "proj" / "src" / "main.py").write_text("print(1)\n")
+        (ws / "proj" / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+        os.symlink(str(tree / "outside" / "secret"), str(ws / "proj" / "leak"))
+        os.mkfifo(str(ws / "proj" / "pipe"))
+        return ws / "proj"
+
+    @pytest.mark.parametrize("fmt", ["tar", "tar.gz"])
+    def test_directory_as_tar(self, svc, tree, fmt):
+        proj = self.make_tree(tree)
+        stream = svc.download("proj", self.headers(), fmt)
+        assert stream.name == "proj." + fmt
+        data = b"".join(stream)
+        stream.close()
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+            members = {m.name: m for m in archive.getmembers()}
+            # (tarfile drops the trailing "/" that directory members are stored with)
+            assert set(members) == {"proj", "proj/src", "proj/src/deep", "proj/empty", "proj/src/main.py",
+                                    "proj/big.bin", "proj/leak", "proj/pipe"}
+            assert members["proj/leak"].issym() and members["proj/leak"].linkname == str(tree / "outside" / "secret")
+            assert members["proj/empty"].isdir() and members["proj/pipe"].isfifo()
+            assert archive.extractfile("proj/big.bin").read() == (proj / "big.bin").read_bytes()
+            assert archive.extractfile("proj/src/main.py").read() == b"print(1)\n"
+        assert b"SECRET" not in (data if fmt == "tar" else b"")
+
+    def test_tar_released_when_never_iterated_or_cut_short(self, svc, tree):
+        self.make_tree(tree)
+        svc.download("proj", self.headers(), "tar").close()
+        stream = svc.download("proj", self.headers(), "tar")
+        next(iter(stream))
+        stream.close()          # the no_fd_leak fixture checks both
+
+    def test_tar_memory_is_flat(self, svc, tree):
+        (tree / "ws" / "t").mkdir()
+        (tree / "ws" / "t" / "f").write_bytes(b"z" * (20 << 20))
+        stream = svc.download("t", self.headers(), "tar")
+        biggest = max(len(piece) for piece in stream)
+        stream.close()
+        assert biggest <= hopx_agent.FILES_CHUNK_BYTES
+
+
+# -- files: read, list, stat, exists, remove, mkdir, move ---------------------------------------------
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+class TestRead:
+    def test_text_and_binary(self, svc):
+        svc.write("t.txt", "héllo".encode())
+        assert svc.read("t.txt") == {"content": "héllo", "path": svc.stat("t.txt")["path"], "size": 6,
+                                     "encoding": "utf-8"}
+        svc.write("b.bin", b"\xff\x00\xfe")
+        out = svc.read("b.bin")
+        assert out["encoding"] == "base64" and base64.b64decode(out["content"]) == b"\xff\x00\xfe"
+
+    def test_too_large_points_to_download(self, tree):
+        svc = hopx_agent._FileService([str(tree / "ws")], str(tree / "ws"), max_read_bytes=10, workspace_alias=False)
+        svc.write("big", b"x" * 11)
+        err = raises("PAYLOAD_TOO_LARGE", svc.read, "big")
+        assert err.status == 413 and err.details["download"].startswith("/files/download?path=")
+
+    def test_directory_and_missing(self, svc):
+        svc.mkdir("d")
+        raises("IS_A_DIRECTORY", svc.read, "d")
+        err = raises("FILE_NOT_FOUND", svc.read, "nope")
+        assert err.status == 404 and err.details["path"].endswith("/nope")
+        raises("FILE_NOT_FOUND", svc.read, "nodir/nope")
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+class TestList:
+    def make(self, root):
+        for d in ("b_dir", "a_dir", "a_dir/inner", "a_dir/inner/deeper"):
+            (root / d).mkdir()
+        for f in ("z.txt", "a.txt", "B.txt", "a_dir/x.txt", "a_dir/inner/y.txt", "a_dir/inner/deeper/z.txt"):
+            (root / f).write_text(f)
+
+    def names(self, out):
+        return [os.path.relpath(e["path"], out["path"]) for e in out["files"]]
+
+    def test_directories_first_then_by_name(self, svc, tree):
+        self.make(tree / "ws")
+        out = svc.list()
+        assert self.names(out) == ["a_dir", "b_dir", "B.txt", "a.txt", "z.txt"]
+        assert out["count"] == 5 and out["truncated"] is False and out["path"] == str(tree / "ws")
+
+    def test_recursive_is_depth_first(self, svc, tree):
+        self.make(tree / "ws")
+        assert self.names(svc.list(recursive=True)) == [
+            "a_dir", "a_dir/inner", "a_dir/inner/deeper", "a_dir/inner/deeper/z.txt", "a_dir/inner/y.txt",
+            "a_dir/x.txt", "b_dir", "B.txt", "a.txt", "z.txt"]
+        assert self.names(svc.list(recursive=True, depth=2)) == [
+            "a_dir", "a_dir/inner", "a_dir/x.txt", "b_dir", "B.txt", "a.txt", "z.txt"]
+
+    def test_paging_is_a_window_of_the_whole(self, svc, tree):
+        self.make(tree / "ws")
+        whole = self.names(svc.list(recursive=True))
+        for offset in range(0, 12):
+            for limit in (0, 1, 3, 20):
+                out = svc.list(recursive=True, offset=offset, limit=limit)
+                assert self.names(out) == whole[offset:offset + limit]
+                assert out["truncated"] == (offset + limit < len(whole))
+
+    def test_cap(self, svc, tree, monkeypatch):
+        monkeypatch.setattr(hopx_agent, "FILES_MAX_LIST_ENTRIES", 7)
+        for i in range(10):
+            (tree / "ws" / ("f%d" % i)).write_text("")
+        out = svc.list(limit=100)
+        assert out["count"] == 7 and out["truncated"] is True
+
+    def test_a_window_deep_in_a_large_directory(self, svc, tree, monkeypatch):
+        for i in range(1200):
+            os.close(os.open(str(tree / "ws" / ("f%04d" % (1199 - i))), os.O_CREAT | os.O_WRONLY))
+        # the kept list is cut back (to the best `need`) many times on the way
+        monkeypatch.setattr(hopx_agent, "_cut", lambda d, f, n, real=hopx_agent._cut: cuts.append(n) or real(d, f, n))
+        cuts = []
+        out = svc.list(offset=1190, limit=5)
+        assert [e["name"] for e in out["files"]] == ["f%04d" % i for i in range(1190, 1195)] and out["truncated"]
+        assert cuts == []
+        out = svc.list(offset=3, limit=2)
+        assert [e["name"] for e in out["files"]] == ["f0003", "f0004"] and cuts == [6]
+        assert hopx_agent._sorted_children(iter([]), 5) == []
+
+    def test_entry_shape_and_symlinks_not_walked(self, svc, tree):
+        (tree / "ws" / "d").mkdir()
+        (tree / "ws" / "d" / "f").write_text("12345")
+        os.chmod(str(tree / "ws" / "d" / "f"), 0o640)
+        os.symlink(str(tree / "outside"), str(tree / "ws" / "d" / "out"))
+        files = {e["name"]: e for e in svc.list("/workspace/d", recursive=True)["files"]}
+        assert set(files) == {"f", "out"}
+        f = files["f"]
+        assert f["size"] == 5 and f["permissions"] == "-rw-r-----" and f["mode"] == "0640"
+        assert f["is_directory"] is False and f["is_dir"] is False and f["is_symlink"] is False
+        assert f["path"] == "/workspace/d/f" and f["modified_time"].endswith("Z") and f["owner"] and f["group"]
+        assert files["out"]["is_symlink"] and files["out"]["target"] == str(tree / "outside")
+
+    def test_list_errors(self, svc):
+        svc.write("file", b"x")
+        raises("NOT_A_DIRECTORY", svc.list, "file")
+        raises("FILE_NOT_FOUND", svc.list, "missing")
+        raises("INVALID_REQUEST", svc.list, depth=0)
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+class TestStatExistsRemoveMkdirMove:
+    def test_stat_acts_on_the_link(self, svc, tree):
+        os.symlink("nowhere", str(tree / "ws" / "dangling"))
+        entry = svc.stat("dangling")
+        assert entry["is_symlink"] and entry["target"] == "nowhere"
+        root = svc.stat(str(tree / "ws"))
+        assert root["is_directory"] and root["name"] == "ws"
+        raises("FILE_NOT_FOUND", svc.stat, "missing")
+
+    def test_exists(self, svc, tree):
+        svc.mkdir("d")
+        assert svc.exists("d") == {"exists": True, "path": str(tree / "ws" / "d"), "is_directory": True}
+        assert svc.exists("d/missing/deeper")["exists"] is False
+        svc.write("f", b"x")
+        assert svc.exists("f/below")["exists"] is False
+        os.symlink("nowhere", str(tree / "ws" / "dangling"))
+        assert svc.exists("dangling")["exists"] is True
+        raises("PATH_NOT_ALLOWED", svc.exists, "/etc")
+
+    def test_remove(self, svc, tree):
+        svc.write("d/e/f", b"x")
+        raises("DIRECTORY_NOT_EMPTY", svc.remove, "d", recursive=False)
+        assert svc.remove("d")["success"] and not (tree / "ws" / "d").exists()
+        raises("FILE_NOT_FOUND", svc.remove, "d")
+
+    def test_remove_a_link_to_a_directory_removes_only_the_link(self, svc, tree):
+        (tree / "tmp" / "keep").mkdir()
+        (tree / "tmp" / "keep" / "f").write_text("x")
+        os.symlink(str(tree / "tmp" / "keep"), str(tree / "ws" / "l"))
+        svc.remove("l")
+        assert (tree / "tmp" / "keep" / "f").exists() and not os.path.lexists(str(tree / "ws" / "l"))
+        os.symlink(str(tree / "outside"), str(tree / "ws" / "out"))
+        svc.remove("out")                       # the link is inside: removing it is fine
+        assert (tree / "outside" / "secret").exists()
+
+    def test_rmtree_never_follows_links(self, svc, tree):
+        (tree / "ws" / "d").mkdir()
+        os.symlink(str(tree / "outside"), str(tree / "ws" / "d" / "out"))
+        svc.remove("d")
+        assert (tree / "outside" / "secret").exists()
+
+    def test_mkdir(self, svc, tree):
+        assert svc.mkdir("a/b/c", 0o700)["success"]
+        assert stat.S_IMODE(os.stat(str(tree / "ws" / "a/b/c")).st_mode) == 0o700
+        assert svc.mkdir("a/b/c")["success"]       # an existing directory is fine
+        svc.write("f", b"x")
+        assert raises("FILE_ALREADY_EXISTS", svc.mkdir, "f").status == 409
+        assert svc.mkdir(str(tree / "ws"))["success"]
+
+    def test_move(self, svc, tree):
+        svc.write("a", b"A")
+        svc.write("b", b"B")
+        out = svc.move("a", "sub/c")
+        assert out["destination"] == str(tree / "ws" / "sub" / "c") and (tree / "ws" / "sub" / "c").read_bytes() == b"A"
+        raises("FILE_ALREADY_EXISTS", svc.move, "b", "sub/c")
+        svc.move("b", "sub/c", overwrite=True)
+        assert (tree / "ws" / "sub" / "c").read_bytes() == b"B" and not (tree / "ws" / "b").exists()
+        raises("FILE_NOT_FOUND", svc.move, "b", "x")
+
+    def test_move_directories(self, svc, tree):
+        svc.write("d/f", b"x")
+        svc.write("full/g", b"y")
+        raises("INVALID_PATH", svc.move, "d", "d/inside")
+        raises("DIRECTORY_NOT_EMPTY", svc.move, "d", "full", overwrite=True)
+        svc.mkdir("empty")
+        svc.move("d", "empty", overwrite=True)
+        assert (tree / "ws" / "empty" / "f").read_bytes() == b"x"
+        svc.write("file", b"z")
+        raises("IS_A_DIRECTORY", svc.move, "file", "full", overwrite=True)
+
+    def test_move_a_link_moves_the_link(self, svc, tree):
+        os.symlink(str(tree / "outside"), str(tree / "ws" / "out"))
+        svc.move("out", "out2")
+        assert os.readlink(str(tree / "ws" / "out2")) == str(tree / "outside")
+
+    def test_move_across_file_systems(self, tmp_path):
+        shm = "/dev/shm"
+        if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(str(tmp_path)).st_dev:
+            pytest.skip("no second file system")
+        other = os.path.join(shm, "hopx-files-move-%d" % os.getpid())
+        os.mkdir(other)
+        try:
+            svc = hopx_agent._FileService([str(tmp_path), other], str(tmp_path), workspace_alias=False)
+            svc.write("d/sub/f", b"F")
+            os.symlink("sub/f", str(tmp_path / "d" / "link"))
+            svc.move("d", other + "/d")
+            assert open(other + "/d/sub/f", "rb").read() == b"F"
+            assert os.readlink(other + "/d/link") == "sub/f" and not (tmp_path / "d").exists()
+            svc.write("g", b"G")
+            svc.write(other + "/g", b"old")
+            raises("FILE_ALREADY_EXISTS", svc.move, "g", other + "/g")
+            svc.move("g", other + "/g", overwrite=True)
+            assert open(other + "/g", "rb").read() == b"G"
+            assert [n for n in os.listdir(other) if n.startswith(".hopx")] == []
+        finally:
+            import shutil
+            shutil.rmtree(other)
+
+    def test_every_file_error_carries_details_path(self, svc, tree):
+        for fn, args in ((svc.read, ("missing",)), (svc.stat, ("/etc",)), (svc.remove, ("missing",)),
+                         (svc.list, ("missing",)), (svc.move, ("missing", "x"))):
+            with pytest.raises(hopx_agent.AgentError) as info:
+                fn(*args)
+            assert info.value.details.get("path"), (fn, info.value.details)
+            assert info.value.to_json()["details"]["path"]
+
+
+# -- files: watching ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["inotify", "polling"])
+def watch(request, svc):
+    made = []
+
+    def start(path=None, recursive=False):
+        watcher = svc.watch(path, recursive=recursive, backend=request.param, interval=0.05)
+        made.append(watcher)
+        return watcher
+
+    start.backend = request.param
+    yield start
+    for watcher in made:
+        watcher.close()
+
+
+def has(*wanted):
+    return lambda events: all(w in changes(events) for w in wanted)
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+class TestWatch:
+    def test_api_writes_report_created_then_modified_never_temp_files(self, svc, watch, writer_kind):
+        watcher = watch()
+        svc.write("w.txt", b"1")
+        events = collect(watcher, has(("created", "w.txt")))
+        svc.write("w.txt", b"2")
+        events += collect(watcher, has(("modified", "w.txt")))
+        assert all(not os.path.basename(e["path"]).startswith((".hopx", "#")) for e in events)
+        assert ("deleted", "w.txt") not in changes(events)
+        assert events[0]["type"] == "change" and events[0]["timestamp"].endswith("Z")
+
+    def test_plain_process_changes(self, svc, tree, watch):
+        watcher = watch()
+        subprocess.run(["sh", "-c", "echo x > f; echo y >> f; mv f g; rm g; mkdir d"], cwd=str(tree / "ws"), check=True)
+        if watch.backend == "polling":       # a scan cannot see what came and went between two scans
+            collect(watcher, has(("created", "d")))
+            return
+        events = collect(watcher, has(("deleted", "g"), ("created", "d")))
+        names = changes(events)
+        assert names[0] == ("created", "f")
+        renamed = [e for e in events if e.get("event") == "renamed"]
+        assert renamed and renamed[0]["old_path"].endswith("/f") and renamed[0]["path"].endswith("/g")
+
+    def test_renames_carry_old_path(self, svc, tree, watch):
+        svc.write("a", b"x")
+        watcher = watch()
+        svc.move("a", "b")
+        events = collect(watcher, has(("renamed", "b")))
+        assert [e["old_path"] for e in events if e.get("event") == "renamed"] == [str(tree / "ws" / "a")]
+
+    def test_recursive_sees_new_subdirectories(self, svc, tree, watch):
+        watcher = watch(recursive=True)
+        svc.mkdir("sub/deeper")
+        collect(watcher, has(("created", "sub")))
+        svc.write("sub/deeper/file", b"x")
+        collect(watcher, has(("created", "file")))
+
+    def test_not_recursive_ignores_subdirectories(self, svc, tree, watch):
+        svc.mkdir("sub")
+        watcher = watch()
+        svc.write("sub/inner", b"x")
+        svc.write("top", b"x")
+        events = collect(watcher, has(("created", "top")))
+        assert ("created", "inner") not in changes(events)
+
+    def test_a_burst_of_writes_is_coalesced(self, svc, tree, watch):
+        (tree / "ws" / "burst").write_text("")
+        watcher = watch()
+        subprocess.run([sys.executable, "-c", "f = open('burst', 'a')\nfor i in range(500):\n    f.write('x'); f.flush()"],
+                       cwd=str(tree / "ws"), check=True)
+        svc.write("marker", b"m")
+        events = collect(watcher, has(("created", "marker")))
+        assert 1 <= changes(events).count(("modified", "burst")) <= 5
+
+    def test_watch_one_file(self, svc, tree, watch):
+        svc.write("one", b"1")
+        svc.write("other", b"1")
+        watcher = watch("one")
+        assert watcher.path == str(tree / "ws" / "one")
+        svc.write("other", b"2")
+        svc.write("one", b"2")
+        events = collect(watcher, has(("modified", "one")))
+        assert all(name == "one" for _, name in changes(events))
+
+    def test_refused_paths(self, svc, watch):
+        raises("PATH_NOT_ALLOWED", watch, "/etc")
+        raises("FILE_NOT_FOUND", watch, "missing")
+
+    def test_close_from_another_thread_wakes_a_pull(self, svc, watch):
+        watcher = watch()
+        threading.Timer(0.1, watcher.close).start()
+        started = time.monotonic()
+        assert watcher.pull(10) == []
+        assert time.monotonic() - started < 5
+        assert watcher.pull(1) == []            # closed: returns at once
+
+    def test_service_close_closes_watchers(self, svc, watch):
+        watcher = watch()
+        svc.close()
+        assert watcher.closed
+
+    def test_overflow_when_the_client_falls_behind(self, svc, tree, watch, monkeypatch):
+        monkeypatch.setattr(hopx_agent, "WATCH_MAX_PENDING", 5)
+        watcher = watch()
+        for i in range(20):
+            (tree / "ws" / ("f%d" % i)).write_text("")
+        events = collect(watcher, lambda ev: any(e["type"] == "overflow" for e in ev))
+        assert len(events) <= 6
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+class TestInotifyDetails:
+    def test_kernel_overflow_becomes_an_overflow_event(self, svc):
+        watcher = svc.watch(backend="inotify")
+        try:
+            watcher._translate(-1, hopx_agent._IN_Q_OVERFLOW, 0, "")
+            assert watcher.pull(1)[-1]["type"] == "overflow"
+        finally:
+            watcher.close()
+
+    def test_directory_moved_out_is_deleted_and_unwatched(self, svc, tree):
+        svc.mkdir("d")
+        watcher = svc.watch(recursive=True, backend="inotify")
+        try:
+            os.rename(str(tree / "ws" / "d"), str(tree / "outside" / "d"))
+            collect(watcher, has(("deleted", "d")))
+            (tree / "outside" / "d" / "later").write_text("x")
+            svc.write("marker", b"x")
+            events = collect(watcher, has(("created", "marker")))
+            assert ("created", "later") not in changes(events)
+            assert len(watcher._dirs) == 1
+        finally:
+            watcher.close()
+
+    def test_directory_renamed_inside_keeps_its_watch(self, svc, tree):
+        svc.mkdir("d")
+        watcher = svc.watch(recursive=True, backend="inotify")
+        try:
+            svc.move("d", "e")
+            collect(watcher, has(("renamed", "e")))
+            svc.write("e/inner", b"x")
+            events = collect(watcher, has(("created", "inner")))
+            assert [e["path"] for e in events if e.get("event") == "created"] == [str(tree / "ws" / "e" / "inner")]
+        finally:
+            watcher.close()
+
+    def test_falls_back_to_polling_without_inotify(self, svc, monkeypatch):
+        monkeypatch.setattr(hopx_agent, "_Inotify", lambda: _raise(errno.EMFILE))
+        watcher = svc.watch()
+        try:
+            assert watcher.backend == "polling"
+        finally:
+            watcher.close()
+
+
+# ============================================================================
+# Endpoints: files, through HTTP (every endpoint, the SDK's requests replayed, streams)
+# ============================================================================
+
+
+@pytest.fixture
+def files_server(config, manager, tmp_path):
+    """A server whose files roots are the working directory and `tmp2`, with
+    /workspace naming the working directory whether or not this machine has one."""
+    (tmp_path / "tmp2").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("SECRET")
+    work = tmp_path / "ws"
+    work.mkdir()
+    cfg = dataclasses.replace(config, workdir=str(work), files_roots=(str(work), str(tmp_path / "tmp2")))
+    srv = hopx_agent.create_server(cfg, manager)
+    srv.families.remove(srv.files)
+    srv.files = hopx_agent._FileService(cfg.files_roots, cfg.workdir, workspace_alias=True)
+    srv.families.append(srv.files)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name="test-serve-files", daemon=True)
+    thread.start()
+    srv.work = work
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+@pytest.fixture
+def fc(files_server):
+    c = Client(files_server)
+    yield c
+    c.close()
+
+
+def q(path):
+    return urllib.parse.quote(path, safe="")
+
+
+def raw_exchange(server, head, body=b"", wait_continue=False):
+    """Send a request head (and body) on a fresh socket; (interim, status, headers, body)."""
+    sock = _connect(server)
+    try:
+        sock.sendall(head)
+        fh = sock.makefile("rb")
+        interim = None
+        if wait_continue:
+            status, headers = _read_head(fh)
+            if status == 100:
+                interim = 100
+                sock.sendall(body)
+                status, headers = _read_head(fh)
+        else:
+            sock.sendall(body)
+            status, headers = _read_head(fh)
+        data = fh.read(int(headers["content-length"])) if "content-length" in headers else fh.read()
+        return interim, status, headers, data
+    finally:
+        sock.close()
+
+
+def upload_head(path_and_query, length, content_type="application/octet-stream", expect=True, token=None,
+                method="POST"):
+    lines = ["%s %s HTTP/1.1" % (method, path_and_query), "Host: test", "Content-Length: %d" % length,
+             "Content-Type: " + content_type, "Authorization: Bearer " + (token or good_token())]
+    if expect:
+        lines.append("Expect: 100-continue")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+# -- the SDK's requests, replayed byte for byte (hopx-ai 0.5.0, files.py over httpx) ------------
+
+def sdk_raw(server, request):
+    """One request exactly as captured from the SDK (Host and token filled in)."""
+    data = request.replace(b"Host: SDK", b"Host: 127.0.0.1:%d" % server.server_address[1])
+    data = data.replace(b"Bearer TOKEN", b"Bearer " + good_token().encode())
+    sock = _connect(server)
+    try:
+        sock.sendall(data)
+        fh = sock.makefile("rb")
+        status, headers = _read_head(fh)
+        return status, headers, fh.read(int(headers["content-length"]))
+    finally:
+        sock.close()
+
+
+_SDK_HEAD = (b"Host: SDK\r\nAccept: */*\r\nAccept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\n"
+             b"User-Agent: python-httpx/0.28.1\r\nAuthorization: Bearer TOKEN\r\n")
+
+
+def sdk_get(path):
+    return b"GET " + path + b" HTTP/1.1\r\n" + _SDK_HEAD + b"\r\n"
+
+
+def sdk_json(method, path, body):
+    return (method + b" " + path + b" HTTP/1.1\r\n" + _SDK_HEAD + b"Content-Length: %d\r\n"
+            b"Content-Type: application/json\r\n\r\n" % len(body) + body)
+
+
+def test_sdk_files_write_read_list_exists_remove_mkdir(files_server):
+    work = files_server.work
+    status, headers, body = sdk_raw(files_server, sdk_json(
+        b"POST", b"/files/write", b'{"path":"/workspace/a.txt","content":"hello","mode":"0644"}'))
+    assert status == 200 and json.loads(body)["success"] is True, body
+    assert (work / "a.txt").read_text() == "hello"
+    status, _, body = sdk_raw(files_server, sdk_get(b"/files/read?path=%2Fworkspace%2Fa.txt"))
+    assert json.loads(body)["content"] == "hello"
+    status, _, body = sdk_raw(files_server, sdk_json(
+        b"POST", b"/files/write", b'{"path":"/workspace/a.bin","content":"AAE=","mode":"0644","encoding":"base64"}'))
+    assert status == 200 and (work / "a.bin").read_bytes() == b"\x00\x01"
+    status, headers, body = sdk_raw(files_server, sdk_get(b"/files/download?path=%2Fworkspace%2Fa.bin"))
+    assert status == 200 and body == b"\x00\x01"        # read_bytes
+    status, _, body = sdk_raw(files_server, sdk_get(b"/files/list?path=%2Fworkspace"))
+    files = json.loads(body)["files"]
+    assert sorted(f["name"] for f in files) == ["a.bin", "a.txt"]
+    assert all(set(f) >= {"name", "path", "size", "is_directory", "permissions", "modified_time"} for f in files)
+    status, _, body = sdk_raw(files_server, sdk_get(b"/files/exists?path=%2Fworkspace%2Fa.txt"))
+    assert json.loads(body)["exists"] is True
+    status, _, body = sdk_raw(files_server, b"DELETE /files/remove?path=%2Fworkspace%2Fa.txt HTTP/1.1\r\n"
+                              + _SDK_HEAD + b"\r\n")
+    assert status == 200 and not (work / "a.txt").exists()
+    status, _, body = sdk_raw(files_server, sdk_get(b"/files/exists?path=%2Fworkspace%2Fa.txt"))
+    assert json.loads(body)["exists"] is False
+    status, _, body = sdk_raw(files_server, sdk_json(b"POST", b"/files/mkdir", b'{"path":"/workspace/d"}'))
+    assert status == 200 and (work / "d").is_dir()
+    status, _, body = sdk_raw(files_server, sdk_get(b"/files/read?path=%2Fworkspace%2Fmissing"))
+    error = json.loads(body)
+    assert (status, error["code"], error["details"]["path"]) == (404, "FILE_NOT_FOUND", "/workspace/missing")
+
+
+def test_sdk_files_upload_and_download(files_server):
+    boundary = b"ed6b9adb034bdaf161dce672e9cf8eae"
+    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="path"\r\n\r\n/workspace/up.txt\r\n'
+            b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="up.txt"\r\n'
+            b"Content-Type: text/plain\r\n\r\nupload-content\n\r\n--" + boundary + b"--\r\n")
+    request = (b"POST /files/upload HTTP/1.1\r\n" + _SDK_HEAD + b"Content-Length: %d\r\n" % len(body)
+               + b"Content-Type: multipart/form-data; boundary=" + boundary + b"\r\n\r\n" + body)
+    status, _, answer = sdk_raw(files_server, request)
+    assert status == 200, answer
+    assert json.loads(answer)["path"] == "/workspace/up.txt"
+    assert (files_server.work / "up.txt").read_bytes() == b"upload-content\n"
+    status, headers, data = sdk_raw(files_server, sdk_get(b"/files/download?path=%2Fworkspace%2Fup.txt"))
+    assert status == 200 and data == b"upload-content\n"
+    assert headers["content-type"] == "text/plain" and "up.txt" in headers["content-disposition"]
+
+
+def test_sdk_files_watch_sees_a_write(files_server, fc):
+    ws = FilesWS(files_server)
+    try:
+        ws.send_json({"action": "watch", "path": "/workspace"})
+        assert ws.next_json()["type"] == "watching"
+        fc.ok("POST", "/files/write", {"path": "/workspace/watched_file.txt", "content": "test content"})
+        event = ws.next_json()
+        assert (event["type"], event["event"], event["path"]) == ("change", "created", "/workspace/watched_file.txt")
+        fc.ok("DELETE", "/files/remove?path=" + q("/workspace/watched_file.txt"))
+        assert ws.next_json()["event"] == "deleted"
+    finally:
+        ws.close()
+
+
+# -- every endpoint --------------------------------------------------------------------------------
+
+class FilesWS(WS):
+    """The tiny WebSocket client of the live-output tests, on /files/watch."""
+
+    def __init__(self, server, token=None):
+        self.sock, self.fh, status, self.headers, key = ws_handshake(server, "/files/watch", token=token)
+        assert status == 101, status
+
+    def next_json(self):
+        frame = self.recv()
+        assert frame is not None and frame[0] == self.TEXT, frame
+        return json.loads(frame[1])
+
+
+def test_files_read_text_binary_and_too_large(fc, files_server):
+    (files_server.work / "t.txt").write_text("héllo")
+    (files_server.work / "b.bin").write_bytes(b"\xff\x00")
+    assert fc.ok("GET", "/files/read?path=t.txt") == {
+        "content": "héllo", "path": str(files_server.work / "t.txt"), "size": 6, "encoding": "utf-8"}
+    out = fc.ok("GET", "/files/read?path=/workspace/b.bin")
+    assert (out["encoding"], base64.b64decode(out["content"])) == ("base64", b"\xff\x00")
+    (files_server.work / "big").write_bytes(b"x" * (hopx_agent.FILES_MAX_READ_BYTES + 1))
+    status, error, _ = fc.call("GET", "/files/read?path=/workspace/big")
+    assert (status, error["code"]) == (413, "PAYLOAD_TOO_LARGE")
+    assert error["details"]["download"] == "/files/download?path=%2Fworkspace%2Fbig"
+
+
+@pytest.mark.parametrize("path,status,code", [
+    ("/etc/passwd", 403, "PATH_NOT_ALLOWED"), ("/workspace/../outside/secret", 403, "PATH_NOT_ALLOWED"),
+    ("/workspace/out/secret", 403, "PATH_NOT_ALLOWED"), ("/workspace/link", 403, "PATH_NOT_ALLOWED"),
+    ("", 400, "INVALID_PATH"), ("a%00b", 400, "INVALID_PATH"), ("/workspace/d", 400, "IS_A_DIRECTORY"),
+    ("/workspace/f/x", 400, "NOT_A_DIRECTORY"), ("/workspace/nope", 404, "FILE_NOT_FOUND")])
+def test_files_path_policy_over_http(fc, files_server, tmp_path, path, status, code):
+    work = files_server.work
+    os.symlink(str(tmp_path / "outside"), str(work / "out"))
+    os.symlink(str(tmp_path / "outside" / "secret"), str(work / "link"))
+    (work / "d").mkdir()
+    (work / "f").write_text("")
+    got, error, resp = fc.call("GET", "/files/read?path=" + path.replace("/", "%2F"))
+    assert (got, error["code"]) == (status, code), error
+    assert "details" in error and "path" in error["details"]
+    assert "SECRET" not in json.dumps(error)
+
+
+def test_files_missing_path_parameter_is_invalid_path(fc):
+    for method, path in (("GET", "/files/read"), ("GET", "/files/download"), ("GET", "/files/stat"),
+                         ("GET", "/files/exists"), ("DELETE", "/files/remove")):
+        status, error, _ = fc.call(method, path)
+        assert (status, error["code"]) == (400, "INVALID_PATH"), (path, error)
+    for body in ({"content": "x"}, {"path": 5, "content": "x"}):
+        status, error, _ = fc.call("POST", "/files/write", body)
+        assert (status, error["code"]) == (400, "INVALID_PATH")
+
+
+def test_files_write_modes_overwrite_append_and_bad_input(fc, files_server):
+    work = files_server.work
+    out = fc.ok("POST", "/files/write", {"path": "/workspace/s/run.sh", "content": "echo", "mode": "0755"})
+    assert out["success"] and out["size"] == 4 and out["path"] == "/workspace/s/run.sh" and out["timestamp"]
+    assert stat.S_IMODE(os.stat(str(work / "s" / "run.sh")).st_mode) == 0o755
+    status, error, _ = fc.call("POST", "/files/write", {"path": "/workspace/s/run.sh", "content": "x",
+                                                        "overwrite": False})
+    assert (status, error["code"], error["details"]["path"]) == (409, "FILE_ALREADY_EXISTS", "/workspace/s/run.sh")
+    assert fc.ok("POST", "/files/write", {"path": "/workspace/log", "content": "ab", "append": True})["size"] == 2
+    assert fc.ok("POST", "/files/write", {"path": "/workspace/log", "content": "cd", "append": True})["size"] == 4
+    assert (work / "log").read_text() == "abcd"
+    for body, code in (({"path": "/workspace/x", "content": "!!!", "encoding": "base64"}, "INVALID_REQUEST"),
+                       ({"path": "/workspace/x", "content": "x", "mode": "rwx"}, "INVALID_REQUEST"),
+                       ({"path": "/workspace/x"}, "MISSING_PARAMETER"),
+                       ({"path": "/workspace/x", "content": "x", "encoding": "utf-16"}, "INVALID_REQUEST"),
+                       ({"path": "/workspace", "content": "x"}, "IS_A_DIRECTORY")):
+        status, error, _ = fc.call("POST", "/files/write", body)
+        assert (status, error["code"]) == (400, code), (body, error)
+    assert not (work / "x").exists()
+
+
+def test_files_write_with_a_full_disk_is_507_and_leaves_nothing(fc, files_server, monkeypatch):
+    monkeypatch.setattr(hopx_agent, "_write_all",
+                        lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    status, error, _ = fc.call("POST", "/files/write", {"path": "/workspace/full", "content": "x"})
+    assert (status, error["code"], error["details"]["path"]) == (507, "INSUFFICIENT_STORAGE", "/workspace/full")
+    assert os.listdir(str(files_server.work)) == []
+
+
+def test_files_upload_raw_put_and_100_continue(files_server):
+    data = os.urandom(300000)
+    interim, status, _, body = raw_exchange(files_server, upload_head("/files/upload?path=%2Fworkspace%2Fraw.bin",
+                                                                      len(data)), data, wait_continue=True)
+    assert (interim, status) == (100, 200), body
+    assert json.loads(body)["size"] == len(data) and (files_server.work / "raw.bin").read_bytes() == data
+    interim, status, _, body = raw_exchange(files_server, upload_head("/files/upload?path=put.bin", 3, method="PUT",
+                                                                      expect=False), b"abc")
+    assert status == 200 and (files_server.work / "put.bin").read_bytes() == b"abc"
+
+
+def test_files_upload_multipart_file_before_path(files_server):
+    boundary = "----curlBoundary0123"
+    data = os.urandom(200000)
+    body = (("--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.bin\"\r\n\r\n" % boundary).encode()
+            + data + ("\r\n--%s\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n/workspace/late/x.bin\r\n"
+                      "--%s--\r\n" % (boundary, boundary)).encode())
+    _, status, _, answer = raw_exchange(files_server, upload_head(
+        "/files/upload", len(body), "multipart/form-data; boundary=" + boundary), body, wait_continue=True)
+    assert status == 200, answer
+    assert (files_server.work / "late" / "x.bin").read_bytes() == data
+    assert [n for n in os.listdir(str(files_server.work)) if n.startswith(".hopx")] == []
+
+
+@pytest.mark.parametrize("query,token,status", [("/files/upload?path=%2Fetc%2Fx", None, 403),
+                                                ("/files/upload?path=%2Fworkspace%2Fx", "bad.token.here", 401),
+                                                ("/files/upload", None, 400)])
+def test_files_upload_refused_before_100_continue(files_server, query, token, status):
+    """A refused upload gets its final answer instead of 100 Continue; no byte of the body is read."""
+    sock = _connect(files_server)
+    try:
+        sock.sendall(upload_head(query, 10 ** 9, token=token))
+        got, headers = _read_head(sock.makefile("rb"))
+    finally:
+        sock.close()
+    assert got == status and headers.get("connection") == "close"
+    assert os.listdir(str(files_server.work)) == []
+
+
+def test_files_upload_over_the_limit_is_413_before_100_continue(config, manager):
+    cfg = dataclasses.replace(config, max_upload_bytes=1000)
+    srv = hopx_agent.create_server(cfg, manager)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name="test-serve-413", daemon=True)
+    thread.start()
+    try:
+        sock = _connect(srv)
+        sock.sendall(upload_head("/files/upload?path=big", 1001))
+        status, _ = _read_head(sock.makefile("rb"))
+        sock.close()
+        assert status == 413
+        interim, status, _, body = raw_exchange(srv, upload_head("/files/upload?path=small", 1000), b"s" * 1000,
+                                                wait_continue=True)
+        assert (interim, status) == (100, 200)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def test_files_upload_on_a_disk_that_fills_up_is_507_and_leaves_nothing(files_server, fc, monkeypatch):
+    fc.ok("POST", "/files/write", {"path": "/workspace/keep", "content": "old"})
+    calls = []
+    real = hopx_agent._write_all
+
+    def filling(fd, data):
+        calls.append(len(data))
+        if sum(calls) > 1 << 20:            # the disk is full after the first MiB
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(hopx_agent, "_write_all", filling)
+    data = os.urandom(4 << 20)
+    interim, status, headers, body = raw_exchange(files_server, upload_head("/files/upload?path=%2Fworkspace%2Fkeep",
+                                                                            len(data)), data, wait_continue=True)
+    error = json.loads(body)
+    assert (interim, status, error["code"], error["details"]["path"]) == (100, 507, "INSUFFICIENT_STORAGE",
+                                                                          "/workspace/keep")
+    assert headers.get("connection") == "close"
+    assert os.listdir(str(files_server.work)) == ["keep"] and (files_server.work / "keep").read_text() == "old"
+
+
+def test_files_concurrent_uploads_to_one_path_leave_one_whole_file(files_server):
+    bodies = [bytes([65 + i]) * (2 << 20) for i in range(4)]
+    answers = []
+
+    def upload(data):
+        answers.append(raw_exchange(files_server, upload_head("/files/upload?path=%2Fworkspace%2Fsame", len(data)),
+                                    data, wait_continue=True)[1])
+
+    threads = [threading.Thread(target=upload, args=(b,), name="test-upload-%d" % i) for i, b in enumerate(bodies)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert answers == [200] * 4
+    assert (files_server.work / "same").read_bytes() in bodies
+    assert os.listdir(str(files_server.work)) == ["same"]
+
+
+def _temp_files_open(work):
+    """Our descriptors of temp files in `work` (an O_TMPFILE shows as '#<ino> (deleted)')."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink("/proc/self/fd/" + fd)
+        except OSError:
+            continue
+        if target.startswith(str(work) + "/#") or target.startswith(str(work) + "/.hopx-tmp-"):
+            found.append(target)
+    return found
+
+
+@pytest.mark.parametrize("tmpfile", [True, False])
+def test_files_upload_cut_off_halfway_leaves_nothing(files_server, fc, monkeypatch, tmpfile):
+    monkeypatch.setattr(hopx_agent._AtomicWriter, "use_tmpfile", tmpfile)
+    fc.ok("POST", "/files/write", {"path": "/workspace/keep", "content": "old"})
+    sock = _connect(files_server)
+    sock.sendall(upload_head("/files/upload?path=%2Fworkspace%2Fkeep", 10 ** 6, expect=False) + b"x" * 300000)
+    wait_until(lambda: _temp_files_open(files_server.work), 10, "the upload to be under way")
+    sock.close()                                    # the client goes away mid-body
+    wait_until(lambda: not _temp_files_open(files_server.work), 10, "the partial upload to be dropped")
+    assert os.listdir(str(files_server.work)) == ["keep"]
+    assert fc.ok("GET", "/files/read?path=/workspace/keep")["content"] == "old"
+
+
+def test_files_download_ranges_conditionals_and_head(fc, files_server):
+    (files_server.work / "ten.txt").write_bytes(b"0123456789")
+    status, resp, data = fc.raw("GET", "/files/download?path=/workspace/ten.txt", headers={"Range": "bytes=2-4"})
+    assert (status, data, resp.getheader("Content-Range")) == (206, b"234", "bytes 2-4/10")
+    status, resp, data = fc.raw("GET", "/files/download?path=/workspace/ten.txt", headers={"Range": "bytes=-3"})
+    assert (status, data) == (206, b"789")
+    status, resp, data = fc.raw("GET", "/files/download?path=/workspace/ten.txt", headers={"Range": "bytes=10-"})
+    assert (status, resp.getheader("Content-Range"), json.loads(data)["code"]) == (416, "bytes */10",
+                                                                                  "RANGE_NOT_SATISFIABLE")
+    status, resp, data = fc.raw("GET", "/files/download?path=/workspace/ten.txt")
+    assert (status, data, resp.getheader("Content-Length")) == (200, b"0123456789", "10")
+    assert resp.getheader("Content-Type") == "text/plain" and resp.getheader("Accept-Ranges") == "bytes"
+    etag = resp.getheader("ETag")
+    status, resp, data = fc.raw("GET", "/files/download?path=/workspace/ten.txt", headers={"If-None-Match": etag})
+    assert (status, data, resp.getheader("Content-Length")) == (304, b"", None)
+    status, resp, data = fc.raw("HEAD", "/files/download?path=/workspace/ten.txt")
+    assert (status, data, resp.getheader("Content-Length")) == (200, b"", "10")
+    assert fc.ok("GET", "/files/exists?path=/workspace/ten.txt")["exists"]      # the connection is still good
+
+
+def test_files_download_a_directory_as_tar(fc, files_server, tmp_path):
+    work = files_server.work
+    (work / "proj" / "empty").mkdir(parents=True)
+    (work / "proj" / "a.txt").write_text("A")
+    os.symlink(str(tmp_path / "outside" / "secret"), str(work / "proj" / "leak"))
+    status, error, _ = fc.call("GET", "/files/download?path=/workspace/proj")
+    assert (status, error["code"]) == (400, "IS_A_DIRECTORY")
+    for fmt, mode in (("tar", "r:"), ("tar.gz", "r:gz")):
+        status, resp, data = fc.raw("GET", "/files/download?path=/workspace/proj&format=" + fmt)
+        assert status == 200 and resp.getheader("Connection") == "close"
+        assert "proj." + fmt in resp.getheader("Content-Disposition")
+        with tarfile.open(fileobj=io.BytesIO(data), mode=mode) as archive:
+            names = {m.name: m for m in archive.getmembers()}
+            assert set(names) == {"proj", "proj/empty", "proj/a.txt", "proj/leak"}
+            assert names["proj/leak"].issym() and archive.extractfile("proj/a.txt").read() == b"A"
+
+
+def test_files_list_stat_exists_over_http(fc, files_server):
+    work = files_server.work
+    (work / "b").mkdir()
+    (work / "b" / "inner.txt").write_text("i")
+    (work / "a.txt").write_text("a")
+    out = fc.ok("GET", "/files/list")
+    assert [f["name"] for f in out["files"]] == ["b", "a.txt"] and out["path"] == str(work)
+    out = fc.ok("GET", "/files/list?path=/workspace&recursive=true")
+    assert [f["path"] for f in out["files"]] == ["/workspace/b", "/workspace/b/inner.txt", "/workspace/a.txt"]
+    out = fc.ok("GET", "/files/list?path=/workspace&recursive=true&limit=1&offset=1")
+    assert (out["count"], out["truncated"], out["files"][0]["name"]) == (1, True, "inner.txt")
+    assert json.loads(json.dumps(out)) == out
+    entry = fc.ok("GET", "/files/stat?path=/workspace/a.txt")
+    assert (entry["name"], entry["size"], entry["is_dir"], entry["mode"]) == ("a.txt", 1, False, "0644")
+    assert fc.ok("GET", "/files/exists?path=/workspace/b") == {"exists": True, "path": "/workspace/b",
+                                                               "is_directory": True}
+    status, error, _ = fc.call("GET", "/files/list?path=/workspace/a.txt")
+    assert (status, error["code"]) == (400, "NOT_A_DIRECTORY")
+    status, error, _ = fc.call("GET", "/files/list?depth=x")
+    assert status == 400
+
+
+def test_files_listing_json_is_what_json_dumps_would_say(fc, files_server):
+    (files_server.work / 'we"ird\\ n\u00e4me\u2603').write_text("")
+    os.symlink('tar"get', str(files_server.work / "ln"))
+    status, resp, raw = fc.raw("GET", "/files/list")
+    parsed = json.loads(raw)
+    assert parsed == files_server.files.list()      # the hand-made encoding says what json.dumps would
+    assert {f["name"] for f in parsed["files"]} == {'we"ird\\ n\u00e4me\u2603', "ln"}
+    assert [f.get("target") for f in parsed["files"] if f["name"] == "ln"] == ['tar"get']
+
+
+def test_files_remove_mkdir_move_over_http(fc, files_server):
+    work = files_server.work
+    assert fc.ok("POST", "/files/mkdir", {"path": "/workspace/d/e", "mode": "0700"})["success"]
+    assert stat.S_IMODE(os.stat(str(work / "d" / "e")).st_mode) == 0o700
+    fc.ok("POST", "/files/write", {"path": "/workspace/d/e/f", "content": "x"})
+    status, error, _ = fc.call("POST", "/files/mkdir", {"path": "/workspace/d/e/f"})
+    assert (status, error["code"]) == (409, "FILE_ALREADY_EXISTS")
+    status, error, _ = fc.call("DELETE", "/files/remove?path=/workspace/d&recursive=false")
+    assert (status, error["code"]) == (409, "DIRECTORY_NOT_EMPTY")
+    out = fc.ok("POST", "/files/move", {"source": "/workspace/d", "destination": "/workspace/m/d"})
+    assert (out["source"], out["destination"]) == ("/workspace/d", "/workspace/m/d")
+    assert (work / "m" / "d" / "e" / "f").read_text() == "x"
+    fc.ok("POST", "/files/write", {"path": "/workspace/other", "content": "o"})
+    status, error, _ = fc.call("POST", "/files/move", {"source": "/workspace/other", "destination": "/workspace/m/d/e/f"})
+    assert (status, error["code"]) == (409, "FILE_ALREADY_EXISTS")
+    fc.ok("POST", "/files/move", {"source": "/workspace/other", "destination": "/workspace/m/d/e/f", "overwrite": True})
+    assert fc.ok("DELETE", "/files/remove?path=/workspace/m")["success"] and os.listdir(str(work)) == []
+    for method, path, body in (("DELETE", "/files/remove?path=/workspace", None),
+                               ("POST", "/files/move", {"source": "/workspace", "destination": "/workspace/x"})):
+        status, error, _ = fc.call(method, path, body)
+        assert (status, error["code"]) == (403, "PATH_NOT_ALLOWED")
+
+
+def test_files_watch_reports_api_and_plain_process_changes(fc, files_server):
+    ws = FilesWS(files_server)
+    try:
+        ws.send_json({"action": "watch", "path": "/workspace", "recursive": True})
+        hello = ws.next_json()
+        assert (hello["type"], hello["path"], hello["backend"]) == ("watching", "/workspace", "inotify")
+        fc.ok("POST", "/files/write", {"path": "/workspace/f", "content": "1"})
+        seen = [(lambda e: (e["event"], e["path"]))(ws.next_json())]
+        fc.ok("POST", "/files/write", {"path": "/workspace/f", "content": "2"})    # (within 50 ms: one event)
+        fc.ok("POST", "/files/mkdir", {"path": "/workspace/sub"})
+        while ("created", "/workspace/sub") not in seen:
+            event = ws.next_json()
+            seen.append((event["event"], event["path"]))
+        subprocess.run(["sh", "-c", "echo hi > sub/g && mv sub/g sub/h"], cwd=str(files_server.work), check=True)
+        while ("renamed", "/workspace/sub/h") not in seen:
+            event = ws.next_json()
+            seen.append((event["event"], event["path"]))
+        assert seen[:3] == [("created", "/workspace/f"), ("modified", "/workspace/f"), ("created", "/workspace/sub")]
+        assert ("created", "/workspace/sub/g") in seen
+        assert not any(".hopx" in path or "#" in path for _, path in seen)
+        ws.send(ws.CLOSE, struct.pack("!H", 1000))
+        assert ws.frames()[-1][0] == ws.CLOSE
+    finally:
+        ws.close()
+    wait_until(lambda: not files_server.files._watchers or all(w.closed for w in files_server.files._watchers),
+               10, "the watcher to be closed")
+
+
+def test_files_watch_refuses_a_path_outside(files_server):
+    ws = FilesWS(files_server)
+    try:
+        ws.send_json({"action": "watch", "path": "/etc"})
+        messages, code = ws.messages()
+        assert messages[0]["type"] == "error" and messages[0]["code"] == "PATH_NOT_ALLOWED" and code == 1008
+    finally:
+        ws.close()
+
+
+def test_files_watch_ends_when_the_server_stops(config, manager, tmp_path):
+    srv = hopx_agent.create_server(config, manager)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name="test-serve-watch", daemon=True)
+    thread.start()
+    ws = FilesWS(srv)
+    try:
+        ws.send_json({"action": "watch"})
+        assert ws.next_json()["type"] == "watching"
+        srv.shutdown()
+        srv.server_close()
+        assert ws.frames()[-1][0] == ws.CLOSE
+    finally:
+        ws.close()
+        thread.join(5)
+
+
+def test_files_health_says_file_operations(client):
+    features = client.ok("GET", "/health")["features"]
+    assert features["file_operations"] is True
+
+
+def test_files_large_transfers_keep_the_agent_small(run_agent, tmp_path):
+    """64 MiB up and down through a real agent process: its peak RSS grows by under 16 MiB."""
+    size = 64 * 1024 * 1024 * int(os.environ.get("HOPX_HARDEN_SCALE", "1"))
+    agent = run_agent("--port", "0", "--workdir", str(tmp_path), HOPX_AGENT_SECRET=SECRET.decode())
+    port = agent.port()
+
+    def hwm_kib():
+        with open("/proc/%d/status" % agent.proc.pid) as fh:
+            return int(fh.read().split("VmHWM:")[1].split()[0])
+
+    before = hwm_kib()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(upload_head("/files/upload?path=big.bin", size))
+    fh = sock.makefile("rb")
+    assert _read_head(fh)[0] == 100
+    chunk = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+    for _ in range(size >> 20):
+        sock.sendall(chunk)
+        digest.update(chunk)
+    status, headers = _read_head(fh)
+    assert status == 200, fh.read(int(headers["content-length"]))
+    fh.read(int(headers["content-length"]))
+    sock.sendall(b"GET /files/download?path=big.bin HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s\r\n\r\n"
+                 % good_token().encode())
+    status, headers = _read_head(fh)
+    assert status == 200 and int(headers["content-length"]) == size
+    got, left = hashlib.sha256(), size
+    while left:
+        data = fh.read(min(left, 1 << 20))
+        assert data
+        got.update(data)
+        left -= len(data)
+    sock.close()
+    assert got.digest() == digest.digest()
+    assert hwm_kib() - before < 16 * 1024, (before, hwm_kib())
 
 
 # ============================================================================
@@ -5767,6 +7578,21 @@ def _post(port, path, body, token=None):
         conn.close()
 
 
+def test_files_root_options_repeat_split_and_read_the_environment(tmp_path, run_agent):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    parser = hopx_agent._build_parser()
+    config = hopx_agent._config_from(parser.parse_args(["--files-root", a + "," + b, "--files-root", c]), {})
+    assert config.files_roots == (a, b, c)
+    config = hopx_agent._config_from(parser.parse_args([]), {"HOPX_AGENT_FILES_ROOT": a + ", " + b})
+    assert config.files_roots == (a, b)
+    assert hopx_agent._config_from(parser.parse_args([]), {}).files_roots is None
+    with pytest.raises(ValueError):
+        hopx_agent._config_from(parser.parse_args(["--max-upload-bytes", "-1"]), {})
+    agent = run_agent("--port", "0", "--files-root", str(tmp_path / "missing"), HOPX_AGENT_SECRET=SECRET.decode())
+    assert agent.proc.wait(20) == 2
+    agent.wait_line(r"files root is not a directory")
+
+
 def test_main_version_prints_the_version(capsys):
     assert hopx_agent.main(["--version"]) == 0
     assert hopx_agent.__version__ in capsys.readouterr().out
@@ -5867,6 +7693,103 @@ def test_no_auth_serves_without_tokens_and_says_so(run_agent):
     assert not any(re.search(r"eyJ[A-Za-z0-9_-]+\.", line) for line in agent.seen)
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait(15) == 0
+
+
+@pytest.mark.parametrize("args,word", [(["--port", "99999"], "--port"), (["--log-level", "verbose"], "--log-level"),
+                                       (["--log-format", "xml"], "--log-format"), (["--kill-grace", "-1"], "--kill-grace"),
+                                       (["--kill-grace", "nan"], "--kill-grace"), (["--max-running", "0"], "--max-running"),
+                                       (["token", "--ttl", "-5"], "--ttl"), (["token", "--ttl", "0"], "--ttl")])
+def test_a_bad_option_is_a_message_and_exit_2(args, word, tmp_path):
+    env = _clean_env(HOPX_AGENT_SECRET=SECRET.decode())
+    done = subprocess.run([sys.executable, hopx_agent.__file__] + args, env=env, capture_output=True,
+                          timeout=30, cwd=str(tmp_path))
+    assert done.returncode == 2, (done.returncode, done.stderr.decode())
+    err = done.stderr.decode()
+    assert word in err and "Traceback" not in err, err
+    assert done.stdout == b""
+
+
+def test_a_newline_in_a_command_cannot_forge_a_log_line(run_agent):
+    agent = run_agent("--port", "0", "--log-level", "debug", HOPX_AGENT_SECRET=SECRET.decode())
+    port, token = agent.port(), good_token()
+    forged = "no-such-program\n2026-01-01 00:00:00,000 WARNING hopx_agent: FORGED"
+    status, answer = _post(port, "/commands/background", {"command": forged, "args": []}, token)
+    assert status == 200 and answer["reason"] == "spawn_failed"
+    _get(port, "/execute/processes?token=" + token, token)     # a token in the query must not reach the log
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(15) == 0
+    agent.wait_line("stopping")
+    text = "".join(agent.seen) + "".join(iter(lambda: agent.lines.get(timeout=5) or "", ""))
+    assert "\\x0a2026-01-01" in text, text[-2000:]
+    assert not any(line.startswith("2026-01-01 00:00:00,000 WARNING hopx_agent: FORGED") for line in text.splitlines())
+    assert token not in text
+
+
+def test_a_secret_file_readable_by_others_is_warned_about(run_agent, tmp_path):
+    key = tmp_path / "agent.key"
+    key.write_bytes(SECRET)
+    key.chmod(0o644)
+    agent = run_agent("--port", "0", "--secret-file", str(key))
+    agent.port()
+    assert agent.wait_line(r"WARNING .*secret file .*readable by group or others \(mode 0644\)")
+    agent.stop()
+    key.chmod(0o600)
+    quiet = run_agent("--port", "0", "--secret-file", str(key))
+    quiet.port()
+    assert not any("readable by group or others" in line for line in quiet.seen)
+
+
+def _usable_by_others(path):
+    """Every directory on the way searchable, and the file executable, by other users."""
+    path = os.path.realpath(path)
+    parts = path.split(os.sep)
+    for n in range(2, len(parts)):
+        if not os.stat(os.sep.join(parts[:n]) or os.sep).st_mode & 0o001:
+            return False
+    return bool(os.stat(path).st_mode & 0o001)
+
+
+def test_a_child_cannot_read_the_secret_from_the_agents_proc_files(tmp_path):
+    # Same uid as the agent: PR_SET_DUMPABLE 0 keeps /proc/<agent>/environ and mem from it.
+    # As root the agent runs as nobody here, since root children can read anything (--run-as).
+    import tempfile
+    home = tempfile.mkdtemp(prefix="hopx-test-")      # in the temp dir itself: pytest's are private
+    os.chmod(home, 0o755)
+    script = pathlib.Path(home) / "hopx_agent.py"
+    script.write_bytes(open(hopx_agent.__file__, "rb").read())
+    script.chmod(0o644)
+    user, python = {}, sys.executable
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+        python = next((p for p in (sys.executable, shutil.which("python3"), "/usr/bin/python3")
+                       if p and _usable_by_others(p)), None)
+        if python is None:
+            pytest.skip("no python3 that another user may run")
+    env = _clean_env(HOPX_AGENT_SECRET=SECRET.decode())
+    proc = subprocess.Popen([python, str(script), "--port", "0", "--workdir", "/tmp"], env=env,
+                            cwd="/tmp", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, **user)
+    try:
+        line = b""
+        while b"listening on" not in line:
+            line = proc.stderr.readline()
+            assert line, "the agent did not start"
+        port = int(re.search(rb"127\.0\.0\.1:(\d+)", line).group(1))
+        code = ("import os\nfor name in ('environ', 'mem', 'cmdline'):\n"
+                "    try:\n        data = open('/proc/%d/' % os.getppid() + name, 'rb').read(4096)\n"
+                "        print(name, 'readable', " + repr(SECRET) + " in data)\n"
+                "    except OSError as exc:\n        print(name, 'refused', exc.errno)\n")
+        ran = _post(port, "/execute", {"code": code, "timeout": 30}, good_token())[1]
+        lines = dict(line.split(" ", 1) for line in ran["stdout"].splitlines())
+        assert lines["environ"].startswith("refused"), ran
+        assert lines["mem"].startswith("refused"), ran
+        assert "True" not in ran["stdout"], ran
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        proc.stderr.close()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_all_lists_exactly_the_public_names():
@@ -6564,7 +8487,7 @@ def test_under_a_pids_limit_every_start_is_answered_and_nothing_stays_running(ru
         for n in range(12):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
             try:
-                conn.request("POST", "/commands/background", body=json.dumps({"command": "sleep 30"}),
+                conn.request("POST", "/commands/background", body=json.dumps({"command": "sleep 300"}),
                              headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
                 resp = conn.getresponse()
                 answers.append((resp.status, json.loads(resp.read())))
@@ -6582,7 +8505,8 @@ def test_under_a_pids_limit_every_start_is_answered_and_nothing_stays_running(ru
             status, rec = _get(port, "/execute/processes/" + pid, token)
             assert status == 200 and rec["status"] in ("running", "failed", "completed"), rec
             if rec["status"] == "running":
-                assert _post(port, "/execute/kill/" + pid, {}, token)[0] == 200
+                status, killed = _post(port, "/execute/kill/" + pid, {}, token)
+                assert status == 200, killed
         for pid in started:
             final = wait_until(lambda: (lambda r: r if r["status"] in ("completed", "failed") else None)(
                 _get(port, "/execute/processes/" + pid, token)[1]), 15, "%s to be final" % pid)
@@ -6839,7 +8763,8 @@ def _proc_status(pid, field):
 def test_a_listing_of_huge_binary_outputs_is_bounded_in_size_and_memory(run_agent):
     # issue 11: 40 records x (4 MiB of NUL on stdout + 4 MiB of 0xFF on stderr) at full size
     count, size = scaled(8), min(4 * MIB, int(4 * MIB * HARDEN_SCALE / 5))
-    agent = run_agent("--port", "0", "--max-output-bytes", str(4 * MIB), HOPX_AGENT_SECRET=SECRET.decode())
+    agent = run_agent("--port", "0", "--max-output-bytes", str(4 * MIB), "--output-budget", str(count * 2 * size + MIB),
+                      HOPX_AGENT_SECRET=SECRET.decode())
     port, token = agent.port(), good_token()
     code = "import sys; sys.stdout.buffer.write(bytes(%d)); sys.stderr.buffer.write(b'\\xff' * %d)" % (size, size)
     ids = [_post(port, "/commands/background", {"command": sys.executable, "args": ["-c", code]}, token)[1]["process_id"]
@@ -7540,6 +9465,161 @@ def test_bench_cold_start():
     idle_mib = bench_pct(rss, 0.5) / 1024.0
     bench_row("cold start: idle agent RSS", "%.1f / %.1f MiB" % (idle_mib, max(rss) / 1024.0), "-", None,
               "<= 30 MiB", idle_mib <= 30)
+
+
+# -- files (issue 12): transfers and listing ------------------------------------------
+
+BENCH_TRANSFER_BYTES = 1024 * 1024 * 1024
+
+# The floors of the transfer rows, each a process of its own: the least a
+# sendfile download and a receive-into-a-file upload cost over HTTP/1.1.
+_BENCH_FILE_FLOOR = r"""
+import os, socket, sys
+mode, path = sys.argv[1], sys.argv[2]
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(8)
+print(srv.getsockname()[1], flush=True)
+while True:
+    conn, _ = srv.accept()
+    fh = conn.makefile("rb")
+    length = 0
+    for line in iter(fh.readline, b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    if mode == "download":
+        fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        conn.sendfile(os.fdopen(fd, "rb", buffering=0), 0, size)
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while length:
+            n = fh.readinto(view[:min(length, len(buf))])
+            if not n:
+                break
+            os.write(fd, view[:n])
+            length -= n
+        os.close(fd)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    fh.close(); conn.close()
+"""
+
+
+def bench_file_floor(mode, path):
+    proc = subprocess.Popen([sys.executable, "-c", _BENCH_FILE_FLOOR, mode, path], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    assert ready, "the floor server did not start"
+    return proc, int(proc.stdout.readline())
+
+
+def bench_download(port, path_and_query, token=None):
+    """Seconds to GET a body into nothing (recv_into one buffer)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    started = time.perf_counter()
+    auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: b\r\n%s\r\n" % (path_and_query.encode(), auth))
+    buf = bytearray(1 << 20)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    left = length - len(head.split(b"\r\n\r\n", 1)[1])
+    while left > 0:
+        n = sock.recv_into(buf)
+        assert n, "connection closed early"
+        left -= n
+    took = time.perf_counter() - started
+    sock.close()
+    return took
+
+
+def bench_upload(port, path_and_query, source, token=None):
+    """Seconds to PUT `source` as a raw body and read the answer."""
+    size = os.path.getsize(source)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    started = time.perf_counter()
+    auth = b"Authorization: Bearer %s\r\n" % token.encode() if token else b""
+    sock.sendall(b"PUT %s HTTP/1.1\r\nHost: b\r\nContent-Type: application/octet-stream\r\n"
+                 b"Content-Length: %d\r\n%s\r\n" % (path_and_query.encode(), size, auth))
+    with open(source, "rb") as fh:
+        sock.sendfile(fh)
+    answer = sock.recv(65536)
+    took = time.perf_counter() - started
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    return took
+
+
+def bench_big_file(tmp_path):
+    path = tmp_path / "big.bin"
+    block = os.urandom(1 << 20)
+    with open(str(path), "wb") as fh:
+        for _ in range(BENCH_TRANSFER_BYTES >> 20):
+            fh.write(block)
+    return path
+
+
+@bench
+def test_bench_files_download_and_upload(tmp_path):
+    big = bench_big_file(tmp_path)
+    token = good_token(secret=BENCH_SECRET)
+    mb = BENCH_TRANSFER_BYTES / 1e6
+    proc, port = bench_spawn_agent("--workdir", str(tmp_path))
+    try:
+        before = bench_status_kib(proc.pid, "VmHWM")
+        agent_down = [bench_download(port, "/files/download?path=big.bin", token) for _ in range(3)]
+        down_hwm = bench_status_kib(proc.pid, "VmHWM") - before
+        agent_up = [bench_upload(port, "/files/upload?path=up.bin", str(big), token) for _ in range(3)]
+        up_hwm = bench_status_kib(proc.pid, "VmHWM") - before
+    finally:
+        bench_stop_agent(proc)
+    floors = {}
+    for mode, path in (("download", str(big)), ("upload", str(tmp_path / "floor.bin"))):
+        fproc, fport = bench_file_floor(mode, path)
+        try:
+            floors[mode] = [bench_download(fport, "/") if mode == "download" else bench_upload(fport, "/", str(big))
+                            for _ in range(3)]
+        finally:
+            fproc.kill()
+            fproc.wait(5)
+    for name, agent, floor, target in (("download 1 GiB (sendfile)", agent_down, floors["download"], 0.8),
+                                        ("upload 1 GiB (raw body, fdatasync)", agent_up, floors["upload"], 0.6)):
+        ratio = bench_pct(floor, 0.5) / bench_pct(agent, 0.5)
+        bench_row(name, "%.0f MB/s" % (mb / bench_pct(agent, 0.5)), "%.0f MB/s" % (mb / bench_pct(floor, 0.5)),
+                  ratio, ">= %.1fx" % target, ratio >= target)
+    for name, kib in (("download 1 GiB: agent peak RSS growth", down_hwm),
+                      ("upload 1 GiB: agent peak RSS growth", up_hwm)):
+        bench_row(name, "%.1f MiB" % (kib / 1024.0), "-", None, "<= 16 MiB", kib <= 16 * 1024)
+
+
+@bench
+def test_bench_files_list_10000(tmp_path):
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(10000):
+        os.close(os.open(str(many / ("file-%05d.txt" % i)), os.O_CREAT | os.O_WRONLY, 0o644))
+    floor = []
+    for _ in range(20):
+        started = time.perf_counter()
+        with os.scandir(str(many)) as items:
+            for entry in items:
+                entry.stat(follow_symlinks=False)
+        floor.append(time.perf_counter() - started)
+    with bench_agent_process(tmp_path) as (proc, client):
+        agent = []
+        for _ in range(20):
+            started = time.perf_counter()
+            status, _, raw = client.raw("GET", "/files/list?path=many")     # read, not parsed: the floor parses nothing
+            agent.append(time.perf_counter() - started)
+            assert status == 200
+        assert json.loads(raw)["count"] == 10000
+    floor_ms = bench_pct(floor, 0.5) * 1000 + bench_round_trip_floor_ms()
+    ratio = bench_pct(agent, 0.5) * 1000 / floor_ms
+    bench_row("list 10,000 entries", bench_spread(agent), "%.2f ms (scandir+lstat+round trip)" % floor_ms,
+              ratio, "<= 3x", ratio <= 3)
 
 
 @bench
