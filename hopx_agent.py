@@ -1777,6 +1777,7 @@ class _ExecCgroup:
         self.dirs = dirs                   # controller (or "" for v2) -> directory
         self.proc_path = proc_path         # (controller, path) as /proc/<pid>/cgroup names it
         self.removed = False
+        self.swap = True                   # the machine may swap: limit memory+swap too (v1)
 
     @property
     def _distinct(self) -> List[str]:
@@ -1847,22 +1848,27 @@ class _ExecCgroup:
         raise NotImplementedError
 
     def remove(self) -> bool:
-        """rmdir in every hierarchy (members killed first); True when all are gone."""
+        """rmdir in every hierarchy, killing what is left first (rmdir says
+        EBUSY while a member lives); True when all are gone."""
         if self.removed:
             return True
-        if self.members() and not self.kill():
-            return False
-        ok = True
-        for directory in self._distinct:
-            try:
-                os.rmdir(directory)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                ok = False
+        left = [d for d in self._distinct if not self._rmdir(d, quiet=True)]
+        if left and self.kill():
+            left = [d for d in left if not self._rmdir(d, quiet=False)]
+        self.removed = not left
+        return self.removed
+
+    @staticmethod
+    def _rmdir(directory: str, *, quiet: bool) -> bool:
+        try:
+            os.rmdir(directory)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if not quiet:
                 log.warning("cannot remove cgroup %s: %s", directory, exc.strerror)
-        self.removed = ok
-        return ok
+            return False
+        return True
 
 
 def _read_keyed(path: str) -> Dict[str, int]:
@@ -1885,7 +1891,17 @@ def _mib(value: Optional[int]) -> Optional[float]:
     return round(value / MIB, 2) if value is not None else None
 
 
+def _swap_in_use() -> bool:
+    """Whether the machine has swap (/proc/swaps lists more than its header)."""
+    try:
+        with open("/proc/swaps", "rb") as fh:
+            return len(fh.read().splitlines()) > 1
+    except OSError:
+        return True
+
+
 class _ExecCgroupV1(_ExecCgroup):
+
     """v1: one directory per controller (memory, cpu, pids, freezer)."""
 
     version = "cgroup_v1"
@@ -1894,9 +1910,10 @@ class _ExecCgroupV1(_ExecCgroup):
         if limits.memory_limit_mb is not None:
             size = "%d" % int(limits.memory_limit_mb * MIB)
             _write_text(os.path.join(self.dirs["memory"], "memory.limit_in_bytes"), size)
-            memsw = os.path.join(self.dirs["memory"], "memory.memsw.limit_in_bytes")
-            if os.path.exists(memsw):    # with swap accounting: no swapping past the limit either
-                _write_text(memsw, size)
+            if self.swap:                # no swapping past the limit either (with swap accounting)
+                memsw = os.path.join(self.dirs["memory"], "memory.memsw.limit_in_bytes")
+                if os.path.exists(memsw):
+                    _write_text(memsw, size)
         if limits.cpu_limit is not None:
             _write_text(os.path.join(self.dirs["cpu"], "cpu.cfs_period_us"), "%d" % CPU_PERIOD_US)
             _write_text(os.path.join(self.dirs["cpu"], "cpu.cfs_quota_us"),
@@ -2012,7 +2029,9 @@ class _CgroupTree:
         self.controllers = tuple(controllers)   # limit controllers present ("memory", "cpu", "pids")
         self.runs: Dict[str, str] = {}       # controller -> the runs directory
         self.name = "%s%d-%s" % (CGROUP_RUNS_PREFIX, os.getpid(), secrets.token_hex(4))
+        self.swap = True                     # v1: found out at open (/proc/swaps)
         self._lock = threading.Lock()        # guards _live
+
         self._live: Dict[str, _ExecCgroup] = {}   # name -> cgroups not removed yet
 
     def open(self) -> None:
@@ -2039,6 +2058,7 @@ class _CgroupTree:
                     made.append(path)
                 dirs[controller] = path
             group = cls(dirs, self._proc_path(dirs))
+            group.swap = self.swap
             group.apply(limits)
         except BaseException:
             for path in reversed(made):
@@ -2106,7 +2126,9 @@ class _CgroupTreeV1(_CgroupTree):
     def open(self) -> None:
         for directory in dict.fromkeys(self.own.values()):
             _sweep_stale_runs(directory)
+        self.swap = _swap_in_use()
         self._make_runs()
+
 
     def _proc_path(self, dirs: Dict[str, str]) -> Tuple[str, str]:
         """How /proc/<pid>/cgroup names a member's freezer cgroup."""
