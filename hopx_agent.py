@@ -194,6 +194,11 @@ _MECHANISMS = ("cgroup_v2", "cgroup_v1", "rlimit")
 
 _F_SETPIPE_SZ = 1031                  # fcntl command number on Linux (not in fcntl before 3.10)
 
+# Contexts (issue 13, api.md §13)
+CONTEXT_IDLE_TIMEOUT_S = 3600.0       # idle named contexts end after this
+MAX_CONTEXTS = 16                     # named contexts at once; the default one is not counted
+PYTHON_KERNEL_MODES = ("off", "lazy", "prestart")   # --python-kernel: the default context
+
 
 def _default_workdir() -> str:
     """api.md §1: /workspace when it exists, else the directory we started in."""
@@ -237,6 +242,10 @@ class AgentConfig:
     files_roots: Optional[Tuple[str, ...]] = None     # None: the working directory and the temp directory
     max_read_bytes: int = FILES_MAX_READ_BYTES
     max_upload_bytes: Optional[int] = None            # None: no limit but the disk
+    # contexts (issue 13)
+    python_kernel: str = "lazy"
+    max_contexts: int = MAX_CONTEXTS
+    context_idle_timeout: float = CONTEXT_IDLE_TIMEOUT_S
 
     @property
 
@@ -261,6 +270,9 @@ class AgentConfig:
             "files_max_read_bytes": self.max_read_bytes,
             "files_max_upload_bytes": self.max_upload_bytes,
             "files_max_list_entries": FILES_MAX_LIST_ENTRIES,
+            "python_kernel": self.python_kernel,
+            "max_contexts": self.max_contexts,
+            "context_idle_timeout_s": self.context_idle_timeout,
         }
 
 
@@ -2984,6 +2996,17 @@ class _Launcher:
         env.pop(SECRET_ENV, None)
         return env
 
+    def global_env(self) -> Dict[str, str]:
+        """The global store alone, secret removed (a context applies it at each call)."""
+        with self._lock:
+            env = dict(self._env)
+        env.pop(SECRET_ENV, None)
+        return env
+
+    def base_env(self) -> Dict[str, str]:
+        """The agent's environment alone (a context's child starts with it)."""
+        return dict(self._base_env)
+
     def env_set(self, values: Dict[str, str], *, replace: bool) -> None:
         """Replace or merge the global store; 413 (nothing changed) when the
         result would pass ENV_STORE_VARS or ENV_STORE_BYTES."""
@@ -5467,6 +5490,7 @@ class _AgentServer(http.server.ThreadingHTTPServer):
         self.routes: Tuple[_Route, ...] = tuple(routes)
         # Each family's state: .features() for /health and /info, .close(deadline) at the end.
         self.families: List[Any] = []
+        self.contexts: Any = None           # the contexts family (_ContextManager), made by create_server
         super().__init__((config.host, config.port), _Handler)
         self.hub = _Hub(self)
 
@@ -5486,10 +5510,11 @@ class _AgentServer(http.server.ThreadingHTTPServer):
 
     def server_close(self) -> None:
         """Close the listening socket, then each family's state (watchers and
-        other sessions are woken and end), within one shared deadline."""
+        other sessions are woken and end; kernels and shells are killed), within one
+        shared deadline."""
         super().server_close()
         self.hub.close()
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + max(5.0, self.config.kill_grace + 2.0)
         for family in self.families:
             try:
                 family.close(deadline)
@@ -5929,7 +5954,9 @@ def _run_and_wait(srv: "_AgentServer", req: _Request, launch: _Launch) -> Tuple[
     return rec, result
 
 
-def _execute(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+def _execute_process(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    """A synchronous run of code as a process of its own (what /execute does
+    with "isolated": true, for languages other than Python, or with --python-kernel off)."""
     rec, result = _run_and_wait(srv, req, _code_launch(srv, req.json(), SYNC_TIMEOUT_S, MAX_SYNC_TIMEOUT_S))
     result["language"] = rec.launch.language
     return result
@@ -6042,27 +6069,30 @@ def _stream_sse(srv: "_AgentServer", req: _Request, process_id: str) -> _Chunks:
     return _Chunks(events(), content_type="text/event-stream; charset=utf-8", headers=dict(_SSE_HEADERS))
 
 
-def _stream_ws(srv: "_AgentServer", req: _Request) -> _Upgrade:
-    """The SDK's run_code_stream: a WebSocket that runs one execution and
-    sends its output as JSON messages (RFC 6455)."""
-    return _Upgrade(lambda ws: _ws_session(srv, ws))
-
-
-def _ws_session(srv: "_AgentServer", ws: _WebSocket) -> None:
+def _ws_first_message(srv: "_AgentServer", ws: _WebSocket) -> Optional[Dict[str, Any]]:
+    """The execute message that opens a session, or None (the client was told why)."""
     try:
         opcode, message = ws.recv_message(srv.config.request_deadline)
     except socket.timeout:
         ws.fail(1008, "no execute message received in time")
-        return
+        return None
     try:
         body = _json_object(message) if opcode == _WS_TEXT else None
         if body is None or body.get("type", "execute") != "execute":
             raise BadRequest('the first message must be {"type": "execute", "code": ...}')
-        launch = _code_launch(srv, body, SYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
-        rec = srv.manager.start(launch)
+        return body
     except (ValueError, RecursionError) as exc:
         ws.error(1008, "invalid JSON message: %s" % _short(exc), "INVALID_JSON")
-        return
+    except AgentError as exc:
+        ws.error(1008 if exc.status < 500 else 1011, exc.message, exc.code)
+    return None
+
+
+def _ws_run_process(srv: "_AgentServer", ws: _WebSocket, body: Dict[str, Any]) -> None:
+    """The execution as a process of its own, its output sent as it comes."""
+    try:
+        launch = _code_launch(srv, body, SYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+        rec = srv.manager.start(launch)
     except AgentError as exc:
         ws.error(1008 if exc.status < 500 else 1011, exc.message, exc.code)
         return
@@ -6107,14 +6137,11 @@ def _ws_follow(ws: _WebSocket, rec: _ProcessRecord) -> None:
 
 
 _EXECUTION_ROUTES = (
-    _route("POST", "/execute", _execute),
-    _route("POST", "/execute/rich", _execute),
     _route("POST", "/execute/background", _execute_background),
     _route("POST", "/execute/async", _execute_async),
     _route("GET", "/execute/processes", _list_processes),
     _route("GET", "/execute/processes/{process_id}", _get_process),
     _route("GET", "/execute/processes/{process_id}/stream", _stream_sse),
-    _route("GET", "/execute/stream", _stream_ws, websocket=True),
     _route("DELETE", "/execute/processes/{process_id}", _kill),
     _route("POST", "/execute/kill/{process_id}", _kill),
     _route("DELETE", "/execute/kill", _kill),
@@ -8730,11 +8757,2282 @@ _FILES_ROUTES = (
 
 
 # ============================================================================
+# Contexts: the kernel program
+# ============================================================================
+# This section does not run in the agent: it is the program of a Python
+# context's child. The agent sends these lines (with their line numbers) over
+# the child's channel to `python3 -c _KERNEL_BOOTSTRAP`, which compiles only
+# them, so a kernel starts without compiling the rest of the file. Hence the
+# rules here: the standard library only, Python 3.9, and no name from any
+# other section (the imports below repeat the ones at the top for that reason).
+
+import _signal      # signal.py and socket.py import enum and selectors: milliseconds of start-up
+import _socket
+import _thread
+import builtins
+import io
+import json
+import os
+import sys
+
+_KERNEL_PROTOCOL = 1                  # bumped when a frame changes; the agent checks the hello
+_K_MAX_FRAME_BYTES = 64 * 1024 * 1024  # a request larger than this is refused (bodies are 10 MiB)
+_K_MAX_RESULTS = 64                   # rich outputs kept per call, the rest dropped and counted
+_K_MAX_ITEM_BYTES = 8 * 1024 * 1024   # one MIME item (a PNG in base64, an HTML table)
+_K_MAX_RICH_BYTES = 32 * 1024 * 1024  # all rich outputs of one call together
+_K_DF_ROWS = 1000                     # rows of a DataFrame sent as `dataframe`
+_K_DF_COLUMNS = 200                   # columns likewise
+_K_LINE_FLUSH_BYTES = 8192            # a stream writes at a newline or when this much is pending
+_K_CELLS_KEPT = 1000                  # cells kept in linecache for tracebacks of later calls
+_K_CO_COROUTINE = 0x80                # inspect.CO_COROUTINE, without importing inspect
+
+# The _repr_*_ methods of the rich display protocol, in IPython's order.
+_K_REPRS = (("_repr_png_", "image/png"), ("_repr_jpeg_", "image/jpeg"),
+            ("_repr_svg_", "image/svg+xml"), ("_repr_html_", "text/html"),
+            ("_repr_markdown_", "text/markdown"), ("_repr_latex_", "text/latex"),
+            ("_repr_json_", "application/json"))
+_K_BINARY = ("image/png", "image/jpeg")
+_K_DATAFRAME_MIME = "application/vnd.dataframe+json"
+
+
+def _k_clean(text: str) -> str:
+    """Text that encodes as UTF-8 (lone surrogates become U+FFFD)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _k_attr(obj: object, name: str) -> object:
+    """A callable attribute, or None; objects whose __getattr__ raises
+    anything at all count as not having it."""
+    try:
+        found = getattr(obj, name, None)
+    except Exception:
+        return None
+    return found if callable(found) else None
+
+
+def _k_is(obj: object, package: str, name: str) -> bool:
+    """isinstance(obj, <a class ``name`` of ``package``>) without importing it
+    (matplotlib, pandas: only objects the user made can be theirs). pandas 3
+    names its classes' module "pandas", older ones "pandas.core.frame"."""
+    return any(c.__name__ == name and str(c.__module__).split(".")[0] == package for c in type(obj).__mro__)
+
+
+class _KernelChannel:
+    """Length-prefixed JSON frames over the kernel's end of the socketpair.
+    Requests may carry file descriptors (SCM_RIGHTS) on their first byte."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
+        os.set_inheritable(fd, False)
+        self._lock = _thread.allocate_lock()   # guards the send side: display() may be called from threads
+
+    def send(self, message: dict) -> None:
+        data = json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        with self._lock:
+            self.sock.sendall(len(data).to_bytes(4, "big") + data)
+
+    def recv(self) -> tuple:
+        """(message, fds), or (None, []) at EOF. fds arrive close-on-exec."""
+        fds: list = []
+        head = b""
+        while len(head) < 4:
+            data, ancdata, _, _ = self.sock.recvmsg(4 - len(head), _socket.CMSG_SPACE(16),
+                                                    _socket.MSG_CMSG_CLOEXEC)
+            for level, kind, blob in ancdata:
+                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                    usable = len(blob) - len(blob) % 4
+                    fds.extend(int.from_bytes(blob[i:i + 4], sys.byteorder) for i in range(0, usable, 4))
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                return None, []
+            head += data
+        size = int.from_bytes(head, "big")
+        if size > _K_MAX_FRAME_BYTES:
+            raise ValueError("frame of %d bytes" % size)
+        body = bytearray(size)
+        view, got = memoryview(body), 0
+        while got < size:
+            n = self.sock.recv_into(view[got:])
+            if not n:
+                return None, fds
+            got += n
+        return json.loads(body.decode("utf-8")), fds
+
+
+class _KernelStream(io.TextIOBase):
+    """sys.stdout / sys.stderr of the kernel. Text goes to fd 1 or 2 (the
+    call's pipes while a call runs), written at each newline, so Python's
+    output and a subprocess's stay in order. While no call runs, writes are
+    dropped and counted: output belongs to the call it was written in."""
+
+    encoding = "utf-8"
+    errors = "backslashreplace"
+    newlines = None
+    line_buffering = True
+
+    def __init__(self, kernel: "_Kernel", fd: int, name: str) -> None:
+        super().__init__()
+        self._kernel = kernel
+        self._fd = fd
+        self._name = name
+        self._pending = bytearray()
+        # Guards _pending and keeps one writer's line whole on the fd. Reentrant:
+        # a signal handler that prints while the main thread flushes must not deadlock.
+        self._lock = _thread.RLock()
+        self.buffer = _KernelBinaryStream(self)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Closing sys.stdout would break every later call: only flushed."""
+        self.flush()
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    def reconfigure(self, **options: object) -> None:
+        """Accepted and ignored: the encoding is UTF-8, lines are flushed."""
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError("write() argument must be str, not %s" % type(text).__name__)
+        self.write_bytes(text.encode("utf-8", "backslashreplace"))
+        return len(text)
+
+    def write_bytes(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._kernel.capturing:
+            self._kernel.late_bytes += len(data)
+            return
+        with self._lock:
+            self._pending += data
+            if len(self._pending) >= _K_LINE_FLUSH_BYTES or b"\n" in data:
+                self._write_pending()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._write_pending()
+
+    def _write_pending(self) -> None:
+        view = memoryview(bytes(self._pending))
+        self._pending.clear()
+        while view:
+            try:
+                view = view[os.write(self._fd, view):]
+            except OSError:          # the agent closed the pipe: nobody can read this any more
+                self._kernel.late_bytes += len(view)
+                return
+
+
+class _KernelBinaryStream:
+    """sys.stdout.buffer: bytes into the same pending line as the text."""
+
+    mode = "wb"
+
+    def __init__(self, text: _KernelStream) -> None:
+        self._text = text
+
+    def write(self, data: bytes) -> int:
+        data = bytes(data)
+        self._text.write_bytes(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._text.flush()
+
+    def fileno(self) -> int:
+        return self._text.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+
+class _KernelImportHook:
+    """A meta-path finder that only watches: when the user imports matplotlib,
+    it gets the Agg backend (unless MPLBACKEND says otherwise), and
+    pyplot.show() sends the open figures (HopX's inline plots)."""
+
+    def __init__(self, kernel: "_Kernel") -> None:
+        self._kernel = kernel
+        self._after = {"matplotlib": self._matplotlib_loaded, "matplotlib.pyplot": self._pyplot_loaded,
+                       "linecache": kernel.cells_to_linecache}
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+        hook = self._after.get(name)
+        if hook is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        run = getattr(loader, "exec_module", None)
+        if run is None or isinstance(loader, type):   # a frozen or builtin importer is shared: leave it
+            return spec
+
+        def exec_module(module: object) -> None:
+            run(module)
+            try:
+                hook(module)
+            except Exception:    # a matplotlib we do not understand still imports
+                pass
+        loader.exec_module = exec_module   # this loader instance serves this one module
+        return spec
+
+    def _matplotlib_loaded(self, module: object) -> None:
+        if not os.environ.get("MPLBACKEND"):
+            module.use("Agg")
+
+    def _pyplot_loaded(self, module: object) -> None:
+        original = module.show
+
+        def show(*args: object, **kwargs: object) -> None:
+            if str(module.get_backend()).lower() == "agg":
+                self._kernel.send_figures()
+            else:
+                original(*args, **kwargs)
+        show.__doc__ = original.__doc__
+        module.show = show
+
+
+class _Kernel:
+    """The loop of a Python context: each request is a cell run in __main__."""
+
+    def __init__(self, channel: _KernelChannel) -> None:
+        self.channel = channel
+        self.pid = os.getpid()
+        self.idle_fd = os.dup(1)          # the pipe the agent drains between calls (close-on-exec)
+        self.capturing = False            # a call runs: output goes to its pipes
+        self.in_cell = False              # user code runs: SIGINT raises KeyboardInterrupt
+        self.late_bytes = 0               # Python-level output written while no call ran
+        self.count = 0                    # execution_count, as in Jupyter
+        self.marker = os.environ.get("HOPX_PROCESS_ID", "")
+        self.applied_global: dict = {}    # the global env last applied, to notice changes in the store
+        self.global_saved: dict = {}      # a global key's value before the store set it (None: unset)
+        self.namespace = self._fresh_main()
+        self.stdout = _KernelStream(self, 1, "<stdout>")
+        self.stderr = _KernelStream(self, 2, "<stderr>")
+        self.call: dict = {}              # rich-output accounting of the running call
+        self.loop = None                  # the asyncio loop of top-level await, made on first use
+        self.cells: dict = {}             # filename -> source of the cells kept for tracebacks
+
+    @staticmethod
+    def _fresh_main() -> dict:
+        """__main__'s dict, emptied of the bootstrap's names: pickle and
+        multiprocessing find cell-defined classes in sys.modules['__main__']."""
+        namespace = sys.modules["__main__"].__dict__
+        keep = {"__name__": "__main__", "__doc__": None, "__package__": None, "__spec__": None,
+                "__loader__": namespace.get("__loader__"), "__builtins__": builtins}
+        namespace.clear()
+        namespace.update(keep)
+        return namespace
+
+    def install(self) -> None:
+        sys.stdout = sys.__stdout__ = self.stdout
+        sys.stderr = sys.__stderr__ = self.stderr
+        sys.argv = [""]
+        sys.meta_path.insert(0, _KernelImportHook(self))
+        builtins.display = self.display
+        _signal.signal(_signal.SIGINT, self._on_sigint)
+        os.register_at_fork(after_in_child=self._forked)
+        try:
+            import faulthandler      # a segfault prints the Python stack into the call's stderr
+            faulthandler.enable(self.stderr, all_threads=True)
+        except (ImportError, OSError, ValueError):
+            pass
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        if self.in_cell:
+            raise KeyboardInterrupt
+
+    def _forked(self) -> None:
+        """A fork of the kernel (os.fork, multiprocessing) is user code: it must
+        never answer on the channel or read the agent's next request."""
+        self.pid = -1
+        try:
+            os.close(self.channel.sock.detach())
+        except OSError:
+            pass
+
+    def serve(self) -> int:
+        self.channel.send({"op": "hello", "protocol": _KERNEL_PROTOCOL, "pid": os.getpid(),
+                           "python": sys.version.split()[0], "executable": sys.executable})
+        while True:
+            try:
+                message, fds = self.channel.recv()
+            except KeyboardInterrupt:     # an interrupt that raced the end of a call
+                continue
+            if message is None:
+                return 0
+            if message.get("op") == "exec" and len(fds) == 2:
+                self.execute(message, fds)
+            else:
+                for fd in fds:
+                    os.close(fd)
+                self.channel.send({"op": "done", "status": "error", "exit_code": 1,
+                                   "error": {"name": "ProtocolError", "value": "bad request", "traceback": ""}})
+
+    # -- one call ------------------------------------------------------------------
+
+    def execute(self, message: dict, fds: list) -> None:
+        self._redirect(fds[0], fds[1])
+        for fd in fds:
+            os.close(fd)
+        self.capturing = True
+        self.call = {"results": 0, "bytes": 0, "dropped": 0, "dropped_bytes": 0}
+        restore = self._apply_env(message)
+        try:
+            outcome = self._run_guarded(message)
+        finally:
+            self.capturing = False
+            self._redirect(self.idle_fd, self.idle_fd)
+            self._restore_env(restore)
+        if os.getpid() != self.pid:       # the cell forked and this is the child: never answer
+            os._exit(outcome.get("exit_code") or 0)
+        try:
+            outcome["cwd"] = os.getcwd()
+        except OSError:
+            outcome["cwd"] = None
+        late, self.late_bytes = self.late_bytes, 0
+        outcome.update(op="done", execution_count=self.count, late_bytes=late,
+                       results_dropped=self.call["dropped"])
+        self.channel.send(outcome)
+
+    def _run_guarded(self, message: dict) -> dict:
+        """The cell, with an interrupt that lands in the kernel's own code
+        (between the cell and its bookkeeping) reported like one in the cell."""
+        try:
+            cwd = message.get("cwd")
+            if cwd:
+                os.chdir(cwd)
+            self.count += 1
+            return self._run_cell(message.get("code", ""), "<cell-%d>" % self.count)
+        except KeyboardInterrupt:
+            return {"status": "interrupted", "exit_code": 130,
+                    "error": {"name": "KeyboardInterrupt", "value": "", "traceback": ""}}
+        except OSError as exc:            # the workdir vanished between the agent's check and here
+            return self._failed(exc, None)
+        finally:
+            self._flush_c_stdio()
+            self.stdout.flush()
+            self.stderr.flush()
+
+    @staticmethod
+    def _flush_c_stdio() -> None:
+        """printf() from C code sits in libc's buffer (a pipe is not a tty):
+        fflush(NULL) at the end of the cell, where ctypes is loaded already
+        (whoever calls C that way imported it; loading it costs milliseconds)."""
+        ctypes = sys.modules.get("ctypes")
+        if ctypes is not None:
+            try:
+                ctypes.CDLL(None).fflush(None)
+            except (OSError, AttributeError):
+                pass
+
+    def _redirect(self, out_fd: int, err_fd: int) -> None:
+        """Point fds 1 and 2 at new pipes; what Python holds goes out first."""
+        self.stdout.flush()
+        self.stderr.flush()
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+
+    def _apply_env(self, message: dict) -> tuple:
+        """The global env persists: a key is set when it is new or changed in
+        the store (so what a cell sets itself stays), and one dropped from the
+        store gets back the value it had before, unless a cell changed it. The
+        request's env is for this call only."""
+        environ = os.environ
+        glob = message.get("global_env") or {}
+        for key, value in list(self.applied_global.items()):
+            if key not in glob:
+                original = self.global_saved.pop(key, None)
+                if environ.get(key) == value:
+                    if original is None:
+                        environ.pop(key, None)
+                    else:
+                        environ[key] = original
+        for key, value in glob.items():
+            if key not in self.applied_global:
+                self.global_saved[key] = environ.get(key)
+            if self.applied_global.get(key) != value:
+                environ[key] = value
+        self.applied_global = dict(glob)
+        env = message.get("env") or {}
+        saved = {key: environ.get(key) for key in env}
+        environ.update(env)
+        if message.get("marker"):         # processes started by this call carry its marker
+            environ["HOPX_PROCESS_ID"] = message["marker"]
+        return env, saved
+
+    def _restore_env(self, restore: tuple) -> None:
+        env, saved = restore
+        environ = os.environ
+        for key, value in env.items():
+            if environ.get(key) != value:
+                continue                  # the cell set it itself: that persists
+            if saved[key] is None:
+                del environ[key]
+            else:
+                environ[key] = saved[key]
+        if self.marker:
+            environ["HOPX_PROCESS_ID"] = self.marker
+
+    def _run_cell(self, code: str, filename: str) -> dict:
+        """Compile the whole cell; run it; the last expression is the result."""
+        self._remember_source(filename, code)
+        self.in_cell = True
+        try:
+            body, last, quiet = self._compile(code, filename)
+            if body is not None:
+                self._evaluate(body)
+            value = self._evaluate(last) if last is not None else None
+            result = None
+            if value is not None and not quiet:
+                self.namespace["_"] = value
+                result = self._bundle(value, "result")
+            self._send_open_figures()
+            self.in_cell = False
+            return {"status": "ok", "exit_code": 0, "result": result}
+        except SystemExit as exc:
+            self.in_cell = False
+            return self._exited(exc)
+        except BaseException as exc:
+            self.in_cell = False
+            self._send_open_figures_quietly()
+            return self._failed(exc, exc.__traceback__)
+        finally:
+            self.in_cell = False
+
+    def _compile(self, code: str, filename: str) -> tuple:
+        """(body, last expression, hidden): the cell split as Jupyter does."""
+        import ast                        # here, not at the top: the agent imports this section too
+        flags = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
+        if "\n" not in code.strip() and ";" not in code:
+            try:                          # one expression (print(1)): one compile, no tree
+                return None, compile(code, filename, "eval", flags, dont_inherit=True), False
+            except SyntaxError:
+                pass
+        tree = compile(code, filename, "exec", ast.PyCF_ONLY_AST | flags, dont_inherit=True)
+        last = None
+        quiet = False
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            node = tree.body.pop()
+            last = compile(ast.Expression(node.value), filename, "eval", flags, dont_inherit=True)
+            quiet = self._ends_with_semicolon(code, node)
+        body = compile(tree, filename, "exec", flags, dont_inherit=True)
+        return body, last, quiet
+
+    @staticmethod
+    def _ends_with_semicolon(code: str, node: object) -> bool:
+        """Jupyter's `plt.plot(x);`: a trailing semicolon hides the result."""
+        lines = code.splitlines()
+        end_line = getattr(node, "end_lineno", None)
+        if not end_line or end_line > len(lines):
+            return False
+        rest = lines[end_line - 1].encode("utf-8")[node.end_col_offset:].decode("utf-8", "replace")
+        rest += "\n".join(lines[end_line:])
+        return rest.lstrip().startswith(";")
+
+    def _evaluate(self, code: object) -> object:
+        value = eval(code, self.namespace)
+        if code.co_flags & _K_CO_COROUTINE:     # top-level await: run it on the kernel's loop
+            if self.loop is None:
+                import asyncio
+                self.loop = asyncio.new_event_loop()
+            value = self.loop.run_until_complete(value)
+        return value
+
+    def _remember_source(self, filename: str, code: str) -> None:
+        """Tracebacks and inspect.getsource() read cells back from linecache
+        (imported by whoever needs it first: it costs milliseconds of start-up)."""
+        self.cells[filename] = code
+        stale = "<cell-%d>" % (self.count - _K_CELLS_KEPT)
+        self.cells.pop(stale, None)
+        linecache = sys.modules.get("linecache")
+        if linecache is not None:
+            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+            linecache.cache.pop(stale, None)
+
+    def cells_to_linecache(self, linecache: object) -> None:
+        for filename, code in self.cells.items():
+            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+
+    def _exited(self, exc: SystemExit) -> dict:
+        """sys.exit(n) ends the cell with exit code n; the context lives on."""
+        code = exc.code
+        if code is None:
+            status = 0
+        elif isinstance(code, int):
+            status = code & 0xFF          # as the exit status of a process
+        else:
+            self.stderr.write("%s\n" % (code,))
+            status = 1
+        return {"status": "exit", "exit_code": status, "result": None}
+
+    def _failed(self, exc: BaseException, tb: object) -> dict:
+        """The traceback from the first user frame on, in stderr and `error`."""
+        import traceback                  # (which imports linecache: the hook fills it with the cells)
+        while tb is not None and tb.tb_frame.f_globals is globals():
+            tb = tb.tb_next
+        text = _k_clean("".join(traceback.format_exception(type(exc), exc, tb)))
+        self.stderr.write(text)
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        try:
+            value = _k_clean(str(exc))
+        except Exception:
+            value = "<str() failed>"
+        return {"status": "interrupted" if interrupted else "error", "exit_code": 130 if interrupted else 1,
+                "error": {"name": type(exc).__name__, "value": value, "traceback": text}}
+
+    # -- rich outputs --------------------------------------------------------------
+
+    def display(self, *objects: object, raw: bool = False, **ignored: object) -> None:
+        """The display() builtin: each object as a MIME bundle, sent now."""
+        for obj in objects:
+            if raw and isinstance(obj, dict):
+                self._emit(dict(obj), "display")
+            else:
+                self._bundle(obj, "display")
+
+    def _bundle(self, obj: object, kind: str) -> object:
+        """Format and send one object; returns its text/plain (the `result`)."""
+        if _k_is(obj, "matplotlib", "Figure"):
+            self._send_figure(obj, kind)
+            return self._plain(obj) if kind == "result" else None
+        bundle = self._rich(obj)
+        plain = bundle.pop("text/plain", None)
+        if plain is None and (kind == "result" or not bundle):
+            plain = self._plain(obj)
+        if not bundle:                   # text/plain only when nothing richer exists
+            bundle["text/plain"] = plain
+        self._emit(bundle, kind)
+        return None if plain is None else _k_clean(str(plain))
+
+    @staticmethod
+    def _plain(obj: object) -> str:
+        return _k_clean(repr(obj))
+
+    def _rich(self, obj: object) -> dict:
+        """The MIME bundle of the _repr_*_ protocol (a failing method is
+        reported on stderr and skipped, as IPython does)."""
+        bundle: dict = {}
+        if isinstance(obj, type) or _k_attr(obj, "_hopx_canary_method_should_not_exist_") is not None:
+            return bundle                # a class, or an object that claims every attribute
+        method = _k_attr(obj, "_repr_mimebundle_")
+        if method is not None:
+            data = self._call_repr(obj, method, include=None, exclude=None)
+            if isinstance(data, tuple) and data:
+                data = data[0]
+            if isinstance(data, dict):
+                bundle.update((str(k), v) for k, v in data.items() if v is not None)
+        for name, mime in _K_REPRS:
+            method = _k_attr(obj, name) if mime not in bundle else None
+            if method is not None:
+                data = self._call_repr(obj, method)
+                if isinstance(data, tuple) and data:
+                    data = data[0]
+                if data is not None:
+                    bundle[mime] = data
+        if _k_is(obj, "pandas", "DataFrame"):
+            frame = self._call_repr(obj, lambda: self._dataframe(obj))
+            if frame is not None:
+                bundle[_K_DATAFRAME_MIME] = frame
+        return bundle
+
+    def _call_repr(self, obj: object, method: object, **kwargs: object) -> object:
+        try:
+            return method(**kwargs)
+        except Exception as exc:
+            self.stderr.write("display: %s of %s raised %s: %s\n"
+                              % (getattr(method, "__name__", "a formatter"), type(obj).__name__,
+                                 type(exc).__name__, _k_clean(str(exc))))
+            return None
+
+    @staticmethod
+    def _dataframe(frame: object) -> dict:
+        """`dataframe`: a bounded head of the frame as JSON (NaN as null,
+        datetimes ISO 8601), with its real shape."""
+        rows, columns = frame.shape
+        head = frame.iloc[:_K_DF_ROWS, :_K_DF_COLUMNS]
+        split = json.loads(head.to_json(orient="split", date_format="iso", default_handler=str))
+        return {"columns": [_k_clean(str(c)) for c in head.columns], "index": split.get("index", []),
+                "data": split.get("data", []), "shape": [rows, columns],
+                "truncated": rows > _K_DF_ROWS or columns > _K_DF_COLUMNS}
+
+    def _emit(self, bundle: dict, kind: str) -> None:
+        """Normalise a bundle into results entries and send them in one frame:
+        base64 for images, objects for JSON, text for the rest; bounded."""
+        import base64
+        entries = []
+        for mime, data in bundle.items():
+            if mime in _K_BINARY and isinstance(data, (bytes, bytearray, memoryview)):
+                data = base64.b64encode(bytes(data)).decode("ascii")
+            elif mime in _K_BINARY and isinstance(data, str):
+                data = "".join(data.split())          # already base64 (IPython's convention)
+            elif mime == "application/json" or mime.endswith("+json"):
+                data = json.loads(data) if isinstance(data, str) else data
+            elif isinstance(data, (bytes, bytearray)):
+                data = bytes(data).decode("utf-8", "replace")
+            elif not isinstance(data, str):
+                data = str(data)
+            try:
+                size = len(data) if isinstance(data, str) else len(json.dumps(data, allow_nan=False))
+            except (TypeError, ValueError):
+                self.stderr.write("display: %s output of type %s is not JSON\n" % (mime, type(data).__name__))
+                continue
+            if self._over_budget(size):
+                continue
+            entries.append({"type": mime, "data": _k_clean(data) if isinstance(data, str) else data})
+        if entries and self.capturing:
+            self.stdout.flush()          # what was printed before this output is read before it
+            self.stderr.flush()
+            self.channel.send({"op": "output", "kind": kind, "entries": entries})
+
+    def _over_budget(self, size: int) -> bool:
+        call = self.call
+        if (call["results"] >= _K_MAX_RESULTS or size > _K_MAX_ITEM_BYTES
+                or call["bytes"] + size > _K_MAX_RICH_BYTES):
+            call["dropped"] += 1
+            call["dropped_bytes"] += size
+            return True
+        call["results"] += 1
+        call["bytes"] += size
+        return False
+
+    def _send_figure(self, figure: object, kind: str) -> None:
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        try:
+            if figure.axes or getattr(figure, "images", None):
+                png = io.BytesIO()
+                figure.savefig(png, format="png", bbox_inches="tight")
+                self._emit({"image/png": png.getvalue()}, kind)
+        finally:
+            if pyplot is not None:
+                pyplot.close(figure)
+
+    def send_figures(self) -> None:
+        """plt.show(): every open figure as PNG, in order, then closed."""
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        if pyplot is None:
+            return
+        for number in list(pyplot.get_fignums()):
+            self._send_figure(pyplot.figure(number), "display")
+
+    def _send_open_figures(self) -> None:
+        if "matplotlib.pyplot" in sys.modules:
+            self.send_figures()
+
+    def _send_open_figures_quietly(self) -> None:
+        """After a failed cell its figures are still shown, as in Jupyter; a
+        figure that cannot be drawn does not hide the cell's own error."""
+        try:
+            self._send_open_figures()
+        except BaseException as exc:
+            self.stderr.write("display: a figure could not be drawn: %s\n" % type(exc).__name__)
+
+
+def _kernel_main(fd: int) -> int:
+    """The kernel child's entry point (called by _KERNEL_BOOTSTRAP)."""
+    kernel = _Kernel(_KernelChannel(fd))
+    kernel.install()
+    return kernel.serve()
+
+
+# ============================================================================
+# Contexts: kernels and shells
+# ============================================================================
+# The agent's side of stateful code. A context is one long-lived child (a
+# Python kernel running the section above, or a bash) that runs one call at a
+# time. Each call gets pipes of its own for fds 1 and 2, so what a background
+# process writes after its call ended can never land in a later answer: those
+# pipes are drained by one thread and their bytes counted as dropped.
+
+KERNEL_START_TIMEOUT_S = 30.0         # a child must say it is ready within this (cold disks are slow)
+MAX_KERNEL_FRAME_BYTES = 48 * 1024 * 1024   # the kernel bounds a call's rich output at 32 MiB
+MAX_CALL_RESULTS = 64                 # rich outputs kept per call (the kernel's bound, checked again)
+MAX_CALL_RICH_BYTES = 32 * 1024 * 1024      # likewise for their bytes
+LATE_PIPES_MAX = 1024                 # pipes held open by finished calls' background processes
+CHILD_TAIL_BYTES = 4096               # what a child printed outside calls, kept to explain a failed start
+CLIENT_CHECK_S = 0.25                 # how often a call looks for a client that hung up
+LONG_CALL_S = 0.05                    # a call still running after this leaves the HTTP request slots
+CONTEXT_NAME_CHARS = 256              # context names are labels
+_CONTEXT_LANGUAGES = ("python", "bash")
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT)
+
+# The -c program of a kernel child. It reads the kernel section from the
+# channel: a head (first line number, sizes, the agent's bytecode magic), the
+# source and the agent's compiled code of it; it runs the compiled code when
+# its own Python has the same magic, else compiles the source under the agent
+# file's name with its line numbers (and postponed annotations, as the file's
+# __future__ import says). Nothing else of the agent is compiled in the child.
+_KERNEL_BOOTSTRAP = (
+    "import os, sys, marshal, _frozen_importlib_external as boot\n"
+    "def _boot(fd, path):\n"
+    "    def read(n):\n"
+    "        data = b''\n"
+    "        while len(data) < n:\n"
+    "            chunk = os.read(fd, n - len(data))\n"
+    "            if not chunk:\n"
+    "                raise SystemExit(70)\n"
+    "            data += chunk\n"
+    "        return data\n"
+    "    head = read(28)\n"
+    "    first, size, size2 = (int.from_bytes(head[i:i + 4], 'big') for i in (0, 4, 8))\n"
+    "    source, blob = read(size), read(size2)\n"
+    "    if head[12:28] == boot.MAGIC_NUMBER.ljust(16, b'\\0'):\n"
+    "        code = marshal.loads(blob)\n"
+    "    else:\n"
+    "        code = compile(b'\\n' * (first - 1) + source, path, 'exec', 0x1000000, True)\n"
+    "    namespace = {'__name__': '__hopx_kernel__', '__builtins__': __builtins__}\n"
+    "    exec(code, namespace)\n"
+    "    return namespace['_kernel_main'](fd)\n"
+    "sys.exit(_boot(int(sys.argv[1]), sys.argv[2]))\n"
+)
+
+_KERNEL_SECTION_TITLE = b"# Contexts: the kernel program"
+_CO_FUTURE_ANNOTATIONS = 0x1000000    # __future__.annotations.compiler_flag
+
+
+def _kernel_source(path: str) -> Tuple[int, bytes]:
+    """(first line number, text) of the kernel program section of the agent
+    file: the lines between its banner and the next one."""
+    with open(path, "rb") as fh:
+        lines = fh.read().split(b"\n")
+    try:
+        start = lines.index(_KERNEL_SECTION_TITLE) + 2     # past the banner's closing rule
+    except ValueError:
+        raise AgentError("the kernel program section is missing from %s" % path) from None
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith(b"# ====")), len(lines))
+    return start + 1, b"\n".join(lines[start:end]) + b"\n"
+
+
+def _kernel_payload(first: int, source: bytes, path: str) -> bytes:
+    """What a kernel child reads first: the head, the section's source and
+    its bytecode (a child of the agent's Python version skips compiling)."""
+    import marshal
+    import importlib.util
+    code = marshal.dumps(compile(b"\n" * (first - 1) + source, path, "exec", _CO_FUTURE_ANNOTATIONS, True))
+    head = b"".join(n.to_bytes(4, "big") for n in (first, len(source), len(code)))
+    return head + importlib.util.MAGIC_NUMBER.ljust(16, b"\0") + source + code
+
+
+class _ChildBroken(Exception):
+    """A context child broke its protocol: it is killed and replaced."""
+
+
+class _LateOutput:
+    """One thread that drains the pipes nobody reads any more: those of
+    finished calls still held by their background processes, and each
+    child's own pipe for what it writes between calls. A writer never blocks
+    on a full pipe; the bytes are counted as dropped (and a child's last few
+    kept, to explain a start that failed)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()    # guards _sinks, _thread, _closed
+        self._sinks: Dict[int, Callable[[bytes], None]] = {}
+        self._epoll: Optional[Any] = None
+        self._thread: Optional[threading.Thread] = None
+        self._wake: Optional[Tuple[int, int]] = None
+        self._closed = False
+
+    def adopt(self, fd: int, sink: Callable[[bytes], None]) -> None:
+        """Drain ``fd`` until EOF, passing what it reads to ``sink``; the fd is ours now."""
+        with self._lock:
+            if self._closed or len(self._sinks) >= LATE_PIPES_MAX:
+                os.close(fd)            # past the bound the writers get EPIPE instead
+                return
+            if self._thread is None:
+                self._start()
+            os.set_blocking(fd, False)
+            self._sinks[fd] = sink
+            self._epoll.register(fd, select.EPOLLIN)
+
+    def _start(self) -> None:
+        self._epoll = select.epoll()
+        self._wake = os.pipe()
+        self._epoll.register(self._wake[0], select.EPOLLIN)
+        self._thread = threading.Thread(target=self._run, name="hopx-ctx-late-output", daemon=True)
+        self._thread.start()
+
+    @property
+    def open_pipes(self) -> int:
+        with self._lock:
+            return len(self._sinks)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                events = self._epoll.poll()
+                for fd, _ in events:
+                    if self._wake is not None and fd == self._wake[0]:
+                        return
+                    self._drain(fd)
+        except Exception:
+            log.exception("the late-output drainer failed")
+
+    def _drain(self, fd: int) -> None:
+        with self._lock:
+            sink = self._sinks.get(fd)
+        if sink is None:
+            return
+        try:
+            data = os.read(fd, READ_CHUNK_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            try:
+                sink(data)
+            except Exception:
+                log.exception("a late-output sink failed")
+            return
+        with self._lock:
+            self._sinks.pop(fd, None)
+            self._epoll.unregister(fd)
+        os.close(fd)
+
+    def close(self) -> None:
+        """Stop the thread (bounded) and close every pipe still held."""
+        with self._lock:
+            self._closed = True
+            thread, wake = self._thread, self._wake
+        if thread is not None and wake is not None:
+            os.write(wake[1], b"x")
+            thread.join(5.0)
+        with self._lock:
+            fds = list(self._sinks)
+            self._sinks.clear()
+            if self._epoll is not None:
+                self._epoll.close()
+            if wake is not None:
+                os.close(wake[0])
+                os.close(wake[1])
+            self._thread = self._wake = self._epoll = None
+        for fd in fds:
+            _close_quietly(fd)
+
+
+@dataclasses.dataclass
+class _Call:
+    """One call to a context, as the HTTP layer asks for it."""
+
+    code: str
+    timeout: float
+    env: Dict[str, str] = dataclasses.field(default_factory=dict)
+    workdir: Optional[str] = None
+    gone: Optional[Callable[[], bool]] = None      # True once the client hung up
+    on_event: Optional[Callable[[Dict[str, Any]], None]] = None   # output as produced (WebSocket)
+    slow: Optional[Callable[[], Any]] = None       # called once if the call does not answer at once
+    deadline: float = 0.0
+    started: float = 0.0
+    marker: str = ""
+
+    def __post_init__(self) -> None:
+        self.started = time.monotonic()
+        self.deadline = self.started + self.timeout
+
+    def waiting_long(self) -> None:
+        """The HTTP layer's long_wait(): this request leaves the request slots."""
+        slow, self.slow = self.slow, None
+        if slow is not None:
+            slow()
+
+
+class _CallOutput:
+    """What one call produced: two bounded streams (the newest bytes kept),
+    its rich outputs in order (bounded, the rest counted), and the events a
+    streaming client gets as they happen."""
+
+    def __init__(self, cap: int, on_event: Optional[Callable[[Dict[str, Any]], None]]) -> None:
+        self.stdout = _OutputBuffer(cap)
+        self.stderr = _OutputBuffer(cap)
+        self.results: List[Dict[str, Any]] = []
+        self.rich_bytes = 0
+        self.results_dropped = 0
+        self._on_event = on_event
+        self._decoders = {}
+        if on_event is not None:
+            import codecs
+            self._decoders = {name: codecs.getincrementaldecoder("utf-8")("replace")
+                              for name in ("stdout", "stderr")}
+
+    def add(self, name: str, data: Any) -> None:
+        (self.stdout if name == "stdout" else self.stderr).append(data)
+        if self._on_event is not None:
+            text = self._decoders[name].decode(bytes(data))
+            if text:
+                self._on_event({"type": name, "data": text})
+
+    def add_frame(self, frame: Dict[str, Any], size: int) -> None:
+        """An output frame of the kernel: entries of one MIME bundle."""
+        entries = frame.get("entries")
+        if not isinstance(entries, list):
+            raise _ChildBroken("output frame without entries")
+        kind = frame.get("kind")
+        for entry in entries:
+            if not (isinstance(entry, dict) and isinstance(entry.get("type"), str) and "data" in entry):
+                raise _ChildBroken("malformed output entry")
+            if len(self.results) >= MAX_CALL_RESULTS or self.rich_bytes + size > MAX_CALL_RICH_BYTES:
+                self.results_dropped += 1
+                continue
+            item = {"type": entry["type"], "data": entry["data"]}
+            self.results.append(item)
+            if self._on_event is not None:
+                self._on_event({"type": "result" if kind == "result" else "display",
+                                "mime": item["type"], "data": item["data"]})
+        self.rich_bytes += size
+
+    def flush_events(self) -> None:
+        if self._on_event is not None:
+            for name, decoder in self._decoders.items():
+                text = decoder.decode(b"", final=True)
+                if text:
+                    self._on_event({"type": name, "data": text})
+
+
+# HopX's top-level fields (the SDK's rich_outputs): the last output of each kind.
+_TOP_LEVEL_MIME = (("image/png", "png"), ("text/html", "html"), ("image/svg+xml", "svg"),
+                   ("text/markdown", "markdown"), ("application/json", "json"),
+                   ("application/vnd.dataframe+json", "dataframe"))
+
+
+class _CallPipes:
+    """The read ends of one call's stdout and stderr (non-blocking)."""
+
+    def __init__(self, out_fd: int, err_fd: int) -> None:
+        self.names = {out_fd: "stdout", err_fd: "stderr"}
+        for fd in self.names:
+            os.set_blocking(fd, False)
+
+    def read(self, fd: int, output: _CallOutput) -> bool:
+        """Read what is there now; False once the pipe is at EOF (then closed)."""
+        while True:
+            try:
+                data = os.read(fd, READ_CHUNK_BYTES)
+            except BlockingIOError:
+                return True
+            except OSError:
+                data = b""
+            if not data:
+                del self.names[fd]
+                os.close(fd)
+                return False
+            output.add(self.names[fd], data)
+            if len(data) < READ_CHUNK_BYTES:
+                return True
+
+    def drain(self, output: _CallOutput) -> None:
+        """Everything written before now (a done frame or status line came
+        after it, so it is in the pipes already)."""
+        for fd in list(self.names):
+            self.read(fd, output)
+
+    def drain_until(self, output: _CallOutput, deadline: float) -> None:
+        """Read until both pipes are at EOF or the deadline (a dead child's
+        last words; descendants may still hold the pipes)."""
+        while self.names and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(self.names), [], [], max(0.0, deadline - time.monotonic()))
+            for fd in ready:
+                self.read(fd, output)
+
+    def orphan(self, late: _LateOutput, sink: Callable[[bytes], None]) -> None:
+        """Hand what is still open to the late-output drainer."""
+        for fd in list(self.names):
+            late.adopt(fd, sink)
+        self.names.clear()
+
+
+def _sh_quote(text: str) -> str:
+    """One shell word, whatever the text (single quotes, ' as '\\'')."""
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def _descendants(pid: int) -> List[int]:
+    """The processes below ``pid`` (from /proc's children lists), nearest first."""
+    found: List[int] = []
+    todo = [pid]
+    while todo and len(found) < 4096:
+        parent = todo.pop(0)
+        try:
+            with open("/proc/%d/task/%d/children" % (parent, parent), "rb") as fh:
+                kids = [int(x) for x in fh.read().split()]
+        except (OSError, ValueError):
+            continue
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
+def _marked_with(marker: str, *, tree: bool = False) -> List[Tuple[int, str]]:
+    """(pid, marker) of the processes carrying ``marker`` (or, with ``tree``,
+    any marker below it: a context's calls are "<context marker>.<n>")."""
+    found = []
+    for key, pids in _scan_marked().items():
+        if key == marker or (tree and key.startswith(marker + ".")):
+            found.extend((pid, key) for pid in pids)
+    return found
+
+
+def _end_processes(marked: List[Tuple[int, str]], sig: int) -> List[int]:
+    """Signal each process if it still carries its marker; the pids signalled."""
+    return [pid for pid, key in marked if _signal_marked(pid, key, sig)]
+
+
+@dataclasses.dataclass
+class _ContextHost:
+    """What a context's child needs from the agent."""
+
+    spawner: Any                          # _Spawner: spawn(_ChildSpec) -> Popen
+    late: _LateOutput
+    kill_grace: float
+    kernel_payload: Callable[[], bytes]
+    agent_file: str
+    watch: Optional[Callable[[int, Callable[[], None]], bool]] = None   # the exit watcher: prompt reaping
+    limits: Any = None                    # passed through to the spawner (issue 15)
+    user: Any = None
+
+
+class _ContextChild:
+    """A context's child: spawned by the spawner (its own session), watched
+    through a pidfd, signalled only while unreaped, and ended with its group
+    and every process carrying its marker."""
+
+    language = ""
+
+    def __init__(self, host: _ContextHost, env: Dict[str, str], cwd: str, marker: str) -> None:
+        self.host = host
+        self.env = env
+        self.cwd = cwd
+        self.marker = marker
+        self.popen: Optional[subprocess.Popen] = None
+        self.pid: Optional[int] = None
+        self.pidfd: Optional[int] = None
+        self._lock = threading.Lock()     # guards reaping against group signals (a reaped pid may be reused)
+        self.tail = bytearray()           # the newest bytes it wrote outside calls
+        self.late_bytes = 0               # every byte written where no call could take it
+        self.calls = 0
+        self.limits: Optional[_LimitValues] = host.limits   # api.md §14: the context's, else the defaults
+        self.user: Optional[_RunAs] = host.user
+        self.confinement: Optional[_Confinement] = None    # its cgroup: killed with it, removed once reaped
+
+    @property
+    def owner(self) -> Optional[Tuple[int, int]]:
+        """(uid, gid) the child runs as when that is not the agent's: what it must open is given to it."""
+        user = self.user
+        return (user.uid, user.gid) if user is not None and not user.is_current else None
+
+    def _spawn(self, argv: List[str], *, stdin: Any, stdout: Any, pass_fds: Tuple[int, ...]) -> None:
+        spec = _ChildSpec(argv=argv, cwd=self.cwd, env=self.env, stdin=stdin, stdout=stdout,
+                          stderr=stdout, pass_fds=pass_fds, limits=self.limits, user=self.user,
+                          name="%s-%s" % (self.marker, secrets.token_hex(3)))
+        try:
+            self.popen = self.host.spawner.spawn(spec)
+        finally:
+            self.confinement = spec.confinement
+        self.pid = self.popen.pid
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            self.pidfd = None            # then the call loop polls the child's status instead
+        if self.host.watch is not None:  # reaped when it dies, even between calls (no zombie waits)
+            self.host.watch(self.pid, self.exited)
+
+    def late_output(self, data: bytes) -> None:
+        """Sink of the late-output drainer: counted, the last bytes kept."""
+        self.late_bytes += len(data)
+        self.tail += data
+        del self.tail[:-CHILD_TAIL_BYTES]
+
+    # -- signals and the end --------------------------------------------------------
+
+    def _poll(self) -> Optional[int]:
+        """Popen.poll() (reaps at most once); the spawner forgets a reaped pid.
+        Call with _lock held."""
+        if self.popen is None:
+            return -1
+        if self.popen.returncode is not None:
+            return self.popen.returncode
+        code = self.popen.poll()
+        if code is not None:
+            self.host.spawner.untrack(self.pid)
+        return code
+
+    def exited(self) -> bool:
+        with self._lock:
+            return self._poll() is not None
+
+    def signal(self, sig: int) -> bool:
+        """Signal the child itself (not its group)."""
+        with self._lock:
+            if self._poll() is not None:
+                return False
+            try:
+                if self.pidfd is not None:
+                    signal.pidfd_send_signal(self.pidfd, sig)
+                else:
+                    os.kill(self.pid, sig)
+                return True
+            except OSError:
+                return False
+
+    def kill(self) -> None:
+        """SIGKILL the child's group, everything carrying its marker and
+        everything in its cgroup (marker dropped or not), then reap it."""
+        with self._lock:
+            if self._poll() is None:
+                _killpg(self.pid, signal.SIGKILL)     # unreaped: the group id is still ours
+        _end_processes(_marked_with(self.marker, tree=True), signal.SIGKILL)
+        if self.confinement is not None:
+            self.confinement.kill()
+        self.reap(time.monotonic() + 5.0)
+
+    def reap(self, deadline: float) -> Optional[int]:
+        """Wait (bounded) for the child to exit; its exit status."""
+        if self.popen is None:
+            return None
+        while True:
+            with self._lock:
+                code = self._poll()
+            if code is not None or time.monotonic() >= deadline:
+                return code
+            if self.pidfd is not None:      # readable once it exited; the poll above reaps it
+                select.select([self.pidfd], [], [], max(0.0, deadline - time.monotonic()))
+            else:
+                time.sleep(0.01)
+
+    def exit_info(self) -> Tuple[Optional[int], Optional[str]]:
+        """(exit code as section 5 gives it, signal name) of an exited child."""
+        code = self.popen.returncode if self.popen is not None else None
+        if code is None:
+            return None, None
+        if code < 0:
+            return 128 - code, _signal_name(-code)
+        return code, None
+
+    def close(self) -> None:
+        self.kill()
+        if self.pidfd is not None:
+            _close_quietly(self.pidfd)
+            self.pidfd = None
+        if self.confinement is not None and self.exited():
+            self.confinement.finish()       # usage read, cgroups removed
+
+    # -- one call ---------------------------------------------------------------------
+
+    def interrupt(self, marker: str) -> bool:
+        raise NotImplementedError
+
+    def _wait(self, call: _Call, output: _CallOutput, pipes: _CallPipes, channel: int,
+              on_channel: Callable[[], Optional[Dict[str, Any]]]) -> Dict[str, Any]:
+        """Until the child answers, dies, or the call's end is forced: at its
+        timeout or when its client left, SIGINT (and TERM to the processes
+        the call started); after the kill grace, the child is killed."""
+        poller = select.poll()
+        for fd in list(pipes.names) + [channel] + ([self.pidfd] if self.pidfd is not None else []):
+            poller.register(fd, select.POLLIN)
+        ending: Optional[str] = None
+        kill_at = math.inf
+        next_check = time.monotonic() + CLIENT_CHECK_S
+        while True:
+            now = time.monotonic()
+            if ending is None and (now >= call.deadline or (call.gone is not None and now >= next_check)):
+                next_check = now + CLIENT_CHECK_S
+                ending = "timeout" if now >= call.deadline else ("client_gone" if call.gone() else None)
+                if ending is not None:
+                    kill_at = now + self.host.kill_grace
+                    self.interrupt(call.marker)
+                    _end_processes(_marked_with(call.marker), signal.SIGTERM)
+            if now >= kill_at:
+                return {"ending": ending, "kill": True}
+            wake = kill_at if ending else call.deadline
+            if call.gone is not None and ending is None:
+                wake = min(wake, next_check)
+            if self.pidfd is None:
+                wake = min(wake, now + CLIENT_CHECK_S)
+            if call.slow is not None:       # a call that does not answer within 50 ms is a long wait
+                wake = min(wake, call.started + LONG_CALL_S)
+                if now >= call.started + LONG_CALL_S:
+                    call.waiting_long()
+            events = poller.poll(max(0.0, wake - now) * 1000.0 + 0.5)
+            answer = self._handle(events, output, pipes, poller, channel, on_channel)
+            if answer is not None:
+                answer["ending"] = ending
+                answer["kill_at"] = kill_at
+                return answer
+
+    def _handle(self, events: List[Tuple[int, int]], output: _CallOutput, pipes: _CallPipes, poller: Any,
+                channel: int, on_channel: Callable[[], Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
+        """Pipes first (what was written before an answer is read before it),
+        then the channel, then the child's exit."""
+        fds = {fd for fd, _ in events}
+        for fd in fds & set(pipes.names):
+            if not pipes.read(fd, output):
+                poller.unregister(fd)
+        if channel in fds:
+            answer = on_channel()
+            if answer is not None:
+                return answer
+        if (self.pidfd is not None and self.pidfd in fds) or (self.pidfd is None and self.exited()):
+            return {"died": True}
+        return None
+
+    def _settle(self, call: _Call, answer: Dict[str, Any], output: _CallOutput, pipes: _CallPipes) -> Dict[str, Any]:
+        """After the wait: take the rest of the output, end what must end."""
+        if answer.get("kill") or answer.get("died"):
+            self.kill()           # a dead child's descendants go with it: its state is gone anyway
+            pipes.drain_until(output, time.monotonic() + DRAIN_AFTER_EXIT_S)
+            code, signame = self.exit_info()
+            answer.update(exit_code=code, signal=signame, replace=True)
+        else:
+            pipes.drain(output)
+            if answer.get("ending") is not None:     # TERM went out at the interrupt: KILL what is left
+                left = _marked_with(call.marker)
+                _wait_gone([pid for pid, _ in left], answer["kill_at"])
+                _end_processes(_marked_with(call.marker), signal.SIGKILL)
+        pipes.orphan(self.host.late, self.late_output)
+        return answer
+
+
+class _PythonKernel(_ContextChild):
+    """A Python context: `python3 -c _KERNEL_BOOTSTRAP` and its socketpair."""
+
+    language = "python"
+
+    def __init__(self, host: _ContextHost, env: Dict[str, str], cwd: str, marker: str, python: str) -> None:
+        super().__init__(host, env, cwd, marker)
+        self.python = python
+        self.sock: Optional[socket.socket] = None
+        self._inbox = bytearray()
+        self.info: Dict[str, Any] = {}
+
+    def start(self, deadline: float) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle_r, idle_w = os.pipe()
+        try:
+            argv = [self.python, "-c", _KERNEL_BOOTSTRAP, str(child.fileno()), self.host.agent_file]
+            self._spawn(argv, stdin=subprocess.DEVNULL, stdout=idle_w, pass_fds=(child.fileno(),))
+        except BaseException:
+            parent.close()
+            os.close(idle_r)
+            raise
+        finally:
+            child.close()
+            os.close(idle_w)
+        self.host.late.adopt(idle_r, self.late_output)
+        self.sock = parent
+        try:
+            parent.settimeout(max(0.001, deadline - time.monotonic()))
+            parent.sendall(self.host.kernel_payload())
+        except OSError:
+            pass                          # it died already: the hello wait says so
+        parent.setblocking(False)
+        self.info = self._hello(deadline)
+
+    def _hello(self, deadline: float) -> Dict[str, Any]:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        while time.monotonic() < deadline:
+            poller.poll(max(0.0, min(deadline - time.monotonic(), CLIENT_CHECK_S)) * 1000.0 + 0.5)
+            frame = self._on_channel(None)
+            if frame is not None and frame.get("op") == "hello":
+                if frame.get("protocol") != _KERNEL_PROTOCOL:
+                    raise _ChildBroken("kernel protocol %r, expected %r" % (frame.get("protocol"), _KERNEL_PROTOCOL))
+                return frame
+            if frame is not None or self.exited():
+                break
+        raise _ChildBroken("the kernel did not start")
+
+    def _on_channel(self, output: Optional[_CallOutput]) -> Optional[Dict[str, Any]]:
+        """Read the channel; the first answer frame (hello, done), else None.
+        EOF is the child's death."""
+        try:
+            data = self.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError:
+            data = b""
+        if data == b"":
+            return {"died": True}
+        if data:
+            self._inbox += data
+        while len(self._inbox) >= 4:
+            size = int.from_bytes(self._inbox[:4], "big")
+            if size > MAX_KERNEL_FRAME_BYTES:
+                raise _ChildBroken("a frame of %d bytes" % size)
+            if len(self._inbox) < 4 + size:
+                return None
+            try:
+                frame = json.loads(bytes(self._inbox[4:4 + size]))
+            except (ValueError, RecursionError):
+                raise _ChildBroken("a frame that is not JSON") from None
+            del self._inbox[:4 + size]
+            if not isinstance(frame, dict):
+                raise _ChildBroken("a frame that is not an object")
+            if frame.get("op") == "output" and output is not None:
+                output.add_frame(frame, size)
+            elif frame.get("op") in ("hello", "done"):
+                return frame
+        return None
+
+    def _send_request(self, frame: bytes, fds: List[int], deadline: float) -> None:
+        """The request and the call's fds on the (non-blocking) channel; a
+        big one waits for room, until the call's deadline."""
+        view = memoryview(frame)
+        view = view[socket.send_fds(self.sock, [view], fds):]
+        while view:
+            if not select.select([], [self.sock], [], max(0.0, deadline - time.monotonic()))[1]:
+                raise OSError("the kernel does not read its channel")
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                continue
+
+    def interrupt(self, marker: str) -> bool:
+        """KeyboardInterrupt in the cell (the kernel ignores SIGINT between cells)."""
+        return self.signal(signal.SIGINT)
+
+    def run(self, call: _Call, output: _CallOutput, global_env: Dict[str, str]) -> Dict[str, Any]:
+        self.calls += 1
+        fds: List[int] = []
+        try:
+            for _ in range(2):
+                fds.extend(os.pipe())
+        except OSError as exc:            # out of descriptors: nothing ran, say so (503)
+            for fd in fds:
+                os.close(fd)
+            raise _StartRefused(exc).error from None
+        out_r, out_w, err_r, err_w = fds
+        pipes = _CallPipes(out_r, err_r)
+        request = json.dumps({"op": "exec", "code": call.code, "env": call.env, "global_env": global_env,
+                              "cwd": call.workdir, "marker": call.marker}).encode("ascii")
+        frame = len(request).to_bytes(4, "big") + request
+        try:
+            self._send_request(frame, [out_w, err_w], call.deadline)
+        except (OSError, ValueError):     # dead, closed by a restart, or too stuck to read: the wait decides
+            pass
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        try:
+            answer = self._wait(call, output, pipes, self.sock.fileno(), lambda: self._on_channel(output))
+        except _ChildBroken as exc:
+            answer = {"kill": True, "broken": str(exc)}
+        return self._settle(call, answer, output, pipes)
+
+    def close(self) -> None:
+        super().close()
+        if self.sock is not None:
+            self.sock.close()
+
+
+# What a bash context runs once: aliases on (they persist between calls), and
+# an interrupt that unwinds the call's code however deep it is: SIGINT arms a
+# DEBUG trap that, with extdebug, makes every command inside __hopx_src return.
+_BASH_PRELUDE = r"""
+shopt -s expand_aliases
+__hopx_dbg() { case " ${FUNCNAME[*]} " in *" __hopx_src "*) return 2;; esac; return 0; }
+__hopx_int() { __hopx_intr=1; shopt -s extdebug; trap __hopx_dbg DEBUG; }
+trap __hopx_int INT
+__hopx_src() { . "$1"; }
+printf 'ready %s\0' "$$" >&{fd}
+"""
+
+
+class _BashShell(_ContextChild):
+    """A bash context: one long-lived `bash --norc --noprofile`. Each call's
+    code runs in the shell itself (so cd, exports, functions and aliases
+    persist), its stdout and stderr go to FIFOs of that call, and its status
+    comes back on a pipe of its own with a nonce the code never sees."""
+
+    language = "bash"
+
+    def __init__(self, host: _ContextHost, env: Dict[str, str], cwd: str, marker: str, bash: str) -> None:
+        super().__init__(host, env, cwd, marker)
+        self.bash = bash
+        self.dir = ""
+        self.status_fd = -1               # our read end; the shell writes to fd {fd} (same number)
+        self.fd_number = -1
+        self._status = bytearray()
+        self.applied_global: Dict[str, str] = {}
+
+    def start(self, deadline: float) -> None:
+        import tempfile
+        self.dir = tempfile.mkdtemp(prefix="hopx-bash-")
+        if self.owner is not None:           # the shell runs as another user: its call files are its own
+            os.chown(self.dir, *self.owner)
+        status_r, status_w = os.pipe()
+        idle_r, idle_w = os.pipe()
+        try:
+            self._spawn([self.bash, "--norc", "--noprofile"], stdin=subprocess.PIPE, stdout=idle_w,
+                        pass_fds=(status_w,))
+        except BaseException:
+            os.close(status_r)
+            os.close(idle_r)
+            raise
+        finally:
+            os.close(status_w)
+            os.close(idle_w)
+        self.fd_number = status_w
+        self.status_fd = status_r
+        os.set_blocking(status_r, False)
+        self.host.late.adopt(idle_r, self.late_output)
+        self._send(_BASH_PRELUDE.replace("{fd}", str(self.fd_number)))
+        self._ready(deadline)
+
+    def _send(self, text: str) -> None:
+        try:
+            os.write(self.popen.stdin.fileno(), text.encode("utf-8", "surrogateescape"))
+        except OSError:
+            pass                          # the shell is gone: the wait sees it
+
+    def _ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            select.select([self.status_fd], [], [], max(0.0, min(deadline - time.monotonic(), CLIENT_CHECK_S)))
+            record = self._read_status()
+            if record is not None:
+                if record[0] == "ready":
+                    return
+                break
+            if self.exited():
+                break
+        raise _ChildBroken("bash did not start")
+
+    def _read_status(self) -> Optional[List[str]]:
+        """The next NUL-terminated status record; ["died"] at EOF."""
+        while b"\0" not in self._status:
+            try:
+                data = os.read(self.status_fd, 4096)
+            except BlockingIOError:
+                return None
+            except OSError:
+                data = b""
+            if not data:
+                return ["died"]
+            self._status += data
+            if len(self._status) > 65536:
+                raise _ChildBroken("status records too long")
+        record, _, rest = bytes(self._status).partition(b"\0")
+        self._status[:] = rest
+        return record.decode("utf-8", "surrogateescape").split(" ", 3)
+
+    def interrupt(self, marker: str) -> bool:
+        """SIGINT to the running command (the processes of this call below
+        the shell), then to the shell, whose trap unwinds the call's code."""
+        if self.exited():
+            return False
+        for pid in _descendants(self.pid):
+            if _marker_of(_read_environ(pid)) == marker:
+                _signal_marked(pid, marker, signal.SIGINT)
+        return self.signal(signal.SIGINT)
+
+    def _env_lines(self, env: Dict[str, str], global_env: Dict[str, str]) -> Tuple[List[str], List[str]]:
+        """Shell lines applying the global env (it persists) and the request's
+        env (restored after the call unless the code changed it)."""
+        before: List[str] = []
+        after: List[str] = []
+        glob = {k: v for k, v in global_env.items() if _SHELL_NAME.match(k)}
+        for key, value in self.applied_global.items():
+            if key not in glob:           # dropped from the store: the shell's own value back
+                back = "export %s=%s" % (key, _sh_quote(self.env[key])) if key in self.env else "unset " + key
+                before.append('if [ "${%s-}" = %s ]; then %s; fi' % (key, _sh_quote(value), back))
+        before.extend("export %s=%s" % (k, _sh_quote(v)) for k, v in glob.items()
+                      if self.applied_global.get(k) != v)
+        self.applied_global = glob
+        for i, (key, value) in enumerate(env.items()):
+            before.append("__hopx_h%d=${%s+x} __hopx_v%d=${%s-}; export %s=%s"
+                          % (i, key, i, key, key, _sh_quote(value)))
+            after.append('if [ "${%s-}" = %s ]; then if [ -n "$__hopx_h%d" ]; then %s=$__hopx_v%d; '
+                         'else unset %s; fi; fi; unset __hopx_h%d __hopx_v%d'
+                         % (key, _sh_quote(value), i, key, i, key, i, i))
+        return before, after
+
+    def run(self, call: _Call, output: _CallOutput, global_env: Dict[str, str]) -> Dict[str, Any]:
+        self.calls += 1
+        base = os.path.join(self.dir, str(self.calls))
+        paths = [base + suffix for suffix in (".sh", ".out", ".err", ".call")]
+        fds: List[int] = []
+        try:
+            try:
+                nonce = self._prepare(call, global_env, paths, fds)
+            except OSError as exc:        # no disk or no descriptors: nothing ran, say so (507, 503)
+                for fd in fds:
+                    _close_quietly(fd)
+                fds.clear()
+                raise _StartRefused(exc).error from None
+            pipes = _CallPipes(fds[0], fds[2])
+            self._send(". %s\n" % _sh_quote(paths[3]))
+            answer = self._wait(call, output, pipes, self.status_fd,
+                                lambda: self._on_status(nonce, fds))
+            return self._settle(call, answer, output, pipes)
+        finally:
+            for fd in fds[1::2]:
+                _close_quietly(fd)
+            for path in paths:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+    def _prepare(self, call: _Call, global_env: Dict[str, str], paths: List[str], fds: List[int]) -> str:
+        """The call's files: its code, two FIFOs (read ends in ``fds``, each
+        with a writer of ours: until the status arrives, no writer yet is not
+        EOF) and the call file the shell sources; returns the status nonce."""
+        with open(os.open(paths[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+            fh.write(call.code.encode("utf-8", "surrogateescape"))
+        for path in paths[1:3]:
+            os.mkfifo(path, 0o600)
+            fds.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            fds.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        nonce = secrets.token_hex(16)
+        with open(os.open(paths[3], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            fh.write(self._wrapper(call, global_env, nonce, paths))
+        if self.owner is not None:
+            for path in paths:
+                os.chown(path, *self.owner)
+        return nonce
+
+
+    def _wrapper(self, call: _Call, global_env: Dict[str, str], nonce: str, paths: List[str]) -> str:
+        before, after = self._env_lines(call.env, global_env)
+        cd = "cd -- %s && " % _sh_quote(call.workdir) if call.workdir else ""
+        fd = self.fd_number
+        return "\n".join(
+            ["trap - DEBUG; shopt -u extdebug; __hopx_intr=0"] + before
+            + ["{ export HOPX_PROCESS_ID=%s; %s__hopx_src %s; } </dev/null >%s 2>%s %d>&-"
+               % (_sh_quote(call.marker), cd, _sh_quote(paths[0]), _sh_quote(paths[1]), _sh_quote(paths[2]), fd),
+               "__hopx_st=$?", "trap - DEBUG; shopt -u extdebug",
+               "export HOPX_PROCESS_ID=%s" % _sh_quote(self.marker)] + after
+            + ["printf '%%s %%d %%d %%s\\0' %s \"$__hopx_st\" \"$__hopx_intr\" \"$PWD\" >&%d" % (nonce, fd), ""])
+
+    def _on_status(self, nonce: str, fds: List[int]) -> Optional[Dict[str, Any]]:
+        while True:
+            record = self._read_status()
+            if record is None:
+                return None
+            if record[0] == "died":
+                return {"died": True}
+            if record[0] == nonce and len(record) == 4:
+                for fd in fds[1::2]:      # the call is over: our writers go, EOF is real now
+                    _close_quietly(fd)
+                fds[1::2] = [-1, -1]
+                status, interrupted = int(record[1]), record[2] == "1"
+                return {"op": "done", "status": "interrupted" if interrupted and status else "ok",
+                        "exit_code": 130 if interrupted and status else status, "cwd": record[3]}
+
+    def close(self) -> None:
+        super().close()
+        _close_quietly(self.status_fd)
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Context:
+    """One context: its child (started on first use), a FIFO of calls (one
+    runs at a time, in order of arrival), and what it shows in listings."""
+
+    def __init__(self, manager: "_ContextManager", context_id: str, language: str, name: Optional[str],
+                 workdir: str, env: Dict[str, str], limits: Optional[_LimitValues] = None,
+                 user: Optional[_RunAs] = None) -> None:
+        self.manager = manager
+        self.limits = limits if limits is not None else manager.host.limits   # api.md §14, for each child
+        self.user = user if user is not None else manager.host.user
+        self.id = context_id
+        self.language = language
+        self.name = name
+        self.workdir = workdir            # where the next call starts unless it says otherwise
+        self.home = workdir               # where a new child starts: its state (cwd too) is fresh
+        self.env = env                    # given at creation: part of the child's environment
+        self.marker = "%s.%s" % (manager.marker_prefix, secrets.token_hex(6))
+        self.created = time.time()
+        self.cond = threading.Condition()  # guards every field below
+        self.last_activity = self.created
+        self.last_used = time.monotonic()
+        self.child: Optional[_ContextChild] = None
+        self.starting = False
+        self.dead: Optional[str] = None    # why the last child is gone (it died, it was killed)
+        self.loss_reported = True          # an answer (or the restart request) said the state is gone
+        self.deleted = False
+        self.queue: collections.deque = collections.deque()   # tickets: the head one runs
+        self.running = False
+        self.executions = 0
+        self.restarts = 0
+        self.late_dropped = 0              # bytes written where no call could take them
+        self.timer: Optional[Any] = None   # the idle check, when one is scheduled
+
+    @property
+    def is_default(self) -> bool:
+        return self.id == "default"
+
+    def state(self) -> str:
+        with self.cond:
+            if self.starting:
+                return "starting"
+            if self.running:
+                return "busy"
+            child = self.child
+            if self.dead is not None and child is None:
+                return "dead"
+        if child is not None and child.exited():
+            return "dead"
+        return "idle"
+
+    def describe(self) -> Dict[str, Any]:
+        state = self.state()
+        with self.cond:
+            child = self.child
+            late = self.late_dropped + (child.late_bytes if child is not None else 0)
+            return {"context_id": self.id, "language": self.language, "name": self.name,
+                    "workdir": self.workdir, "state": state, "created_at": _rfc3339(self.created),
+                    "last_activity": _rfc3339(self.last_activity), "default": self.is_default,
+                    "pid": child.pid if child is not None else None, "started": child is not None,
+                    "execution_count": self.executions, "connections": len(self.queue),
+                    "restarts": self.restarts, "late_output_dropped": late,
+                    "limits": self.limits.given() if self.limits is not None else {},
+                    "user": self.user.name if self.user is not None else None}
+
+    # -- the queue ------------------------------------------------------------------
+
+    def _enter(self, ticket: object, call: _Call) -> bool:
+        """Wait for this call's turn; False when its timeout passed first (it
+        never runs then). A client that hangs up while waiting leaves the queue."""
+        with self.cond:
+            if self.deleted:
+                raise NotFound("context %s not found" % self.id, code="CONTEXT_NOT_FOUND")
+            self.queue.append(ticket)
+            first = self.queue[0] is ticket
+        if not first:
+            call.waiting_long()           # outside the lock: it hands the connection to the hub
+        with self.cond:
+            while self.queue[0] is not ticket:
+                remaining = call.deadline - time.monotonic()
+                if self.deleted:
+                    raise NotFound("context %s was deleted" % self.id, code="CONTEXT_NOT_FOUND")
+                if remaining <= 0:
+                    return False
+                self.cond.wait(min(remaining, CLIENT_CHECK_S) if call.gone is not None else remaining)
+                if call.gone is not None and call.gone():
+                    raise _ClientGone()
+            if self.deleted:
+                raise NotFound("context %s was deleted" % self.id, code="CONTEXT_NOT_FOUND")
+            self.running = True
+            return True
+
+    def _leave(self, ticket: object) -> None:
+        with self.cond:
+            if self.queue and self.queue[0] is ticket:
+                self.running = False          # only the head ever runs
+            if ticket in self.queue:
+                self.queue.remove(ticket)
+            self.last_activity = time.time()
+            self.last_used = time.monotonic()
+            self.cond.notify_all()
+
+    def execute(self, call: _Call) -> Dict[str, Any]:
+        """Run one call in this context and answer as /execute does."""
+        ticket = object()
+        try:
+            if not self._enter(ticket, call):
+                return self._answer(call, _CallOutput(0, None), {"ending": "timeout", "never_ran": True})
+            return self._run(call)
+        finally:
+            self._leave(ticket)
+            self.manager.touched(self)
+
+    def start_now(self) -> None:
+        """Start the child without running a call (--python-kernel prestart);
+        it takes its turn in the queue like a call."""
+        ticket = object()
+        call = _Call(code="", timeout=KERNEL_START_TIMEOUT_S)
+        try:
+            if self._enter(ticket, call):
+                failed = self._ensure_child(call, _CallOutput(CHILD_TAIL_BYTES, None))
+                if isinstance(failed, dict):
+                    log.warning("the %s context %s did not start: %s", self.language, self.id,
+                                failed["error"]["value"])
+        finally:
+            self._leave(ticket)
+
+    def _run(self, call: _Call) -> Dict[str, Any]:
+        output = _CallOutput(self.manager.max_output_bytes, call.on_event)
+        previous = self._ensure_child(call, output)
+        if isinstance(previous, dict):       # the child could not start: that is the answer
+            return self._answer(call, output, previous)
+        with self.cond:
+            child = self.child
+            self.executions += 1
+            call.marker = "%s.%d" % (self.marker, self.executions)
+        outcome = child.run(call, output, self.manager.global_env())
+        with self.cond:
+            self.late_dropped += int(outcome.get("late_bytes") or 0)
+        if outcome.get("replace"):
+            self._lose_child(child, outcome, reported=True)
+        with self.cond:
+            if outcome.get("cwd"):
+                self.workdir = outcome["cwd"]
+        if previous:
+            outcome.setdefault("restart_reason", previous)
+        return self._answer(call, output, outcome)
+
+    # -- the child ------------------------------------------------------------------
+
+    def _ensure_child(self, call: _Call, output: _CallOutput) -> Any:
+        """A running child for the call: the one there is, else a new one.
+        Returns why an earlier one is gone when no answer said so yet (its
+        state went with it), a failure outcome if none can start, or None."""
+        with self.cond:
+            child = self.child
+        if child is not None and not child.exited():
+            return None
+        if child is not None:                   # it died between calls (os._exit in a thread, OOM)
+            code, signame = child.exit_info()
+            self._lose_child(child, {"exit_code": code, "signal": signame}, reported=False)
+        with self.cond:
+            lost = self.dead if not self.loss_reported else None
+            self.starting = True
+        child = None
+        try:
+            child = self.manager.new_child(self)
+            child.start(min(call.deadline, time.monotonic() + KERNEL_START_TIMEOUT_S))
+        except (OSError, _ChildBroken) as exc:
+            said = child.tail.decode("utf-8", "replace") if child is not None else ""
+            if child is not None:
+                child.close()
+            if isinstance(exc, OSError) and exc.errno in _SHORTAGES:   # nothing ran: 503, 507
+                raise _StartRefused(exc).error from None
+            output.add("stderr", ("hopx_agent: the %s context could not start: %s\n%s"
+                                  % (self.language, exc, said)).encode("utf-8", "replace"))
+            return {"start_failed": True, "exit_code": 1,
+                    "error": {"name": "ContextStartError", "value": str(exc), "traceback": ""}}
+        finally:
+            with self.cond:
+                self.starting = False
+        with self.cond:
+            self.child = child
+            self.dead = None
+            self.loss_reported = True
+        return lost
+
+    def _lose_child(self, child: _ContextChild, outcome: Dict[str, Any], *, reported: bool) -> None:
+        """End a child whose state is gone; ``reported``: an answer says so."""
+        child.close()
+        with self.cond:
+            if self.child is child:
+                self.child = None
+                self.workdir = self.home
+                self.late_dropped += child.late_bytes
+                self.restarts += 1
+                signame = outcome.get("signal")
+                self.dead = outcome.get("why") or ("killed by %s" % signame if signame else
+                                                   "exit status %s" % outcome.get("exit_code"))
+                self.loss_reported = reported
+
+    def interrupt(self) -> str:
+        """SIGINT to the running call (an idle context: nothing to do)."""
+        with self.cond:
+            child = self.child if self.running else None
+            marker = "%s.%d" % (self.marker, self.executions)
+        if child is None or not child.interrupt(marker):
+            return "idle"
+        return "interrupted"
+
+    def restart(self, why: str = "it was restarted on request") -> None:
+        """Kill the child (a running call ends with context_restarted); the
+        next call gets a fresh one."""
+        with self.cond:
+            child = self.child
+        if child is not None:
+            self._lose_child(child, {"why": why}, reported=True)
+
+    def close(self) -> None:
+        with self.cond:
+            self.deleted = True
+            child = self.child
+            self.cond.notify_all()
+            timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
+        if child is not None:
+            self._lose_child(child, {"why": "the context was deleted"}, reported=True)
+
+    # -- the answer -----------------------------------------------------------------
+
+    def _answer(self, call: _Call, output: _CallOutput, outcome: Dict[str, Any]) -> Dict[str, Any]:
+        output.flush_events()
+        ending = outcome.get("ending")
+        timed_out = ending == "timeout"
+        replaced = bool(outcome.get("replace"))
+        exit_code = 124 if timed_out else outcome.get("exit_code")
+        stdout, _, _ = output.stdout.read(None, True)
+        stderr, _, _ = output.stderr.read(None, True)
+        answer: Dict[str, Any] = {
+            "success": exit_code == 0 and not outcome.get("error") and not replaced,
+            "stdout": stdout, "stderr": stderr, "exit_code": exit_code,
+            "execution_time": round(time.monotonic() - call.started, 6),
+            "language": self.language, "timestamp": _rfc3339(time.time()), "timed_out": timed_out,
+            "stdout_bytes": output.stdout.total, "stderr_bytes": output.stderr.total,
+            "stdout_dropped": output.stdout.dropped, "stderr_dropped": output.stderr.dropped,
+            "context_id": self.id, "context_restarted": replaced or bool(outcome.get("restart_reason")),
+        }
+        if outcome.get("execution_count") is not None:
+            answer["execution_count"] = outcome["execution_count"]
+        if outcome.get("never_ran"):
+            answer["never_ran"] = True
+        if outcome.get("signal"):
+            answer["signal"] = outcome["signal"]
+        if outcome.get("status") == "interrupted" and not timed_out:
+            answer["interrupted"] = True
+        if ending == "client_gone":
+            answer["reason"] = "client_gone"
+        if replaced:
+            answer["restart_reason"] = self._replaced_why(outcome, timed_out)
+        elif outcome.get("restart_reason"):
+            answer["restart_reason"] = "the previous %s context was gone (%s); this call ran in a new one" % (
+                self.language, outcome["restart_reason"])
+        error = outcome.get("error")
+        if replaced and not error:
+            error = {"name": "ContextRestarted", "value": answer["restart_reason"], "traceback": ""}
+        if error:
+            answer["error"] = error
+        if self.language == "python":
+            self._rich_fields(answer, output, outcome)
+        return answer
+
+    def _replaced_why(self, outcome: Dict[str, Any], timed_out: bool) -> str:
+        if outcome.get("broken"):
+            return "the kernel broke its protocol (%s) and was killed; its state is gone" % outcome["broken"]
+        if outcome.get("kill"):
+            return ("the call did not stop within the kill grace after SIGINT; the context was killed "
+                    "and its state is gone")
+        with self.cond:
+            why = self.dead
+        return "the context died (%s); its state is gone" % (why or "unknown")
+
+    @staticmethod
+    def _rich_fields(answer: Dict[str, Any], output: _CallOutput, outcome: Dict[str, Any]) -> None:
+        """HopX's top-level fields (the last of each kind) and the ordered results."""
+        for item in output.results:
+            for mime, field in _TOP_LEVEL_MIME:
+                if item["type"] == mime:
+                    answer[field] = item["data"]
+        text = outcome.get("result")
+        if isinstance(text, str):
+            answer["result"] = text
+        answer["results"] = output.results
+        dropped = output.results_dropped + int(outcome.get("results_dropped") or 0)
+        if dropped:
+            answer["results_dropped"] = dropped
+
+
+class _ContextManager:
+    """Every context of the agent: the default Python one (addressable as
+    "default", started on first use or at start), the named ones (at most
+    ``max_contexts``, ended after ``idle_timeout`` without calls), and the
+    drainer of their late output."""
+
+    def __init__(self, *, spawner: Any, workdir: str, kill_grace: float, max_output_bytes: int,
+                 base_env: Callable[[], Dict[str, str]], global_env: Callable[[], Dict[str, str]],
+                 schedule: Callable[[float, Callable[[], None]], Any], python_kernel: str = "lazy",
+                 max_contexts: int = MAX_CONTEXTS, idle_timeout: float = CONTEXT_IDLE_TIMEOUT_S,
+                 agent_file: Optional[str] = None, watch: Any = None, limits: Any = None,
+                 user: Any = None) -> None:
+        self.workdir = workdir
+        self.max_output_bytes = max_output_bytes
+        self.max_contexts = max_contexts
+        self.idle_timeout = idle_timeout
+        self.python_kernel = python_kernel
+        self.base_env = base_env           # the agent's env (secret removed): a child starts with it
+        self.global_env = global_env       # applied to os.environ at each call
+        self._schedule = schedule
+        self.marker_prefix = "ctx_" + secrets.token_hex(6)
+        self.late = _LateOutput()
+        path = os.path.abspath(agent_file or __file__)
+        self._payload: Optional[bytes] = None
+        self._source: Optional[Tuple[int, bytes]] = None
+        self.host = _ContextHost(spawner=spawner, late=self.late, kill_grace=kill_grace,
+                                 kernel_payload=self.kernel_payload, agent_file=path, watch=watch,
+                                 limits=limits, user=user)
+        self._lock = threading.Lock()      # guards _contexts and _closed
+        self._contexts: Dict[str, _Context] = {}
+        self._closed = False
+        if python_kernel != "off":
+            self._contexts["default"] = _Context(self, "default", "python", "default", workdir, {})
+        if python_kernel != "off":          # read now: a file replaced later cannot change our kernel
+            self._source = _kernel_source(path)
+
+    def kernel_payload(self) -> bytes:
+        """Compiled on first use, after the first kernel was spawned: while
+        that python3 starts, so the compile costs the first call nothing."""
+        if self._payload is None:
+            first, source = self._source or _kernel_source(self.host.agent_file)
+            self._payload = _kernel_payload(first, source, self.host.agent_file)
+        return self._payload
+
+    def prestart(self) -> None:
+        """--python-kernel prestart: the default kernel starts now (in a thread,
+        so the agent answers at once; the first call waits for it)."""
+        default = self._contexts.get("default")
+        if default is not None and self.python_kernel == "prestart":
+            threading.Thread(target=self._prestart, args=(default,), name="hopx-ctx-prestart",
+                             daemon=True).start()
+
+    def _prestart(self, context: _Context) -> None:
+        try:
+            context.start_now()
+        except Exception:
+            log.exception("prestarting the default kernel failed")
+
+    # -- the registry ---------------------------------------------------------------
+
+    @property
+    def default(self) -> Optional[_Context]:
+        return self._contexts.get("default")
+
+    def create(self, language: str, *, name: Optional[str] = None, workdir: Optional[str] = None,
+               env: Optional[Dict[str, str]] = None, limits: Optional[_LimitValues] = None,
+               user: Optional[_RunAs] = None) -> _Context:
+        if language not in _CONTEXT_LANGUAGES:
+            raise BadRequest("a context's language is one of %s" % ", ".join(_CONTEXT_LANGUAGES))
+        program = _find_program(language)
+        if program is None:
+            raise BadRequest("language %r needs %s, which is not installed" % (language, language))
+        if workdir is not None and not os.path.isdir(workdir):
+            raise BadRequest("workdir %s does not exist" % workdir)
+        context = _Context(self, "ctx_" + secrets.token_hex(12), language, name,
+                           workdir or self.workdir, dict(env or {}), limits, user)
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the agent is shutting down")
+            named = sum(1 for c in self._contexts.values() if not c.is_default)
+            if named >= self.max_contexts:
+                raise LimitExceeded("at most %d contexts at once (--max-contexts); delete one first"
+                                    % self.max_contexts)
+            self._contexts[context.id] = context
+        self.touched(context)
+        return context
+
+    @staticmethod
+    def check_shell_env(env: Dict[str, str]) -> None:
+        bad = [key for key in env if not _SHELL_NAME.match(key)]
+        if bad:
+            raise BadRequest("a bash context's env names must be shell names: %s" % ", ".join(sorted(bad)[:5]))
+
+    def get(self, context_id: str) -> _Context:
+        with self._lock:
+            context = self._contexts.get(context_id)
+        if context is None:
+            raise NotFound("context %s not found" % context_id, code="CONTEXT_NOT_FOUND")
+        return context
+
+    def list(self) -> List[Dict[str, Any]]:
+        with self._lock:
+            contexts = sorted(self._contexts.values(), key=lambda c: (not c.is_default, c.created))
+        return [c.describe() for c in contexts]
+
+    def delete(self, context_id: str) -> None:
+        context = self.get(context_id)
+        if context.is_default:
+            context.restart("the default context was reset by a delete request")
+            return
+        with self._lock:
+            self._contexts.pop(context_id, None)
+        context.close()
+
+    def sessions(self) -> List[Dict[str, Any]]:
+        """GET /jupyter/sessions: one session per Python context."""
+        sessions = []
+        for item in self.list():
+            if item["language"] == "python":
+                sessions.append({"kernel_id": item["context_id"], "id": item["context_id"],
+                                 "name": item["name"], "execution_state": item["state"],
+                                 "connections": item["connections"], "last_activity": item["last_activity"],
+                                 "execution_count": item["execution_count"], "pid": item["pid"]})
+        return sessions
+
+    # -- children and idleness ------------------------------------------------------
+
+    def new_child(self, context: _Context) -> _ContextChild:
+        env = dict(self.base_env())
+        env.update(context.env)
+        env[PROCESS_ID_ENV] = context.marker
+        env.pop(SECRET_ENV, None)
+        program = _find_program(context.language)
+        if program is None:
+            raise _ChildBroken("%s is not installed" % context.language)
+        cwd = context.workdir if os.path.isdir(context.workdir) else self.workdir
+        child: _ContextChild = (_BashShell(self.host, env, cwd, context.marker, program)
+                                if context.language == "bash" else
+                                _PythonKernel(self.host, env, cwd, context.marker, program))
+        child.limits, child.user = context.limits, context.user
+        return child
+
+    def touched(self, context: _Context) -> None:
+        """After a call: make sure an idle check is due for a named context."""
+        if context.is_default or self.idle_timeout <= 0:
+            return
+        with context.cond:
+            if context.timer is not None or context.deleted:
+                return
+            context.timer = self._schedule(self.idle_timeout, lambda: self._idle_check(context))
+
+    def _idle_check(self, context: _Context) -> None:
+        with context.cond:
+            context.timer = None
+            busy = bool(context.queue) or context.deleted
+            idle_for = time.monotonic() - context.last_used
+        if busy:
+            return
+        if idle_for >= self.idle_timeout:
+            log.info("context %s idle for %.0f s: ended", context.id, idle_for)
+            with self._lock:
+                self._contexts.pop(context.id, None)
+            context.close()
+            return
+        with context.cond:
+            if context.timer is None and not context.deleted:
+                context.timer = self._schedule(self.idle_timeout - idle_for, lambda: self._idle_check(context))
+
+    def features(self) -> Dict[str, Any]:
+        """api.md §15: what this family answers."""
+        return {"rich_output": True, "ipython_kernel": self.default is not None, "contexts": True,
+                "bash_contexts": _find_program("bash") is not None, "jupyter_sessions": True}
+
+    def close(self, deadline: Optional[float] = None) -> None:
+        """Shutdown: every child killed (with its processes), the drainer stopped."""
+        with self._lock:
+            self._closed = True
+            contexts = list(self._contexts.values())
+            self._contexts.clear()
+        for context in contexts:
+            try:
+                context.close()
+            except Exception:
+                log.exception("closing context %s failed", context.id)
+        self.late.close()
+
+
+# ============================================================================
+# Endpoints: contexts (stateful code: /execute in the default context, /contexts, /jupyter/sessions)
+# ============================================================================
+
+
+def _canonical_language(value: Any) -> Optional[str]:
+    """A request's language as its canonical name (None when unknown: the
+    process path then answers with the list of known ones)."""
+    if value is None:
+        return "python"
+    return _LANGUAGE_ALIASES.get(value.strip().lower()) if isinstance(value, str) else None
+
+
+def _context_of(srv: "_AgentServer", body: Dict[str, Any]) -> Optional[_Context]:
+    """The context a code request runs in, or None for a fresh process:
+    ``context_id`` names one, Python runs in the default one unless
+    ``isolated`` (or --python-kernel off)."""
+    isolated = _flag(body, "isolated")
+    context_id = body.get("context_id")
+    language = _canonical_language(body.get("language"))
+    # api.md §14: limits or a user of its own make a call a process of its
+    # own (where they are enforced); a context's are set when it is created.
+    confined = [f for f in tuple(_LIMIT_FIELDS) + ("user",) if body.get(f) is not None]
+    if context_id is None:
+        return srv.contexts.default if language == "python" and not isolated and not confined else None
+    context = srv.contexts.get(_text(context_id, "context_id"))
+    if isolated:
+        raise BadRequest("'context_id' and 'isolated: true' contradict each other")
+    if confined:
+        raise BadRequest("a context's limits and user are given when it is created (POST /contexts), "
+                         "not per call: %s" % ", ".join(confined), details={"field": confined[0]})
+
+    if body.get("language") is not None and language != context.language:
+        raise BadRequest("context %s runs %s, not %s" % (context.id, context.language, body.get("language")))
+    return context
+
+
+def _context_workdir(srv: "_AgentServer", body: Dict[str, Any]) -> Optional[str]:
+    """Where a call starts: the request's directory, or None (where the last
+    call left it). A missing /workspace counts as none (the SDK always sends it)."""
+    value = _workdir(body)
+    if value is None or value == "" or (os.path.normpath(value) == "/workspace" and not os.path.isdir(value)):
+        return None
+    return srv.manager.launcher.resolve_cwd(value)
+
+
+def _context_call(srv: "_AgentServer", req: _Request, context: _Context, body: Dict[str, Any],
+                  on_event: Optional[Callable[[Dict[str, Any]], None]] = None,
+                  gone: Optional[Callable[[], bool]] = None) -> _Call:
+    env = _env_map(body.get("env"), "env")
+    env.pop(SECRET_ENV, None)             # api.md §1: never reaches a child, whoever names it
+    if context.language == "bash":
+        srv.contexts.check_shell_env(env)
+    return _Call(code=_required_text(body, "code", nul_ok=True),
+                 timeout=_timeout(body, SYNC_TIMEOUT_S, MAX_SYNC_TIMEOUT_S), env=env,
+                 workdir=_context_workdir(srv, body), gone=gone or req.client_gone, on_event=on_event,
+                 slow=None if on_event is not None else req.long_wait)
+
+
+def _execute(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    """POST /execute (/execute/rich, /execute/ipython): Python in the default
+    context, a named context with ``context_id``, else a fresh process."""
+    body = req.json()
+    context = _context_of(srv, body)
+    if context is None:
+        return _execute_process(srv, req)
+    answer = context.execute(_context_call(srv, req, context, body))
+    if answer.get("reason") == "client_gone":
+        raise _ClientGone()          # its cell was interrupted; nobody is there to answer
+    return answer
+
+
+def _stream_ws(srv: "_AgentServer", req: _Request) -> _Upgrade:
+    """GET /execute/stream: Python runs in its context, with output frames
+    as the kernel produces them; other languages as processes."""
+    return _Upgrade(lambda ws: _ws_code_session(srv, ws))
+
+
+def _ws_code_session(srv: "_AgentServer", ws: _WebSocket) -> None:
+    body = _ws_first_message(srv, ws)
+    if body is None:
+        return
+    try:
+        context = _context_of(srv, body)
+        call = None if context is None else _context_call(
+            srv, _Request(), context, body, on_event=lambda event: _ws_send_event(ws, event),
+            gone=lambda: ws.gone)
+    except AgentError as exc:
+        ws.error(1008 if exc.status < 500 else 1011, exc.message, exc.code)
+        return
+    if context is None or call is None:
+        _ws_run_process(srv, ws, body)
+        return
+    ws.start_reader("hopx-ws-%s" % context.id[:12], lambda: None)
+    try:
+        answer = context.execute(call)
+    except AgentError as exc:
+        ws.error(1008 if exc.status < 500 else 1011, exc.message, exc.code)
+        return
+    if ws.gone:
+        return
+    result = {key: value for key, value in answer.items() if key not in ("stdout", "stderr")}
+    result.update(type="result", status="completed" if answer["success"] else "failed")
+    ws.send_json(result)
+    ws.send_json({"type": "complete", "success": answer["success"]})
+    ws.close(1000, "done")
+
+
+def _ws_send_event(ws: _WebSocket, event: Dict[str, Any]) -> None:
+    """Output of a running cell: text as the process path sends it, rich
+    outputs as ``display`` messages (the last expression's as ``execute_result``)."""
+    if ws.gone:
+        return
+    if event["type"] in ("stdout", "stderr"):
+        _ws_send_output(ws, event["type"], event["data"])
+    else:
+        kind = "execute_result" if event["type"] == "result" else "display"
+        ws.send_json({"type": kind, "mime_type": event["mime"], "data": event["data"],
+                      "timestamp": _rfc3339(time.time())})
+
+
+def _context_answer(context: _Context, status: str) -> Dict[str, Any]:
+    return {"context_id": context.id, "status": status, "timestamp": _rfc3339(time.time())}
+
+
+def _contexts_create(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    body = req.json()
+    language = _canonical_language(body.get("language"))
+    if language not in _CONTEXT_LANGUAGES:
+        raise BadRequest("a context's language is one of %s" % ", ".join(_CONTEXT_LANGUAGES))
+    workdir = _workdir(body)
+    limits, user = srv.manager.limits.resolve(body)     # api.md §14: the context's kernel or shell
+    context = srv.contexts.create(
+        language, name=_opt_text(body, "name", max_chars=CONTEXT_NAME_CHARS),
+        workdir=srv.manager.launcher.resolve_cwd(workdir) if workdir else None,
+        env=_env_map(body.get("env"), "env"), limits=limits, user=user)
+    return context.describe()
+
+
+def _contexts_list(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    contexts = srv.contexts.list()
+    return {"contexts": contexts, "count": len(contexts), "timestamp": _rfc3339(time.time())}
+
+
+def _contexts_get(srv: "_AgentServer", req: _Request, context_id: str) -> Dict[str, Any]:
+    return srv.contexts.get(context_id).describe()
+
+
+def _contexts_interrupt(srv: "_AgentServer", req: _Request, context_id: str) -> Dict[str, Any]:
+    context = srv.contexts.get(context_id)
+    return _context_answer(context, context.interrupt())
+
+
+def _contexts_restart(srv: "_AgentServer", req: _Request, context_id: str) -> Dict[str, Any]:
+    context = srv.contexts.get(context_id)
+    context.restart()
+    return _context_answer(context, "restarted")
+
+
+def _contexts_delete(srv: "_AgentServer", req: _Request, context_id: str) -> Dict[str, Any]:
+    context = srv.contexts.get(context_id)
+    srv.contexts.delete(context_id)
+    return _context_answer(context, "restarted" if context.is_default else "deleted")
+
+
+def _jupyter_sessions(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    sessions = srv.contexts.sessions()
+    return {"sessions": sessions, "count": len(sessions), "timestamp": _rfc3339(time.time())}
+
+
+_CONTEXT_ROUTES = (
+    _route("POST", "/execute", _execute),
+    _route("POST", "/execute/rich", _execute),
+    _route("POST", "/execute/ipython", _execute),
+    _route("GET", "/execute/stream", _stream_ws, websocket=True),
+    _route("POST", "/contexts", _contexts_create),
+    _route("GET", "/contexts", _contexts_list),
+    _route("GET", "/contexts/{context_id}", _contexts_get),
+    _route("POST", "/contexts/{context_id}/interrupt", _contexts_interrupt),
+    _route("POST", "/contexts/{context_id}/restart", _contexts_restart),
+    _route("DELETE", "/contexts/{context_id}", _contexts_delete),
+    _route("GET", "/jupyter/sessions", _jupyter_sessions),
+)
+
+
+# ============================================================================
 # Entry points
 # ============================================================================
 
 # Every family's routes, in the order /info lists them.
-_ROUTES = _SYSTEM_ROUTES + _EXECUTION_ROUTES + _ENVIRONMENT_ROUTES + _FILES_ROUTES
+_ROUTES = _SYSTEM_ROUTES + _CONTEXT_ROUTES + _EXECUTION_ROUTES + _ENVIRONMENT_ROUTES + _FILES_ROUTES
 
 
 def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None) -> _AgentServer:
@@ -8750,6 +11048,9 @@ def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None)
         server.server_close()
         raise
     server.families.append(server.files)
+    server.contexts = _make_contexts(config, server.manager)
+    server.families.append(server.contexts)
+    server.contexts.prestart()
     return server
 
 
@@ -8760,6 +11061,18 @@ def _files_service(config: AgentConfig, run_as: Optional[_RunAs] = None) -> _Fil
     return _FileService(config.files_roots or _default_files_roots(config.workdir), config.workdir,
                         max_read_bytes=config.max_read_bytes, max_upload_bytes=config.max_upload_bytes,
                         owner=owner)
+
+
+
+def _make_contexts(config: AgentConfig, manager: ProcessManager) -> _ContextManager:
+    """The contexts family (issue 13), on the process manager's spawner, timers and env."""
+    return _ContextManager(
+        spawner=manager.spawner, workdir=config.workdir, kill_grace=config.kill_grace,
+        max_output_bytes=config.max_output_bytes, base_env=manager.launcher.base_env,
+        global_env=manager.launcher.global_env, schedule=manager.watchdog.schedule,
+        python_kernel=config.python_kernel, max_contexts=config.max_contexts,
+        idle_timeout=config.context_idle_timeout, watch=manager.lifecycle.exits.watch,
+        limits=manager.limits.defaults, user=manager.limits.run_as)
 
 
 
@@ -8905,6 +11218,12 @@ _OPTIONS: Tuple[Tuple[str, str, Any, str], ...] = (
     ("--max-read-bytes", "max_read_bytes", int,
      "largest file /files/read answers in JSON (default %d; more: /files/download)" % FILES_MAX_READ_BYTES),
     ("--max-upload-bytes", "max_upload_bytes", int, "largest upload (default: no limit but the disk)"),
+    # contexts (issue 13)
+    ("--python-kernel", "python_kernel", str,
+     "the default Python context of /execute: off, lazy (started on first use) or prestart (default lazy)"),
+    ("--max-contexts", "max_contexts", int, "named contexts at once (default %d)" % MAX_CONTEXTS),
+    ("--context-idle-timeout", "context_idle_timeout", float,
+     "seconds after which an idle named context ends, 0 for never (default %g)" % CONTEXT_IDLE_TIMEOUT_S),
 )
 
 
@@ -9012,6 +11331,14 @@ def _check_options(values: Dict[str, Any]) -> None:
     for field in ("max_read_bytes", "max_upload_bytes"):
         if field in values and values[field] < 0:
             raise ValueError("--%s must be at least 0" % field.replace("_", "-"))
+    # contexts (issue 13)
+    if values.get("python_kernel", "lazy") not in PYTHON_KERNEL_MODES:
+        raise ValueError("--python-kernel must be one of %s" % ", ".join(PYTHON_KERNEL_MODES))
+    if "max_contexts" in values and values["max_contexts"] < 0:
+        raise ValueError("--max-contexts must not be negative")
+    if "context_idle_timeout" in values and not (math.isfinite(values["context_idle_timeout"])
+                                                 and values["context_idle_timeout"] >= 0):
+        raise ValueError("--context-idle-timeout must be a number of seconds, 0 for never")
 
 
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
