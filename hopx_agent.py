@@ -2354,8 +2354,8 @@ class _Confinement:
     def mechanism(self) -> str:
         return self.cgroup.version if self.cgroup is not None else "rlimit"
 
-    def wrap(self, argv: List[str], stdin: Any, env: Dict[str, str],
-             preludes: Sequence[str] = ()) -> Tuple[List[str], Any, Dict[str, Any]]:
+    def wrap(self, argv: List[str], stdin: Any, env: Dict[str, str], preludes: Sequence[str] = (),
+             tty: Optional[str] = None) -> Tuple[List[str], Any, Dict[str, Any]]:
         """(argv, stdin, extra Popen keywords) for this child; ``env`` gets
         the user's HOME, USER and LOGNAME. The gate takes stdin's place until
         released (or is a line written into the child's own stdin pipe); the
@@ -2372,9 +2372,11 @@ class _Confinement:
             if stdin == subprocess.PIPE:
                 self._stdin_pipe = True
             else:
-                steps.extend(self._restore_stdin(stdin, kwargs))
+                if tty is None:         # with a tty, a later prelude opens it onto 0, 1 and 2
+                    steps.extend(self._restore_stdin(stdin, kwargs))
                 self._gate_r, self._gate_w = os.pipe()
                 stdin = self._gate_r
+
             if self.drop:
                 argv = _dropper_argv(self.user, self._setpriv()) + argv
         elif self.drop:
