@@ -57,6 +57,7 @@ import re
 import secrets
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -168,6 +169,11 @@ WATCH_POLL_S = 0.5                          # the polling watcher scans this oft
 WATCH_MAX_PENDING = 4096                    # events held for a slow client; more is an overflow
 WATCH_MAX_DIRS = 8192                       # inotify watches of one watcher (the kernel's budget is per user)
 WATCH_MAX_POLL_ENTRIES = 100000             # entries a polling watcher remembers; more is an overflow
+# Terminals and ptys (issue 14, api.md §12; the rest is in "Terminals: pty sessions")
+TERMINAL_LINGER_S = 300.0             # a detached terminal session waits this long for a reattach
+MAX_TERMINALS = 32                    # terminal sessions at once, live or lingering
+PTY_TERM = "xterm-256color"           # TERM of every child on a pty
+MAX_PTY_SIZE = 1000                   # cols and rows: 1..1000 (struct winsize holds 16 bits)
 
 # limits, users and the agent's own safety (issue 15, api.md §14)
 AGENT_OOM_SCORE_ADJ = -1000           # the OOM killer never picks the agent (needs CAP_SYS_RESOURCE)
@@ -246,6 +252,9 @@ class AgentConfig:
     python_kernel: str = "lazy"
     max_contexts: int = MAX_CONTEXTS
     context_idle_timeout: float = CONTEXT_IDLE_TIMEOUT_S
+    # Terminals (issue 14)
+    terminal_linger: float = TERMINAL_LINGER_S
+    max_terminals: int = MAX_TERMINALS
 
     @property
 
@@ -273,6 +282,8 @@ class AgentConfig:
             "python_kernel": self.python_kernel,
             "max_contexts": self.max_contexts,
             "context_idle_timeout_s": self.context_idle_timeout,
+            "terminal_linger_s": self.terminal_linger,
+            "max_terminals": self.max_terminals,
         }
 
 
@@ -582,6 +593,29 @@ def _flag(body: Dict[str, Any], field: str) -> bool:
     return value
 
 
+def _pty_dimension(value: Any, field: str, default: int) -> int:
+    """``cols`` or ``rows`` of a terminal: an integer from 1 to MAX_PTY_SIZE
+    (digits too, as a query string has them); ``default`` when absent."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, str) and _is_digits(value) and len(value) <= 6:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PTY_SIZE:
+        raise BadRequest("field %r must be an integer from 1 to %d" % (field, MAX_PTY_SIZE))
+    return value
+
+
+def _pty_field(body: Dict[str, Any], allowed: bool) -> Optional[Tuple[int, int]]:
+    """api.md §12: ``"pty": true`` with ``cols``/``rows`` (default 80x24), or None.
+    Offered on background starts only: a run that waits has nobody to type."""
+    if not _flag(body, "pty"):
+        return None
+    if not allowed:
+        raise BadRequest("field 'pty' is offered on /execute/background, /commands/background "
+                         "and /execute/async only")
+    return _pty_dimension(body.get("cols"), "cols", 80), _pty_dimension(body.get("rows"), "rows", 24)
+
+
 def _workdir(body: Dict[str, Any]) -> Optional[str]:
     """api.md §8: ``workdir``, else ``working_dir``."""
     value = body.get("workdir")
@@ -674,6 +708,15 @@ class _OutputBuffer:
                 skip += 1
             if skip:
                 self._trim(skip)
+
+    def char_start(self, offset: int) -> int:
+        """The first character boundary at or after ``offset`` (within the
+        window; invalid bytes count as characters)."""
+        head = self._slice(offset, offset + 3)
+        skip = 0
+        while skip < len(head) and head[skip] & 0xC0 == 0x80:
+            skip += 1
+        return offset + skip
 
     def discard(self) -> int:
         """Drop everything held (the output budget needs the room); returns the bytes freed."""
@@ -794,6 +837,7 @@ class _Launch:
     idle_timeout: Optional[float] = None   # end the process after this long without output
     limits: Optional["_LimitValues"] = None    # api.md §14, validated (section "Children: limits")
     user: Optional["_RunAs"] = None
+    pty: Optional[Tuple[int, int]] = None  # (cols, rows): run on a pseudo-terminal (api.md §12)
     code: Optional[bytes] = None           # the code to write to a file when the process starts
     code_suffix: str = ""
     code_argv: Optional[Callable[[str], List[str]]] = None   # argv for the code file's path
@@ -853,6 +897,7 @@ class _ProcessRecord:
         self.last_output: Optional[float] = None  # monotonic time of the newest output (idle timeout)
         self.stdin_busy = False            # a write to stdin is in progress (one at a time)
         self.stdin_closed = not launch.stdin
+        self.pty_eof: Optional[bytes] = None   # on a pty: what "eof" writes (VEOF, ^D) instead of closing
         self.stragglers: set = set()       # marked processes outside the group that we ended
         self.idempotency_key: Optional[str] = None
         self.exit_info: Optional[Tuple[Optional[int], Any]] = None   # (wait status, rusage) once reaped
@@ -919,6 +964,8 @@ class _ProcessRecord:
             rec[name + "_bytes"] = buf.total
             rec[name + "_dropped"] = buf.dropped
         rec["stdin"] = "closed" if self.stdin_closed else "open"
+        if launch.pty:
+            rec["pty"] = {"cols": launch.pty[0], "rows": launch.pty[1]}
         if launch.idle_timeout:
             rec["idle_timeout"] = launch.idle_timeout
         if self.stragglers:
@@ -1450,7 +1497,8 @@ def _parse_limit_option(text: str, field: str) -> Any:
     try:
         value: Any = int(text) if integer else float(text)
     except ValueError:
-        raise BadRequest("%s must be %s, not %r" % (field, "an integer" if integer else "a number", text)) from None
+        raise BadRequest("%s must be %s, not %r" % (field, "an integer" if integer else "a number", text),
+                         details={"field": field}) from None
     return _limit_value(value, field)
 
 
@@ -2559,6 +2607,16 @@ class _ResourceLimits:
         merged = limits.over(self.defaults.without(f for f in self.defaults.given() if self.unsupported(f, user)))
         return merged, user
 
+    def resolve_text(self, params: Dict[str, Optional[str]]) -> Tuple[_LimitValues, Optional[_RunAs]]:
+        """The same from text values (a WebSocket upgrade's query: /terminal?memory_limit_mb=256&user=...)."""
+        body: Dict[str, Any] = {}
+        for field in _LIMIT_FIELDS:
+            if params.get(field) not in (None, ""):
+                body[field] = _parse_limit_option(params[field] or "", field)
+        if params.get("user") not in (None, ""):
+            body["user"] = params["user"]
+        return self.resolve(body)
+
     def confine(self, limits: _LimitValues, user: Optional[_RunAs], name: str = "") -> _Confinement:
         """The confinement of one child; makes its cgroup now when it needs one."""
         with self._lock:
@@ -2636,6 +2694,10 @@ class _ChildSpec:
     # Shell commands run in the child after fork and before the program:
     # the only safe place for such steps in a threaded parent (no preexec_fn).
     preludes: List[str] = dataclasses.field(default_factory=list)
+    # A pty slave's path: made the child's controlling terminal (the
+    # spawner's own prelude, after the caller's). Give the slave as
+    # stdin/stdout/stderr too, so it is held open from fork on.
+    tty: Optional[str] = None
     # api.md §14: the child's limits and user, and a name for its cgroup
     # (unique among the agent's live children: a record or context id).
     limits: Optional[_LimitValues] = None
@@ -2671,6 +2733,99 @@ def _check_executable(program: str, cwd: str, env: Dict[str, str]) -> None:
 
 
 
+def _ctty_prelude(path: str) -> str:
+    """The step that makes the terminal at ``path`` the controlling terminal.
+
+    The child leads a new session (Popen's start_new_session: setsid() in C
+    between fork and exec) and has none; on Linux a session leader without a
+    controlling terminal that opens a terminal without O_NOCTTY acquires it
+    (System V semantics; BSDs need TIOCSCTTY instead). So the shell opens the
+    slave by its path as fds 0-2 and then execs the program, which keeps it:
+    TIOCSCTTY without preexec_fn. It must run before a step that drops root
+    (the slave belongs to the agent's user unless given to the child's).
+    """
+    return "exec 0<>%s 1>&0 2>&0" % shlex.quote(path)
+
+
+class _Pty:
+    """A pseudo-terminal pair: the master stays with the agent, the slave
+    becomes fds 0-2 and the controlling terminal of one child (terminals,
+    and "pty": true executions).
+
+    Use: ``_Pty(cols, rows)``; spawn with ``stdin/stdout/stderr = pty.slave``
+    and ``tty=pty.path``; then ``close_slave()``. Output is read from
+    ``master`` (EIO once no slave descriptor is open: the end of output,
+    see _read_pty) and input written to it. Both descriptors are
+    non-inheritable (os.openpty), so no other child holds the terminal.
+    """
+
+    def __init__(self, cols: int = 80, rows: int = 24) -> None:
+        self.master, self.slave = os.openpty()
+        try:
+            self.path = os.ttyname(self.slave)
+            self.resize(cols, rows)
+        except BaseException:
+            self.close()
+            raise
+
+    def resize(self, cols: int, rows: int) -> None:
+        """TIOCSWINSZ on the master: the kernel sends SIGWINCH to the
+        terminal's foreground process group when the size changes."""
+        import fcntl
+        import struct
+        import termios
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def size(self) -> Tuple[int, int]:
+        """(cols, rows) as the kernel has them."""
+        import fcntl
+        import struct
+        import termios
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(self.master, termios.TIOCGWINSZ, b"\0" * 8))
+        return cols, rows
+
+    def give_to(self, uid: int, gid: int) -> None:
+        """Make the slave the child's user's, as login and sshd do: a child
+        that drops root before its prelude runs can still open it."""
+        os.fchown(self.slave, uid, gid)
+
+    def eof_bytes(self) -> bytes:
+        """The terminal's EOF character (VEOF, normally ^D) as the line
+        discipline has it now. It ends input at the start of a line; after
+        a partial line it first hands that line over (a second one ends it)."""
+        import termios
+        try:
+            char = termios.tcgetattr(self.master)[6][termios.VEOF]
+        except (termios.error, OSError, IndexError):
+            return b"\x04"
+        return char if isinstance(char, bytes) and char != b"\0" else b"\x04"
+
+    def close_slave(self) -> None:
+        if self.slave >= 0:
+            _close_quietly(self.slave)
+            self.slave = -1
+
+    def close(self) -> None:
+        self.close_slave()
+        if self.master >= 0:
+            _close_quietly(self.master)
+            self.master = -1
+
+
+def _read_pty(fd: int, size: int) -> Optional[bytes]:
+    """One read from a pty master: bytes; b"" at the end of output (EIO: no
+    slave descriptor is open any more); None when nothing is there now (a
+    non-blocking master)."""
+    try:
+        return os.read(fd, size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            return b""
+        raise
+
+
 class _Spawner:
 
     """Starts children (each in a session of its own, so it leads its process
@@ -2699,7 +2854,8 @@ class _Spawner:
         conf = spec.confinement = self.limits.confine(spec.limits or _LimitValues(), spec.user, spec.name)
         env = dict(spec.env)
         try:
-            argv, stdin, extra = conf.wrap(list(spec.argv), spec.stdin, env, spec.preludes)
+            preludes = list(spec.preludes) + ([_ctty_prelude(spec.tty)] if spec.tty else [])
+            argv, stdin, extra = conf.wrap(list(spec.argv), spec.stdin, env, preludes, spec.tty)
             if argv[0] != spec.argv[0]:    # wrapped: a missing program must still fail here, not exit 127
                 _check_executable(spec.argv[0], spec.cwd, env)
         except BaseException:
@@ -3061,29 +3217,44 @@ class _Launcher:
     def code_launch(self, code: str, language: Optional[str], *, cwd: Optional[str] = None,
                     env: Optional[Dict[str, str]] = None, timeout: float = BACKGROUND_TIMEOUT_S,
                     name: Optional[str] = None, stdin: bool = False,
-                    idle_timeout: Optional[float] = None, limits: Optional[_LimitValues] = None,
-                    user: Optional[_RunAs] = None) -> _Launch:
+                    idle_timeout: Optional[float] = None, pty: Optional[Tuple[int, int]] = None,
+                    limits: Optional[_LimitValues] = None, user: Optional[_RunAs] = None) -> _Launch:
         """A launch that runs ``code`` with the language's interpreter from a
-        temp file (0600, owned by ``user`` when there is one: readable by it and nobody else)."""
+        temp file (0600, owned by ``user`` when there is one: readable by it and
+        nobody else); with ``pty`` (cols, rows) on a pseudo-terminal, stdin open."""
         lang, program = _resolve_language(language)
         directory = self.resolve_cwd(cwd)
         build = _LANGUAGES[lang][2]
-        return _Launch(argv=[program], cwd=directory, env=self.child_env(env), kind="code", language=lang,
-                       name=name, timeout=timeout, stdin=stdin, idle_timeout=idle_timeout,
+        return _Launch(argv=[program], cwd=directory, env=self._launch_env(env, pty), kind="code", language=lang,
+                       name=name, timeout=timeout, stdin=stdin or pty is not None, idle_timeout=idle_timeout,
                        code=code.encode("utf-8"), code_suffix=_LANGUAGES[lang][3],
-                       code_argv=lambda path: build(program, path), limits=limits, user=user)
+                       code_argv=lambda path: build(program, path), pty=pty, limits=limits, user=user)
 
     def command_launch(self, command: str, args: Optional[List[str]] = None, *,
                        cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
                        timeout: float = BACKGROUND_TIMEOUT_S, name: Optional[str] = None,
                        stdin: bool = False, idle_timeout: Optional[float] = None,
-                       limits: Optional[_LimitValues] = None, user: Optional[_RunAs] = None) -> _Launch:
+                       pty: Optional[Tuple[int, int]] = None, limits: Optional[_LimitValues] = None,
+                       user: Optional[_RunAs] = None) -> _Launch:
         """A launch of ``[command] + args`` as argv, or of a shell string through /bin/sh -c."""
         argv = [command] + list(args) if args is not None else ["/bin/sh", "-c", command]
         shown = " ".join([command] + list(args)) if args is not None else command
-        return _Launch(argv=argv, cwd=self.resolve_cwd(cwd), env=self.child_env(env), kind="command",
-                       command=shown, name=name, timeout=timeout, stdin=stdin, idle_timeout=idle_timeout,
-                       limits=limits, user=user)
+        return _Launch(argv=argv, cwd=self.resolve_cwd(cwd), env=self._launch_env(env, pty), kind="command",
+                       command=shown, name=name, timeout=timeout, stdin=stdin or pty is not None,
+                       idle_timeout=idle_timeout, pty=pty, limits=limits, user=user)
+
+    def _launch_env(self, request_env: Optional[Dict[str, str]], pty: Optional[Tuple[int, int]]) -> Dict[str, str]:
+        """A child's environment; on a pty it says what terminal it has
+        (TERM, as the request's env may override) and no inherited size."""
+        env = self.child_env(request_env)
+        if pty is not None:
+            asked = request_env or {}
+            for stale in ("COLUMNS", "LINES"):
+                if stale not in asked:
+                    env.pop(stale, None)
+            if "TERM" not in asked:
+                env["TERM"] = PTY_TERM
+        return env
 
 
 # ============================================================================
@@ -3348,6 +3519,19 @@ def _has_exited(pid: int) -> bool:
         return True
 
 
+@dataclasses.dataclass
+class _ChildEnds:
+    """The child's side of its streams, closed in the agent once it is
+    forked, and on a pty the agent's stdin descriptor (popen.stdin then)."""
+
+    stdin: Any
+    stdout: int
+    stderr: int
+    close_after: List[int]
+    tty: Optional[str] = None
+    stdin_fd: Optional[int] = None
+
+
 class _Lifecycle:
     """Carries each record from spawn to final: its pipes drained by pooled
     readers, its leader's exit seen by the exit watcher, its timers on the
@@ -3393,39 +3577,67 @@ class _Lifecycle:
         fds: List[int] = []
         try:
             launch.prepare()
-            out_r, out_w = os.pipe()
-            fds += [out_r, out_w]
-            err_r, err_w = os.pipe()
-            fds += [err_r, err_w]
+            ends, readers = self._pty_ends(rec, fds) if launch.pty else self._pipe_ends(launch, fds)
             self.watchdog.ensure_running()
             self.exits.ensure_running()
             with rec.cond:
-                rec.open_streams = 2
+                rec.open_streams = len(readers)
             short = rec.id[5:13]
-            self.workers.submit("hopx-proc-%s-stdout" % short, self._read_stream, rec, out_r, "stdout")
-            fds.remove(out_r)            # the reader owns it now
-            self.workers.submit("hopx-proc-%s-stderr" % short, self._read_stream, rec, err_r, "stderr")
-            fds.remove(err_r)
+            for fd, name in readers:
+                self.workers.submit("hopx-proc-%s-%s" % (short, name), self._read_stream, rec, fd, name)
+                fds.remove(fd)           # the reader owns it now
         except (OSError, RuntimeError, Unavailable) as exc:
             for fd in fds:               # a reader already given its pipe sees EOF and ends
                 _close_quietly(fd)
             raise _StartRefused(exc) from None
-        return self._fork(rec, out_w, err_w)
+        return self._fork(rec, ends)     # which closes the child's ends (and the stdin one, if it fails)
 
-    def _fork(self, rec: _ProcessRecord, out_w: int, err_w: int) -> List[_ProcessRecord]:
+    @staticmethod
+    def _pipe_ends(launch: _Launch, fds: List[int]) -> Tuple["_ChildEnds", List[Tuple[int, str]]]:
+        """A pipe for each output stream: the child's ends, and the readers' (fd, stream)."""
+        out_r, out_w = os.pipe()
+        fds += [out_r, out_w]
+        err_r, err_w = os.pipe()
+        fds += [err_r, err_w]
+        ends = _ChildEnds(stdin=subprocess.PIPE if launch.stdin else subprocess.DEVNULL, stdout=out_w,
+                          stderr=err_w, close_after=[out_w, err_w])
+        return ends, [(out_r, "stdout"), (err_r, "stderr")]
+
+    @staticmethod
+    def _pty_ends(rec: _ProcessRecord, fds: List[int]) -> Tuple["_ChildEnds", List[Tuple[int, str]]]:
+        """A pseudo-terminal (api.md §12): its slave is the child's fds 0-2 and
+        controlling terminal, so all its output is the stdout stream (stderr
+        stays empty); the master goes to the reader, and a second descriptor
+        of it is the child's stdin (each closed by its own owner: none is
+        used after a close). "eof" writes the terminal's EOF character."""
+        assert rec.launch.pty is not None
+        pty = _Pty(*rec.launch.pty)
+        fds += [pty.master, pty.slave]
+        stdin_fd = os.dup(pty.master)    # non-inheritable, like every os.dup
+        fds.append(stdin_fd)
+        rec.pty_eof = pty.eof_bytes()
+        ends = _ChildEnds(stdin=pty.slave, stdout=pty.slave, stderr=pty.slave, close_after=[pty.slave],
+                          tty=pty.path, stdin_fd=stdin_fd)
+        return ends, [(pty.master, "stdout")]
+
+    def _fork(self, rec: _ProcessRecord, ends: "_ChildEnds") -> List[_ProcessRecord]:
         launch = rec.launch
         try:
-            spec = _ChildSpec(argv=launch.argv, cwd=launch.cwd, env=launch.env, stdout=out_w, stderr=err_w,
-                              stdin=subprocess.PIPE if launch.stdin else subprocess.DEVNULL,
+            spec = _ChildSpec(argv=launch.argv, cwd=launch.cwd, env=launch.env, stdin=ends.stdin,
+                              stdout=ends.stdout, stderr=ends.stderr, tty=ends.tty,
                               limits=launch.limits, user=launch.user, name=rec.id)
             popen = self.spawner.spawn(spec)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            if ends.stdin_fd is not None:
+                _close_quietly(ends.stdin_fd)
             if isinstance(exc, BlockingIOError) or getattr(exc, "errno", None) in (errno.EAGAIN, errno.ENOMEM):
                 raise _StartRefused(exc) from None    # fork itself failed: nothing ran (the readers see EOF)
             return self._spawn_failed(rec, exc)
         finally:
-            _close_quietly(out_w)        # the readers reach EOF when the child (or nobody) holds these
-            _close_quietly(err_w)
+            for fd in ends.close_after:  # the readers reach EOF when the child (or nobody) holds these
+                _close_quietly(fd)
+        if ends.stdin_fd is not None:
+            popen.stdin = open(ends.stdin_fd, "wb", buffering=0)
         with rec.cond:
             rec.confinement = spec.confinement
             rec.popen, rec.pid = popen, popen.pid
@@ -3486,10 +3698,22 @@ class _Lifecycle:
         if scratch is None:      # one read buffer per pooled thread, reused for every pipe
             scratch = _THREAD_STATE.scratch = bytearray(READ_CHUNK_BYTES)
         view = memoryview(scratch)
+        poller = None
         try:
             grown = False
             while True:
-                size = os.readv(fd, [scratch])
+                try:
+                    size = os.readv(fd, [scratch])
+                except BlockingIOError:   # a pty master: its stdin descriptor shares the non-blocking flag
+                    if poller is None:
+                        poller = select.poll()
+                        poller.register(fd, select.POLLIN)
+                    poller.poll()         # as long as a blocking read would wait: until output or EOF
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EIO:
+                        raise
+                    size = 0              # a pty master: EIO once no slave descriptor is open = EOF
                 if not size:
                     break
                 if size >= 65536 and not grown:   # a chatty child: fewer wake-ups with a bigger pipe
@@ -3882,10 +4106,17 @@ class ProcessManager:
     def write_stdin(self, process_id: str, data: bytes, eof: bool = False) -> Dict[str, Any]:
         """Write to a child's stdin (started with stdin: true), then close it on ``eof``.
 
-        A child that does not read cannot hold the caller longer than
-        STDIN_WRITE_TIMEOUT_S: what did not fit is reported as a 409.
+        A child on a pty keeps its stdin: ``eof`` writes the terminal's EOF
+        character (^D) after the data instead. A child that does not read
+        cannot hold the caller longer than STDIN_WRITE_TIMEOUT_S: what did
+        not fit is reported as a 409.
         """
         rec = self.get(process_id)
+        if eof and rec.pty_eof is None and not data:
+            self.close_stdin(rec)
+            return {"process_id": rec.id, "written": 0, "stdin": "closed"}
+        if eof and rec.pty_eof is not None:
+            data, eof = data + rec.pty_eof, False
         with rec.cond:
             if rec.stdin_closed or rec.popen is None or rec.popen.stdin is None:
                 raise Conflict("process %s has no open stdin" % rec.id)
@@ -4322,11 +4553,13 @@ class _Upgrade:
     """A WebSocket: the transport sends 101 and runs ``session(ws)`` on the
     connection's thread until it returns; the connection then closes."""
 
-    __slots__ = ("session", "accept")
+    __slots__ = ("session", "accept", "on_refused")
 
-    def __init__(self, session: Callable[["_WebSocket"], None]) -> None:
+    def __init__(self, session: Callable[["_WebSocket"], None],
+                 on_refused: Optional[Callable[[], None]] = None) -> None:
         self.session = session
         self.accept = ""             # Sec-WebSocket-Accept, filled in by the transport
+        self.on_refused = on_refused   # run when the upgrade is refused after all (too many streams)
 
 
 # -- routes ---------------------------------------------------------------------
@@ -5132,6 +5365,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             result.file.close()
         elif isinstance(result, _Chunks) and hasattr(result.chunks, "close"):
             result.chunks.close()
+        elif isinstance(result, _Upgrade) and result.on_refused is not None:
+            result.on_refused()
 
     def _error_reply(self, req: _Request, exc: AgentError) -> _Reply:
         return _Reply(exc.status, _json_bytes(exc.to_json(request_id=req.request_id, path=req.path)),
@@ -5817,7 +6052,8 @@ class _Follower:
 # -- endpoints: execution ---------------------------------------------------------
 
 
-def _code_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: float, max_timeout: float) -> _Launch:
+def _code_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: float, max_timeout: float,
+                 *, pty_ok: bool = False) -> _Launch:
     code = _required_text(body, "code", nul_ok=True)
     limits, user = srv.manager.limits.resolve(body)     # api.md §14: 400 before anything is written
     return srv.manager.code_launch(
@@ -5825,10 +6061,11 @@ def _code_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: flo
         cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
         timeout=_timeout(body, default_timeout, max_timeout),
         name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"),
-        idle_timeout=_idle_timeout(body), limits=limits, user=user)
+        idle_timeout=_idle_timeout(body), pty=_pty_field(body, pty_ok), limits=limits, user=user)
 
 
-def _command_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: float, max_timeout: float) -> _Launch:
+def _command_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: float, max_timeout: float,
+                    *, pty_ok: bool = False) -> _Launch:
     command = _required_text(body, "command")
     args = body.get("args")
     if args is not None:
@@ -5842,7 +6079,7 @@ def _command_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: 
         command, args, cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
         timeout=_timeout(body, default_timeout, max_timeout),
         name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"),
-        idle_timeout=_idle_timeout(body), limits=limits, user=user)
+        idle_timeout=_idle_timeout(body), pty=_pty_field(body, pty_ok), limits=limits, user=user)
 
 
 def _started(srv: "_AgentServer", rec: _ProcessRecord) -> Dict[str, Any]:
@@ -5871,14 +6108,14 @@ def _once(srv: "_AgentServer", req: _Request, start: Callable[[], Dict[str, Any]
 
 def _execute_background(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     def start() -> Dict[str, Any]:
-        launch = _code_launch(srv, req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+        launch = _code_launch(srv, req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S, pty_ok=True)
         return _started(srv, srv.manager.start(launch))
     return _once(srv, req, start)
 
 
 def _commands_background(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     def start() -> Dict[str, Any]:
-        launch = _command_launch(srv, req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+        launch = _command_launch(srv, req.json(), BACKGROUND_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S, pty_ok=True)
         return _started(srv, srv.manager.start(launch))
     return _once(srv, req, start)
 
@@ -5912,7 +6149,7 @@ def _start_async(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     if reserved:
         raise BadRequest("callback_headers may not set %s: the agent sets those" % ", ".join(reserved))
     secret = _opt_text(body, "callback_signature_secret")
-    launch = _code_launch(srv, body, ASYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S)
+    launch = _code_launch(srv, body, ASYNC_TIMEOUT_S, MAX_BACKGROUND_TIMEOUT_S, pty_ok=True)
     manager = srv.manager
     rec = manager.start(launch, on_finish=[_Webhook(manager, url, headers, secret)])
     answer = _started(srv, rec)
@@ -6042,11 +6279,7 @@ def _stdin(srv: "_AgentServer", req: _Request, process_id: str) -> Dict[str, Any
     else:
         raise BadRequest("missing required field 'data' (or 'data_base64', or eof: true)",
                          code="MISSING_PARAMETER")
-    manager = srv.manager
-    if not data and eof:
-        manager.close_stdin(manager.get(process_id))
-        return {"process_id": process_id, "written": 0, "stdin": "closed"}
-    return manager.write_stdin(process_id, data, eof)
+    return srv.manager.write_stdin(process_id, data, eof)
 
 
 def _stream_sse(srv: "_AgentServer", req: _Request, process_id: str) -> _Chunks:
@@ -10907,6 +11140,7 @@ def _execute(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     """POST /execute (/execute/rich, /execute/ipython): Python in the default
     context, a named context with ``context_id``, else a fresh process."""
     body = req.json()
+    _pty_field(body, allowed=False)      # "pty" is for background starts (api.md §12): a clear 400 here
     context = _context_of(srv, body)
     if context is None:
         return _execute_process(srv, req)
@@ -11030,11 +11264,897 @@ _CONTEXT_ROUTES = (
 
 
 # ============================================================================
+# Terminals: pty sessions that outlive their connection (api.md §12)
+# ============================================================================
+#
+# A terminal is a shell on a pseudo-terminal, kept by the agent, not by the
+# WebSocket that opened it:
+#
+#   _Pty (Children)    the pair, its size; the spawner's tty prelude makes the
+#                      slave the shell's controlling terminal (see _ctty_prelude)
+#   _TerminalHub       ONE thread for every session: reads each master as soon as
+#                      it has output and learns of each shell's exit from its
+#                      pidfd, so no shell ever waits for a client
+#   _TerminalSession   the output window (the newest 1 MiB, of which a reattach
+#                      replays 256 KiB), its clients, input, resize, and its end:
+#                      SIGHUP, SIGTERM, grace, SIGKILL to every process of it
+#   _Terminals         the family object: ids, --max-terminals, linger, listing,
+#                      delete, shutdown
+#
+# A client is a cursor (an absolute byte offset) into its session's output
+# window. The hub appends and never waits for anyone; each client's writer
+# reads from its own cursor on its own thread. A client that falls out of the
+# window loses the oldest bytes and is told how many ({"type": "dropped"}), so
+# a slow client costs one offset and no copy, and a replay is simply a cursor
+# that starts 256 KiB before the end.
+
+SCROLLBACK_BYTES = 256 * 1024         # api.md §12: the newest output replayed to a client that attaches
+TERMINAL_LAG_BYTES = 1024 * 1024      # an attached client may fall this far behind before it loses bytes
+TERMINAL_BATCH_S = 0.002              # during a flood a writer waits at most this long to fill a message,
+TERMINAL_BATCH_BYTES = 16 * 1024      # until this much is ready (fewer frames and encodes per byte)
+TERMINAL_BATCH_MIN_BYTES = 512        # a flood: the previous message was at least this big
+TERMINAL_MESSAGE_BYTES = 64 * 1024    # output per message at most: a replay or a flood comes in pieces
+TERMINAL_READ_BUDGET_BYTES = 64 * 1024    # read from one master per wake-up: a flood starves no other session
+TERMINAL_DRAIN_S = 0.5                # after the shell exits, its last output is read for this long at most
+TERMINAL_HUP_GRACE_S = 0.5            # SIGHUP -> SIGTERM: a shell saves its history, vim its swap file
+TERMINAL_REAP_WAIT_S = 5.0            # after SIGKILL, how long an end waits for the processes to vanish
+TERMINAL_INPUT_TIMEOUT_S = 5.0        # a shell that reads no input cannot hold a client's thread longer
+TERMINAL_WAIT_S = 15.0                # a client's writer wakes at least this often (bounded waits)
+DEFAULT_TERMINAL_COLS, DEFAULT_TERMINAL_ROWS = 80, 24
+_LOGIN_CAPABLE_SHELLS = frozenset(("bash", "sh", "dash", "zsh", "ksh", "mksh", "ash", "fish", "tcsh", "csh"))
+_NO_LOGIN_SHELLS = frozenset(("nologin", "false"))   # api.md §12: such a login shell counts as none
+
+
+# -- which shell ---------------------------------------------------------------
+
+def _usable_shell(path: Optional[str]) -> bool:
+    return bool(path) and os.path.basename(path or "") not in _NO_LOGIN_SHELLS \
+        and os.path.isfile(path or "") and os.access(path or "", os.X_OK)
+
+
+def _default_shell(uid: int) -> str:
+    """api.md §12: the login shell of the run-as user, else bash, else sh."""
+    try:
+        import pwd
+        login = pwd.getpwuid(uid).pw_shell
+    except (ImportError, KeyError):
+        login = ""
+    if _usable_shell(login):
+        return login
+    return shutil.which("bash") or "/bin/sh"
+
+
+def _resolve_shell(value: Optional[str], uid: int, path_env: Optional[str]) -> str:
+    """The ``shell`` query (a path, or a name looked up in the child's PATH), or the default."""
+    if value is None or value == "":
+        return _default_shell(uid)
+    if "\0" in value or len(value) > 4096:
+        raise BadRequest("shell must be a program name or path")
+    found = value if "/" in value else shutil.which(value, path=path_env)
+    if not found or not os.path.isfile(found) or not os.access(found, os.X_OK):
+        raise BadRequest("shell not found or not executable: %s" % value)
+    return os.path.abspath(found)
+
+
+def _shell_argv(shell: str) -> List[str]:
+    """Known shells start as login shells (profile read, like an ssh
+    login); any other program is run as it is."""
+    return [shell, "-l"] if os.path.basename(shell) in _LOGIN_CAPABLE_SHELLS else [shell]
+
+
+# -- every process of a session ------------------------------------------------
+
+def _proc_stat(pid: int) -> Optional[Tuple[str, int, int]]:
+    """(state, process group, session) from /proc/<pid>/stat, or None when gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2:].split()    # the command name may hold spaces and parens
+    try:
+        return fields[0].decode("ascii", "replace"), int(fields[2]), int(fields[3])
+    except (IndexError, ValueError):
+        return None
+
+
+def _session_processes(sid: int, marker: str) -> Dict[int, Tuple[int, bool]]:
+    """pid -> (process group, in the session) of every live process of a
+    terminal: those in session ``sid`` (the shell's pid), and those that
+    left it (setsid) but carry its marker in their environment. Zombies are
+    left out: they have ended already."""
+    found: Dict[int, Tuple[int, bool]] = {}
+    me = os.getpid()
+    try:
+        pids = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        stat = _proc_stat(pid) if pid != me else None
+        if stat is None or stat[0] in ("Z", "X"):
+            continue
+        if stat[2] == sid:
+            found[pid] = (stat[1], True)
+        elif _marker_of(_read_environ(pid)) == marker:
+            found[pid] = (stat[1], False)
+    return found
+
+
+def _signal_session(procs: Dict[int, Tuple[int, bool]], marker: str, sig: int) -> None:
+    """``sig`` to every process group of the session (so a child forked
+    since the scan is hit too) and to each escaper by itself; a stopped job
+    also gets SIGCONT, or a SIGHUP or SIGTERM would wait until it runs."""
+    groups = {pgid for pgid, in_session in procs.values() if in_session}
+    escapers = [pid for pid, (_, in_session) in procs.items() if not in_session]
+    sigs = (sig,) if sig == signal.SIGKILL else (sig, signal.SIGCONT)
+    for one in sigs:
+        for pgid in groups:
+            _killpg(pgid, one)
+        for pid in escapers:     # checked through a pidfd: a reused pid is never hit
+            _signal_marked(pid, marker, one)
+
+
+def _end_session(sid: int, marker: str, grace: float,
+                 kill_hooks: Iterable[Callable[[], None]] = ()) -> bool:
+    """End every process of a terminal: SIGHUP, SIGTERM after
+    TERMINAL_HUP_GRACE_S, SIGKILL after ``grace``; the hooks (its cgroup's
+    kill, where it has one) run with the SIGKILL. Each step starts from a
+    fresh scan, so children forked meanwhile are found. True when none is
+    left (waits at most HUP grace + grace + TERMINAL_REAP_WAIT_S)."""
+    steps = ((signal.SIGHUP, TERMINAL_HUP_GRACE_S), (signal.SIGTERM, grace),
+             (signal.SIGKILL, TERMINAL_REAP_WAIT_S))
+    for sig, wait in steps:
+        procs = _session_processes(sid, marker)
+        if sig == signal.SIGKILL:
+            for hook in kill_hooks:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("ending the cgroup of terminal %s failed", marker)
+        if not procs:
+            return True
+        _signal_session(procs, marker, sig)
+        _wait_gone(list(procs), time.monotonic() + wait)
+    return not _session_processes(sid, marker)
+
+
+# -- one session ---------------------------------------------------------------
+
+class _TerminalClient:
+    """One attached client: where it is in the scrollback and what it lost."""
+
+    __slots__ = ("offset", "gone", "dropped", "done", "last_sent", "last_size")
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset      # absolute offset of the next byte it gets
+        self.gone = False         # it detached (or its connection died)
+        self.dropped = 0          # bytes that fell out of the window before it read them
+        self.done = False         # it has been given the exit message
+        self.last_sent = 0.0      # monotonic time and size of its last output message:
+        self.last_size = 0        # a stream of big ones means a flood, worth batching
+
+
+class _TerminalSession:
+    """A shell on a pty, its scrollback and its clients.
+
+    The hub thread is the only reader of the master and the only one that
+    closes it; input and resize use it under ``cond``, which also guards the
+    scrollback, the clients and the state. Nothing blocks while holding it.
+    """
+
+    def __init__(self, session_id: str, pty: _Pty, popen: subprocess.Popen, *, shell: str,
+                 cwd: str, user: Any = None) -> None:
+        self.id = session_id
+        self.pty = pty
+        self.popen = popen
+        self.pid = popen.pid
+        self.shell, self.cwd, self.user = shell, cwd, user
+        self.created = time.time()
+        # Guards everything below, the scrollback, and the use of the master
+        # fd outside the hub thread (so it is never used after its close).
+        self.cond = threading.Condition(threading.Lock())
+        self.cols, self.rows = pty.size()
+        # The newest TERMINAL_LAG_BYTES: a client that attaches starts in its
+        # last SCROLLBACK_BYTES, one already attached may lag up to all of it.
+        self.scrollback = _OutputBuffer(TERMINAL_LAG_BYTES)
+        self.clients: List[_TerminalClient] = []
+        self.dropped_bytes = 0       # what clients lost, all together (GET /terminals)
+        self.shell_exited = False    # the shell's pidfd fired (not reaped yet)
+        self.pty_eof = False         # EIO: no slave descriptor open any more
+        self.ending = False          # the end (signals, reap) is under way, once
+        self.finished = False        # reaped, master closed, output complete
+        self.exit_code: Optional[int] = None
+        self.finished_at: Optional[float] = None
+        self.end_reason: Optional[str] = None   # "exited", or why the agent ended it
+        self.kill_hooks: List[Callable[[], None]] = []   # the cgroup's kill (issue 15), run with SIGKILL
+        self.on_reaped: List[Callable[[int], None]] = []  # the spawner's untrack(pid)
+        self.linger_timer: Any = None
+        self.end_thread: Optional[threading.Thread] = None
+
+    # -- output, from the hub thread ----------------------------------------
+
+    def append(self, chunks: List[bytes]) -> None:
+        with self.cond:
+            for chunk in chunks:
+                self.scrollback.append(chunk)
+            self.cond.notify_all()
+
+    # -- clients --------------------------------------------------------------
+
+    def attach(self) -> _TerminalClient:
+        """A new client, its cursor at the start of the window: it is given
+        the scrollback first (what was printed while nobody was attached
+        included), then live output. A pending linger ends."""
+        with self.cond:
+            buf = self.scrollback
+            client = _TerminalClient(buf.char_start(max(buf.dropped, buf.total - SCROLLBACK_BYTES)))
+            self.clients.append(client)
+            self.set_linger(None)
+            return client
+
+    def detach(self, client: _TerminalClient) -> bool:
+        """Forget ``client``; True when it was the last one."""
+        with self.cond:
+            client.gone = True
+            was_attached = client in self.clients
+            if was_attached:
+                self.clients.remove(client)
+            self.cond.notify_all()
+            return was_attached and not self.clients
+
+    def set_linger(self, timer: Any) -> None:
+        """Replace the linger timer (``cond`` held by the caller or not needed:
+        cancelling is a plain assignment, never a wait)."""
+        old, self.linger_timer = self.linger_timer, timer
+        if old is not None:
+            old.cancel()
+
+    def _has_news(self, client: _TerminalClient) -> bool:
+        buf = self.scrollback
+        return client.gone or client.offset < buf.dropped or client.offset < buf.end(self.finished) \
+            or self.finished
+
+    def next_messages(self, client: _TerminalClient, timeout: float) -> Tuple[List[Dict[str, Any]], bool]:
+        """Wait up to ``timeout`` for output; returns (messages, done).
+
+        Messages are ``dropped`` (what fell out of the window first), one
+        ``output`` of at most TERMINAL_MESSAGE_BYTES (complete characters
+        only), and at the very end ``exit``; done says the client has had
+        everything (or is gone).
+        """
+        with self.cond:
+            self.cond.wait_for(lambda: self._has_news(client), timeout)
+            buf = self.scrollback
+            if self._streaming(client):
+                self.cond.wait_for(lambda: client.gone or self.finished or client.offset < buf.dropped
+                                   or buf.end(False) - client.offset >= TERMINAL_BATCH_BYTES, TERMINAL_BATCH_S)
+            if client.gone or client.done:
+                return [], True
+            messages: List[Dict[str, Any]] = []
+            if client.offset < buf.dropped:
+                lost = buf.dropped - client.offset
+                client.offset = buf.dropped
+                client.dropped += lost
+                self.dropped_bytes += lost
+                messages.append({"type": "dropped", "bytes": lost})
+            text, start, stop = buf.read(client.offset, self.finished, TERMINAL_MESSAGE_BYTES)
+            if stop > start:
+                client.offset = stop
+                client.last_sent, client.last_size = time.monotonic(), stop - start
+                messages.append({"type": "output", "data": text})
+            if self.finished and client.offset >= buf.total:
+                client.done = True
+                messages.append({"type": "exit", "code": self.exit_code})
+            return messages, client.done
+
+    def _streaming(self, client: _TerminalClient) -> bool:
+        """A flood is under way for ``client`` (its last message was big and
+        just now) and only a little is ready: worth waiting a moment to fill
+        a message. An echo or a prompt never waits (their messages are small)."""
+        ready = self.scrollback.end(False) - client.offset
+        return client.last_size >= TERMINAL_BATCH_MIN_BYTES and 0 < ready < TERMINAL_BATCH_BYTES \
+            and time.monotonic() - client.last_sent < TERMINAL_BATCH_S and not self.finished
+
+    # -- input and size, from any client's thread ----------------------------
+
+    def write(self, data: bytes, timeout: float = TERMINAL_INPUT_TIMEOUT_S) -> int:
+        """Write input to the master; returns the bytes written. A terminal
+        whose input queue stays full for ``timeout`` gets the rest dropped
+        (a shell that reads nothing cannot hold a client thread). Input to
+        a shell that has ended is ignored."""
+        view = memoryview(data)
+        written = 0
+        deadline = time.monotonic() + timeout
+        while written < len(view):
+            with self.cond:
+                if self.ending or self.finished or self.pty.master < 0:
+                    return written
+                fd = self.pty.master
+                try:
+                    written += os.write(fd, view[written:written + 65536])
+                    continue
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:        # EIO: the shell side is closed
+                    return written
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return written
+            poller = select.poll()      # outside the lock: only a wait, the fd is rechecked
+            poller.register(fd, select.POLLOUT)
+            poller.poll(min(remaining, 0.25) * 1000)
+        return written
+
+    def resize(self, cols: int, rows: int) -> None:
+        with self.cond:
+            if self.finished or self.pty.master < 0:
+                return
+            self.pty.resize(cols, rows)
+            self.cols, self.rows = cols, rows
+
+    def handle(self, message: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """A client's message; an ``error`` message to send back, or None.
+        Types other than input and resize are ignored (newer clients)."""
+        kind = message.get("type")
+        try:
+            if kind == "input":
+                data = message.get("data")
+                if not isinstance(data, str):
+                    raise BadRequest("input needs data (a string)")
+                data_bytes = data.encode("utf-8", "replace")   # a lone surrogate from JSON becomes "?"
+                if self.write(data_bytes) < len(data_bytes):
+                    raise AgentError("input dropped: the terminal did not take it in %g s"
+                                     % TERMINAL_INPUT_TIMEOUT_S, status=409, code="CONFLICT")
+            elif kind == "resize":
+                self.resize(_pty_dimension(message.get("cols"), "cols", self.cols),
+                            _pty_dimension(message.get("rows"), "rows", self.rows))
+        except AgentError as exc:
+            return {"type": "error", "error": exc.message, "message": exc.message, "code": exc.code}
+        return None
+
+    # -- the end ---------------------------------------------------------------
+
+    def finish(self, exit_code: int) -> None:
+        """Reaped and drained (hub thread): the master is closed, clients get
+        the rest of the output, then ``exit``."""
+        with self.cond:
+            self.pty.close()
+            self.exit_code = exit_code
+            self.finished = True
+            self.finished_at = time.monotonic()
+            self.cond.notify_all()
+
+    def reap(self) -> int:
+        """Reap the shell (it has exited or been killed); its exit code,
+        128 + N for death by signal N, -1 if its status was lost."""
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            self.popen.returncode = os.waitstatus_to_exitcode(status)   # Popen never waits for it itself
+            code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        except ChildProcessError:
+            log.warning("terminal %s: the shell's exit status was taken elsewhere", self.id)
+            self.popen.returncode = code = -1
+        for hook in self.on_reaped:
+            hook(self.pid)
+        return code
+
+    def describe(self) -> Dict[str, Any]:
+        """The session as GET /terminals lists it."""
+        with self.cond:
+            return {"session_id": self.id, "pid": self.pid, "cols": self.cols, "rows": self.rows,
+                    "clients": len(self.clients), "created_at": _rfc3339(self.created),
+                    "dropped_bytes": self.dropped_bytes,
+                    "status": "exited" if self.finished else "running",
+                    "exit_code": self.exit_code, "shell": self.shell, "cwd": self.cwd,
+                    "user": self.user, "scrollback_bytes": min(self.scrollback.held, SCROLLBACK_BYTES),
+                    "output_bytes": self.scrollback.total}
+
+
+# -- the hub: one thread reads every pty ----------------------------------------
+
+class _TerminalHub:
+    """One thread that reads every session's master as soon as it has output
+    and learns of each shell's exit from its pidfd (a waiter thread where
+    pidfds are missing). Other threads hand it work through call(): the
+    selector is only ever touched by its own thread."""
+
+    def __init__(self, on_exit: Callable[[_TerminalSession], None],
+                 on_eof: Callable[[_TerminalSession], None]) -> None:
+        self._on_exit, self._on_eof = on_exit, on_eof
+        self._lock = threading.Lock()    # guards _calls, _thread, _stopped, _wake
+        self._calls: collections.deque = collections.deque()
+        self._thread: Optional[threading.Thread] = None
+        self._wake: Optional[Tuple[int, int]] = None
+        self._stopped = False
+        self._selector: Any = None
+
+    def call(self, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` on the hub thread soon; False once stopped."""
+        with self._lock:
+            if self._stopped:
+                return False
+            if self._thread is None:
+                self._start()
+            self._calls.append(fn)
+            wake = self._wake
+        try:
+            os.write(wake[1], b"x")
+        except BlockingIOError:      # the pipe is full: the hub has wake-ups pending anyway
+            pass
+        return True
+
+    def _start(self) -> None:
+        """The selector, its wake-up pipe and the thread (``_lock`` held)."""
+        import selectors
+        selector = selectors.DefaultSelector()
+        wake = os.pipe()
+        os.set_blocking(wake[0], False)
+        os.set_blocking(wake[1], False)
+        selector.register(wake[0], selectors.EVENT_READ, None)
+        thread = threading.Thread(target=self._run, name="hopx-terminals", daemon=True)
+        self._selector, self._wake, self._thread = selector, wake, thread
+        thread.start()
+
+    def add(self, session: _TerminalSession) -> None:
+        """Start reading ``session`` and watching its shell."""
+        os.set_blocking(session.pty.master, False)
+        self.call(lambda: self._add(session))
+
+    def _add(self, session: _TerminalSession) -> None:
+        import selectors
+        self._selector.register(session.pty.master, selectors.EVENT_READ, (self._readable, session))
+        pidfd = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                pidfd = os.pidfd_open(session.pid)
+            except OSError:
+                pidfd = None
+        if pidfd is not None:
+            self._selector.register(pidfd, selectors.EVENT_READ, (self._exited, session))
+        else:   # no pidfd (old kernel, not Linux): one waiter thread for this shell
+            threading.Thread(target=self._wait_shell, args=(session,), daemon=True,
+                             name="hopx-term-%s-wait" % session.id[5:13]).start()
+
+    def _wait_shell(self, session: _TerminalSession) -> None:
+        try:
+            os.waitid(os.P_PID, session.pid, os.WEXITED | os.WNOWAIT)
+        except (ChildProcessError, OSError, AttributeError):
+            pass
+        self.call(lambda: self._on_exit(session))
+
+    def _readable(self, fd: int, session: _TerminalSession) -> None:
+        """Take what the master has now (up to the budget) in one append."""
+        chunks: List[bytes] = []
+        taken = 0
+        eof = False
+        while taken < TERMINAL_READ_BUDGET_BYTES:
+            data = _read_pty(fd, 65536)
+            if data is None:
+                break
+            if not data:
+                eof = True
+                break
+            chunks.append(data)
+            taken += len(data)
+        if chunks:
+            session.append(chunks)
+        if eof:
+            self._selector.unregister(fd)
+            with session.cond:
+                session.pty_eof = True
+            self._on_eof(session)
+
+    def _exited(self, fd: int, session: _TerminalSession) -> None:
+        self._selector.unregister(fd)
+        os.close(fd)
+        self._on_exit(session)
+
+    def release(self, session: _TerminalSession) -> None:
+        """Hub thread: the last output of an ended session, then stop reading it."""
+        fd = session.pty.master
+        if fd < 0 or threading.current_thread() is not self._thread:
+            return        # the hub has stopped (shutdown): the master is closed with the session
+        if not session.pty_eof:
+            self._readable(fd, session)
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _run(self) -> None:
+        try:
+            while self._loop_once():
+                pass
+        except Exception:
+            log.exception("the terminal hub failed")
+
+    def _loop_once(self) -> bool:
+        events = self._selector.select(None)
+        for key, _ in events:
+            if key.data is None:
+                try:
+                    while os.read(key.fd, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            handler, session = key.data
+            try:
+                handler(key.fd, session)
+            except Exception:       # one session's failure must not stop every terminal
+                log.exception("terminal %s: reading failed", session.id)
+        while True:
+            with self._lock:
+                if not self._calls:
+                    return not self._stopped
+                fn = self._calls.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("terminal hub call failed")
+
+    def stop(self, timeout: float) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            thread, wake = self._thread, self._wake
+        if thread is None or wake is None:
+            return
+        try:
+            os.write(wake[1], b"x")
+        except BlockingIOError:
+            pass
+        thread.join(timeout)
+        if not thread.is_alive():
+            for key in list(self._selector.get_map().values()):
+                if key.data is not None and key.data[0] == self._exited:
+                    _close_quietly(key.fd)
+            self._selector.close()
+            for fd in wake:
+                _close_quietly(fd)
+
+
+# -- the family ------------------------------------------------------------------
+
+class _Terminals:
+    """Every terminal session of the agent (``srv.terminals``): a family
+    object (features(), close()). Its shells are children like any other:
+    started by the manager's spawner, with the manager's environment (agent
+    < global store < request), timers on its watchdog."""
+
+    def __init__(self, config: AgentConfig, manager: "ProcessManager") -> None:
+        self.linger, self.max_terminals, self.kill_grace = \
+            config.terminal_linger, config.max_terminals, config.kill_grace
+        self._manager = manager
+        self._watchdog = manager.watchdog
+        self._lock = threading.Lock()     # guards _sessions, _opening, _closed
+        self._sessions: Dict[str, _TerminalSession] = {}   # in creation order
+        self._opening = 0                 # slots taken by opens under way
+        self._closed = False
+        self.hub = _TerminalHub(self._shell_exited, self._pty_eof)
+
+    def features(self) -> Dict[str, Any]:
+        return {"terminal_access": True, "terminal_sessions": True, "pty_processes": True}
+
+    def close(self, deadline: float) -> None:
+        self.shutdown(max(0.1, deadline - time.monotonic()))
+
+    # -- opening and finding ----------------------------------------------------
+
+    def open(self, *, cols: int = DEFAULT_TERMINAL_COLS, rows: int = DEFAULT_TERMINAL_ROWS,
+             shell: Optional[str] = None, cwd: Optional[str] = None,
+             env: Optional[Dict[str, str]] = None, spec_fields: Optional[Dict[str, Any]] = None,
+             owner: Optional[Tuple[int, int]] = None) -> _TerminalSession:
+        """A new session with its shell running (400 for a bad shell or cwd,
+        429 over --max-terminals, 503 while shutting down). ``spec_fields``
+        go to the child's _ChildSpec as they are (the limits and user of
+        api.md §14); ``owner`` (uid, gid) is the user the shell runs as: it
+        gets the pty, and its login shell is the default."""
+        child_env = self._session_env(env)
+        uid = os.getuid() if owner is None else owner[0]
+        argv = _shell_argv(_resolve_shell(shell, uid, child_env.get("PATH")))
+        cwd = self._manager.resolve_cwd(cwd)
+        self._reserve()
+        try:
+            session = self._start(argv, cwd, child_env, (cols, rows), dict(spec_fields or {}), owner)
+        except BaseException:
+            with self._lock:
+                self._opening -= 1
+            raise
+        with self._lock:
+            self._opening -= 1
+            self._sessions[session.id] = session
+        self.hub.add(session)
+        self._linger(session)            # until its first client attaches
+        log.info("terminal %s: %s (pid %d) in %s", session.id, argv[0], session.pid, cwd)
+        return session
+
+    def _session_env(self, env: Optional[Dict[str, str]]) -> Dict[str, str]:
+        child_env = self._manager.launcher.child_env(env)
+        for stale in ("COLUMNS", "LINES"):      # the size is the pty's, never an inherited guess
+            child_env.pop(stale, None)
+        child_env["TERM"] = PTY_TERM
+        return child_env
+
+    def _reserve(self) -> None:
+        """Take a slot; at the limit, the oldest exited session nobody
+        watches gives its slot up (an exited shell never blocks a new one)."""
+        with self._lock:
+            if self._closed:
+                raise Unavailable("agent is shutting down")
+            if len(self._sessions) + self._opening >= self.max_terminals:
+                idle = [s for s in self._sessions.values() if s.finished and not s.clients]
+                if not idle:
+                    raise LimitExceeded("too many terminals: %d open (--max-terminals)" % self.max_terminals)
+                del self._sessions[idle[0].id]     # its linger timer finds it gone
+            self._opening += 1
+
+    def _start(self, argv: List[str], cwd: str, env: Dict[str, str], size: Tuple[int, int],
+               spec_fields: Dict[str, Any], owner: Optional[Tuple[int, int]]) -> _TerminalSession:
+        session_id = "term_" + secrets.token_hex(12)
+        env[PROCESS_ID_ENV] = session_id          # the marker that finds escaped descendants
+        spawner = self._manager.spawner
+        pty = _Pty(*size)
+        try:
+            if owner is not None and owner[0] != os.getuid():
+                pty.give_to(*owner)
+            spec = _ChildSpec(argv=argv, cwd=cwd, env=env, stdin=pty.slave, stdout=pty.slave,
+                              stderr=pty.slave, tty=pty.path, **spec_fields)
+            popen = spawner.spawn(spec)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            pty.close()
+            raise BadRequest("cannot start %s: %s" % (argv[0], exc)) from None
+        except BaseException:
+            pty.close()
+            raise
+        pty.close_slave()      # the child holds it now; EIO on the master means it is gone
+        session = _TerminalSession(session_id, pty, popen, shell=argv[0], cwd=cwd,
+                                   user=None if owner is None else owner[0])
+        session.on_reaped.append(spawner.untrack)
+        # Issue 15: a child with a cgroup has its confinement on the spec;
+        # ending the session kills the cgroup too, and it is removed once reaped.
+        confinement = getattr(spec, "confinement", None)
+        if confinement is not None:
+            session.kill_hooks.append(confinement.kill)
+            session.on_reaped.append(lambda pid: confinement.finish())
+        return session
+
+    def get(self, session_id: str) -> _TerminalSession:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound("terminal session not found: %s" % session_id)
+        return session
+
+    def list_json(self) -> Dict[str, Any]:
+        with self._lock:
+            sessions = list(self._sessions.values())
+        terminals = [s.describe() for s in sessions]
+        return {"terminals": terminals, "count": len(terminals)}
+
+    # -- clients ------------------------------------------------------------------
+
+    def attach(self, session: _TerminalSession) -> _TerminalClient:
+        return session.attach()
+
+    def detach(self, session: _TerminalSession, client: _TerminalClient) -> None:
+        if session.detach(client):
+            self._linger(session)
+
+    def _linger(self, session: _TerminalSession) -> None:
+        """Nobody is attached: the session waits --terminal-linger for one."""
+        with session.cond:
+            if not session.clients:
+                session.set_linger(self._watchdog.schedule(self.linger, lambda: self._linger_expired(session)))
+
+    def _linger_expired(self, session: _TerminalSession) -> None:
+        with session.cond:
+            if session.clients:
+                return
+        log.info("terminal %s: nobody reattached in %g s", session.id, self.linger)
+        self._forget(session)
+        self._end(session, "linger")
+
+    def _forget(self, session: _TerminalSession) -> None:
+        with self._lock:
+            self._sessions.pop(session.id, None)
+
+    # -- ending --------------------------------------------------------------------
+
+    def _shell_exited(self, session: _TerminalSession) -> None:
+        """Hub thread: the shell's pidfd fired. Its last output is read until
+        EIO or TERMINAL_DRAIN_S (a background job may hold the pty), then
+        the session ends."""
+        with session.cond:
+            session.shell_exited = True
+            eof = session.pty_eof
+        if eof:
+            self._end(session, "exited")
+        else:
+            self._watchdog.schedule(TERMINAL_DRAIN_S, lambda: self._end(session, "exited"))
+
+    def _pty_eof(self, session: _TerminalSession) -> None:
+        with session.cond:
+            exited = session.shell_exited
+        if exited:
+            self._end(session, "exited")
+
+    def _end(self, session: _TerminalSession, reason: str) -> bool:
+        """Start the end of ``session`` (once) on a thread of its own: every
+        process of it ended, the shell reaped, then finished on the hub."""
+        with session.cond:
+            if session.ending:
+                return False
+            session.ending = True
+            session.end_reason = reason
+        thread = threading.Thread(target=self._ending, args=(session,), daemon=True,
+                                  name="hopx-term-%s-end" % session.id[5:13])
+        session.end_thread = thread
+        thread.start()
+        return True
+
+    def _ending(self, session: _TerminalSession) -> None:
+        try:
+            if not _end_session(session.pid, session.id, self.kill_grace, session.kill_hooks):
+                log.warning("terminal %s: processes survived SIGKILL", session.id)
+            code = session.reap()
+        except Exception:
+            log.exception("terminal %s: ending failed", session.id)
+            code = -1
+        if not self.hub.call(lambda: self._finished(session, code)):
+            self._finished(session, code)      # the hub has stopped (shutdown): finish here
+
+    def _finished(self, session: _TerminalSession, code: int) -> None:
+        self.hub.release(session)
+        session.finish(code)
+        log.info("terminal %s ended (%s), exit %d", session.id, session.end_reason, code)
+        with self._lock:
+            known = self._sessions.get(session.id) is session
+        if known:                        # an exited session keeps its scrollback this long
+            self._linger(session)
+
+    def delete(self, session_id: str, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """DELETE /terminals/{id}: the session is forgotten at once (a
+        reattach gets 404) and every process of it ended; waits until it has."""
+        session = self.get(session_id)
+        self._forget(session)
+        with session.cond:
+            session.set_linger(None)
+        ended_here = self._end(session, "deleted")
+        deadline = time.monotonic() + (timeout if timeout is not None else self._end_budget())
+        self.wait_finished(session, deadline - time.monotonic())
+        if session.end_thread is not None:      # it only hands the finish to the hub: a moment
+            session.end_thread.join(max(0.0, deadline - time.monotonic()))
+        return {"session_id": session.id, "status": "terminated" if ended_here else "exited",
+                "exit_code": session.exit_code}
+
+    def discard(self, session: _TerminalSession) -> None:
+        """A new session whose upgrade was refused: forget it and end it (in the background)."""
+        self._forget(session)
+        self._end(session, "refused")
+
+    def _end_budget(self) -> float:
+        return TERMINAL_HUP_GRACE_S + self.kill_grace + TERMINAL_REAP_WAIT_S + 1.0
+
+    @staticmethod
+    def wait_finished(session: _TerminalSession, timeout: float) -> bool:
+        with session.cond:
+            return session.cond.wait_for(lambda: session.finished, timeout)
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """End every session (in parallel), then stop the hub."""
+        with self._lock:
+            self._closed = True
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for session in sessions:
+            with session.cond:
+                session.set_linger(None)
+            self._end(session, "shutdown")
+        deadline = time.monotonic() + (timeout if timeout is not None else self._end_budget())
+        for session in sessions:
+            self.wait_finished(session, max(0.0, deadline - time.monotonic()))
+            if session.end_thread is not None:
+                session.end_thread.join(max(0.0, deadline - time.monotonic()))
+        self.hub.stop(max(0.1, deadline - time.monotonic()))
+
+    def stats(self) -> Dict[str, Any]:
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return {"terminals": len(sessions), "terminals_attached": sum(1 for s in sessions if s.clients)}
+
+
+
+
+# ============================================================================
+# Endpoints: terminal (GET /terminal over WebSocket, GET /terminals, DELETE /terminals/{id})
+# ============================================================================
+
+
+def _terminal(srv: "_AgentServer", req: _Request) -> _Upgrade:
+    """GET /terminal: a shell on a pty over a WebSocket (api.md §12). Every
+    refusal comes before the upgrade: an unknown ``session`` is 404 (never a
+    new session), over --max-terminals 429, a bad shell, cwd or size 400."""
+    terminals: _Terminals = srv.terminals
+    cols, rows = req.param("cols"), req.param("rows")
+    size = (_pty_dimension(cols, "cols", DEFAULT_TERMINAL_COLS), _pty_dimension(rows, "rows", DEFAULT_TERMINAL_ROWS))
+    session_id = req.param("session")
+    if session_id:
+        session = terminals.get(session_id)
+        if cols or rows:      # a reattach that names a size resizes; otherwise the session keeps its own
+            session.resize(_pty_dimension(cols, "cols", session.cols), _pty_dimension(rows, "rows", session.rows))
+        return _Upgrade(lambda ws: _terminal_ws(terminals, session, ws))
+    limits, user = srv.manager.limits.resolve_text(   # api.md §14: the shell's limits and user
+        {name: req.param(name) for name in tuple(_LIMIT_FIELDS) + ("user",)})
+    owner = (user.uid, user.gid) if user is not None and not user.is_current else None
+    session = terminals.open(cols=size[0], rows=size[1], shell=req.param("shell"), cwd=req.param("cwd"),
+                             spec_fields={"limits": limits, "user": user}, owner=owner)
+
+    return _Upgrade(lambda ws: _terminal_ws(terminals, session, ws),
+                    on_refused=lambda: terminals.discard(session))     # nobody will ever see it
+
+
+def _terminal_ws(terminals: _Terminals, session: _TerminalSession, ws: _WebSocket) -> None:
+    """One attached client: its frames on a reader thread (input, resize),
+    its messages on this one (session, replay, live output, exit, close 1000)."""
+    client = terminals.attach(session)
+
+    def on_message(opcode: int, payload: bytes) -> None:
+        if opcode == _WS_BINARY:          # raw bytes: input as they are (websocat, xterm.js attach)
+            session.write(payload)
+            return
+        try:
+            message = _strict_json(payload)
+        except (ValueError, RecursionError):
+            message = None
+        if not isinstance(message, dict):
+            reply: Optional[Dict[str, Any]] = {"type": "error", "code": "INVALID_JSON",
+                                               "error": "messages are JSON objects with a type",
+                                               "message": "messages are JSON objects with a type"}
+        else:
+            reply = session.handle(message)
+        if reply is not None:
+            ws.send_json(reply)
+
+    ws.start_reader("hopx-term-%s-ws" % session.id[5:13], lambda: terminals.detach(session, client), on_message)
+    try:
+        ws.send_json({"type": "session", "session_id": session.id})
+        done = False
+        while not done and not ws.gone:
+            messages, done = session.next_messages(client, TERMINAL_WAIT_S)
+            for message in messages:
+                ws.send_json(message)
+        if done and client.done:
+            ws.close(1000, "exited")
+    finally:
+        terminals.detach(session, client)
+
+
+def _terminals_list(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
+    answer = srv.terminals.list_json()
+    answer["timestamp"] = _rfc3339(time.time())
+    return answer
+
+
+def _terminals_delete(srv: "_AgentServer", req: _Request, session_id: str) -> Dict[str, Any]:
+    return srv.terminals.delete(session_id)
+
+
+_TERMINAL_ROUTES = (
+    _route("GET", "/terminal", _terminal, websocket=True),
+    _route("GET", "/terminals", _terminals_list),
+    _route("DELETE", "/terminals/{session_id}", _terminals_delete),
+)
+
+
+# ============================================================================
 # Entry points
 # ============================================================================
 
 # Every family's routes, in the order /info lists them.
-_ROUTES = _SYSTEM_ROUTES + _CONTEXT_ROUTES + _EXECUTION_ROUTES + _ENVIRONMENT_ROUTES + _FILES_ROUTES
+_ROUTES = _SYSTEM_ROUTES + _CONTEXT_ROUTES + _EXECUTION_ROUTES + _ENVIRONMENT_ROUTES + _FILES_ROUTES \
+    + _TERMINAL_ROUTES
 
 
 def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None) -> _AgentServer:
@@ -11052,6 +12172,8 @@ def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None)
     server.families.append(server.files)
     server.contexts = _make_contexts(config, server.manager)
     server.families.append(server.contexts)
+    server.terminals = _Terminals(config, server.manager)
+    server.families.append(server.terminals)
     server.contexts.prestart()
     return server
 
@@ -11226,6 +12348,10 @@ _OPTIONS: Tuple[Tuple[str, str, Any, str], ...] = (
     ("--max-contexts", "max_contexts", int, "named contexts at once (default %d)" % MAX_CONTEXTS),
     ("--context-idle-timeout", "context_idle_timeout", float,
      "seconds after which an idle named context ends, 0 for never (default %g)" % CONTEXT_IDLE_TIMEOUT_S),
+    # Terminals (issue 14)
+    ("--terminal-linger", "terminal_linger", float,
+     "seconds a detached terminal session waits for a reattach (default %g)" % TERMINAL_LINGER_S),
+    ("--max-terminals", "max_terminals", int, "terminal sessions at once (default %d)" % MAX_TERMINALS),
 )
 
 
@@ -11341,6 +12467,12 @@ def _check_options(values: Dict[str, Any]) -> None:
     if "context_idle_timeout" in values and not (math.isfinite(values["context_idle_timeout"])
                                                  and values["context_idle_timeout"] >= 0):
         raise ValueError("--context-idle-timeout must be a number of seconds, 0 for never")
+    # Terminals (issue 14)
+    if "max_terminals" in values and not 1 <= values["max_terminals"] <= 10000:
+        raise ValueError("--max-terminals must be from 1 to 10000")
+    if "terminal_linger" in values and not (math.isfinite(values["terminal_linger"])
+                                            and 0 <= values["terminal_linger"] <= 7 * 86400):
+        raise ValueError("--terminal-linger must be a number of seconds from 0 to 604800")
 
 
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")

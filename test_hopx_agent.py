@@ -2181,6 +2181,44 @@ def test_limits_on_a_call_run_it_as_a_process_of_its_own_and_not_in_a_context(cl
     assert status == 400 and body["details"] == {"field": "memory_limit_mb"}
     client.ok("DELETE", "/contexts/" + ctx["context_id"])
 
+# -- terminals: a terminal's limits and user apply to its shell -----------------------
+
+
+@needs_root
+@needs_cgroups
+def test_a_terminal_shell_runs_as_its_user_in_its_own_cgroup(server, manager):
+    server.manager.env_set({"HISTFILE": "/dev/null"}, replace=False)
+    t = TermWS(server, "?shell=bash&user=nobody&pids_limit=30")
+    c = Client(server)
+    try:
+        t.send("id -un; cat /proc/self/cgroup\n")
+        t.expect(r"\rnobody\r\n")
+        line = r"\n\d+:pids:" if LIM_MECH == "cgroup_v1" else r"\n0::"
+        path = t.expect(line + r"(/\S*%s/\S+)\r\n" % re.escape(manager.limits.tree.name)).group(1)
+        group = os.path.join(manager.limits.tree.runs["pids" if LIM_MECH == "cgroup_v1" else ""],
+                             os.path.basename(path))
+        assert open(group + "/pids.max").read().strip() == "30"
+        assert c.ok("DELETE", "/terminals/" + t.session_id)["session_id"] == t.session_id
+        wait_until(lambda: not os.path.exists(group), 10, "the terminal's cgroup removed")
+    finally:
+        c.close()
+        t.close()
+
+
+def test_bad_limits_on_a_terminal_are_a_400_before_the_upgrade(server):
+    ws = WS.__new__(WS)
+    sock = socket.create_connection(server.server_address[:2], timeout=READ_TIMEOUT_S)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(("GET /terminal?pids_limit=2.5 HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
+                      "Authorization: Bearer %s\r\n\r\n" % (key, good_token())).encode())
+        fh = sock.makefile("rb")
+        status = _read_head(fh)[0]
+        assert status == 400
+    finally:
+        sock.close()
+
 @needs_cgroups
 def test_shutdown_removes_every_cgroup_and_kills_their_members(config):
     mgr = hopx_agent.ProcessManager(config)
@@ -4997,8 +5035,8 @@ class WS:
 
     TEXT, BINARY, CLOSE, PING, PONG, CONT = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
 
-    def __init__(self, server, token=None):
-        self.sock, self.fh, status, self.headers, key = ws_handshake(server, token=token)
+    def __init__(self, server, token=None, path="/execute/stream"):
+        self.sock, self.fh, status, self.headers, key = ws_handshake(server, path=path, token=token)
         assert status == 101, status
         expected = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
         assert self.headers.get("sec-websocket-accept") == expected
@@ -8186,6 +8224,798 @@ def test_cli_rejects_an_unknown_python_kernel_mode(capsys):
 
 
 # ============================================================================
+# Terminals: pty sessions (the machinery: sessions, the hub, ends, ptys)
+# ============================================================================
+
+
+class TermClient:
+    """An in-process client of a terminal session: a thread takes its
+    messages as the WebSocket's writer would (JSON-encoding each), into a
+    queue; ``stall`` (an Event) holds the thread before each message, as a
+    client that stopped reading holds the writer."""
+
+    def __init__(self, terminals, session, stall=None):
+        self.terminals, self.session = terminals, session
+        self.client = terminals.attach(session)
+        self.queue = queue.Queue()
+        self.text, self.all, self.stall = "", [], stall
+        self.thread = threading.Thread(target=self._run, name="test-term-client", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            done = False
+            while not done and not self.client.gone:
+                messages, done = self.session.next_messages(self.client, 5.0)
+                for message in messages:
+                    if self.stall is not None:
+                        self.stall.wait(30)
+                    json.dumps(message)
+                    self.queue.put(message)
+        finally:
+            self.terminals.detach(self.session, self.client)
+
+    def pump(self):
+        while True:
+            try:
+                message = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            self.all.append(message)
+            if message["type"] == "output":
+                self.text += message["data"]
+
+    def expect(self, pattern, timeout=10.0):
+        def found():
+            self.pump()
+            return re.search(pattern, self.text)
+        try:
+            return wait_until(found, timeout, repr(pattern))
+        except AssertionError:
+            raise AssertionError("%r not in %r" % (pattern, self.text[-1500:])) from None
+
+    def expect_type(self, kind, timeout=10.0):
+        def found():
+            self.pump()
+            return next((m for m in self.all if m["type"] == kind), None)
+        return wait_until(found, timeout, kind)
+
+    def send(self, text):
+        assert self.session.handle({"type": "input", "data": text}) is None
+
+    def ready(self):
+        """The shell has read its startup files and answers."""
+        self.send("echo ready-$((1+2))\n")
+        self.expect("ready-3")
+
+    def leave(self):
+        self.terminals.detach(self.session, self.client)
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def terminals(config, manager):
+    terms = hopx_agent._Terminals(config, manager)
+    yield terms
+    terms.shutdown(10)
+    assert not [t for t in threading.enumerate() if t.name.startswith("hopx-term")], "a terminal thread is left"
+
+
+def open_bash(terms, tmp_path=None, **kw):
+    """bash with a HOME of its own, so the machine's ~/.bashrc is not read."""
+    kw.setdefault("shell", "/bin/bash")
+    home = tmp_path or terms._manager.config.workdir
+    return terms.open(env={"HOME": str(home), "HISTFILE": "/dev/null"}, **kw)
+
+
+def session_has(session, comm):
+    """A process named ``comm`` runs in the session."""
+    for pid in hopx_agent._session_processes(session.pid, session.id):
+        try:
+            with open("/proc/%d/comm" % pid) as fh:
+                if fh.read().strip() == comm:
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def test_terminal_shell_has_the_pty_as_controlling_terminal(terminals):
+    s = open_bash(terminals)
+    c = TermClient(terminals, s)
+    c.send("tty; echo TERM=$TERM; ps -o tpgid= -p $$; echo pgid=$(ps -o pgid= -p $$) sid=$(ps -o sid= -p $$)\n")
+    m = c.expect(r"pgid=\s*(\d+) sid=\s*(\d+)")
+    assert int(m.group(1)) == int(m.group(2)) == s.pid      # it leads its session and its group
+    assert re.search(r"[\r\n]%s\r\nTERM=xterm-256color\r\n\s*(\d+)" % re.escape(s.pty.path), c.text), c.text
+    tpgid = int(re.search(r"TERM=xterm-256color\r\n\s*(\d+)", c.text).group(1))
+    assert tpgid > 0 and tpgid != s.pid                    # ps ran as the terminal's foreground job
+    c.leave()
+
+
+def test_terminal_ctrl_c_interrupts_the_foreground_job_not_the_shell(terminals):
+    s = open_bash(terminals)
+    c = TermClient(terminals, s)
+    c.ready()
+    c.send("sleep 30; echo after-$((6*7))\n")
+    wait_until(lambda: session_has(s, "sleep"), 5, "sleep")
+    c.send("\x03")
+    c.send("echo status-$?-$((1+1))\n")
+    c.expect(r"status-130-2")
+    assert "after-42" not in c.text and pid_alive(s.pid)
+    c.leave()
+
+
+def test_terminal_job_control_works(terminals):
+    s = open_bash(terminals)
+    c = TermClient(terminals, s)
+    c.ready()
+    c.send("sleep 30 &\n")
+    c.expect(r"\[1\] \d+")
+    c.send("jobs; echo jobs-$((2+3))\n")
+    c.expect(r"Running.*sleep 30[\s\S]*jobs-5")
+    c.send("fg\n")
+    c.expect(r"sleep 30\r\n")
+    wait_until(lambda: session_has(s, "sleep"), 5, "sleep")
+    c.send("\x1a")                       # ^Z stops the foreground job: job control has a ctty
+    c.expect(r"Stopped")
+    c.send("kill -9 %1; wait; echo done-$((3*3))\n")
+    c.expect(r"done-9")
+    assert "no job control" not in c.text
+    c.leave()
+
+
+def test_terminal_stty_size_follows_a_resize(terminals):
+    s = open_bash(terminals, cols=100, rows=30)
+    c = TermClient(terminals, s)
+    c.send("stty size\n")
+    c.expect(r"30 100")
+    assert s.handle({"type": "resize", "cols": 132, "rows": 43}) is None
+    c.send("stty size; echo $COLUMNS-x\n")
+    c.expect(r"43 132")
+    c.expect(r"132-x")                    # bash had its SIGWINCH and updated COLUMNS
+    assert (s.describe()["cols"], s.describe()["rows"]) == (132, 43)
+    c.leave()
+
+
+def test_terminal_bad_messages_get_error_messages(terminals):
+    s = open_bash(terminals)
+    for bad in ({"type": "resize", "cols": 0, "rows": 10}, {"type": "resize", "cols": True, "rows": 10},
+                {"type": "resize", "cols": 10, "rows": 1001}, {"type": "input", "data": 5}):
+        assert s.handle(bad)["code"] == "INVALID_REQUEST", bad
+    assert s.handle({"type": "something-new"}) is None      # newer clients' types are ignored
+
+
+def test_terminal_exit_code_is_the_shells(terminals):
+    s = open_bash(terminals)
+    c = TermClient(terminals, s)
+    c.send("exit 3\n")
+    assert c.expect_type("exit")["code"] == 3
+    c.thread.join(5)
+    assert s.finished and s.popen.returncode == 3 and not c.thread.is_alive()
+    assert not terminals._manager.spawner.owns(s.pid)       # reaped and untracked
+
+
+def test_terminal_death_by_signal_is_128_plus_n(terminals):
+    s = open_bash(terminals)
+    c = TermClient(terminals, s)
+    c.send("kill -9 $$\n")
+    assert c.expect_type("exit")["code"] == 137
+
+
+def test_terminal_exited_session_replays_then_exits_on_reattach(terminals):
+    s = open_bash(terminals)
+    c = TermClient(terminals, s)
+    c.send("echo before-$((40+2)); exit 5\n")
+    c.expect_type("exit")
+    again = TermClient(terminals, s)
+    assert again.expect_type("exit")["code"] == 5
+    assert "before-42" in again.text and again.all[-1]["type"] == "exit"
+
+
+def test_terminal_exit_ends_a_job_that_holds_the_pty(terminals):
+    s = open_bash(terminals)
+    c = TermClient(terminals, s)
+    c.ready()
+    c.send("(trap '' HUP; sleep 30) & exit 0\n")
+    t0 = time.monotonic()
+    assert c.expect_type("exit")["code"] == 0
+    assert time.monotonic() - t0 < 4           # the drain (0.5 s), then HUP, TERM
+    assert not hopx_agent._session_processes(s.pid, s.id)
+
+
+def test_terminal_reattach_replays_what_was_printed_while_detached(terminals):
+    s = open_bash(terminals)
+    c = TermClient(terminals, s)
+    c.send("echo one-$((1*1))\n")
+    c.expect("one-1")
+    c.leave()
+    s.write(b"for i in 1 2 3; do echo detached-$i-$((i*10)); done\n")
+    wait_until(lambda: "detached-3-30" in s.scrollback.read(None, False)[0], 5, "output")
+    again = TermClient(terminals, s)
+    again.expect("detached-3-30")
+    assert "one-1" in again.text           # the whole window, from before the first detach
+    again.send("echo live-$((5*5))\n")
+    again.expect("live-25")
+    again.leave()
+
+
+def test_terminal_two_clients_see_the_same_output_and_both_type(terminals):
+    s = open_bash(terminals)
+    a, b = TermClient(terminals, s), TermClient(terminals, s)
+    a.send("echo from-a-$((2*2))\n")
+    b.send("echo from-b-$((3*3))\n")
+    for c in (a, b):
+        c.expect("from-a-4")
+        c.expect("from-b-9")
+    assert s.describe()["clients"] == 2
+    a.leave()
+    assert s.describe()["clients"] == 1
+    b.leave()
+
+
+def test_terminal_client_that_does_not_read_blocks_neither_shell_nor_others(terminals):
+    s = open_bash(terminals)
+    stall = threading.Event()
+    stuck, reader = TermClient(terminals, s, stall=stall), TermClient(terminals, s)
+    reader.ready()
+    reader.send("head -c 4000000 /dev/zero | tr '\\0' x; echo; echo flood-$((7*6))\n")    # 4 lag windows
+    reader.expect("flood-42", 20)
+    reader.send("echo still-$((8*8))\n")
+    reader.expect("still-64")
+    assert pid_alive(s.pid)
+    stall.set()
+    dropped = stuck.expect_type("dropped")
+    assert dropped["bytes"] > 1024 * 1024
+    stuck.expect("still-64")               # then on, from the window
+    reader.pump()
+    lost = sum(m["bytes"] for c in (stuck, reader) for m in c.all if m["type"] == "dropped")
+    assert s.describe()["dropped_bytes"] == lost
+    assert s.scrollback.held <= hopx_agent.TERMINAL_LAG_BYTES
+    stuck.leave()
+    reader.leave()
+
+
+def test_terminal_utf8_is_never_split_between_messages(terminals):
+    s = open_bash(terminals)
+    c = TermClient(terminals, s)
+    c.send("python3 -c \"import os,time\nb='é€😀'.encode()*3\nfor i in range(len(b)):\n"
+           "  os.write(1, b[i:i+1]); time.sleep(0.002)\nos.write(1, 'ü'.encode()*200000 + b'\\nEND-' + b'9')\"\n")
+    c.expect("END-9", 20)
+    outputs = [m["data"] for m in c.all if m["type"] == "output"]
+    assert "é€😀é€😀é€😀" in c.text and "\ufffd" not in c.text
+    assert len(outputs) > 3 and all(len(m.encode()) <= hopx_agent.TERMINAL_MESSAGE_BYTES for m in outputs)
+    for odd in (0, 1):        # a replay window that starts inside a character starts after it
+        s.write(b"printf x\n" if odd else b"true\n")
+        late = TermClient(terminals, s)
+        late.expect("END-9")
+        assert "\ufffd" not in late.text and late.text.count("ü") > 1000
+        late.leave()
+    c.leave()
+
+
+def test_terminal_scrollback_is_bounded_and_the_replay_is_the_newest(terminals):
+    s = open_bash(terminals)
+    s.write(b"seq 1 100000; echo tail-$((9*9))\n")
+    wait_until(lambda: "tail-81" in s.scrollback.read(None, False)[0], 20, "seq")
+    c = TermClient(terminals, s)
+    c.expect("tail-81")
+    assert "\n1\r\n" not in c.text and "99999" in c.text
+    assert len(c.text.encode()) <= hopx_agent.SCROLLBACK_BYTES
+    assert c.all[0]["type"] == "output"         # a fresh cursor starts in the window: nothing dropped
+    c.leave()
+
+
+def test_terminal_linger_ends_a_detached_session(config, manager):
+    terms = hopx_agent._Terminals(dataclasses.replace(config, terminal_linger=0.3), manager)
+    try:
+        s = open_bash(terms)
+        c = TermClient(terms, s)
+        c.ready()
+        c.send("sleep 30 &\n")
+        job = int(c.expect(r"\[1\] (\d+)").group(1))
+        c.leave()
+        wait_until(lambda: s.finished, 5, "the linger")
+        with pytest.raises(hopx_agent.NotFound):
+            terms.get(s.id)
+        assert not pid_alive(job) and not pid_alive(s.pid)
+        assert s.exit_code == 129             # the shell died of the SIGHUP
+    finally:
+        terms.shutdown(10)
+
+
+def test_terminal_nobody_ever_attached_lingers_too(config, manager):
+    terms = hopx_agent._Terminals(dataclasses.replace(config, terminal_linger=0.2), manager)
+    try:
+        s = open_bash(terms)
+        wait_until(lambda: s.finished, 5, "the linger")
+    finally:
+        terms.shutdown(10)
+
+
+def test_terminal_end_reaches_every_process_of_the_session(terminals):
+    s = open_bash(terminals)
+    c = TermClient(terminals, s)
+    c.ready()
+    c.send("sleep 301 & (trap '' HUP TERM; sleep 302) & setsid sleep 303 & sleep 304\n")
+    wait_until(lambda: session_has(s, "sleep") and len(hopx_agent._session_processes(s.pid, s.id)) >= 5,
+               5, "children")
+    c.send("\x1a")                    # a stopped foreground job: SIGTERM alone would not end it
+    c.expect("Stopped")
+    procs = wait_until(lambda: (lambda p: p if any(not ins for _, ins in p.values()) else None)(
+        hopx_agent._session_processes(s.pid, s.id)), 5, "the setsid escaper")   # found by its marker
+    t0 = time.monotonic()
+    out = terminals.delete(s.id)
+    assert (out["status"], out["session_id"]) == ("terminated", s.id)
+    assert time.monotonic() - t0 < hopx_agent.TERMINAL_HUP_GRACE_S + terminals.kill_grace + 2
+    assert not [p for p in procs if pid_alive(p)]
+    assert c.expect_type("exit")["code"] == 129
+    for call in (terminals.get, terminals.delete):
+        with pytest.raises(hopx_agent.NotFound):
+            call(s.id)
+
+
+def test_terminal_limit_refuses_then_an_exited_one_gives_its_slot(config, manager):
+    terms = hopx_agent._Terminals(dataclasses.replace(config, max_terminals=2), manager)
+    try:
+        a, b = open_bash(terms), open_bash(terms)
+        with pytest.raises(hopx_agent.LimitExceeded):
+            open_bash(terms)
+        a.write(b"exit 0\n")
+        wait_until(lambda: a.finished, 5, "exit")
+        c = open_bash(terms)                 # a's slot: it has exited and nobody watches it
+        assert {t["session_id"] for t in terms.list_json()["terminals"]} == {b.id, c.id}
+    finally:
+        terms.shutdown(10)
+
+
+def test_terminal_shutdown_ends_every_session(config, manager):
+    terms = hopx_agent._Terminals(config, manager)
+    sessions = [open_bash(terms) for _ in range(4)]
+    wait_until(lambda: all(s.scrollback.total for s in sessions), 10, "prompts")
+    terms.shutdown(10)
+    assert all(s.finished and not pid_alive(s.pid) and s.pty.master < 0 for s in sessions)
+    with pytest.raises(hopx_agent.Unavailable):
+        open_bash(terms)
+    assert not [t for t in threading.enumerate() if t.name == "hopx-terminals"]
+
+
+def test_terminal_one_thread_for_many_idle_sessions(terminals):
+    before = {t.name for t in threading.enumerate()}
+    fds = len(os.listdir("/proc/self/fd"))
+    sessions = [open_bash(terminals) for _ in range(8)]
+    wait_until(lambda: all(s.scrollback.total for s in sessions), 10, "prompts")
+    # the hub, and the shared watchdog (linger timers): nothing per session
+    assert {t.name for t in threading.enumerate()} - before <= {"hopx-terminals", "hopx-watchdog"}
+    assert len(os.listdir("/proc/self/fd")) - fds <= 2 * len(sessions) + 3   # a master and a pidfd each
+
+
+def test_terminal_default_shell_skips_nologin(monkeypatch):
+    fake = types.SimpleNamespace(pw_shell="/usr/sbin/nologin")
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: fake)
+    assert os.path.basename(hopx_agent._default_shell(0)) == "bash"
+    fake.pw_shell = "/bin/false"
+    assert os.path.basename(hopx_agent._default_shell(0)) == "bash"
+    fake.pw_shell = "/bin/sh"
+    assert hopx_agent._default_shell(0) == "/bin/sh"
+
+
+def test_terminal_unknown_shell_or_cwd_is_400(terminals):
+    for kw in ({"shell": "no-such-shell-xyz"}, {"cwd": "no/such/dir"}):
+        with pytest.raises(hopx_agent.BadRequest):
+            terminals.open(**kw)
+    assert terminals.list_json()["count"] == 0
+
+
+def test_terminal_shell_by_name_in_a_cwd(terminals, tmp_path):
+    (tmp_path / "sub").mkdir()
+    s = terminals.open(shell="sh", cwd="sub", env={"HOME": str(tmp_path)})
+    c = TermClient(terminals, s)
+    c.send("pwd; echo $((4*4))\n")
+    c.expect("16")
+    assert str(tmp_path / "sub") in c.text and s.shell.endswith("/sh")
+    c.leave()
+
+
+def test_terminal_pty_given_to_a_user_opens_as_that_user(tmp_path):
+    """A shell that drops root before its prelude runs (Popen's user=, no
+    gate) can open its terminal once the slave is its user's."""
+    nobody = pwd.getpwnam("nobody")
+    pty = hopx_agent._Pty(40, 10)
+    pty.give_to(nobody.pw_uid, nobody.pw_gid)
+    popen = subprocess.Popen(
+        ["/bin/sh", "-c", hopx_agent._ctty_prelude(pty.path) + '; exec "$0" "$@"', "sh", "-c", "id -u; tty"],
+        stdin=pty.slave, stdout=pty.slave, stderr=pty.slave, start_new_session=True, close_fds=True,
+        user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[], cwd="/")
+    pty.close_slave()
+    out = b""
+    while True:
+        data = hopx_agent._read_pty(pty.master, 4096)
+        if not data:
+            break
+        out += data
+    assert popen.wait(5) == 0
+    assert out.decode().split() == [str(nobody.pw_uid), pty.path]
+    pty.close()
+
+
+def test_terminal_spawn_failure_frees_the_slot_and_the_pty(config, manager, monkeypatch):
+    terms = hopx_agent._Terminals(dataclasses.replace(config, max_terminals=1), manager)
+    fds = len(os.listdir("/proc/self/fd"))
+    real = manager.spawner.spawn
+    monkeypatch.setattr(manager.spawner, "spawn", lambda spec: (_ for _ in ()).throw(OSError(2, "No such file")))
+    with pytest.raises(hopx_agent.BadRequest):
+        terms.open(shell="/bin/sh")
+    assert len(os.listdir("/proc/self/fd")) == fds
+    monkeypatch.setattr(manager.spawner, "spawn", real)
+    s = terms.open(shell="/bin/sh")           # the slot was given back
+    terms.shutdown(10)
+    assert s.finished
+
+
+# -- "pty": true executions -------------------------------------------------------
+
+def pty_output(manager, rec, until, timeout=10.0):
+    return wait_until(lambda: (lambda t: t if until in t else None)(
+        manager.describe(rec)["stdout"]), timeout, repr(until))
+
+
+def test_pty_execution_is_on_a_terminal_with_its_size(manager):
+    code = ("import sys,os,shutil; print(sys.stdin.isatty(), sys.stdout.isatty(), sys.stderr.isatty(),"
+            " tuple(shutil.get_terminal_size()), os.ttyname(1), os.environ['TERM'])")
+    rec = manager.start(manager.code_launch(code, "python", pty=(50, 7)))
+    assert manager.wait(rec, 10)
+    record = manager.describe(rec)
+    assert record["status"] == "completed" and record["stderr"] == ""
+    assert "True True True (50, 7) /dev/pts/" in record["stdout"] and "xterm-256color" in record["stdout"]
+    assert record["pty"] == {"cols": 50, "rows": 7}
+
+
+def test_pty_execution_stdin_and_eof_writes_ctrl_d(manager):
+    rec = manager.start(manager.command_launch("read x; echo got-$x; cat; echo cat-done", pty=(80, 24)))
+    manager.write_stdin(rec.id, b"one\n")
+    pty_output(manager, rec, "got-one")
+    answer = manager.write_stdin(rec.id, b"", eof=True)     # ^D at the start of a line: cat's EOF
+    assert answer["written"] == 1
+    assert manager.wait(rec, 10)
+    record = manager.describe(rec)
+    assert "cat-done" in record["stdout"] and record["status"] == "completed" and record["stderr"] == ""
+
+
+def test_pty_execution_kill_ends_it_and_its_reader(manager):
+    rec = manager.start(manager.command_launch("sleep 30 & sleep 31", pty=(80, 24)))
+    wait_until(lambda: len(pids_with_marker(rec.id)) >= 2, 5, "children")
+    manager.kill(rec.id)
+    assert rec.finished and rec.signal == "SIGTERM"
+    wait_until(lambda: not pids_with_marker(rec.id), 5, "the group gone")
+    wait_until(lambda: rec.open_streams == 0, 5, "the reader at EOF")
+
+
+# ============================================================================
+# Endpoints: terminal (GET /terminal over WebSocket, GET /terminals, DELETE /terminals/{id})
+# ============================================================================
+
+
+class TermWS:
+    """A terminal client over a real WebSocket: the session message first,
+    then output, dropped, exit, and the close frame."""
+
+    def __init__(self, server, query="", rcvbuf=None, token=None):
+        if rcvbuf is None:
+            self.ws = WS(server, path="/terminal" + query, token=token)
+        else:    # a small receive buffer: a client that stops reading fills up fast
+            self.ws = WS.__new__(WS)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(READ_TIMEOUT_S)
+            sock.connect(server.server_address[:2])
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(("GET /terminal%s HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n\r\n"
+                          % (query, key, good_token())).encode())
+            self.ws.sock, self.ws.fh = sock, sock.makefile("rb")
+            assert _read_head(self.ws.fh)[0] == 101
+        self.text, self.all, self.close_code = "", [], None
+        first = self.next()
+        assert first["type"] == "session", first
+        self.session_id = first["session_id"]
+
+    def next(self):
+        """The next message (None after the close frame)."""
+        frame = self.ws.recv()
+        assert frame is not None, "EOF before a close frame"
+        opcode, payload = frame
+        if opcode == WS.CLOSE:
+            self.close_code = struct.unpack("!H", payload[:2])[0]
+            return None
+        assert opcode == WS.TEXT
+        message = json.loads(payload)
+        self.all.append(message)
+        if message["type"] == "output":
+            self.text += message["data"]
+        return message
+
+    def expect(self, pattern):
+        deadline = time.monotonic() + FOLLOW_DEADLINE_S
+        try:
+            while not re.search(pattern, self.text):
+                assert time.monotonic() < deadline and self.next() is not None, (pattern, self.text[-1500:])
+        except socket.timeout:
+            raise AssertionError("nothing for %ss: %r not in %r" % (READ_TIMEOUT_S, pattern, self.text[-1500:]))
+        return re.search(pattern, self.text)
+
+    def until_exit(self):
+        """The exit code; the close frame (1000) follows it."""
+        deadline = time.monotonic() + FOLLOW_DEADLINE_S
+        while True:
+            assert time.monotonic() < deadline
+            message = self.next()
+            assert message is not None, "closed before exit"
+            if message["type"] == "exit":
+                assert self.next() is None and self.close_code == 1000
+                return message["code"]
+
+    def send(self, text):
+        self.ws.send_json({"type": "input", "data": text})
+
+    def close(self):
+        try:
+            self.ws.send(WS.CLOSE, struct.pack("!H", 1000))
+        except OSError:
+            pass
+        self.ws.close()
+
+
+@pytest.fixture
+def term_server(server, tmp_path):
+    """The server, its shells with a HOME of their own (through the global
+    env store, which terminals take like any execution)."""
+    server.manager.env_set({"HOME": str(tmp_path), "HISTFILE": "/dev/null"}, replace=False)
+    yield server
+
+
+def test_terminal_websocket_session_echo_tty_and_exit(term_server):
+    t = TermWS(term_server, "?shell=bash&cols=90&rows=20")
+    assert t.session_id.startswith("term_")
+    t.send("tty; echo $TERM-$((6*7)); stty size\n")
+    t.expect(r"/dev/pts/\d+\r\nxterm-256color-42\r\n20 90")
+    t.send("exit 3\n")
+    assert t.until_exit() == 3
+    t.close()
+
+
+def test_terminal_websocket_resize_and_ctrl_c(term_server):
+    t = TermWS(term_server, "?shell=bash")
+    t.send("echo ready-$((1+2))\n")
+    t.expect("ready-3")
+    t.ws.send_json({"type": "resize", "cols": 120, "rows": 40})
+    t.send("stty size\n")
+    t.expect("40 120")
+    t.send("sleep 30; echo after-$((6*7))\n")
+    session = term_server.terminals.get(t.session_id)
+    wait_until(lambda: session_has(session, "sleep"), 5, "sleep")
+    t.send("\x03")
+    t.send("echo status-$?-$((2+2))\n")
+    t.expect("status-130-4")
+    t.ws.send(WS.TEXT, b"not json")
+    error = t.next()
+    while error["type"] != "error":           # the prompt may still be on its way
+        error = t.next()
+    assert error["code"] == "INVALID_JSON"
+    t.ws.send(WS.BINARY, b"echo raw-$((3+4))\n")          # binary frames are raw input
+    t.expect("raw-7")
+    assert "after-42" not in t.text
+    t.close()
+
+
+def test_terminal_websocket_reattach_replays_then_goes_live(term_server):
+    t = TermWS(term_server, "?shell=bash")
+    t.send("echo first-$((2+3))\n")
+    t.expect("first-5")
+    t.close()
+    session = term_server.terminals.get(t.session_id)
+    wait_until(lambda: not session.clients, 5, "the detach")
+    session.write(b"echo meanwhile-$((3*5))\n")
+    wait_until(lambda: "meanwhile-15" in session.scrollback.read(None, False)[0], 5, "output")
+    again = TermWS(term_server, "?session=" + t.session_id)
+    assert again.session_id == t.session_id
+    again.expect("meanwhile-15")
+    assert "first-5" in again.text
+    again.send("echo live-$((4*4))\n")
+    again.expect("live-16")
+    again.send("exit\n")
+    assert again.until_exit() == 0
+    late = TermWS(term_server, "?session=" + t.session_id)     # exited: the scrollback, exit, close
+    assert late.until_exit() == 0 and "live-16" in late.text
+    late.close()
+
+
+def test_terminal_websocket_two_clients_at_once(term_server):
+    a = TermWS(term_server, "?shell=bash")
+    b = TermWS(term_server, "?session=" + a.session_id)
+    a.send("echo from-a-$((1+1))\n")
+    b.send("echo from-b-$((2+1))\n")
+    for t in (a, b):
+        t.expect("from-a-2")
+        t.expect("from-b-3")
+    listing = TermClientListing(term_server)
+    assert listing[a.session_id]["clients"] == 2
+    a.send("exit 4\n")
+    assert a.until_exit() == 4 and b.until_exit() == 4
+    a.close()
+    b.close()
+
+
+def TermClientListing(server):
+    c = Client(server)
+    try:
+        answer = c.ok("GET", "/terminals")
+    finally:
+        c.close()
+    assert answer["count"] == len(answer["terminals"])
+    return {t["session_id"]: t for t in answer["terminals"]}
+
+
+def test_terminal_delete_ends_every_process_and_closes_clients(term_server, client):
+    t = TermWS(term_server, "?shell=bash")
+    t.send("sleep 311 & setsid sleep 312 & (trap '' TERM; sleep 313) & echo started-$((5+5))\n")
+    t.expect("started-10")
+    session = term_server.terminals.get(t.session_id)
+    wait_until(lambda: len(pids_with_marker(t.session_id)) >= 4, 5, "children")
+    pids = pids_with_marker(t.session_id)
+    status, answer, _ = client.call("DELETE", "/terminals/" + t.session_id)
+    assert status == 200 and answer["session_id"] == t.session_id and answer["status"] == "terminated"
+    assert not [p for p in pids if pid_alive(p)] and session.finished
+    assert t.until_exit() == 129
+    status, answer, _ = client.call("DELETE", "/terminals/" + t.session_id)
+    assert status == 404 and answer["code"] == "RESOURCE_NOT_FOUND"
+    t.close()
+
+
+def test_terminal_flood_with_a_client_that_does_not_read(term_server):
+    reader = TermWS(term_server, "?shell=bash")
+    stuck = TermWS(term_server, "?session=" + reader.session_id, rcvbuf=4096)
+    reader.send("echo ready-$((1+2))\n")
+    reader.expect("ready-3")
+    reader.send("head -c 8000000 /dev/zero | tr '\\0' x; echo; echo flood-$((6*7))\n")
+    reader.expect("flood-42")
+    reader.send("echo after-$((7*7))\n")
+    reader.expect("after-49")                 # the shell went on, and so did this client
+    stuck.expect("after-49")                  # the stuck one reads again: it lost the middle
+    lost = sum(m["bytes"] for m in stuck.all if m["type"] == "dropped")
+    assert lost > 1024 * 1024
+    assert TermClientListing(term_server)[reader.session_id]["dropped_bytes"] >= lost
+    reader.close()
+    stuck.close()
+
+
+def test_terminal_refusals_come_before_the_upgrade(term_server, config):
+    sock, fh, status, head, _ = ws_handshake(term_server, path="/terminal?session=term_nope")
+    body = read_json_body(fh, head)
+    assert status == 404 and body["code"] == "RESOURCE_NOT_FOUND"
+    sock.close()
+    for query, code in (("?cols=0", "INVALID_REQUEST"), ("?shell=/no/such/shell", "INVALID_REQUEST"),
+                        ("?cwd=no/such/dir", "INVALID_REQUEST")):
+        sock, fh, status, head, _ = ws_handshake(term_server, path="/terminal" + query)
+        assert status == 400 and read_json_body(fh, head)["code"] == code, query
+        sock.close()
+    assert TermClientListing(term_server) == {}
+
+
+def test_terminal_over_the_limit_is_429_before_the_upgrade(config, manager, tmp_path):
+    small = dataclasses.replace(config, max_terminals=1)
+    srv = hopx_agent.create_server(small, manager)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        manager.env_set({"HOME": str(tmp_path)}, replace=False)
+        first = TermWS(srv, "?shell=sh")
+        sock, fh, status, head, _ = ws_handshake(srv, path="/terminal?shell=sh")
+        assert status == 429 and read_json_body(fh, head)["code"] == "RESOURCE_LIMIT_ERROR"
+        sock.close()
+        first.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+def test_terminal_listing_and_features(term_server, client):
+    t = TermWS(term_server, "?shell=sh&cols=70&rows=15")
+    listing = client.ok("GET", "/terminals")
+    assert listing["count"] == 1
+    entry = listing["terminals"][0]
+    for field in ("session_id", "pid", "cols", "rows", "clients", "created_at", "dropped_bytes"):
+        assert field in entry
+    assert (entry["session_id"], entry["cols"], entry["rows"], entry["clients"]) == (t.session_id, 70, 15, 1)
+    assert client.ok("GET", "/health")["features"]["terminal_access"] is True
+    assert client.call("GET", "/terminals", token=False)[0] == 401
+    t.close()
+
+
+def test_terminal_server_close_ends_sessions_and_their_clients(config, manager, tmp_path):
+    srv = hopx_agent.create_server(config, manager)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    manager.env_set({"HOME": str(tmp_path)}, replace=False)
+    t = TermWS(srv, "?shell=bash")
+    t.send("echo up-$((1+1))\n")
+    t.expect("up-2")
+    pid = srv.terminals.get(t.session_id).pid
+    srv.shutdown()
+    srv.server_close()
+    thread.join(5)
+    assert t.until_exit() == 129 and not pid_alive(pid)
+    t.close()
+
+
+def test_terminal_options(tmp_path):
+    args = hopx_agent._build_parser().parse_args(["--terminal-linger", "5", "--max-terminals", "3"])
+    config = hopx_agent._config_from(args, {"HOPX_AGENT_SECRET": SECRET.decode()})
+    assert (config.terminal_linger, config.max_terminals) == (5.0, 3)
+    assert config.limits()["max_terminals"] == 3
+    env = {"HOPX_AGENT_TERMINAL_LINGER": "7"}
+    assert hopx_agent._config_from(hopx_agent._build_parser().parse_args([]), env).terminal_linger == 7.0
+    for bad, word in (({"max_terminals": 0}, "--max-terminals"), ({"terminal_linger": -1.0}, "--terminal-linger"),
+                      ({"terminal_linger": float("nan")}, "--terminal-linger")):
+        with pytest.raises(ValueError, match=word):
+            hopx_agent._check_options(bad)
+
+
+def test_terminal_upgrade_refused_for_want_of_streams_ends_its_session(term_server, monkeypatch):
+    monkeypatch.setattr(hopx_agent._Handler, "_become_stream", lambda self, capped: False)
+    sock, fh, status, head, _ = ws_handshake(term_server, path="/terminal?shell=sh")
+    assert status == 503 and read_json_body(fh, head)["code"] == "SERVICE_UNAVAILABLE"
+    sock.close()
+    assert TermClientListing(term_server) == {}             # forgotten at once, and ended
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("hopx-term-") and
+                            t.name.endswith("-end")], 10, "the end of the refused session")
+
+
+def test_pty_start_refused_before_the_fork_leaks_nothing(manager, monkeypatch):
+    warm = manager.start(manager.command_launch("true", pty=(80, 24)))   # the watchers' own descriptors
+    assert manager.wait(warm, 10)
+    wait_until(lambda: warm.open_streams == 0, 5, "the reader at EOF")
+    fds = len(os.listdir("/proc/self/fd"))
+
+    def no_threads(pool, name, fn, *args):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(hopx_agent._WorkerPool, "submit", no_threads)
+    with pytest.raises(hopx_agent.AgentError) as refused:
+        manager.start(manager.command_launch("echo never", pty=(80, 24)))
+    assert refused.value.status == 503
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_pty_background_process_read_through_sse(server, client):
+    answer = client.ok("POST", "/commands/background", {
+        "command": "tty; stty size; echo to-stderr >&2; read x; echo got-$x", "pty": True, "cols": 100, "rows": 30})
+    pid = answer["process_id"]
+    sse = SSE(server, "/execute/processes/%s/stream" % pid)
+    events = sse.events(stop=lambda e: "to-stderr" in output_of([e]))
+    assert client.ok("POST", "/execute/processes/%s/stdin" % pid, {"data": "hi\n"})["written"] == 3
+    events += sse.events()
+    sse.close()
+    out = output_of(events)
+    assert re.search(r"/dev/pts/\d+\r\n30 100\r\nto-stderr\r\nhi\r\ngot-hi\r\n", out), out
+    assert output_of(events, "stderr") == "" and events[-1]["event"] == "exit"
+    record = client.ok("GET", "/execute/processes/" + pid)
+    assert record["pty"] == {"cols": 100, "rows": 30} and record["exit_code"] == 0
+
+
+def test_pty_field_is_for_background_starts_only(client):
+    for path, body in (("/execute", {"code": "print(1)", "pty": True}),
+                       ("/commands/run", {"command": "true", "pty": True}),
+                       ("/execute/background", {"code": "print(1)", "pty": "yes"}),
+                       ("/execute/background", {"code": "print(1)", "pty": True, "cols": 0})):
+        status, answer, _ = client.call("POST", path, body)
+        assert status == 400 and answer["code"] == "INVALID_REQUEST", (path, body, answer)
+    record = client.ok("POST", "/execute/background", {"code": "import sys; print(sys.stdout.isatty())", "pty": True})
+    assert record["status"] in ("running", "completed")
+
+
+# ============================================================================
 # Entry points: the CLI
 # ============================================================================
 
@@ -10496,6 +11326,159 @@ def test_bench_kernel_against_ipykernel(tmp_path):
     ratio = bench_pct(warm, 0.5) / bench_pct(peer, 0.5)
     bench_row("kernel: warm print(1) vs ipykernel+jupyter_client", bench_spread(warm), bench_spread(peer),
               ratio, "<= 0.5x", ratio <= 0.5)
+
+
+# -- terminals (issue 14) ------------------------------------------------------------
+
+TERM_FLOOD = "head -c 4M /dev/zero | od -v"      # 17 MB of od lines: the pty's newline path
+
+
+def bench_term_ws(srv, query="?shell=bash", token=None):
+    """A terminal WebSocket client (TermWS) whose shell has answered once."""
+    t = TermWS(srv, query, token=token)
+    t.send("echo ready-$((1+2))\n")
+    t.expect("ready-3")
+    return t
+
+
+def bench_keystroke(t, char):
+    """Seconds from an input message of one character until its echo arrives."""
+    mark = len(t.text)
+    started = time.perf_counter()
+    t.send(char)
+    while char not in t.text[mark:]:
+        assert t.next() is not None
+    return time.perf_counter() - started
+
+
+def bench_term_sync(t, n):
+    """The typed line erased (^U) and a marker through the shell, so the next keys start clean."""
+    t.send("\x15")
+    t.send("echo sync-$((%d*2))\n" % n)
+    t.expect("sync-%d" % (n * 2))
+
+
+@bench
+def test_bench_terminal_keystroke(tmp_path):
+    n = 400
+    floor = bench_round_trip_floor_ms() / 1000.0
+    with bench_agent(tmp_path) as srv:
+        srv.manager.env_set({"HOME": str(tmp_path)}, replace=False)
+        t = bench_term_ws(srv)
+        try:
+            samples = []
+            for i in range(n):
+                samples.append(bench_keystroke(t, "abcdefghij"[i % 10]))
+                if i % 50 == 49:
+                    bench_term_sync(t, i)
+        finally:
+            t.close()
+    ratio = bench_pct(samples, 0.5) / floor
+    bench_row("terminal keystroke (bash echo, N=%d)" % n, bench_spread(samples),
+              "%s ms (round trip)" % bench_ms(floor), ratio, "<= 3x", ratio <= 3)
+
+
+def bench_pty_drain(command):
+    """The command on a pty, its master drained by a plain loop; (seconds, bytes)."""
+    pty = hopx_agent._Pty(80, 24)
+    started = time.perf_counter()
+    child = subprocess.Popen(["/bin/sh", "-c", hopx_agent._ctty_prelude(pty.path) + '; exec "$0" "$@"',
+                              "sh", "-c", command], stdin=pty.slave, stdout=pty.slave, stderr=pty.slave,
+                             start_new_session=True, close_fds=True)
+    pty.close_slave()
+    total = 0
+    while True:
+        chunk = hopx_agent._read_pty(pty.master, 65536)
+        if not chunk:
+            break
+        total += len(chunk)
+    elapsed = time.perf_counter() - started
+    child.wait(30)
+    pty.close()
+    return elapsed, total
+
+
+def bench_term_flood(t, n):
+    """Seconds until the flood and a marker after it reached the client;
+    output bytes received, bytes reported dropped. The client keeps only a
+    tail and parses each frame once, so it is not what limits the rate."""
+    marker = "flood-done-%d" % (n * 3)
+    started = time.perf_counter()
+    t.send("%s; echo flood-done-$((%d*3))\n" % (TERM_FLOOD, n))
+    tail, got, dropped, messages = "", 0, 0, 0
+    while marker not in tail:
+        assert time.perf_counter() - started < 120, "no marker after the flood"
+        opcode, payload = t.ws.recv()
+        message = json.loads(payload)
+        if message["type"] == "output":
+            got += len(payload)
+            messages += 1
+            tail = (tail + message["data"])[-256:]
+        elif message["type"] == "dropped":
+            dropped += message["bytes"]
+    return time.perf_counter() - started, got, dropped, messages
+
+
+@bench
+def test_bench_terminal_throughput(tmp_path):
+    runs = 3
+    agent, base, sizes, dropped, frames, framed = [], [], [], 0, 0, 0
+    with bench_agent_process(tmp_path) as (proc, client):     # the client's parsing off the agent's GIL
+        assert client.call("PATCH", "/env", {"env_vars": {"HOME": str(tmp_path)}})[0] == 204
+        t = bench_term_ws(bench_address(int(client.port)), token=good_token(secret=BENCH_SECRET))
+        try:
+            for i in range(runs):
+                elapsed, got, lost, messages = bench_term_flood(t, i)
+                agent.append(elapsed)
+                dropped, frames, framed = dropped + lost, frames + messages, framed + got
+                elapsed, total = bench_pty_drain(TERM_FLOOD)
+                base.append(elapsed)
+                sizes.append(total)
+        finally:
+            t.close()
+    mb = bench_pct(sizes, 0.5) / 1e6
+
+    def rates(samples):
+        return "%.1f / %.1f MB/s" % (mb / bench_pct(samples, 0.5), mb / bench_pct(samples, 0.99))
+
+    ratio = bench_pct(base, 0.5) / bench_pct(agent, 0.5)
+    bench_row("terminal output (%s, %.0f MB, N=%d)" % (TERM_FLOOD, mb, runs),
+              rates(agent) + " (%d B/message)" % (framed // max(1, frames))
+              + ("" if not dropped else ", %d B dropped" % dropped), rates(base) + " (pty loop)",
+              ratio, ">= 0.5x", ratio >= 0.5 and not dropped)
+
+
+@bench
+def test_bench_terminal_idle_sessions(tmp_path):
+    n = 32
+    with bench_agent_process(tmp_path) as (proc, client):
+        assert client.call("PATCH", "/env", {"env_vars": {"HOME": str(tmp_path), "HISTFILE": "/dev/null"}})[0] == 204
+        client.ok("GET", "/terminals")
+        idle_kib, idle_threads = bench_status_kib(proc.pid, "VmRSS"), bench_status_kib(proc.pid, "Threads")
+        srv = bench_address(int(client.port))
+        clients = []
+        try:
+            for _ in range(n):
+                clients.append(TermWS(srv, "?shell=bash", token=good_token(secret=BENCH_SECRET)))
+            for t in clients:
+                t.send("echo ready-$((1+2))\n")
+                t.expect("ready-3")
+            attached_kib, attached_threads = bench_status_kib(proc.pid, "VmRSS"), bench_status_kib(proc.pid, "Threads")
+            for t in clients:
+                t.close()
+            wait_until(lambda: all(e["clients"] == 0 for e in client.ok("GET", "/terminals")["terminals"]),
+                       10, "the detaches")
+            detached_kib, detached_threads = bench_status_kib(proc.pid, "VmRSS"), bench_status_kib(proc.pid, "Threads")
+        finally:
+            for t in clients:
+                t.ws.close()
+            for entry in client.ok("GET", "/terminals")["terminals"]:
+                client.call("DELETE", "/terminals/" + entry["session_id"])
+    bench_row("terminal: 32 idle sessions, attached", "+%.1f MiB RSS, +%d threads" % (
+        (attached_kib - idle_kib) / 1024.0, attached_threads - idle_threads),
+        "idle %.1f MiB, %d threads" % (idle_kib / 1024.0, idle_threads), None, "-", True)
+    bench_row("terminal: 32 idle sessions, detached", "+%.1f MiB RSS, +%d threads" % (
+        (detached_kib - idle_kib) / 1024.0, detached_threads - idle_threads), "(lingering)", None, "-", True)
 
 
 @bench
