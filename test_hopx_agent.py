@@ -2220,6 +2220,14 @@ def test_bad_limits_on_a_terminal_are_a_400_before_the_upgrade(server):
         sock.close()
 
 @needs_cgroups
+def test_a_pty_execution_under_limits_has_its_terminal_and_its_cgroup(client, manager):
+    started = client.ok("POST", "/commands/background", {"command": "tty; cat /proc/self/cgroup",
+                                                          "pty": True, "pids_limit": 16})
+    rec = lim_wait_final(client, started["process_id"])
+    assert rec["exit_code"] == 0 and re.search(r"/dev/pts/\d+", rec["stdout"]), rec
+    assert manager.limits.tree.name + "/" + started["process_id"] in rec["stdout"]
+
+@needs_cgroups
 def test_shutdown_removes_every_cgroup_and_kills_their_members(config):
     mgr = hopx_agent.ProcessManager(config)
     rec = mgr.start(mgr.command_launch("/bin/sh", ["-c", ESCAPE + " sleep 1000"],
