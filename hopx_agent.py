@@ -4447,7 +4447,7 @@ class _Request:
 
     __slots__ = ("method", "target", "path", "query", "headers", "body", "request_id", "version",
                  "close", "claims", "route", "body_read", "content_length", "client_gone", "read_body",
-                 "long_wait", "_json")
+                 "long_wait", "body_left", "_json")
 
     def __init__(self) -> None:
         self.method, self.target, self.path, self.version = "", "", "", "HTTP/1.1"
@@ -4459,6 +4459,7 @@ class _Request:
         self.claims: Optional[Dict[str, Any]] = None
         self.body_read = False       # the body (if any) is off the wire: the connection can be reused
         self.content_length = 0
+        self.body_left: Optional[int] = None      # a streamed body's bytes still unread, once reading began
         self.route = "unmatched"
         self.client_gone: Callable[[], bool] = lambda: False
         self.read_body: Callable[..., Iterator[bytes]] = _no_stream_body
@@ -5069,6 +5070,7 @@ class _Hub:
             sock.close()
 
     def _accept(self, selector: Any, listener: socket.socket) -> None:
+        self._take_returned(selector)        # so that idle kept-alive ones can make room at the cap
         for _ in range(64):                  # a burst at a time; the rest on the next round
             try:
                 sock, addr = listener.accept()
@@ -5089,8 +5091,8 @@ class _Hub:
             self._hold(selector, conn)
 
     def _full(self) -> bool:
-        with self._lock:
-            return self._active + len(self._held) >= self._server.config.max_connections
+        with self._lock:      # connections handed back but not yet held count too
+            return self._active + len(self._held) + len(self._returned) >= self._server.config.max_connections
 
     def _evict_idle(self, selector: Any) -> bool:
         """Close the connection idle the longest (it has sent nothing since its last answer)."""
@@ -5201,6 +5203,7 @@ def _close_socket(sock: socket.socket) -> None:
 # HTTP transport: the handler (reading, routing, answering) and the server
 # ============================================================================
 
+ERROR_DRAIN_BYTES = 64 * 1024 * 1024   # after an error mid-upload, discard up to this much of the rest
 TRANSFER_IDLE_S = 60.0                # a streamed upload that moves no byte for this long is dropped
 
 
@@ -5343,6 +5346,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return result
             return _Reply(200, _json_bytes(result))
         except AgentError as exc:
+            self._drain_body(req)
             # Unread body bytes would be taken for the next request: close instead.
             if exc.status >= 500 or exc.status in (408, 413, 414, 431) or not req.body_read:
                 req.close = True
@@ -5483,17 +5487,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """A streamed body in chunks, each read within TRANSFER_IDLE_S of the last."""
         if req.body_read:
             return
-        if (req.header("expect") or "").lower() == "100-continue":
-            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        remaining = req.content_length
-        while remaining:
+        if req.body_left is None:           # the first read of this body
+            if (req.header("expect") or "").lower() == "100-continue":
+                self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            req.body_left = req.content_length
+        while req.body_left:
             self._reader.deadline = time.monotonic() + TRANSFER_IDLE_S
-            data = self.rfile.read1(min(size, remaining))
+            data = self.rfile.read1(min(size, req.body_left))
             if not data:
                 raise _ClientGone()
-            remaining -= len(data)
+            req.body_left -= len(data)
             yield data
         req.body_read = True
+
+    def _drain_body(self, req: _Request) -> None:
+        """After an error in the middle of a streamed body (a full disk): read
+        and discard the rest, up to ERROR_DRAIN_BYTES, so the client, still
+        sending, reads the answer instead of a reset and the connection lives on."""
+        if req.body_left is None or req.body_read or req.body_left > ERROR_DRAIN_BYTES:
+            return
+        try:
+            for _ in self._body_chunks(req):
+                pass
+        except (OSError, _ClientGone):
+            pass
 
     # -- routing ----------------------------------------------------------------
 

@@ -3089,7 +3089,12 @@ def hopx_temp_files():
     return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("hopx-")}
 
 
-def test_a_start_with_no_thread_to_be_had_is_refused_with_503_before_anything_ran(client, manager, monkeypatch):
+def test_a_start_with_no_thread_to_be_had_is_refused_with_503_before_anything_ran(client, manager, monkeypatch,
+                                                                                  tmp_path):
+    import tempfile
+    private = tmp_path / "tmp"          # a temp dir of its own: other suites' code files come and go in /tmp
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
     real_start = threading.Thread.start
 
     def no_worker_threads(thread):
@@ -3100,6 +3105,7 @@ def test_a_start_with_no_thread_to_be_had_is_refused_with_503_before_anything_ra
     manager.lifecycle.workers.stop(1.0)         # no pooled reader waits: every start needs a new thread
     manager.lifecycle.workers = hopx_agent._WorkerPool()
     before = hopx_temp_files()
+    assert not before
     monkeypatch.setattr(threading.Thread, "start", no_worker_threads)
     status, parsed, resp = client.call("POST", "/execute/background",
                                        {"code": "open(%r, 'w').write('ran')" % str(manager.config.workdir + "/ran")})
@@ -3108,7 +3114,7 @@ def test_a_start_with_no_thread_to_be_had_is_refused_with_503_before_anything_ra
     assert client.ok("GET", "/execute/processes")["count"] == 0       # undone: never listed
     assert not os.path.exists(manager.config.workdir + "/ran"), "the refused start ran"
     assert hopx_temp_files() <= before, "the refused start left its code file"
-    monkeypatch.undo()
+    monkeypatch.setattr(threading.Thread, "start", real_start)
     answer = client.ok("POST", "/execute/background", {"code": "print('after')"})
     assert http_wait_final(client, answer["process_id"])["stdout"] == "after\n"
 
