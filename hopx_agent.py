@@ -181,6 +181,29 @@ MAX_TERMINALS = 32                    # terminal sessions at once, live or linge
 PTY_TERM = "xterm-256color"           # TERM of every child on a pty
 MAX_PTY_SIZE = 1000                   # cols and rows: 1..1000 (struct winsize holds 16 bits)
 
+# limits, users and the agent's own safety (issue 15, api.md §14)
+AGENT_OOM_SCORE_ADJ = -1000           # the OOM killer never picks the agent (needs CAP_SYS_RESOURCE)
+CHILD_OOM_SCORE_ADJ = 500             # ...and picks a runaway child first
+MIB = 1024 * 1024
+CPU_PERIOD_US = 100_000               # CFS period for cpu_limit; the quota is cores * period
+MIN_CPU_LIMIT = 0.01                  # 1 ms of quota per 100 ms period: the kernel's floor (cfs_quota_us >= 1000)
+FREEZE_WAIT_S = 1.0                   # api.md §14: v1 kill waits about 1 s for FROZEN
+CGROUP_EMPTY_WAIT_S = 2.0             # killed members leave the cgroup within this (else: retried later)
+GATE_EXIT_CODE = 125                  # the gate shell's exit when the agent let go without releasing it
+CGROUP_RUNS_PREFIX = "hopx-runs-"     # <agent's cgroup>/hopx-runs-<pid>-<token>/<execution>
+CGROUP_AGENT_LEAF = "hopx-agent"      # v2: the leaf the agent moves into (no-internal-processes rule)
+
+# api.md §14 limits: field -> (integer only, smallest, largest, unit shown in messages).
+_LIMIT_FIELDS: Dict[str, Tuple[bool, float, float, str]] = {
+    "memory_limit_mb": (False, 1.0, float(1 << 20), "MiB"),            # up to 1 TiB
+    "cpu_limit": (False, MIN_CPU_LIMIT, 1024.0, "cores"),
+    "pids_limit": (True, 1, 4_194_304, "processes"),                   # the kernel's PID_MAX_LIMIT
+    "cpu_time_limit_s": (False, 0.001, 366.0 * 86400, "seconds"),      # a year of CPU time
+    "file_size_limit_mb": (False, 0.001, float(1 << 24), "MiB"),       # up to 16 TiB
+}
+_CGROUP_LIMITS = ("memory_limit_mb", "cpu_limit", "pids_limit")        # need a cgroup (or an rlimit stand-in)
+_MECHANISMS = ("cgroup_v2", "cgroup_v1", "rlimit")
+
 _F_SETPIPE_SZ = 1031                  # fcntl command number on Linux (not in fcntl before 3.10)
 
 # Contexts (issue 13, api.md §13)
@@ -217,6 +240,16 @@ class AgentConfig:
     request_deadline: float = REQUEST_DEADLINE_S
     log_level: str = "info"
     log_format: str = "text"
+    # limits, users and the agent's own safety (issue 15, api.md §14)
+    limits_mechanism: str = "auto"                 # auto, cgroup_v2, cgroup_v1 or rlimit
+    default_memory_limit_mb: Optional[float] = None
+    default_cpu_limit: Optional[float] = None
+    default_pids_limit: Optional[int] = None
+    default_cpu_time_limit_s: Optional[float] = None
+    default_file_size_limit_mb: Optional[float] = None
+    run_as: Optional[str] = None                   # children's user unless a request names one
+    agent_oom_score_adj: Optional[int] = AGENT_OOM_SCORE_ADJ   # None: leave the agent's own alone
+    child_oom_score_adj: Optional[int] = CHILD_OOM_SCORE_ADJ   # None: what the agent had at start
     # files (issue 12)
     files_roots: Optional[Tuple[str, ...]] = None     # None: the working directory and the temp directory
     max_read_bytes: int = FILES_MAX_READ_BYTES
@@ -233,6 +266,7 @@ class AgentConfig:
     state_dir: Optional[str] = None
 
     @property
+
     def queue_limit(self) -> int:
         return self.max_running * QUEUE_FACTOR
 
@@ -810,6 +844,8 @@ class _Launch:
     stdin: bool = False
     tempfile: Optional[str] = None
     idle_timeout: Optional[float] = None   # end the process after this long without output
+    limits: Optional["_LimitValues"] = None    # api.md §14, validated (section "Children: limits")
+    user: Optional["_RunAs"] = None
     pty: Optional[Tuple[int, int]] = None  # (cols, rows): run on a pseudo-terminal (api.md §12)
     code: Optional[bytes] = None           # the code to write to a file when the process starts
     code_suffix: str = ""
@@ -817,9 +853,13 @@ class _Launch:
     code_prefix: str = "hopx-"             # the code file's name: durability names it after the state dir
 
     def prepare(self) -> None:
-        """Write the code file (just before the spawn) and make the argv that runs it."""
+        """Write the code file (just before the spawn) and make the argv that
+        runs it. The file is 0600 and, with a ``user``, owned by that user:
+        readable by it and by nobody else."""
         if self.code is not None and self.code_argv is not None and self.tempfile is None:
             self.tempfile = _write_code_file(self.code, self.code_suffix, self.code_prefix)
+            if self.user is not None and not self.user.is_current:
+                os.chown(self.tempfile, self.user.uid, self.user.gid)   # on failure cleanup() removes it
             self.argv = self.code_argv(self.tempfile)
 
     def cleanup(self) -> None:
@@ -858,6 +898,8 @@ class _ProcessRecord:
         self.stderr = _OutputBuffer(cap)
         self.open_streams = 0              # reader threads not yet at EOF
         self.extra: Dict[str, Any] = {}    # e.g. webhook delivery state, shown in the record
+        self.confinement: Optional["_Confinement"] = None   # its cgroup and user, set at spawn
+        self.usage: Dict[str, Any] = {}    # with cgroups: memory_peak_mb, oom_kills (api.md §14)
         self.on_finish: List[Callable[["_ProcessRecord"], None]] = []
         self.timer: Optional[_Timer] = None  # the timeout, cancelled when the record ends
         self.idle_timer: Optional[_Timer] = None  # the idle timeout's next check, likewise
@@ -956,8 +998,14 @@ class _ProcessRecord:
             rec["cpu_user_s"] = round(self.rusage.ru_utime, 6)
             rec["cpu_system_s"] = round(self.rusage.ru_stime, 6)
             rec["max_rss_kb"] = self.rusage.ru_maxrss
+        rec.update(self.usage)
+        if launch.limits is not None and launch.limits.given():
+            rec["limits"] = launch.limits.given()
+        if launch.user is not None:
+            rec["user"] = launch.user.name
         rec.update(self.extra)
         return rec
+
 
 
 class _RecordCache:
@@ -1522,6 +1570,1258 @@ class _ExitWatcher:
 
 
 # ============================================================================
+# Children: limits, users and the agent's own safety (api.md §14)
+# ============================================================================
+#
+# How a child is confined, in order, without Python code between fork and
+# exec (the agent is threaded: no preexec_fn):
+#
+#   1. the agent makes the child's cgroups and writes their limits;
+#   2. Popen starts ``/bin/sh -c '<preludes>' [dropper] argv`` whose stdin is
+#      the read end of a "gate" pipe; the shell sets its oom_score_adj and
+#      waits on the gate (``read``) before anything else;
+#   3. the agent writes the child's pid into every cgroup.procs, sets its
+#      rlimits with prlimit(2), and only then writes a line into the gate;
+#   4. the shell restores the real stdin, then execs the dropper (which
+#      drops root for ``user``) or the program itself.
+#
+# So the child is in all its cgroups, under its rlimits, before it runs any
+# user code and before it drops root. A plain start (no limits, no user)
+# needs only the oom_score_adj prelude; with nothing to do it stays a direct exec.
+
+
+@dataclasses.dataclass(frozen=True)
+class _LimitValues:
+    """The limits of one execution (None: no limit); values validated."""
+
+    memory_limit_mb: Optional[float] = None
+    cpu_limit: Optional[float] = None
+    pids_limit: Optional[int] = None
+    cpu_time_limit_s: Optional[float] = None
+    file_size_limit_mb: Optional[float] = None
+
+    def given(self) -> Dict[str, Any]:
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+    @property
+    def needs_cgroup(self) -> bool:
+        return any(getattr(self, name) is not None for name in _CGROUP_LIMITS)
+
+    def over(self, defaults: "_LimitValues") -> "_LimitValues":
+        """These values, with ``defaults`` where none was given."""
+        merged = defaults.given()
+        merged.update(self.given())
+        return _LimitValues(**merged)
+
+    def without(self, names: Iterable[str]) -> "_LimitValues":
+        return dataclasses.replace(self, **{name: None for name in names})
+
+
+def _limit_value(value: Any, field: str) -> Any:
+    """One limit from a request or option: a positive finite number (an
+    integer for pids_limit), never a bool, within its documented range."""
+    integer, low, high, unit = _LIMIT_FIELDS[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest("%s must be a number (%s), not %s" % (field, unit, type(value).__name__),
+                         details={"field": field})
+    if integer and not isinstance(value, int):
+        raise BadRequest("%s must be an integer" % field, details={"field": field})
+    if not math.isfinite(value) or value <= 0:
+        raise BadRequest("%s must be a positive number of %s" % (field, unit), details={"field": field})
+    if value < low or value > high:
+        raise BadRequest("%s must be between %g and %g %s" % (field, low, high, unit), details={"field": field})
+    return value
+
+
+def _parse_limits(body: Dict[str, Any]) -> _LimitValues:
+    """The limit fields of a start request (absent or null: not given)."""
+    values = {field: _limit_value(body[field], field)
+              for field in _LIMIT_FIELDS if body.get(field) is not None}
+    return _LimitValues(**values)
+
+
+def _parse_limit_option(text: str, field: str) -> Any:
+    """A ``--default-<limit>`` value from the command line or environment."""
+    integer = _LIMIT_FIELDS[field][0]
+    try:
+        value: Any = int(text) if integer else float(text)
+    except ValueError:
+        raise BadRequest("%s must be %s, not %r" % (field, "an integer" if integer else "a number", text),
+                         details={"field": field}) from None
+    return _limit_value(value, field)
+
+
+# -- run as a user -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunAs:
+    """A user children run as: uid, primary gid, supplementary groups, home."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: Tuple[int, ...]
+    home: str
+
+    def env(self) -> Dict[str, str]:
+        """What a login sets and programs read (api.md §14)."""
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+
+    @property
+    def is_current(self) -> bool:
+        """Nothing to drop: the agent already runs with these ids."""
+        return self.uid == os.geteuid() and self.gid == os.getegid()
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "uid": self.uid, "gid": self.gid}
+
+
+def _resolve_user(value: Any, field: str = "user") -> _RunAs:
+    """``user`` of a request or --run-as: a name, or a uid (number or digits).
+
+    A uid without a passwd entry (common in containers) runs with the group
+    of the same number, no supplementary groups and HOME=/, never with the
+    agent's groups (root's group would open root-group files to it).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise BadRequest("%s must be a user name or a uid" % field, details={"field": field})
+    text = str(value).strip()
+    if not text or "\0" in text:
+        raise BadRequest("%s must be a user name or a uid" % field, details={"field": field})
+    try:
+        entry = pwd.getpwuid(int(text)) if text.isdigit() else pwd.getpwnam(text)
+    except KeyError:
+        if not text.isdigit():
+            raise BadRequest("unknown user %r" % text, details={"field": field}) from None
+        uid = int(text)
+        if uid > 0xFFFFFFFE:
+            raise BadRequest("%s: uid %d is out of range" % (field, uid), details={"field": field}) from None
+        return _RunAs(name=text, uid=uid, gid=uid, groups=(), home="/")
+    except OverflowError:
+        raise BadRequest("%s: uid %s is out of range" % (field, text), details={"field": field}) from None
+    groups = tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)) - {entry.pw_gid}))
+    return _RunAs(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, groups=groups,
+                  home=entry.pw_dir or "/")
+
+
+def _check_switchable(user: _RunAs) -> None:
+    """Only root may start children as another user (api.md §14: else 400)."""
+    if not user.is_current and os.geteuid() != 0:
+        raise BadRequest("user %r needs an agent running as root; this agent runs as uid %d"
+                         % (user.name, os.geteuid()), details={"field": "user"})
+
+
+
+def _own_file(fd: int, user: Optional[_RunAs]) -> None:
+    """Give a file the agent just created (a code file, a file written
+    through the files API) to ``user``, keeping its mode; no-op without one."""
+    if user is not None and not user.is_current:
+        os.fchown(fd, user.uid, user.gid)
+
+
+# The dropper: after the gate, a program that drops root and execs argv.
+# setpriv (util-linux) where it works, else the agent's own interpreter in
+# isolated mode (-I: no PYTHON* variables or user site from the child's env).
+_PY_DROPPER = ("import os,sys\n"
+               "u,g,gs=int(sys.argv[1]),int(sys.argv[2]),sys.argv[3]\n"
+               "try:\n"
+               " os.setgroups([int(x) for x in gs.split(',') if x]);os.setresgid(g,g,g);os.setresuid(u,u,u)\n"
+               " os.execvp(sys.argv[4],sys.argv[4:])\n"
+               "except OSError as e:\n"
+               " sys.stderr.write('hopx_agent: cannot run %s as uid %d: %s\\n'%(sys.argv[4],u,e.strerror));"
+               "sys.exit(127 if isinstance(e,FileNotFoundError) else 126)\n")
+
+
+def _find_setpriv() -> Optional[str]:
+    """setpriv, if it is there and can drop root to nobody (checked once)."""
+    path = shutil.which("setpriv")
+    if path is None or os.geteuid() != 0:
+        return None
+    try:
+        done = subprocess.run([path, "--reuid=65534", "--regid=65534", "--clear-groups", "--", "/bin/sh", "-c",
+                               "exit 0"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=5, close_fds=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if done.returncode == 0 else None
+
+
+def _dropper_argv(user: _RunAs, setpriv: Optional[str]) -> List[str]:
+    """The argv prefix that becomes ``user`` and then execs the rest."""
+    if setpriv:
+        groups = ("--groups=" + ",".join(map(str, user.groups))) if user.groups else "--clear-groups"
+        return [setpriv, "--reuid=%d" % user.uid, "--regid=%d" % user.gid, groups, "--"]
+    return [sys.executable or "python3", "-I", "-S", "-c", _PY_DROPPER,
+            str(user.uid), str(user.gid), ",".join(map(str, user.groups))]
+
+
+# -- the agent's own safety: oom_score_adj -------------------------------------------
+
+
+def _read_oom_score_adj(pid: str = "self") -> Optional[int]:
+    try:
+        with open("/proc/%s/oom_score_adj" % pid, "rb") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_oom_score_adj(value: int, pid: str = "self") -> bool:
+    try:
+        with open("/proc/%s/oom_score_adj" % pid, "wb", buffering=0) as fh:
+            fh.write(b"%d" % value)
+        return True
+    except OSError:
+        return False
+
+
+class _OomPolicy:
+    """The agent at ``agent_adj`` where permitted, every child at ``child_adj``.
+
+    Lowering the agent's value needs CAP_SYS_RESOURCE (root may lack it in a
+    container); children always get their own value through a shell prelude
+    before exec, because oom_score_adj is inherited and the agent's -1000
+    would otherwise make every child, and what it forks, unkillable.
+    """
+
+    def __init__(self, agent_adj: Optional[int], child_adj: Optional[int]) -> None:
+        self.requested = agent_adj
+        self.child_adj = child_adj
+        self.before = _read_oom_score_adj()
+        self.agent_adj = self.before
+        self.protected = False
+
+    def protect_agent(self) -> None:
+        if self.requested is not None and self.before is not None and self.requested != self.before:
+            if _write_oom_score_adj(self.requested):
+                self.agent_adj = _read_oom_score_adj()
+        self.protected = self.agent_adj is not None and self.agent_adj <= -1000
+        if self.requested is not None and self.agent_adj != self.requested:
+            log.warning("oom_score_adj: the agent stays at %s (wanted %s: needs CAP_SYS_RESOURCE)",
+                        self.agent_adj, self.requested)
+
+    def restore(self) -> None:
+        """Give the hosting process its value back (create_server in tests, embedders)."""
+        if self.before is not None and self.agent_adj != self.before and _write_oom_score_adj(self.before):
+            self.agent_adj = self.before
+
+    @property
+    def child_target(self) -> Optional[int]:
+        """A child's value: the configured one, else what the agent had before it lowered its own."""
+        return self.child_adj if self.child_adj is not None else self.before
+
+    def plan(self) -> Tuple[Optional[int], bool]:
+        """(a child's value to set or None, whether it must be set before exec).
+
+        Before exec when the agent lowered its own value: what the child
+        forked in its first microseconds would otherwise keep the agent's
+        -1000 and be unkillable. Otherwise the agent writes it right after
+        the child starts (a gated child: before it is released), which
+        keeps plain starts a direct exec: an early grandchild then keeps the
+        agent's unchanged value, never a protected one.
+        """
+        target = self.child_target
+        if target is None or target == self.agent_adj:
+            return None, False
+        return target, self.agent_adj != self.before
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"agent": self.agent_adj, "agent_requested": self.requested, "agent_protected": self.protected,
+                "children": self.child_target}
+
+
+# -- cgroup discovery --------------------------------------------------------------
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as fh:
+        return fh.read().decode("utf-8", "replace")
+
+
+def _write_text(path: str, text: str) -> None:
+    """One write(2) of ``text``: cgroup files take a value per write."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def _parse_proc_cgroup(text: str) -> Dict[str, str]:
+    """/proc/<pid>/cgroup: controller -> path; the v2 entry ("0::/x") under ""."""
+    own: Dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(","):
+                own[controller] = parts[2]
+    return own
+
+
+def _unescape_mount(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _parse_mountinfo(text: str) -> List[Tuple[str, str, str, List[str]]]:
+    """cgroup mounts from /proc/self/mountinfo: (root, mount point, fstype, super options)."""
+    mounts = []
+    for line in text.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if sep and len(fields) >= 5 and len(rest) >= 3 and rest[0] in ("cgroup", "cgroup2"):
+            mounts.append((_unescape_mount(fields[3]), _unescape_mount(fields[4]), rest[0], rest[2].split(",")))
+    return mounts
+
+
+def _cgroup_dir(mount_root: str, mount_point: str, path: str) -> Optional[str]:
+    """Where the cgroup ``path`` is under a mount of its hierarchy (None if the mount cannot see it)."""
+    root = mount_root.rstrip("/")
+    if path != root and not path.startswith(root + "/") and root:
+        return None
+    return os.path.join(mount_point, path[len(root):].lstrip("/")).rstrip("/") or "/"
+
+
+def _v1_dirs(mounts: List[Tuple[str, str, str, List[str]]], own: Dict[str, str]) -> Dict[str, str]:
+    """controller -> the agent's own cgroup directory, for each v1 controller we use."""
+    dirs: Dict[str, str] = {}
+    for root, point, fstype, options in mounts:
+        if fstype != "cgroup":
+            continue
+        for controller in ("memory", "cpu", "pids", "freezer"):
+            if controller in options and controller in own and controller not in dirs:
+                found = _cgroup_dir(root, point, own[controller])
+                if found and os.path.isdir(found):
+                    dirs[controller] = found
+    return dirs
+
+
+def _v2_dir(mounts: List[Tuple[str, str, str, List[str]]], own: Dict[str, str]) -> Optional[str]:
+    """The agent's own cgroup directory in the unified hierarchy, if mounted."""
+    for root, point, fstype, _ in mounts:
+        if fstype == "cgroup2" and "" in own:
+            found = _cgroup_dir(root, point, own[""])
+            if found and os.path.isdir(found):
+                return found
+    return None
+
+
+def _owned_by_us(path: str) -> bool:
+    """A non-root agent uses a cgroup only where it was delegated: the
+    directory and its cgroup.procs are ours and writable."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        return all(os.stat(p).st_uid == os.geteuid() and os.access(p, os.W_OK)
+                   for p in (path, os.path.join(path, "cgroup.procs")))
+    except OSError:
+        return False
+
+
+def _poll_until(predicate, deadline: float) -> bool:
+    """Poll a kernel state that offers no notification (the v1 freezer,
+    cgroup.events without inotify) with a short backoff, until ``deadline``."""
+    delay = 0.0005
+    while True:
+        if predicate():
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.02)
+
+
+def _pids_in(directory: str) -> List[int]:
+    try:
+        return [int(x) for x in _read_text(os.path.join(directory, "cgroup.procs")).split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _member_pidfd(pid: int, directory_line: Tuple[str, str]) -> Optional[int]:
+    """A pidfd for ``pid`` if it is (still) in the cgroup: the pidfd pins
+    the process, so a pid reused after the check is never signalled."""
+    controller, path = directory_line
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return None
+    try:
+        if _parse_proc_cgroup(_read_text("/proc/%d/cgroup" % pid)).get(controller) == path:
+            return pidfd
+    except OSError:
+        pass
+    os.close(pidfd)
+    return None
+
+
+def _wait_pidfds(pidfds: List[int], deadline: float) -> None:
+    """Wait (bounded) until every pidfd says its process has exited."""
+    poller = select.poll()
+    for fd in pidfds:
+        poller.register(fd, select.POLLIN)
+    left = set(pidfds)
+    while left:
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            return
+        for fd, _ in poller.poll(timeout * 1000):
+            left.discard(fd)
+            poller.unregister(fd)
+
+
+# -- one execution's cgroup ------------------------------------------------------
+
+
+class _ExecCgroup:
+    """The cgroup(s) of one child: created with its limits before the child
+    starts, joined by it at the gate, ended as a whole, read for usage, and
+    removed when the record is final."""
+
+    version = ""
+
+    def __init__(self, dirs: Dict[str, str], proc_path: Tuple[str, str]) -> None:
+        self.dirs = dirs                   # controller (or "" for v2) -> directory
+        self.proc_path = proc_path         # (controller, path) as /proc/<pid>/cgroup names it
+        self.removed = False
+        self.swap = True                   # the machine may swap: limit memory+swap too (v1)
+
+    @property
+    def _distinct(self) -> List[str]:
+        return list(dict.fromkeys(self.dirs.values()))
+
+    def join(self, pid: int) -> None:
+        """Move ``pid`` (all its threads) into every hierarchy's cgroup."""
+        for directory in self._distinct:
+            _write_text(os.path.join(directory, "cgroup.procs"), "%d" % pid)
+
+    def members(self) -> List[int]:
+        return _pids_in(self._distinct[0])
+
+    def signal(self, sig: int) -> int:
+        """Send ``sig`` to every member (a polite SIGTERM reaches setsid escapers too)."""
+        sent = 0
+        for pid in self.members():
+            pidfd = _member_pidfd(pid, self.proc_path)
+            if pidfd is None:
+                continue
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+                sent += 1
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+        return sent
+
+    def _sigkill_members(self) -> List[int]:
+        """SIGKILL every member; the pidfds to wait on."""
+        pidfds = []
+        for pid in self.members():
+            pidfd = _member_pidfd(pid, self.proc_path)
+            if pidfd is None:
+                continue
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+            pidfds.append(pidfd)
+        return pidfds
+
+    def kill(self, wait: float = CGROUP_EMPTY_WAIT_S) -> bool:
+        """End every process in the cgroup, escaped descendants included;
+        True once it is empty (within ``wait``)."""
+        if self.removed or not self.members():
+            return True
+        deadline = time.monotonic() + wait
+
+        for _ in range(3):               # a member that forked mid-kill (freeze timed out) is caught next round
+            pidfds = self._kill_once()
+            try:
+                _wait_pidfds(pidfds, deadline)
+            finally:
+                for fd in pidfds:
+                    os.close(fd)
+            if not self.members():
+                return True
+            if time.monotonic() >= deadline:
+                break
+        return not self.members()
+
+    def _kill_once(self) -> List[int]:
+        raise NotImplementedError
+
+    def usage(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def remove(self) -> bool:
+        """rmdir in every hierarchy, killing what is left first (rmdir says
+        EBUSY while a member lives); True when all are gone."""
+        if self.removed:
+            return True
+        left = [d for d in self._distinct if not self._rmdir(d, quiet=True)]
+        if left and self.kill():
+            left = [d for d in left if not self._rmdir(d, quiet=False)]
+        self.removed = not left
+        return self.removed
+
+    @staticmethod
+    def _rmdir(directory: str, *, quiet: bool) -> bool:
+        try:
+            os.rmdir(directory)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if not quiet:
+                log.warning("cannot remove cgroup %s: %s", directory, exc.strerror)
+            return False
+        return True
+
+
+def _read_keyed(path: str) -> Dict[str, int]:
+    """A flat keyed cgroup file ("oom_kill 1\\n...") as a dict; {} if unreadable."""
+    try:
+        pairs = (line.split() for line in _read_text(path).splitlines())
+        return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].lstrip("-").isdigit()}
+    except OSError:
+        return {}
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        return int(_read_text(path).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _mib(value: Optional[int]) -> Optional[float]:
+    return round(value / MIB, 2) if value is not None else None
+
+
+def _swap_in_use() -> bool:
+    """Whether the machine has swap (/proc/swaps lists more than its header)."""
+    try:
+        with open("/proc/swaps", "rb") as fh:
+            return len(fh.read().splitlines()) > 1
+    except OSError:
+        return True
+
+
+class _ExecCgroupV1(_ExecCgroup):
+
+    """v1: one directory per controller (memory, cpu, pids, freezer)."""
+
+    version = "cgroup_v1"
+
+    def apply(self, limits: _LimitValues) -> None:
+        if limits.memory_limit_mb is not None:
+            size = "%d" % int(limits.memory_limit_mb * MIB)
+            _write_text(os.path.join(self.dirs["memory"], "memory.limit_in_bytes"), size)
+            if self.swap:                # no swapping past the limit either (with swap accounting)
+                memsw = os.path.join(self.dirs["memory"], "memory.memsw.limit_in_bytes")
+                if os.path.exists(memsw):
+                    _write_text(memsw, size)
+        if limits.cpu_limit is not None:
+            _write_text(os.path.join(self.dirs["cpu"], "cpu.cfs_period_us"), "%d" % CPU_PERIOD_US)
+            _write_text(os.path.join(self.dirs["cpu"], "cpu.cfs_quota_us"),
+                        "%d" % max(1000, round(limits.cpu_limit * CPU_PERIOD_US)))
+        if limits.pids_limit is not None:
+            _write_text(os.path.join(self.dirs["pids"], "pids.max"), "%d" % limits.pids_limit)
+
+    def _state(self) -> str:
+        try:
+            return _read_text(os.path.join(self.dirs["freezer"], "freezer.state")).strip()
+        except OSError:
+            return ""
+
+    def _kill_once(self) -> List[int]:
+        """Freeze (so nobody forks while we kill), SIGKILL every member, thaw."""
+        state = os.path.join(self.dirs["freezer"], "freezer.state")
+        try:
+            _write_text(state, "FROZEN")
+            _poll_until(lambda: self._state() == "FROZEN", time.monotonic() + FREEZE_WAIT_S)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:      # ENOENT: removed meanwhile, nothing left to kill
+                log.warning("cannot freeze %s: %s", self.dirs["freezer"], exc.strerror)
+        try:
+            return self._sigkill_members()
+        finally:
+            try:
+                _write_text(state, "THAWED")   # frozen tasks die of their SIGKILL once thawed
+            except OSError:
+                pass
+
+    def usage(self) -> Dict[str, Any]:
+        memory = self.dirs.get("memory")
+        out: Dict[str, Any] = {}
+        if memory:
+            out["memory_peak_mb"] = _mib(_read_int(os.path.join(memory, "memory.max_usage_in_bytes")))
+            out["oom_kills"] = _read_keyed(os.path.join(memory, "memory.oom_control")).get("oom_kill", 0)
+        if "pids" in self.dirs:
+            out["pids_limit_hits"] = _read_keyed(os.path.join(self.dirs["pids"], "pids.events")).get("max", 0)
+        return out
+
+
+class _ExecCgroupV2(_ExecCgroup):
+    """v2: one directory in the unified hierarchy."""
+
+    version = "cgroup_v2"
+
+    def apply(self, limits: _LimitValues) -> None:
+        directory = self.dirs[""]
+        if limits.memory_limit_mb is not None:
+            _write_text(os.path.join(directory, "memory.max"), "%d" % int(limits.memory_limit_mb * MIB))
+            swap = os.path.join(directory, "memory.swap.max")
+            if os.path.exists(swap):       # the limit is on memory, not memory plus swap
+                _write_text(swap, "0")
+        if limits.cpu_limit is not None:
+            _write_text(os.path.join(directory, "cpu.max"), "%d %d" % (
+                max(1000, round(limits.cpu_limit * CPU_PERIOD_US)), CPU_PERIOD_US))
+        if limits.pids_limit is not None:
+            _write_text(os.path.join(directory, "pids.max"), "%d" % limits.pids_limit)
+
+    def _kill_once(self) -> List[int]:
+        """cgroup.kill (Linux 5.14+) kills every member, forks racing it
+        included; older kernels: freeze, SIGKILL every member, thaw."""
+        directory = self.dirs[""]
+        pidfds = [fd for fd in (_member_pidfd(pid, self.proc_path) for pid in self.members()) if fd is not None]
+        kill_file = os.path.join(directory, "cgroup.kill")
+        if os.path.exists(kill_file):
+            try:
+                _write_text(kill_file, "1")
+                return pidfds
+            except OSError as exc:
+                log.warning("cgroup.kill of %s failed: %s", directory, exc.strerror)
+        for fd in pidfds:
+            os.close(fd)
+        freeze = os.path.join(directory, "cgroup.freeze")
+        events = os.path.join(directory, "cgroup.events")
+        try:
+            _write_text(freeze, "1")
+            _poll_until(lambda: _read_keyed(events).get("frozen") == 1, time.monotonic() + FREEZE_WAIT_S)
+        except OSError:
+            pass
+        try:
+            return self._sigkill_members()
+        finally:
+            try:
+                _write_text(freeze, "0")
+            except OSError:
+                pass
+
+    def usage(self) -> Dict[str, Any]:
+        directory = self.dirs[""]
+        out: Dict[str, Any] = {}
+        if os.path.exists(os.path.join(directory, "memory.events")):
+            out["memory_peak_mb"] = _mib(_read_int(os.path.join(directory, "memory.peak")))
+            out["oom_kills"] = _read_keyed(os.path.join(directory, "memory.events")).get("oom_kill", 0)
+        if os.path.exists(os.path.join(directory, "pids.events")):
+            out["pids_limit_hits"] = _read_keyed(os.path.join(directory, "pids.events")).get("max", 0)
+        return out
+
+
+# -- the agent's cgroup trees ------------------------------------------------------
+
+
+class _CgroupTree:
+    """Where this agent makes its children's cgroups: a directory
+    ``hopx-runs-<pid>-<token>`` below the agent's own cgroup in each
+    hierarchy used, and one directory per execution inside it."""
+
+    version = ""
+
+    def __init__(self, own: Dict[str, str], controllers: Sequence[str], proc_base: str) -> None:
+        self.own = own                       # controller -> the agent's own cgroup directory
+        self.proc_base = proc_base           # the freezer (v1) or unified (v2) own path as /proc names it
+        self.controllers = tuple(controllers)   # limit controllers present ("memory", "cpu", "pids")
+        self.runs: Dict[str, str] = {}       # controller -> the runs directory
+        self.name = "%s%d-%s" % (CGROUP_RUNS_PREFIX, os.getpid(), secrets.token_hex(4))
+        self.swap = True                     # v1: found out at open (/proc/swaps)
+        self._lock = threading.Lock()        # guards _live
+
+        self._live: Dict[str, _ExecCgroup] = {}   # name -> cgroups not removed yet
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def _make_runs(self) -> None:
+        for controller, directory in self.own.items():
+            path = os.path.join(directory, self.name)
+            if path not in self.runs.values():
+                os.mkdir(path)
+            self.runs[controller] = path
+
+    def _make(self, cls: type, name: str, limits: _LimitValues) -> _ExecCgroup:
+        dirs: Dict[str, str] = {}
+        made: List[str] = []
+        try:
+            for controller, runs in self.runs.items():
+                if controller == "cpu" and limits.cpu_limit is None and self.version == "cgroup_v1":
+                    continue     # v1 cpu only for a quota: joining it costs more than the three others
+
+                path = os.path.join(runs, name)
+                if path not in made:
+                    os.mkdir(path)
+                    made.append(path)
+                dirs[controller] = path
+            group = cls(dirs, self._proc_path(dirs))
+            group.swap = self.swap
+            group.apply(limits)
+        except BaseException:
+            for path in reversed(made):
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
+            raise
+        with self._lock:
+            self._live[name] = group
+        return group
+
+    def _proc_path(self, dirs: Dict[str, str]) -> Tuple[str, str]:
+        raise NotImplementedError
+
+    def create(self, name: str, limits: _LimitValues) -> _ExecCgroup:
+        raise NotImplementedError
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._live.pop(name, None)
+
+    def close(self) -> None:
+        """Remove what is left (killing members) and the runs directories."""
+        with self._lock:
+            live = list(self._live.items())
+        for name, group in live:
+            if group.remove():
+                self.forget(name)
+        for path in reversed(list(dict.fromkeys(self.runs.values()))):
+            try:
+                os.rmdir(path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("cannot remove cgroup %s: %s", path, exc.strerror)
+
+
+def _sweep_stale_runs(directory: str) -> int:
+    """Remove the empty runs directories of agents that are gone (a crash
+    leaves them); a non-empty one still holds processes and is left alone."""
+    removed = 0
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(CGROUP_RUNS_PREFIX)]
+    except OSError:
+        return 0
+    for name in names:
+        pid = name[len(CGROUP_RUNS_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or os.path.exists("/proc/%s" % pid):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            for child in os.listdir(path):
+                if os.path.isdir(os.path.join(path, child)):
+                    os.rmdir(os.path.join(path, child))
+            os.rmdir(path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+class _CgroupTreeV1(_CgroupTree):
+    version = "cgroup_v1"
+
+    def open(self) -> None:
+        for directory in dict.fromkeys(self.own.values()):
+            _sweep_stale_runs(directory)
+        self.swap = _swap_in_use()
+        self._make_runs()
+
+
+    def _proc_path(self, dirs: Dict[str, str]) -> Tuple[str, str]:
+        """How /proc/<pid>/cgroup names a member's freezer cgroup."""
+        relative = os.path.relpath(dirs["freezer"], self.own["freezer"])
+        return "freezer", os.path.normpath(os.path.join(self.proc_base, relative))
+
+    def create(self, name: str, limits: _LimitValues) -> _ExecCgroup:
+        return self._make(_ExecCgroupV1, name, limits)
+
+
+class _CgroupTreeV2(_CgroupTree):
+    """v2: controllers must be enabled in subtree_control all the way down,
+    and a non-root cgroup with processes cannot enable them (the
+    no-internal-processes rule): then the agent moves into a leaf of its
+    own (``hopx-agent``) first."""
+
+    version = "cgroup_v2"
+
+    def __init__(self, own_dir: str, controllers: Sequence[str], proc_base: str, *,
+                 agent_pid: Optional[int] = None) -> None:
+        super().__init__({"": own_dir}, controllers, proc_base)
+        self.agent_pid = agent_pid or os.getpid()
+        self.is_root = proc_base == "/"
+        self.moved_to: Optional[str] = None
+
+    def _enable(self, directory: str) -> None:
+        if self.controllers:
+            _write_text(os.path.join(directory, "cgroup.subtree_control"),
+                        " ".join("+" + c for c in self.controllers))
+
+    def open(self) -> None:
+        base = self.own[""]
+        _sweep_stale_runs(base)
+        try:
+            self._enable(base)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or self.is_root:
+                raise
+            self._move_agent_to_leaf(base)
+            self._enable(base)
+        self._make_runs()
+        self._enable(self.runs[""])
+
+    def _move_agent_to_leaf(self, base: str) -> None:
+        """Move the agent (all its threads) into ``<base>/hopx-agent``; if
+        others still live in ``base`` the controllers stay off: move back."""
+        leaf = os.path.join(base, CGROUP_AGENT_LEAF)
+        if not os.path.isdir(leaf):
+            os.mkdir(leaf)
+        _write_text(os.path.join(leaf, "cgroup.procs"), "%d" % self.agent_pid)
+        self.moved_to = leaf
+        others = _pids_in(base)
+        if others:
+            _write_text(os.path.join(base, "cgroup.procs"), "%d" % self.agent_pid)
+            self.moved_to = None
+            raise OSError(errno.EBUSY, "other processes share the agent's cgroup (%s)" % ", ".join(
+                map(str, others[:5])))
+        log.info("cgroup v2: moved the agent into %s so that %s can be enabled", leaf, base)
+
+    def _proc_path(self, dirs: Dict[str, str]) -> Tuple[str, str]:
+        """How /proc/<pid>/cgroup names a member's cgroup."""
+        return "", os.path.normpath(os.path.join(self.proc_base, os.path.relpath(dirs[""], self.own[""])))
+
+    def create(self, name: str, limits: _LimitValues) -> _ExecCgroup:
+        return self._make(_ExecCgroupV2, name, limits)
+
+
+def _v2_base(directory: str) -> str:
+    """The agent's base cgroup: its own, or the parent of the leaf an
+    earlier start of the agent (an exec in place) moved it into."""
+    if os.path.basename(directory) == CGROUP_AGENT_LEAF:
+        return os.path.dirname(directory)
+    return directory
+
+
+def _probe_v2(mounts, own: Dict[str, str]) -> Tuple[Optional[_CgroupTree], str]:
+    """A v2 tree when memory and pids can be enabled for children, else why not."""
+    directory = _v2_dir(mounts, own)
+    if directory is None:
+        return None, "no cgroup2 mount shows the agent's cgroup"
+    base = _v2_base(directory)
+    try:
+        offered = _read_text(os.path.join(base, "cgroup.controllers")).split()
+    except OSError as exc:
+        return None, "cgroup v2: %s" % exc.strerror
+    missing = [c for c in ("memory", "pids") if c not in offered]
+    if missing:
+        return None, "cgroup v2 offers no %s controller (bound to v1 or not delegated)" % " or ".join(missing)
+    if not _owned_by_us(base):
+        log.info("cgroup v2: %s is not delegated to uid %d", base, os.geteuid())
+        return None, "cgroup v2: the agent's cgroup is not delegated to uid %d" % os.geteuid()
+    proc_base = own[""] if base == directory else (os.path.dirname(own[""].rstrip("/")) or "/")
+    tree = _CgroupTreeV2(base, [c for c in ("memory", "pids", "cpu") if c in offered], proc_base)
+    return _opened(tree)
+
+
+def _probe_v1(mounts, own: Dict[str, str]) -> Tuple[Optional[_CgroupTree], str]:
+    dirs = _v1_dirs(mounts, own)
+    missing = [c for c in ("memory", "pids", "freezer") if c not in dirs]
+    if missing:
+        return None, "cgroup v1 lacks %s" % ", ".join(missing)
+    if "cpu" in dirs and not _owned_by_us(dirs["cpu"]):
+        del dirs["cpu"]                  # optional: without it cpu_limit is a 400
+    bad = [d for d in dirs.values() if not _owned_by_us(d)]
+    if bad:
+
+        log.info("cgroup v1: %s is not delegated to uid %d", bad[0], os.geteuid())
+        return None, "cgroup v1: the agent's cgroups are not delegated to uid %d" % os.geteuid()
+    return _opened(_CgroupTreeV1(dirs, [c for c in ("memory", "pids", "cpu") if c in dirs], own["freezer"]))
+
+
+def _opened(tree: _CgroupTree) -> Tuple[Optional[_CgroupTree], str]:
+    """Open the tree and try one cgroup with every limit, so a machine that
+    only pretends (read-only mounts, missing files) is found out at start."""
+    try:
+        tree.open()
+        trial = _LimitValues(memory_limit_mb=64, pids_limit=64,
+                             cpu_limit=1.0 if "cpu" in tree.controllers else None)
+        group = tree.create("probe", trial)
+        group.remove()
+        tree.forget("probe")
+        return tree, ""
+    except OSError as exc:
+        tree.close()
+        log.info("%s unusable: %s", tree.version, exc)      # the paths go to the log, not to /health
+        return None, "%s: %s" % (tree.version, exc.strerror or type(exc).__name__)
+
+
+
+def _probe_cgroups(prefer: str = "auto") -> Tuple[Optional[_CgroupTree], List[str]]:
+    """The cgroup tree to use (v2 first, api.md §14), and why others were not."""
+    try:
+        mounts = _parse_mountinfo(_read_text("/proc/self/mountinfo"))
+        own = _parse_proc_cgroup(_read_text("/proc/self/cgroup"))
+    except OSError as exc:
+        return None, ["cannot read /proc: %s" % exc.strerror]
+    reasons = []
+    for version, probe in (("cgroup_v2", _probe_v2), ("cgroup_v1", _probe_v1)):
+        if prefer not in ("auto", version):
+            continue
+        tree, why = probe(mounts, own)
+        if tree is not None:
+            return tree, reasons
+        reasons.append(why)
+    return None, reasons
+
+
+# -- a child's confinement -------------------------------------------------------
+
+
+_RLIMITS = (   # field -> (resource name, bytes per unit); RLIMIT_CPU rounds up to whole seconds
+    ("memory_limit_mb", "RLIMIT_AS", MIB),
+    ("pids_limit", "RLIMIT_NPROC", 1),
+    ("cpu_time_limit_s", "RLIMIT_CPU", 0),
+    ("file_size_limit_mb", "RLIMIT_FSIZE", MIB),
+)
+
+
+def _rlimits_for(limits: _LimitValues, with_cgroup: bool) -> List[Tuple[int, int, int]]:
+    """(resource, soft, hard) to set with prlimit; under cgroups only CPU
+    time and file size are rlimits (api.md §14)."""
+    import resource  # Unix only; imported where it is needed
+    out = []
+    for field, name, unit in _RLIMITS:
+        value = getattr(limits, field)
+        if value is None or (with_cgroup and field in _CGROUP_LIMITS):
+            continue
+        if unit == 0:    # SIGXCPU at the limit, SIGKILL a second later if it is caught
+            soft = max(1, math.ceil(value))
+            out.append((resource.RLIMIT_CPU, soft, soft + 1))
+        else:
+            amount = max(1, int(value * unit))
+            out.append((getattr(resource, name), amount, amount))
+    return out
+
+
+class _Confinement:
+    """Everything one child needs before and after it runs: the shell
+    preludes, the gate, its cgroup, its rlimits, the user it runs as.
+
+    Use: ``wrap()`` before Popen, ``started()`` right after it (joins the
+    cgroups, sets rlimits, opens the gate), then ``signal()``/``kill()``
+    while it runs and ``finish()`` once its record is final.
+    """
+
+    def __init__(self, limits: _LimitValues, user: Optional[_RunAs], *, oom: Tuple[Optional[int], bool],
+                 cgroup: Optional[_ExecCgroup], tree: Optional[_CgroupTree], name: str,
+                 setpriv: Callable[[], Optional[str]]) -> None:
+        self.limits = limits
+        self.user = user
+        self.cgroup = cgroup
+        self.tree = tree
+        self.name = name
+        self.rlimits = _rlimits_for(limits, cgroup is not None)
+        self.drop = user is not None and not user.is_current
+        self.gated = bool(cgroup is not None or self.rlimits)
+        self._oom_adj, early = oom
+        # Errors silenced: a read-only /proc must not print into the child's stderr.
+        self._oom_prelude = ("echo %d 2>/dev/null >/proc/self/oom_score_adj" % self._oom_adj
+                             if early and not self.gated else None)
+        self._setpriv = setpriv
+        self._gate_r: Optional[int] = None
+        self._gate_w: Optional[int] = None
+        self._stdin_pipe = False
+        self.usage: Dict[str, Any] = {}
+        self.finished = False
+        self._lock = threading.Lock()      # guards finished
+        self._done = threading.Event()     # set once finish() has run
+
+    @property
+    def mechanism(self) -> str:
+        return self.cgroup.version if self.cgroup is not None else "rlimit"
+
+    def wrap(self, argv: List[str], stdin: Any, env: Dict[str, str], preludes: Sequence[str] = (),
+             tty: Optional[str] = None) -> Tuple[List[str], Any, Dict[str, Any]]:
+        """(argv, stdin, extra Popen keywords) for this child; ``env`` gets
+        the user's HOME, USER and LOGNAME. The gate takes stdin's place until
+        released (or is a line written into the child's own stdin pipe); the
+        user's ids come from the dropper after the gate, or from Popen's own
+        user= (C code between fork and exec) when there is no gate. The
+        spawner's own ``preludes`` (a tty made the controlling terminal) run
+        after the gate, as root when the child drops root for a user."""
+        kwargs: Dict[str, Any] = {}
+        steps = [self._oom_prelude] if self._oom_prelude else []
+        if self.user is not None:
+            env.update(self.user.env())
+        if self.gated:
+            steps.append("read _ || exit %d" % GATE_EXIT_CODE)
+            if stdin == subprocess.PIPE:
+                self._stdin_pipe = True
+            else:
+                if tty is None:         # with a tty, a later prelude opens it onto 0, 1 and 2
+                    steps.extend(self._restore_stdin(stdin, kwargs))
+                self._gate_r, self._gate_w = os.pipe()
+                stdin = self._gate_r
+
+            if self.drop:
+                argv = _dropper_argv(self.user, self._setpriv()) + argv
+        elif self.drop:
+            kwargs.update(user=self.user.uid, group=self.user.gid, extra_groups=list(self.user.groups))
+        steps.extend(preludes)
+        if steps:
+            argv = ["/bin/sh", "-c", "; ".join(steps) + '; exec "$0" "$@"'] + argv
+        return argv, stdin, kwargs
+
+
+    @staticmethod
+    def _restore_stdin(stdin: Any, kwargs: Dict[str, Any]) -> List[str]:
+        """The prelude that gives the program its real stdin after the gate.
+        An fd is kept open at its own number and reopened through /proc
+        (dash reads single-digit fds only, so one above 9 stays open too)."""
+        if not isinstance(stdin, int) or stdin < 0:
+            return ["exec </dev/null"]          # DEVNULL, and None: children never share the agent's stdin
+        kwargs["pass_fds"] = (stdin,)
+        return ["exec </proc/self/fd/%d" % stdin] + (["exec %d<&-" % stdin] if stdin <= 9 else [])
+
+    def started(self, popen: subprocess.Popen) -> None:
+        """Right after Popen: put the waiting child into its cgroups and
+        under its rlimits, then open the gate. If any step fails the child
+        is killed (it has run nothing yet) and the error raised."""
+        self._close_gate_r()
+        late_oom = self._oom_adj is not None and self._oom_prelude is None
+        if not self.gated:
+            if late_oom:
+                _write_oom_score_adj(self._oom_adj, str(popen.pid))
+            return
+        try:
+            if late_oom:     # still at the gate: exact, before any user code
+                _write_oom_score_adj(self._oom_adj, str(popen.pid))
+            if self.cgroup is not None:
+                self.cgroup.join(popen.pid)
+
+            if self.rlimits:
+                import resource
+                for res, soft, hard in self.rlimits:
+                    resource.prlimit(popen.pid, res, (soft, hard))
+            os.write(popen.stdin.fileno() if self._stdin_pipe else self._gate_w, b"\n")
+        except BaseException:
+            try:
+                popen.kill()
+            except OSError:
+                pass
+            popen.wait()
+            self.finish()
+            raise
+        finally:
+            self._close_gate_w()
+
+    def spawn_failed(self) -> None:
+        """Popen itself failed: nothing runs; let go of the gate and the cgroup."""
+        self._close_gate_r()
+        self._close_gate_w()
+        self.finish()
+
+    def _close_gate_r(self) -> None:
+        if self._gate_r is not None:      # the child has its own copy
+            _close_quietly(self._gate_r)
+            self._gate_r = None
+
+    def _close_gate_w(self) -> None:
+        if self._gate_w is not None:
+            _close_quietly(self._gate_w)
+            self._gate_w = None
+
+
+    def signal(self, sig: int) -> int:
+        """Signal every process of the cgroup (0 without one)."""
+        return self.cgroup.signal(sig) if self.cgroup is not None and not self.cgroup.removed else 0
+
+    def kill(self) -> bool:
+        """End the whole cgroup now (False without one)."""
+        return self.cgroup.kill() if self.cgroup is not None and not self.cgroup.removed else False
+
+    def read_usage(self) -> Dict[str, Any]:
+        if self.cgroup is not None and not self.cgroup.removed:
+            self.usage = self.cgroup.usage()
+        return self.usage
+
+    def oom_killed(self, wait_status: Optional[int]) -> bool:
+        """api.md §14: the leader died of SIGKILL and the cgroup counted an OOM kill."""
+        return (wait_status is not None and os.WIFSIGNALED(wait_status)
+                and os.WTERMSIG(wait_status) == signal.SIGKILL and self.read_usage().get("oom_kills", 0) > 0)
+
+    def finish(self) -> Dict[str, Any]:
+        """The record is final: read the usage, end what is left, remove the
+        cgroups. Once; a second caller waits (bounded) for the first's usage."""
+        with self._lock:
+            first, self.finished = not self.finished, True
+        if not first:
+            self._done.wait(CGROUP_EMPTY_WAIT_S + FREEZE_WAIT_S + 1.0)
+            return self.usage
+        try:
+            self.read_usage()
+            if self.cgroup is not None and self.cgroup.remove() and self.tree is not None:
+                self.tree.forget(self.name)
+        finally:
+            self._done.set()
+        return self.usage
+
+
+# -- the agent-wide object ---------------------------------------------------------
+
+
+class _ResourceLimits:
+    """Which mechanism this agent uses (probed once), the defaults, the
+    run-as user and oom_score_adj policy; makes each child's _Confinement.
+
+    ``mechanism``: "auto" (v2, else v1, else rlimit), or one of "cgroup_v2",
+    "cgroup_v1", "rlimit" to force it (tests force "rlimit" so both paths
+    run here); a forced mechanism the machine lacks falls back, never fails.
+    """
+
+    def __init__(self, *, mechanism: str = "auto", defaults: Optional[_LimitValues] = None,
+                 run_as: Optional[str] = None, agent_oom_score_adj: Optional[int] = AGENT_OOM_SCORE_ADJ,
+                 child_oom_score_adj: Optional[int] = CHILD_OOM_SCORE_ADJ) -> None:
+        self.requested = mechanism
+        self.tree: Optional[_CgroupTree] = None
+        self.why_not: List[str] = []
+        self.defaults = defaults or _LimitValues()
+        self.run_as = _resolve_user(run_as, "run_as") if run_as is not None else None
+        if self.run_as is not None:
+            _check_switchable(self.run_as)
+        self.oom = _OomPolicy(agent_oom_score_adj, child_oom_score_adj)
+        self._setpriv: Optional[Tuple[Optional[str]]] = None   # (path or None,) once looked for
+        self._count = 0
+        self._lock = threading.Lock()    # guards _count and _setpriv
+
+    @property
+    def mechanism(self) -> str:
+        return self.tree.version if self.tree is not None else "rlimit"
+
+    def open(self) -> None:
+        """Probe and take what the machine offers (never raises for a lesser machine)."""
+        if self.requested not in ("auto",) + _MECHANISMS:
+            raise ValueError("limits mechanism must be auto, %s" % ", ".join(_MECHANISMS))
+        if self.requested != "rlimit":
+            self.tree, self.why_not = _probe_cgroups(self.requested)
+        else:
+            self.why_not = ["rlimit forced by configuration"]
+        self.oom.protect_agent()
+        self.defaults = self._usable_defaults(self.defaults)
+
+        log.info("limits: %s%s; oom_score_adj agent %s, children %s", self.mechanism,
+                 (" (%s)" % "; ".join(self.why_not)) if self.tree is None and self.why_not else "",
+                 self.oom.agent_adj, self.oom.child_target)
+
+    def _usable_defaults(self, defaults: _LimitValues) -> _LimitValues:
+        """A --default-* the machine cannot enforce is dropped with a warning, never fatal."""
+        unusable = [f for f in defaults.given() if self.unsupported(f, self.run_as)]
+        for field in unusable:
+            log.warning("--default-%s ignored: %s", field.replace("_", "-"), self.unsupported(field, self.run_as))
+        return defaults.without(unusable)
+
+    def unsupported(self, field: str, user: Optional[_RunAs]) -> Optional[str]:
+        """Why ``field`` cannot be enforced for a child running as ``user``, or None."""
+        if field == "cpu_limit" and (self.tree is None or "cpu" not in self.tree.controllers):
+            return ("cpu_limit needs the cgroup cpu controller; this agent limits with %s (%s)"
+                    % (self.mechanism, "; ".join(self.why_not) or "no cpu controller"))
+        if field == "pids_limit" and self.tree is None:
+            uid = user.uid if user is not None else os.geteuid()
+            if uid == 0:
+                return ("pids_limit without cgroups is RLIMIT_NPROC, which does not bind root; "
+                        "run as another user or give the agent cgroups")
+        return None
+
+    def resolve(self, body: Dict[str, Any]) -> Tuple[_LimitValues, Optional[_RunAs]]:
+        """The limits and user of a start request (400 for anything wrong or unenforceable)."""
+        limits = _parse_limits(body)
+        user = _resolve_user(body["user"]) if body.get("user") is not None else self.run_as
+        if user is not None:
+            _check_switchable(user)
+        for field in limits.given():
+            why = self.unsupported(field, user)
+            if why:
+                raise BadRequest(why, details={"field": field})
+        merged = limits.over(self.defaults.without(f for f in self.defaults.given() if self.unsupported(f, user)))
+        return merged, user
+
+    def resolve_text(self, params: Dict[str, Optional[str]]) -> Tuple[_LimitValues, Optional[_RunAs]]:
+        """The same from text values (a WebSocket upgrade's query: /terminal?memory_limit_mb=256&user=...)."""
+        body: Dict[str, Any] = {}
+        for field in _LIMIT_FIELDS:
+            if params.get(field) not in (None, ""):
+                body[field] = _parse_limit_option(params[field] or "", field)
+        if params.get("user") not in (None, ""):
+            body["user"] = params["user"]
+        return self.resolve(body)
+
+    def confine(self, limits: _LimitValues, user: Optional[_RunAs], name: str = "") -> _Confinement:
+        """The confinement of one child; makes its cgroup now when it needs one."""
+        with self._lock:
+            self._count += 1
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64] or "child-%d" % self._count
+
+        group = self.tree.create(name, limits) if self.tree is not None and limits.needs_cgroup else None
+        return _Confinement(limits, user, oom=self.oom.plan(), cgroup=group, tree=self.tree,
+
+                            name=name, setpriv=self.setpriv)
+
+    def setpriv(self) -> Optional[str]:
+        """setpriv's path if it works here, looked for on first use (a child run)."""
+        with self._lock:
+            found = self._setpriv
+        if found is None:
+            found = (_find_setpriv(),)
+            with self._lock:
+                self._setpriv = found
+        return found[0]
+
+
+    def features(self) -> Dict[str, Any]:
+        """features.resource_limits, the same in /health and /info (api.md §14)."""
+        controllers = list(self.tree.controllers) if self.tree is not None else []
+        unsupported = {f: self.unsupported(f, self.run_as) for f in _LIMIT_FIELDS}
+        return {
+            "mechanism": self.mechanism, "controllers": controllers,
+            "limits": [f for f in _LIMIT_FIELDS if not unsupported[f]],
+            "unsupported": {f: why for f, why in unsupported.items() if why},
+            "defaults": self.defaults.given(),
+            "maxima": {f: spec[2] for f, spec in _LIMIT_FIELDS.items()},
+            "kill": {"cgroup_v2": "cgroup.kill", "cgroup_v1": "freezer"}.get(self.mechanism, "process group"),
+            "run_as": self.run_as.name if self.run_as is not None else None,
+            "users": os.geteuid() == 0,
+            "oom_score_adj": self.oom.to_json(),
+            "why_not_cgroups": self.why_not if self.tree is None else [],
+        }
+
+    def close(self) -> None:
+        if self.tree is not None:
+            self.tree.close()
+        self.oom.restore()
+
+
+def _limits_from(config: AgentConfig) -> _ResourceLimits:
+    """The agent's _ResourceLimits from its configuration, probed and opened."""
+    defaults = _LimitValues(**{field: getattr(config, "default_" + field) for field in _LIMIT_FIELDS})
+    limits = _ResourceLimits(mechanism=config.limits_mechanism, defaults=defaults, run_as=config.run_as,
+                             agent_oom_score_adj=config.agent_oom_score_adj,
+                             child_oom_score_adj=config.child_oom_score_adj)
+    limits.open()
+    return limits
+
+
+# ============================================================================
 # Children: the one way any child of the agent is started
 # ============================================================================
 
@@ -1547,6 +2847,39 @@ class _ChildSpec:
     # spawner's own prelude, after the caller's). Give the slave as
     # stdin/stdout/stderr too, so it is held open from fork on.
     tty: Optional[str] = None
+    # api.md §14: the child's limits and user, and a name for its cgroup
+    # (unique among the agent's live children: a record or context id).
+    limits: Optional[_LimitValues] = None
+    user: Optional[_RunAs] = None
+    name: str = ""
+    confinement: Optional[_Confinement] = None   # set by spawn(): the owner ends and finishes it
+
+
+def _check_executable(program: str, cwd: str, env: Dict[str, str]) -> None:
+    """What execve would refuse, raised as Popen raises it, for a child that
+    starts as a shell wrapper: its exec failing later would only be an exit
+    status 127 or 126, which the program itself could have returned."""
+    def refuse(code: int) -> None:
+        cls = {errno.ENOENT: FileNotFoundError, errno.EACCES: PermissionError}.get(code, OSError)
+        raise cls(code, os.strerror(code), program)
+    path = os.path.join(cwd, program) if "/" in program else \
+        shutil.which(program, path=env.get("PATH", os.defpath))
+    if path is None or not os.path.exists(path):
+        refuse(errno.ENOENT)
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        refuse(errno.EACCES)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(256)
+    except OSError:
+        return                          # not readable by the agent: exec will tell
+    if head.startswith(b"#!"):          # a script: its interpreter must exist too
+        words = head[2:].split(b"\n", 1)[0].split()
+        if not words or not os.path.exists(os.fsdecode(words[0])):
+            refuse(errno.ENOENT)
+    elif not head.startswith(b"\x7fELF"):
+        refuse(errno.ENOEXEC)           # the shell would run it as a script; execve refuses it
+
 
 
 def _ctty_prelude(path: str) -> str:
@@ -1643,15 +2976,18 @@ def _read_pty(fd: int, size: int) -> Optional[bytes]:
 
 
 class _Spawner:
+
     """Starts children (each in a session of its own, so it leads its process
     group) and knows which pids are children not reaped yet, so that the
     orphan reaper never takes the exit status of one of ours."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Optional[_ResourceLimits] = None) -> None:
         self._lock = threading.Lock()               # guards _tracked and _spawning
         self.changed = threading.Condition(self._lock)   # notified when either shrinks or grows
         self._tracked: set = set()                  # pids started and not reaped yet
         self._spawning = 0                          # Popen calls under way: pids not known yet
+        self.limits = limits or _ResourceLimits(mechanism="rlimit", agent_oom_score_adj=None,
+                                                child_oom_score_adj=None)
         # Added to every child's environment (durability: HOPX_AGENT_STATE, the
         # state dir's id, by which a restarted agent proves an orphan its own).
         self.markers: Dict[str, str] = {}
@@ -1659,29 +2995,48 @@ class _Spawner:
     def spawn(self, spec: _ChildSpec) -> subprocess.Popen:
         """Popen for ``spec``; the pid is tracked until untrack() says it was reaped.
 
-        With preludes the child is ``/bin/sh -c '<preludes>; exec "$0" "$@"' argv...``:
-        the shell runs them and then becomes the program; without, the
-        program is executed directly (a shell costs ~0.8 ms per start).
+        With preludes (the spawner's own: oom_score_adj, the gate of a
+        confined child; and the caller's) the child is
+        ``/bin/sh -c '<preludes>; exec "$0" "$@"' argv...``: the shell runs
+        them and then becomes the program; without, the program is executed
+        directly (a shell costs ~0.8 ms per start). ``spec.confinement`` is
+        set to the child's _Confinement (its cgroup, its user): the owner
+        calls its finish() once the child is reaped, also when spawn raises.
         """
-        argv = list(spec.argv)
-        env = dict(os.environ if spec.env is None else spec.env, **self.markers) if self.markers else spec.env
-        preludes = list(spec.preludes) + ([_ctty_prelude(spec.tty)] if spec.tty else [])
-        if preludes:
-            argv = ["/bin/sh", "-c", "; ".join(preludes) + '; exec "$0" "$@"'] + argv
+        conf = spec.confinement = self.limits.confine(spec.limits or _LimitValues(), spec.user, spec.name)
+        env = dict(spec.env, **self.markers)     # durability: the state dir's id (orphans)
+        try:
+            preludes = list(spec.preludes) + ([_ctty_prelude(spec.tty)] if spec.tty else [])
+            argv, stdin, extra = conf.wrap(list(spec.argv), spec.stdin, env, preludes, spec.tty)
+            if argv[0] != spec.argv[0]:    # wrapped: a missing program must still fail here, not exit 127
+                _check_executable(spec.argv[0], spec.cwd, env)
+        except BaseException:
+            conf.spawn_failed()
+            raise
+        if spec.pass_fds:
+            extra["pass_fds"] = tuple(spec.pass_fds) + tuple(extra.get("pass_fds", ()))
         with self._lock:
             self._spawning += 1
         popen = None
         try:
-            popen = subprocess.Popen(argv, stdin=spec.stdin, stdout=spec.stdout, stderr=spec.stderr,
-                                     cwd=spec.cwd, env=env, pass_fds=spec.pass_fds,
-                                     start_new_session=True, close_fds=True)
-            return popen
+            popen = subprocess.Popen(argv, stdin=stdin, stdout=spec.stdout, stderr=spec.stderr,
+                                     cwd=spec.cwd, env=env, start_new_session=True, close_fds=True, **extra)
+        except BaseException:
+            conf.spawn_failed()
+            raise
         finally:
             with self._lock:
                 self._spawning -= 1
                 if popen is not None:
                     self._tracked.add(popen.pid)
                 self.changed.notify_all()
+        try:
+            conf.started(popen)     # into its cgroups, under its rlimits; then the gate opens
+        except BaseException:
+            self.untrack(popen.pid)     # killed and reaped by started()
+            raise
+        return popen
+
 
     def adopt(self, pid: int) -> None:
         """``pid`` is a child the agent's previous version started (an upgrade in place)."""
@@ -2026,28 +3381,31 @@ class _Launcher:
     def code_launch(self, code: str, language: Optional[str], *, cwd: Optional[str] = None,
                     env: Optional[Dict[str, str]] = None, timeout: float = BACKGROUND_TIMEOUT_S,
                     name: Optional[str] = None, stdin: bool = False,
-                    idle_timeout: Optional[float] = None, pty: Optional[Tuple[int, int]] = None) -> _Launch:
+                    idle_timeout: Optional[float] = None, pty: Optional[Tuple[int, int]] = None,
+                    limits: Optional[_LimitValues] = None, user: Optional[_RunAs] = None) -> _Launch:
         """A launch that runs ``code`` with the language's interpreter from a
-        temp file; with ``pty`` (cols, rows) on a pseudo-terminal, stdin open."""
+        temp file (0600, owned by ``user`` when there is one: readable by it and
+        nobody else); with ``pty`` (cols, rows) on a pseudo-terminal, stdin open."""
         lang, program = _resolve_language(language)
         directory = self.resolve_cwd(cwd)
         build = _LANGUAGES[lang][2]
         return _Launch(argv=[program], cwd=directory, env=self._launch_env(env, pty), kind="code", language=lang,
                        name=name, timeout=timeout, stdin=stdin or pty is not None, idle_timeout=idle_timeout,
                        code=code.encode("utf-8"), code_suffix=_LANGUAGES[lang][3], code_prefix=self.code_prefix,
-                       code_argv=lambda path: build(program, path), pty=pty)
+                       code_argv=lambda path: build(program, path), pty=pty, limits=limits, user=user)
 
     def command_launch(self, command: str, args: Optional[List[str]] = None, *,
                        cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
                        timeout: float = BACKGROUND_TIMEOUT_S, name: Optional[str] = None,
                        stdin: bool = False, idle_timeout: Optional[float] = None,
-                       pty: Optional[Tuple[int, int]] = None) -> _Launch:
+                       pty: Optional[Tuple[int, int]] = None, limits: Optional[_LimitValues] = None,
+                       user: Optional[_RunAs] = None) -> _Launch:
         """A launch of ``[command] + args`` as argv, or of a shell string through /bin/sh -c."""
         argv = [command] + list(args) if args is not None else ["/bin/sh", "-c", command]
         shown = " ".join([command] + list(args)) if args is not None else command
         return _Launch(argv=argv, cwd=self.resolve_cwd(cwd), env=self._launch_env(env, pty), kind="command",
                        command=shown, name=name, timeout=timeout, stdin=stdin or pty is not None,
-                       idle_timeout=idle_timeout, pty=pty)
+                       idle_timeout=idle_timeout, pty=pty, limits=limits, user=user)
 
     def _launch_env(self, request_env: Optional[Dict[str, str]], pty: Optional[Tuple[int, int]]) -> Dict[str, str]:
         """A child's environment; on a pty it says what terminal it has
@@ -2503,9 +3861,10 @@ class _Lifecycle:
     def _fork(self, rec: _ProcessRecord, ends: "_ChildEnds") -> List[_ProcessRecord]:
         launch = rec.launch
         try:
-            popen = self.spawner.spawn(_ChildSpec(
-                argv=launch.argv, cwd=launch.cwd, env=launch.env, stdin=ends.stdin, stdout=ends.stdout,
-                stderr=ends.stderr, tty=ends.tty))
+            spec = _ChildSpec(argv=launch.argv, cwd=launch.cwd, env=launch.env, stdin=ends.stdin,
+                              stdout=ends.stdout, stderr=ends.stderr, tty=ends.tty,
+                              limits=launch.limits, user=launch.user, name=rec.id)
+            popen = self.spawner.spawn(spec)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             if ends.stdin_fd is not None:
                 _close_quietly(ends.stdin_fd)
@@ -2518,6 +3877,9 @@ class _Lifecycle:
         if ends.stdin_fd is not None:
             popen.stdin = open(ends.stdin_fd, "wb", buffering=0)
         with rec.cond:
+            rec.confinement = spec.confinement
+            if rec.confinement is not None and rec.confinement.cgroup is not None:   # journaled (durability)
+                rec.cgroups = list(dict.fromkeys(rec.confinement.cgroup.dirs.values()))
             rec.popen, rec.pid = popen, popen.pid
             rec.status = "running"
             rec.started, rec.started_mono = time.time(), time.monotonic()
@@ -2702,6 +4064,8 @@ class _Lifecycle:
             held = rec.open_streams > 0
         if held:
             _end_marked(rec, signal.SIGKILL)
+            if rec.confinement is not None:
+                rec.confinement.kill()      # an escaper in its cgroup, found without a marker
         self.finish(rec)
 
     def finish(self, rec: _ProcessRecord) -> None:
@@ -2712,9 +4076,16 @@ class _Lifecycle:
         if stragglers:   # a signalled escaper may still be exiting: a final record leaves none alive
             _wait_gone(stragglers, time.monotonic() + ESCAPER_GONE_S)
         with rec.cond:
+            conf = rec.confinement if rec.exit_info is not None and not rec.finished else None
+        usage = conf.finish() if conf is not None else {}   # usage read, the rest ended, cgroups removed
+        if conf is not None:
+            rec.launch.cleanup()     # before it is final: whoever waits for it finds the code file gone
+        with rec.cond:
             if rec.exit_info is None or rec.finished:
                 return
+
             status, rusage = rec.exit_info
+            rec.usage = usage
             exit_code, signame = None, None
             if status is not None:
                 if os.WIFSIGNALED(status):
@@ -2723,6 +4094,8 @@ class _Lifecycle:
                 else:
                     exit_code = os.WEXITSTATUS(status)
             reason = rec.kill_reason or ("signaled" if signame else "exited")
+            if rec.kill_reason is None and conf is not None and conf.oom_killed(status):
+                reason = "oom_killed"       # api.md §14: SIGKILL and the cgroup counted an OOM kill
             rec.rusage = rusage
             rec.set_final(reason, 124 if reason in _TIMEOUT_REASONS else exit_code, signame)
         log.debug("%s finished: %s, exit %s", rec.id, reason, exit_code)
@@ -2753,9 +4126,12 @@ class _Lifecycle:
             return _killpg(rec.pid, sig)
 
     def terminate(self, rec: _ProcessRecord) -> None:
-        """SIGTERM to the group and to marked escapers now, SIGKILL after the grace period."""
+        """SIGTERM to the group, to marked escapers and to every process of its
+        cgroup now; SIGKILL (the whole cgroup) after the grace period."""
         self.signal_group(rec, signal.SIGTERM)
         _end_marked(rec, signal.SIGTERM)
+        if rec.confinement is not None:
+            rec.confinement.signal(signal.SIGTERM)
         self.schedule_escalation(rec, self.config.kill_grace)
 
     def schedule_escalation(self, rec: _ProcessRecord, delay: float) -> None:
@@ -2776,6 +4152,13 @@ class _Lifecycle:
     def _escalate(self, rec: _ProcessRecord) -> None:
         self.signal_group(rec, signal.SIGKILL)
         _end_marked(rec, signal.SIGKILL)
+        if rec.confinement is not None:   # freeze-kill-thaw may wait: not on the watchdog's thread
+            try:
+                self.workers.submit("hopx-proc-%s-cgkill" % rec.id[5:13], rec.confinement.kill)
+            except (RuntimeError, Unavailable):   # no thread to be had: better late here than never
+                rec.confinement.kill()
+
+
 
     def on_idle(self, rec: _ProcessRecord) -> None:
         """The idle timer: end the process, or look again when it could next be idle."""
@@ -2871,7 +4254,8 @@ class ProcessManager:
                  environ: Optional[Dict[str, str]] = None) -> None:
         self.config = config or AgentConfig()
         self.stopping = threading.Event()   # set by shutdown(); webhook retries stop waiting
-        self.spawner = _Spawner()
+        self.limits = _limits_from(self.config)   # probes cgroups, protects the agent (api.md §14)
+        self.spawner = _Spawner(self.limits)
         self.launcher = _Launcher(self.config, environ)
         self.registry = _Registry(self.config)
         self.lifecycle = _Lifecycle(self.config, self.registry, self.spawner)
@@ -3135,11 +4519,15 @@ class ProcessManager:
                     rec.kill_reason = rec.kill_reason or "shutdown"
             self.lifecycle.signal_group(rec, signal.SIGTERM)
             _end_marked(rec, signal.SIGTERM, marked)
+            if rec.confinement is not None:
+                rec.confinement.signal(signal.SIGTERM)
         term_deadline = min(deadline, time.monotonic() + grace)
         for rec in live:
             self.wait(rec, max(0.0, term_deadline - time.monotonic()))
             if not rec.finished:
                 self.lifecycle.signal_group(rec, signal.SIGKILL)
+                if rec.confinement is not None:
+                    rec.confinement.kill()
         marked = _scan_marked()
         for rec in live:
             _end_marked(rec, signal.SIGKILL, marked)
@@ -3150,6 +4538,8 @@ class ProcessManager:
                 rec.cond.wait_for(lambda: rec.open_streams == 0, max(0.0, deadline - time.monotonic()))
         self.lifecycle.stop(deadline)
         self.subreaper.stop(deadline)
+        self.limits.close()          # what is left in cgroups is killed, the cgroups removed
+
 
 
 # ============================================================================
@@ -3547,14 +4937,15 @@ _STATE_FIELDS: Dict[str, Tuple[type, ...]] = {
     "error": (str, type(None)), "usage": (list, type(None)), "stragglers": (list,),
     "extra": (dict,), "stdout_bytes": (int,), "stderr_bytes": (int,),
     "idempotency": (list, type(None)), "kill_reason": (str, type(None)), "cgroups": (list,),
-    "pty": (list, type(None)),
+    "pty": (list, type(None)), "limits": (dict, type(None)), "user": (dict, type(None)), "cg_usage": (dict,),
 }
 _STATE_DEFAULTS: Dict[str, Any] = {
     "name": None, "language": None, "command": None, "idle_timeout": None, "stdin": False,
     "tempfile": None, "pid": None, "started": None, "starttime": None, "boot_id": None, "fseq": None,
     "reason": None, "exit_code": None, "signal": None, "ended": None, "duration": None, "error": None,
     "usage": None, "stragglers": [], "extra": {}, "stdout_bytes": 0, "stderr_bytes": 0,
-    "idempotency": None, "kill_reason": None, "cgroups": [], "pty": None,
+    "idempotency": None, "kill_reason": None, "cgroups": [], "pty": None, "limits": None, "user": None,
+    "cg_usage": {},
 }
 _STATE_STATUSES = ("queued", "running", "completed", "failed")
 
@@ -3576,6 +4967,18 @@ def _check_state(state: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError("bad usage")
     if not all(isinstance(p, int) for p in full["stragglers"]):
         raise ValueError("bad stragglers")
+    if not all(isinstance(d, str) for d in full["cgroups"]):
+        raise ValueError("bad cgroups")
+    limits = full["limits"] or {}
+    if not all(k in _LIMIT_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)
+               for k, v in limits.items()):
+        raise ValueError("bad limits")
+    user = full["user"]
+    if user is not None and not (isinstance(user.get("name"), str) and isinstance(user.get("home"), str)
+                                 and all(isinstance(user.get(k), int) for k in ("uid", "gid"))
+                                 and isinstance(user.get("groups"), list)
+                                 and all(isinstance(g, int) for g in user["groups"])):
+        raise ValueError("bad user")
     return full
 
 
@@ -3600,7 +5003,8 @@ def _record_state(rec: _ProcessRecord) -> Dict[str, Any]:
         "stragglers": sorted(rec.stragglers), "extra": dict(rec.extra),
         "stdout_bytes": rec.stdout.total, "stderr_bytes": rec.stderr.total,
         "idempotency": rec.idempotency, "kill_reason": rec.kill_reason, "cgroups": list(rec.cgroups),
-        "pty": list(launch.pty) if launch.pty else None,
+        "pty": list(launch.pty) if launch.pty else None, "cg_usage": dict(rec.usage),
+        "limits": _limits_state(launch.limits), "user": _user_state(launch.user),
     }
 
 
@@ -3614,8 +5018,27 @@ def _start_state(rec: _ProcessRecord) -> Dict[str, Any]:
         "timeout": launch.timeout, "working_dir": launch.cwd, "idle_timeout": launch.idle_timeout,
         "stdin": launch.stdin, "created": rec.created, "tempfile": launch.tempfile, "status": rec.status,
         "pid": rec.pid, "started": rec.started, "starttime": rec.starttime, "boot_id": rec.boot_id,
-        "pty": list(launch.pty) if launch.pty else None,
+        "pty": list(launch.pty) if launch.pty else None, "cgroups": list(rec.cgroups),
+        "limits": _limits_state(launch.limits), "user": _user_state(launch.user),
     }
+
+
+def _limits_state(limits: Any) -> Optional[Dict[str, Any]]:
+    given = limits.given() if limits is not None else {}
+    return given or None
+
+
+def _user_state(user: Any) -> Optional[Dict[str, Any]]:
+    if user is None:
+        return None
+    return {"name": user.name, "uid": user.uid, "gid": user.gid, "groups": list(user.groups), "home": user.home}
+
+
+def _user_of(state: Optional[Dict[str, Any]]) -> Any:
+    if not state:
+        return None
+    return _RunAs(str(state["name"]), int(state["uid"]), int(state["gid"]),
+                  tuple(int(g) for g in state["groups"]), str(state["home"]))
 
 
 def _restored_buffer(cap: int, total: int, data: bytes) -> _OutputBuffer:
@@ -3633,7 +5056,9 @@ def _restore_record(state: Dict[str, Any], cap: int, out: bytes = b"", err: byte
                      language=state["language"], command=state["command"], name=state["name"],
                      timeout=state["timeout"], stdin=state["stdin"], tempfile=state["tempfile"],
                      idle_timeout=state["idle_timeout"],
-                     pty=tuple(state["pty"]) if state["pty"] and len(state["pty"]) == 2 else None)
+                     pty=tuple(state["pty"]) if state["pty"] and len(state["pty"]) == 2 else None,
+                     limits=_LimitValues(**state["limits"]) if state["limits"] else None,
+                     user=_user_of(state["user"]))
     rec = _ProcessRecord(launch, cap)
     rec.id, rec.execution_id = state["id"], state["execution_id"]
     for key in ("status", "pid", "started", "reason", "exit_code", "signal", "ended", "duration",
@@ -3645,6 +5070,7 @@ def _restore_record(state: Dict[str, Any], cap: int, out: bytes = b"", err: byte
     rec.rusage = None if state["usage"] is None else _Usage(*state["usage"])
     rec.stragglers = set(state["stragglers"])
     rec.extra = dict(state["extra"])
+    rec.usage = dict(state["cg_usage"])
     rec.reaped = True                     # never ours to signal: its pid may be anyone's now
     rec.stdin_closed = True
     rec.journaled = True
@@ -3758,7 +5184,7 @@ class _Journal:
         self._note_spawn(rec)
         self._append({"e": "run", "id": rec.id, "pid": rec.pid, "started": rec.started,
                       "starttime": rec.starttime, "boot_id": rec.boot_id, "status": rec.status,
-                      "tempfile": rec.launch.tempfile})
+                      "tempfile": rec.launch.tempfile, "cgroups": list(rec.cgroups)})
         with self._cond:
             self._watch_locked(rec)
 
@@ -4234,7 +5660,10 @@ class _JournalReader:
 #   - or it is in the session of such a journaled leader, proven as above
 #     and still alive and leading it after the check (every child of the
 #     agent leads its own session; a marker alone never extends to a session:
-#     anyone who saw it could put it on a process of a session not ours).
+#     anyone who saw it could put it on a process of a session not ours);
+#   - or it is in a cgroup the journal names for one of those records, in a
+#     runs directory of the agent (issue 15): only the cgroup's owner can move
+#     a process in, so whatever is there is the dead agent's.
 # Signals go through the pidfds: they reach the proven process or nobody.
 
 AGENT_RESTART_REASON = "agent_restart"   # api.md §5 reason of a record whose agent died under it
@@ -4333,6 +5762,49 @@ def _find_orphans(dir_id: str, leaders: Dict[int, Tuple[int, str]]) -> List[_Orp
     return list(found.values())
 
 
+def _in_cgroup(pid: int, directory: str) -> bool:
+    """``pid`` is in the cgroup at ``directory`` (as /proc/<pid>/cgroup names it)."""
+    try:
+        with open("/proc/%d/cgroup" % pid) as fh:
+            paths = _parse_proc_cgroup(fh.read()).values()
+    except OSError:
+        return False
+    return any(len(path) > 1 and directory.endswith(path) for path in paths)
+
+
+def _cgroup_orphans(states: List[Dict[str, Any]], known: set) -> List[_Orphan]:
+    """The processes in the cgroups of records a crash left running (issue 15):
+    a cgroup the journal names, in a runs directory of the agent, holds only
+    the dead agent's children (moving a process into it needs the cgroup's
+    owner), whatever their environment. Frozen ones (a v1 kill cut by the
+    crash) are thawed first: a frozen process never dies of a signal."""
+    found = []
+    for state in states:
+        for directory in state["cgroups"]:
+            if CGROUP_RUNS_PREFIX not in directory or not os.path.isdir(directory):
+                continue
+            for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+                try:
+                    with open(os.path.join(directory, name), "w") as fh:
+                        fh.write(value)
+                except OSError:
+                    pass
+            for pid in _pids_in(directory):
+                if pid in known:
+                    continue
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    continue
+                stat = _proc_identity(pid)
+                if stat is not None and _in_cgroup(pid, directory) and _pidfd_alive(pidfd):
+                    found.append(_Orphan(pid, pidfd, state["id"], stat[1]))
+                    known.add(pid)
+                else:
+                    os.close(pidfd)
+    return found
+
+
 def _end_orphans(orphans: List[_Orphan], grace: float) -> Dict[Optional[str], str]:
     """TERM every orphan, KILL those left after ``grace``, wait (bounded) for
     them to be gone; closes their pidfds. Returns, per record id, the last
@@ -4346,7 +5818,7 @@ def _end_orphans(orphans: List[_Orphan], grace: float) -> Dict[Optional[str], st
                 endings[orphan.record_id] = signal.Signals(sig).name
             except OSError:
                 pass
-        _wait_pidfds(pending, time.monotonic() + wait)
+        _wait_orphans_gone(pending, time.monotonic() + wait)
         if not pending:
             break
     for orphan in orphans:
@@ -4356,7 +5828,7 @@ def _end_orphans(orphans: List[_Orphan], grace: float) -> Dict[Optional[str], st
     return endings
 
 
-def _wait_pidfds(pending: Dict[int, Any], deadline: float) -> None:
+def _wait_orphans_gone(pending: Dict[int, Any], deadline: float) -> None:
     """Remove from ``pending`` each pidfd whose process exits before ``deadline``."""
     poller = select.poll()
     for fd in pending:
@@ -4406,6 +5878,7 @@ def _recover(states: List[Dict[str, Any]], dir_id: str, boot_id: Optional[str], 
     leaders = {s["pid"]: (s["starttime"], s["id"]) for s in unfinished
                if s["pid"] and s["starttime"] is not None and s["boot_id"] == boot_id}
     orphans = _find_orphans(dir_id, leaders)
+    orphans += _cgroup_orphans(unfinished, {o.pid for o in orphans})
     endings = _end_orphans(orphans, grace) if orphans else {}
     now = time.time()
     for state in unfinished:
@@ -4734,6 +6207,30 @@ def _usage_list(usage: Any) -> Optional[List[float]]:
     return None if usage is None else [usage.ru_utime, usage.ru_stime, usage.ru_maxrss]
 
 
+def _confinement_state(conf: Any) -> Optional[Dict[str, Any]]:
+    """What an upgrade's successor needs of a running child's confinement
+    (issue 15) to end it and read its usage: its cgroup's directories."""
+    if conf is None or conf.cgroup is None or conf.cgroup.removed:
+        return None
+    cgroup = conf.cgroup
+    return {"version": cgroup.version, "dirs": dict(cgroup.dirs), "proc_path": list(cgroup.proc_path),
+            "swap": cgroup.swap, "name": conf.name, "usage": dict(conf.usage)}
+
+
+def _adopted_confinement(state: Optional[Dict[str, Any]], limits: Any, user: Any) -> Any:
+    """The successor's side: a confinement on the same cgroup (the runs
+    directory it is in stays until a cold start sweeps it, empty)."""
+    if not state:
+        return None
+    cls = _ExecCgroupV2 if state["version"] == "cgroup_v2" else _ExecCgroupV1
+    cgroup = cls({str(k): str(v) for k, v in state["dirs"].items()}, tuple(state["proc_path"]))
+    cgroup.swap = bool(state.get("swap", True))
+    conf = _Confinement(limits or _LimitValues(), user, oom=(None, False), cgroup=cgroup, tree=None,
+                        name=str(state["name"]), setpriv=lambda: None)
+    conf.usage = dict(state.get("usage") or {})
+    return conf
+
+
 def _hand_over_record(rec: _ProcessRecord, writer: _HandoverWriter, watchdog: _Watchdog) -> Dict[str, Any]:
     """A record as its successor takes it over (call with ``rec.cond`` held):
     its state and output, and for one not final its descriptors (the readers
@@ -4760,6 +6257,7 @@ def _hand_over_record(rec: _ProcessRecord, writer: _HandoverWriter, watchdog: _W
         "exit_info": None if exit_info is None else [exit_info[0], _usage_list(exit_info[1])],
         "started_mono": rec.started_mono, "last_output": rec.last_output,
         "pty_eof": list(rec.pty_eof) if rec.pty_eof is not None else None,
+        "confinement": _confinement_state(rec.confinement),
         "deadlines": {"timeout": watchdog.pending(rec.timer), "idle": watchdog.pending(rec.idle_timer),
                       "escalate": watchdog.pending(rec.timers.get("escalate")),
                       "drain": watchdog.pending(rec.timers.get("drain"))},
@@ -4977,6 +6475,7 @@ def _adopt_record(state: Dict[str, Any], manager: Any, blobs: Dict[str, bytes]) 
     rec.popen = _AdoptedChild(rec.pid, _claim_fd(run["stdin"]) if run["stdin"] is not None else None)
     if isinstance(run.get("pty_eof"), list):
         rec.pty_eof = bytes(run["pty_eof"])
+    rec.confinement = _adopted_confinement(run.get("confinement"), rec.launch.limits, rec.launch.user)
     rec.stdin_closed = run["stdin"] is None
     if run["exit_info"] is not None:
         status, usage = run["exit_info"]
@@ -6617,7 +8116,8 @@ _DESKTOP_PROGRAMS = (("xvfb", "Xvfb"), ("xdotool", "xdotool"), ("tigervnc-standa
 def _features(srv: "_AgentServer") -> Dict[str, Any]:
     """The same map in /health and /info."""
     features: Dict[str, Any] = dict(_BASE_FEATURES)
-    features["resource_limits"] = {"mechanism": "none"}
+    features["resource_limits"] = srv.manager.limits.features()
+
     for family in srv.families:
         features.update(family.features())
     features["languages"] = [name for name, spec in _languages_installed().items() if spec["available"]]
@@ -6872,12 +8372,14 @@ class _Follower:
 
 def _code_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: float, max_timeout: float,
                  *, pty_ok: bool = False) -> _Launch:
+    code = _required_text(body, "code", nul_ok=True)
+    limits, user = srv.manager.limits.resolve(body)     # api.md §14: 400 before anything is written
     return srv.manager.code_launch(
-        _required_text(body, "code", nul_ok=True), body.get("language"),
+        code, body.get("language"),
         cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
         timeout=_timeout(body, default_timeout, max_timeout),
         name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"),
-        idle_timeout=_idle_timeout(body), pty=_pty_field(body, pty_ok))
+        idle_timeout=_idle_timeout(body), pty=_pty_field(body, pty_ok), limits=limits, user=user)
 
 
 def _command_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: float, max_timeout: float,
@@ -6890,11 +8392,12 @@ def _command_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: 
         args = [_text(arg, "args") for arg in args]
     elif not command.strip():
         raise BadRequest("field 'command' must not be empty", code="MISSING_PARAMETER")
+    limits, user = srv.manager.limits.resolve(body)
     return srv.manager.command_launch(
         command, args, cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
         timeout=_timeout(body, default_timeout, max_timeout),
         name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"),
-        idle_timeout=_idle_timeout(body), pty=_pty_field(body, pty_ok))
+        idle_timeout=_idle_timeout(body), pty=_pty_field(body, pty_ok), limits=limits, user=user)
 
 
 def _started(srv: "_AgentServer", rec: _ProcessRecord) -> Dict[str, Any]:
@@ -7000,7 +8503,9 @@ def _run_and_wait(srv: "_AgentServer", req: _Request, launch: _Launch) -> Tuple[
               "execution_time": record["execution_time"], "timestamp": _rfc3339(time.time()),
               "timed_out": record["reason"] == "timeout"}
     for key in ("process_id", "execution_id", "status", "reason", "signal", "pid", "stdout_bytes",
-                "stderr_bytes", "stdout_dropped", "stderr_dropped", "error"):
+                "stderr_bytes", "stdout_dropped", "stderr_dropped", "error", "cpu_user_s", "cpu_system_s",
+                "max_rss_kb", "memory_peak_mb", "oom_kills", "limits", "user"):
+
         if key in record:
             result[key] = record[key]
     return rec, result
@@ -10891,14 +12396,24 @@ class _ContextChild:
         self.tail = bytearray()           # the newest bytes it wrote outside calls
         self.late_bytes = 0               # every byte written where no call could take it
         self.calls = 0
+        self.limits: Optional[_LimitValues] = host.limits   # api.md §14: the context's, else the defaults
+        self.user: Optional[_RunAs] = host.user
+        self.confinement: Optional[_Confinement] = None    # its cgroup: killed with it, removed once reaped
+
+    @property
+    def owner(self) -> Optional[Tuple[int, int]]:
+        """(uid, gid) the child runs as when that is not the agent's: what it must open is given to it."""
+        user = self.user
+        return (user.uid, user.gid) if user is not None and not user.is_current else None
 
     def _spawn(self, argv: List[str], *, stdin: Any, stdout: Any, pass_fds: Tuple[int, ...]) -> None:
         spec = _ChildSpec(argv=argv, cwd=self.cwd, env=self.env, stdin=stdin, stdout=stdout,
-                          stderr=stdout, pass_fds=pass_fds)
-        for name in ("limits", "user"):      # issue 15 plugs these in where the spec has them
-            if hasattr(spec, name) and getattr(self.host, name) is not None:
-                setattr(spec, name, getattr(self.host, name))
-        self.popen = self.host.spawner.spawn(spec)
+                          stderr=stdout, pass_fds=pass_fds, limits=self.limits, user=self.user,
+                          name="%s-%s" % (self.marker, secrets.token_hex(3)))
+        try:
+            self.popen = self.host.spawner.spawn(spec)
+        finally:
+            self.confinement = spec.confinement
         self.pid = self.popen.pid
         try:
             self.pidfd = os.pidfd_open(self.pid)
@@ -10946,11 +12461,14 @@ class _ContextChild:
                 return False
 
     def kill(self) -> None:
-        """SIGKILL the child's group and everything carrying its marker, then reap it."""
+        """SIGKILL the child's group, everything carrying its marker and
+        everything in its cgroup (marker dropped or not), then reap it."""
         with self._lock:
             if self._poll() is None:
                 _killpg(self.pid, signal.SIGKILL)     # unreaped: the group id is still ours
         _end_processes(_marked_with(self.marker, tree=True), signal.SIGKILL)
+        if self.confinement is not None:
+            self.confinement.kill()
         self.reap(time.monotonic() + 5.0)
 
     def reap(self, deadline: float) -> Optional[int]:
@@ -10981,6 +12499,8 @@ class _ContextChild:
         if self.pidfd is not None:
             _close_quietly(self.pidfd)
             self.pidfd = None
+        if self.confinement is not None and self.exited():
+            self.confinement.finish()       # usage read, cgroups removed
 
     # -- one call ---------------------------------------------------------------------
 
@@ -11223,6 +12743,8 @@ class _BashShell(_ContextChild):
     def start(self, deadline: float) -> None:
         import tempfile
         self.dir = tempfile.mkdtemp(prefix="hopx-bash-")
+        if self.owner is not None:           # the shell runs as another user: its call files are its own
+            os.chown(self.dir, *self.owner)
         status_r, status_w = os.pipe()
         idle_r, idle_w = os.pipe()
         try:
@@ -11349,7 +12871,11 @@ class _BashShell(_ContextChild):
         nonce = secrets.token_hex(16)
         with open(os.open(paths[3], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
             fh.write(self._wrapper(call, global_env, nonce, paths))
+        if self.owner is not None:
+            for path in paths:
+                os.chown(path, *self.owner)
         return nonce
+
 
     def _wrapper(self, call: _Call, global_env: Dict[str, str], nonce: str, paths: List[str]) -> str:
         before, after = self._env_lines(call.env, global_env)
@@ -11390,8 +12916,11 @@ class _Context:
     runs at a time, in order of arrival), and what it shows in listings."""
 
     def __init__(self, manager: "_ContextManager", context_id: str, language: str, name: Optional[str],
-                 workdir: str, env: Dict[str, str]) -> None:
+                 workdir: str, env: Dict[str, str], limits: Optional[_LimitValues] = None,
+                 user: Optional[_RunAs] = None) -> None:
         self.manager = manager
+        self.limits = limits if limits is not None else manager.host.limits   # api.md §14, for each child
+        self.user = user if user is not None else manager.host.user
         self.id = context_id
         self.language = language
         self.name = name
@@ -11443,7 +12972,9 @@ class _Context:
                     "last_activity": _rfc3339(self.last_activity), "default": self.is_default,
                     "pid": child.pid if child is not None else None, "started": child is not None,
                     "execution_count": self.executions, "connections": len(self.queue),
-                    "restarts": self.restarts, "late_output_dropped": late}
+                    "restarts": self.restarts, "late_output_dropped": late,
+                    "limits": self.limits.given() if self.limits is not None else {},
+                    "user": self.user.name if self.user is not None else None}
 
     # -- the queue ------------------------------------------------------------------
 
@@ -11745,7 +13276,8 @@ class _ContextManager:
         return self._contexts.get("default")
 
     def create(self, language: str, *, name: Optional[str] = None, workdir: Optional[str] = None,
-               env: Optional[Dict[str, str]] = None) -> _Context:
+               env: Optional[Dict[str, str]] = None, limits: Optional[_LimitValues] = None,
+               user: Optional[_RunAs] = None) -> _Context:
         if language not in _CONTEXT_LANGUAGES:
             raise BadRequest("a context's language is one of %s" % ", ".join(_CONTEXT_LANGUAGES))
         program = _find_program(language)
@@ -11754,7 +13286,7 @@ class _ContextManager:
         if workdir is not None and not os.path.isdir(workdir):
             raise BadRequest("workdir %s does not exist" % workdir)
         context = _Context(self, "ctx_" + secrets.token_hex(12), language, name,
-                           workdir or self.workdir, dict(env or {}))
+                           workdir or self.workdir, dict(env or {}), limits, user)
         with self._lock:
             if self._closed:
                 raise Unavailable("the agent is shutting down")
@@ -11815,9 +13347,11 @@ class _ContextManager:
         if program is None:
             raise _ChildBroken("%s is not installed" % context.language)
         cwd = context.workdir if os.path.isdir(context.workdir) else self.workdir
-        if context.language == "bash":
-            return _BashShell(self.host, env, cwd, context.marker, program)
-        return _PythonKernel(self.host, env, cwd, context.marker, program)
+        child: _ContextChild = (_BashShell(self.host, env, cwd, context.marker, program)
+                                if context.language == "bash" else
+                                _PythonKernel(self.host, env, cwd, context.marker, program))
+        child.limits, child.user = context.limits, context.user
+        return child
 
     def touched(self, context: _Context) -> None:
         """After a call: make sure an idle check is due for a named context."""
@@ -11938,11 +13472,18 @@ def _context_of(srv: "_AgentServer", body: Dict[str, Any]) -> Optional[_Context]
     isolated = _flag(body, "isolated")
     context_id = body.get("context_id")
     language = _canonical_language(body.get("language"))
+    # api.md §14: limits or a user of its own make a call a process of its
+    # own (where they are enforced); a context's are set when it is created.
+    confined = [f for f in tuple(_LIMIT_FIELDS) + ("user",) if body.get(f) is not None]
     if context_id is None:
-        return srv.contexts.default if language == "python" and not isolated else None
+        return srv.contexts.default if language == "python" and not isolated and not confined else None
     context = srv.contexts.get(_text(context_id, "context_id"))
     if isolated:
         raise BadRequest("'context_id' and 'isolated: true' contradict each other")
+    if confined:
+        raise BadRequest("a context's limits and user are given when it is created (POST /contexts), "
+                         "not per call: %s" % ", ".join(confined), details={"field": confined[0]})
+
     if body.get("language") is not None and language != context.language:
         raise BadRequest("context %s runs %s, not %s" % (context.id, context.language, body.get("language")))
     return context
@@ -12043,10 +13584,11 @@ def _contexts_create(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     if language not in _CONTEXT_LANGUAGES:
         raise BadRequest("a context's language is one of %s" % ", ".join(_CONTEXT_LANGUAGES))
     workdir = _workdir(body)
+    limits, user = srv.manager.limits.resolve(body)     # api.md §14: the context's kernel or shell
     context = srv.contexts.create(
         language, name=_opt_text(body, "name", max_chars=CONTEXT_NAME_CHARS),
         workdir=srv.manager.launcher.resolve_cwd(workdir) if workdir else None,
-        env=_env_map(body.get("env"), "env"))
+        env=_env_map(body.get("env"), "env"), limits=limits, user=user)
     return context.describe()
 
 
@@ -12300,6 +13842,7 @@ class _TerminalSession:
         self.finished_at: Optional[float] = None
         self.end_reason: Optional[str] = None   # "exited", or why the agent ended it
         self.kill_hooks: List[Callable[[], None]] = []   # the cgroup's kill (issue 15), run with SIGKILL
+        self.confinement: Any = None     # that cgroup's confinement, for an upgrade's handover (issue 16)
         self.on_reaped: List[Callable[[int], None]] = []  # the spawner's untrack(pid)
         self.linger_timer: Any = None
         self.end_thread: Optional[threading.Thread] = None
@@ -12480,7 +14023,8 @@ class _TerminalSession:
                 "scrollback": writer.blob(_tail_bytes(self.scrollback)), "total": self.scrollback.total,
                 "dropped": self.dropped_bytes, "shell_exited": self.shell_exited, "pty_eof": self.pty_eof,
                 "ending": self.ending, "finished": self.finished, "exit_code": self.exit_code,
-                "finished_at": self.finished_at, "end_reason": self.end_reason}
+                "finished_at": self.finished_at, "end_reason": self.end_reason,
+                "confinement": _confinement_state(self.confinement)}
 
     @classmethod
     def adopted(cls, item: Dict[str, Any], reader: Any) -> "_TerminalSession":
@@ -12496,6 +14040,11 @@ class _TerminalSession:
         session.scrollback = _restored_buffer(TERMINAL_LAG_BYTES, item["total"], reader.take(item["scrollback"]))
         for key in ("shell_exited", "pty_eof", "ending", "finished", "exit_code", "finished_at", "end_reason"):
             setattr(session, key, item[key])
+        conf = _adopted_confinement(item.get("confinement"), None, None)
+        if conf is not None:
+            session.confinement = conf
+            session.kill_hooks.append(conf.kill)
+            session.on_reaped.append(lambda pid: conf.finish())
         return session
 
     def describe(self) -> Dict[str, Any]:
@@ -12794,6 +14343,7 @@ class _Terminals:
         # ending the session kills the cgroup too, and it is removed once reaped.
         confinement = getattr(spec, "confinement", None)
         if confinement is not None:
+            session.confinement = confinement     # durability: an upgrade hands its cgroup over
             session.kill_hooks.append(confinement.kill)
             session.on_reaped.append(lambda pid: confinement.finish())
         return session
@@ -13012,7 +14562,12 @@ def _terminal(srv: "_AgentServer", req: _Request) -> _Upgrade:
         if cols or rows:      # a reattach that names a size resizes; otherwise the session keeps its own
             session.resize(_pty_dimension(cols, "cols", session.cols), _pty_dimension(rows, "rows", session.rows))
         return _Upgrade(lambda ws: _terminal_ws(terminals, session, ws))
-    session = terminals.open(cols=size[0], rows=size[1], shell=req.param("shell"), cwd=req.param("cwd"))
+    limits, user = srv.manager.limits.resolve_text(   # api.md §14: the shell's limits and user
+        {name: req.param(name) for name in tuple(_LIMIT_FIELDS) + ("user",)})
+    owner = (user.uid, user.gid) if user is not None and not user.is_current else None
+    session = terminals.open(cols=size[0], rows=size[1], shell=req.param("shell"), cwd=req.param("cwd"),
+                             spec_fields={"limits": limits, "user": user}, owner=owner)
+
     return _Upgrade(lambda ws: _terminal_ws(terminals, session, ws),
                     on_refused=lambda: terminals.discard(session))     # nobody will ever see it
 
@@ -13118,7 +14673,7 @@ def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None,
     cls = _AgentServer6 if ":" in config.host else _AgentServer
     server = cls(config, manager or ProcessManager(config), _ROUTES, sock=sock)
     try:
-        server.files = _files_service(config)
+        server.files = _files_service(config, server.manager.limits.run_as)
     except ValueError:
         server.server_close()
         raise
@@ -13131,10 +14686,14 @@ def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None,
     return server
 
 
-def _files_service(config: AgentConfig) -> _FileService:
-    """The files family (issue 12) from the configuration."""
+def _files_service(config: AgentConfig, run_as: Optional[_RunAs] = None) -> _FileService:
+    """The files family (issue 12) from the configuration; what it writes
+    belongs to the --run-as user (api.md §11, §14)."""
+    owner = (run_as.uid, run_as.gid) if run_as is not None and not run_as.is_current else None
     return _FileService(config.files_roots or _default_files_roots(config.workdir), config.workdir,
-                        max_read_bytes=config.max_read_bytes, max_upload_bytes=config.max_upload_bytes)
+                        max_read_bytes=config.max_read_bytes, max_upload_bytes=config.max_upload_bytes,
+                        owner=owner)
+
 
 
 def _make_contexts(config: AgentConfig, manager: ProcessManager) -> _ContextManager:
@@ -13144,7 +14703,9 @@ def _make_contexts(config: AgentConfig, manager: ProcessManager) -> _ContextMana
         max_output_bytes=config.max_output_bytes, base_env=manager.launcher.base_env,
         global_env=manager.launcher.global_env, schedule=manager.watchdog.schedule,
         python_kernel=config.python_kernel, max_contexts=config.max_contexts,
-        idle_timeout=config.context_idle_timeout, watch=manager.lifecycle.exits.watch)
+        idle_timeout=config.context_idle_timeout, watch=manager.lifecycle.exits.watch,
+        limits=manager.limits.defaults, user=manager.limits.run_as)
+
 
 
 def _keep_secret_from_children() -> bool:
@@ -13372,6 +14933,30 @@ def serve(config: AgentConfig) -> int:
     return _run_until_signalled(_start_agent(config))
 
 
+def _limit_option(field: str) -> Callable[[str], Any]:
+    """The parser of a --default-<limit> value: the request's rules (api.md §14)."""
+    def parse(text: str) -> Any:
+        try:
+            return _parse_limit_option(text, field)
+        except BadRequest as exc:
+            raise ValueError(exc.message) from None
+    parse.__name__ = "integer" if _LIMIT_FIELDS[field][0] else "positive number"
+    return parse
+
+
+def _oom_option(text: str) -> Any:
+    """An oom_score_adj option: -1000 ... 1000, or "off" (leave it alone)."""
+    if text.strip().lower() in ("off", "none"):
+        return "off"
+    value = int(text)
+    if not -1000 <= value <= 1000:
+        raise ValueError("oom_score_adj must be between -1000 and 1000")
+    return value
+
+
+_oom_option.__name__ = "oom_score_adj"
+
+
 # Options of api.md §1: flag -> (AgentConfig field, type, help). Each also reads HOPX_AGENT_<FLAG>.
 _OPTIONS: Tuple[Tuple[str, str, Any, str], ...] = (
     ("--host", "host", str, "address to bind (default %s)" % DEFAULT_HOST),
@@ -13389,6 +14974,22 @@ _OPTIONS: Tuple[Tuple[str, str, Any, str], ...] = (
     ("--algorithms", "algorithms", str, "JWT algorithms accepted, comma-separated (default HS256,HS384,HS512)"),
     ("--log-level", "log_level", str, "debug, info, warning or error (default info)"),
     ("--log-format", "log_format", str, "text or json (default text)"),
+    # limits, users and the agent's own safety (issue 15)
+    ("--limits-mechanism", "limits_mechanism", str,
+     "auto (cgroup v2, else v1, else rlimits), cgroup_v2, cgroup_v1 or rlimit (default auto)"),
+    ("--default-memory-limit-mb", "default_memory_limit_mb", _limit_option("memory_limit_mb"),
+     "memory_limit_mb of requests that name none"),
+    ("--default-cpu-limit", "default_cpu_limit", _limit_option("cpu_limit"), "cpu_limit (cores) likewise"),
+    ("--default-pids-limit", "default_pids_limit", _limit_option("pids_limit"), "pids_limit likewise"),
+    ("--default-cpu-time-limit-s", "default_cpu_time_limit_s", _limit_option("cpu_time_limit_s"),
+     "cpu_time_limit_s likewise"),
+    ("--default-file-size-limit-mb", "default_file_size_limit_mb", _limit_option("file_size_limit_mb"),
+     "file_size_limit_mb likewise"),
+    ("--run-as", "run_as", str, "user (name or uid) children run as unless a request names one; needs root"),
+    ("--agent-oom-score-adj", "agent_oom_score_adj", _oom_option,
+     "the agent's own oom_score_adj, or off (default %d; needs CAP_SYS_RESOURCE)" % AGENT_OOM_SCORE_ADJ),
+    ("--child-oom-score-adj", "child_oom_score_adj", _oom_option,
+     "every child's oom_score_adj, or off: the agent's value at start (default %d)" % CHILD_OOM_SCORE_ADJ),
     # files (issue 12); --files-root is repeatable, so it is declared in _build_parser
     ("--max-read-bytes", "max_read_bytes", int,
      "largest file /files/read answers in JSON (default %d; more: /files/download)" % FILES_MAX_READ_BYTES),
@@ -13478,7 +15079,23 @@ def _config_from(args: Any, environ: Dict[str, str]) -> AgentConfig:
         values["state_dir"] = None
     if "workdir" in values and not os.path.isdir(values["workdir"]):
         raise ValueError("--workdir %s is not a directory" % values["workdir"])
+    _check_limit_options(values)
     return AgentConfig(**values)
+
+
+def _check_limit_options(values: Dict[str, Any]) -> None:
+    """--limits-mechanism, --run-as and the oom options (issue 15); "off" becomes None."""
+    for field in ("agent_oom_score_adj", "child_oom_score_adj"):
+        if values.get(field) == "off":
+            values[field] = None
+    mechanism = values.get("limits_mechanism", "auto")
+    if mechanism not in ("auto",) + _MECHANISMS:
+        raise ValueError("--limits-mechanism takes auto, %s" % ", ".join(_MECHANISMS))
+    if values.get("run_as") is not None:
+        try:
+            _check_switchable(_resolve_user(values["run_as"], "--run-as"))
+        except BadRequest as exc:
+            raise ValueError(exc.message) from None
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
