@@ -3017,8 +3017,9 @@ def test_the_exit_record_carries_cpu_time_and_peak_memory(client):
     """)
     rec = http_wait_final(client, pid)
     assert rec["status"] == "completed", rec
-    assert 0.1 <= rec["cpu_user_s"] <= 3.0, rec["cpu_user_s"]
-    assert 0.0 <= rec["cpu_system_s"] <= 3.0, rec["cpu_system_s"]
+    # 0.3 s of CPU (process_time: user and system together; a loaded machine moves some to system)
+    assert 0.25 <= rec["cpu_user_s"] + rec["cpu_system_s"] <= 3.0, rec
+    assert rec["cpu_user_s"] > 0.0 and rec["cpu_system_s"] >= 0.0, rec
     assert isinstance(rec["max_rss_kb"], int) and rec["max_rss_kb"] > 0
 
 
@@ -10660,10 +10661,9 @@ def test_under_a_pids_limit_every_start_is_answered_and_nothing_stays_running(ru
         assert agent.proc.wait(15) == 0, "".join(agent.seen)
     finally:
         agent.stop()
-        try:
-            os.rmdir(group)
-        except OSError:
-            pass
+        # the agent's last children may take a moment to leave the cgroup; then it can go
+        wait_until(lambda: not open(os.path.join(group, "cgroup.procs")).read().strip(), 10, "an empty cgroup")
+        os.rmdir(group)
 
 
 
