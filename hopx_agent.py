@@ -1242,7 +1242,10 @@ def _grow_pipe(fd: int) -> None:
         pass
 
 
-def _close_quietly(fd: int) -> None:
+def _close_quietly(fd: Optional[int]) -> None:
+    """Close a descriptor that may be gone already (or None: nothing to close)."""
+    if fd is None:
+        return
     try:
         os.close(fd)
     except OSError:
@@ -8922,14 +8925,6 @@ def _normpath(path: str) -> str:
     """posixpath.normpath, with '//x' as '/x' (POSIX lets normpath keep two slashes)."""
     out = posixpath.normpath(path)
     return "/" + out.lstrip("/") if out.startswith("//") else out
-
-
-def _close_quietly(fd: Optional[int]) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _readlink_at(dir_fd: int, name: str) -> Optional[str]:
