@@ -12887,8 +12887,17 @@ class _ContextChild:
 
     # -- one call ---------------------------------------------------------------------
 
+    checks_descriptors = False            # lost() can say something: the wait asks every CLIENT_CHECK_S
+
     def interrupt(self, marker: str) -> bool:
         raise NotImplementedError
+
+    def lost(self) -> Optional[str]:
+        """Why the child can no longer serve calls although it runs, or None."""
+        return None
+
+    def _release_writers(self) -> None:
+        """The call is over: close what the agent holds of its output pipes' write ends (if anything)."""
 
     def _wait(self, call: _Call, output: _CallOutput, pipes: _CallPipes, channel: int,
               on_channel: Callable[[], Optional[Dict[str, Any]]]) -> Dict[str, Any]:
@@ -12900,20 +12909,27 @@ class _ContextChild:
             poller.register(fd, select.POLLIN)
         ending: Optional[str] = None
         kill_at = math.inf
+        checking = call.gone is not None or self.checks_descriptors
         next_check = time.monotonic() + CLIENT_CHECK_S
         while True:
             now = time.monotonic()
-            if ending is None and (now >= call.deadline or (call.gone is not None and now >= next_check)):
+            if checking and now >= next_check:
                 next_check = now + CLIENT_CHECK_S
-                ending = "timeout" if now >= call.deadline else ("client_gone" if call.gone() else None)
-                if ending is not None:
-                    kill_at = now + self.host.kill_grace
-                    self.interrupt(call.marker)
-                    call.processes.signal(signal.SIGTERM)
+                lost = self.lost()
+                if lost is not None:        # it can never answer: end the call now, not at its timeout
+                    return {"ending": ending, "lost": lost, "kill_at": kill_at}
+                if ending is None and call.gone is not None and call.gone():
+                    ending = "client_gone"
+            if ending is None and now >= call.deadline:
+                ending = "timeout"
+            if ending is not None and kill_at == math.inf:
+                kill_at = now + self.host.kill_grace
+                self.interrupt(call.marker)
+                call.processes.signal(signal.SIGTERM)
             if now >= kill_at:
                 return {"ending": ending, "kill": True}
             wake = kill_at if ending else call.deadline
-            if call.gone is not None and ending is None:
+            if checking:
                 wake = min(wake, next_check)
             if self.pidfd is None:
                 wake = min(wake, now + CLIENT_CHECK_S)
@@ -12945,12 +12961,21 @@ class _ContextChild:
         return None
 
     def _settle(self, call: _Call, answer: Dict[str, Any], output: _CallOutput, pipes: _CallPipes) -> Dict[str, Any]:
-        """After the wait: take the rest of the output, end what must end."""
-        if answer.get("kill") or answer.get("died"):
+        """After the wait: take the rest of the output, end what must end. A
+        child that lost its own descriptors in this call is ended here, so the
+        call that did it says so (not the next one)."""
+        lost = self.lost() if answer.get("op") == "done" and self.checks_descriptors else None
+        if lost is not None:
+            answer["lost"] = lost
+        if answer.get("kill") or answer.get("died") or answer.get("lost"):
             self.kill()           # a dead child's descendants go with it: its state is gone anyway
+            self._release_writers()
             pipes.drain_until(output, time.monotonic() + DRAIN_AFTER_EXIT_S)
-            code, signame = self.exit_info()
-            answer.update(exit_code=code, signal=signame, replace=True)
+            if answer.get("op") != "done":        # no status came: the exit status is the answer
+                code, signame = self.exit_info()
+                answer.update(exit_code=code, signal=signame)
+            answer.pop("cwd", None)
+            answer["replace"] = True
         else:
             pipes.drain(output)
             if answer.get("ending") is not None:     # TERM went out at the interrupt: KILL what is left
@@ -13103,16 +13128,28 @@ class _PythonKernel(_ContextChild):
             self.sock.close()
 
 
-# What a bash context runs once: aliases on (they persist between calls), and
-# an interrupt that unwinds the call's code however deep it is: SIGINT arms a
-# DEBUG trap that, with extdebug, makes every command inside __hopx_src return.
+# What a bash context runs once. The shell reads its commands as a script
+# (/dev/stdin, which bash moves to fd 255) and its own stdin becomes
+# /dev/null, and the status pipe moves to fd 200: a call's code then meets
+# none of the context's descriptors in the 3-19 range where scripts put
+# theirs (bash keeps its saved copies of fds 0-2 at 10-12 during the code:
+# those are harmless to close or write). Aliases on (they persist between
+# calls), and an interrupt that unwinds the call's code however deep it is:
+# SIGINT arms a DEBUG trap that, with extdebug, makes every command inside
+# __hopx_src return.
+BASH_STATUS_FD = 200
+STATUS_EOF_GRACE_S = 0.05             # a shell whose status pipe closed gets this long to turn out dead
+_STATUS_EOF = ["\0"]
+BASH_INPUT_FD = 255                   # bash's own choice for a script's input
 _BASH_PRELUDE = r"""
+exec 0</dev/null 200>&{fd} {fd}>&-
+BASH_ARGV0=bash
 shopt -s expand_aliases
 __hopx_dbg() { case " ${FUNCNAME[*]} " in *" __hopx_src "*) return 2;; esac; return 0; }
 __hopx_int() { __hopx_intr=1; shopt -s extdebug; trap __hopx_dbg DEBUG; }
 trap __hopx_int INT
 __hopx_src() { . "$1"; }
-printf 'ready %s\0' "$$" >&{fd}
+printf 'ready %s\0' "$$" >&200
 """
 
 
@@ -13120,17 +13157,24 @@ class _BashShell(_ContextChild):
     """A bash context: one long-lived `bash --norc --noprofile`. Each call's
     code runs in the shell itself (so cd, exports, functions and aliases
     persist), its stdout and stderr go to FIFOs of that call, and its status
-    comes back on a pipe of its own with a nonce the code never sees."""
+    comes back on a pipe of its own (fd 200 in the shell) with a nonce the
+    code never sees. A cell can still close or replace the shell's command
+    input (fd 255) or its status descriptor: the wait notices (every
+    CLIENT_CHECK_S, and once the status came) and the call that did it
+    answers with the shell ended and why."""
 
     language = "bash"
+    checks_descriptors = True
 
     def __init__(self, host: _ContextHost, env: Dict[str, str], cwd: str, marker: str, bash: str) -> None:
         super().__init__(host, env, cwd, marker)
         self.bash = bash
         self.dir = ""
-        self.status_fd = -1               # our read end; the shell writes to fd {fd} (same number)
-        self.fd_number = -1
+        self.status_fd = -1               # our read end; the shell writes to fd BASH_STATUS_FD
+        self.fd_number = BASH_STATUS_FD
         self._status = bytearray()
+        self._links: Dict[int, str] = {}  # the shell's fd -> what /proc says it must be ("pipe:[ino]")
+        self._call_fds: List[int] = []    # the running call's FIFO ends: read, write, read, write
         self.applied_global: Dict[str, str] = {}
 
     def start(self, deadline: float) -> None:
@@ -13140,9 +13184,10 @@ class _BashShell(_ContextChild):
             os.chown(self.dir, *self.owner)
         status_r, status_w = os.pipe()
         idle_r, idle_w = os.pipe()
+        passed = status_w                 # its number in the shell until the prelude moves it to 200
         try:
-            self._spawn([self.bash, "--norc", "--noprofile"], stdin=subprocess.PIPE, stdout=idle_w,
-                        pass_fds=(status_w,))
+            self._spawn([self.bash, "--norc", "--noprofile", "/dev/stdin"], stdin=subprocess.PIPE,
+                        stdout=idle_w, pass_fds=(status_w,))
         except BaseException:
             os.close(status_r)
             os.close(idle_r)
@@ -13150,12 +13195,34 @@ class _BashShell(_ContextChild):
         finally:
             os.close(status_w)
             os.close(idle_w)
-        self.fd_number = status_w
         self.status_fd = status_r
         os.set_blocking(status_r, False)
         self.host.late.adopt(idle_r, self.late_output)
-        self._send(_BASH_PRELUDE.replace("{fd}", str(self.fd_number)))
+        self._send(_BASH_PRELUDE.replace("{fd}", str(passed)))
         self._ready(deadline)
+        self._links = {BASH_INPUT_FD: "pipe:[%d]" % os.fstat(self.popen.stdin.fileno()).st_ino,
+                       BASH_STATUS_FD: "pipe:[%d]" % os.fstat(status_r).st_ino}
+        if self.lost():                   # bash put its input elsewhere (a low RLIMIT_NOFILE): no checks
+            self._links = {}
+
+    def lost(self) -> Optional[str]:
+        """Why the shell can no longer serve calls (the code closed or
+        replaced its command input or its status descriptor), or None; a
+        descriptor /proc does not show us (another user's shell) counts as kept."""
+        for fd, link in self._links.items():
+            try:
+                if os.readlink("/proc/%d/fd/%d" % (self.pid, fd)) == link:
+                    continue
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            if self.exited():
+                return None               # it died: that is reported as a death
+            what = "command input" if fd == BASH_INPUT_FD else "status descriptor"
+            return ("the call closed or replaced the shell's %s (fd %d); the shell was ended and its "
+                    "state is gone" % (what, fd))
+        return None
 
     def _send(self, text: str) -> None:
         try:
@@ -13176,7 +13243,8 @@ class _BashShell(_ContextChild):
         raise _ChildBroken("bash did not start")
 
     def _read_status(self) -> Optional[List[str]]:
-        """The next NUL-terminated status record; ["died"] at EOF."""
+        """The next NUL-terminated status record; _STATUS_EOF at EOF (no
+        record can be that: records are split at NUL bytes)."""
         while b"\0" not in self._status:
             try:
                 data = os.read(self.status_fd, 4096)
@@ -13185,10 +13253,10 @@ class _BashShell(_ContextChild):
             except OSError:
                 data = b""
             if not data:
-                return ["died"]
+                return _STATUS_EOF
             self._status += data
-            if len(self._status) > 65536:
-                raise _ChildBroken("status records too long")
+            if len(self._status) > 65536:     # a cell writing to fd 200: keep what may end in a record
+                del self._status[:-4096]
         record, _, rest = bytes(self._status).partition(b"\0")
         self._status[:] = rest
         return record.decode("utf-8", "surrogateescape").split(" ", 3)
@@ -13229,6 +13297,7 @@ class _BashShell(_ContextChild):
         base = os.path.join(self.dir, str(self.calls))
         paths = [base + suffix for suffix in (".sh", ".out", ".err", ".call")]
         fds: List[int] = []
+        self._call_fds = fds
         try:
             try:
                 nonce = self._prepare(call, global_env, paths, fds)
@@ -13240,8 +13309,7 @@ class _BashShell(_ContextChild):
             pipes = _CallPipes(fds[0], fds[2])
             call.processes = _CallProcesses(self.pid, self.marker, call.marker)
             self._send(". %s\n" % _sh_quote(paths[3]))
-            answer = self._wait(call, output, pipes, self.status_fd,
-                                lambda: self._on_status(nonce, fds))
+            answer = self._wait(call, output, pipes, self.status_fd, lambda: self._on_status(nonce))
             return self._settle(call, answer, output, pipes)
         finally:
             for fd in fds[1::2]:
@@ -13277,23 +13345,34 @@ class _BashShell(_ContextChild):
         fd = self.fd_number
         return "\n".join(
             ["trap - DEBUG; shopt -u extdebug; __hopx_intr=0"] + before
-            + ["{ export HOPX_PROCESS_ID=%s; %s__hopx_src %s; } </dev/null >%s 2>%s %d>&-"
-               % (_sh_quote(call.marker), cd, _sh_quote(paths[0]), _sh_quote(paths[1]), _sh_quote(paths[2]), fd),
+            + ["{ export HOPX_PROCESS_ID=%s; %s__hopx_src %s; } </dev/null >%s 2>%s"
+               % (_sh_quote(call.marker), cd, _sh_quote(paths[0]), _sh_quote(paths[1]), _sh_quote(paths[2])),
                "__hopx_st=$?", "trap - DEBUG; shopt -u extdebug",
                "export HOPX_PROCESS_ID=%s" % _sh_quote(self.marker)] + after
             + ["printf '%%s %%d %%d %%s\\0' %s \"$__hopx_st\" \"$__hopx_intr\" \"$PWD\" >&%d" % (nonce, fd), ""])
 
-    def _on_status(self, nonce: str, fds: List[int]) -> Optional[Dict[str, Any]]:
+    def _release_writers(self) -> None:
+        """Our writers of the call's FIFOs go: EOF is real now (until the status
+        came, no writer yet was not EOF)."""
+        fds = self._call_fds
+        for i in (1, 3):
+            if i < len(fds) and fds[i] >= 0:
+                _close_quietly(fds[i])
+                fds[i] = -1
+
+    def _on_status(self, nonce: str) -> Optional[Dict[str, Any]]:
         while True:
             record = self._read_status()
             if record is None:
                 return None
-            if record[0] == "died":
-                return {"died": True}
-            if record[0] == nonce and len(record) == 4:
-                for fd in fds[1::2]:      # the call is over: our writers go, EOF is real now
-                    _close_quietly(fd)
-                fds[1::2] = [-1, -1]
+            if record == _STATUS_EOF:         # no writer left: it died, or the cell closed fd 200
+                self.reap(time.monotonic() + STATUS_EOF_GRACE_S)
+                lost = self.lost()
+                return {"lost": lost} if lost is not None else {"died": True}
+            text = " ".join(record)           # stray bytes a cell wrote to fd 200 may lead the record
+            record = text[text.rfind(nonce + " "):].split(" ", 3) if nonce + " " in text else []
+            if len(record) == 4:
+                self._release_writers()
                 status, interrupted = int(record[1]), record[2] == "1"
                 return {"op": "done", "status": "interrupted" if interrupted and status else "ok",
                         "exit_code": 130 if interrupted and status else status, "cwd": record[3]}
@@ -13580,6 +13659,8 @@ class _Context:
         return answer
 
     def _replaced_why(self, outcome: Dict[str, Any], timed_out: bool) -> str:
+        if outcome.get("lost"):
+            return outcome["lost"]
         if outcome.get("broken"):
             return "the kernel broke its protocol (%s) and was killed; its state is gone" % outcome["broken"]
         if outcome.get("kill"):

@@ -8671,6 +8671,21 @@ def test_bash_output_cannot_forge_the_end_of_a_call(shell):
     assert answer["stdout"] == "ready 1\0x 0 0 /\0[]\n" and answer["stderr"] == "\0" and answer["exit_code"] == 0
 
 
+def test_bash_cells_that_touch_the_context_descriptors_keep_it_or_say_so_at_once(contexts):
+    sh = contexts.create("bash")
+    cell(sh, "export KEEP=state")
+    for code in ("exec 10<&- 11>&- 12>&-", "printf 'x died\\0 junk' >&200", "exec 14>/dev/null; printf x >&14"):
+        answer = cell(sh, code + "; echo done", timeout=5)       # bash's saved copies, stray status bytes
+        assert answer["stdout"] == "done\n" and not answer["context_restarted"], (code, answer)
+    assert cell(sh, "echo $KEEP")["stdout"] == "state\n"
+    for code, fd in (("exec 255<&-", 255), ("sleep 30 & exec 200>/dev/null", 200), ("exec 200>&-", 200)):
+        started = time.monotonic()
+        answer = cell(sh, code + "; echo done", timeout=20)
+        assert answer["context_restarted"] and "(fd %d)" % fd in answer["restart_reason"], (code, answer)
+        assert answer["stdout"] == "done\n" and time.monotonic() - started < 2, (code, answer)
+        assert cell(sh, "echo ${KEEP-fresh}")["stdout"] == "fresh\n"    # the loss was said once, by that call
+
+
 def test_bash_syntax_errors_and_unterminated_code_end_the_call_only(shell):
     answer = cell(shell, "echo 'unterminated")
     assert answer["exit_code"] != 0 and "unexpected EOF" in answer["stderr"]
