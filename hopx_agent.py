@@ -10276,6 +10276,9 @@ _IN_Q_OVERFLOW, _IN_IGNORED, _IN_ONLYDIR, _IN_EXCL_UNLINK, _IN_ISDIR = 0x4000, 0
 _WATCH_MASK = (_IN_MODIFY | _IN_ATTRIB | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
                | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR | _IN_EXCL_UNLINK)
 _INOTIFY_EVENT = struct.Struct("iIII")
+WATCH_READ_BYTES = 64 * 1024            # one read() of the inotify fd: at most 4096 events, a bounded batch
+WATCH_READER_IDLE_S = 1.0               # the reader's longest wait (close() wakes it at once)
+WATCH_CLOSE_JOIN_S = 2.0                # close() waits this long for the reader to leave
 
 
 class _Inotify:
@@ -10305,19 +10308,20 @@ class _Inotify:
         self._libc.inotify_rm_watch(self.fd, wd)
 
     def read(self) -> List[Tuple[int, int, int, str]]:
-        """(wd, mask, cookie, name) of every event queued now."""
+        """(wd, mask, cookie, name) of the events one read() returns ([] if
+        none): a bounded batch, however fast the kernel queues them."""
         out: List[Tuple[int, int, int, str]] = []
-        while True:
-            try:
-                data = os.read(self.fd, 256 * 1024)
-            except BlockingIOError:
-                return out
-            offset = 0
-            while offset < len(data):
-                wd, mask, cookie, size = _INOTIFY_EVENT.unpack_from(data, offset)
-                raw = data[offset + 16:offset + 16 + size].split(b"\0", 1)[0]
-                out.append((wd, mask, cookie, os.fsdecode(raw)))
-                offset += 16 + size
+        try:
+            data = os.read(self.fd, WATCH_READ_BYTES)
+        except BlockingIOError:
+            return out
+        offset = 0
+        while offset < len(data):
+            wd, mask, cookie, size = _INOTIFY_EVENT.unpack_from(data, offset)
+            raw = data[offset + 16:offset + 16 + size].split(b"\0", 1)[0]
+            out.append((wd, mask, cookie, os.fsdecode(raw)))
+            offset += 16 + size
+        return out
 
     def close(self) -> None:
         _close_quietly(self.fd)
@@ -10332,28 +10336,42 @@ def _change(path: str, event: str, is_dir: bool, old: Optional[str] = None) -> D
 
 
 class _EventQueue:
-    """Changes on their way to the client: a burst of `modified` for one path
-    (one per write() call) within WATCH_COALESCE_S becomes one, as does
-    `modified` right after `created`; at most WATCH_MAX_PENDING wait, and
-    what does not fit is replaced by one {"type": "overflow"}."""
+    """Changes on their way to the client, bounded: a burst of `modified` for
+    one path (one per write() call) within WATCH_COALESCE_S becomes one, as
+    does `modified` right after `created`; at most WATCH_MAX_PENDING wait.
 
-    def __init__(self) -> None:
+    A loss (this queue full, the kernel's queue overflowing, a directory that
+    cannot be watched) puts ONE {"type": "overflow"} in the stream where it
+    began; until the client takes it, further losses join it and `dropped`
+    counts the changes this queue threw away. With `rescans` (inotify) the
+    message is held back, and what follows it, until the watcher has walked
+    its tree again (rescanned()), so the client learns what that found.
+    Not thread-safe: the watcher serialises access."""
+
+    def __init__(self, rescans: bool = False) -> None:
         self._batch: List[Dict[str, Any]] = []
         self._open: Dict[str, int] = {}     # path -> index of its created/modified in the batch
         self._since = 0.0
         self._ready: collections.deque = collections.deque()
-        self._lost = False
+        self._rescans = rescans
+        self._marker: Optional[Dict[str, Any]] = None   # the overflow message not taken yet
+        self._held = False                  # the marker waits for a rescan: take() stops at it
 
-    def add(self, event: Dict[str, Any], now: float) -> None:
+    def add(self, event: Dict[str, Any], now: float) -> bool:
+        """Queue a change or an overflow; True when the watcher is to rescan
+        (a new loss, or the kernel's: directory creations may be among it)."""
         if event.get("type") == "overflow":
-            self._overflow()
-            return
+            began = self._lost()
+            if event.get("kernel"):
+                self._marker["kernel"] = True
+            return self._hold(began or bool(event.get("kernel")))
         path, kind = event["path"], event["event"]
         if kind == "modified" and path in self._open:
-            return
+            return False
         if len(self._batch) + len(self._ready) >= WATCH_MAX_PENDING:
-            self._overflow()
-            return
+            began = self._lost()
+            self._marker["dropped"] += 1
+            return self._hold(began)
         if not self._batch:
             self._since = now
         self._batch.append(event)
@@ -10362,56 +10380,89 @@ class _EventQueue:
         else:
             self._open.pop(path, None)
             self._open.pop(event.get("old_path"), None)
+        return False
 
-    def _overflow(self) -> None:
-        self._lost = True
+    def _lost(self) -> bool:
+        """The overflow message, made where the loss begins; True if it is new."""
+        if self._marker is not None:
+            return False
+        self._ready.extend(self._batch)     # what came before the loss goes before the message
+        self._batch, self._open = [], {}
+        self._marker = {"type": "overflow", "timestamp": _rfc3339(time.time()), "dropped": 0}
+        self._ready.append(self._marker)
+        return True
+
+    def _hold(self, rescan: bool) -> bool:
+        if rescan and self._rescans:
+            self._held = True
+            return True
+        return False
+
+    def rescanned(self, info: Dict[str, Any]) -> None:
+        """The watcher walked its tree again: the overflow message says what it found, and may go."""
+        if self._marker is not None:
+            self._marker["rescanned"] = info
+        self._held = False
 
     def release(self, now: float, force: bool = False) -> None:
         if self._batch and (force or now - self._since >= WATCH_COALESCE_S):
             self._ready.extend(self._batch)
             self._batch, self._open = [], {}
-        if self._lost and len(self._ready) < WATCH_MAX_PENDING:
-            self._ready.append({"type": "overflow", "timestamp": _rfc3339(time.time())})
-            self._lost = False
 
     def due(self) -> Optional[float]:
         """When the open batch is to be released, if there is one."""
         return self._since + WATCH_COALESCE_S if self._batch else None
 
     def take(self) -> List[Dict[str, Any]]:
-        out = list(self._ready)
-        self._ready.clear()
+        out = []
+        while self._ready:
+            if self._ready[0] is self._marker:
+                if self._held:
+                    break
+                self._marker = None         # taken: the next loss makes a new message
+            out.append(self._ready.popleft())
         return out
 
 
 class _WatcherBase:
     """What the WebSocket endpoint drives: pull(timeout) -> events, close().
     One thread pulls; close() may come from any thread (server shutdown) and
-    wakes a pull in progress."""
+    wakes a pull in progress. The descriptors are released by whoever leaves
+    last (a pull, close() itself, the inotify reader), never under another's feet."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, rescans: bool = False) -> None:
         self.path = path
-        self._queue = _EventQueue()
-        self._lock = threading.Lock()       # guards _closed and _busy
+        self._queue = _EventQueue(rescans)
+        self._lock = threading.Lock()       # guards _closed, _holders and _released
         self._closed = False
-        self._busy = False
+        self._holders = 0                   # pulls, a close() and the reader using the descriptors now
+        self._released = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
     def pull(self, timeout: float) -> List[Dict[str, Any]]:
         """The changes available within `timeout` seconds (possibly none)."""
-        with self._lock:
-            if self._closed:
-                return []
-            self._busy = True
+        if not self._enter():
+            return []
         try:
             return self._pull(time.monotonic() + timeout)
         finally:
-            with self._lock:
-                self._busy = False
-                release = self._closed
-            if release:
-                self._release()
+            self._leave()
+
+    def _enter(self) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._holders += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            last = self._closed and self._holders == 0 and not self._released
+            self._released = self._released or last
+        if last:
+            self._release()
 
     def _wait(self, fds: List[int], deadline: float) -> List[int]:
         """poll() the given fds and the wake pipe until deadline; the fds ready."""
@@ -10431,13 +10482,16 @@ class _WatcherBase:
             if self._closed:
                 return
             self._closed = True
-            busy = self._busy
+            self._holders += 1              # the wake pipe must stay open for the write below
         try:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
-        if not busy:
-            self._release()
+        self._woken()
+        self._leave()
+
+    def _woken(self) -> None:
+        """close() was called: wake what waits other than on the pipe."""
 
     def _release(self) -> None:
         _close_quietly(self._wake_r)
@@ -10457,24 +10511,48 @@ class _InotifyWatcher(_WatcherBase):
     existed is reported as created. Paired IN_MOVED_FROM/IN_MOVED_TO become
     `renamed` with old_path; a temp file of the agent renamed over a name is
     that name `modified` (or `created`), and the temp files themselves, like
-    the kernel's O_TMPFILE inodes, are never reported."""
+    the kernel's O_TMPFILE inodes, are never reported.
+
+    A reader thread of its own drains the inotify fd and translates, whether
+    or not the client takes messages, so the kernel's queue does not fill
+    behind a slow client and every new directory gets its watch; the changes
+    wait in the bounded _EventQueue. After any loss (the kernel's
+    IN_Q_OVERFLOW, or the queue's own) the tree is walked again (_rescan):
+    directories not watched get a watch, watches of directories gone are
+    removed, so the watch is whole again, and the overflow message says so.
+    """
 
     backend = "inotify"
 
-    def __init__(self, policy: _PathPolicy, top: _Target, *, recursive: bool, only: Optional[str] = None) -> None:
+    def __init__(self, policy: _PathPolicy, top: _Target, *, recursive: bool, only: Optional[str] = None,
+                 reader: bool = True) -> None:
         self._ino = _Inotify()      # first: without it there is nothing to release
-        super().__init__(top.path if only is None else _child_path(top.path, only))
+        super().__init__(top.path if only is None else _child_path(top.path, only), rescans=True)
         self._policy = policy
         self._recursive = recursive
         self._only = only
         self._top = top.path
+        # the reader's own (and __init__'s, before it starts): no lock
         self._dirs: Dict[int, str] = {}     # wd -> display path of its directory
         self._moves: "collections.OrderedDict[int, Tuple[str, bool, float]]" = collections.OrderedDict()
+        self._out: List[Dict[str, Any]] = []    # translated, not yet in the queue
+        self._rescanning = False
+        self._unwatched = 0                 # directories the last walk could not watch
+        self._events = threading.Condition(threading.Lock())  # guards _queue: the reader adds, pull takes
         try:
             self._watch_tree(top.dir_fd, top.path, report=False)
         except BaseException:
             self._release()
             raise
+        self._flush(fresh=self._walked({}))     # a loss at start: this walk was its rescan
+        self._reader: Optional[threading.Thread] = None
+        if reader:                  # (tests drive _read_once themselves)
+            self._holders += 1      # the reader's hold, dropped when it ends
+            self._reader = threading.Thread(target=self._run, name="hopx-watch-%d" % self._ino.fd, daemon=True)
+            self._reader.start()
+
+    def _emit(self, event: Dict[str, Any]) -> None:
+        self._out.append(event)
 
     def _watch_tree(self, fd: int, path: str, report: bool) -> None:
         """Watch the directory open as fd and (recursive) every directory under
@@ -10496,7 +10574,7 @@ class _InotifyWatcher(_WatcherBase):
         # watcher must not take it all, and what is not watched is said (overflow), not hidden
         if len(self._dirs) >= WATCH_MAX_DIRS:
             log.warning("watch of %s: more than %d directories; some are not watched", self._top, WATCH_MAX_DIRS)
-            self._queue.add({"type": "overflow"}, time.monotonic())
+            self._not_watched()
             return
         try:
             self._dirs[self._ino.add(dfd)] = dpath
@@ -10506,7 +10584,12 @@ class _InotifyWatcher(_WatcherBase):
             if not self._dirs:
                 raise               # not even the top: the caller falls back to polling
             log.info("watch of %s: cannot watch %s: %s", self._top, dpath, exc)
-            self._queue.add({"type": "overflow"}, time.monotonic())
+            self._not_watched()
+
+    def _not_watched(self) -> None:
+        self._unwatched += 1
+        if not self._rescanning:    # a rescan reports its count instead (and must not ask for another)
+            self._emit({"type": "overflow"})
 
     def _scan(self, dfd: int, dpath: str, report: bool, pending: List[Tuple[int, str]]) -> None:
         with os.scandir(dfd) as items:
@@ -10516,7 +10599,7 @@ class _InotifyWatcher(_WatcherBase):
                 child = _child_path(dpath, entry.name)
                 is_dir = entry.is_dir(follow_symlinks=False)
                 if report:
-                    self._queue.add(_change(child, "created", is_dir), time.monotonic())
+                    self._emit(_change(child, "created", is_dir))
                 if is_dir:
                     try:
                         pending.append((os.open(entry.name, _DIR_FLAGS, dir_fd=dfd), child))
@@ -10526,18 +10609,91 @@ class _InotifyWatcher(_WatcherBase):
     def fileno(self) -> int:
         return self._ino.fd
 
+    # -- the reader: drains the kernel's queue into ours, whatever the client does
+
+    def _run(self) -> None:
+        try:
+            while not self._closed:
+                self._read_once(time.monotonic() + WATCH_READER_IDLE_S)
+        except Exception:
+            log.exception("watch of %s: the reader failed; the watch ends", self._top)
+            self.close()            # the session sees the watch end instead of hearing nothing
+        finally:
+            self._leave()
+
+    def _read_once(self, deadline: float) -> None:
+        """Wait for events (or a pending move's end) until deadline, translate, queue."""
+        due = self._moves_due()
+        if self._wait([self._ino.fd], deadline if due is None else min(deadline, due)):
+            for raw in self._ino.read():
+                self._translate(*raw)
+        self._expire_moves(time.monotonic())
+        self._flush()
+
+    def _flush(self, fresh: Optional[Dict[str, Any]] = None) -> None:
+        """Queue what was translated; a loss that calls for a rescan gets one
+        (fresh: the tree was just walked, which is as good)."""
+        out, self._out = self._out, []
+        if not out:
+            return
+        now = time.monotonic()
+        with self._events:
+            rescan = [self._queue.add(event, now) for event in out]
+            self._events.notify_all()
+        if any(rescan):
+            info = fresh if fresh is not None else self._rescan()
+            with self._events:
+                self._queue.rescanned(info)
+                self._events.notify_all()
+
+    def _rescan(self) -> Dict[str, Any]:
+        """Events were lost, maybe a directory's IN_CREATE or IN_IGNORED among
+        them: walk the tree again from the top (through the policy), watch
+        what is not watched, unwatch what is gone, and take every directory's
+        path as it is now. Nothing is reported as created: the overflow
+        message tells the client to look again itself."""
+        before, self._dirs = self._dirs, {}
+        self._rescanning, self._unwatched = True, 0
+        try:
+            with self._policy.open_dir(self._top) as top:
+                self._watch_tree(top.dir_fd, self._top, report=False)
+        except (AgentError, OSError) as exc:
+            log.info("watch of %s: rescan: %s", self._top, exc)     # gone: nothing is left to watch
+        finally:
+            self._rescanning = False
+        for wd in before.keys() - self._dirs.keys():
+            self._ino.remove(wd)    # a directory already gone: EINVAL, ignored
+        return self._walked(before)
+
+    def _walked(self, before: Dict[int, str]) -> Dict[str, Any]:
+        return {"path": self._top, "directories": len(self._dirs),
+                "added": len(self._dirs.keys() - before.keys()),
+                "removed": len(before.keys() - self._dirs.keys()), "unwatched": self._unwatched}
+
+    # -- the client's side
+
     def _pull(self, deadline: float) -> List[Dict[str, Any]]:
-        while True:
-            now = time.monotonic()
-            self._expire_moves(now)
-            self._queue.release(now)
-            out = self._queue.take()
-            if out or now >= deadline or self._closed:
-                return out
-            due = [t for t in (self._queue.due(), self._moves_due()) if t is not None]
-            if self._wait([self._ino.fd], min([deadline] + due)):
-                for raw in self._ino.read():
-                    self._translate(*raw)
+        with self._events:
+            while True:
+                now = time.monotonic()
+                self._queue.release(now)
+                out = self._queue.take()
+                if out or now >= deadline or self._closed:
+                    return out
+                due = self._queue.due()
+                self._events.wait(min(deadline, due if due is not None else deadline) - now)
+
+    def _woken(self) -> None:
+        with self._events:
+            self._events.notify_all()
+
+    def close(self) -> None:
+        """Close, and give the reader WATCH_CLOSE_JOIN_S to leave (it is woken
+        at once), so the descriptors are gone when this returns."""
+        super().close()
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(WATCH_CLOSE_JOIN_S)
 
     def _moves_due(self) -> Optional[float]:
         return next(iter(self._moves.values()))[2] if self._moves else None
@@ -10551,12 +10707,12 @@ class _InotifyWatcher(_WatcherBase):
             del self._moves[cookie]
             if self._wanted(path) and not _TEMP_NAME.match(posixpath.basename(path)):
                 self._forget(path)
-                self._queue.add(_change(path, "deleted", is_dir), now)
+                self._emit(_change(path, "deleted", is_dir))
 
     def _translate(self, wd: int, mask: int, cookie: int, name: str) -> None:
         now = time.monotonic()
         if mask & _IN_Q_OVERFLOW:
-            self._queue.add({"type": "overflow"}, now)
+            self._emit({"type": "overflow", "kernel": True})    # the queue rescans after it
             return
         base = self._dirs.get(wd)
         if mask & _IN_IGNORED:
@@ -10566,7 +10722,7 @@ class _InotifyWatcher(_WatcherBase):
             return
         if not name:
             if base == self._top and mask & (_IN_DELETE_SELF | _IN_MOVE_SELF) and self._only is None:
-                self._queue.add(_change(base, "deleted", True), now)
+                self._emit(_change(base, "deleted", True))
             return
         self._named(wd, base, mask, cookie, name, now)
 
@@ -10583,13 +10739,13 @@ class _InotifyWatcher(_WatcherBase):
         elif temp or (_KERNEL_TMPFILE_NAME.match(name) and not self._exists(path)):
             return                      # our temp files, and O_TMPFILE inodes (named "#<ino>" by inotify)
         elif mask & _IN_CREATE:
-            self._queue.add(_change(path, "created", is_dir), now)
+            self._emit(_change(path, "created", is_dir))
             if is_dir and self._recursive:
                 self._watch_new(path)
         elif mask & _IN_DELETE:
-            self._queue.add(_change(path, "deleted", is_dir), now)
+            self._emit(_change(path, "deleted", is_dir))
         elif mask & (_IN_MODIFY | _IN_ATTRIB):
-            self._queue.add(_change(path, "modified", is_dir), now)
+            self._emit(_change(path, "modified", is_dir))
 
     def _moved_to(self, path: str, is_dir: bool, source: Optional[Tuple[str, bool, float]], temp: bool,
                   now: float) -> None:
@@ -10597,7 +10753,7 @@ class _InotifyWatcher(_WatcherBase):
             return                  # a staged upload arriving beside its target
         if source is None:
             if self._wanted(path):
-                self._queue.add(_change(path, "created", is_dir), now)
+                self._emit(_change(path, "created", is_dir))
             if is_dir and self._recursive:
                 self._watch_new(path)
             return
@@ -10606,10 +10762,10 @@ class _InotifyWatcher(_WatcherBase):
         if not self._wanted(path) and not self._wanted(old):
             return
         if _TEMP_NAME.match(name):
-            self._queue.add(_change(path, "created" if name.endswith(".c") else "modified", is_dir), now)
+            self._emit(_change(path, "created" if name.endswith(".c") else "modified", is_dir))
         else:
             self._renamed(old, path)
-            self._queue.add(_change(path, "renamed", is_dir, old), now)
+            self._emit(_change(path, "renamed", is_dir, old))
         if is_dir and self._recursive and _TEMP_NAME.match(name):
             self._watch_new(path)
 
@@ -10644,6 +10800,9 @@ class _InotifyWatcher(_WatcherBase):
                 self._watch_tree(target.dir_fd, path, report=True)
         except AgentError:
             pass                    # gone again, or now outside the roots: nothing to watch
+        except OSError as exc:      # out of descriptors, say: not watched, and said so
+            log.info("watch of %s: cannot watch %s: %s", self._top, path, exc)
+            self._not_watched()
 
     def _release_own(self) -> None:
         self._ino.close()
@@ -11109,7 +11268,8 @@ class _FileService:
         return {"file_operations": True, "file_watch": True}
 
     def close(self, deadline: Optional[float] = None) -> None:
-        """Server shutdown: every watcher is woken and closed (never blocks)."""
+        """Server shutdown: every watcher is woken and closed (each reader is
+        given WATCH_CLOSE_JOIN_S to leave; it is woken at once)."""
         with self._lock:
             watchers, self._watchers = self._watchers, []
         for watcher in watchers:

@@ -7554,6 +7554,7 @@ class TestWatch:
         watcher = watch()
         svc.close()
         assert watcher.closed
+        assert not [t for t in threading.enumerate() if t.name.startswith("hopx-watch-")]
 
     def test_overflow_when_the_client_falls_behind(self, svc, tree, watch, monkeypatch):
         monkeypatch.setattr(hopx_agent, "WATCH_MAX_PENDING", 5)
@@ -7562,15 +7563,70 @@ class TestWatch:
             (tree / "ws" / ("f%d" % i)).write_text("")
         events = collect(watcher, lambda ev: any(e["type"] == "overflow" for e in ev))
         assert len(events) <= 6
+        overflow = events[-1]
+        assert overflow["type"] == "overflow" and overflow["dropped"] >= 1
+        if watch.backend == "inotify":      # any loss is followed by a rescan, and the message says so
+            assert overflow["rescanned"]["directories"] == 1 and overflow["rescanned"]["path"] == str(tree / "ws")
 
 
 @pytest.mark.usefixtures("no_fd_leak")
 class TestInotifyDetails:
     def test_kernel_overflow_becomes_an_overflow_event(self, svc):
-        watcher = svc.watch(backend="inotify")
+        with svc.policy.open_dir(svc.policy.workdir) as top:
+            watcher = hopx_agent._InotifyWatcher(svc.policy, top, recursive=False, reader=False)
         try:
             watcher._translate(-1, hopx_agent._IN_Q_OVERFLOW, 0, "")
-            assert watcher.pull(1)[-1]["type"] == "overflow"
+            watcher._flush()
+            overflow = watcher.pull(1)[-1]
+            assert overflow["type"] == "overflow" and overflow["kernel"] is True
+        finally:
+            watcher.close()
+
+    def test_after_a_kernel_overflow_the_tree_is_rescanned(self, svc, tree):
+        # the reader is driven by hand, and the kernel's loss simulated: its queue is read and thrown
+        # away, then IN_Q_OVERFLOW; a directory made and one removed meanwhile went unseen
+        ws = tree / "ws"
+        (ws / "old").mkdir()
+        with svc.policy.open_dir(str(ws)) as top:
+            watcher = hopx_agent._InotifyWatcher(svc.policy, top, recursive=True, reader=False)
+        try:
+            (ws / "sub").mkdir()
+            (ws / "old").rmdir()
+            os.read(watcher._ino.fd, 1 << 16)
+            watcher._translate(-1, hopx_agent._IN_Q_OVERFLOW, 0, "")
+            watcher._flush()
+            overflow = watcher.pull(1)[-1]
+            assert overflow["rescanned"] == {"path": str(ws), "directories": 2, "added": 1, "removed": 1,
+                                             "unwatched": 0}
+            (ws / "sub" / "late.txt").write_text("x")
+            watcher._read_once(time.monotonic() + 2)
+            assert ("created", "late.txt") in changes(collect(watcher, has(("created", "late.txt"))))
+            assert sorted(watcher._dirs.values()) == [str(ws), str(ws / "sub")]
+        finally:
+            watcher.close()
+
+    def test_a_client_that_does_not_read_loses_no_new_directory(self, svc, tree):
+        # the kernel queues at most max_queued_events; a watcher that read only while the client
+        # took messages lost the new directory's IN_CREATE behind a slow client, and never watched it
+        limit = int(open("/proc/sys/fs/inotify/max_queued_events").read())
+        if limit > 100000:
+            pytest.skip("fs.inotify.max_queued_events is %d: too many files to make" % limit)
+        ws = tree / "ws"
+        watcher = svc.watch(str(ws), recursive=True, backend="inotify")
+        try:
+            # writes to two files in turn: each event differs from the last, so the kernel queues all
+            fds = [os.open(str(ws / name), os.O_CREAT | os.O_WRONLY, 0o644) for name in ("a", "b")]
+            try:
+                for i in range(limit + 1000):      # and nobody pulls meanwhile
+                    os.write(fds[i % 2], b"x")
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            (ws / "sub").mkdir()
+            # the reader keeps up (then `sub` is seen) or the kernel overflows (then a rescan follows)
+            collect(watcher, lambda ev: ("created", "sub") in changes(ev) or any(e["type"] == "overflow" for e in ev))
+            (ws / "sub" / "late.txt").write_text("x")
+            collect(watcher, has(("created", "late.txt")), timeout=10)
         finally:
             watcher.close()
 
