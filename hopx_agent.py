@@ -9001,6 +9001,50 @@ class _Target:
         return _lstat_at(self.dir_fd, self.name)
 
 
+class _MadeDirs:
+    """The directories one request's walk created on its way to the target,
+    in the order made (each in the one before it, or in a directory that
+    existed), each as (a descriptor of its parent, its name, its (st_dev,
+    st_ino)), so that a failed request can take them away again."""
+
+    def __init__(self) -> None:
+        self._made: List[Tuple[int, str, Tuple[int, int]]] = []
+
+    def add(self, parent_fd: int, name: str, fd: int) -> None:
+        st = os.fstat(fd)
+        self._made.append((os.dup(parent_fd), name, (st.st_dev, st.st_ino)))
+
+    def remove(self, busy: Callable[[Tuple[int, int]], bool]) -> int:
+        """rmdir them, deepest first, through their parents' descriptors (no
+        path walked again, no symlink followed): each only while its name
+        still holds that very directory, it is empty and busy(key) is false
+        (no temp file of another write in it); the first that stays keeps
+        those above it. How many went. (Between the check and the rmdir a
+        process outside the agent could swap in an empty directory of its
+        own: only an empty one, and only in that instant.)"""
+        removed = 0
+        for parent, name, key in reversed(self._made):
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                continue            # gone already: its parent may be empty now
+            except OSError:
+                break
+            if not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) != key or busy(key):
+                break
+            try:
+                os.rmdir(name, dir_fd=parent)
+            except OSError:
+                break               # not empty: something was put there, it stays (and so do its parents)
+            removed += 1
+        return removed
+
+    def close(self) -> None:
+        for parent, _, _ in self._made:
+            _close_quietly(parent)
+        self._made = []
+
+
 def _default_files_roots(workdir: str) -> Tuple[str, ...]:
     """api.md §11: the working directory and the system temp directory."""
     return (workdir, tempfile.gettempdir())
@@ -9083,20 +9127,21 @@ class _PathPolicy:
             raise _os_failure(exc, display)
 
     def locate(self, path: Any, *, follow: bool = True, create: Optional[int] = None,
-               owner: Optional[Tuple[int, int]] = None) -> _Target:
+               owner: Optional[Tuple[int, int]] = None, made: Optional[_MadeDirs] = None) -> _Target:
         """Walk `path`. follow: a final symlink is resolved too (read, write);
         otherwise the name itself is the target (stat, remove, move). create:
-        missing directories on the way are made with this mode (and owner)."""
+        missing directories on the way are made with this mode (and owner),
+        and recorded in `made`."""
         display, internal = self.normalise(path)
         for _ in range(FILES_MAX_SYMLINKS + 1):
-            found = self._walk(internal, display, follow, create, owner)
+            found = self._walk(internal, display, follow, create, owner, made)
             if isinstance(found, _Target):
                 return found
             internal = found        # a symlink was met: walk its target from the top
         raise _invalid_path(display, "too many levels of symbolic links")
 
     def _walk(self, internal: str, display: str, follow: bool, create: Optional[int],
-              owner: Optional[Tuple[int, int]]) -> Any:
+              owner: Optional[Tuple[int, int]], made: Optional[_MadeDirs]) -> Any:
         root, parts = self._root_of(internal, display)
         fd = self._open_root(root, display)
         # `real` is built from directories actually opened, so it holds no
@@ -9111,7 +9156,7 @@ class _PathPolicy:
                         return _link_target(real, link, rest, display)
                     target, fd = _Target(fd, name, display, posixpath.join(real, name), root), -1
                     return target
-                step = self._step(fd, name, create, owner)
+                step = self._step(fd, name, create, owner, made)
                 if isinstance(step, str):       # a symlink: its target is walked from the top, checked anew
                     return _link_target(real, step, rest, display)
                 os.close(fd)
@@ -9124,7 +9169,8 @@ class _PathPolicy:
             _close_quietly(fd if fd >= 0 else None)
 
     @staticmethod
-    def _step(fd: int, name: str, create: Optional[int], owner: Optional[Tuple[int, int]]) -> Any:
+    def _step(fd: int, name: str, create: Optional[int], owner: Optional[Tuple[int, int]],
+              made: Optional[_MadeDirs] = None) -> Any:
         """Open directory `name` under fd without following it: the new fd, or a
         symlink's text for the caller to walk."""
         try:
@@ -9139,11 +9185,18 @@ class _PathPolicy:
         try:
             os.mkdir(name, create, dir_fd=fd)       # mkdirat never follows: a symlink there is EEXIST
         except FileExistsError:
-            pass                    # made meanwhile: open it as found (a symlink is walked)
-        else:
-            if owner is not None:
-                os.chown(name, *owner, dir_fd=fd, follow_symlinks=False)
-        return _PathPolicy._step(fd, name, None, None)
+            return _PathPolicy._step(fd, name, None, None)  # made meanwhile: open it as found (a symlink is walked)
+        opened = _PathPolicy._step(fd, name, None, None)
+        if isinstance(opened, int):     # (not: swapped for a symlink at once; that is walked, not ours)
+            try:
+                if made is not None:
+                    made.add(fd, name, opened)
+                if owner is not None:
+                    os.fchown(opened, *owner)
+            except BaseException:
+                os.close(opened)
+                raise
+        return opened
 
     def open_dir(self, path: Any) -> _Target:
         """The directory `path` leads to (a final symlink followed), open, name None."""
@@ -9652,6 +9705,81 @@ class _AtomicWriter:
             self.abort()
 
 
+FILES_WRITE_WALKS = 3       # walks to a write's directory when it is removed meanwhile (a clean-up's race)
+
+
+class _DirClaims:
+    """The directories where a write, upload or move of this agent has its
+    temp file (or copy) now. An O_TMPFILE does not make a directory look
+    non-empty, so without this a failed request's clean-up could rmdir a
+    directory another request is about to link its file into."""
+
+    def __init__(self) -> None:
+        # guards _held; claims and clean-ups exclude each other (the rmdirs run under it: no waits)
+        self._lock = threading.Lock()
+        self._held: Dict[Tuple[int, int], int] = {}
+
+    def claim(self, dir_fd: int) -> Optional[Tuple[int, int]]:
+        """Hold the directory open as dir_fd; None if it was removed since the walk."""
+        with self._lock:
+            st = os.fstat(dir_fd)
+            if st.st_nlink == 0:
+                return None
+            key = (st.st_dev, st.st_ino)
+            self._held[key] = self._held.get(key, 0) + 1
+            return key
+
+    def release(self, key: Tuple[int, int]) -> None:
+        with self._lock:
+            left = self._held.pop(key) - 1
+            if left:
+                self._held[key] = left
+
+    def remove(self, made: _MadeDirs) -> None:
+        """A failed request's clean-up: what its walk made, unless held (or not empty)."""
+        with self._lock:
+            made.remove(self._held.__contains__)
+
+
+class _WriteSite:
+    """Where one write, upload or move puts its result: enter() walks there,
+    making the missing parents (recorded in a _MadeDirs) and claiming the
+    directory reached; end(failed) drops the claims and, when the request
+    failed, removes the directories its own walk made, so that a failed
+    write or an aborted upload leaves nothing behind, not even those."""
+
+    def __init__(self, claims: _DirClaims) -> None:
+        self._claims = claims
+        self._made = _MadeDirs()
+        self._keys: List[Tuple[int, int]] = []
+
+    def enter(self, walk: Callable[..., _Target]) -> _Target:
+        """walk(made=...) -> the target; walked again when its directory went meanwhile."""
+        for attempt in range(1, FILES_WRITE_WALKS + 1):
+            try:
+                target = walk(made=self._made)
+            except FileError as exc:
+                # with parents made on the way, a 404 means a directory went mid-walk: walk again
+                if exc.code != "FILE_NOT_FOUND" or attempt == FILES_WRITE_WALKS:
+                    raise
+                continue
+            key = self._claims.claim(target.dir_fd)
+            if key is not None:
+                self._keys.append(key)
+                return target
+            target.close()
+        raise FileError(404, "FILE_NOT_FOUND", "directory removed meanwhile: %s" % target.path, target.path)
+
+    def end(self, failed: bool) -> None:
+        """Idempotent; after the request's temp file is gone (a named one keeps its directory)."""
+        for key in self._keys:
+            self._claims.release(key)
+        self._keys = []
+        if failed:
+            self._claims.remove(self._made)
+        self._made.close()
+
+
 def _append(target: _Target, fd: int, data: bytes) -> int:
     """Append to an open file in place (a log grows; copying it is no answer);
     on failure it is cut back to its old size. The size afterwards."""
@@ -9911,15 +10039,21 @@ def _part_info(head: bytes) -> Dict[str, Optional[str]]:
     return info
 
 
+FILES_STAGE_HEAD_BYTES = 256 * 1024     # a `file` part before its `path` waits in memory up to this much
+
+
 class _Upload:
     """One upload (multipart or raw) from its first byte to its committed file.
 
     Multipart: the target is ?path=, else the `path` field (both given must
-    agree); the `file` part is written straight to disk as it arrives. When
-    `file` comes before a `path` field it is staged in the first root (an
-    O_TMPFILE there, or a named temp) and moved (same file system) or copied
-    next to the target at the end. Anything that goes wrong aborts the
-    writer: nothing is left behind.
+    agree); the `file` part is written straight to disk as it arrives. A
+    `file` part that comes before its `path` field is held in memory up to
+    FILES_STAGE_HEAD_BYTES (the field usually follows at once: then it goes
+    straight to its target); beyond that it is staged in the allowed root
+    with the most free space (_FileService.staging_writer) and moved (same
+    file system) or copied next to the target at the end. Anything that goes
+    wrong aborts the writer and ends the site as failed: nothing is left
+    behind, not the file, not the directories this upload made.
     """
 
     def __init__(self, service: "_FileService", *, path: Optional[str], boundary: Optional[str],
@@ -9929,13 +10063,19 @@ class _Upload:
         self._parser = _MultipartParser(boundary) if boundary is not None else None
         self._overwrite = overwrite
         self._max_bytes = max_bytes
+        self._site = service.site()
         self._writer: Optional[_AtomicWriter] = None
         self._staged = False
+        self._head: Optional[bytearray] = None     # the file part's bytes while no path is known
         self._part: Optional[Dict[str, Optional[str]]] = None
         self._field = bytearray()
         self._filename: Optional[str] = None
         if self._parser is None:
-            self._writer = self._open(self._required_path())
+            try:
+                self._writer = self._open(self._required_path())
+            except BaseException:
+                self._site.end(failed=True)
+                raise
 
     def _required_path(self) -> str:
         if self._path is None:
@@ -9943,7 +10083,8 @@ class _Upload:
         return self._path
 
     def _open(self, path: str) -> _AtomicWriter:
-        with self._service.locate_for_write(path, self._filename) as target:
+        walk = functools.partial(self._service.locate_for_write, path, self._filename)
+        with self._site.enter(walk) as target:
             return _AtomicWriter(target, overwrite=self._overwrite, max_bytes=self._max_bytes,
                                  owner=self._service.owner)
 
@@ -9966,7 +10107,7 @@ class _Upload:
             if value["name"] == "file":
                 self._start_file(value)
         elif kind == "data" and name == "file":
-            self._writer.write(value)
+            self._file_data(value)
         elif kind == "data" and name in ("path", "overwrite"):
             if len(self._field) + len(value) > FILES_MAX_FIELD_BYTES:
                 raise BadRequest("form field %r is larger than %d bytes" % (name, FILES_MAX_FIELD_BYTES))
@@ -9975,14 +10116,30 @@ class _Upload:
             self._end_part(name)
 
     def _start_file(self, info: Dict[str, Optional[str]]) -> None:
-        if self._writer is not None:
+        if self._writer is not None or self._head is not None:
             raise BadRequest("one `file` part per upload")
         self._filename = info["filename"]
         if self._path is not None:
             self._writer = self._open(self._path)
         else:
+            self._head = bytearray()
+
+    def _file_data(self, data: Any) -> None:
+        if self._writer is None:
+            held = FILES_STAGE_HEAD_BYTES if self._max_bytes is None else min(FILES_STAGE_HEAD_BYTES, self._max_bytes)
+            if len(self._head) + len(data) <= held:
+                self._head += data
+                return
+            # the path is not coming soon: the rest goes to disk, never into memory
             self._writer = self._service.staging_writer(self._max_bytes)
             self._staged = True
+            self._flush_head()
+        self._writer.write(data)
+
+    def _flush_head(self) -> None:
+        head, self._head = self._head, None
+        if head:
+            self._writer.write(head)
 
     def _end_part(self, name: Optional[str]) -> None:
         if name == "path":
@@ -9990,6 +10147,9 @@ class _Upload:
             if self._path is not None and text != self._path:
                 raise BadRequest("upload path given twice: %r and %r" % (self._path, text))
             self._path = text
+            if self._head is not None:      # the file came first, and is still in memory: to its target now
+                self._writer = self._open(text)
+                self._flush_head()
         elif name == "overwrite":
             text = self._field_text("overwrite").strip().lower()
             if text not in ("true", "false", "1", "0"):
@@ -10008,21 +10168,29 @@ class _Upload:
         try:
             if self._parser is not None:
                 self._parser.close()
-                if self._writer is None:
+                if self._writer is None and self._head is None:
                     raise BadRequest("multipart upload has no `file` part")
+                if self._writer is None:
+                    self._writer = self._open(self._required_path())
+                    self._flush_head()
                 if self._staged:
                     self._writer._overwrite = self._overwrite
-                    with self._service.locate_for_write(self._required_path(), self._filename) as target:
+                    walk = functools.partial(self._service.locate_for_write, self._required_path(), self._filename)
+                    with self._site.enter(walk) as target:
                         self._writer = self._writer.adopt(target)   # on failure it aborts itself
             self._writer._overwrite = self._overwrite
             size = self._writer.commit()
+            self._site.end(failed=False)
             return self._service.done(self._writer.path, "file uploaded", size=size)
         finally:
             self.abort()
 
     def abort(self) -> None:
+        """Idempotent: after a commit there is nothing left to remove."""
         if self._writer is not None:
             self._writer.abort()
+        self._head = None
+        self._site.end(failed=True)
 
 
 # ----------------------------------------------------------------------------
@@ -10939,6 +11107,7 @@ class _FileService:
         self.entries = _Entries()
         self._lock = threading.Lock()   # guards _watchers
         self._watchers: List[_WatcherBase] = []
+        self.claims = _DirClaims()      # directories holding a write's temp file now
 
     # -- answers
 
@@ -11053,10 +11222,15 @@ class _FileService:
 
     # -- writing
 
-    def locate_for_write(self, path: str, filename: Optional[str] = None) -> _Target:
-        """The target of a write: parents made; a path ending in '/' or naming a
+    def site(self) -> _WriteSite:
+        """The place of one write, upload or move (end() it: on failure it removes the parents it made)."""
+        return _WriteSite(self.claims)
+
+    def locate_for_write(self, path: str, filename: Optional[str] = None,
+                         made: Optional[_MadeDirs] = None) -> _Target:
+        """The target of a write: parents made (recorded in `made`); a path ending in '/' or naming a
         directory, with a filename (multipart), means that file in it."""
-        target = self.policy.locate(path, follow=True, create=0o755, owner=self.owner)
+        target = self.policy.locate(path, follow=True, create=0o755, owner=self.owner, made=made)
         if filename is not None and (path.endswith("/") or _is_dir(target)):
             name = posixpath.basename(filename.replace("\\", "/"))
             if name in ("", ".", ".."):
@@ -11064,7 +11238,7 @@ class _FileService:
                 raise _invalid_path(filename, "upload filename is not a file name")
             inner = _child_path(target.path, name)
             target.close()
-            return self.policy.locate(inner, follow=True, create=0o755, owner=self.owner)
+            return self.policy.locate(inner, follow=True, create=0o755, owner=self.owner, made=made)
         return target
 
     def write(self, path: Any, content: bytes, *, mode: Optional[int] = None, overwrite: bool = True,
@@ -11073,11 +11247,16 @@ class _FileService:
             appended = self._append(path, content)
             if appended is not None:
                 return appended
-        with self.locate_for_write(path) as target:
-            writer = _AtomicWriter(target, mode=mode, overwrite=overwrite, owner=self.owner)
-        with writer:
-            writer.write(content)
-            size = writer.commit()
+        site, failed = self.site(), True
+        try:
+            with site.enter(functools.partial(self.locate_for_write, path)) as target:
+                writer = _AtomicWriter(target, mode=mode, overwrite=overwrite, owner=self.owner)
+            with writer:
+                writer.write(content)
+                size = writer.commit()
+            failed = False
+        finally:
+            site.end(failed)        # failed: the parents this write made go too
         return self.done(writer.path, "file written", size=size)
 
     def _append(self, path: Any, content: bytes) -> Optional[Dict[str, Any]]:
@@ -11108,11 +11287,37 @@ class _FileService:
         return _Upload(self, path=path, boundary=boundary, overwrite=overwrite, max_bytes=limit)
 
     def staging_writer(self, max_bytes: Optional[int]) -> _AtomicWriter:
-        """Where a file part that came before its path waits: the first root."""
-        # inside a root, so its disk use is where the operator allowed files to go
-        with self.policy.open_dir(self.policy.roots[0].real) as top:
+        """Where a file part that came before its path (and is too big to wait
+        in memory) waits: in the root whose file system has the most free
+        space. Inside a root, so its disk use is where the operator allowed
+        files to go; the most room, because the target is not known yet (on
+        the same file system it is then moved, else copied)."""
+        with self._roomiest_root() as top:
             holder = _Target(top.dir_fd, _temp_name(), top.path, top.real, top.root)
             return _AtomicWriter(holder, overwrite=True, max_bytes=max_bytes, owner=self.owner)
+
+    def _roomiest_root(self) -> _Target:
+        """The writable root with the most space free to us (f_bavail); ties: the first configured."""
+        best: Optional[_Target] = None
+        room = -1
+        for root in self.policy.roots:
+            try:
+                top = self.policy.open_dir(root.real)
+            except AgentError:
+                continue            # gone or replaced: not a place to stage
+            try:
+                st = os.fstatvfs(top.dir_fd)
+            except OSError:
+                top.close()
+                continue
+            free = -1 if st.f_flag & os.ST_RDONLY else st.f_bavail * st.f_frsize
+            if free > room:
+                if best is not None:
+                    best.close()
+                best, room = top, free
+            else:
+                top.close()
+        return best if best is not None else self.policy.open_dir(self.policy.roots[0].real)
 
     def mkdir(self, path: Any, mode: Optional[int] = None) -> Dict[str, Any]:
         with self.policy.locate(path, follow=True, create=0o755, owner=self.owner) as target:
@@ -11164,17 +11369,27 @@ class _FileService:
             raise _not_allowed(target.path, "cannot %s an allowed root or a directory holding one" % what)
 
     def move(self, source: Any, destination: Any, *, overwrite: bool = False) -> Dict[str, Any]:
-        with self.policy.locate(source, follow=False) as src:
-            self._not_a_root(src, "move")
-            with self.policy.locate(destination, follow=False, create=0o755, owner=self.owner) as dst:
-                self._not_a_root(dst, "replace")
-                if src.lstat() is None:
-                    raise FileError(404, "FILE_NOT_FOUND", "no such file or directory: %s" % src.path, src.path)
-                try:
-                    self._rename(src, dst, overwrite)
-                except OSError as exc:
-                    raise self._move_failure(exc, src, dst)
-                return self.done(dst.path, "moved", source=src.path, destination=dst.path)
+        site, failed = self.site(), True
+        try:
+            with self.policy.locate(source, follow=False) as src:
+                self._not_a_root(src, "move")
+                walk = functools.partial(self.policy.locate, destination, follow=False, create=0o755,
+                                         owner=self.owner)
+                with site.enter(walk) as dst:
+                    self._move_into(src, dst, overwrite)
+            failed = False
+        finally:
+            site.end(failed)        # failed: the parents this move made go too
+        return self.done(dst.path, "moved", source=src.path, destination=dst.path)
+
+    def _move_into(self, src: _Target, dst: _Target, overwrite: bool) -> None:
+        self._not_a_root(dst, "replace")
+        if src.lstat() is None:
+            raise FileError(404, "FILE_NOT_FOUND", "no such file or directory: %s" % src.path, src.path)
+        try:
+            self._rename(src, dst, overwrite)
+        except OSError as exc:
+            raise self._move_failure(exc, src, dst)
 
     @staticmethod
     def _move_failure(exc: OSError, src: _Target, dst: _Target) -> AgentError:

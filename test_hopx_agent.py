@@ -7043,6 +7043,35 @@ class TestUpload:
             import shutil
             shutil.rmtree(other)
 
+    def test_file_first_waits_in_memory_while_small(self, svc, tree, writer_kind):
+        data = os.urandom(hopx_agent.FILES_STAGE_HEAD_BYTES // 2)
+        up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+        body = multipart([file_part(data), path_part("/workspace/small.bin")])
+        up.feed(body[:len(data) + 200])             # the whole file part, not yet the path
+        assert up._writer is None and not leftovers(str(tree / "ws")) and not leftovers(str(tree / "tmp"))
+        up.feed(body[len(data) + 200:])
+        assert up.finish()["size"] == len(data) and (tree / "ws" / "small.bin").read_bytes() == data
+
+    def test_file_first_is_staged_in_the_root_with_the_most_room(self, tree, monkeypatch):
+        # the first root "full", the second roomy: the big file part waits in the second
+        monkeypatch.setattr(hopx_agent._AtomicWriter, "use_tmpfile", False)   # a named temp file shows where
+        svc = hopx_agent._FileService([str(tree / "tmp"), str(tree / "ws")], str(tree / "ws"), workspace_alias=True)
+        real = os.fstatvfs
+
+        def statvfs(fd):
+            st = real(fd)
+            room = 1 if os.readlink("/proc/self/fd/%d" % fd) == str(tree / "tmp") else 1 << 40
+            return os.statvfs_result(st[:4] + (room, room) + st[6:])
+        monkeypatch.setattr(hopx_agent.os, "fstatvfs", statvfs)
+        data = os.urandom(hopx_agent.FILES_STAGE_HEAD_BYTES * 3)
+        up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+        body = multipart([file_part(data), path_part("/workspace/big.bin")])
+        up.feed(body[:len(data)])
+        assert leftovers(str(tree / "tmp")) == [] and len(leftovers(str(tree / "ws"))) == 1
+        up.feed(body[len(data):])
+        assert up.finish()["size"] == len(data) and (tree / "ws" / "big.bin").read_bytes() == data
+        assert leftovers(str(tree / "ws")) == [] and leftovers(str(tree / "tmp")) == []
+
     def test_query_path_and_field_must_agree(self, svc, tree):
         up = svc.upload(path="/workspace/a", content_type="multipart/form-data; boundary=" + BOUNDARY)
         with pytest.raises(hopx_agent.AgentError) as info:
@@ -7084,6 +7113,45 @@ class TestUpload:
         up.feed(b"half")
         up.abort()
         assert sorted(os.listdir(str(tree / "ws"))) == ["keep"]
+
+    def test_an_aborted_upload_removes_the_directories_it_made(self, svc, tree, writer_kind):
+        ws = tree / "ws"
+        (ws / "keep").mkdir()
+        up = svc.upload(path="/workspace/keep/a/b/f.bin", content_type="application/octet-stream")
+        up.feed(b"half")
+        up.abort()                  # what the endpoint does when the client goes away
+        for first in (True, False):
+            up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+            parts = [path_part("/workspace/m/x/y.bin"), file_part(os.urandom(400000))]
+            up.feed(multipart(parts if first else parts[::-1])[:350000])    # file first: staged, then cut
+            up.abort()
+        assert sorted(os.listdir(str(ws))) == ["keep"] and os.listdir(str(ws / "keep")) == []
+
+    def test_a_failed_write_or_move_removes_the_directories_it_made(self, svc, tree, writer_kind, monkeypatch):
+        def full(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(hopx_agent.os, "fdatasync", full)
+        raises("INSUFFICIENT_STORAGE", svc.write, "n1/n2/f", b"x")
+        monkeypatch.undo()
+        raises("FILE_NOT_FOUND", svc.move, "missing", "d1/d2/x")
+        assert os.listdir(str(tree / "ws")) == []
+        svc.write("ok/f", b"x")     # a write that succeeds keeps them, of course
+        assert (tree / "ws" / "ok" / "f").read_bytes() == b"x"
+
+    def test_a_clean_up_spares_what_is_not_its_own(self, svc, tree, writer_kind):
+        ws = tree / "ws"
+        first = svc.upload(path="/workspace/shared/one", content_type="application/octet-stream")
+        first.feed(b"1")
+        second = svc.upload(path="/workspace/shared/two", content_type="application/octet-stream")
+        second.feed(b"2")
+        first.abort()               # `shared` is first's, but second's temp file is in it (unseen, if O_TMPFILE)
+        assert second.finish()["size"] == 1 and (ws / "shared" / "two").read_bytes() == b"2"
+        up = svc.upload(path="/workspace/s/f", content_type="application/octet-stream")
+        up.feed(b"x")
+        os.rename(str(ws / "s"), str(ws / "s_old"))
+        (ws / "s").mkdir()          # someone else's directory under the name this upload made
+        up.abort()
+        assert (ws / "s").is_dir() and (ws / "s_old").is_dir()
 
     def test_raw_body(self, svc, tree, writer_kind):
         up = svc.upload(path="/workspace/raw.bin", content_type="application/octet-stream", content_length=6)
@@ -8017,7 +8085,7 @@ def _temp_files_open(work):
             target = os.readlink("/proc/self/fd/" + fd)
         except OSError:
             continue
-        if target.startswith(str(work) + "/#") or target.startswith(str(work) + "/.hopx-tmp-"):
+        if target.startswith(str(work) + "/") and os.path.basename(target).startswith(("#", ".hopx-tmp-")):
             found.append(target)
     return found
 
@@ -8033,6 +8101,19 @@ def test_files_upload_cut_off_halfway_leaves_nothing(files_server, fc, monkeypat
     wait_until(lambda: not _temp_files_open(files_server.work), 10, "the partial upload to be dropped")
     assert os.listdir(str(files_server.work)) == ["keep"]
     assert fc.ok("GET", "/files/read?path=/workspace/keep")["content"] == "old"
+
+
+@pytest.mark.parametrize("tmpfile", [True, False])
+def test_files_upload_cut_off_removes_the_directories_it_made(files_server, fc, monkeypatch, tmpfile):
+    monkeypatch.setattr(hopx_agent._AtomicWriter, "use_tmpfile", tmpfile)
+    (files_server.work / "keep").mkdir()
+    sock = _connect(files_server)
+    sock.sendall(upload_head("/files/upload?path=%2Fworkspace%2Fkeep%2Fa%2Fb%2Ff.bin", 10 ** 6, expect=False)
+                 + b"x" * 300000)
+    wait_until(lambda: _temp_files_open(files_server.work), 10, "the upload to be under way")
+    sock.close()                                    # the client goes away mid-body
+    wait_until(lambda: os.listdir(str(files_server.work / "keep")) == [], 10, "the directories it made to go")
+    assert os.listdir(str(files_server.work)) == ["keep"]
 
 
 def test_files_download_ranges_conditionals_and_head(fc, files_server):
