@@ -6591,6 +6591,18 @@ def changes(events):
     return [(e.get("event"), os.path.basename(e["path"])) for e in events if e["type"] == "change"]
 
 
+def test_the_module_defines_each_top_level_name_once():
+    # a second module-level def silently replaces the first (the files family once had two _close_quietly)
+    import ast
+    names = collections.Counter()
+    for node in ast.parse(open(hopx_agent.__file__).read()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] += 1
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    assert [name for name, count in names.items() if count > 1] == []
+
+
 # -- files: paths and policy --------------------------------------------------------------------------
 
 
