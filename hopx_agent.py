@@ -10717,7 +10717,11 @@ class _InotifyWatcher(_WatcherBase):
         if reader:                  # (tests drive _read_once themselves)
             self._holders += 1      # the reader's hold, dropped when it ends
             self._reader = threading.Thread(target=self._run, name="hopx-watch-%d" % self._ino.fd, daemon=True)
-            self._reader.start()
+            try:
+                self._reader.start()
+            except BaseException:   # no thread to be had: nothing may stay open
+                self._release()
+                raise
 
     def _emit(self, event: Dict[str, Any]) -> None:
         self._out.append(event)
