@@ -3174,7 +3174,7 @@ def test_shutdown_is_clean_after_a_thread_failed_to_start(manager, monkeypatch):
 
 
 def test_a_full_disk_answers_507_and_leaves_nothing(client, monkeypatch):
-    def no_space(code, suffix, prefix="hopx-"):
+    def no_space(code, suffix, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(hopx_agent, "_write_code_file", no_space)
