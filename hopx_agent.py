@@ -857,7 +857,9 @@ class _Launch:
         runs it. The file is 0600 and, with a ``user``, owned by that user:
         readable by it and by nobody else."""
         if self.code is not None and self.code_argv is not None and self.tempfile is None:
-            self.tempfile = _write_code_file(self.code, self.code_suffix, self.code_prefix)
+            other = self.user is not None and not self.user.is_current
+            self.tempfile = _write_code_file(self.code, self.code_suffix, self.code_prefix,
+                                             (self.user.uid, self.user.gid) if other and self.user else None)
             if self.user is not None and not self.user.is_current:
                 os.chown(self.tempfile, self.user.uid, self.user.gid)   # on failure cleanup() removes it
             self.argv = self.code_argv(self.tempfile)
@@ -1117,13 +1119,34 @@ def _resolve_language(value: Any) -> Tuple[str, str]:
     return name, program
 
 
-def _write_code_file(code: bytes, suffix: str, prefix: str = "hopx-") -> str:
+def _searchable_by(path: str, uid: int, gid: int) -> bool:
+    """Can that user reach files in ``path`` (search permission all the way down)?"""
+    import stat
+    parts = os.path.realpath(path).split(os.sep)
+    for n in range(1, len(parts) + 1):
+        try:
+            st = os.stat(os.sep.join(parts[:n]) or os.sep)
+        except OSError:
+            return False
+        bit = stat.S_IXUSR if st.st_uid == uid else stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+def _write_code_file(code: bytes, suffix: str, prefix: str = "hopx-", for_user: Optional[Tuple[int, int]] = None) -> str:
     """The code in a private (0600) temp file, so there is no argv length limit
     and tracebacks name a real file. A full disk removes the partial file. An
     agent with a journal names it after its state directory (``prefix``), so a
-    restart finds what a crash left."""
+    restart finds what a crash left. For another user (``for_user``), a temp
+    directory that user cannot reach (a private TMPDIR) gives way to /tmp."""
     import tempfile  # imported here: it costs import time and is needed only to run code
-    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix)
+    directory = None
+    if for_user is not None and not _searchable_by(tempfile.gettempdir(), *for_user):
+        if not _searchable_by("/tmp", *for_user):
+            raise BadRequest("no temp directory that user %d may reach for the code file" % for_user[0])
+        directory = "/tmp"
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(code)
@@ -3827,7 +3850,7 @@ class _Lifecycle:
             for fd, name in readers:
                 self._submit_reader(rec, name, fd)
                 fds.remove(fd)           # the reader owns it now
-        except (OSError, RuntimeError, Unavailable) as exc:
+        except (OSError, RuntimeError, AgentError) as exc:
             for fd in fds:               # a reader already given its pipe sees EOF and ends
                 _close_quietly(fd)
             raise _StartRefused(exc) from None
