@@ -857,7 +857,9 @@ class _Launch:
         runs it. The file is 0600 and, with a ``user``, owned by that user:
         readable by it and by nobody else."""
         if self.code is not None and self.code_argv is not None and self.tempfile is None:
-            self.tempfile = _write_code_file(self.code, self.code_suffix, self.code_prefix)
+            other = self.user is not None and not self.user.is_current
+            self.tempfile = _write_code_file(self.code, self.code_suffix, self.code_prefix,
+                                             (self.user.uid, self.user.gid) if other and self.user else None)
             if self.user is not None and not self.user.is_current:
                 os.chown(self.tempfile, self.user.uid, self.user.gid)   # on failure cleanup() removes it
             self.argv = self.code_argv(self.tempfile)
@@ -1117,13 +1119,34 @@ def _resolve_language(value: Any) -> Tuple[str, str]:
     return name, program
 
 
-def _write_code_file(code: bytes, suffix: str, prefix: str = "hopx-") -> str:
+def _searchable_by(path: str, uid: int, gid: int) -> bool:
+    """Can that user reach files in ``path`` (search permission all the way down)?"""
+    import stat
+    parts = os.path.realpath(path).split(os.sep)
+    for n in range(1, len(parts) + 1):
+        try:
+            st = os.stat(os.sep.join(parts[:n]) or os.sep)
+        except OSError:
+            return False
+        bit = stat.S_IXUSR if st.st_uid == uid else stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+def _write_code_file(code: bytes, suffix: str, prefix: str = "hopx-", for_user: Optional[Tuple[int, int]] = None) -> str:
     """The code in a private (0600) temp file, so there is no argv length limit
     and tracebacks name a real file. A full disk removes the partial file. An
     agent with a journal names it after its state directory (``prefix``), so a
-    restart finds what a crash left."""
+    restart finds what a crash left. For another user (``for_user``), a temp
+    directory that user cannot reach (a private TMPDIR) gives way to /tmp."""
     import tempfile  # imported here: it costs import time and is needed only to run code
-    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix)
+    directory = None
+    if for_user is not None and not _searchable_by(tempfile.gettempdir(), *for_user):
+        if not _searchable_by("/tmp", *for_user):
+            raise BadRequest("no temp directory that user %d may reach for the code file" % for_user[0])
+        directory = "/tmp"
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(code)
@@ -3827,7 +3850,7 @@ class _Lifecycle:
             for fd, name in readers:
                 self._submit_reader(rec, name, fd)
                 fds.remove(fd)           # the reader owns it now
-        except (OSError, RuntimeError, Unavailable) as exc:
+        except (OSError, RuntimeError, AgentError) as exc:
             for fd in fds:               # a reader already given its pipe sees EOF and ends
                 _close_quietly(fd)
             raise _StartRefused(exc) from None
@@ -9001,6 +9024,50 @@ class _Target:
         return _lstat_at(self.dir_fd, self.name)
 
 
+class _MadeDirs:
+    """The directories one request's walk created on its way to the target,
+    in the order made (each in the one before it, or in a directory that
+    existed), each as (a descriptor of its parent, its name, its (st_dev,
+    st_ino)), so that a failed request can take them away again."""
+
+    def __init__(self) -> None:
+        self._made: List[Tuple[int, str, Tuple[int, int]]] = []
+
+    def add(self, parent_fd: int, name: str, fd: int) -> None:
+        st = os.fstat(fd)
+        self._made.append((os.dup(parent_fd), name, (st.st_dev, st.st_ino)))
+
+    def remove(self, busy: Callable[[Tuple[int, int]], bool]) -> int:
+        """rmdir them, deepest first, through their parents' descriptors (no
+        path walked again, no symlink followed): each only while its name
+        still holds that very directory, it is empty and busy(key) is false
+        (no temp file of another write in it); the first that stays keeps
+        those above it. How many went. (Between the check and the rmdir a
+        process outside the agent could swap in an empty directory of its
+        own: only an empty one, and only in that instant.)"""
+        removed = 0
+        for parent, name, key in reversed(self._made):
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                continue            # gone already: its parent may be empty now
+            except OSError:
+                break
+            if not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) != key or busy(key):
+                break
+            try:
+                os.rmdir(name, dir_fd=parent)
+            except OSError:
+                break               # not empty: something was put there, it stays (and so do its parents)
+            removed += 1
+        return removed
+
+    def close(self) -> None:
+        for parent, _, _ in self._made:
+            _close_quietly(parent)
+        self._made = []
+
+
 def _default_files_roots(workdir: str) -> Tuple[str, ...]:
     """api.md §11: the working directory and the system temp directory."""
     return (workdir, tempfile.gettempdir())
@@ -9083,20 +9150,21 @@ class _PathPolicy:
             raise _os_failure(exc, display)
 
     def locate(self, path: Any, *, follow: bool = True, create: Optional[int] = None,
-               owner: Optional[Tuple[int, int]] = None) -> _Target:
+               owner: Optional[Tuple[int, int]] = None, made: Optional[_MadeDirs] = None) -> _Target:
         """Walk `path`. follow: a final symlink is resolved too (read, write);
         otherwise the name itself is the target (stat, remove, move). create:
-        missing directories on the way are made with this mode (and owner)."""
+        missing directories on the way are made with this mode (and owner),
+        and recorded in `made`."""
         display, internal = self.normalise(path)
         for _ in range(FILES_MAX_SYMLINKS + 1):
-            found = self._walk(internal, display, follow, create, owner)
+            found = self._walk(internal, display, follow, create, owner, made)
             if isinstance(found, _Target):
                 return found
             internal = found        # a symlink was met: walk its target from the top
         raise _invalid_path(display, "too many levels of symbolic links")
 
     def _walk(self, internal: str, display: str, follow: bool, create: Optional[int],
-              owner: Optional[Tuple[int, int]]) -> Any:
+              owner: Optional[Tuple[int, int]], made: Optional[_MadeDirs]) -> Any:
         root, parts = self._root_of(internal, display)
         fd = self._open_root(root, display)
         # `real` is built from directories actually opened, so it holds no
@@ -9111,7 +9179,7 @@ class _PathPolicy:
                         return _link_target(real, link, rest, display)
                     target, fd = _Target(fd, name, display, posixpath.join(real, name), root), -1
                     return target
-                step = self._step(fd, name, create, owner)
+                step = self._step(fd, name, create, owner, made)
                 if isinstance(step, str):       # a symlink: its target is walked from the top, checked anew
                     return _link_target(real, step, rest, display)
                 os.close(fd)
@@ -9124,7 +9192,8 @@ class _PathPolicy:
             _close_quietly(fd if fd >= 0 else None)
 
     @staticmethod
-    def _step(fd: int, name: str, create: Optional[int], owner: Optional[Tuple[int, int]]) -> Any:
+    def _step(fd: int, name: str, create: Optional[int], owner: Optional[Tuple[int, int]],
+              made: Optional[_MadeDirs] = None) -> Any:
         """Open directory `name` under fd without following it: the new fd, or a
         symlink's text for the caller to walk."""
         try:
@@ -9139,11 +9208,18 @@ class _PathPolicy:
         try:
             os.mkdir(name, create, dir_fd=fd)       # mkdirat never follows: a symlink there is EEXIST
         except FileExistsError:
-            pass                    # made meanwhile: open it as found (a symlink is walked)
-        else:
-            if owner is not None:
-                os.chown(name, *owner, dir_fd=fd, follow_symlinks=False)
-        return _PathPolicy._step(fd, name, None, None)
+            return _PathPolicy._step(fd, name, None, None)  # made meanwhile: open it as found (a symlink is walked)
+        opened = _PathPolicy._step(fd, name, None, None)
+        if isinstance(opened, int):     # (not: swapped for a symlink at once; that is walked, not ours)
+            try:
+                if made is not None:
+                    made.add(fd, name, opened)
+                if owner is not None:
+                    os.fchown(opened, *owner)
+            except BaseException:
+                os.close(opened)
+                raise
+        return opened
 
     def open_dir(self, path: Any) -> _Target:
         """The directory `path` leads to (a final symlink followed), open, name None."""
@@ -9652,6 +9728,81 @@ class _AtomicWriter:
             self.abort()
 
 
+FILES_WRITE_WALKS = 3       # walks to a write's directory when it is removed meanwhile (a clean-up's race)
+
+
+class _DirClaims:
+    """The directories where a write, upload or move of this agent has its
+    temp file (or copy) now. An O_TMPFILE does not make a directory look
+    non-empty, so without this a failed request's clean-up could rmdir a
+    directory another request is about to link its file into."""
+
+    def __init__(self) -> None:
+        # guards _held; claims and clean-ups exclude each other (the rmdirs run under it: no waits)
+        self._lock = threading.Lock()
+        self._held: Dict[Tuple[int, int], int] = {}
+
+    def claim(self, dir_fd: int) -> Optional[Tuple[int, int]]:
+        """Hold the directory open as dir_fd; None if it was removed since the walk."""
+        with self._lock:
+            st = os.fstat(dir_fd)
+            if st.st_nlink == 0:
+                return None
+            key = (st.st_dev, st.st_ino)
+            self._held[key] = self._held.get(key, 0) + 1
+            return key
+
+    def release(self, key: Tuple[int, int]) -> None:
+        with self._lock:
+            left = self._held.pop(key) - 1
+            if left:
+                self._held[key] = left
+
+    def remove(self, made: _MadeDirs) -> None:
+        """A failed request's clean-up: what its walk made, unless held (or not empty)."""
+        with self._lock:
+            made.remove(self._held.__contains__)
+
+
+class _WriteSite:
+    """Where one write, upload or move puts its result: enter() walks there,
+    making the missing parents (recorded in a _MadeDirs) and claiming the
+    directory reached; end(failed) drops the claims and, when the request
+    failed, removes the directories its own walk made, so that a failed
+    write or an aborted upload leaves nothing behind, not even those."""
+
+    def __init__(self, claims: _DirClaims) -> None:
+        self._claims = claims
+        self._made = _MadeDirs()
+        self._keys: List[Tuple[int, int]] = []
+
+    def enter(self, walk: Callable[..., _Target]) -> _Target:
+        """walk(made=...) -> the target; walked again when its directory went meanwhile."""
+        for attempt in range(1, FILES_WRITE_WALKS + 1):
+            try:
+                target = walk(made=self._made)
+            except FileError as exc:
+                # with parents made on the way, a 404 means a directory went mid-walk: walk again
+                if exc.code != "FILE_NOT_FOUND" or attempt == FILES_WRITE_WALKS:
+                    raise
+                continue
+            key = self._claims.claim(target.dir_fd)
+            if key is not None:
+                self._keys.append(key)
+                return target
+            target.close()
+        raise FileError(404, "FILE_NOT_FOUND", "directory removed meanwhile: %s" % target.path, target.path)
+
+    def end(self, failed: bool) -> None:
+        """Idempotent; after the request's temp file is gone (a named one keeps its directory)."""
+        for key in self._keys:
+            self._claims.release(key)
+        self._keys = []
+        if failed:
+            self._claims.remove(self._made)
+        self._made.close()
+
+
 def _append(target: _Target, fd: int, data: bytes) -> int:
     """Append to an open file in place (a log grows; copying it is no answer);
     on failure it is cut back to its old size. The size afterwards."""
@@ -9911,15 +10062,21 @@ def _part_info(head: bytes) -> Dict[str, Optional[str]]:
     return info
 
 
+FILES_STAGE_HEAD_BYTES = 256 * 1024     # a `file` part before its `path` waits in memory up to this much
+
+
 class _Upload:
     """One upload (multipart or raw) from its first byte to its committed file.
 
     Multipart: the target is ?path=, else the `path` field (both given must
-    agree); the `file` part is written straight to disk as it arrives. When
-    `file` comes before a `path` field it is staged in the first root (an
-    O_TMPFILE there, or a named temp) and moved (same file system) or copied
-    next to the target at the end. Anything that goes wrong aborts the
-    writer: nothing is left behind.
+    agree); the `file` part is written straight to disk as it arrives. A
+    `file` part that comes before its `path` field is held in memory up to
+    FILES_STAGE_HEAD_BYTES (the field usually follows at once: then it goes
+    straight to its target); beyond that it is staged in the allowed root
+    with the most free space (_FileService.staging_writer) and moved (same
+    file system) or copied next to the target at the end. Anything that goes
+    wrong aborts the writer and ends the site as failed: nothing is left
+    behind, not the file, not the directories this upload made.
     """
 
     def __init__(self, service: "_FileService", *, path: Optional[str], boundary: Optional[str],
@@ -9929,13 +10086,19 @@ class _Upload:
         self._parser = _MultipartParser(boundary) if boundary is not None else None
         self._overwrite = overwrite
         self._max_bytes = max_bytes
+        self._site = service.site()
         self._writer: Optional[_AtomicWriter] = None
         self._staged = False
+        self._head: Optional[bytearray] = None     # the file part's bytes while no path is known
         self._part: Optional[Dict[str, Optional[str]]] = None
         self._field = bytearray()
         self._filename: Optional[str] = None
         if self._parser is None:
-            self._writer = self._open(self._required_path())
+            try:
+                self._writer = self._open(self._required_path())
+            except BaseException:
+                self._site.end(failed=True)
+                raise
 
     def _required_path(self) -> str:
         if self._path is None:
@@ -9943,7 +10106,8 @@ class _Upload:
         return self._path
 
     def _open(self, path: str) -> _AtomicWriter:
-        with self._service.locate_for_write(path, self._filename) as target:
+        walk = functools.partial(self._service.locate_for_write, path, self._filename)
+        with self._site.enter(walk) as target:
             return _AtomicWriter(target, overwrite=self._overwrite, max_bytes=self._max_bytes,
                                  owner=self._service.owner)
 
@@ -9966,7 +10130,7 @@ class _Upload:
             if value["name"] == "file":
                 self._start_file(value)
         elif kind == "data" and name == "file":
-            self._writer.write(value)
+            self._file_data(value)
         elif kind == "data" and name in ("path", "overwrite"):
             if len(self._field) + len(value) > FILES_MAX_FIELD_BYTES:
                 raise BadRequest("form field %r is larger than %d bytes" % (name, FILES_MAX_FIELD_BYTES))
@@ -9975,14 +10139,30 @@ class _Upload:
             self._end_part(name)
 
     def _start_file(self, info: Dict[str, Optional[str]]) -> None:
-        if self._writer is not None:
+        if self._writer is not None or self._head is not None:
             raise BadRequest("one `file` part per upload")
         self._filename = info["filename"]
         if self._path is not None:
             self._writer = self._open(self._path)
         else:
+            self._head = bytearray()
+
+    def _file_data(self, data: Any) -> None:
+        if self._writer is None:
+            held = FILES_STAGE_HEAD_BYTES if self._max_bytes is None else min(FILES_STAGE_HEAD_BYTES, self._max_bytes)
+            if len(self._head) + len(data) <= held:
+                self._head += data
+                return
+            # the path is not coming soon: the rest goes to disk, never into memory
             self._writer = self._service.staging_writer(self._max_bytes)
             self._staged = True
+            self._flush_head()
+        self._writer.write(data)
+
+    def _flush_head(self) -> None:
+        head, self._head = self._head, None
+        if head:
+            self._writer.write(head)
 
     def _end_part(self, name: Optional[str]) -> None:
         if name == "path":
@@ -9990,6 +10170,9 @@ class _Upload:
             if self._path is not None and text != self._path:
                 raise BadRequest("upload path given twice: %r and %r" % (self._path, text))
             self._path = text
+            if self._head is not None:      # the file came first, and is still in memory: to its target now
+                self._writer = self._open(text)
+                self._flush_head()
         elif name == "overwrite":
             text = self._field_text("overwrite").strip().lower()
             if text not in ("true", "false", "1", "0"):
@@ -10008,21 +10191,29 @@ class _Upload:
         try:
             if self._parser is not None:
                 self._parser.close()
-                if self._writer is None:
+                if self._writer is None and self._head is None:
                     raise BadRequest("multipart upload has no `file` part")
+                if self._writer is None:
+                    self._writer = self._open(self._required_path())
+                    self._flush_head()
                 if self._staged:
                     self._writer._overwrite = self._overwrite
-                    with self._service.locate_for_write(self._required_path(), self._filename) as target:
+                    walk = functools.partial(self._service.locate_for_write, self._required_path(), self._filename)
+                    with self._site.enter(walk) as target:
                         self._writer = self._writer.adopt(target)   # on failure it aborts itself
             self._writer._overwrite = self._overwrite
             size = self._writer.commit()
+            self._site.end(failed=False)
             return self._service.done(self._writer.path, "file uploaded", size=size)
         finally:
             self.abort()
 
     def abort(self) -> None:
+        """Idempotent: after a commit there is nothing left to remove."""
         if self._writer is not None:
             self._writer.abort()
+        self._head = None
+        self._site.end(failed=True)
 
 
 # ----------------------------------------------------------------------------
@@ -10276,6 +10467,9 @@ _IN_Q_OVERFLOW, _IN_IGNORED, _IN_ONLYDIR, _IN_EXCL_UNLINK, _IN_ISDIR = 0x4000, 0
 _WATCH_MASK = (_IN_MODIFY | _IN_ATTRIB | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
                | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR | _IN_EXCL_UNLINK)
 _INOTIFY_EVENT = struct.Struct("iIII")
+WATCH_READ_BYTES = 64 * 1024            # one read() of the inotify fd: at most 4096 events, a bounded batch
+WATCH_READER_IDLE_S = 1.0               # the reader's longest wait (close() wakes it at once)
+WATCH_CLOSE_JOIN_S = 2.0                # close() waits this long for the reader to leave
 
 
 class _Inotify:
@@ -10305,19 +10499,20 @@ class _Inotify:
         self._libc.inotify_rm_watch(self.fd, wd)
 
     def read(self) -> List[Tuple[int, int, int, str]]:
-        """(wd, mask, cookie, name) of every event queued now."""
+        """(wd, mask, cookie, name) of the events one read() returns ([] if
+        none): a bounded batch, however fast the kernel queues them."""
         out: List[Tuple[int, int, int, str]] = []
-        while True:
-            try:
-                data = os.read(self.fd, 256 * 1024)
-            except BlockingIOError:
-                return out
-            offset = 0
-            while offset < len(data):
-                wd, mask, cookie, size = _INOTIFY_EVENT.unpack_from(data, offset)
-                raw = data[offset + 16:offset + 16 + size].split(b"\0", 1)[0]
-                out.append((wd, mask, cookie, os.fsdecode(raw)))
-                offset += 16 + size
+        try:
+            data = os.read(self.fd, WATCH_READ_BYTES)
+        except BlockingIOError:
+            return out
+        offset = 0
+        while offset < len(data):
+            wd, mask, cookie, size = _INOTIFY_EVENT.unpack_from(data, offset)
+            raw = data[offset + 16:offset + 16 + size].split(b"\0", 1)[0]
+            out.append((wd, mask, cookie, os.fsdecode(raw)))
+            offset += 16 + size
+        return out
 
     def close(self) -> None:
         _close_quietly(self.fd)
@@ -10332,28 +10527,42 @@ def _change(path: str, event: str, is_dir: bool, old: Optional[str] = None) -> D
 
 
 class _EventQueue:
-    """Changes on their way to the client: a burst of `modified` for one path
-    (one per write() call) within WATCH_COALESCE_S becomes one, as does
-    `modified` right after `created`; at most WATCH_MAX_PENDING wait, and
-    what does not fit is replaced by one {"type": "overflow"}."""
+    """Changes on their way to the client, bounded: a burst of `modified` for
+    one path (one per write() call) within WATCH_COALESCE_S becomes one, as
+    does `modified` right after `created`; at most WATCH_MAX_PENDING wait.
 
-    def __init__(self) -> None:
+    A loss (this queue full, the kernel's queue overflowing, a directory that
+    cannot be watched) puts ONE {"type": "overflow"} in the stream where it
+    began; until the client takes it, further losses join it and `dropped`
+    counts the changes this queue threw away. With `rescans` (inotify) the
+    message is held back, and what follows it, until the watcher has walked
+    its tree again (rescanned()), so the client learns what that found.
+    Not thread-safe: the watcher serialises access."""
+
+    def __init__(self, rescans: bool = False) -> None:
         self._batch: List[Dict[str, Any]] = []
         self._open: Dict[str, int] = {}     # path -> index of its created/modified in the batch
         self._since = 0.0
         self._ready: collections.deque = collections.deque()
-        self._lost = False
+        self._rescans = rescans
+        self._marker: Optional[Dict[str, Any]] = None   # the overflow message not taken yet
+        self._held = False                  # the marker waits for a rescan: take() stops at it
 
-    def add(self, event: Dict[str, Any], now: float) -> None:
+    def add(self, event: Dict[str, Any], now: float) -> bool:
+        """Queue a change or an overflow; True when the watcher is to rescan
+        (a new loss, or the kernel's: directory creations may be among it)."""
         if event.get("type") == "overflow":
-            self._overflow()
-            return
+            began = self._lost()
+            if event.get("kernel"):
+                self._marker["kernel"] = True
+            return self._hold(began or bool(event.get("kernel")))
         path, kind = event["path"], event["event"]
         if kind == "modified" and path in self._open:
-            return
+            return False
         if len(self._batch) + len(self._ready) >= WATCH_MAX_PENDING:
-            self._overflow()
-            return
+            began = self._lost()
+            self._marker["dropped"] += 1
+            return self._hold(began)
         if not self._batch:
             self._since = now
         self._batch.append(event)
@@ -10362,56 +10571,89 @@ class _EventQueue:
         else:
             self._open.pop(path, None)
             self._open.pop(event.get("old_path"), None)
+        return False
 
-    def _overflow(self) -> None:
-        self._lost = True
+    def _lost(self) -> bool:
+        """The overflow message, made where the loss begins; True if it is new."""
+        if self._marker is not None:
+            return False
+        self._ready.extend(self._batch)     # what came before the loss goes before the message
+        self._batch, self._open = [], {}
+        self._marker = {"type": "overflow", "timestamp": _rfc3339(time.time()), "dropped": 0}
+        self._ready.append(self._marker)
+        return True
+
+    def _hold(self, rescan: bool) -> bool:
+        if rescan and self._rescans:
+            self._held = True
+            return True
+        return False
+
+    def rescanned(self, info: Dict[str, Any]) -> None:
+        """The watcher walked its tree again: the overflow message says what it found, and may go."""
+        if self._marker is not None:
+            self._marker["rescanned"] = info
+        self._held = False
 
     def release(self, now: float, force: bool = False) -> None:
         if self._batch and (force or now - self._since >= WATCH_COALESCE_S):
             self._ready.extend(self._batch)
             self._batch, self._open = [], {}
-        if self._lost and len(self._ready) < WATCH_MAX_PENDING:
-            self._ready.append({"type": "overflow", "timestamp": _rfc3339(time.time())})
-            self._lost = False
 
     def due(self) -> Optional[float]:
         """When the open batch is to be released, if there is one."""
         return self._since + WATCH_COALESCE_S if self._batch else None
 
     def take(self) -> List[Dict[str, Any]]:
-        out = list(self._ready)
-        self._ready.clear()
+        out = []
+        while self._ready:
+            if self._ready[0] is self._marker:
+                if self._held:
+                    break
+                self._marker = None         # taken: the next loss makes a new message
+            out.append(self._ready.popleft())
         return out
 
 
 class _WatcherBase:
     """What the WebSocket endpoint drives: pull(timeout) -> events, close().
     One thread pulls; close() may come from any thread (server shutdown) and
-    wakes a pull in progress."""
+    wakes a pull in progress. The descriptors are released by whoever leaves
+    last (a pull, close() itself, the inotify reader), never under another's feet."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, rescans: bool = False) -> None:
         self.path = path
-        self._queue = _EventQueue()
-        self._lock = threading.Lock()       # guards _closed and _busy
+        self._queue = _EventQueue(rescans)
+        self._lock = threading.Lock()       # guards _closed, _holders and _released
         self._closed = False
-        self._busy = False
+        self._holders = 0                   # pulls, a close() and the reader using the descriptors now
+        self._released = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
     def pull(self, timeout: float) -> List[Dict[str, Any]]:
         """The changes available within `timeout` seconds (possibly none)."""
-        with self._lock:
-            if self._closed:
-                return []
-            self._busy = True
+        if not self._enter():
+            return []
         try:
             return self._pull(time.monotonic() + timeout)
         finally:
-            with self._lock:
-                self._busy = False
-                release = self._closed
-            if release:
-                self._release()
+            self._leave()
+
+    def _enter(self) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._holders += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            last = self._closed and self._holders == 0 and not self._released
+            self._released = self._released or last
+        if last:
+            self._release()
 
     def _wait(self, fds: List[int], deadline: float) -> List[int]:
         """poll() the given fds and the wake pipe until deadline; the fds ready."""
@@ -10431,13 +10673,16 @@ class _WatcherBase:
             if self._closed:
                 return
             self._closed = True
-            busy = self._busy
+            self._holders += 1              # the wake pipe must stay open for the write below
         try:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
-        if not busy:
-            self._release()
+        self._woken()
+        self._leave()
+
+    def _woken(self) -> None:
+        """close() was called: wake what waits other than on the pipe."""
 
     def _release(self) -> None:
         _close_quietly(self._wake_r)
@@ -10457,24 +10702,52 @@ class _InotifyWatcher(_WatcherBase):
     existed is reported as created. Paired IN_MOVED_FROM/IN_MOVED_TO become
     `renamed` with old_path; a temp file of the agent renamed over a name is
     that name `modified` (or `created`), and the temp files themselves, like
-    the kernel's O_TMPFILE inodes, are never reported."""
+    the kernel's O_TMPFILE inodes, are never reported.
+
+    A reader thread of its own drains the inotify fd and translates, whether
+    or not the client takes messages, so the kernel's queue does not fill
+    behind a slow client and every new directory gets its watch; the changes
+    wait in the bounded _EventQueue. After any loss (the kernel's
+    IN_Q_OVERFLOW, or the queue's own) the tree is walked again (_rescan):
+    directories not watched get a watch, watches of directories gone are
+    removed, so the watch is whole again, and the overflow message says so.
+    """
 
     backend = "inotify"
 
-    def __init__(self, policy: _PathPolicy, top: _Target, *, recursive: bool, only: Optional[str] = None) -> None:
+    def __init__(self, policy: _PathPolicy, top: _Target, *, recursive: bool, only: Optional[str] = None,
+                 reader: bool = True) -> None:
         self._ino = _Inotify()      # first: without it there is nothing to release
-        super().__init__(top.path if only is None else _child_path(top.path, only))
+        super().__init__(top.path if only is None else _child_path(top.path, only), rescans=True)
         self._policy = policy
         self._recursive = recursive
         self._only = only
         self._top = top.path
+        # the reader's own (and __init__'s, before it starts): no lock
         self._dirs: Dict[int, str] = {}     # wd -> display path of its directory
         self._moves: "collections.OrderedDict[int, Tuple[str, bool, float]]" = collections.OrderedDict()
+        self._out: List[Dict[str, Any]] = []    # translated, not yet in the queue
+        self._rescanning = False
+        self._unwatched = 0                 # directories the last walk could not watch
+        self._events = threading.Condition(threading.Lock())  # guards _queue: the reader adds, pull takes
         try:
             self._watch_tree(top.dir_fd, top.path, report=False)
         except BaseException:
             self._release()
             raise
+        self._flush(fresh=self._walked({}))     # a loss at start: this walk was its rescan
+        self._reader: Optional[threading.Thread] = None
+        if reader:                  # (tests drive _read_once themselves)
+            self._holders += 1      # the reader's hold, dropped when it ends
+            self._reader = threading.Thread(target=self._run, name="hopx-watch-%d" % self._ino.fd, daemon=True)
+            try:
+                self._reader.start()
+            except BaseException:   # no thread to be had: nothing may stay open
+                self._release()
+                raise
+
+    def _emit(self, event: Dict[str, Any]) -> None:
+        self._out.append(event)
 
     def _watch_tree(self, fd: int, path: str, report: bool) -> None:
         """Watch the directory open as fd and (recursive) every directory under
@@ -10496,7 +10769,7 @@ class _InotifyWatcher(_WatcherBase):
         # watcher must not take it all, and what is not watched is said (overflow), not hidden
         if len(self._dirs) >= WATCH_MAX_DIRS:
             log.warning("watch of %s: more than %d directories; some are not watched", self._top, WATCH_MAX_DIRS)
-            self._queue.add({"type": "overflow"}, time.monotonic())
+            self._not_watched()
             return
         try:
             self._dirs[self._ino.add(dfd)] = dpath
@@ -10506,7 +10779,12 @@ class _InotifyWatcher(_WatcherBase):
             if not self._dirs:
                 raise               # not even the top: the caller falls back to polling
             log.info("watch of %s: cannot watch %s: %s", self._top, dpath, exc)
-            self._queue.add({"type": "overflow"}, time.monotonic())
+            self._not_watched()
+
+    def _not_watched(self) -> None:
+        self._unwatched += 1
+        if not self._rescanning:    # a rescan reports its count instead (and must not ask for another)
+            self._emit({"type": "overflow"})
 
     def _scan(self, dfd: int, dpath: str, report: bool, pending: List[Tuple[int, str]]) -> None:
         with os.scandir(dfd) as items:
@@ -10516,7 +10794,7 @@ class _InotifyWatcher(_WatcherBase):
                 child = _child_path(dpath, entry.name)
                 is_dir = entry.is_dir(follow_symlinks=False)
                 if report:
-                    self._queue.add(_change(child, "created", is_dir), time.monotonic())
+                    self._emit(_change(child, "created", is_dir))
                 if is_dir:
                     try:
                         pending.append((os.open(entry.name, _DIR_FLAGS, dir_fd=dfd), child))
@@ -10526,18 +10804,91 @@ class _InotifyWatcher(_WatcherBase):
     def fileno(self) -> int:
         return self._ino.fd
 
+    # -- the reader: drains the kernel's queue into ours, whatever the client does
+
+    def _run(self) -> None:
+        try:
+            while not self._closed:
+                self._read_once(time.monotonic() + WATCH_READER_IDLE_S)
+        except Exception:
+            log.exception("watch of %s: the reader failed; the watch ends", self._top)
+            self.close()            # the session sees the watch end instead of hearing nothing
+        finally:
+            self._leave()
+
+    def _read_once(self, deadline: float) -> None:
+        """Wait for events (or a pending move's end) until deadline, translate, queue."""
+        due = self._moves_due()
+        if self._wait([self._ino.fd], deadline if due is None else min(deadline, due)):
+            for raw in self._ino.read():
+                self._translate(*raw)
+        self._expire_moves(time.monotonic())
+        self._flush()
+
+    def _flush(self, fresh: Optional[Dict[str, Any]] = None) -> None:
+        """Queue what was translated; a loss that calls for a rescan gets one
+        (fresh: the tree was just walked, which is as good)."""
+        out, self._out = self._out, []
+        if not out:
+            return
+        now = time.monotonic()
+        with self._events:
+            rescan = [self._queue.add(event, now) for event in out]
+            self._events.notify_all()
+        if any(rescan):
+            info = fresh if fresh is not None else self._rescan()
+            with self._events:
+                self._queue.rescanned(info)
+                self._events.notify_all()
+
+    def _rescan(self) -> Dict[str, Any]:
+        """Events were lost, maybe a directory's IN_CREATE or IN_IGNORED among
+        them: walk the tree again from the top (through the policy), watch
+        what is not watched, unwatch what is gone, and take every directory's
+        path as it is now. Nothing is reported as created: the overflow
+        message tells the client to look again itself."""
+        before, self._dirs = self._dirs, {}
+        self._rescanning, self._unwatched = True, 0
+        try:
+            with self._policy.open_dir(self._top) as top:
+                self._watch_tree(top.dir_fd, self._top, report=False)
+        except (AgentError, OSError) as exc:
+            log.info("watch of %s: rescan: %s", self._top, exc)     # gone: nothing is left to watch
+        finally:
+            self._rescanning = False
+        for wd in before.keys() - self._dirs.keys():
+            self._ino.remove(wd)    # a directory already gone: EINVAL, ignored
+        return self._walked(before)
+
+    def _walked(self, before: Dict[int, str]) -> Dict[str, Any]:
+        return {"path": self._top, "directories": len(self._dirs),
+                "added": len(self._dirs.keys() - before.keys()),
+                "removed": len(before.keys() - self._dirs.keys()), "unwatched": self._unwatched}
+
+    # -- the client's side
+
     def _pull(self, deadline: float) -> List[Dict[str, Any]]:
-        while True:
-            now = time.monotonic()
-            self._expire_moves(now)
-            self._queue.release(now)
-            out = self._queue.take()
-            if out or now >= deadline or self._closed:
-                return out
-            due = [t for t in (self._queue.due(), self._moves_due()) if t is not None]
-            if self._wait([self._ino.fd], min([deadline] + due)):
-                for raw in self._ino.read():
-                    self._translate(*raw)
+        with self._events:
+            while True:
+                now = time.monotonic()
+                self._queue.release(now)
+                out = self._queue.take()
+                if out or now >= deadline or self._closed:
+                    return out
+                due = self._queue.due()
+                self._events.wait(min(deadline, due if due is not None else deadline) - now)
+
+    def _woken(self) -> None:
+        with self._events:
+            self._events.notify_all()
+
+    def close(self) -> None:
+        """Close, and give the reader WATCH_CLOSE_JOIN_S to leave (it is woken
+        at once), so the descriptors are gone when this returns."""
+        super().close()
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(WATCH_CLOSE_JOIN_S)
 
     def _moves_due(self) -> Optional[float]:
         return next(iter(self._moves.values()))[2] if self._moves else None
@@ -10551,12 +10902,12 @@ class _InotifyWatcher(_WatcherBase):
             del self._moves[cookie]
             if self._wanted(path) and not _TEMP_NAME.match(posixpath.basename(path)):
                 self._forget(path)
-                self._queue.add(_change(path, "deleted", is_dir), now)
+                self._emit(_change(path, "deleted", is_dir))
 
     def _translate(self, wd: int, mask: int, cookie: int, name: str) -> None:
         now = time.monotonic()
         if mask & _IN_Q_OVERFLOW:
-            self._queue.add({"type": "overflow"}, now)
+            self._emit({"type": "overflow", "kernel": True})    # the queue rescans after it
             return
         base = self._dirs.get(wd)
         if mask & _IN_IGNORED:
@@ -10566,7 +10917,7 @@ class _InotifyWatcher(_WatcherBase):
             return
         if not name:
             if base == self._top and mask & (_IN_DELETE_SELF | _IN_MOVE_SELF) and self._only is None:
-                self._queue.add(_change(base, "deleted", True), now)
+                self._emit(_change(base, "deleted", True))
             return
         self._named(wd, base, mask, cookie, name, now)
 
@@ -10583,13 +10934,13 @@ class _InotifyWatcher(_WatcherBase):
         elif temp or (_KERNEL_TMPFILE_NAME.match(name) and not self._exists(path)):
             return                      # our temp files, and O_TMPFILE inodes (named "#<ino>" by inotify)
         elif mask & _IN_CREATE:
-            self._queue.add(_change(path, "created", is_dir), now)
+            self._emit(_change(path, "created", is_dir))
             if is_dir and self._recursive:
                 self._watch_new(path)
         elif mask & _IN_DELETE:
-            self._queue.add(_change(path, "deleted", is_dir), now)
+            self._emit(_change(path, "deleted", is_dir))
         elif mask & (_IN_MODIFY | _IN_ATTRIB):
-            self._queue.add(_change(path, "modified", is_dir), now)
+            self._emit(_change(path, "modified", is_dir))
 
     def _moved_to(self, path: str, is_dir: bool, source: Optional[Tuple[str, bool, float]], temp: bool,
                   now: float) -> None:
@@ -10597,7 +10948,7 @@ class _InotifyWatcher(_WatcherBase):
             return                  # a staged upload arriving beside its target
         if source is None:
             if self._wanted(path):
-                self._queue.add(_change(path, "created", is_dir), now)
+                self._emit(_change(path, "created", is_dir))
             if is_dir and self._recursive:
                 self._watch_new(path)
             return
@@ -10606,10 +10957,10 @@ class _InotifyWatcher(_WatcherBase):
         if not self._wanted(path) and not self._wanted(old):
             return
         if _TEMP_NAME.match(name):
-            self._queue.add(_change(path, "created" if name.endswith(".c") else "modified", is_dir), now)
+            self._emit(_change(path, "created" if name.endswith(".c") else "modified", is_dir))
         else:
             self._renamed(old, path)
-            self._queue.add(_change(path, "renamed", is_dir, old), now)
+            self._emit(_change(path, "renamed", is_dir, old))
         if is_dir and self._recursive and _TEMP_NAME.match(name):
             self._watch_new(path)
 
@@ -10644,6 +10995,9 @@ class _InotifyWatcher(_WatcherBase):
                 self._watch_tree(target.dir_fd, path, report=True)
         except AgentError:
             pass                    # gone again, or now outside the roots: nothing to watch
+        except OSError as exc:      # out of descriptors, say: not watched, and said so
+            log.info("watch of %s: cannot watch %s: %s", self._top, path, exc)
+            self._not_watched()
 
     def _release_own(self) -> None:
         self._ino.close()
@@ -10780,6 +11134,7 @@ class _FileService:
         self.entries = _Entries()
         self._lock = threading.Lock()   # guards _watchers
         self._watchers: List[_WatcherBase] = []
+        self.claims = _DirClaims()      # directories holding a write's temp file now
 
     # -- answers
 
@@ -10894,10 +11249,15 @@ class _FileService:
 
     # -- writing
 
-    def locate_for_write(self, path: str, filename: Optional[str] = None) -> _Target:
-        """The target of a write: parents made; a path ending in '/' or naming a
+    def site(self) -> _WriteSite:
+        """The place of one write, upload or move (end() it: on failure it removes the parents it made)."""
+        return _WriteSite(self.claims)
+
+    def locate_for_write(self, path: str, filename: Optional[str] = None,
+                         made: Optional[_MadeDirs] = None) -> _Target:
+        """The target of a write: parents made (recorded in `made`); a path ending in '/' or naming a
         directory, with a filename (multipart), means that file in it."""
-        target = self.policy.locate(path, follow=True, create=0o755, owner=self.owner)
+        target = self.policy.locate(path, follow=True, create=0o755, owner=self.owner, made=made)
         if filename is not None and (path.endswith("/") or _is_dir(target)):
             name = posixpath.basename(filename.replace("\\", "/"))
             if name in ("", ".", ".."):
@@ -10905,7 +11265,7 @@ class _FileService:
                 raise _invalid_path(filename, "upload filename is not a file name")
             inner = _child_path(target.path, name)
             target.close()
-            return self.policy.locate(inner, follow=True, create=0o755, owner=self.owner)
+            return self.policy.locate(inner, follow=True, create=0o755, owner=self.owner, made=made)
         return target
 
     def write(self, path: Any, content: bytes, *, mode: Optional[int] = None, overwrite: bool = True,
@@ -10914,11 +11274,16 @@ class _FileService:
             appended = self._append(path, content)
             if appended is not None:
                 return appended
-        with self.locate_for_write(path) as target:
-            writer = _AtomicWriter(target, mode=mode, overwrite=overwrite, owner=self.owner)
-        with writer:
-            writer.write(content)
-            size = writer.commit()
+        site, failed = self.site(), True
+        try:
+            with site.enter(functools.partial(self.locate_for_write, path)) as target:
+                writer = _AtomicWriter(target, mode=mode, overwrite=overwrite, owner=self.owner)
+            with writer:
+                writer.write(content)
+                size = writer.commit()
+            failed = False
+        finally:
+            site.end(failed)        # failed: the parents this write made go too
         return self.done(writer.path, "file written", size=size)
 
     def _append(self, path: Any, content: bytes) -> Optional[Dict[str, Any]]:
@@ -10949,11 +11314,37 @@ class _FileService:
         return _Upload(self, path=path, boundary=boundary, overwrite=overwrite, max_bytes=limit)
 
     def staging_writer(self, max_bytes: Optional[int]) -> _AtomicWriter:
-        """Where a file part that came before its path waits: the first root."""
-        # inside a root, so its disk use is where the operator allowed files to go
-        with self.policy.open_dir(self.policy.roots[0].real) as top:
+        """Where a file part that came before its path (and is too big to wait
+        in memory) waits: in the root whose file system has the most free
+        space. Inside a root, so its disk use is where the operator allowed
+        files to go; the most room, because the target is not known yet (on
+        the same file system it is then moved, else copied)."""
+        with self._roomiest_root() as top:
             holder = _Target(top.dir_fd, _temp_name(), top.path, top.real, top.root)
             return _AtomicWriter(holder, overwrite=True, max_bytes=max_bytes, owner=self.owner)
+
+    def _roomiest_root(self) -> _Target:
+        """The writable root with the most space free to us (f_bavail); ties: the first configured."""
+        best: Optional[_Target] = None
+        room = -1
+        for root in self.policy.roots:
+            try:
+                top = self.policy.open_dir(root.real)
+            except AgentError:
+                continue            # gone or replaced: not a place to stage
+            try:
+                st = os.fstatvfs(top.dir_fd)
+            except OSError:
+                top.close()
+                continue
+            free = -1 if st.f_flag & os.ST_RDONLY else st.f_bavail * st.f_frsize
+            if free > room:
+                if best is not None:
+                    best.close()
+                best, room = top, free
+            else:
+                top.close()
+        return best if best is not None else self.policy.open_dir(self.policy.roots[0].real)
 
     def mkdir(self, path: Any, mode: Optional[int] = None) -> Dict[str, Any]:
         with self.policy.locate(path, follow=True, create=0o755, owner=self.owner) as target:
@@ -11005,17 +11396,27 @@ class _FileService:
             raise _not_allowed(target.path, "cannot %s an allowed root or a directory holding one" % what)
 
     def move(self, source: Any, destination: Any, *, overwrite: bool = False) -> Dict[str, Any]:
-        with self.policy.locate(source, follow=False) as src:
-            self._not_a_root(src, "move")
-            with self.policy.locate(destination, follow=False, create=0o755, owner=self.owner) as dst:
-                self._not_a_root(dst, "replace")
-                if src.lstat() is None:
-                    raise FileError(404, "FILE_NOT_FOUND", "no such file or directory: %s" % src.path, src.path)
-                try:
-                    self._rename(src, dst, overwrite)
-                except OSError as exc:
-                    raise self._move_failure(exc, src, dst)
-                return self.done(dst.path, "moved", source=src.path, destination=dst.path)
+        site, failed = self.site(), True
+        try:
+            with self.policy.locate(source, follow=False) as src:
+                self._not_a_root(src, "move")
+                walk = functools.partial(self.policy.locate, destination, follow=False, create=0o755,
+                                         owner=self.owner)
+                with site.enter(walk) as dst:
+                    self._move_into(src, dst, overwrite)
+            failed = False
+        finally:
+            site.end(failed)        # failed: the parents this move made go too
+        return self.done(dst.path, "moved", source=src.path, destination=dst.path)
+
+    def _move_into(self, src: _Target, dst: _Target, overwrite: bool) -> None:
+        self._not_a_root(dst, "replace")
+        if src.lstat() is None:
+            raise FileError(404, "FILE_NOT_FOUND", "no such file or directory: %s" % src.path, src.path)
+        try:
+            self._rename(src, dst, overwrite)
+        except OSError as exc:
+            raise self._move_failure(exc, src, dst)
 
     @staticmethod
     def _move_failure(exc: OSError, src: _Target, dst: _Target) -> AgentError:
@@ -11109,7 +11510,8 @@ class _FileService:
         return {"file_operations": True, "file_watch": True}
 
     def close(self, deadline: Optional[float] = None) -> None:
-        """Server shutdown: every watcher is woken and closed (never blocks)."""
+        """Server shutdown: every watcher is woken and closed (each reader is
+        given WATCH_CLOSE_JOIN_S to leave; it is woken at once)."""
         with self._lock:
             watchers, self._watchers = self._watchers, []
         for watcher in watchers:

@@ -2076,6 +2076,20 @@ def test_a_run_as_user_gets_its_ids_and_its_code_file(client):
 
 
 @needs_root
+def test_a_run_as_users_code_file_is_where_that_user_can_reach_it(client, monkeypatch, tmp_path):
+    import tempfile
+    private = tmp_path / "private-tmp"         # a TMPDIR only root can enter (pytest's are 0700 too)
+    private.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    answer = client.ok("POST", "/execute", {"code": 'echo "$0"; id -un', "language": "sh", "user": "nobody"})
+    path, user = answer["stdout"].split()
+    assert (answer["exit_code"], user) == (0, "nobody"), answer
+    assert not path.startswith(str(private)) and os.path.dirname(path) == "/tmp"
+    mine = client.ok("POST", "/execute", {"code": 'echo "$0"', "language": "sh", "isolated": True})
+    assert mine["stdout"].startswith(str(private)), mine     # the agent's own user still uses TMPDIR
+
+
+@needs_root
 def test_run_as_is_the_default_user(config, tmp_path):
     cfg = dataclasses.replace(config, run_as="nobody", limits_mechanism="rlimit")
     mgr = hopx_agent.ProcessManager(cfg)
@@ -3160,7 +3174,7 @@ def test_shutdown_is_clean_after_a_thread_failed_to_start(manager, monkeypatch):
 
 
 def test_a_full_disk_answers_507_and_leaves_nothing(client, monkeypatch):
-    def no_space(code, suffix, prefix="hopx-"):
+    def no_space(code, suffix, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(hopx_agent, "_write_code_file", no_space)
@@ -6591,6 +6605,18 @@ def changes(events):
     return [(e.get("event"), os.path.basename(e["path"])) for e in events if e["type"] == "change"]
 
 
+def test_the_module_defines_each_top_level_name_once():
+    # a second module-level def silently replaces the first (the files family once had two _close_quietly)
+    import ast
+    names = collections.Counter()
+    for node in ast.parse(open(hopx_agent.__file__).read()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] += 1
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    assert [name for name, count in names.items() if count > 1] == []
+
+
 # -- files: paths and policy --------------------------------------------------------------------------
 
 
@@ -7043,6 +7069,35 @@ class TestUpload:
             import shutil
             shutil.rmtree(other)
 
+    def test_file_first_waits_in_memory_while_small(self, svc, tree, writer_kind):
+        data = os.urandom(hopx_agent.FILES_STAGE_HEAD_BYTES // 2)
+        up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+        body = multipart([file_part(data), path_part("/workspace/small.bin")])
+        up.feed(body[:len(data) + 200])             # the whole file part, not yet the path
+        assert up._writer is None and not leftovers(str(tree / "ws")) and not leftovers(str(tree / "tmp"))
+        up.feed(body[len(data) + 200:])
+        assert up.finish()["size"] == len(data) and (tree / "ws" / "small.bin").read_bytes() == data
+
+    def test_file_first_is_staged_in_the_root_with_the_most_room(self, tree, monkeypatch):
+        # the first root "full", the second roomy: the big file part waits in the second
+        monkeypatch.setattr(hopx_agent._AtomicWriter, "use_tmpfile", False)   # a named temp file shows where
+        svc = hopx_agent._FileService([str(tree / "tmp"), str(tree / "ws")], str(tree / "ws"), workspace_alias=True)
+        real = os.fstatvfs
+
+        def statvfs(fd):
+            st = real(fd)
+            room = 1 if os.readlink("/proc/self/fd/%d" % fd) == str(tree / "tmp") else 1 << 40
+            return os.statvfs_result(st[:4] + (room, room) + st[6:])
+        monkeypatch.setattr(hopx_agent.os, "fstatvfs", statvfs)
+        data = os.urandom(hopx_agent.FILES_STAGE_HEAD_BYTES * 3)
+        up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+        body = multipart([file_part(data), path_part("/workspace/big.bin")])
+        up.feed(body[:len(data)])
+        assert leftovers(str(tree / "tmp")) == [] and len(leftovers(str(tree / "ws"))) == 1
+        up.feed(body[len(data):])
+        assert up.finish()["size"] == len(data) and (tree / "ws" / "big.bin").read_bytes() == data
+        assert leftovers(str(tree / "ws")) == [] and leftovers(str(tree / "tmp")) == []
+
     def test_query_path_and_field_must_agree(self, svc, tree):
         up = svc.upload(path="/workspace/a", content_type="multipart/form-data; boundary=" + BOUNDARY)
         with pytest.raises(hopx_agent.AgentError) as info:
@@ -7084,6 +7139,45 @@ class TestUpload:
         up.feed(b"half")
         up.abort()
         assert sorted(os.listdir(str(tree / "ws"))) == ["keep"]
+
+    def test_an_aborted_upload_removes_the_directories_it_made(self, svc, tree, writer_kind):
+        ws = tree / "ws"
+        (ws / "keep").mkdir()
+        up = svc.upload(path="/workspace/keep/a/b/f.bin", content_type="application/octet-stream")
+        up.feed(b"half")
+        up.abort()                  # what the endpoint does when the client goes away
+        for first in (True, False):
+            up = svc.upload(path=None, content_type="multipart/form-data; boundary=" + BOUNDARY)
+            parts = [path_part("/workspace/m/x/y.bin"), file_part(os.urandom(400000))]
+            up.feed(multipart(parts if first else parts[::-1])[:350000])    # file first: staged, then cut
+            up.abort()
+        assert sorted(os.listdir(str(ws))) == ["keep"] and os.listdir(str(ws / "keep")) == []
+
+    def test_a_failed_write_or_move_removes_the_directories_it_made(self, svc, tree, writer_kind, monkeypatch):
+        def full(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(hopx_agent.os, "fdatasync", full)
+        raises("INSUFFICIENT_STORAGE", svc.write, "n1/n2/f", b"x")
+        monkeypatch.undo()
+        raises("FILE_NOT_FOUND", svc.move, "missing", "d1/d2/x")
+        assert os.listdir(str(tree / "ws")) == []
+        svc.write("ok/f", b"x")     # a write that succeeds keeps them, of course
+        assert (tree / "ws" / "ok" / "f").read_bytes() == b"x"
+
+    def test_a_clean_up_spares_what_is_not_its_own(self, svc, tree, writer_kind):
+        ws = tree / "ws"
+        first = svc.upload(path="/workspace/shared/one", content_type="application/octet-stream")
+        first.feed(b"1")
+        second = svc.upload(path="/workspace/shared/two", content_type="application/octet-stream")
+        second.feed(b"2")
+        first.abort()               # `shared` is first's, but second's temp file is in it (unseen, if O_TMPFILE)
+        assert second.finish()["size"] == 1 and (ws / "shared" / "two").read_bytes() == b"2"
+        up = svc.upload(path="/workspace/s/f", content_type="application/octet-stream")
+        up.feed(b"x")
+        os.rename(str(ws / "s"), str(ws / "s_old"))
+        (ws / "s").mkdir()          # someone else's directory under the name this upload made
+        up.abort()
+        assert (ws / "s").is_dir() and (ws / "s_old").is_dir()
 
     def test_raw_body(self, svc, tree, writer_kind):
         up = svc.upload(path="/workspace/raw.bin", content_type="application/octet-stream", content_length=6)
@@ -7554,6 +7648,7 @@ class TestWatch:
         watcher = watch()
         svc.close()
         assert watcher.closed
+        assert not [t for t in threading.enumerate() if t.name.startswith("hopx-watch-")]
 
     def test_overflow_when_the_client_falls_behind(self, svc, tree, watch, monkeypatch):
         monkeypatch.setattr(hopx_agent, "WATCH_MAX_PENDING", 5)
@@ -7562,15 +7657,70 @@ class TestWatch:
             (tree / "ws" / ("f%d" % i)).write_text("")
         events = collect(watcher, lambda ev: any(e["type"] == "overflow" for e in ev))
         assert len(events) <= 6
+        overflow = events[-1]
+        assert overflow["type"] == "overflow" and overflow["dropped"] >= 1
+        if watch.backend == "inotify":      # any loss is followed by a rescan, and the message says so
+            assert overflow["rescanned"]["directories"] == 1 and overflow["rescanned"]["path"] == str(tree / "ws")
 
 
 @pytest.mark.usefixtures("no_fd_leak")
 class TestInotifyDetails:
     def test_kernel_overflow_becomes_an_overflow_event(self, svc):
-        watcher = svc.watch(backend="inotify")
+        with svc.policy.open_dir(svc.policy.workdir) as top:
+            watcher = hopx_agent._InotifyWatcher(svc.policy, top, recursive=False, reader=False)
         try:
             watcher._translate(-1, hopx_agent._IN_Q_OVERFLOW, 0, "")
-            assert watcher.pull(1)[-1]["type"] == "overflow"
+            watcher._flush()
+            overflow = watcher.pull(1)[-1]
+            assert overflow["type"] == "overflow" and overflow["kernel"] is True
+        finally:
+            watcher.close()
+
+    def test_after_a_kernel_overflow_the_tree_is_rescanned(self, svc, tree):
+        # the reader is driven by hand, and the kernel's loss simulated: its queue is read and thrown
+        # away, then IN_Q_OVERFLOW; a directory made and one removed meanwhile went unseen
+        ws = tree / "ws"
+        (ws / "old").mkdir()
+        with svc.policy.open_dir(str(ws)) as top:
+            watcher = hopx_agent._InotifyWatcher(svc.policy, top, recursive=True, reader=False)
+        try:
+            (ws / "sub").mkdir()
+            (ws / "old").rmdir()
+            os.read(watcher._ino.fd, 1 << 16)
+            watcher._translate(-1, hopx_agent._IN_Q_OVERFLOW, 0, "")
+            watcher._flush()
+            overflow = watcher.pull(1)[-1]
+            assert overflow["rescanned"] == {"path": str(ws), "directories": 2, "added": 1, "removed": 1,
+                                             "unwatched": 0}
+            (ws / "sub" / "late.txt").write_text("x")
+            watcher._read_once(time.monotonic() + 2)
+            assert ("created", "late.txt") in changes(collect(watcher, has(("created", "late.txt"))))
+            assert sorted(watcher._dirs.values()) == [str(ws), str(ws / "sub")]
+        finally:
+            watcher.close()
+
+    def test_a_client_that_does_not_read_loses_no_new_directory(self, svc, tree):
+        # the kernel queues at most max_queued_events; a watcher that read only while the client
+        # took messages lost the new directory's IN_CREATE behind a slow client, and never watched it
+        limit = int(open("/proc/sys/fs/inotify/max_queued_events").read())
+        if limit > 100000:
+            pytest.skip("fs.inotify.max_queued_events is %d: too many files to make" % limit)
+        ws = tree / "ws"
+        watcher = svc.watch(str(ws), recursive=True, backend="inotify")
+        try:
+            # writes to two files in turn: each event differs from the last, so the kernel queues all
+            fds = [os.open(str(ws / name), os.O_CREAT | os.O_WRONLY, 0o644) for name in ("a", "b")]
+            try:
+                for i in range(limit + 1000):      # and nobody pulls meanwhile
+                    os.write(fds[i % 2], b"x")
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            (ws / "sub").mkdir()
+            # the reader keeps up (then `sub` is seen) or the kernel overflows (then a rescan follows)
+            collect(watcher, lambda ev: ("created", "sub") in changes(ev) or any(e["type"] == "overflow" for e in ev))
+            (ws / "sub" / "late.txt").write_text("x")
+            collect(watcher, has(("created", "late.txt")), timeout=10)
         finally:
             watcher.close()
 
@@ -7961,7 +8111,7 @@ def _temp_files_open(work):
             target = os.readlink("/proc/self/fd/" + fd)
         except OSError:
             continue
-        if target.startswith(str(work) + "/#") or target.startswith(str(work) + "/.hopx-tmp-"):
+        if target.startswith(str(work) + "/") and os.path.basename(target).startswith(("#", ".hopx-tmp-")):
             found.append(target)
     return found
 
@@ -7977,6 +8127,19 @@ def test_files_upload_cut_off_halfway_leaves_nothing(files_server, fc, monkeypat
     wait_until(lambda: not _temp_files_open(files_server.work), 10, "the partial upload to be dropped")
     assert os.listdir(str(files_server.work)) == ["keep"]
     assert fc.ok("GET", "/files/read?path=/workspace/keep")["content"] == "old"
+
+
+@pytest.mark.parametrize("tmpfile", [True, False])
+def test_files_upload_cut_off_removes_the_directories_it_made(files_server, fc, monkeypatch, tmpfile):
+    monkeypatch.setattr(hopx_agent._AtomicWriter, "use_tmpfile", tmpfile)
+    (files_server.work / "keep").mkdir()
+    sock = _connect(files_server)
+    sock.sendall(upload_head("/files/upload?path=%2Fworkspace%2Fkeep%2Fa%2Fb%2Ff.bin", 10 ** 6, expect=False)
+                 + b"x" * 300000)
+    wait_until(lambda: _temp_files_open(files_server.work), 10, "the upload to be under way")
+    sock.close()                                    # the client goes away mid-body
+    wait_until(lambda: os.listdir(str(files_server.work / "keep")) == [], 10, "the directories it made to go")
+    assert os.listdir(str(files_server.work)) == ["keep"]
 
 
 def test_files_download_ranges_conditionals_and_head(fc, files_server):
