@@ -13136,18 +13136,6 @@ class _CallProcesses:
         self._held.clear()
 
 
-def _wait_pidfds(pidfds: List[int], deadline: float) -> None:
-    """Until every pidfd is readable (its process exited) or the deadline."""
-    poller = select.poll()
-    for fd in pidfds:
-        poller.register(fd, select.POLLIN)
-    pending = len(pidfds)
-    while pending and time.monotonic() < deadline:
-        for fd, _ in poller.poll(max(0.0, deadline - time.monotonic()) * 1000.0 + 0.5):
-            poller.unregister(fd)
-            pending -= 1
-
-
 @dataclasses.dataclass
 class _ContextHost:
     """What a context's child needs from the agent."""
