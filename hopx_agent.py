@@ -13561,6 +13561,7 @@ class _BashShell(_ContextChild):
         self.bash = bash
         self.dir = ""
         self.status_fd = -1               # our read end; the shell writes to fd BASH_STATUS_FD
+        self.command_fd = -1              # our write end of the shell's commands (its fd 255)
         self.fd_number = BASH_STATUS_FD
         self._status = bytearray()
         self._links: Dict[int, str] = {}  # the shell's fd -> what /proc says it must be ("pipe:[ino]")
@@ -13572,25 +13573,29 @@ class _BashShell(_ContextChild):
         self.dir = tempfile.mkdtemp(prefix="hopx-bash-")
         if self.owner is not None:           # the shell runs as another user: its call files are its own
             os.chown(self.dir, *self.owner)
+        command_r, self.command_fd = os.pipe()
+        if self.owner is not None:        # bash opens /dev/stdin anew: as its user, the pipe must be its
+            os.fchown(command_r, *self.owner)
         status_r, status_w = os.pipe()
         idle_r, idle_w = os.pipe()
         passed = status_w                 # its number in the shell until the prelude moves it to 200
         try:
-            self._spawn([self.bash, "--norc", "--noprofile", "/dev/stdin"], stdin=subprocess.PIPE,
+            self._spawn([self.bash, "--norc", "--noprofile", "/dev/stdin"], stdin=command_r,
                         stdout=idle_w, pass_fds=(status_w,))
         except BaseException:
-            os.close(status_r)
-            os.close(idle_r)
+            for fd in (status_r, idle_r, self.command_fd):
+                os.close(fd)
+            self.command_fd = -1
             raise
         finally:
-            os.close(status_w)
-            os.close(idle_w)
+            for fd in (command_r, status_w, idle_w):
+                os.close(fd)
         self.status_fd = status_r
         os.set_blocking(status_r, False)
         self.host.late.adopt(idle_r, self.late_output)
         self._send(_BASH_PRELUDE.replace("{fd}", str(passed)))
         self._ready(deadline)
-        self._links = {BASH_INPUT_FD: "pipe:[%d]" % os.fstat(self.popen.stdin.fileno()).st_ino,
+        self._links = {BASH_INPUT_FD: "pipe:[%d]" % os.fstat(self.command_fd).st_ino,
                        BASH_STATUS_FD: "pipe:[%d]" % os.fstat(status_r).st_ino}
         if self.lost():                   # bash put its input elsewhere (a low RLIMIT_NOFILE): no checks
             self._links = {}
@@ -13616,7 +13621,7 @@ class _BashShell(_ContextChild):
 
     def _send(self, text: str) -> None:
         try:
-            os.write(self.popen.stdin.fileno(), text.encode("utf-8", "surrogateescape"))
+            os.write(self.command_fd, text.encode("utf-8", "surrogateescape"))
         except OSError:
             pass                          # the shell is gone: the wait sees it
 
@@ -13769,7 +13774,10 @@ class _BashShell(_ContextChild):
 
     def close(self) -> None:
         super().close()
-        _close_quietly(self.status_fd)
+        for fd in (self.status_fd, self.command_fd):
+            if fd >= 0:
+                _close_quietly(fd)
+        self.status_fd = self.command_fd = -1     # a second close must not hit a reused number
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
