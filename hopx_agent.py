@@ -11742,8 +11742,10 @@ import json
 import os
 import sys
 
-_KERNEL_PROTOCOL = 1                  # bumped when a frame changes; the agent checks the hello
+_KERNEL_PROTOCOL = 2                  # bumped when a frame changes; the agent checks the hello
 _K_MAX_FRAME_BYTES = 64 * 1024 * 1024  # a request larger than this is refused (bodies are 10 MiB)
+_K_MAX_SEND_BYTES = 40 * 1024 * 1024  # a frame the kernel sends stays under the agent's 48 MiB limit
+_K_MAX_TEXT_CHARS = 1024 * 1024       # `result`, an error's value and its traceback, each (then truncated)
 _K_MAX_RESULTS = 64                   # rich outputs kept per call, the rest dropped and counted
 _K_MAX_ITEM_BYTES = 8 * 1024 * 1024   # one MIME item (a PNG in base64, an HTML table)
 _K_MAX_RICH_BYTES = 32 * 1024 * 1024  # all rich outputs of one call together
@@ -11769,6 +11771,34 @@ def _k_clean(text: str) -> str:
         return text
     except UnicodeEncodeError:
         return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _k_bounded(text: str, limit: int = _K_MAX_TEXT_CHARS, *, middle: bool = False) -> tuple:
+    """(text, characters dropped): at most ``limit`` characters of ``text``,
+    its head (the start of a repr says what it is) or, with ``middle``, its
+    head and tail (a traceback's first frames and its last line); the cut is
+    marked in the text itself."""
+    if len(text) <= limit:
+        return text, 0
+    head = limit // 2 if middle else limit
+    tail = limit - head if middle else 0
+    dropped = len(text) - head - tail
+    note = "\n... [%d characters dropped by hopx_agent] ...\n" % dropped
+    return text[:head] + note + (text[len(text) - tail:] if tail else ""), dropped
+
+
+def _k_user_frames(tb: object) -> object:
+    """A traceback without the kernel's own frames (the agent's code: the
+    cell's caller, the SIGINT handler, sys.stdout's write), user frames only."""
+    kept = []
+    while tb is not None:
+        if tb.tb_frame.f_globals is not globals():
+            kept.append(tb)
+        tb = tb.tb_next
+    rebuilt = None
+    for entry in reversed(kept):      # types.TracebackType(tb_next, frame, lasti, lineno)
+        rebuilt = type(entry)(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return rebuilt
 
 
 def _k_attr(obj: object, name: str) -> object:
@@ -11797,8 +11827,14 @@ class _KernelChannel:
         os.set_inheritable(fd, False)
         self._lock = _thread.allocate_lock()   # guards the send side: display() may be called from threads
 
+    @staticmethod
+    def encode(message: dict) -> bytes:
+        return json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
     def send(self, message: dict) -> None:
-        data = json.dumps(message, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+        self.send_bytes(self.encode(message))
+
+    def send_bytes(self, data: bytes) -> None:
         with self._lock:
             self.sock.sendall(len(data).to_bytes(4, "big") + data)
 
@@ -11834,8 +11870,10 @@ class _KernelChannel:
 class _KernelStream(io.TextIOBase):
     """sys.stdout / sys.stderr of the kernel. Text goes to fd 1 or 2 (the
     call's pipes while a call runs), written at each newline, so Python's
-    output and a subprocess's stay in order. While no call runs, writes are
-    dropped and counted: output belongs to the call it was written in."""
+    output and a subprocess's stay in order. Output belongs to the call it
+    was written in: the main thread's and that of threads started during the
+    running call go to it; while no call runs, and from threads that were
+    already running when the call began, writes are dropped and counted."""
 
     encoding = "utf-8"
     errors = "backslashreplace"
@@ -11886,7 +11924,7 @@ class _KernelStream(io.TextIOBase):
     def write_bytes(self, data: bytes) -> None:
         if not data:
             return
-        if not self._kernel.capturing:
+        if not self._kernel.owns_writer():
             self._kernel.late_bytes += len(data)
             return
         with self._lock:
@@ -11938,6 +11976,69 @@ class _KernelBinaryStream:
     @property
     def closed(self) -> bool:
         return False
+
+
+class _KernelStdin(io.TextIOBase):
+    """sys.stdin of the kernel: always empty (input() raises EOFError) and
+    never closed. exit() closes sys.stdin before it raises SystemExit, and
+    the context lives on: a real file would stay closed (input() would raise
+    ValueError) and fd 0 would be free for the next pipe to take."""
+
+    encoding = "utf-8"
+    errors = "strict"
+    newlines = None
+    name = "<stdin>"
+    mode = "r"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffer = _KernelEmptyBytes()
+
+    def fileno(self) -> int:
+        return 0                          # /dev/null
+
+    def isatty(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: object = -1) -> str:
+        return ""
+
+    def readline(self, size: object = -1) -> str:
+        return ""
+
+    def close(self) -> None:
+        """Closing it would break every later call: ignored."""
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+
+class _KernelEmptyBytes:
+    """sys.stdin.buffer: empty, never closed."""
+
+    mode = "rb"
+    closed = False
+
+    def read(self, size: object = -1) -> bytes:
+        return b""
+
+    readline = read1 = read
+
+    def fileno(self) -> int:
+        return 0
+
+    def isatty(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
 
 
 class _KernelImportHook:
@@ -12000,6 +12101,9 @@ class _Kernel:
         self.pid = os.getpid()
         self.idle_fd = os.dup(1)          # the pipe the agent drains between calls (close-on-exec)
         self.capturing = False            # a call runs: output goes to its pipes
+        self.call_id: object = None       # the running call's id: every frame of it carries it
+        self.main_tid = _thread.get_native_id()
+        self.threads_before: frozenset = frozenset()   # native ids of the threads running when the call began
         self.in_cell = False              # user code runs: SIGINT raises KeyboardInterrupt
         self.late_bytes = 0               # Python-level output written while no call ran
         self.count = 0                    # execution_count, as in Jupyter
@@ -12027,6 +12131,7 @@ class _Kernel:
     def install(self) -> None:
         sys.stdout = sys.__stdout__ = self.stdout
         sys.stderr = sys.__stderr__ = self.stderr
+        sys.stdin = sys.__stdin__ = _KernelStdin()
         sys.argv = [""]
         sys.meta_path.insert(0, _KernelImportHook(self))
         builtins.display = self.display
@@ -12066,8 +12171,44 @@ class _Kernel:
             else:
                 for fd in fds:
                     os.close(fd)
-                self.channel.send({"op": "done", "status": "error", "exit_code": 1,
+                self.channel.send({"op": "done", "call": message.get("call"), "status": "error", "exit_code": 1,
                                    "error": {"name": "ProtocolError", "value": "bad request", "traceback": ""}})
+
+    def owns_writer(self) -> bool:
+        """Whether output written now, by this thread, belongs to the running
+        call: the main thread's does, and that of threads started since the
+        call began; threads already running then write to no call."""
+        if not self.capturing:
+            return False
+        tid = _thread.get_native_id()
+        return tid == self.main_tid or tid not in self.threads_before
+
+    @staticmethod
+    def _threads_now() -> frozenset:
+        """Native ids of the kernel's threads (a thread's id is not reused
+        while it runs, and Linux hands out ids in turn, unlike pthread_t)."""
+        try:
+            return frozenset(int(tid) for tid in os.listdir("/proc/self/task"))
+        except (OSError, ValueError):
+            return frozenset()
+
+    def send(self, message: dict) -> None:
+        """A frame of the running call. One larger than the agent accepts would
+        cost the kernel its life (and the user the context's state): an output
+        is dropped and counted, an answer's fields replaced by a note."""
+        message["call"] = self.call_id
+        data = self.channel.encode(message)
+        if len(data) > _K_MAX_SEND_BYTES and message.get("op") == "output":
+            self.call["dropped"] += len(message.get("entries") or ())
+            self.call["dropped_bytes"] += len(data)
+            return
+        if len(data) > _K_MAX_SEND_BYTES:
+            note = "the answer was %d bytes, more than a kernel frame may carry" % len(data)
+            message = {"op": "done", "call": self.call_id, "status": "error", "exit_code": 1,
+                       "execution_count": self.count, "late_bytes": message.get("late_bytes", 0),
+                       "error": {"name": "OutputTooLarge", "value": note, "traceback": ""}}
+            data = self.channel.encode(message)
+        self.channel.send_bytes(data)
 
     # -- one call ------------------------------------------------------------------
 
@@ -12075,8 +12216,10 @@ class _Kernel:
         self._redirect(fds[0], fds[1])
         for fd in fds:
             os.close(fd)
+        self.call_id = message.get("call")
+        self.threads_before = self._threads_now()
         self.capturing = True
-        self.call = {"results": 0, "bytes": 0, "dropped": 0, "dropped_bytes": 0}
+        self.call = {"results": 0, "bytes": 0, "dropped": 0, "dropped_bytes": 0, "result_dropped": 0}
         restore = self._apply_env(message)
         try:
             outcome = self._run_guarded(message)
@@ -12093,7 +12236,9 @@ class _Kernel:
         late, self.late_bytes = self.late_bytes, 0
         outcome.update(op="done", execution_count=self.count, late_bytes=late,
                        results_dropped=self.call["dropped"])
-        self.channel.send(outcome)
+        if self.call["result_dropped"]:
+            outcome["result_dropped"] = self.call["result_dropped"]
+        self.send(outcome)
 
     def _run_guarded(self, message: dict) -> dict:
         """The cell, with an interrupt that lands in the kernel's own code
@@ -12267,19 +12412,37 @@ class _Kernel:
         return {"status": "exit", "exit_code": status, "result": None}
 
     def _failed(self, exc: BaseException, tb: object) -> dict:
-        """The traceback from the first user frame on, in stderr and `error`."""
+        """The traceback of user frames only, in stderr and `error`; its text
+        and the value bounded (a 60 MB message must not kill the context)."""
         import traceback                  # (which imports linecache: the hook fills it with the cells)
-        while tb is not None and tb.tb_frame.f_globals is globals():
-            tb = tb.tb_next
-        text = _k_clean("".join(traceback.format_exception(type(exc), exc, tb)))
+        self._user_frames_only(exc, tb)
+        text, text_cut = _k_bounded(_k_clean("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))),
+                                    middle=True)
         self.stderr.write(text)
         interrupted = isinstance(exc, KeyboardInterrupt)
         try:
-            value = _k_clean(str(exc))
+            value, value_cut = _k_bounded(_k_clean(str(exc)))
         except Exception:
-            value = "<str() failed>"
+            value, value_cut = "<str() failed>", 0
+        error = {"name": type(exc).__name__, "value": value, "traceback": text}
+        if value_cut or text_cut:
+            error.update(value_dropped=value_cut, traceback_dropped=text_cut)
         return {"status": "interrupted" if interrupted else "error", "exit_code": 130 if interrupted else 1,
-                "error": {"name": type(exc).__name__, "value": value, "traceback": text}}
+                "error": error}
+
+    @staticmethod
+    def _user_frames_only(exc: BaseException, tb: object) -> None:
+        """Drop the kernel's frames from the exception and the ones it chains."""
+        exc.__traceback__ = _k_user_frames(tb)
+        seen = {id(exc)}
+        todo = [e for e in (exc.__cause__, exc.__context__) if e is not None]
+        while todo and len(seen) < 100:
+            chained = todo.pop()
+            if id(chained) in seen:
+                continue
+            seen.add(id(chained))
+            chained.__traceback__ = _k_user_frames(chained.__traceback__)
+            todo.extend(e for e in (chained.__cause__, chained.__context__) if e is not None)
 
     # -- rich outputs --------------------------------------------------------------
 
@@ -12300,10 +12463,14 @@ class _Kernel:
         plain = bundle.pop("text/plain", None)
         if plain is None and (kind == "result" or not bundle):
             plain = self._plain(obj)
+        if plain is not None:            # list(range(10**7)) has a 79 MB repr: its head is kept
+            plain, cut = _k_bounded(_k_clean(str(plain)))
+            if kind == "result":
+                self.call["result_dropped"] = cut
         if not bundle:                   # text/plain only when nothing richer exists
             bundle["text/plain"] = plain
         self._emit(bundle, kind)
-        return None if plain is None else _k_clean(str(plain))
+        return plain
 
     @staticmethod
     def _plain(obj: object) -> str:
@@ -12357,8 +12524,21 @@ class _Kernel:
                 "truncated": rows > _K_DF_ROWS or columns > _K_DF_COLUMNS}
 
     def _emit(self, bundle: dict, kind: str) -> None:
-        """Normalise a bundle into results entries and send them in one frame:
-        base64 for images, objects for JSON, text for the rest; bounded."""
+        """Send a bundle's entries in one frame, within the call's budget; from
+        a thread that writes to no call (see owns_writer), dropped and counted."""
+        entries = self._entries(bundle)
+        if not self.owns_writer():
+            self.late_bytes += sum(size for _, size in entries)
+            return
+        entries = [entry for entry, size in entries if not self._over_budget(size)]
+        if entries:
+            self.stdout.flush()          # what was printed before this output is read before it
+            self.stderr.flush()
+            self.send({"op": "output", "kind": kind, "entries": entries})
+
+    def _entries(self, bundle: dict) -> list:
+        """(results entry, its size as sent) of each MIME type: base64 for
+        images, objects for JSON, text for the rest."""
         import base64
         entries = []
         for mime, data in bundle.items():
@@ -12372,18 +12552,14 @@ class _Kernel:
                 data = bytes(data).decode("utf-8", "replace")
             elif not isinstance(data, str):
                 data = str(data)
-            try:
-                size = len(data) if isinstance(data, str) else len(json.dumps(data, allow_nan=False))
-            except (TypeError, ValueError):
+            data = _k_clean(data) if isinstance(data, str) else data
+            try:                         # JSON escapes make a string up to 6x longer than its characters
+                size = len(self.channel.encode(data))
+            except (TypeError, ValueError, UnicodeEncodeError):
                 self.stderr.write("display: %s output of type %s is not JSON\n" % (mime, type(data).__name__))
                 continue
-            if self._over_budget(size):
-                continue
-            entries.append({"type": mime, "data": _k_clean(data) if isinstance(data, str) else data})
-        if entries and self.capturing:
-            self.stdout.flush()          # what was printed before this output is read before it
-            self.stderr.flush()
-            self.channel.send({"op": "output", "kind": kind, "entries": entries})
+            entries.append(({"type": mime, "data": data}, size))
+        return entries
 
     def _over_budget(self, size: int) -> bool:
         call = self.call
@@ -12451,8 +12627,12 @@ MAX_CALL_RICH_BYTES = 32 * 1024 * 1024      # likewise for their bytes
 LATE_PIPES_MAX = 1024                 # pipes held open by finished calls' background processes
 CHILD_TAIL_BYTES = 4096               # what a child printed outside calls, kept to explain a failed start
 CLIENT_CHECK_S = 0.25                 # how often a call looks for a client that hung up
+PIPE_READS_PER_WAKE = 8               # chunks read from one call pipe before the wait loop looks at the time
+PIPE_DRAIN_CHUNKS = 64                # after the answer: what a pipe holds (16 MiB; a writer that goes on is late)
 LONG_CALL_S = 0.05                    # a call still running after this leaves the HTTP request slots
 CONTEXT_NAME_CHARS = 256              # context names are labels
+STREAM_OUTBOX_BYTES = 4 * 1024 * 1024 # /execute/stream: queued for a slow client, beyond that dropped and counted
+STREAM_FINISH_S = WRITE_TIMEOUT_S + 5.0   # how long a stream's session waits for its writer to send the end
 _CONTEXT_LANGUAGES = ("python", "bash")
 _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT)
@@ -12625,6 +12805,7 @@ class _Call:
     deadline: float = 0.0
     started: float = 0.0
     marker: str = ""
+    processes: Any = None                          # _CallProcesses, once the call is sent to the child
 
     def __post_init__(self) -> None:
         self.started = time.monotonic()
@@ -12660,7 +12841,17 @@ class _CallOutput:
         if self._on_event is not None:
             text = self._decoders[name].decode(bytes(data))
             if text:
-                self._on_event({"type": name, "data": text})
+                self._event({"type": name, "data": text})
+
+    def _event(self, event: Dict[str, Any]) -> None:
+        """Hand an event to the streaming client's sink. The sink only queues;
+        should it fail all the same, the call goes on without it: the wait
+        loop that called us must reach the call's answer whatever a client did."""
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("a call's event sink failed; the call goes on without it")
+            self._on_event = None
 
     def add_frame(self, frame: Dict[str, Any], size: int) -> None:
         """An output frame of the kernel: entries of one MIME bundle."""
@@ -12677,16 +12868,15 @@ class _CallOutput:
             item = {"type": entry["type"], "data": entry["data"]}
             self.results.append(item)
             if self._on_event is not None:
-                self._on_event({"type": "result" if kind == "result" else "display",
-                                "mime": item["type"], "data": item["data"]})
+                self._event({"type": "result" if kind == "result" else "display",
+                             "mime": item["type"], "data": item["data"]})
         self.rich_bytes += size
 
     def flush_events(self) -> None:
-        if self._on_event is not None:
-            for name, decoder in self._decoders.items():
-                text = decoder.decode(b"", final=True)
-                if text:
-                    self._on_event({"type": name, "data": text})
+        for name, decoder in self._decoders.items():
+            text = decoder.decode(b"", final=True)
+            if text and self._on_event is not None:
+                self._event({"type": name, "data": text})
 
 
 # HopX's top-level fields (the SDK's rich_outputs): the last output of each kind.
@@ -12703,9 +12893,11 @@ class _CallPipes:
         for fd in self.names:
             os.set_blocking(fd, False)
 
-    def read(self, fd: int, output: _CallOutput) -> bool:
-        """Read what is there now; False once the pipe is at EOF (then closed)."""
-        while True:
+    def read(self, fd: int, output: _CallOutput, chunks: int = PIPE_READS_PER_WAKE) -> bool:
+        """Read what is there now, at most ``chunks`` chunks (a cell that
+        floods its output must not keep the wait loop from its deadline);
+        False once the pipe is at EOF (then closed)."""
+        for _ in range(chunks):
             try:
                 data = os.read(fd, READ_CHUNK_BYTES)
             except BlockingIOError:
@@ -12719,12 +12911,13 @@ class _CallPipes:
             output.add(self.names[fd], data)
             if len(data) < READ_CHUNK_BYTES:
                 return True
+        return True
 
     def drain(self, output: _CallOutput) -> None:
         """Everything written before now (a done frame or status line came
-        after it, so it is in the pipes already)."""
+        after it, so it is in the pipes already: a pipe's capacity at most)."""
         for fd in list(self.names):
-            self.read(fd, output)
+            self.read(fd, output, PIPE_DRAIN_CHUNKS)
 
     def drain_until(self, output: _CallOutput, deadline: float) -> None:
         """Read until both pipes are at EOF or the deadline (a dead child's
@@ -12775,6 +12968,172 @@ def _marked_with(marker: str, *, tree: bool = False) -> List[Tuple[int, str]]:
 def _end_processes(marked: List[Tuple[int, str]], sig: int) -> List[int]:
     """Signal each process if it still carries its marker; the pids signalled."""
     return [pid for pid, key in marked if _signal_marked(pid, key, sig)]
+
+
+def _boot_ticks() -> int:
+    """Now, in the unit of /proc/<pid>/stat's start times: clock ticks since boot."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def _proc_int(path: str, field: int = 0) -> Optional[int]:
+    """One whitespace-separated integer field of a small /proc file."""
+    try:
+        with open(path, "rb") as fh:
+            return int(fh.read().split()[field].split(b"/")[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _parent_and_start(pid: int) -> Optional[Tuple[int, int]]:
+    """(parent pid, start time in ticks) of a live process; None once it
+    exited (a zombie too) or cannot be read."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as fh:
+            data = fh.read()
+        fields = data[data.rindex(b")") + 2:].split()   # the name may hold spaces and parentheses
+        return None if fields[0] in (b"Z", b"X") else (int(fields[1]), int(fields[19]))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _children_of(pid: int) -> List[int]:
+    """Direct children of ``pid``, those forked by any of its threads."""
+    kids: List[int] = []
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return kids
+    for task in tasks:
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, task), "rb") as fh:
+                kids.extend(int(x) for x in fh.read().split())
+        except (OSError, ValueError):
+            continue
+    return kids
+
+
+class _CallProcesses:
+    """The processes one call started, found when the call must end (its
+    timeout, its client gone) and ended: TERM, the grace, KILL. Those it
+    exec'd carry the call's marker. Those it forked without exec (os.fork,
+    multiprocessing's "fork") carry the environment the kernel or shell was
+    started with, the context's marker: they are the child's descendants
+    started since the call began (never below a process that ran before it,
+    which an earlier call left running), and processes with the context's
+    marker started since then whose ancestors are no older processes of ours
+    (a fork that made itself a daemon). Each is proved through a pidfd (its
+    start time read again once the pidfd pins it) before it is signalled.
+    A call that returns normally leaves them all alone."""
+
+    def __init__(self, root: int, context_marker: str, call_marker: str) -> None:
+        self.root = root
+        self.context_marker = context_marker
+        self.call_marker = call_marker
+        # "Started since the call began": start times count clock ticks (10 ms),
+        # and the next call often begins within the tick of an earlier call's
+        # last fork. Pids are handed out in turn: within that tick, a process
+        # is newer than the call when its pid comes after the last pid handed
+        # out before it (the last field of /proc/loadavg), read first.
+        self.since_pid = _proc_int("/proc/loadavg", 4)
+        self.since = _boot_ticks()
+        self._held: Dict[int, Tuple[int, Optional[int]]] = {}   # pid -> (start, pidfd) of those signalled
+        self._pid_max = 0
+
+    def _new(self, pid: int, start: int) -> bool:
+        if start != self.since or self.since_pid is None:
+            return start >= self.since
+        if not self._pid_max:
+            self._pid_max = _proc_int("/proc/sys/kernel/pid_max") or 4194304
+        return 0 < (pid - self.since_pid) % self._pid_max < self._pid_max // 2
+
+    def _ours(self, marker: str) -> bool:
+        return marker == self.context_marker or marker.startswith(self.context_marker + ".")
+
+    def _young_lineage(self, pid: int, parent: int) -> bool:
+        """No process of ours older than the call between ``pid`` and the root
+        (or the first process that is not ours: the agent, init, a subreaper)."""
+        for _ in range(64):
+            if parent <= 1 or parent == self.root or not self._ours(_marker_of(_read_environ(parent))):
+                return True
+            stat = _parent_and_start(parent)
+            if stat is None:
+                return True
+            if not self._new(parent, stat[1]):
+                return False
+            parent = stat[0]
+        return False
+
+    def find(self) -> Dict[int, int]:
+        """pid -> start time of every process of the call alive now."""
+        marked = _scan_marked()
+        found: Dict[int, int] = {}
+        for pid in marked.get(self.call_marker, ()):
+            stat = _parent_and_start(pid)
+            if stat is not None:
+                found[pid] = stat[1]
+        todo = _children_of(self.root)
+        while todo and len(found) < 4096:
+            pid = todo.pop()
+            stat = _parent_and_start(pid)
+            if stat is not None and self._new(pid, stat[1]):     # an older one and its tree stay
+                found[pid] = stat[1]
+                todo.extend(_children_of(pid))
+        for pid in marked.get(self.context_marker, ()):
+            stat = _parent_and_start(pid)
+            if (pid != self.root and pid not in found and stat is not None and self._new(pid, stat[1])
+                    and self._young_lineage(pid, stat[0])):
+                found[pid] = stat[1]
+        return found
+
+    def signal(self, sig: int) -> int:
+        """Signal every process of the call (found again: new forks too); how many."""
+        hit = 0
+        for pid, start in self.find().items():
+            held = self._held.get(pid)
+            if held is None or held[0] != start:
+                held = self._prove(pid, start)
+                if held is None:
+                    continue
+                self._held[pid] = held
+            try:
+                if held[1] is not None:
+                    signal.pidfd_send_signal(held[1], sig)
+                else:
+                    os.kill(pid, sig)
+                hit += 1
+            except OSError:
+                pass
+        return hit
+
+    @staticmethod
+    def _prove(pid: int, start: int) -> Optional[Tuple[int, Optional[int]]]:
+        """(start, pidfd) once the pidfd names the process found (same start time)."""
+        pidfd: Optional[int] = None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except AttributeError:
+            pass
+        except OSError:
+            return None
+        stat = _parent_and_start(pid)
+        if stat is None or stat[1] != start:
+            if pidfd is not None:
+                os.close(pidfd)
+            return None
+        return start, pidfd
+
+    def end(self, deadline: float) -> None:
+        """After the TERM: wait (until ``deadline``) for them to exit, then KILL
+        what is left (found again: what forked meanwhile too)."""
+        _wait_pidfds([fd for _, fd in self._held.values() if fd is not None], deadline)
+        self.signal(signal.SIGKILL)
+        self.close()
+
+    def close(self) -> None:
+        for _, pidfd in self._held.values():
+            if pidfd is not None:
+                _close_quietly(pidfd)
+        self._held.clear()
 
 
 @dataclasses.dataclass
@@ -12918,8 +13277,17 @@ class _ContextChild:
 
     # -- one call ---------------------------------------------------------------------
 
+    checks_descriptors = False            # lost() can say something: the wait asks every CLIENT_CHECK_S
+
     def interrupt(self, marker: str) -> bool:
         raise NotImplementedError
+
+    def lost(self) -> Optional[str]:
+        """Why the child can no longer serve calls although it runs, or None."""
+        return None
+
+    def _release_writers(self) -> None:
+        """The call is over: close what the agent holds of its output pipes' write ends (if anything)."""
 
     def _wait(self, call: _Call, output: _CallOutput, pipes: _CallPipes, channel: int,
               on_channel: Callable[[], Optional[Dict[str, Any]]]) -> Dict[str, Any]:
@@ -12931,20 +13299,27 @@ class _ContextChild:
             poller.register(fd, select.POLLIN)
         ending: Optional[str] = None
         kill_at = math.inf
+        checking = call.gone is not None or self.checks_descriptors
         next_check = time.monotonic() + CLIENT_CHECK_S
         while True:
             now = time.monotonic()
-            if ending is None and (now >= call.deadline or (call.gone is not None and now >= next_check)):
+            if checking and now >= next_check:
                 next_check = now + CLIENT_CHECK_S
-                ending = "timeout" if now >= call.deadline else ("client_gone" if call.gone() else None)
-                if ending is not None:
-                    kill_at = now + self.host.kill_grace
-                    self.interrupt(call.marker)
-                    _end_processes(_marked_with(call.marker), signal.SIGTERM)
+                lost = self.lost()
+                if lost is not None:        # it can never answer: end the call now, not at its timeout
+                    return {"ending": ending, "lost": lost, "kill_at": kill_at}
+                if ending is None and call.gone is not None and call.gone():
+                    ending = "client_gone"
+            if ending is None and now >= call.deadline:
+                ending = "timeout"
+            if ending is not None and kill_at == math.inf:
+                kill_at = now + self.host.kill_grace
+                self.interrupt(call.marker)
+                call.processes.signal(signal.SIGTERM)
             if now >= kill_at:
                 return {"ending": ending, "kill": True}
             wake = kill_at if ending else call.deadline
-            if call.gone is not None and ending is None:
+            if checking:
                 wake = min(wake, next_check)
             if self.pidfd is None:
                 wake = min(wake, now + CLIENT_CHECK_S)
@@ -12976,18 +13351,26 @@ class _ContextChild:
         return None
 
     def _settle(self, call: _Call, answer: Dict[str, Any], output: _CallOutput, pipes: _CallPipes) -> Dict[str, Any]:
-        """After the wait: take the rest of the output, end what must end."""
-        if answer.get("kill") or answer.get("died"):
+        """After the wait: take the rest of the output, end what must end. A
+        child that lost its own descriptors in this call is ended here, so the
+        call that did it says so (not the next one)."""
+        lost = self.lost() if answer.get("op") == "done" and self.checks_descriptors else None
+        if lost is not None:
+            answer["lost"] = lost
+        if answer.get("kill") or answer.get("died") or answer.get("lost"):
             self.kill()           # a dead child's descendants go with it: its state is gone anyway
+            self._release_writers()
             pipes.drain_until(output, time.monotonic() + DRAIN_AFTER_EXIT_S)
-            code, signame = self.exit_info()
-            answer.update(exit_code=code, signal=signame, replace=True)
+            if answer.get("op") != "done":        # no status came: the exit status is the answer
+                code, signame = self.exit_info()
+                answer.update(exit_code=code, signal=signame)
+            answer.pop("cwd", None)
+            answer["replace"] = True
         else:
             pipes.drain(output)
             if answer.get("ending") is not None:     # TERM went out at the interrupt: KILL what is left
-                left = _marked_with(call.marker)
-                _wait_gone([pid for pid, _ in left], answer["kill_at"])
-                _end_processes(_marked_with(call.marker), signal.SIGKILL)
+                call.processes.end(answer["kill_at"])
+        call.processes.close()
         pipes.orphan(self.host.late, self.late_output)
         return answer
 
@@ -13003,6 +13386,7 @@ class _PythonKernel(_ContextChild):
         self.sock: Optional[socket.socket] = None
         self._inbox = bytearray()
         self.info: Dict[str, Any] = {}
+        self.stale_frames = 0             # frames of no running call (dropped; see _on_channel)
 
     def start(self, deadline: float) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -13041,9 +13425,11 @@ class _PythonKernel(_ContextChild):
                 break
         raise _ChildBroken("the kernel did not start")
 
-    def _on_channel(self, output: Optional[_CallOutput]) -> Optional[Dict[str, Any]]:
-        """Read the channel; the first answer frame (hello, done), else None.
-        EOF is the child's death."""
+    def _on_channel(self, output: Optional[_CallOutput], call_id: Optional[int] = None) -> Optional[Dict[str, Any]]:
+        """Read the channel; the first answer frame (the hello, or the done of
+        call ``call_id``), else None. EOF is the child's death. A frame of any
+        other call is stale (it can only come from a call whose wait ended
+        without its answer): dropped and counted, never taken for this one's."""
         try:
             data = self.sock.recv(1 << 20)
         except (BlockingIOError, InterruptedError):
@@ -13067,9 +13453,15 @@ class _PythonKernel(_ContextChild):
             del self._inbox[:4 + size]
             if not isinstance(frame, dict):
                 raise _ChildBroken("a frame that is not an object")
-            if frame.get("op") == "output" and output is not None:
+            op = frame.get("op")
+            if op == "hello" and call_id is None:
+                return frame
+            if op not in ("output", "done") or call_id is None or frame.get("call") != call_id:
+                self.stale_frames += 1
+                self.late_bytes += size           # counted with the late output
+            elif op == "output" and output is not None:
                 output.add_frame(frame, size)
-            elif frame.get("op") in ("hello", "done"):
+            elif op == "done":
                 return frame
         return None
 
@@ -13102,9 +13494,11 @@ class _PythonKernel(_ContextChild):
             raise _StartRefused(exc).error from None
         out_r, out_w, err_r, err_w = fds
         pipes = _CallPipes(out_r, err_r)
-        request = json.dumps({"op": "exec", "code": call.code, "env": call.env, "global_env": global_env,
-                              "cwd": call.workdir, "marker": call.marker}).encode("ascii")
+        call_id = self.calls
+        request = json.dumps({"op": "exec", "call": call_id, "code": call.code, "env": call.env,
+                              "global_env": global_env, "cwd": call.workdir, "marker": call.marker}).encode("ascii")
         frame = len(request).to_bytes(4, "big") + request
+        call.processes = _CallProcesses(self.pid, self.marker, call.marker)
         try:
             self._send_request(frame, [out_w, err_w], call.deadline)
         except (OSError, ValueError):     # dead, closed by a restart, or too stuck to read: the wait decides
@@ -13113,7 +13507,7 @@ class _PythonKernel(_ContextChild):
             os.close(out_w)
             os.close(err_w)
         try:
-            answer = self._wait(call, output, pipes, self.sock.fileno(), lambda: self._on_channel(output))
+            answer = self._wait(call, output, pipes, self.sock.fileno(), lambda: self._on_channel(output, call_id))
         except _ChildBroken as exc:
             answer = {"kill": True, "broken": str(exc)}
         return self._settle(call, answer, output, pipes)
@@ -13124,16 +13518,28 @@ class _PythonKernel(_ContextChild):
             self.sock.close()
 
 
-# What a bash context runs once: aliases on (they persist between calls), and
-# an interrupt that unwinds the call's code however deep it is: SIGINT arms a
-# DEBUG trap that, with extdebug, makes every command inside __hopx_src return.
+# What a bash context runs once. The shell reads its commands as a script
+# (/dev/stdin, which bash moves to fd 255) and its own stdin becomes
+# /dev/null, and the status pipe moves to fd 200: a call's code then meets
+# none of the context's descriptors in the 3-19 range where scripts put
+# theirs (bash keeps its saved copies of fds 0-2 at 10-12 during the code:
+# those are harmless to close or write). Aliases on (they persist between
+# calls), and an interrupt that unwinds the call's code however deep it is:
+# SIGINT arms a DEBUG trap that, with extdebug, makes every command inside
+# __hopx_src return.
+BASH_STATUS_FD = 200
+STATUS_EOF_GRACE_S = 0.05             # a shell whose status pipe closed gets this long to turn out dead
+_STATUS_EOF = ["\0"]
+BASH_INPUT_FD = 255                   # bash's own choice for a script's input
 _BASH_PRELUDE = r"""
+exec 0</dev/null 200>&{fd} {fd}>&-
+BASH_ARGV0=bash
 shopt -s expand_aliases
 __hopx_dbg() { case " ${FUNCNAME[*]} " in *" __hopx_src "*) return 2;; esac; return 0; }
 __hopx_int() { __hopx_intr=1; shopt -s extdebug; trap __hopx_dbg DEBUG; }
 trap __hopx_int INT
 __hopx_src() { . "$1"; }
-printf 'ready %s\0' "$$" >&{fd}
+printf 'ready %s\0' "$$" >&200
 """
 
 
@@ -13141,17 +13547,25 @@ class _BashShell(_ContextChild):
     """A bash context: one long-lived `bash --norc --noprofile`. Each call's
     code runs in the shell itself (so cd, exports, functions and aliases
     persist), its stdout and stderr go to FIFOs of that call, and its status
-    comes back on a pipe of its own with a nonce the code never sees."""
+    comes back on a pipe of its own (fd 200 in the shell) with a nonce the
+    code never sees. A cell can still close or replace the shell's command
+    input (fd 255) or its status descriptor: the wait notices (every
+    CLIENT_CHECK_S, and once the status came) and the call that did it
+    answers with the shell ended and why."""
 
     language = "bash"
+    checks_descriptors = True
 
     def __init__(self, host: _ContextHost, env: Dict[str, str], cwd: str, marker: str, bash: str) -> None:
         super().__init__(host, env, cwd, marker)
         self.bash = bash
         self.dir = ""
-        self.status_fd = -1               # our read end; the shell writes to fd {fd} (same number)
-        self.fd_number = -1
+        self.status_fd = -1               # our read end; the shell writes to fd BASH_STATUS_FD
+        self.command_fd = -1              # our write end of the shell's commands (its fd 255)
+        self.fd_number = BASH_STATUS_FD
         self._status = bytearray()
+        self._links: Dict[int, str] = {}  # the shell's fd -> what /proc says it must be ("pipe:[ino]")
+        self._call_fds: List[int] = []    # the running call's FIFO ends: read, write, read, write
         self.applied_global: Dict[str, str] = {}
 
     def start(self, deadline: float) -> None:
@@ -13159,28 +13573,55 @@ class _BashShell(_ContextChild):
         self.dir = tempfile.mkdtemp(prefix="hopx-bash-")
         if self.owner is not None:           # the shell runs as another user: its call files are its own
             os.chown(self.dir, *self.owner)
+        command_r, self.command_fd = os.pipe()
+        if self.owner is not None:        # bash opens /dev/stdin anew: as its user, the pipe must be its
+            os.fchown(command_r, *self.owner)
         status_r, status_w = os.pipe()
         idle_r, idle_w = os.pipe()
+        passed = status_w                 # its number in the shell until the prelude moves it to 200
         try:
-            self._spawn([self.bash, "--norc", "--noprofile"], stdin=subprocess.PIPE, stdout=idle_w,
-                        pass_fds=(status_w,))
+            self._spawn([self.bash, "--norc", "--noprofile", "/dev/stdin"], stdin=command_r,
+                        stdout=idle_w, pass_fds=(status_w,))
         except BaseException:
-            os.close(status_r)
-            os.close(idle_r)
+            for fd in (status_r, idle_r, self.command_fd):
+                os.close(fd)
+            self.command_fd = -1
             raise
         finally:
-            os.close(status_w)
-            os.close(idle_w)
-        self.fd_number = status_w
+            for fd in (command_r, status_w, idle_w):
+                os.close(fd)
         self.status_fd = status_r
         os.set_blocking(status_r, False)
         self.host.late.adopt(idle_r, self.late_output)
-        self._send(_BASH_PRELUDE.replace("{fd}", str(self.fd_number)))
+        self._send(_BASH_PRELUDE.replace("{fd}", str(passed)))
         self._ready(deadline)
+        self._links = {BASH_INPUT_FD: "pipe:[%d]" % os.fstat(self.command_fd).st_ino,
+                       BASH_STATUS_FD: "pipe:[%d]" % os.fstat(status_r).st_ino}
+        if self.lost():                   # bash put its input elsewhere (a low RLIMIT_NOFILE): no checks
+            self._links = {}
+
+    def lost(self) -> Optional[str]:
+        """Why the shell can no longer serve calls (the code closed or
+        replaced its command input or its status descriptor), or None; a
+        descriptor /proc does not show us (another user's shell) counts as kept."""
+        for fd, link in self._links.items():
+            try:
+                if os.readlink("/proc/%d/fd/%d" % (self.pid, fd)) == link:
+                    continue
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            if self.exited():
+                return None               # it died: that is reported as a death
+            what = "command input" if fd == BASH_INPUT_FD else "status descriptor"
+            return ("the call closed or replaced the shell's %s (fd %d); the shell was ended and its "
+                    "state is gone" % (what, fd))
+        return None
 
     def _send(self, text: str) -> None:
         try:
-            os.write(self.popen.stdin.fileno(), text.encode("utf-8", "surrogateescape"))
+            os.write(self.command_fd, text.encode("utf-8", "surrogateescape"))
         except OSError:
             pass                          # the shell is gone: the wait sees it
 
@@ -13197,7 +13638,8 @@ class _BashShell(_ContextChild):
         raise _ChildBroken("bash did not start")
 
     def _read_status(self) -> Optional[List[str]]:
-        """The next NUL-terminated status record; ["died"] at EOF."""
+        """The next NUL-terminated status record; _STATUS_EOF at EOF (no
+        record can be that: records are split at NUL bytes)."""
         while b"\0" not in self._status:
             try:
                 data = os.read(self.status_fd, 4096)
@@ -13206,10 +13648,10 @@ class _BashShell(_ContextChild):
             except OSError:
                 data = b""
             if not data:
-                return ["died"]
+                return _STATUS_EOF
             self._status += data
-            if len(self._status) > 65536:
-                raise _ChildBroken("status records too long")
+            if len(self._status) > 65536:     # a cell writing to fd 200: keep what may end in a record
+                del self._status[:-4096]
         record, _, rest = bytes(self._status).partition(b"\0")
         self._status[:] = rest
         return record.decode("utf-8", "surrogateescape").split(" ", 3)
@@ -13250,6 +13692,7 @@ class _BashShell(_ContextChild):
         base = os.path.join(self.dir, str(self.calls))
         paths = [base + suffix for suffix in (".sh", ".out", ".err", ".call")]
         fds: List[int] = []
+        self._call_fds = fds
         try:
             try:
                 nonce = self._prepare(call, global_env, paths, fds)
@@ -13259,9 +13702,9 @@ class _BashShell(_ContextChild):
                 fds.clear()
                 raise _StartRefused(exc).error from None
             pipes = _CallPipes(fds[0], fds[2])
+            call.processes = _CallProcesses(self.pid, self.marker, call.marker)
             self._send(". %s\n" % _sh_quote(paths[3]))
-            answer = self._wait(call, output, pipes, self.status_fd,
-                                lambda: self._on_status(nonce, fds))
+            answer = self._wait(call, output, pipes, self.status_fd, lambda: self._on_status(nonce))
             return self._settle(call, answer, output, pipes)
         finally:
             for fd in fds[1::2]:
@@ -13297,30 +13740,44 @@ class _BashShell(_ContextChild):
         fd = self.fd_number
         return "\n".join(
             ["trap - DEBUG; shopt -u extdebug; __hopx_intr=0"] + before
-            + ["{ export HOPX_PROCESS_ID=%s; %s__hopx_src %s; } </dev/null >%s 2>%s %d>&-"
-               % (_sh_quote(call.marker), cd, _sh_quote(paths[0]), _sh_quote(paths[1]), _sh_quote(paths[2]), fd),
+            + ["{ export HOPX_PROCESS_ID=%s; %s__hopx_src %s; } </dev/null >%s 2>%s"
+               % (_sh_quote(call.marker), cd, _sh_quote(paths[0]), _sh_quote(paths[1]), _sh_quote(paths[2])),
                "__hopx_st=$?", "trap - DEBUG; shopt -u extdebug",
                "export HOPX_PROCESS_ID=%s" % _sh_quote(self.marker)] + after
             + ["printf '%%s %%d %%d %%s\\0' %s \"$__hopx_st\" \"$__hopx_intr\" \"$PWD\" >&%d" % (nonce, fd), ""])
 
-    def _on_status(self, nonce: str, fds: List[int]) -> Optional[Dict[str, Any]]:
+    def _release_writers(self) -> None:
+        """Our writers of the call's FIFOs go: EOF is real now (until the status
+        came, no writer yet was not EOF)."""
+        fds = self._call_fds
+        for i in (1, 3):
+            if i < len(fds) and fds[i] >= 0:
+                _close_quietly(fds[i])
+                fds[i] = -1
+
+    def _on_status(self, nonce: str) -> Optional[Dict[str, Any]]:
         while True:
             record = self._read_status()
             if record is None:
                 return None
-            if record[0] == "died":
-                return {"died": True}
-            if record[0] == nonce and len(record) == 4:
-                for fd in fds[1::2]:      # the call is over: our writers go, EOF is real now
-                    _close_quietly(fd)
-                fds[1::2] = [-1, -1]
+            if record == _STATUS_EOF:         # no writer left: it died, or the cell closed fd 200
+                self.reap(time.monotonic() + STATUS_EOF_GRACE_S)
+                lost = self.lost()
+                return {"lost": lost} if lost is not None else {"died": True}
+            text = " ".join(record)           # stray bytes a cell wrote to fd 200 may lead the record
+            record = text[text.rfind(nonce + " "):].split(" ", 3) if nonce + " " in text else []
+            if len(record) == 4:
+                self._release_writers()
                 status, interrupted = int(record[1]), record[2] == "1"
                 return {"op": "done", "status": "interrupted" if interrupted and status else "ok",
                         "exit_code": 130 if interrupted and status else status, "cwd": record[3]}
 
     def close(self) -> None:
         super().close()
-        _close_quietly(self.status_fd)
+        for fd in (self.status_fd, self.command_fd):
+            if fd >= 0:
+                _close_quietly(fd)
+        self.status_fd = self.command_fd = -1     # a second close must not hit a reused number
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -13600,6 +14057,8 @@ class _Context:
         return answer
 
     def _replaced_why(self, outcome: Dict[str, Any], timed_out: bool) -> str:
+        if outcome.get("lost"):
+            return outcome["lost"]
         if outcome.get("broken"):
             return "the kernel broke its protocol (%s) and was killed; its state is gone" % outcome["broken"]
         if outcome.get("kill"):
@@ -13619,6 +14078,8 @@ class _Context:
         text = outcome.get("result")
         if isinstance(text, str):
             answer["result"] = text
+            if outcome.get("result_dropped"):    # the repr's head is kept, the rest counted
+                answer["result_dropped"] = int(outcome["result_dropped"])
         answer["results"] = output.results
         dropped = output.results_dropped + int(outcome.get("results_dropped") or 0)
         if dropped:
@@ -13939,6 +14400,93 @@ def _execute(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     return answer
 
 
+class _StreamOutbox:
+    """The events of a streaming call on their way to its WebSocket. The call
+    only queues them, never waits for the client: a client that reads slowly
+    or not at all must not hold the call past its timeout, nor the context
+    that runs the next calls. One writer thread sends. Past
+    STREAM_OUTBOX_BYTES queued, events are dropped and counted, and the
+    client is told ({"type": "dropped", "events", "bytes"}) before the next
+    one it gets. The end (the result, or an error) is queued last and never
+    dropped; ``finish`` waits for it, bounded."""
+
+    def __init__(self, ws: _WebSocket, name: str) -> None:
+        self._ws = ws
+        self._cond = threading.Condition()   # guards _queue, _queued, _dropped, _final
+        self._queue: collections.deque = collections.deque()
+        self._queued = 0                      # bytes in _queue (as estimated by _size)
+        self._dropped = [0, 0]                # events and bytes dropped since the client was last told
+        self._final: Optional[Callable[[], None]] = None
+        self.dropped_events = 0               # in all, for the result message
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _size(event: Dict[str, Any]) -> int:
+        data = event.get("data")
+        return 2 * len(data) if isinstance(data, str) else len(json.dumps(data))   # text goes out twice
+
+    def put(self, event: Dict[str, Any]) -> None:
+        """Queue an event (the call's sink: never blocks)."""
+        size = self._size(event)
+        with self._cond:
+            if self._final is not None or self._ws.gone:
+                return
+            if self._queue and self._queued + size > STREAM_OUTBOX_BYTES:
+                self._dropped[0] += 1
+                self._dropped[1] += size
+                self.dropped_events += 1
+                return
+            self._queue.append((event, size))
+            self._queued += size
+            self._cond.notify()
+
+    def finish(self, final: Callable[[], None]) -> None:
+        """Queue the end (run by the writer after every queued event) and wait
+        for the writer: each send is bounded by WRITE_TIMEOUT_S, after which
+        the client counts as gone and the rest is discarded."""
+        with self._cond:
+            self._final = final
+            self._cond.notify()
+        self._thread.join(STREAM_FINISH_S)
+
+    def _next(self) -> Tuple[Optional[Dict[str, Any]], List[int], Optional[Callable[[], None]]]:
+        """(event, dropped to report, the end once nothing is queued)."""
+        with self._cond:
+            deadline = time.monotonic() + SSE_HEARTBEAT_S
+            while not self._queue and self._final is None and not self._ws.gone:
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    deadline = time.monotonic() + SSE_HEARTBEAT_S   # bounded waits; the call still runs
+            dropped, self._dropped = self._dropped, [0, 0]
+            if not self._queue:
+                return None, dropped, self._final
+            event, size = self._queue.popleft()
+            self._queued -= size
+            return event, dropped, None
+
+    def _run(self) -> None:
+        try:
+            while not self._ws.gone:
+                event, dropped, final = self._next()
+                if dropped[0] and not self._ws.gone:
+                    self._ws.send_json({"type": "dropped", "events": dropped[0], "bytes": dropped[1],
+                                        "timestamp": _rfc3339(time.time())})
+                if event is not None:
+                    _ws_send_event(self._ws, event)
+                elif final is not None:
+                    if not self._ws.gone:
+                        final()
+                    return
+        except _WsClosed:
+            pass
+        except Exception:
+            log.exception("a /execute/stream writer failed")
+        finally:
+            with self._cond:
+                self._queue.clear()
+                self._queued = 0
+
+
 def _stream_ws(srv: "_AgentServer", req: _Request) -> _Upgrade:
     """GET /execute/stream: Python runs in its context, with output frames
     as the kernel produces them; other languages as processes."""
@@ -13951,28 +14499,30 @@ def _ws_code_session(srv: "_AgentServer", ws: _WebSocket) -> None:
         return
     try:
         context = _context_of(srv, body)
-        call = None if context is None else _context_call(
-            srv, _Request(), context, body, on_event=lambda event: _ws_send_event(ws, event),
-            gone=lambda: ws.gone)
     except AgentError as exc:
         ws.error(1008 if exc.status < 500 else 1011, exc.message, exc.code)
         return
-    if context is None or call is None:
+    if context is None:
         _ws_run_process(srv, ws, body)
         return
-    ws.start_reader("hopx-ws-%s" % context.id[:12], lambda: None)
+    outbox = _StreamOutbox(ws, "hopx-ws-out-%s" % context.id[:12])
     try:
+        call = _context_call(srv, _Request(), context, body, on_event=outbox.put, gone=lambda: ws.gone)
+        ws.start_reader("hopx-ws-%s" % context.id[:12], lambda: None)
         answer = context.execute(call)
     except AgentError as exc:
-        ws.error(1008 if exc.status < 500 else 1011, exc.message, exc.code)
-        return
-    if ws.gone:
+        outbox.finish(lambda: ws.error(1008 if exc.status < 500 else 1011, exc.message, exc.code))
         return
     result = {key: value for key, value in answer.items() if key not in ("stdout", "stderr")}
     result.update(type="result", status="completed" if answer["success"] else "failed")
-    ws.send_json(result)
-    ws.send_json({"type": "complete", "success": answer["success"]})
-    ws.close(1000, "done")
+    if outbox.dropped_events:
+        result["stream_dropped"] = outbox.dropped_events
+
+    def end() -> None:
+        ws.send_json(result)
+        ws.send_json({"type": "complete", "success": answer["success"]})
+        ws.close(1000, "done")
+    outbox.finish(end)
 
 
 def _ws_send_event(ws: _WebSocket, event: Dict[str, Any]) -> None:

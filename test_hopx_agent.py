@@ -8494,6 +8494,43 @@ def test_system_exit_sets_the_exit_code_and_the_context_lives_on(kernel):
 def test_input_raises_eof_error(kernel):
     answer = cell(kernel, "input('name? ')")
     assert answer["error"]["name"] == "EOFError" and answer["stdout"] == "name? "
+    assert cell(kernel, "exit(0)")["exit_code"] == 0        # site's exit() closes sys.stdin first
+    assert cell(kernel, "input()")["error"]["name"] == "EOFError"
+
+
+def test_a_timeout_traceback_has_user_frames_only(kernel):
+    answer = cell(kernel, "while True:\n    print('x' * 100)", timeout=0.3)   # interrupted inside print()
+    frames = [line.strip() for line in answer["error"]["traceback"].splitlines() if line.strip().startswith("File")]
+    assert answer["timed_out"] and frames and all("<cell-" in frame for frame in frames), frames
+
+
+def test_values_too_big_for_a_frame_are_bounded_and_the_context_keeps_its_state(kernel):
+    cell(kernel, "model = 'trained for an hour'")
+    pid = kernel.describe()["pid"]
+    answer = cell(kernel, "bytes(13 << 20)")             # a 54 MB repr: more than a frame may carry
+    limit = hopx_agent._K_MAX_TEXT_CHARS
+    assert answer["success"] and answer["result_dropped"] == 4 * (13 << 20) + 3 - limit
+    assert answer["result"].startswith("b'\\x00") and len(answer["result"]) < limit + 100
+    assert answer["results"] == [{"type": "text/plain", "data": answer["result"]}]
+    error = cell(kernel, "raise ValueError('x' * 26_000_000)")["error"]     # in the value and the traceback
+    assert error["name"] == "ValueError" and error["value_dropped"] == 26_000_000 - limit
+    assert "<cell-" in error["traceback"] and error["traceback"].rstrip().endswith("x")
+    answer = cell(kernel, "display({'text/html': '\\0' * 5_000_000, 'text/markdown': '\\0' * 5_000_000}, raw=True)")
+    assert answer["success"] and answer["results_dropped"] == 2          # 30 MB each once escaped
+    answer = cell(kernel, "model")
+    assert answer["result"] == "'trained for an hour'" and kernel.describe()["pid"] == pid
+
+
+def test_python_output_of_threads_already_running_belongs_to_no_later_call(kernel):
+    cell(kernel, "import sys, threading\ngo, done = threading.Event(), threading.Event()\n"
+                 "def old():\n    go.wait(10)\n    print('LEAK')\n    sys.stdout.write('LEAK2\\n')\n"
+                 "    display('LEAK3')\n    done.set()\n"
+                 "threading.Thread(target=old, daemon=True).start()")
+    late = kernel.describe()["late_output_dropped"]
+    answer = cell(kernel, "t = threading.Thread(target=lambda: print('new thread'))\nt.start(); t.join()\n"
+                          "go.set(); done.wait(10)\nprint('mine')")
+    assert answer["stdout"] == "new thread\nmine\n" and answer["results"] == []
+    assert kernel.describe()["late_output_dropped"] >= late + len("LEAK\nLEAK2\n")
 
 
 def test_request_env_is_for_one_call_and_global_env_persists(contexts):
@@ -8595,6 +8632,33 @@ def test_a_timeout_interrupts_the_cell_and_ends_its_processes(contexts):
     assert answer["stdout"] == "started\n" and "KeyboardInterrupt" in answer["stderr"]
     assert time.monotonic() - started < 0.5 + 0.5 + 2
     assert cell(ctx, "print(kept, p.wait())")["stdout"] == "1 -15\n"
+
+
+_FORKS_THEN_SLEEP = (
+    "import os, time\nr, w = os.pipe()\n"
+    "def fork(daemon):\n"
+    "    if os.fork() == 0:\n"
+    "        if daemon:\n"
+    "            os.setsid()\n"
+    "            if os.fork():\n"
+    "                os._exit(0)\n"
+    "        os.write(w, b'%d\\n' % os.getpid())\n"
+    "        time.sleep(60)\n"
+    "        os._exit(0)\n"
+    "for daemon in (False, False, True):\n"
+    "    fork(daemon)\n"
+    "ready = os.fdopen(r)\n"
+    "print(*[int(ready.readline()) for _ in range(3)], flush=True)\n")
+
+
+def test_a_timeout_ends_what_the_cell_forked_and_a_normal_return_keeps_it(contexts):
+    ctx = contexts.default
+    kept = [int(p) for p in cell(ctx, _FORKS_THEN_SLEEP)["stdout"].split()]
+    answer = cell(ctx, _FORKS_THEN_SLEEP + "time.sleep(60)", timeout=0.5)
+    ended = [int(p) for p in answer["stdout"].split()]
+    assert answer["timed_out"] and not answer["context_restarted"] and len(ended) == 3
+    assert not [pid for pid in ended if pid_alive(pid)]        # forks carry no marker of the call
+    assert all(pid_alive(pid) for pid in kept)                  # the earlier call returned normally
 
 
 def test_a_timeout_that_ignores_the_interrupt_kills_and_restarts(contexts):
@@ -8731,6 +8795,20 @@ def test_junk_on_the_channel_kills_and_replaces_the_kernel(contexts):
     assert cell(ctx, "print(1)")["stdout"] == "1\n"
 
 
+def test_a_frame_of_an_earlier_call_is_never_taken_for_the_running_ones(contexts):
+    ctx = contexts.default
+    cell(ctx, "1")
+    child = ctx.child
+    for frame in ({"op": "output", "call": child.calls, "kind": "display",
+                   "entries": [{"type": "text/plain", "data": "stale"}]},
+                  {"op": "done", "call": child.calls, "status": "ok", "exit_code": 0, "result": "'stale'"}):
+        data = json.dumps(frame).encode()
+        child._inbox += len(data).to_bytes(4, "big") + data    # as if left by a call that ended without them
+    answer = cell(ctx, "'mine'")
+    assert answer["result"] == "'mine'" and answer["results"] == [{"type": "text/plain", "data": "'mine'"}]
+    assert child.stale_frames == 2
+
+
 def test_named_contexts_are_limited_and_end_when_idle(tmp_path):
     with own_contexts(tmp_path, max_contexts=2, context_idle_timeout=0.3) as family:
         first = family.create("python")
@@ -8754,6 +8832,21 @@ def test_bash_state_persists_and_streams_are_exact(shell, tmp_path):
 def test_bash_output_cannot_forge_the_end_of_a_call(shell):
     answer = cell(shell, "printf 'ready 1\\0x 0 0 /\\0'; printf '\\0' >&2; read -r line; echo \"[$line]\"")
     assert answer["stdout"] == "ready 1\0x 0 0 /\0[]\n" and answer["stderr"] == "\0" and answer["exit_code"] == 0
+
+
+def test_bash_cells_that_touch_the_context_descriptors_keep_it_or_say_so_at_once(contexts):
+    sh = contexts.create("bash")
+    cell(sh, "export KEEP=state")
+    for code in ("exec 10<&- 11>&- 12>&-", "printf 'x died\\0 junk' >&200", "exec 14>/dev/null; printf x >&14"):
+        answer = cell(sh, code + "; echo done", timeout=5)       # bash's saved copies, stray status bytes
+        assert answer["stdout"] == "done\n" and not answer["context_restarted"], (code, answer)
+    assert cell(sh, "echo $KEEP")["stdout"] == "state\n"
+    for code, fd in (("exec 255<&-", 255), ("sleep 30 & exec 200>/dev/null", 200), ("exec 200>&-", 200)):
+        started = time.monotonic()
+        answer = cell(sh, code + "; echo done", timeout=20)
+        assert answer["context_restarted"] and "(fd %d)" % fd in answer["restart_reason"], (code, answer)
+        assert answer["stdout"] == "done\n" and time.monotonic() - started < 2, (code, answer)
+        assert cell(sh, "echo ${KEEP-fresh}")["stdout"] == "fresh\n"    # the loss was said once, by that call
 
 
 def test_bash_syntax_errors_and_unterminated_code_end_the_call_only(shell):
@@ -8954,6 +9047,34 @@ def test_ws_stream_runs_python_in_the_kernel_with_output_as_produced(server, cli
     assert result["result"] == "42" and result["exit_code"] == 0 and result["context_id"] == "default"
     assert [m["data"] for m in messages if m["type"] == "stdout"] == ["second\n"]
     assert messages[-1]["success"] is True
+
+
+def test_a_stream_client_that_stalls_then_vanishes_leaves_the_context_in_step(server, client, tmp_path):
+    written = tmp_path / "written"
+    ws = WS(server)
+    ws.send_json({"type": "execute", "timeout": 30,
+                  "code": "import sys, time\nfor i in range(20000):\n    sys.stdout.write('z' * 1000 + '\\n')\n"
+                          "open(%r, 'w').close()\nwhile True:\n    time.sleep(0.05)" % str(written)})
+    # 20 MB to a client that reads nothing: more than the sockets hold, so
+    # the cell only gets this far if its output never waits for the client.
+    wait_until(written.exists, 10, "the cell's output to get past a client that does not read")
+    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.close()                        # gone without a close frame (RST)
+    answers = [client.ok("POST", "/execute", {"code": code, "timeout": 5}) for code in ("'first'", "1/0", "'third'")]
+    assert [a.get("result") for a in answers] == ["'first'", None, "'third'"]
+    assert answers[1]["error"]["name"] == "ZeroDivisionError" and not answers[0]["timed_out"]
+
+
+def test_a_stream_client_that_never_reads_cannot_hold_its_call_past_the_timeout(server, client):
+    ws = WS(server)
+    try:
+        ws.send_json({"type": "execute", "timeout": 0.5, "code": "while True:\n    print('z' * 1000)"})
+        assert ws.recv()[0] == WS.TEXT          # the cell runs; from now on nothing is read
+        started = time.monotonic()
+        answer = client.ok("POST", "/execute", {"code": "'next'", "timeout": 20})
+        assert answer["result"] == "'next'" and time.monotonic() - started < 0.5 + 0.5 + 3
+    finally:
+        ws.close()
 
 
 def test_ws_stream_other_languages_stay_processes(server):
