@@ -136,10 +136,14 @@ JWT_LEEWAY_S = 30.0                   # api.md §2: clock skew tolerated on exp/
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512")
 TOKEN_TTL_S = 86400                   # lifetime of minted tokens unless --ttl says otherwise
 MIN_SECRET_BYTES = 32                 # shorter HMAC keys get a warning (RFC 7518 §3.2)
-READ_CHUNK_BYTES = 256 * 1024         # one os.readv() per wake-up of a reader thread
+READ_CHUNK_BYTES = 256 * 1024         # one os.readv() per wake-up of a reader thread (a chatty child)
+READ_SMALL_BYTES = 64 * 1024          # ... until a read fills this much (the pipe's default size)
 PIPE_SIZE_BYTES = 1024 * 1024         # F_SETPIPE_SZ: fewer wake-ups for chatty children
 BLOCK_BYTES = 64 * 1024               # output buffers grow in blocks of this size
 DRAIN_AFTER_EXIT_S = 0.5              # after the leader exits, wait this long for pipe EOF
+HEAP_TRIM_BYTES = 1024 * 1024         # freed since the last malloc_trim before another is worth it
+HEAP_TRIM_INTERVAL_S = 1.0            # at most one malloc_trim a second (each walks every arena: ~1 ms)
+HEAP_TRIM_DELAY_S = 0.1               # a trim waits this long: the request that freed has sent its answer
 WORKER_RESERVE = 6                    # idle pooled threads kept ready: a start never waits for new ones
 WORKER_IDLE_S = 2.0                   # a pooled thread beyond the reserve ends after this long idle
 MAX_NAME_CHARS = 256                  # process names are labels, not payloads
@@ -620,7 +624,9 @@ class _OutputBuffer:
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.total = 0
-        self._blocks: collections.deque = collections.deque()
+        # A list, not a deque: ~600 bytes less per buffer (each retained record has two);
+        # a trim shifts at most cap / BLOCK_BYTES entries.
+        self._blocks: List[bytearray] = []
         self._held = 0
         self._cache: Optional[Tuple[int, str]] = None   # (end offset, text) of the last full read
 
@@ -656,7 +662,7 @@ class _OutputBuffer:
         while excess > 0 and self._blocks:
             first = self._blocks[0]
             if len(first) <= excess:
-                self._blocks.popleft()
+                del self._blocks[0]
                 excess -= len(first)
                 self._held -= len(first)
             else:
@@ -824,6 +830,15 @@ class _Launch:
 class _ProcessRecord:
     """One execution: its launch, its child, its output and its outcome."""
 
+    # Slots: a retained record costs ~1.2 KiB less than with a __dict__ (more
+    # than 30 attributes: CPython shares no dict keys between instances). A new
+    # attribute must be named here.
+    __slots__ = ("id", "execution_id", "launch", "cond", "status", "reason", "exit_code", "signal", "error",
+                 "pid", "popen", "reaped", "kill_reason", "created", "started", "started_mono", "ended",
+                 "duration", "rusage", "stdout", "stderr", "open_streams", "extra", "on_finish", "timer",
+                 "idle_timer", "accounted", "last_output", "stdin_busy", "stdin_closed", "pty_eof",
+                 "stragglers", "idempotency_key", "exit_info", "prereaped", "changes")
+
     def __init__(self, launch: _Launch, cap: int) -> None:
         self.id = "proc_" + secrets.token_hex(12)       # unguessable, not a pid
         self.execution_id = "exec_" + secrets.token_hex(12)
@@ -881,6 +896,17 @@ class _ProcessRecord:
         self.ended = time.time()
         self.duration = round(time.monotonic() - self.started_mono, 6) if self.started_mono else 0.0
         self.cond.notify_all()
+
+    def compact(self) -> None:
+        """Once final, drop what only a live child needs: the Popen (unless a
+        stdin write still holds its pipe), the child's environment and the
+        code, which is in its file or was never run. A retained record keeps
+        what it reports; ~2 KiB less each, more with large code. Call with
+        ``cond`` held."""
+        if self.popen is not None and not self.stdin_busy and (self.stdin_closed or self.popen.stdin is None):
+            self.popen = None
+        self.launch.env = {}
+        self.launch.code = None
 
     def to_json(self, *, output: bool = True, offsets: Optional[Dict[str, Optional[int]]] = None,
                 queue_position: Optional[int] = None, cap: Optional[int] = None) -> Dict[str, Any]:
@@ -1142,6 +1168,63 @@ class _Watchdog:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+
+
+def _malloc_trim_function() -> Optional[Callable[[int], int]]:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        import ctypes
+        trim = ctypes.CDLL(None).malloc_trim
+    except (ImportError, OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+class _HeapTrim:
+    """Gives freed heap back to the system after a lot was freed.
+
+    Output blocks are filled by pooled reader threads, each with its own glibc
+    arena; a retained record's small objects pin the top of those arenas, so
+    megabytes freed below them stay in the process (an agent that served
+    256 MiB of output kept ~200 MiB of it). ``malloc_trim(0)`` returns every
+    free page of every arena. Whoever freed a lot (retention, the output
+    budget, a listing) calls ``freed``; past HEAP_TRIM_BYTES, one trim runs
+    on the watchdog's thread, at most once per HEAP_TRIM_INTERVAL_S.
+    """
+
+    def __init__(self, schedule: Callable[[float, Callable[[], None]], Any],
+                 trim: Optional[Callable[[int], int]] = None) -> None:
+        self._schedule = schedule
+        self._trim_fn = trim
+        self._lock = threading.Lock()   # guards _freed, _pending, _last, trims
+        self._freed = 0                 # bytes reported freed since the last trim
+        self._pending = False           # a trim is scheduled
+        self._last = -HEAP_TRIM_INTERVAL_S
+        self.trims = 0
+
+    def freed(self, nbytes: int) -> None:
+        if self._trim_fn is None:
+            return
+        with self._lock:
+            self._freed += nbytes
+            if self._pending or self._freed < HEAP_TRIM_BYTES:
+                return
+            self._pending = True
+            delay = max(HEAP_TRIM_DELAY_S, self._last + HEAP_TRIM_INTERVAL_S - time.monotonic())
+        try:
+            self._schedule(delay, self._run)
+        except RuntimeError:            # no watchdog thread to be had: the next report tries again
+            with self._lock:
+                self._pending = False
+
+    def _run(self) -> None:
+        with self._lock:
+            self._freed, self._pending, self._last = 0, False, time.monotonic()
+            self.trims += 1
+        fn = self._trim_fn
+        if fn is not None:
+            fn(0)                       # through ctypes: the GIL is released meanwhile
 
 
 # ============================================================================
@@ -1931,6 +2014,7 @@ class _Registry:
         self._stats: Dict[str, int] = collections.Counter()
         self._idempotency: Dict[str, _IdempotentStart] = {}    # Idempotency-Key -> its first start
         self.cache = _RecordCache(RECORD_CACHE_BYTES)
+        self.on_freed: Callable[[int], None] = lambda nbytes: None   # told of output let go (a _HeapTrim)
 
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -2009,17 +2093,23 @@ class _Registry:
             self._finished_bytes += held
             self._stats["status_" + status] += 1
             self._stats["reason_" + str(reason)] += 1
-            self._enforce_retention()
-            return self._ready()
+            freed = self._enforce_retention()
+            ready = self._ready()
+        if freed:
+            self.on_freed(freed)
+        return ready
 
-    def _enforce_retention(self) -> None:
+    def _enforce_retention(self) -> int:
         """Keep at most ``retain`` finished records and ``output_budget`` bytes
-        of their output: the oldest records go first (call with ``lock`` held)."""
+        of their output: the oldest records go first (call with ``lock`` held).
+        Returns the output bytes let go."""
+        freed = 0
         while len(self._finished) > self.config.retain:
             _, old = self._finished.popitem(last=False)
             self._records.pop(old.id, None)
             self._idempotency.pop(old.idempotency_key or "", None)
             self._finished_bytes -= old.accounted
+            freed += old.accounted
             self.cache.forget(old.id)
         for old in self._finished.values():
             if self._finished_bytes <= self.config.output_budget:
@@ -2028,7 +2118,9 @@ class _Registry:
                 old.stdout.discard()
                 old.stderr.discard()
             self._finished_bytes -= old.accounted
+            freed += old.accounted
             old.accounted = 0
+        return freed
 
     # -- reading -----------------------------------------------------------------
 
@@ -2334,13 +2426,18 @@ class _Lifecycle:
         """Drain one pipe until EOF into the record's bounded buffer."""
         buf = rec.stream(name)
         scratch = getattr(_THREAD_STATE, "scratch", None)
-        if scratch is None:      # one read buffer per pooled thread, reused for every pipe
-            scratch = _THREAD_STATE.scratch = bytearray(READ_CHUNK_BYTES)
+        if scratch is None:      # one small read buffer per pooled thread, reused for every pipe
+            scratch = _THREAD_STATE.scratch = bytearray(READ_SMALL_BYTES)
         view = memoryview(scratch)
         poller = None
         try:
             grown = False
             while True:
+                if grown and len(scratch) < READ_CHUNK_BYTES:
+                    # A chatty child: a big buffer for this stream only, so the idle
+                    # threads of the pool hold READ_SMALL_BYTES each, not this.
+                    scratch = bytearray(READ_CHUNK_BYTES)
+                    view = memoryview(scratch)
                 try:
                     size = os.readv(fd, [scratch])
                 except BlockingIOError:   # a pty master: its stdin descriptor shares the non-blocking flag
@@ -2355,7 +2452,7 @@ class _Lifecycle:
                     size = 0              # a pty master: EIO once no slave descriptor is open = EOF
                 if not size:
                     break
-                if size >= 65536 and not grown:   # a chatty child: fewer wake-ups with a bigger pipe
+                if size >= READ_SMALL_BYTES and not grown:   # a chatty child: fewer wake-ups with a bigger pipe
                     grown = True
                     _grow_pipe(fd)
                 with rec.cond:
@@ -2569,6 +2666,8 @@ class _Lifecycle:
                 callback(rec)
             except Exception:
                 log.exception("finish callback of %s failed", rec.id)
+        with rec.cond:
+            rec.compact()
         return ready
 
     def stop(self, deadline: float) -> None:
@@ -2604,6 +2703,8 @@ class ProcessManager:
         self.lifecycle = _Lifecycle(self.config, self.registry, self.spawner)
         self.watchdog = self.lifecycle.watchdog   # one timer thread, shared by every family
         self.subreaper = _Subreaper(self.spawner, self.stopping)
+        self.heap = _HeapTrim(self.watchdog.schedule, _malloc_trim_function())   # any family may report to it
+        self.registry.on_freed = self.heap.freed
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to one of the counters /metrics reports."""
@@ -3176,7 +3277,7 @@ class _Upgrade:
 
 # -- routes ---------------------------------------------------------------------
 
-_Route = collections.namedtuple("_Route", "method pattern regex fn auth body websocket")
+_Route = collections.namedtuple("_Route", "method pattern segments fn auth body websocket")
 
 
 def _route(method: str, pattern: str, fn: Callable[..., Any], *, auth: bool = True,
@@ -3185,10 +3286,33 @@ def _route(method: str, pattern: str, fn: Callable[..., Any], *, auth: bool = Tr
     the rest of the path) and is passed to ``fn(srv, req, name=...)``. ``auth``:
     True (a valid token needed), False, or "optional" (``req.claims`` says). ``body``: "json" (read whole, at most
     MAX_BODY_BYTES, before the endpoint runs) or "stream" (the endpoint reads
-    it with ``req.read_body``; no size limit but its own)."""
-    regex = re.sub(r"\\\{(\w+)\\\*\\\}", r"(?P<\1>.+)", re.escape(pattern))   # {name*}: the rest of the path
-    regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", regex)
-    return _Route(method, pattern, re.compile(regex + r"\Z"), fn, auth, body, websocket)
+    it with ``req.read_body``; no size limit but its own). Matched segment by
+    segment, not by a regex: nothing to compile at import, and less per request."""
+    segments = tuple(pattern.split("/"))
+    if segments[0] or segments[1].startswith("{"):    # the server finds routes by their first segment
+        raise ValueError("a route starts with / and a literal segment: %r" % pattern)
+    return _Route(method, pattern, segments, fn, auth, body, websocket)
+
+
+def _match_route(segments: Tuple[str, ...], parts: List[str]) -> Optional[Dict[str, str]]:
+    """The path parameters (still %-encoded) when the path's ``parts`` (split
+    on "/") fit the route's ``segments``, else None. A ``{name}`` takes one
+    non-empty part; a final ``{name*}`` all the rest, slashes included."""
+    params: Dict[str, str] = {}
+    for i, segment in enumerate(segments):
+        if segment.startswith("{"):
+            if segment.endswith("*}"):
+                rest = "/".join(parts[i:])
+                if not rest:
+                    return None
+                params[segment[1:-2]] = rest
+                return params
+            if i >= len(parts) or not parts[i]:
+                return None
+            params[segment[1:-1]] = parts[i]
+        elif i >= len(parts) or parts[i] != segment:
+            return None
+    return params if len(parts) == len(segments) else None
 
 
 class _Metrics:
@@ -4128,8 +4252,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self, req: _Request) -> Any:
         """Route, authenticate, read the body, call the endpoint; 404/405 on no match."""
         method = "GET" if req.method == "HEAD" else req.method
+        parts = req.path.split("/")
         matches = [(route, found) for route, found in
-                   ((route, route.regex.match(req.path)) for route in self.server.routes) if found]
+                   ((route, _match_route(route.segments, parts)) for route in self.server.routes_for(parts))
+                   if found is not None]
         chosen = next((m for m in matches if m[0].method == method), None)
         streaming = chosen is not None and chosen[0].body == "stream"
         req.content_length = length = self._content_length(req, None if streaming else MAX_BODY_BYTES)
@@ -4159,7 +4285,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 r.pattern for r in self.server.routes if r.websocket))
         accept = _websocket_accept(req) if route.websocket else None
         req.route = route.pattern
-        params = {k: urllib.parse.unquote(v) for k, v in found.groupdict().items()}
+        params = {k: urllib.parse.unquote(v) for k, v in found.items()}
         result = route.fn(self.server, req, **params)
         if isinstance(result, _Upgrade):
             result.accept = accept
@@ -4353,11 +4479,19 @@ class _AgentServer(http.server.ThreadingHTTPServer):
         self.manager = manager
         self.metrics = _Metrics()
         self.routes: Tuple[_Route, ...] = tuple(routes)
+        self._routes_by_head: Dict[str, List[_Route]] = {}    # first path segment -> its routes, in order
+        for route in self.routes:
+            self._routes_by_head.setdefault(route.segments[1], []).append(route)
         # Each family's state: .features() for /health and /info, .close(deadline) at the end.
         self.families: List[Any] = []
         self.contexts: Any = None           # the contexts family (_ContextManager), made by create_server
         super().__init__((config.host, config.port), _Handler)
         self.hub = _Hub(self)
+
+    def routes_for(self, parts: List[str]) -> List[_Route]:
+        """The routes a path split on "/" may match: those with its first segment
+        (every pattern starts with a literal one)."""
+        return self._routes_by_head.get(parts[1] if len(parts) > 1 else "", [])
 
     @property
     def url(self) -> str:

@@ -1609,6 +1609,63 @@ def test_output_budget_discards_the_oldest_output_but_keeps_metadata(manager_wit
     assert (n["stdout"], n["stdout_dropped"]) == ("b" * 600, 0)
 
 
+class FakeSchedule:
+    """A watchdog stand-in: remembers (delay, fn) and runs them when told."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, delay, fn):
+        self.calls.append((delay, fn))
+
+    def run_all(self):
+        calls, self.calls = self.calls, []
+        for _, fn in calls:
+            fn()
+
+
+def test_heap_trim_runs_once_enough_was_freed_and_at_most_once_per_interval():
+    schedule, trims = FakeSchedule(), []
+    heap = hopx_agent._HeapTrim(schedule, trims.append)
+    heap.freed(hopx_agent.HEAP_TRIM_BYTES - 1)
+    assert schedule.calls == []                       # not worth a trim yet
+    heap.freed(1)
+    heap.freed(10 * hopx_agent.HEAP_TRIM_BYTES)       # one trim pending: no second one
+    assert len(schedule.calls) == 1 and schedule.calls[0][0] >= hopx_agent.HEAP_TRIM_DELAY_S
+    schedule.run_all()
+    assert trims == [0] and heap.trims == 1
+    heap.freed(hopx_agent.HEAP_TRIM_BYTES)            # right after a trim: waits out the interval
+    assert len(schedule.calls) == 1
+    assert schedule.calls[0][0] > hopx_agent.HEAP_TRIM_INTERVAL_S - 0.5
+
+
+def test_heap_trim_does_nothing_without_malloc_trim():
+    schedule = FakeSchedule()
+    heap = hopx_agent._HeapTrim(schedule, None)
+    heap.freed(100 * hopx_agent.HEAP_TRIM_BYTES)
+    assert schedule.calls == [] and heap.trims == 0
+
+
+def test_evicted_output_is_reported_to_the_heap_trim(manager_with):
+    mgr = manager_with(retain=1, max_output_bytes=1 << 20)
+    reported = []
+    mgr.registry.on_freed = reported.append
+    first = start_code(mgr, "import sys\nsys.stdout.write('a' * 300000)\n")
+    assert mgr.wait(first, WAIT_S)
+    second = start_code(mgr, "print(1)")
+    assert mgr.wait(second, WAIT_S)
+    wait_until(lambda: sum(reported) >= 300000, WAIT_S, "the eviction to be reported")
+
+
+def test_a_final_record_lets_go_of_its_child_environment_and_code(manager):
+    rec = manager.start(manager.code_launch("print(42)", "python"))
+    assert rec.launch.env and rec.launch.code
+    record = wait_final(manager, rec)
+    wait_until(lambda: rec.popen is None, WAIT_S, "the record to be compacted")
+    assert rec.launch.env == {} and rec.launch.code is None
+    assert manager.describe(rec) == record         # what it reports is unchanged
+
+
 def test_killing_a_finished_process_changes_nothing(manager):
     rec = start_code(manager, "import sys\nprint('done')\nsys.exit(3)\n")
     before = wait_final(manager, rec)
