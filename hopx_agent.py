@@ -18,6 +18,12 @@ group (SIGTERM, a grace period, SIGKILL). A process is finished when its
 leader exits, not when its pipes close. Pipes are always drained into bounded
 buffers that say what they dropped.
 
+Nothing a client was promised is lost when the agent dies or is upgraded: a
+journal in a private state directory (--state-dir) keeps every record, a
+restarted agent ends what its dead predecessor left running and records it,
+and SIGHUP (or POST /admin/restart) execs the file on disk in place, handing
+over the running processes, their output and the open connections.
+
 The file reads top to bottom, each section leaning only on those above it
 (``grep -n '^# ==' hopx_agent.py`` is its table of contents): configuration,
 errors, JWT, the process model and manager with its collaborators, the HTTP
@@ -179,6 +185,29 @@ MAX_TERMINALS = 32                    # terminal sessions at once, live or linge
 PTY_TERM = "xterm-256color"           # TERM of every child on a pty
 MAX_PTY_SIZE = 1000                   # cols and rows: 1..1000 (struct winsize holds 16 bits)
 
+# limits, users and the agent's own safety (issue 15, api.md §14)
+AGENT_OOM_SCORE_ADJ = -1000           # the OOM killer never picks the agent (needs CAP_SYS_RESOURCE)
+CHILD_OOM_SCORE_ADJ = 500             # ...and picks a runaway child first
+MIB = 1024 * 1024
+CPU_PERIOD_US = 100_000               # CFS period for cpu_limit; the quota is cores * period
+MIN_CPU_LIMIT = 0.01                  # 1 ms of quota per 100 ms period: the kernel's floor (cfs_quota_us >= 1000)
+FREEZE_WAIT_S = 1.0                   # api.md §14: v1 kill waits about 1 s for FROZEN
+CGROUP_EMPTY_WAIT_S = 2.0             # killed members leave the cgroup within this (else: retried later)
+GATE_EXIT_CODE = 125                  # the gate shell's exit when the agent let go without releasing it
+CGROUP_RUNS_PREFIX = "hopx-runs-"     # <agent's cgroup>/hopx-runs-<pid>-<token>/<execution>
+CGROUP_AGENT_LEAF = "hopx-agent"      # v2: the leaf the agent moves into (no-internal-processes rule)
+
+# api.md §14 limits: field -> (integer only, smallest, largest, unit shown in messages).
+_LIMIT_FIELDS: Dict[str, Tuple[bool, float, float, str]] = {
+    "memory_limit_mb": (False, 1.0, float(1 << 20), "MiB"),            # up to 1 TiB
+    "cpu_limit": (False, MIN_CPU_LIMIT, 1024.0, "cores"),
+    "pids_limit": (True, 1, 4_194_304, "processes"),                   # the kernel's PID_MAX_LIMIT
+    "cpu_time_limit_s": (False, 0.001, 366.0 * 86400, "seconds"),      # a year of CPU time
+    "file_size_limit_mb": (False, 0.001, float(1 << 24), "MiB"),       # up to 16 TiB
+}
+_CGROUP_LIMITS = ("memory_limit_mb", "cpu_limit", "pids_limit")        # need a cgroup (or an rlimit stand-in)
+_MECHANISMS = ("cgroup_v2", "cgroup_v1", "rlimit")
+
 _F_SETPIPE_SZ = 1031                  # fcntl command number on Linux (not in fcntl before 3.10)
 
 # Contexts (issue 13, api.md §13)
@@ -215,6 +244,16 @@ class AgentConfig:
     request_deadline: float = REQUEST_DEADLINE_S
     log_level: str = "info"
     log_format: str = "text"
+    # limits, users and the agent's own safety (issue 15, api.md §14)
+    limits_mechanism: str = "auto"                 # auto, cgroup_v2, cgroup_v1 or rlimit
+    default_memory_limit_mb: Optional[float] = None
+    default_cpu_limit: Optional[float] = None
+    default_pids_limit: Optional[int] = None
+    default_cpu_time_limit_s: Optional[float] = None
+    default_file_size_limit_mb: Optional[float] = None
+    run_as: Optional[str] = None                   # children's user unless a request names one
+    agent_oom_score_adj: Optional[int] = AGENT_OOM_SCORE_ADJ   # None: leave the agent's own alone
+    child_oom_score_adj: Optional[int] = CHILD_OOM_SCORE_ADJ   # None: what the agent had at start
     # files (issue 12)
     files_roots: Optional[Tuple[str, ...]] = None     # None: the working directory and the temp directory
     max_read_bytes: int = FILES_MAX_READ_BYTES
@@ -226,8 +265,12 @@ class AgentConfig:
     # Terminals (issue 14)
     terminal_linger: float = TERMINAL_LINGER_S
     max_terminals: int = MAX_TERMINALS
+    # durability (issue 16): where the journal lives; None: no journal (embedders,
+    # tests; main() fills in a default per port, see _default_state_dir)
+    state_dir: Optional[str] = None
 
     @property
+
     def queue_limit(self) -> int:
         return self.max_running * QUEUE_FACTOR
 
@@ -807,15 +850,22 @@ class _Launch:
     stdin: bool = False
     tempfile: Optional[str] = None
     idle_timeout: Optional[float] = None   # end the process after this long without output
+    limits: Optional["_LimitValues"] = None    # api.md §14, validated (section "Children: limits")
+    user: Optional["_RunAs"] = None
     pty: Optional[Tuple[int, int]] = None  # (cols, rows): run on a pseudo-terminal (api.md §12)
     code: Optional[bytes] = None           # the code to write to a file when the process starts
     code_suffix: str = ""
     code_argv: Optional[Callable[[str], List[str]]] = None   # argv for the code file's path
+    code_prefix: str = "hopx-"             # the code file's name: durability names it after the state dir
 
     def prepare(self) -> None:
-        """Write the code file (just before the spawn) and make the argv that runs it."""
+        """Write the code file (just before the spawn) and make the argv that
+        runs it. The file is 0600 and, with a ``user``, owned by that user:
+        readable by it and by nobody else."""
         if self.code is not None and self.code_argv is not None and self.tempfile is None:
-            self.tempfile = _write_code_file(self.code, self.code_suffix)
+            self.tempfile = _write_code_file(self.code, self.code_suffix, self.code_prefix)
+            if self.user is not None and not self.user.is_current:
+                os.chown(self.tempfile, self.user.uid, self.user.gid)   # on failure cleanup() removes it
             self.argv = self.code_argv(self.tempfile)
 
     def cleanup(self) -> None:
@@ -835,9 +885,11 @@ class _ProcessRecord:
     # attribute must be named here.
     __slots__ = ("id", "execution_id", "launch", "cond", "status", "reason", "exit_code", "signal", "error",
                  "pid", "popen", "reaped", "kill_reason", "created", "started", "started_mono", "ended",
-                 "duration", "rusage", "stdout", "stderr", "open_streams", "extra", "on_finish", "timer",
-                 "idle_timer", "accounted", "last_output", "stdin_busy", "stdin_closed", "pty_eof",
-                 "stragglers", "idempotency_key", "exit_info", "prereaped", "changes")
+                 "duration", "rusage", "stdout", "stderr", "open_streams", "extra", "confinement", "usage",
+                 "on_finish", "timer", "idle_timer", "accounted", "last_output", "stdin_busy",
+                 "stdin_closed", "pty_eof", "stragglers", "idempotency_key", "exit_info", "prereaped",
+                 "changes", "seq", "fseq", "starttime", "boot_id", "final_hook", "fds", "readers", "timers",
+                 "journaled", "idempotency", "cgroups")
 
     def __init__(self, launch: _Launch, cap: int) -> None:
         self.id = "proc_" + secrets.token_hex(12)       # unguessable, not a pid
@@ -863,6 +915,8 @@ class _ProcessRecord:
         self.stderr = _OutputBuffer(cap)
         self.open_streams = 0              # reader threads not yet at EOF
         self.extra: Dict[str, Any] = {}    # e.g. webhook delivery state, shown in the record
+        self.confinement: Optional["_Confinement"] = None   # its cgroup and user, set at spawn
+        self.usage: Dict[str, Any] = {}    # with cgroups: memory_peak_mb, oom_kills (api.md §14)
         self.on_finish: List[Callable[["_ProcessRecord"], None]] = []
         self.timer: Optional[_Timer] = None  # the timeout, cancelled when the record ends
         self.idle_timer: Optional[_Timer] = None  # the idle timeout's next check, likewise
@@ -876,6 +930,18 @@ class _ProcessRecord:
         self.exit_info: Optional[Tuple[Optional[int], Any]] = None   # (wait status, rusage) once reaped
         self.prereaped: Optional[Tuple[int, Any]] = None   # the same, where wait4 had to reap to wait
         self.changes = 0                   # bumped by changes to_json cannot see in its cache key
+        # durability (issue 16): what the journal and an upgrade need of the record
+        self.seq = 0                       # creation order (the listing's), from the registry
+        self.fseq = 0                      # the order it became final in (retention's)
+        self.starttime: Optional[int] = None   # the leader's start (clock ticks since boot): proof after a crash
+        self.boot_id: Optional[str] = None
+        self.final_hook: Optional[Callable[["_ProcessRecord"], None]] = None  # set_final calls it, cond held
+        self.fds: Dict[str, int] = {}      # output pipes not at EOF yet, by stream: an upgrade hands them over
+        self.readers = 0                   # reader jobs submitted and not returned (an upgrade restarts parked ones)
+        self.timers: Dict[str, _Timer] = {}   # "escalate", "drain": pending deadlines an upgrade carries over
+        self.journaled = False             # the journal has its start (so a later spawn is journaled too)
+        self.idempotency: Optional[List[Any]] = None   # [key, request digest, first answer], kept with it
+        self.cgroups: List[str] = []       # the record's cgroup directories (issue 15), swept after a crash
 
     @property
     def finished(self) -> bool:
@@ -895,6 +961,8 @@ class _ProcessRecord:
         self.status = "completed" if reason == "exited" and exit_code == 0 else "failed"
         self.ended = time.time()
         self.duration = round(time.monotonic() - self.started_mono, 6) if self.started_mono else 0.0
+        if self.final_hook is not None:     # the journal: the outcome is written before anyone sees it
+            self.final_hook(self)
         self.cond.notify_all()
 
     def compact(self) -> None:
@@ -958,8 +1026,14 @@ class _ProcessRecord:
             rec["cpu_user_s"] = round(self.rusage.ru_utime, 6)
             rec["cpu_system_s"] = round(self.rusage.ru_stime, 6)
             rec["max_rss_kb"] = self.rusage.ru_maxrss
+        rec.update(self.usage)
+        if launch.limits is not None and launch.limits.given():
+            rec["limits"] = launch.limits.given()
+        if launch.user is not None:
+            rec["user"] = launch.user.name
         rec.update(self.extra)
         return rec
+
 
 
 class _RecordCache:
@@ -1071,11 +1145,13 @@ def _resolve_language(value: Any) -> Tuple[str, str]:
     return name, program
 
 
-def _write_code_file(code: bytes, suffix: str) -> str:
+def _write_code_file(code: bytes, suffix: str, prefix: str = "hopx-") -> str:
     """The code in a private (0600) temp file, so there is no argv length limit
-    and tracebacks name a real file. A full disk removes the partial file."""
+    and tracebacks name a real file. A full disk removes the partial file. An
+    agent with a journal names it after its state directory (``prefix``), so a
+    restart finds what a crash left."""
     import tempfile  # imported here: it costs import time and is needed only to run code
-    fd, path = tempfile.mkstemp(prefix="hopx-", suffix=suffix)
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(code)
@@ -1113,6 +1189,9 @@ class _Watchdog:
         self._seq = 0
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
+        # Held by an upgrade in place while it takes its snapshot: callbacks
+        # wait here (taken around each one, never while holding _cond).
+        self.gate = threading.Lock()
 
     def ensure_running(self) -> None:
         """Start the thread now if it is not running; RuntimeError when it cannot be."""
@@ -1153,13 +1232,14 @@ class _Watchdog:
             if not due:
                 return
             for timer in due:
-                fn, timer.fn = timer.fn, None
-                if fn is None:
-                    continue
-                try:
-                    fn()
-                except Exception:
-                    log.exception("watchdog callback failed")
+                with self.gate:
+                    fn, timer.fn = timer.fn, None
+                    if fn is None:
+                        continue
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("watchdog callback failed")
 
     def stop(self, timeout: float) -> None:
         with self._cond:
@@ -1168,6 +1248,10 @@ class _Watchdog:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+
+    def pending(self, timer: Optional[_Timer]) -> Optional[float]:
+        """The monotonic deadline of ``timer`` if it has neither run nor been cancelled."""
+        return timer.deadline if timer is not None and timer.fn is not None else None
 
 
 def _malloc_trim_function() -> Optional[Callable[[int], int]]:
@@ -1355,6 +1439,118 @@ class _WorkerPool:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
+class _Parking:
+    """Lets the readers of children's output stop between two reads when an
+    upgrade in place asks, leaving what is unread in the pipe (or pty) for
+    the successor: the offset handed over is exactly where reading stopped.
+
+    A reader job is counted from its submission (submit()) to its return,
+    so park() also waits for jobs not started yet (they see the request and
+    return before reading). A reader polls its descriptor together with this
+    wake-up pipe and reads its (non-blocking) descriptor until it is empty
+    before it polls again: a flood costs one poll per emptied pipe, not one
+    per read.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())  # guards _active, _pipe
+        self.requested = False   # read by readers between reads without the lock: a stale False costs one read
+        self._active = 0         # reader jobs submitted and not returned
+        self._pipe: Optional[Tuple[int, int]] = None
+
+    def submit(self, workers: "_WorkerPool", name: str, fn: Callable[..., None], *args: Any) -> None:
+        """Run a reader job on the pool, counted until it returns."""
+        with self._cond:
+            self._active += 1
+        try:
+            workers.submit(name, self._run, fn, args)
+        except BaseException:      # no thread to be had: the job never runs
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+            raise
+
+    def _run(self, fn: Callable[..., None], args: Tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def poller(self, fd: int) -> Any:
+        """A poll set for a reader of ``fd`` (made non-blocking) and the wake-up pipe."""
+        with self._cond:
+            if self._pipe is None:
+                self._pipe = os.pipe()
+            wake = self._pipe[0]
+        os.set_blocking(fd, False)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        return poller
+
+    def park(self, timeout: float) -> bool:
+        """Ask every reader to stop; True once all have (within ``timeout``)."""
+        with self._cond:
+            self.requested = True
+            if self._pipe is not None:
+                os.write(self._pipe[1], b"p")        # level-triggered: wakes every poller until unpark
+            return self._cond.wait_for(lambda: self._active == 0, timeout)
+
+    def unpark(self) -> None:
+        """The upgrade did not happen: readers may be submitted again."""
+        with self._cond:
+            self.requested = False
+            if self._pipe is not None:
+                os.set_blocking(self._pipe[0], False)
+                try:
+                    os.read(self._pipe[0], 64)
+                except BlockingIOError:
+                    pass
+
+    def close(self) -> None:
+        """Close the wake-up pipe, unless a reader still polls it (a closed fd would make it spin)."""
+        with self._cond:
+            if self._active:
+                return
+            pipe, self._pipe = self._pipe, None
+        for fd in pipe or ():
+            _close_quietly(fd)
+
+
+def _read_parkable(fd: int, parking: _Parking, scratch: bytearray, deliver: Callable[[memoryview], None]) -> bool:
+    """Read ``fd`` into ``deliver`` until EOF (True) or until parking is
+    requested (False: ``fd`` is left open, just after the last byte
+    delivered). A pty master's EIO (its other side closed) counts as EOF."""
+    view = memoryview(scratch)
+    poller = parking.poller(fd)
+    empty = True
+    while not parking.requested:
+        if empty:
+            poller.poll()
+            empty = False
+            continue
+        try:
+            size = os.readv(fd, [scratch])
+        except BlockingIOError:
+            empty = True
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                return True
+            raise
+        if not size:
+            return True
+        deliver(view[:size])
+        if size == len(scratch) < READ_CHUNK_BYTES:
+            # A chatty child: a big buffer for this descriptor only, so the idle
+            # threads of the pool keep their small one each, not this.
+            scratch = bytearray(READ_CHUNK_BYTES)
+            view = memoryview(scratch)
+    return False
+
+
 class _ExitWatcher:
     """One thread that learns of every leader's exit: each leader's pidfd
     (Linux 5.3+) in one epoll set, so no thread per process sits waiting for
@@ -1368,6 +1564,7 @@ class _ExitWatcher:
         self._wake: Optional[Tuple[int, int]] = None
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
+        self.gate = threading.Lock()   # held by an upgrade in place: exit handlers wait (see _Watchdog.gate)
 
     def watch(self, pid: int, on_exit: Callable[[], None]) -> bool:
         if not hasattr(os, "pidfd_open") or not hasattr(select, "epoll"):
@@ -1424,18 +1621,25 @@ class _ExitWatcher:
             except (OSError, ValueError):     # closed under us: stop() gave up waiting
                 return
             for fd, _ in events:
-                with self._lock:
-                    if self._stopped:
+                with self.gate:
+                    if not self._handle(epoll, fd):
                         return
-                    on_exit = self._callbacks.pop(fd, None)
-                if on_exit is None:
-                    continue
-                try:
-                    epoll.unregister(fd)
-                    os.close(fd)
-                    on_exit()
-                except Exception:      # one failure must not end the watch for every process
-                    log.exception("exit handling failed")
+
+    def _handle(self, epoll: Any, fd: int) -> bool:
+        """Run the exit callback of one readable pidfd; False once stopped."""
+        with self._lock:
+            if self._stopped:
+                return False
+            on_exit = self._callbacks.pop(fd, None)
+        if on_exit is None:
+            return True
+        try:
+            epoll.unregister(fd)
+            os.close(fd)
+            on_exit()
+        except Exception:      # one failure must not end the watch for every process
+            log.exception("exit handling failed")
+        return True
 
     def stop(self, timeout: float) -> None:
         with self._lock:
@@ -1453,6 +1657,1258 @@ class _ExitWatcher:
                 _close_quietly(fd)
             self._callbacks.clear()
             self._epoll.close()
+
+
+# ============================================================================
+# Children: limits, users and the agent's own safety (api.md §14)
+# ============================================================================
+#
+# How a child is confined, in order, without Python code between fork and
+# exec (the agent is threaded: no preexec_fn):
+#
+#   1. the agent makes the child's cgroups and writes their limits;
+#   2. Popen starts ``/bin/sh -c '<preludes>' [dropper] argv`` whose stdin is
+#      the read end of a "gate" pipe; the shell sets its oom_score_adj and
+#      waits on the gate (``read``) before anything else;
+#   3. the agent writes the child's pid into every cgroup.procs, sets its
+#      rlimits with prlimit(2), and only then writes a line into the gate;
+#   4. the shell restores the real stdin, then execs the dropper (which
+#      drops root for ``user``) or the program itself.
+#
+# So the child is in all its cgroups, under its rlimits, before it runs any
+# user code and before it drops root. A plain start (no limits, no user)
+# needs only the oom_score_adj prelude; with nothing to do it stays a direct exec.
+
+
+@dataclasses.dataclass(frozen=True)
+class _LimitValues:
+    """The limits of one execution (None: no limit); values validated."""
+
+    memory_limit_mb: Optional[float] = None
+    cpu_limit: Optional[float] = None
+    pids_limit: Optional[int] = None
+    cpu_time_limit_s: Optional[float] = None
+    file_size_limit_mb: Optional[float] = None
+
+    def given(self) -> Dict[str, Any]:
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+
+    @property
+    def needs_cgroup(self) -> bool:
+        return any(getattr(self, name) is not None for name in _CGROUP_LIMITS)
+
+    def over(self, defaults: "_LimitValues") -> "_LimitValues":
+        """These values, with ``defaults`` where none was given."""
+        merged = defaults.given()
+        merged.update(self.given())
+        return _LimitValues(**merged)
+
+    def without(self, names: Iterable[str]) -> "_LimitValues":
+        return dataclasses.replace(self, **{name: None for name in names})
+
+
+def _limit_value(value: Any, field: str) -> Any:
+    """One limit from a request or option: a positive finite number (an
+    integer for pids_limit), never a bool, within its documented range."""
+    integer, low, high, unit = _LIMIT_FIELDS[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest("%s must be a number (%s), not %s" % (field, unit, type(value).__name__),
+                         details={"field": field})
+    if integer and not isinstance(value, int):
+        raise BadRequest("%s must be an integer" % field, details={"field": field})
+    if not math.isfinite(value) or value <= 0:
+        raise BadRequest("%s must be a positive number of %s" % (field, unit), details={"field": field})
+    if value < low or value > high:
+        raise BadRequest("%s must be between %g and %g %s" % (field, low, high, unit), details={"field": field})
+    return value
+
+
+def _parse_limits(body: Dict[str, Any]) -> _LimitValues:
+    """The limit fields of a start request (absent or null: not given)."""
+    values = {field: _limit_value(body[field], field)
+              for field in _LIMIT_FIELDS if body.get(field) is not None}
+    return _LimitValues(**values)
+
+
+def _parse_limit_option(text: str, field: str) -> Any:
+    """A ``--default-<limit>`` value from the command line or environment."""
+    integer = _LIMIT_FIELDS[field][0]
+    try:
+        value: Any = int(text) if integer else float(text)
+    except ValueError:
+        raise BadRequest("%s must be %s, not %r" % (field, "an integer" if integer else "a number", text),
+                         details={"field": field}) from None
+    return _limit_value(value, field)
+
+
+# -- run as a user -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunAs:
+    """A user children run as: uid, primary gid, supplementary groups, home."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: Tuple[int, ...]
+    home: str
+
+    def env(self) -> Dict[str, str]:
+        """What a login sets and programs read (api.md §14)."""
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+
+    @property
+    def is_current(self) -> bool:
+        """Nothing to drop: the agent already runs with these ids."""
+        return self.uid == os.geteuid() and self.gid == os.getegid()
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "uid": self.uid, "gid": self.gid}
+
+
+def _resolve_user(value: Any, field: str = "user") -> _RunAs:
+    """``user`` of a request or --run-as: a name, or a uid (number or digits).
+
+    A uid without a passwd entry (common in containers) runs with the group
+    of the same number, no supplementary groups and HOME=/, never with the
+    agent's groups (root's group would open root-group files to it).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise BadRequest("%s must be a user name or a uid" % field, details={"field": field})
+    text = str(value).strip()
+    if not text or "\0" in text:
+        raise BadRequest("%s must be a user name or a uid" % field, details={"field": field})
+    try:
+        entry = pwd.getpwuid(int(text)) if text.isdigit() else pwd.getpwnam(text)
+    except KeyError:
+        if not text.isdigit():
+            raise BadRequest("unknown user %r" % text, details={"field": field}) from None
+        uid = int(text)
+        if uid > 0xFFFFFFFE:
+            raise BadRequest("%s: uid %d is out of range" % (field, uid), details={"field": field}) from None
+        return _RunAs(name=text, uid=uid, gid=uid, groups=(), home="/")
+    except OverflowError:
+        raise BadRequest("%s: uid %s is out of range" % (field, text), details={"field": field}) from None
+    groups = tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)) - {entry.pw_gid}))
+    return _RunAs(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, groups=groups,
+                  home=entry.pw_dir or "/")
+
+
+def _check_switchable(user: _RunAs) -> None:
+    """Only root may start children as another user (api.md §14: else 400)."""
+    if not user.is_current and os.geteuid() != 0:
+        raise BadRequest("user %r needs an agent running as root; this agent runs as uid %d"
+                         % (user.name, os.geteuid()), details={"field": "user"})
+
+
+
+def _own_file(fd: int, user: Optional[_RunAs]) -> None:
+    """Give a file the agent just created (a code file, a file written
+    through the files API) to ``user``, keeping its mode; no-op without one."""
+    if user is not None and not user.is_current:
+        os.fchown(fd, user.uid, user.gid)
+
+
+# The dropper: after the gate, a program that drops root and execs argv.
+# setpriv (util-linux) where it works, else the agent's own interpreter in
+# isolated mode (-I: no PYTHON* variables or user site from the child's env).
+_PY_DROPPER = ("import os,sys\n"
+               "u,g,gs=int(sys.argv[1]),int(sys.argv[2]),sys.argv[3]\n"
+               "try:\n"
+               " os.setgroups([int(x) for x in gs.split(',') if x]);os.setresgid(g,g,g);os.setresuid(u,u,u)\n"
+               " os.execvp(sys.argv[4],sys.argv[4:])\n"
+               "except OSError as e:\n"
+               " sys.stderr.write('hopx_agent: cannot run %s as uid %d: %s\\n'%(sys.argv[4],u,e.strerror));"
+               "sys.exit(127 if isinstance(e,FileNotFoundError) else 126)\n")
+
+
+def _find_setpriv() -> Optional[str]:
+    """setpriv, if it is there and can drop root to nobody (checked once)."""
+    path = shutil.which("setpriv")
+    if path is None or os.geteuid() != 0:
+        return None
+    try:
+        done = subprocess.run([path, "--reuid=65534", "--regid=65534", "--clear-groups", "--", "/bin/sh", "-c",
+                               "exit 0"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=5, close_fds=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if done.returncode == 0 else None
+
+
+def _dropper_argv(user: _RunAs, setpriv: Optional[str]) -> List[str]:
+    """The argv prefix that becomes ``user`` and then execs the rest."""
+    if setpriv:
+        groups = ("--groups=" + ",".join(map(str, user.groups))) if user.groups else "--clear-groups"
+        return [setpriv, "--reuid=%d" % user.uid, "--regid=%d" % user.gid, groups, "--"]
+    return [sys.executable or "python3", "-I", "-S", "-c", _PY_DROPPER,
+            str(user.uid), str(user.gid), ",".join(map(str, user.groups))]
+
+
+# -- the agent's own safety: oom_score_adj -------------------------------------------
+
+
+def _read_oom_score_adj(pid: str = "self") -> Optional[int]:
+    try:
+        with open("/proc/%s/oom_score_adj" % pid, "rb") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_oom_score_adj(value: int, pid: str = "self") -> bool:
+    try:
+        with open("/proc/%s/oom_score_adj" % pid, "wb", buffering=0) as fh:
+            fh.write(b"%d" % value)
+        return True
+    except OSError:
+        return False
+
+
+class _OomPolicy:
+    """The agent at ``agent_adj`` where permitted, every child at ``child_adj``.
+
+    Lowering the agent's value needs CAP_SYS_RESOURCE (root may lack it in a
+    container); children always get their own value through a shell prelude
+    before exec, because oom_score_adj is inherited and the agent's -1000
+    would otherwise make every child, and what it forks, unkillable.
+    """
+
+    def __init__(self, agent_adj: Optional[int], child_adj: Optional[int]) -> None:
+        self.requested = agent_adj
+        self.child_adj = child_adj
+        self.before = _read_oom_score_adj()
+        self.agent_adj = self.before
+        self.protected = False
+
+    def protect_agent(self) -> None:
+        if self.requested is not None and self.before is not None and self.requested != self.before:
+            if _write_oom_score_adj(self.requested):
+                self.agent_adj = _read_oom_score_adj()
+        self.protected = self.agent_adj is not None and self.agent_adj <= -1000
+        if self.requested is not None and self.agent_adj != self.requested:
+            log.warning("oom_score_adj: the agent stays at %s (wanted %s: needs CAP_SYS_RESOURCE)",
+                        self.agent_adj, self.requested)
+
+    def restore(self) -> None:
+        """Give the hosting process its value back (create_server in tests, embedders)."""
+        if self.before is not None and self.agent_adj != self.before and _write_oom_score_adj(self.before):
+            self.agent_adj = self.before
+
+    @property
+    def child_target(self) -> Optional[int]:
+        """A child's value: the configured one, else what the agent had before it lowered its own."""
+        return self.child_adj if self.child_adj is not None else self.before
+
+    def plan(self) -> Tuple[Optional[int], bool]:
+        """(a child's value to set or None, whether it must be set before exec).
+
+        Before exec when the agent lowered its own value: what the child
+        forked in its first microseconds would otherwise keep the agent's
+        -1000 and be unkillable. Otherwise the agent writes it right after
+        the child starts (a gated child: before it is released), which
+        keeps plain starts a direct exec: an early grandchild then keeps the
+        agent's unchanged value, never a protected one.
+        """
+        target = self.child_target
+        if target is None or target == self.agent_adj:
+            return None, False
+        return target, self.agent_adj != self.before
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"agent": self.agent_adj, "agent_requested": self.requested, "agent_protected": self.protected,
+                "children": self.child_target}
+
+
+# -- cgroup discovery --------------------------------------------------------------
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as fh:
+        return fh.read().decode("utf-8", "replace")
+
+
+def _write_text(path: str, text: str) -> None:
+    """One write(2) of ``text``: cgroup files take a value per write."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode("ascii"))
+    finally:
+        os.close(fd)
+
+
+def _parse_proc_cgroup(text: str) -> Dict[str, str]:
+    """/proc/<pid>/cgroup: controller -> path; the v2 entry ("0::/x") under ""."""
+    own: Dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(","):
+                own[controller] = parts[2]
+    return own
+
+
+def _unescape_mount(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _parse_mountinfo(text: str) -> List[Tuple[str, str, str, List[str]]]:
+    """cgroup mounts from /proc/self/mountinfo: (root, mount point, fstype, super options)."""
+    mounts = []
+    for line in text.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if sep and len(fields) >= 5 and len(rest) >= 3 and rest[0] in ("cgroup", "cgroup2"):
+            mounts.append((_unescape_mount(fields[3]), _unescape_mount(fields[4]), rest[0], rest[2].split(",")))
+    return mounts
+
+
+def _cgroup_dir(mount_root: str, mount_point: str, path: str) -> Optional[str]:
+    """Where the cgroup ``path`` is under a mount of its hierarchy (None if the mount cannot see it)."""
+    root = mount_root.rstrip("/")
+    if path != root and not path.startswith(root + "/") and root:
+        return None
+    return os.path.join(mount_point, path[len(root):].lstrip("/")).rstrip("/") or "/"
+
+
+def _v1_dirs(mounts: List[Tuple[str, str, str, List[str]]], own: Dict[str, str]) -> Dict[str, str]:
+    """controller -> the agent's own cgroup directory, for each v1 controller we use."""
+    dirs: Dict[str, str] = {}
+    for root, point, fstype, options in mounts:
+        if fstype != "cgroup":
+            continue
+        for controller in ("memory", "cpu", "pids", "freezer"):
+            if controller in options and controller in own and controller not in dirs:
+                found = _cgroup_dir(root, point, own[controller])
+                if found and os.path.isdir(found):
+                    dirs[controller] = found
+    return dirs
+
+
+def _v2_dir(mounts: List[Tuple[str, str, str, List[str]]], own: Dict[str, str]) -> Optional[str]:
+    """The agent's own cgroup directory in the unified hierarchy, if mounted."""
+    for root, point, fstype, _ in mounts:
+        if fstype == "cgroup2" and "" in own:
+            found = _cgroup_dir(root, point, own[""])
+            if found and os.path.isdir(found):
+                return found
+    return None
+
+
+def _owned_by_us(path: str) -> bool:
+    """A non-root agent uses a cgroup only where it was delegated: the
+    directory and its cgroup.procs are ours and writable."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        return all(os.stat(p).st_uid == os.geteuid() and os.access(p, os.W_OK)
+                   for p in (path, os.path.join(path, "cgroup.procs")))
+    except OSError:
+        return False
+
+
+def _poll_until(predicate, deadline: float) -> bool:
+    """Poll a kernel state that offers no notification (the v1 freezer,
+    cgroup.events without inotify) with a short backoff, until ``deadline``."""
+    delay = 0.0005
+    while True:
+        if predicate():
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.02)
+
+
+def _pids_in(directory: str) -> List[int]:
+    try:
+        return [int(x) for x in _read_text(os.path.join(directory, "cgroup.procs")).split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _member_pidfd(pid: int, directory_line: Tuple[str, str]) -> Optional[int]:
+    """A pidfd for ``pid`` if it is (still) in the cgroup: the pidfd pins
+    the process, so a pid reused after the check is never signalled."""
+    controller, path = directory_line
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return None
+    try:
+        if _parse_proc_cgroup(_read_text("/proc/%d/cgroup" % pid)).get(controller) == path:
+            return pidfd
+    except OSError:
+        pass
+    os.close(pidfd)
+    return None
+
+
+def _wait_pidfds(pidfds: List[int], deadline: float) -> None:
+    """Wait (bounded) until every pidfd says its process has exited."""
+    poller = select.poll()
+    for fd in pidfds:
+        poller.register(fd, select.POLLIN)
+    left = set(pidfds)
+    while left:
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            return
+        for fd, _ in poller.poll(timeout * 1000):
+            left.discard(fd)
+            poller.unregister(fd)
+
+
+# -- one execution's cgroup ------------------------------------------------------
+
+
+class _ExecCgroup:
+    """The cgroup(s) of one child: created with its limits before the child
+    starts, joined by it at the gate, ended as a whole, read for usage, and
+    removed when the record is final."""
+
+    version = ""
+
+    def __init__(self, dirs: Dict[str, str], proc_path: Tuple[str, str]) -> None:
+        self.dirs = dirs                   # controller (or "" for v2) -> directory
+        self.proc_path = proc_path         # (controller, path) as /proc/<pid>/cgroup names it
+        self.removed = False
+        self.swap = True                   # the machine may swap: limit memory+swap too (v1)
+
+    @property
+    def _distinct(self) -> List[str]:
+        return list(dict.fromkeys(self.dirs.values()))
+
+    def join(self, pid: int) -> None:
+        """Move ``pid`` (all its threads) into every hierarchy's cgroup."""
+        for directory in self._distinct:
+            _write_text(os.path.join(directory, "cgroup.procs"), "%d" % pid)
+
+    def members(self) -> List[int]:
+        return _pids_in(self._distinct[0])
+
+    def signal(self, sig: int) -> int:
+        """Send ``sig`` to every member (a polite SIGTERM reaches setsid escapers too)."""
+        sent = 0
+        for pid in self.members():
+            pidfd = _member_pidfd(pid, self.proc_path)
+            if pidfd is None:
+                continue
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+                sent += 1
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+        return sent
+
+    def _sigkill_members(self) -> List[int]:
+        """SIGKILL every member; the pidfds to wait on."""
+        pidfds = []
+        for pid in self.members():
+            pidfd = _member_pidfd(pid, self.proc_path)
+            if pidfd is None:
+                continue
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+            pidfds.append(pidfd)
+        return pidfds
+
+    def kill(self, wait: float = CGROUP_EMPTY_WAIT_S) -> bool:
+        """End every process in the cgroup, escaped descendants included;
+        True once it is empty (within ``wait``)."""
+        if self.removed or not self.members():
+            return True
+        deadline = time.monotonic() + wait
+
+        for _ in range(3):               # a member that forked mid-kill (freeze timed out) is caught next round
+            pidfds = self._kill_once()
+            try:
+                _wait_pidfds(pidfds, deadline)
+            finally:
+                for fd in pidfds:
+                    os.close(fd)
+            if not self.members():
+                return True
+            if time.monotonic() >= deadline:
+                break
+        return not self.members()
+
+    def _kill_once(self) -> List[int]:
+        raise NotImplementedError
+
+    def usage(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def remove(self) -> bool:
+        """rmdir in every hierarchy, killing what is left first (rmdir says
+        EBUSY while a member lives); True when all are gone."""
+        if self.removed:
+            return True
+        left = [d for d in self._distinct if not self._rmdir(d, quiet=True)]
+        if left and self.kill():
+            left = [d for d in left if not self._rmdir(d, quiet=False)]
+        self.removed = not left
+        return self.removed
+
+    @staticmethod
+    def _rmdir(directory: str, *, quiet: bool) -> bool:
+        try:
+            os.rmdir(directory)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if not quiet:
+                log.warning("cannot remove cgroup %s: %s", directory, exc.strerror)
+            return False
+        return True
+
+
+def _read_keyed(path: str) -> Dict[str, int]:
+    """A flat keyed cgroup file ("oom_kill 1\\n...") as a dict; {} if unreadable."""
+    try:
+        pairs = (line.split() for line in _read_text(path).splitlines())
+        return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].lstrip("-").isdigit()}
+    except OSError:
+        return {}
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        return int(_read_text(path).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _mib(value: Optional[int]) -> Optional[float]:
+    return round(value / MIB, 2) if value is not None else None
+
+
+def _swap_in_use() -> bool:
+    """Whether the machine has swap (/proc/swaps lists more than its header)."""
+    try:
+        with open("/proc/swaps", "rb") as fh:
+            return len(fh.read().splitlines()) > 1
+    except OSError:
+        return True
+
+
+class _ExecCgroupV1(_ExecCgroup):
+
+    """v1: one directory per controller (memory, cpu, pids, freezer)."""
+
+    version = "cgroup_v1"
+
+    def apply(self, limits: _LimitValues) -> None:
+        if limits.memory_limit_mb is not None:
+            size = "%d" % int(limits.memory_limit_mb * MIB)
+            _write_text(os.path.join(self.dirs["memory"], "memory.limit_in_bytes"), size)
+            if self.swap:                # no swapping past the limit either (with swap accounting)
+                memsw = os.path.join(self.dirs["memory"], "memory.memsw.limit_in_bytes")
+                if os.path.exists(memsw):
+                    _write_text(memsw, size)
+        if limits.cpu_limit is not None:
+            _write_text(os.path.join(self.dirs["cpu"], "cpu.cfs_period_us"), "%d" % CPU_PERIOD_US)
+            _write_text(os.path.join(self.dirs["cpu"], "cpu.cfs_quota_us"),
+                        "%d" % max(1000, round(limits.cpu_limit * CPU_PERIOD_US)))
+        if limits.pids_limit is not None:
+            _write_text(os.path.join(self.dirs["pids"], "pids.max"), "%d" % limits.pids_limit)
+
+    def _state(self) -> str:
+        try:
+            return _read_text(os.path.join(self.dirs["freezer"], "freezer.state")).strip()
+        except OSError:
+            return ""
+
+    def _kill_once(self) -> List[int]:
+        """Freeze (so nobody forks while we kill), SIGKILL every member, thaw."""
+        state = os.path.join(self.dirs["freezer"], "freezer.state")
+        try:
+            _write_text(state, "FROZEN")
+            _poll_until(lambda: self._state() == "FROZEN", time.monotonic() + FREEZE_WAIT_S)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:      # ENOENT: removed meanwhile, nothing left to kill
+                log.warning("cannot freeze %s: %s", self.dirs["freezer"], exc.strerror)
+        try:
+            return self._sigkill_members()
+        finally:
+            try:
+                _write_text(state, "THAWED")   # frozen tasks die of their SIGKILL once thawed
+            except OSError:
+                pass
+
+    def usage(self) -> Dict[str, Any]:
+        memory = self.dirs.get("memory")
+        out: Dict[str, Any] = {}
+        if memory:
+            out["memory_peak_mb"] = _mib(_read_int(os.path.join(memory, "memory.max_usage_in_bytes")))
+            out["oom_kills"] = _read_keyed(os.path.join(memory, "memory.oom_control")).get("oom_kill", 0)
+        if "pids" in self.dirs:
+            out["pids_limit_hits"] = _read_keyed(os.path.join(self.dirs["pids"], "pids.events")).get("max", 0)
+        return out
+
+
+class _ExecCgroupV2(_ExecCgroup):
+    """v2: one directory in the unified hierarchy."""
+
+    version = "cgroup_v2"
+
+    def apply(self, limits: _LimitValues) -> None:
+        directory = self.dirs[""]
+        if limits.memory_limit_mb is not None:
+            _write_text(os.path.join(directory, "memory.max"), "%d" % int(limits.memory_limit_mb * MIB))
+            swap = os.path.join(directory, "memory.swap.max")
+            if os.path.exists(swap):       # the limit is on memory, not memory plus swap
+                _write_text(swap, "0")
+        if limits.cpu_limit is not None:
+            _write_text(os.path.join(directory, "cpu.max"), "%d %d" % (
+                max(1000, round(limits.cpu_limit * CPU_PERIOD_US)), CPU_PERIOD_US))
+        if limits.pids_limit is not None:
+            _write_text(os.path.join(directory, "pids.max"), "%d" % limits.pids_limit)
+
+    def _kill_once(self) -> List[int]:
+        """cgroup.kill (Linux 5.14+) kills every member, forks racing it
+        included; older kernels: freeze, SIGKILL every member, thaw."""
+        directory = self.dirs[""]
+        pidfds = [fd for fd in (_member_pidfd(pid, self.proc_path) for pid in self.members()) if fd is not None]
+        kill_file = os.path.join(directory, "cgroup.kill")
+        if os.path.exists(kill_file):
+            try:
+                _write_text(kill_file, "1")
+                return pidfds
+            except OSError as exc:
+                log.warning("cgroup.kill of %s failed: %s", directory, exc.strerror)
+        for fd in pidfds:
+            os.close(fd)
+        freeze = os.path.join(directory, "cgroup.freeze")
+        events = os.path.join(directory, "cgroup.events")
+        try:
+            _write_text(freeze, "1")
+            _poll_until(lambda: _read_keyed(events).get("frozen") == 1, time.monotonic() + FREEZE_WAIT_S)
+        except OSError:
+            pass
+        try:
+            return self._sigkill_members()
+        finally:
+            try:
+                _write_text(freeze, "0")
+            except OSError:
+                pass
+
+    def usage(self) -> Dict[str, Any]:
+        directory = self.dirs[""]
+        out: Dict[str, Any] = {}
+        if os.path.exists(os.path.join(directory, "memory.events")):
+            out["memory_peak_mb"] = _mib(_read_int(os.path.join(directory, "memory.peak")))
+            out["oom_kills"] = _read_keyed(os.path.join(directory, "memory.events")).get("oom_kill", 0)
+        if os.path.exists(os.path.join(directory, "pids.events")):
+            out["pids_limit_hits"] = _read_keyed(os.path.join(directory, "pids.events")).get("max", 0)
+        return out
+
+
+# -- the agent's cgroup trees ------------------------------------------------------
+
+
+class _CgroupTree:
+    """Where this agent makes its children's cgroups: a directory
+    ``hopx-runs-<pid>-<token>`` below the agent's own cgroup in each
+    hierarchy used, and one directory per execution inside it."""
+
+    version = ""
+
+    def __init__(self, own: Dict[str, str], controllers: Sequence[str], proc_base: str) -> None:
+        self.own = own                       # controller -> the agent's own cgroup directory
+        self.proc_base = proc_base           # the freezer (v1) or unified (v2) own path as /proc names it
+        self.controllers = tuple(controllers)   # limit controllers present ("memory", "cpu", "pids")
+        self.runs: Dict[str, str] = {}       # controller -> the runs directory
+        self.name = "%s%d-%s" % (CGROUP_RUNS_PREFIX, os.getpid(), secrets.token_hex(4))
+        self.swap = True                     # v1: found out at open (/proc/swaps)
+        self._lock = threading.Lock()        # guards _live
+
+        self._live: Dict[str, _ExecCgroup] = {}   # name -> cgroups not removed yet
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def _make_runs(self) -> None:
+        for controller, directory in self.own.items():
+            path = os.path.join(directory, self.name)
+            if path not in self.runs.values():
+                os.mkdir(path)
+            self.runs[controller] = path
+
+    def _make(self, cls: type, name: str, limits: _LimitValues) -> _ExecCgroup:
+        dirs: Dict[str, str] = {}
+        made: List[str] = []
+        try:
+            for controller, runs in self.runs.items():
+                if controller == "cpu" and limits.cpu_limit is None and self.version == "cgroup_v1":
+                    continue     # v1 cpu only for a quota: joining it costs more than the three others
+
+                path = os.path.join(runs, name)
+                if path not in made:
+                    os.mkdir(path)
+                    made.append(path)
+                dirs[controller] = path
+            group = cls(dirs, self._proc_path(dirs))
+            group.swap = self.swap
+            group.apply(limits)
+        except BaseException:
+            for path in reversed(made):
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
+            raise
+        with self._lock:
+            self._live[name] = group
+        return group
+
+    def _proc_path(self, dirs: Dict[str, str]) -> Tuple[str, str]:
+        raise NotImplementedError
+
+    def create(self, name: str, limits: _LimitValues) -> _ExecCgroup:
+        raise NotImplementedError
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._live.pop(name, None)
+
+    def close(self) -> None:
+        """Remove what is left (killing members) and the runs directories."""
+        with self._lock:
+            live = list(self._live.items())
+        for name, group in live:
+            if group.remove():
+                self.forget(name)
+        for path in reversed(list(dict.fromkeys(self.runs.values()))):
+            try:
+                os.rmdir(path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("cannot remove cgroup %s: %s", path, exc.strerror)
+
+
+def _sweep_stale_runs(directory: str) -> int:
+    """Remove the empty runs directories of agents that are gone (a crash
+    leaves them); a non-empty one still holds processes and is left alone."""
+    removed = 0
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(CGROUP_RUNS_PREFIX)]
+    except OSError:
+        return 0
+    for name in names:
+        pid = name[len(CGROUP_RUNS_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or os.path.exists("/proc/%s" % pid):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            for child in os.listdir(path):
+                if os.path.isdir(os.path.join(path, child)):
+                    os.rmdir(os.path.join(path, child))
+            os.rmdir(path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+class _CgroupTreeV1(_CgroupTree):
+    version = "cgroup_v1"
+
+    def open(self) -> None:
+        for directory in dict.fromkeys(self.own.values()):
+            _sweep_stale_runs(directory)
+        self.swap = _swap_in_use()
+        self._make_runs()
+
+
+    def _proc_path(self, dirs: Dict[str, str]) -> Tuple[str, str]:
+        """How /proc/<pid>/cgroup names a member's freezer cgroup."""
+        relative = os.path.relpath(dirs["freezer"], self.own["freezer"])
+        return "freezer", os.path.normpath(os.path.join(self.proc_base, relative))
+
+    def create(self, name: str, limits: _LimitValues) -> _ExecCgroup:
+        return self._make(_ExecCgroupV1, name, limits)
+
+
+class _CgroupTreeV2(_CgroupTree):
+    """v2: controllers must be enabled in subtree_control all the way down,
+    and a non-root cgroup with processes cannot enable them (the
+    no-internal-processes rule): then the agent moves into a leaf of its
+    own (``hopx-agent``) first."""
+
+    version = "cgroup_v2"
+
+    def __init__(self, own_dir: str, controllers: Sequence[str], proc_base: str, *,
+                 agent_pid: Optional[int] = None) -> None:
+        super().__init__({"": own_dir}, controllers, proc_base)
+        self.agent_pid = agent_pid or os.getpid()
+        self.is_root = proc_base == "/"
+        self.moved_to: Optional[str] = None
+
+    def _enable(self, directory: str) -> None:
+        if self.controllers:
+            _write_text(os.path.join(directory, "cgroup.subtree_control"),
+                        " ".join("+" + c for c in self.controllers))
+
+    def open(self) -> None:
+        base = self.own[""]
+        _sweep_stale_runs(base)
+        try:
+            self._enable(base)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or self.is_root:
+                raise
+            self._move_agent_to_leaf(base)
+            self._enable(base)
+        self._make_runs()
+        self._enable(self.runs[""])
+
+    def _move_agent_to_leaf(self, base: str) -> None:
+        """Move the agent (all its threads) into ``<base>/hopx-agent``; if
+        others still live in ``base`` the controllers stay off: move back."""
+        leaf = os.path.join(base, CGROUP_AGENT_LEAF)
+        if not os.path.isdir(leaf):
+            os.mkdir(leaf)
+        _write_text(os.path.join(leaf, "cgroup.procs"), "%d" % self.agent_pid)
+        self.moved_to = leaf
+        others = _pids_in(base)
+        if others:
+            _write_text(os.path.join(base, "cgroup.procs"), "%d" % self.agent_pid)
+            self.moved_to = None
+            raise OSError(errno.EBUSY, "other processes share the agent's cgroup (%s)" % ", ".join(
+                map(str, others[:5])))
+        log.info("cgroup v2: moved the agent into %s so that %s can be enabled", leaf, base)
+
+    def _proc_path(self, dirs: Dict[str, str]) -> Tuple[str, str]:
+        """How /proc/<pid>/cgroup names a member's cgroup."""
+        return "", os.path.normpath(os.path.join(self.proc_base, os.path.relpath(dirs[""], self.own[""])))
+
+    def create(self, name: str, limits: _LimitValues) -> _ExecCgroup:
+        return self._make(_ExecCgroupV2, name, limits)
+
+
+def _v2_base(directory: str) -> str:
+    """The agent's base cgroup: its own, or the parent of the leaf an
+    earlier start of the agent (an exec in place) moved it into."""
+    if os.path.basename(directory) == CGROUP_AGENT_LEAF:
+        return os.path.dirname(directory)
+    return directory
+
+
+def _probe_v2(mounts, own: Dict[str, str]) -> Tuple[Optional[_CgroupTree], str]:
+    """A v2 tree when memory and pids can be enabled for children, else why not."""
+    directory = _v2_dir(mounts, own)
+    if directory is None:
+        return None, "no cgroup2 mount shows the agent's cgroup"
+    base = _v2_base(directory)
+    try:
+        offered = _read_text(os.path.join(base, "cgroup.controllers")).split()
+    except OSError as exc:
+        return None, "cgroup v2: %s" % exc.strerror
+    missing = [c for c in ("memory", "pids") if c not in offered]
+    if missing:
+        return None, "cgroup v2 offers no %s controller (bound to v1 or not delegated)" % " or ".join(missing)
+    if not _owned_by_us(base):
+        log.info("cgroup v2: %s is not delegated to uid %d", base, os.geteuid())
+        return None, "cgroup v2: the agent's cgroup is not delegated to uid %d" % os.geteuid()
+    proc_base = own[""] if base == directory else (os.path.dirname(own[""].rstrip("/")) or "/")
+    tree = _CgroupTreeV2(base, [c for c in ("memory", "pids", "cpu") if c in offered], proc_base)
+    return _opened(tree)
+
+
+def _probe_v1(mounts, own: Dict[str, str]) -> Tuple[Optional[_CgroupTree], str]:
+    dirs = _v1_dirs(mounts, own)
+    missing = [c for c in ("memory", "pids", "freezer") if c not in dirs]
+    if missing:
+        return None, "cgroup v1 lacks %s" % ", ".join(missing)
+    if "cpu" in dirs and not _owned_by_us(dirs["cpu"]):
+        del dirs["cpu"]                  # optional: without it cpu_limit is a 400
+    bad = [d for d in dirs.values() if not _owned_by_us(d)]
+    if bad:
+
+        log.info("cgroup v1: %s is not delegated to uid %d", bad[0], os.geteuid())
+        return None, "cgroup v1: the agent's cgroups are not delegated to uid %d" % os.geteuid()
+    return _opened(_CgroupTreeV1(dirs, [c for c in ("memory", "pids", "cpu") if c in dirs], own["freezer"]))
+
+
+def _opened(tree: _CgroupTree) -> Tuple[Optional[_CgroupTree], str]:
+    """Open the tree and try one cgroup with every limit, so a machine that
+    only pretends (read-only mounts, missing files) is found out at start."""
+    try:
+        tree.open()
+        trial = _LimitValues(memory_limit_mb=64, pids_limit=64,
+                             cpu_limit=1.0 if "cpu" in tree.controllers else None)
+        group = tree.create("probe", trial)
+        group.remove()
+        tree.forget("probe")
+        return tree, ""
+    except OSError as exc:
+        tree.close()
+        log.info("%s unusable: %s", tree.version, exc)      # the paths go to the log, not to /health
+        return None, "%s: %s" % (tree.version, exc.strerror or type(exc).__name__)
+
+
+
+def _probe_cgroups(prefer: str = "auto") -> Tuple[Optional[_CgroupTree], List[str]]:
+    """The cgroup tree to use (v2 first, api.md §14), and why others were not."""
+    try:
+        mounts = _parse_mountinfo(_read_text("/proc/self/mountinfo"))
+        own = _parse_proc_cgroup(_read_text("/proc/self/cgroup"))
+    except OSError as exc:
+        return None, ["cannot read /proc: %s" % exc.strerror]
+    reasons = []
+    for version, probe in (("cgroup_v2", _probe_v2), ("cgroup_v1", _probe_v1)):
+        if prefer not in ("auto", version):
+            continue
+        tree, why = probe(mounts, own)
+        if tree is not None:
+            return tree, reasons
+        reasons.append(why)
+    return None, reasons
+
+
+# -- a child's confinement -------------------------------------------------------
+
+
+_RLIMITS = (   # field -> (resource name, bytes per unit); RLIMIT_CPU rounds up to whole seconds
+    ("memory_limit_mb", "RLIMIT_AS", MIB),
+    ("pids_limit", "RLIMIT_NPROC", 1),
+    ("cpu_time_limit_s", "RLIMIT_CPU", 0),
+    ("file_size_limit_mb", "RLIMIT_FSIZE", MIB),
+)
+
+
+def _rlimits_for(limits: _LimitValues, with_cgroup: bool) -> List[Tuple[int, int, int]]:
+    """(resource, soft, hard) to set with prlimit; under cgroups only CPU
+    time and file size are rlimits (api.md §14)."""
+    import resource  # Unix only; imported where it is needed
+    out = []
+    for field, name, unit in _RLIMITS:
+        value = getattr(limits, field)
+        if value is None or (with_cgroup and field in _CGROUP_LIMITS):
+            continue
+        if unit == 0:    # SIGXCPU at the limit, SIGKILL a second later if it is caught
+            soft = max(1, math.ceil(value))
+            out.append((resource.RLIMIT_CPU, soft, soft + 1))
+        else:
+            amount = max(1, int(value * unit))
+            out.append((getattr(resource, name), amount, amount))
+    return out
+
+
+class _Confinement:
+    """Everything one child needs before and after it runs: the shell
+    preludes, the gate, its cgroup, its rlimits, the user it runs as.
+
+    Use: ``wrap()`` before Popen, ``started()`` right after it (joins the
+    cgroups, sets rlimits, opens the gate), then ``signal()``/``kill()``
+    while it runs and ``finish()`` once its record is final.
+    """
+
+    def __init__(self, limits: _LimitValues, user: Optional[_RunAs], *, oom: Tuple[Optional[int], bool],
+                 cgroup: Optional[_ExecCgroup], tree: Optional[_CgroupTree], name: str,
+                 setpriv: Callable[[], Optional[str]]) -> None:
+        self.limits = limits
+        self.user = user
+        self.cgroup = cgroup
+        self.tree = tree
+        self.name = name
+        self.rlimits = _rlimits_for(limits, cgroup is not None)
+        self.drop = user is not None and not user.is_current
+        self.gated = bool(cgroup is not None or self.rlimits)
+        self._oom_adj, early = oom
+        # Errors silenced: a read-only /proc must not print into the child's stderr.
+        self._oom_prelude = ("echo %d 2>/dev/null >/proc/self/oom_score_adj" % self._oom_adj
+                             if early and not self.gated else None)
+        self._setpriv = setpriv
+        self._gate_r: Optional[int] = None
+        self._gate_w: Optional[int] = None
+        self._stdin_pipe = False
+        self.usage: Dict[str, Any] = {}
+        self.finished = False
+        self._lock = threading.Lock()      # guards finished
+        self._done = threading.Event()     # set once finish() has run
+
+    @property
+    def mechanism(self) -> str:
+        return self.cgroup.version if self.cgroup is not None else "rlimit"
+
+    def wrap(self, argv: List[str], stdin: Any, env: Dict[str, str], preludes: Sequence[str] = (),
+             tty: Optional[str] = None) -> Tuple[List[str], Any, Dict[str, Any]]:
+        """(argv, stdin, extra Popen keywords) for this child; ``env`` gets
+        the user's HOME, USER and LOGNAME. The gate takes stdin's place until
+        released (or is a line written into the child's own stdin pipe); the
+        user's ids come from the dropper after the gate, or from Popen's own
+        user= (C code between fork and exec) when there is no gate. The
+        spawner's own ``preludes`` (a tty made the controlling terminal) run
+        after the gate, as root when the child drops root for a user."""
+        kwargs: Dict[str, Any] = {}
+        steps = [self._oom_prelude] if self._oom_prelude else []
+        if self.user is not None:
+            env.update(self.user.env())
+        if self.gated:
+            steps.append("read _ || exit %d" % GATE_EXIT_CODE)
+            if stdin == subprocess.PIPE:
+                self._stdin_pipe = True
+            else:
+                if tty is None:         # with a tty, a later prelude opens it onto 0, 1 and 2
+                    steps.extend(self._restore_stdin(stdin, kwargs))
+                self._gate_r, self._gate_w = os.pipe()
+                stdin = self._gate_r
+
+            if self.drop:
+                argv = _dropper_argv(self.user, self._setpriv()) + argv
+        elif self.drop:
+            kwargs.update(user=self.user.uid, group=self.user.gid, extra_groups=list(self.user.groups))
+        steps.extend(preludes)
+        if steps:
+            argv = ["/bin/sh", "-c", "; ".join(steps) + '; exec "$0" "$@"'] + argv
+        return argv, stdin, kwargs
+
+
+    @staticmethod
+    def _restore_stdin(stdin: Any, kwargs: Dict[str, Any]) -> List[str]:
+        """The prelude that gives the program its real stdin after the gate.
+        An fd is kept open at its own number and reopened through /proc
+        (dash reads single-digit fds only, so one above 9 stays open too)."""
+        if not isinstance(stdin, int) or stdin < 0:
+            return ["exec </dev/null"]          # DEVNULL, and None: children never share the agent's stdin
+        kwargs["pass_fds"] = (stdin,)
+        return ["exec </proc/self/fd/%d" % stdin] + (["exec %d<&-" % stdin] if stdin <= 9 else [])
+
+    def started(self, popen: subprocess.Popen) -> None:
+        """Right after Popen: put the waiting child into its cgroups and
+        under its rlimits, then open the gate. If any step fails the child
+        is killed (it has run nothing yet) and the error raised."""
+        self._close_gate_r()
+        late_oom = self._oom_adj is not None and self._oom_prelude is None
+        if not self.gated:
+            if late_oom:
+                _write_oom_score_adj(self._oom_adj, str(popen.pid))
+            return
+        try:
+            if late_oom:     # still at the gate: exact, before any user code
+                _write_oom_score_adj(self._oom_adj, str(popen.pid))
+            if self.cgroup is not None:
+                self.cgroup.join(popen.pid)
+
+            if self.rlimits:
+                import resource
+                for res, soft, hard in self.rlimits:
+                    resource.prlimit(popen.pid, res, (soft, hard))
+            os.write(popen.stdin.fileno() if self._stdin_pipe else self._gate_w, b"\n")
+        except BaseException:
+            try:
+                popen.kill()
+            except OSError:
+                pass
+            popen.wait()
+            self.finish()
+            raise
+        finally:
+            self._close_gate_w()
+
+    def spawn_failed(self) -> None:
+        """Popen itself failed: nothing runs; let go of the gate and the cgroup."""
+        self._close_gate_r()
+        self._close_gate_w()
+        self.finish()
+
+    def _close_gate_r(self) -> None:
+        if self._gate_r is not None:      # the child has its own copy
+            _close_quietly(self._gate_r)
+            self._gate_r = None
+
+    def _close_gate_w(self) -> None:
+        if self._gate_w is not None:
+            _close_quietly(self._gate_w)
+            self._gate_w = None
+
+
+    def signal(self, sig: int) -> int:
+        """Signal every process of the cgroup (0 without one)."""
+        return self.cgroup.signal(sig) if self.cgroup is not None and not self.cgroup.removed else 0
+
+    def kill(self) -> bool:
+        """End the whole cgroup now (False without one)."""
+        return self.cgroup.kill() if self.cgroup is not None and not self.cgroup.removed else False
+
+    def read_usage(self) -> Dict[str, Any]:
+        if self.cgroup is not None and not self.cgroup.removed:
+            self.usage = self.cgroup.usage()
+        return self.usage
+
+    def oom_killed(self, wait_status: Optional[int]) -> bool:
+        """api.md §14: the leader died of SIGKILL and the cgroup counted an OOM kill."""
+        return (wait_status is not None and os.WIFSIGNALED(wait_status)
+                and os.WTERMSIG(wait_status) == signal.SIGKILL and self.read_usage().get("oom_kills", 0) > 0)
+
+    def finish(self) -> Dict[str, Any]:
+        """The record is final: read the usage, end what is left, remove the
+        cgroups. Once; a second caller waits (bounded) for the first's usage."""
+        with self._lock:
+            first, self.finished = not self.finished, True
+        if not first:
+            self._done.wait(CGROUP_EMPTY_WAIT_S + FREEZE_WAIT_S + 1.0)
+            return self.usage
+        try:
+            self.read_usage()
+            if self.cgroup is not None and self.cgroup.remove() and self.tree is not None:
+                self.tree.forget(self.name)
+        finally:
+            self._done.set()
+        return self.usage
+
+
+# -- the agent-wide object ---------------------------------------------------------
+
+
+class _ResourceLimits:
+    """Which mechanism this agent uses (probed once), the defaults, the
+    run-as user and oom_score_adj policy; makes each child's _Confinement.
+
+    ``mechanism``: "auto" (v2, else v1, else rlimit), or one of "cgroup_v2",
+    "cgroup_v1", "rlimit" to force it (tests force "rlimit" so both paths
+    run here); a forced mechanism the machine lacks falls back, never fails.
+    """
+
+    def __init__(self, *, mechanism: str = "auto", defaults: Optional[_LimitValues] = None,
+                 run_as: Optional[str] = None, agent_oom_score_adj: Optional[int] = AGENT_OOM_SCORE_ADJ,
+                 child_oom_score_adj: Optional[int] = CHILD_OOM_SCORE_ADJ) -> None:
+        self.requested = mechanism
+        self.tree: Optional[_CgroupTree] = None
+        self.why_not: List[str] = []
+        self.defaults = defaults or _LimitValues()
+        self.run_as = _resolve_user(run_as, "run_as") if run_as is not None else None
+        if self.run_as is not None:
+            _check_switchable(self.run_as)
+        self.oom = _OomPolicy(agent_oom_score_adj, child_oom_score_adj)
+        self._setpriv: Optional[Tuple[Optional[str]]] = None   # (path or None,) once looked for
+        self._count = 0
+        self._lock = threading.Lock()    # guards _count and _setpriv
+
+    @property
+    def mechanism(self) -> str:
+        return self.tree.version if self.tree is not None else "rlimit"
+
+    def open(self) -> None:
+        """Probe and take what the machine offers (never raises for a lesser machine)."""
+        if self.requested not in ("auto",) + _MECHANISMS:
+            raise ValueError("limits mechanism must be auto, %s" % ", ".join(_MECHANISMS))
+        if self.requested != "rlimit":
+            self.tree, self.why_not = _probe_cgroups(self.requested)
+        else:
+            self.why_not = ["rlimit forced by configuration"]
+        self.oom.protect_agent()
+        self.defaults = self._usable_defaults(self.defaults)
+
+        log.info("limits: %s%s; oom_score_adj agent %s, children %s", self.mechanism,
+                 (" (%s)" % "; ".join(self.why_not)) if self.tree is None and self.why_not else "",
+                 self.oom.agent_adj, self.oom.child_target)
+
+    def _usable_defaults(self, defaults: _LimitValues) -> _LimitValues:
+        """A --default-* the machine cannot enforce is dropped with a warning, never fatal."""
+        unusable = [f for f in defaults.given() if self.unsupported(f, self.run_as)]
+        for field in unusable:
+            log.warning("--default-%s ignored: %s", field.replace("_", "-"), self.unsupported(field, self.run_as))
+        return defaults.without(unusable)
+
+    def unsupported(self, field: str, user: Optional[_RunAs]) -> Optional[str]:
+        """Why ``field`` cannot be enforced for a child running as ``user``, or None."""
+        if field == "cpu_limit" and (self.tree is None or "cpu" not in self.tree.controllers):
+            return ("cpu_limit needs the cgroup cpu controller; this agent limits with %s (%s)"
+                    % (self.mechanism, "; ".join(self.why_not) or "no cpu controller"))
+        if field == "pids_limit" and self.tree is None:
+            uid = user.uid if user is not None else os.geteuid()
+            if uid == 0:
+                return ("pids_limit without cgroups is RLIMIT_NPROC, which does not bind root; "
+                        "run as another user or give the agent cgroups")
+        return None
+
+    def resolve(self, body: Dict[str, Any]) -> Tuple[_LimitValues, Optional[_RunAs]]:
+        """The limits and user of a start request (400 for anything wrong or unenforceable)."""
+        limits = _parse_limits(body)
+        user = _resolve_user(body["user"]) if body.get("user") is not None else self.run_as
+        if user is not None:
+            _check_switchable(user)
+        for field in limits.given():
+            why = self.unsupported(field, user)
+            if why:
+                raise BadRequest(why, details={"field": field})
+        merged = limits.over(self.defaults.without(f for f in self.defaults.given() if self.unsupported(f, user)))
+        return merged, user
+
+    def resolve_text(self, params: Dict[str, Optional[str]]) -> Tuple[_LimitValues, Optional[_RunAs]]:
+        """The same from text values (a WebSocket upgrade's query: /terminal?memory_limit_mb=256&user=...)."""
+        body: Dict[str, Any] = {}
+        for field in _LIMIT_FIELDS:
+            if params.get(field) not in (None, ""):
+                body[field] = _parse_limit_option(params[field] or "", field)
+        if params.get("user") not in (None, ""):
+            body["user"] = params["user"]
+        return self.resolve(body)
+
+    def confine(self, limits: _LimitValues, user: Optional[_RunAs], name: str = "") -> _Confinement:
+        """The confinement of one child; makes its cgroup now when it needs one."""
+        with self._lock:
+            self._count += 1
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64] or "child-%d" % self._count
+
+        group = self.tree.create(name, limits) if self.tree is not None and limits.needs_cgroup else None
+        return _Confinement(limits, user, oom=self.oom.plan(), cgroup=group, tree=self.tree,
+
+                            name=name, setpriv=self.setpriv)
+
+    def setpriv(self) -> Optional[str]:
+        """setpriv's path if it works here, looked for on first use (a child run)."""
+        with self._lock:
+            found = self._setpriv
+        if found is None:
+            found = (_find_setpriv(),)
+            with self._lock:
+                self._setpriv = found
+        return found[0]
+
+
+    def features(self) -> Dict[str, Any]:
+        """features.resource_limits, the same in /health and /info (api.md §14)."""
+        controllers = list(self.tree.controllers) if self.tree is not None else []
+        unsupported = {f: self.unsupported(f, self.run_as) for f in _LIMIT_FIELDS}
+        return {
+            "mechanism": self.mechanism, "controllers": controllers,
+            "limits": [f for f in _LIMIT_FIELDS if not unsupported[f]],
+            "unsupported": {f: why for f, why in unsupported.items() if why},
+            "defaults": self.defaults.given(),
+            "maxima": {f: spec[2] for f, spec in _LIMIT_FIELDS.items()},
+            "kill": {"cgroup_v2": "cgroup.kill", "cgroup_v1": "freezer"}.get(self.mechanism, "process group"),
+            "run_as": self.run_as.name if self.run_as is not None else None,
+            "users": os.geteuid() == 0,
+            "oom_score_adj": self.oom.to_json(),
+            "why_not_cgroups": self.why_not if self.tree is None else [],
+        }
+
+    def close(self) -> None:
+        if self.tree is not None:
+            self.tree.close()
+        self.oom.restore()
+
+
+def _limits_from(config: AgentConfig) -> _ResourceLimits:
+    """The agent's _ResourceLimits from its configuration, probed and opened."""
+    defaults = _LimitValues(**{field: getattr(config, "default_" + field) for field in _LIMIT_FIELDS})
+    limits = _ResourceLimits(mechanism=config.limits_mechanism, defaults=defaults, run_as=config.run_as,
+                             agent_oom_score_adj=config.agent_oom_score_adj,
+                             child_oom_score_adj=config.child_oom_score_adj)
+    limits.open()
+    return limits
 
 
 # ============================================================================
@@ -1481,6 +2937,39 @@ class _ChildSpec:
     # spawner's own prelude, after the caller's). Give the slave as
     # stdin/stdout/stderr too, so it is held open from fork on.
     tty: Optional[str] = None
+    # api.md §14: the child's limits and user, and a name for its cgroup
+    # (unique among the agent's live children: a record or context id).
+    limits: Optional[_LimitValues] = None
+    user: Optional[_RunAs] = None
+    name: str = ""
+    confinement: Optional[_Confinement] = None   # set by spawn(): the owner ends and finishes it
+
+
+def _check_executable(program: str, cwd: str, env: Dict[str, str]) -> None:
+    """What execve would refuse, raised as Popen raises it, for a child that
+    starts as a shell wrapper: its exec failing later would only be an exit
+    status 127 or 126, which the program itself could have returned."""
+    def refuse(code: int) -> None:
+        cls = {errno.ENOENT: FileNotFoundError, errno.EACCES: PermissionError}.get(code, OSError)
+        raise cls(code, os.strerror(code), program)
+    path = os.path.join(cwd, program) if "/" in program else \
+        shutil.which(program, path=env.get("PATH", os.defpath))
+    if path is None or not os.path.exists(path):
+        refuse(errno.ENOENT)
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        refuse(errno.EACCES)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(256)
+    except OSError:
+        return                          # not readable by the agent: exec will tell
+    if head.startswith(b"#!"):          # a script: its interpreter must exist too
+        words = head[2:].split(b"\n", 1)[0].split()
+        if not words or not os.path.exists(os.fsdecode(words[0])):
+            refuse(errno.ENOENT)
+    elif not head.startswith(b"\x7fELF"):
+        refuse(errno.ENOEXEC)           # the shell would run it as a script; execve refuses it
+
 
 
 def _ctty_prelude(path: str) -> str:
@@ -1577,41 +3066,73 @@ def _read_pty(fd: int, size: int) -> Optional[bytes]:
 
 
 class _Spawner:
+
     """Starts children (each in a session of its own, so it leads its process
     group) and knows which pids are children not reaped yet, so that the
     orphan reaper never takes the exit status of one of ours."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Optional[_ResourceLimits] = None) -> None:
         self._lock = threading.Lock()               # guards _tracked and _spawning
         self.changed = threading.Condition(self._lock)   # notified when either shrinks or grows
         self._tracked: set = set()                  # pids started and not reaped yet
         self._spawning = 0                          # Popen calls under way: pids not known yet
+        self.limits = limits or _ResourceLimits(mechanism="rlimit", agent_oom_score_adj=None,
+                                                child_oom_score_adj=None)
+        # Added to every child's environment (durability: HOPX_AGENT_STATE, the
+        # state dir's id, by which a restarted agent proves an orphan its own).
+        self.markers: Dict[str, str] = {}
 
     def spawn(self, spec: _ChildSpec) -> subprocess.Popen:
         """Popen for ``spec``; the pid is tracked until untrack() says it was reaped.
 
-        With preludes the child is ``/bin/sh -c '<preludes>; exec "$0" "$@"' argv...``:
-        the shell runs them and then becomes the program; without, the
-        program is executed directly (a shell costs ~0.8 ms per start).
+        With preludes (the spawner's own: oom_score_adj, the gate of a
+        confined child; and the caller's) the child is
+        ``/bin/sh -c '<preludes>; exec "$0" "$@"' argv...``: the shell runs
+        them and then becomes the program; without, the program is executed
+        directly (a shell costs ~0.8 ms per start). ``spec.confinement`` is
+        set to the child's _Confinement (its cgroup, its user): the owner
+        calls its finish() once the child is reaped, also when spawn raises.
         """
-        argv = list(spec.argv)
-        preludes = list(spec.preludes) + ([_ctty_prelude(spec.tty)] if spec.tty else [])
-        if preludes:
-            argv = ["/bin/sh", "-c", "; ".join(preludes) + '; exec "$0" "$@"'] + argv
+        conf = spec.confinement = self.limits.confine(spec.limits or _LimitValues(), spec.user, spec.name)
+        env = dict(spec.env, **self.markers)     # durability: the state dir's id (orphans)
+        try:
+            preludes = list(spec.preludes) + ([_ctty_prelude(spec.tty)] if spec.tty else [])
+            argv, stdin, extra = conf.wrap(list(spec.argv), spec.stdin, env, preludes, spec.tty)
+            if argv[0] != spec.argv[0]:    # wrapped: a missing program must still fail here, not exit 127
+                _check_executable(spec.argv[0], spec.cwd, env)
+        except BaseException:
+            conf.spawn_failed()
+            raise
+        if spec.pass_fds:
+            extra["pass_fds"] = tuple(spec.pass_fds) + tuple(extra.get("pass_fds", ()))
         with self._lock:
             self._spawning += 1
         popen = None
         try:
-            popen = subprocess.Popen(argv, stdin=spec.stdin, stdout=spec.stdout, stderr=spec.stderr,
-                                     cwd=spec.cwd, env=spec.env, pass_fds=spec.pass_fds,
-                                     start_new_session=True, close_fds=True)
-            return popen
+            popen = subprocess.Popen(argv, stdin=stdin, stdout=spec.stdout, stderr=spec.stderr,
+                                     cwd=spec.cwd, env=env, start_new_session=True, close_fds=True, **extra)
+        except BaseException:
+            conf.spawn_failed()
+            raise
         finally:
             with self._lock:
                 self._spawning -= 1
                 if popen is not None:
                     self._tracked.add(popen.pid)
                 self.changed.notify_all()
+        try:
+            conf.started(popen)     # into its cgroups, under its rlimits; then the gate opens
+        except BaseException:
+            self.untrack(popen.pid)     # killed and reaped by started()
+            raise
+        return popen
+
+
+    def adopt(self, pid: int) -> None:
+        """``pid`` is a child the agent's previous version started (an upgrade in place)."""
+        with self._lock:
+            self._tracked.add(pid)
+            self.changed.notify_all()
 
     def untrack(self, pid: int) -> None:
         """``pid`` was reaped by its owner."""
@@ -1872,6 +3393,7 @@ class _Launcher:
         base.pop(SECRET_ENV, None)
         base.setdefault("PYTHONUNBUFFERED", "1")   # live output from Python children by default
         self._base_env = base
+        self.code_prefix = "hopx-"      # durability: "hopx-<state dir id>-" once there is a journal
 
     def env_snapshot(self) -> Dict[str, str]:
         """Agent environment overlaid with the global store (what GET /env shows)."""
@@ -1906,6 +3428,11 @@ class _Launcher:
                                  "later execution can still start" % (size, ENV_STORE_BYTES),
                                  status=413, code="PAYLOAD_TOO_LARGE")
             self._env = merged
+
+    def env_store(self) -> Dict[str, str]:
+        """The global store alone (what an upgrade hands over)."""
+        with self._lock:
+            return dict(self._env)
 
     def env_delete(self, keys: Optional[Iterable[str]] = None) -> None:
         """Forget the given keys of the global store, or all of it."""
@@ -1944,28 +3471,31 @@ class _Launcher:
     def code_launch(self, code: str, language: Optional[str], *, cwd: Optional[str] = None,
                     env: Optional[Dict[str, str]] = None, timeout: float = BACKGROUND_TIMEOUT_S,
                     name: Optional[str] = None, stdin: bool = False,
-                    idle_timeout: Optional[float] = None, pty: Optional[Tuple[int, int]] = None) -> _Launch:
+                    idle_timeout: Optional[float] = None, pty: Optional[Tuple[int, int]] = None,
+                    limits: Optional[_LimitValues] = None, user: Optional[_RunAs] = None) -> _Launch:
         """A launch that runs ``code`` with the language's interpreter from a
-        temp file; with ``pty`` (cols, rows) on a pseudo-terminal, stdin open."""
+        temp file (0600, owned by ``user`` when there is one: readable by it and
+        nobody else); with ``pty`` (cols, rows) on a pseudo-terminal, stdin open."""
         lang, program = _resolve_language(language)
         directory = self.resolve_cwd(cwd)
         build = _LANGUAGES[lang][2]
         return _Launch(argv=[program], cwd=directory, env=self._launch_env(env, pty), kind="code", language=lang,
                        name=name, timeout=timeout, stdin=stdin or pty is not None, idle_timeout=idle_timeout,
-                       code=code.encode("utf-8"), code_suffix=_LANGUAGES[lang][3],
-                       code_argv=lambda path: build(program, path), pty=pty)
+                       code=code.encode("utf-8"), code_suffix=_LANGUAGES[lang][3], code_prefix=self.code_prefix,
+                       code_argv=lambda path: build(program, path), pty=pty, limits=limits, user=user)
 
     def command_launch(self, command: str, args: Optional[List[str]] = None, *,
                        cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
                        timeout: float = BACKGROUND_TIMEOUT_S, name: Optional[str] = None,
                        stdin: bool = False, idle_timeout: Optional[float] = None,
-                       pty: Optional[Tuple[int, int]] = None) -> _Launch:
+                       pty: Optional[Tuple[int, int]] = None, limits: Optional[_LimitValues] = None,
+                       user: Optional[_RunAs] = None) -> _Launch:
         """A launch of ``[command] + args`` as argv, or of a shell string through /bin/sh -c."""
         argv = [command] + list(args) if args is not None else ["/bin/sh", "-c", command]
         shown = " ".join([command] + list(args)) if args is not None else command
         return _Launch(argv=argv, cwd=self.resolve_cwd(cwd), env=self._launch_env(env, pty), kind="command",
                        command=shown, name=name, timeout=timeout, stdin=stdin or pty is not None,
-                       idle_timeout=idle_timeout, pty=pty)
+                       idle_timeout=idle_timeout, pty=pty, limits=limits, user=user)
 
     def _launch_env(self, request_env: Optional[Dict[str, str]], pty: Optional[Tuple[int, int]]) -> Dict[str, str]:
         """A child's environment; on a pty it says what terminal it has
@@ -2015,6 +3545,12 @@ class _Registry:
         self._idempotency: Dict[str, _IdempotentStart] = {}    # Idempotency-Key -> its first start
         self.cache = _RecordCache(RECORD_CACHE_BYTES)
         self.on_freed: Callable[[int], None] = lambda nbytes: None   # told of output let go (a _HeapTrim)
+        # durability (issue 16): the journal told of evictions once the lock is released
+        self.journal: Optional[Any] = None
+        self._seq = 0                                          # the last record's creation number
+        self.fseq = itertools.count(1)     # the order records become final in (lock-free: set_final's cond is held)
+        self._forgotten: List[str] = []                        # evicted, not journaled yet
+        self._emptied: List[str] = []                          # output dropped by the budget, likewise
 
     def count(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -2039,9 +3575,57 @@ class _Registry:
                 self._queue.append(rec)
                 self._queued_code_bytes += len(rec.launch.code or b"")
                 run_now = False
+            self._seq += 1
+            rec.seq = self._seq
             self._records[rec.id] = rec
             self._stats["started"] += 1
         return run_now
+
+    def all(self) -> List[_ProcessRecord]:
+        with self.lock:
+            return list(self._records.values())
+
+    def hand_over(self) -> Tuple[List[_ProcessRecord], List[str], Dict[str, Any]]:
+        """For an upgrade: every record (creation order), the queue's ids, and the rest."""
+        with self.lock:
+            keys = {key: [entry.digest, entry.answer] for key, entry in self._idempotency.items()
+                    if entry.done.is_set() and entry.answer is not None}
+            return (list(self._records.values()), [r.id for r in self._queue],
+                    {"stats": dict(self._stats), "seq": self._seq, "finished": list(self._finished),
+                     "idempotency": keys})
+
+    def adopt(self, recs: List[_ProcessRecord], queue: List[str], extra: Dict[str, Any]) -> None:
+        """Take in the records of a previous agent: a restart's (all final) or
+        an upgrade's (running and queued too, with the queue's order)."""
+        by_id = {rec.id: rec for rec in recs}
+        finished_order = [i for i in extra.get("finished", []) if i in by_id]
+        with self.lock:
+            for rec in sorted(recs, key=lambda r: r.seq):
+                self._records[rec.id] = rec
+                self._seq = max(self._seq, rec.seq)
+            self._seq = max(self._seq, int(extra.get("seq", 0)))
+            finals = [by_id[i] for i in finished_order] or sorted(
+                (r for r in recs if r.finished), key=lambda r: (r.fseq or float("inf"), r.seq))
+            for rec in finals:
+                self._finished[rec.id] = rec
+                rec.accounted = rec.stdout.held + rec.stderr.held
+                self._finished_bytes += rec.accounted
+            self._queue.extend(by_id[i] for i in queue)
+            self.running += sum(1 for r in recs if not r.finished and r.status != "queued")
+            self.fseq = itertools.count(max([r.fseq for r in recs] + [0]) + 1)
+            self._stats.update(extra.get("stats") or {})
+            for key, (digest, answer) in (extra.get("idempotency") or {}).items():
+                self._adopt_key(key, digest, answer)
+            for rec in recs:
+                if rec.idempotency and rec.idempotency[0] not in self._idempotency:
+                    self._adopt_key(*rec.idempotency)
+            self._enforce_retention()
+        self.journal_retention()
+
+    def _adopt_key(self, key: str, digest: str, answer: Dict[str, Any]) -> None:
+        entry = self._idempotency[key] = _IdempotentStart(digest)
+        entry.answer = answer
+        entry.done.set()
 
     def withdraw(self, rec: _ProcessRecord) -> List[_ProcessRecord]:
         """Forget a record that could not start, as if it never came; returns
@@ -2095,9 +3679,20 @@ class _Registry:
             self._stats["reason_" + str(reason)] += 1
             freed = self._enforce_retention()
             ready = self._ready()
+        self.journal_retention()
         if freed:
             self.on_freed(freed)
         return ready
+
+    def journal_retention(self) -> None:
+        """Tell the journal what retention evicted or emptied (outside the lock)."""
+        with self.lock:
+            forgotten, self._forgotten = self._forgotten, []
+            emptied, self._emptied = self._emptied, []
+        if self.journal is not None:
+            self.journal.forget(forgotten)
+            for rec_id in emptied:
+                self.journal.output_dropped(rec_id)
 
     def _enforce_retention(self) -> int:
         """Keep at most ``retain`` finished records and ``output_budget`` bytes
@@ -2111,6 +3706,7 @@ class _Registry:
             self._finished_bytes -= old.accounted
             freed += old.accounted
             self.cache.forget(old.id)
+            self._forgotten.append(old.id)
         for old in self._finished.values():
             if self._finished_bytes <= self.config.output_budget:
                 break
@@ -2119,6 +3715,8 @@ class _Registry:
                 old.stderr.discard()
             self._finished_bytes -= old.accounted
             freed += old.accounted
+            if old.accounted:
+                self._emptied.append(old.id)
             old.accounted = 0
         return freed
 
@@ -2195,7 +3793,12 @@ class _Registry:
             # the first request failed and let go of the key: try to take it
         try:
             entry.answer = start()
-            self.get(entry.answer["process_id"]).idempotency_key = key
+            rec = self.get(entry.answer["process_id"])
+            with rec.cond:
+                rec.idempotency_key = key
+                rec.idempotency = [key, digest, entry.answer]
+            if self.journal is not None:
+                self.journal.changed(rec)
             return entry.answer
         except BaseException:
             with self.lock:
@@ -2278,6 +3881,7 @@ class _Lifecycle:
         self.watchdog = _Watchdog()
         self.workers = _WorkerPool()
         self.exits = _ExitWatcher()
+        self.parking = _Parking()
 
     def start_all(self, recs: List[_ProcessRecord], *, refuse_first: bool = False) -> None:
         """Spawn each record; a spawn that fails frees its slot for the next queued one.
@@ -2315,9 +3919,8 @@ class _Lifecycle:
             self.exits.ensure_running()
             with rec.cond:
                 rec.open_streams = len(readers)
-            short = rec.id[5:13]
             for fd, name in readers:
-                self.workers.submit("hopx-proc-%s-%s" % (short, name), self._read_stream, rec, fd, name)
+                self._submit_reader(rec, name, fd)
                 fds.remove(fd)           # the reader owns it now
         except (OSError, RuntimeError, Unavailable) as exc:
             for fd in fds:               # a reader already given its pipe sees EOF and ends
@@ -2356,9 +3959,10 @@ class _Lifecycle:
     def _fork(self, rec: _ProcessRecord, ends: "_ChildEnds") -> List[_ProcessRecord]:
         launch = rec.launch
         try:
-            popen = self.spawner.spawn(_ChildSpec(
-                argv=launch.argv, cwd=launch.cwd, env=launch.env, stdin=ends.stdin, stdout=ends.stdout,
-                stderr=ends.stderr, tty=ends.tty))
+            spec = _ChildSpec(argv=launch.argv, cwd=launch.cwd, env=launch.env, stdin=ends.stdin,
+                              stdout=ends.stdout, stderr=ends.stderr, tty=ends.tty,
+                              limits=launch.limits, user=launch.user, name=rec.id)
+            popen = self.spawner.spawn(spec)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             if ends.stdin_fd is not None:
                 _close_quietly(ends.stdin_fd)
@@ -2371,22 +3975,55 @@ class _Lifecycle:
         if ends.stdin_fd is not None:
             popen.stdin = open(ends.stdin_fd, "wb", buffering=0)
         with rec.cond:
+            rec.confinement = spec.confinement
+            if rec.confinement is not None and rec.confinement.cgroup is not None:   # journaled (durability)
+                rec.cgroups = list(dict.fromkeys(rec.confinement.cgroup.dirs.values()))
             rec.popen, rec.pid = popen, popen.pid
             rec.status = "running"
             rec.started, rec.started_mono = time.time(), time.monotonic()
             rec.last_output = rec.started_mono
             kill_now = rec.kill_reason is not None
+            if rec.journaled and self.registry.journal is not None:   # queued before: its start is known
+                self.registry.journal.ran(rec)
             rec.cond.notify_all()
         # Timers first: a child that ends at once must find them there to cancel.
         if launch.timeout:
             rec.timer = self.watchdog.schedule(launch.timeout, lambda: self.on_timeout(rec))
         if launch.idle_timeout:
-            rec.idle_timer = self.watchdog.schedule(launch.idle_timeout, lambda: self._on_idle(rec))
+            rec.idle_timer = self.watchdog.schedule(launch.idle_timeout, lambda: self.on_idle(rec))
         self._watch_leader(rec)
         if kill_now:
             self.terminate(rec)
         log.debug("started %s pid %d: %s", rec.id, popen.pid, launch.argv[0])
         return []
+
+    def watch(self, rec: _ProcessRecord) -> None:
+        """Readers for a record's open streams and a watch on its leader's exit:
+        what an upgraded agent does for each running record it adopted."""
+        self.read_streams(rec)
+        if rec.pid is not None and not rec.reaped:
+            self._watch_leader(rec)
+
+    def read_streams(self, rec: _ProcessRecord) -> None:
+        """A reader job for each open stream, when none runs (after a refused upgrade: the parked ones)."""
+        with rec.cond:
+            idle = sorted(rec.fds.items()) if not rec.readers else []
+        for name, fd in idle:
+            self._submit_reader(rec, name, fd)
+
+    def _submit_reader(self, rec: _ProcessRecord, name: str, fd: int) -> None:
+        """One stream's reader job (counted by the parking until it returns)."""
+        with rec.cond:
+            rec.fds[name] = fd
+            rec.readers += 1
+        try:
+            self.parking.submit(self.workers, "hopx-proc-%s-%s" % (rec.id[5:13], name), self._read_stream,
+                                rec, fd, name)
+        except BaseException:
+            with rec.cond:
+                rec.fds.pop(name, None)
+                rec.readers -= 1
+            raise
 
     def _watch_leader(self, rec: _ProcessRecord) -> None:
         """The leader's exit: by its pidfd, else a waiter job, else (no thread
@@ -2423,52 +4060,40 @@ class _Lifecycle:
         return self.retire(rec, was_running=True)
 
     def _read_stream(self, rec: _ProcessRecord, fd: int, name: str) -> None:
-        """Drain one pipe until EOF into the record's bounded buffer."""
+        """Drain one pipe until EOF into the record's bounded buffer, or until
+        an upgrade parks the reader (the pipe then stays open, for the successor)."""
         buf = rec.stream(name)
         scratch = getattr(_THREAD_STATE, "scratch", None)
         if scratch is None:      # one small read buffer per pooled thread, reused for every pipe
             scratch = _THREAD_STATE.scratch = bytearray(READ_SMALL_BYTES)
-        view = memoryview(scratch)
-        poller = None
+        grown = [False]
+
+        def deliver(data: memoryview) -> None:
+            if len(data) >= READ_SMALL_BYTES and not grown[0]:   # a chatty child: fewer wake-ups with a bigger pipe
+                grown[0] = True
+                _grow_pipe(fd)
+            with rec.cond:
+                buf.append(data)
+                rec.last_output = time.monotonic()
+                rec.cond.notify_all()
+
+        at_eof = True
         try:
-            grown = False
-            while True:
-                if grown and len(scratch) < READ_CHUNK_BYTES:
-                    # A chatty child: a big buffer for this stream only, so the idle
-                    # threads of the pool hold READ_SMALL_BYTES each, not this.
-                    scratch = bytearray(READ_CHUNK_BYTES)
-                    view = memoryview(scratch)
-                try:
-                    size = os.readv(fd, [scratch])
-                except BlockingIOError:   # a pty master: its stdin descriptor shares the non-blocking flag
-                    if poller is None:
-                        poller = select.poll()
-                        poller.register(fd, select.POLLIN)
-                    poller.poll()         # as long as a blocking read would wait: until output or EOF
-                    continue
-                except OSError as exc:
-                    if exc.errno != errno.EIO:
-                        raise
-                    size = 0              # a pty master: EIO once no slave descriptor is open = EOF
-                if not size:
-                    break
-                if size >= READ_SMALL_BYTES and not grown:   # a chatty child: fewer wake-ups with a bigger pipe
-                    grown = True
-                    _grow_pipe(fd)
-                with rec.cond:
-                    buf.append(view[:size])
-                    rec.last_output = time.monotonic()
-                    rec.cond.notify_all()
+            at_eof = _read_parkable(fd, self.parking, scratch, deliver)
         except Exception:
             log.exception("reading %s of %s failed", name, rec.id)
         finally:
-            _close_quietly(fd)
             with rec.cond:
-                rec.open_streams -= 1
+                rec.readers -= 1
+                if at_eof:
+                    rec.fds.pop(name, None)
+                    rec.open_streams -= 1
                 rec.cond.notify_all()
-                last = rec.open_streams == 0 and rec.exit_info is not None
+                last = at_eof and rec.open_streams == 0 and rec.exit_info is not None
+            if at_eof:
+                _close_quietly(fd)
             if last:
-                self._finish(rec)
+                self.finish(rec)
 
     def _reap(self, rec: _ProcessRecord) -> Tuple[Optional[int], Any]:
         """After the leader has exited: end the rest of its group, reap it.
@@ -2517,11 +4142,16 @@ class _Lifecycle:
                 rec.exit_info = exit_info
                 drained = rec.open_streams == 0
             if drained:
-                self._finish(rec)
+                self.finish(rec)
             else:   # a reader at EOF finishes it, or this timer if a straggler holds a pipe
-                self.watchdog.schedule(DRAIN_AFTER_EXIT_S, lambda: self._drain_expired(rec))
+                self.schedule_drain(rec, DRAIN_AFTER_EXIT_S)
         except Exception:
             log.exception("handling the exit of %s failed", rec.id)
+
+    def schedule_drain(self, rec: _ProcessRecord, delay: float) -> None:
+        timer = self.watchdog.schedule(delay, lambda: self._drain_expired(rec))
+        with rec.cond:
+            rec.timers["drain"] = timer
 
     def _drain_expired(self, rec: _ProcessRecord) -> None:
         """The leader is gone but its pipes are still open: a descendant that
@@ -2532,9 +4162,11 @@ class _Lifecycle:
             held = rec.open_streams > 0
         if held:
             _end_marked(rec, signal.SIGKILL)
-        self._finish(rec)
+            if rec.confinement is not None:
+                rec.confinement.kill()      # an escaper in its cgroup, found without a marker
+        self.finish(rec)
 
-    def _finish(self, rec: _ProcessRecord) -> None:
+    def finish(self, rec: _ProcessRecord) -> None:
         """Make a record final from its exit status, once (readers, timer and
         exit handler may all get here)."""
         with rec.cond:
@@ -2542,9 +4174,16 @@ class _Lifecycle:
         if stragglers:   # a signalled escaper may still be exiting: a final record leaves none alive
             _wait_gone(stragglers, time.monotonic() + ESCAPER_GONE_S)
         with rec.cond:
+            conf = rec.confinement if rec.exit_info is not None and not rec.finished else None
+        usage = conf.finish() if conf is not None else {}   # usage read, the rest ended, cgroups removed
+        if conf is not None:
+            rec.launch.cleanup()     # before it is final: whoever waits for it finds the code file gone
+        with rec.cond:
             if rec.exit_info is None or rec.finished:
                 return
+
             status, rusage = rec.exit_info
+            rec.usage = usage
             exit_code, signame = None, None
             if status is not None:
                 if os.WIFSIGNALED(status):
@@ -2553,6 +4192,8 @@ class _Lifecycle:
                 else:
                     exit_code = os.WEXITSTATUS(status)
             reason = rec.kill_reason or ("signaled" if signame else "exited")
+            if rec.kill_reason is None and conf is not None and conf.oom_killed(status):
+                reason = "oom_killed"       # api.md §14: SIGKILL and the cgroup counted an OOM kill
             rec.rusage = rusage
             rec.set_final(reason, 124 if reason in _TIMEOUT_REASONS else exit_code, signame)
         log.debug("%s finished: %s, exit %s", rec.id, reason, exit_code)
@@ -2583,10 +4224,18 @@ class _Lifecycle:
             return _killpg(rec.pid, sig)
 
     def terminate(self, rec: _ProcessRecord) -> None:
-        """SIGTERM to the group and to marked escapers now, SIGKILL after the grace period."""
+        """SIGTERM to the group, to marked escapers and to every process of its
+        cgroup now; SIGKILL (the whole cgroup) after the grace period."""
         self.signal_group(rec, signal.SIGTERM)
         _end_marked(rec, signal.SIGTERM)
-        self.watchdog.schedule(self.config.kill_grace, lambda: self._escalate(rec))
+        if rec.confinement is not None:
+            rec.confinement.signal(signal.SIGTERM)
+        self.schedule_escalation(rec, self.config.kill_grace)
+
+    def schedule_escalation(self, rec: _ProcessRecord, delay: float) -> None:
+        timer = self.watchdog.schedule(delay, lambda: self._escalate(rec))
+        with rec.cond:
+            rec.timers["escalate"] = timer
 
     def end_leftovers(self, rec: _ProcessRecord) -> int:
         """SIGTERM now, SIGKILL after the grace period, to the live processes
@@ -2601,8 +4250,15 @@ class _Lifecycle:
     def _escalate(self, rec: _ProcessRecord) -> None:
         self.signal_group(rec, signal.SIGKILL)
         _end_marked(rec, signal.SIGKILL)
+        if rec.confinement is not None:   # freeze-kill-thaw may wait: not on the watchdog's thread
+            try:
+                self.workers.submit("hopx-proc-%s-cgkill" % rec.id[5:13], rec.confinement.kill)
+            except (RuntimeError, Unavailable):   # no thread to be had: better late here than never
+                rec.confinement.kill()
 
-    def _on_idle(self, rec: _ProcessRecord) -> None:
+
+
+    def on_idle(self, rec: _ProcessRecord) -> None:
         """The idle timer: end the process, or look again when it could next be idle."""
         with rec.cond:
             if rec.finished or rec.exit_info is not None or rec.kill_reason is not None:
@@ -2610,7 +4266,7 @@ class _Lifecycle:
             quiet = time.monotonic() - (rec.last_output or 0.0)
             idle = rec.launch.idle_timeout or 0.0
             if quiet < idle:
-                rec.idle_timer = self.watchdog.schedule(idle - quiet, lambda: self._on_idle(rec))
+                rec.idle_timer = self.watchdog.schedule(idle - quiet, lambda: self.on_idle(rec))
                 return
             rec.kill_reason = "idle_timeout"
         log.info("%s printed nothing for %ss: ending it", rec.id, idle)
@@ -2675,6 +4331,7 @@ class _Lifecycle:
         self.workers.stop(max(0.0, deadline - time.monotonic()))
         self.exits.stop(max(0.0, deadline - time.monotonic()))
         self.watchdog.stop(max(0.0, deadline - time.monotonic()))
+        self.parking.close()
 
 
 # ============================================================================
@@ -2697,7 +4354,8 @@ class ProcessManager:
                  environ: Optional[Dict[str, str]] = None) -> None:
         self.config = config or AgentConfig()
         self.stopping = threading.Event()   # set by shutdown(); webhook retries stop waiting
-        self.spawner = _Spawner()
+        self.limits = _limits_from(self.config)   # probes cgroups, protects the agent (api.md §14)
+        self.spawner = _Spawner(self.limits)
         self.launcher = _Launcher(self.config, environ)
         self.registry = _Registry(self.config)
         self.lifecycle = _Lifecycle(self.config, self.registry, self.spawner)
@@ -2705,6 +4363,7 @@ class ProcessManager:
         self.subreaper = _Subreaper(self.spawner, self.stopping)
         self.heap = _HeapTrim(self.watchdog.schedule, _malloc_trim_function())   # any family may report to it
         self.registry.on_freed = self.heap.freed
+        self.interrupt = threading.Event()   # an upgrade wakes the long polls (?wait=): they answer now
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to one of the counters /metrics reports."""
@@ -2746,6 +4405,7 @@ class ProcessManager:
         rec = _ProcessRecord(launch, self.config.max_output_bytes)
         rec.on_finish.extend(on_finish)      # before the child exists, so none can be missed
         launch.env[PROCESS_ID_ENV] = rec.id
+        self.prepare(rec)
         try:
             run_now = self.registry.admit(rec)
         except AgentError:
@@ -2753,7 +4413,34 @@ class ProcessManager:
             raise
         if run_now:
             self.lifecycle.start_all([rec], refuse_first=True)
+        if self.registry.journal is not None:   # before the caller answers with the id
+            self.registry.journal.created(rec)
         return rec
+
+    def prepare(self, rec: _ProcessRecord) -> None:
+        """What every record gets, started here or taken over from a previous agent."""
+        rec.final_hook = self._on_final
+
+    def _on_final(self, rec: _ProcessRecord) -> None:
+        """set_final's hook (``rec.cond`` held): its place in the finished order, and the journal."""
+        rec.fseq = next(self.registry.fseq)
+        if self.registry.journal is not None:
+            self.registry.journal.ended(rec)
+
+    def record_changed(self, rec: _ProcessRecord) -> None:
+        """A final record's ``extra`` changed (a webhook delivery): the journal keeps it."""
+        if self.registry.journal is not None:
+            self.registry.journal.changed(rec)
+
+    def interrupt_waits(self, on: bool) -> None:
+        """Wake every long poll so that it answers now (an upgrade is about to exec), or stop doing so."""
+        if not on:
+            self.interrupt.clear()
+            return
+        self.interrupt.set()
+        for rec in self.registry.all():
+            with rec.cond:
+                rec.cond.notify_all()
 
     def kill(self, process_id: str, sig: Optional[int] = None, *, wait: bool = True) -> Dict[str, Any]:
         """End a process and its group (api.md §5 Kill); with ``sig``, only send that signal.
@@ -2906,7 +4593,7 @@ class ProcessManager:
         with rec.cond:
             marks = {name: offsets.get(name) if offsets.get(name) is not None
                      else rec.stream(name).end(False) for name in ("stdout", "stderr")}
-            rec.cond.wait_for(lambda: rec.finished or any(
+            rec.cond.wait_for(lambda: rec.finished or self.interrupt.is_set() or any(
                 rec.stream(name).end(False) > mark for name, mark in marks.items()), timeout)
 
     def stats(self) -> Dict[str, Any]:
@@ -2934,11 +4621,15 @@ class ProcessManager:
                     rec.kill_reason = rec.kill_reason or "shutdown"
             self.lifecycle.signal_group(rec, signal.SIGTERM)
             _end_marked(rec, signal.SIGTERM, marked)
+            if rec.confinement is not None:
+                rec.confinement.signal(signal.SIGTERM)
         term_deadline = min(deadline, time.monotonic() + grace)
         for rec in live:
             self.wait(rec, max(0.0, term_deadline - time.monotonic()))
             if not rec.finished:
                 self.lifecycle.signal_group(rec, signal.SIGKILL)
+                if rec.confinement is not None:
+                    rec.confinement.kill()
         marked = _scan_marked()
         for rec in live:
             _end_marked(rec, signal.SIGKILL, marked)
@@ -2949,6 +4640,8 @@ class ProcessManager:
                 rec.cond.wait_for(lambda: rec.open_streams == 0, max(0.0, deadline - time.monotonic()))
         self.lifecycle.stop(deadline)
         self.subreaper.stop(deadline)
+        self.limits.close()          # what is left in cgroups is killed, the cgroups removed
+
 
 
 # ============================================================================
@@ -2969,17 +4662,21 @@ class _Webhook:
         self.url = url
         self.headers = headers
         self.signing_secret = signing_secret
+        self.attempts = 0            # made so far (an upgrade's successor goes on from there)
+        self.state = "waiting"       # "waiting" for the record's end, "delivering", "done"
 
     def __call__(self, rec: _ProcessRecord) -> None:
         with rec.cond:
             rec.extra["webhook"] = {"url": self.url, "delivered": False, "attempts": 0,
                                     "last_status": None, "last_error": None}
             rec.changes += 1
+        self.manager.record_changed(rec)
         self._start_thread(rec, WEBHOOK_ATTEMPTS)
 
     def _start_thread(self, rec: _ProcessRecord, tries: int) -> None:
         """The delivery thread; where none can be had now, try again later (a
         result is not dropped for want of a thread)."""
+        self.state = "delivering"
         try:
             threading.Thread(target=self._deliver, args=(rec,), daemon=True,
                              name="hopx-webhook-%s" % rec.id[5:13]).start()
@@ -2987,8 +4684,24 @@ class _Webhook:
             if tries <= 1 or self.manager.stopping.is_set():
                 log.warning("webhook for %s not delivered: no thread could be started", rec.id)
                 self.manager.count("webhooks_failed")
+                self.state = "done"
                 return
             self.manager.watchdog.schedule(WEBHOOK_BACKOFF_S, lambda: self._start_thread(rec, tries - 1))
+
+    def hand_over(self) -> Dict[str, Any]:
+        """What an upgrade's successor needs to deliver it (kept in memory only, never on disk)."""
+        return {"url": self.url, "headers": self.headers, "secret": self.signing_secret,
+                "attempts": self.attempts, "state": self.state}
+
+    @classmethod
+    def adopt(cls, manager: ProcessManager, rec: _ProcessRecord, state: Dict[str, Any]) -> None:
+        """The successor's side: wait for the record's end, or go on delivering."""
+        hook = cls(manager, state["url"], dict(state.get("headers") or {}), state.get("secret"))
+        hook.attempts = int(state.get("attempts") or 0)
+        if state.get("state") == "waiting":
+            rec.on_finish.append(hook)
+        elif state.get("state") == "delivering":
+            hook._start_thread(rec, WEBHOOK_ATTEMPTS)
 
     def payload(self, rec: _ProcessRecord) -> bytes:
         with rec.cond:
@@ -3020,26 +4733,1927 @@ class _Webhook:
 
     def _deliver(self, rec: _ProcessRecord) -> None:
         body = self.payload(rec)
-        delay = WEBHOOK_BACKOFF_S
-        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+        delay = WEBHOOK_BACKOFF_S * 2 ** self.attempts
+        delivered, attempt = False, self.attempts
+        for attempt in range(self.attempts + 1, WEBHOOK_ATTEMPTS + 1):
             status, error = None, None
             try:
                 status = self._post(body)
             except Exception as exc:  # network errors of every kind are one more failed attempt
                 error = "%s: %s" % (type(exc).__name__, exc)
             delivered = status is not None and 200 <= status < 300
+            self.attempts = attempt
             with rec.cond:
                 rec.extra["webhook"].update(attempts=attempt, last_status=status,
                                             last_error=error, delivered=delivered)
                 rec.changes += 1
+            self.manager.record_changed(rec)
             # 4xx other than 408/429 will not change on a retry
             final = delivered or (status is not None and 400 <= status < 500 and status not in (408, 429))
             if final or attempt == WEBHOOK_ATTEMPTS or self.manager.stopping.wait(delay):
                 break
             delay *= 2
+        self.state = "done"
         self.manager.count("webhooks_delivered" if delivered else "webhooks_failed")
         log.info("webhook for %s: %s after %d attempt(s)", rec.id,
                  "delivered" if delivered else "failed", attempt)
+
+
+# ============================================================================
+# Durability: the state directory and the journal
+# ============================================================================
+#
+# What a restarted agent knows comes from its state directory (--state-dir),
+# private (0700, the agent's own, never a symlink) and held by one agent at a
+# time (an flock that an upgrade's exec keeps):
+#
+#   lock       the flock; holds the holder's pid, for the error message
+#   instance   the directory's id: every child carries it as HOPX_AGENT_STATE,
+#              which is how a restarted agent proves that a process is its orphan
+#   journal    an append-only log of checksummed JSON lines, one per event of a
+#              record (new, run, end, set, gone), rewritten when mostly dead
+#   out/<id>   a record's retained output (final) or its output tail so far
+#              (running, a checkpoint), checksummed, written whole and renamed
+#   aside/     corrupt or foreign files, set aside (the newest ASIDE_KEEP kept)
+#
+# The events a client may rely on at once are appended before they are
+# visible (a new record before its id is answered, an outcome as it is
+# reached): one write(2) to the page cache, which a crash of the agent
+# cannot lose. Everything else (output files, deletions, checkpoints, fsync,
+# compaction) is done by one writer thread, off the request path.
+
+STATE_DIR_ENV = "HOPX_AGENT_STATE"       # every child carries its agent's state-dir id (orphans are proven by it)
+JOURNAL_VERSION = 1                      # format of the journal and the out files; another one is set aside
+CHECKPOINT_S = 1.0                       # a running record's output tail is saved this often, when it grew
+CHECKPOINT_TAIL_BYTES = 64 * 1024        # per stream of a running record; a final one keeps its whole window
+ASIDE_KEEP = 8                           # corrupt or foreign files kept for a post-mortem, newest first
+COMPACT_SLACK_LINES = 4096               # the log is rewritten when it has more lines than 3 per record + this
+MAX_JOURNAL_LINE_BYTES = 32 * 1024 * 1024   # a longer line is corruption (a record's text fields are bounded)
+_JOURNAL_FORMAT = "hopx-agent-journal"
+_OUT_MAGIC = b"HOPXOUT"
+_RECORD_ID = re.compile(r"\Aproc_[0-9a-f]{24}\Z")
+_DIR_ID = re.compile(r"\A[0-9a-f]{32}\Z")
+
+
+class _StateDirError(Exception):
+    """The state directory cannot be used: not ours, not private, or held by another agent."""
+
+
+def _default_state_dir(port: int, environ: Dict[str, str]) -> Optional[str]:
+    """--state-dir's default: one directory per port (two agents of one
+    machine never share one) under $XDG_STATE_HOME, /var/lib when writable,
+    else a per-user directory in the temp dir. None for --port 0: an agent
+    on a random port has no successor to share its state with."""
+    if not port:
+        return None
+    xdg = environ.get("XDG_STATE_HOME", "")
+    if os.path.isabs(xdg):
+        base = os.path.join(xdg, "hopx-agent")
+    elif os.access("/var/lib", os.W_OK):
+        base = "/var/lib/hopx-agent"
+    else:
+        import tempfile
+        base = os.path.join(tempfile.gettempdir(), "hopx-agent-%d" % os.geteuid())
+    return os.path.join(base, str(port))
+
+
+def _private_dir(name: str, dir_fd: Optional[int] = None) -> int:
+    """Create ``name`` (0700) if missing and open it; refuse a symlink, a
+    directory of another user or one others may write to (tightened to 0700
+    when it is ours). Returns its descriptor."""
+    try:
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as exc:
+        raise _StateDirError("cannot open %s: %s (a symlink or not a directory?)" % (name, exc.strerror)) from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        os.close(fd)
+        raise _StateDirError("%s belongs to uid %d, not to this agent (uid %d)" % (name, st.st_uid, os.geteuid()))
+    if st.st_mode & 0o077:
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def _crc_line(payload: Dict[str, Any]) -> bytes:
+    """One journal line: the CRC-32 of the JSON, a space, the JSON (ASCII, so no newline inside)."""
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return b"%08x %s\n" % (zlib.crc32(data), data)
+
+
+def _parse_line(line: bytes) -> Optional[Dict[str, Any]]:
+    """The JSON object of one journal line, or None when its checksum or JSON is wrong."""
+    if len(line) < 11 or line[8:9] != b" " or len(line) > MAX_JOURNAL_LINE_BYTES:
+        return None
+    data = line[9:]
+    try:
+        if int(line[:8], 16) != zlib.crc32(data):
+            return None
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class _StateDir:
+    """The agent's state directory, opened and held (see the section comment).
+    Every file operation goes through the directory descriptors, so that the
+    path cannot be swapped under the agent once it was checked."""
+
+    def __init__(self, path: str, fds: Dict[str, int], lock_fd: int, dir_id: str) -> None:
+        self.path = path
+        self.fd, self.out_fd, self.aside_fd = fds["."], fds["out"], fds["aside"]
+        self.lock_fd = lock_fd            # the flock lives on it; an upgrade's exec keeps it (handed over)
+        self.dir_id = dir_id
+        self._warned = 0                  # set-aside warnings logged at this start (capped)
+
+    @classmethod
+    def open(cls, path: str, *, lock_fd: Optional[int] = None) -> "_StateDir":
+        """Open (creating it 0700) and lock the directory; ``lock_fd`` is the
+        lock an upgraded agent inherited. _StateDirError when unusable."""
+        path = os.path.abspath(path)
+        parent, leaf = os.path.split(path)
+        os.makedirs(parent, 0o700, exist_ok=True)
+        parent_fd = None
+        if os.path.basename(parent).startswith("hopx-agent"):   # the default's base: ours and private too
+            parent_fd = _private_dir(parent)
+        try:
+            fds = {".": _private_dir(leaf if parent_fd is not None else path, dir_fd=parent_fd)}
+        finally:
+            if parent_fd is not None:
+                os.close(parent_fd)
+        try:
+            lock_fd = cls._lock(fds["."]) if lock_fd is None else cls._check_lock(fds["."], lock_fd)
+            for sub in ("out", "aside"):
+                fds[sub] = _private_dir(sub, dir_fd=fds["."])
+            state = cls(path, fds, lock_fd, "")
+            state.dir_id = state._read_dir_id()
+            return state
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+
+    @staticmethod
+    def _lock(dirfd: int) -> int:
+        import fcntl
+        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=dirfd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise _StateDirError("in use by another agent (pid %s)" % holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        return fd
+
+    @staticmethod
+    def _check_lock(dirfd: int, lock_fd: int) -> int:
+        """An inherited lock must be this directory's lock file."""
+        st, fst = os.stat("lock", dir_fd=dirfd, follow_symlinks=False), os.fstat(lock_fd)
+        if (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino):
+            raise _StateDirError("the inherited lock is not this directory's")
+        return lock_fd
+
+    def _read_dir_id(self) -> str:
+        """The directory's id from ``instance``, made once (a bad file is set aside)."""
+        try:
+            fd = os.open("instance", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.fd)
+            with os.fdopen(fd, "rb") as fh:
+                text = fh.read(64).decode("ascii", "replace").strip()
+            if _DIR_ID.match(text):
+                return text
+            self.set_aside(self.fd, "instance", "not a state-dir id: orphans of a previous agent "
+                                                "cannot be proven and are left alone")
+        except FileNotFoundError:
+            pass
+        dir_id = secrets.token_hex(16)
+        self.write_atomic(self.fd, "instance", [dir_id.encode("ascii") + b"\n"], sync=True)
+        return dir_id
+
+    def write_atomic(self, dirfd: int, name: str, parts: List[Any], *, sync: bool) -> int:
+        """Write ``parts`` to ``name`` whole: a temp file renamed over it
+        (fdatasync'ed first with ``sync``, so that a power loss leaves the old
+        file or the new one, never a part). Returns the bytes written."""
+        tmp = name + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dirfd)
+        try:
+            size = _writev_all(fd, parts)
+            if sync:
+                os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp, dirfd)
+            raise
+        os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        return size
+
+    def set_aside(self, dirfd: int, name: str, why: str) -> None:
+        """Move a corrupt or foreign file to aside/ with one WARNING line; keep the newest ASIDE_KEEP."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = "%s.%s.%s" % (name, stamp, secrets.token_hex(2))
+        try:
+            os.rename(name, target, src_dir_fd=dirfd, dst_dir_fd=self.aside_fd)
+        except OSError as exc:
+            log.warning("state dir %s: cannot set %s aside (%s); removing it", self.path, name, exc)
+            _unlink_quietly(name, dirfd)
+            return
+        self._warned += 1
+        if self._warned <= 10:
+            log.warning("state dir %s: %s set aside as aside/%s: %s", self.path, name, target, why)
+        elif self._warned == 11:
+            log.warning("state dir %s: more files set aside; see aside/", self.path)
+        self._prune_aside()
+
+    def _prune_aside(self) -> None:
+        entries = []
+        for name in os.listdir(self.aside_fd):
+            try:
+                entries.append((os.stat(name, dir_fd=self.aside_fd, follow_symlinks=False).st_mtime, name))
+            except OSError:
+                pass
+        for _, name in sorted(entries, reverse=True)[ASIDE_KEEP:]:
+            _unlink_quietly(name, self.aside_fd)
+
+    def usage(self) -> int:
+        """Bytes the directory's files use (journal, out, aside)."""
+        total = 0
+        for dirfd in (self.fd, self.out_fd, self.aside_fd):
+            for name in os.listdir(dirfd):
+                try:
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    total += st.st_size
+        return total
+
+    def close(self) -> None:
+        """Release the directory (and its lock: another agent may take it)."""
+        for fd in (self.out_fd, self.aside_fd, self.fd, self.lock_fd):
+            _close_quietly(fd)
+
+
+def _writev_all(fd: int, parts: List[Any]) -> int:
+    """writev until every byte of ``parts`` is written (regular files may write short)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    total = sum(len(v) for v in views)
+    while views:
+        done = os.writev(fd, views)
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if views and done:
+            views[0] = views[0][done:]
+    return total
+
+
+def _unlink_quietly(name: str, dirfd: Optional[int] = None) -> None:
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
+
+
+# -- a record as the journal keeps it ---------------------------------------------------------
+#
+# A record's state is a flat JSON object of the fields below (the names of
+# the record JSON where there is one). The journal's "rec" lines, the merged
+# result of loading, and the records an upgrade hands over are all this
+# shape, checked by one table.
+
+_STATE_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "id": (str,), "seq": (int,), "execution_id": (str,), "name": (str, type(None)),
+    "kind": (str,), "language": (str, type(None)), "command": (str, type(None)),
+    "timeout": (int, float), "working_dir": (str,), "idle_timeout": (int, float, type(None)),
+    "stdin": (bool,), "created": (int, float), "tempfile": (str, type(None)),
+    "status": (str,), "pid": (int, type(None)), "started": (int, float, type(None)),
+    "starttime": (int, type(None)), "boot_id": (str, type(None)),
+    "fseq": (int, type(None)), "reason": (str, type(None)), "exit_code": (int, type(None)),
+    "signal": (str, type(None)), "ended": (int, float, type(None)), "duration": (int, float, type(None)),
+    "error": (str, type(None)), "usage": (list, type(None)), "stragglers": (list,),
+    "extra": (dict,), "stdout_bytes": (int,), "stderr_bytes": (int,),
+    "idempotency": (list, type(None)), "kill_reason": (str, type(None)), "cgroups": (list,),
+    "pty": (list, type(None)), "limits": (dict, type(None)), "user": (dict, type(None)), "cg_usage": (dict,),
+}
+_STATE_DEFAULTS: Dict[str, Any] = {
+    "name": None, "language": None, "command": None, "idle_timeout": None, "stdin": False,
+    "tempfile": None, "pid": None, "started": None, "starttime": None, "boot_id": None, "fseq": None,
+    "reason": None, "exit_code": None, "signal": None, "ended": None, "duration": None, "error": None,
+    "usage": None, "stragglers": [], "extra": {}, "stdout_bytes": 0, "stderr_bytes": 0,
+    "idempotency": None, "kill_reason": None, "cgroups": [], "pty": None, "limits": None, "user": None,
+    "cg_usage": {},
+}
+_STATE_STATUSES = ("queued", "running", "completed", "failed")
+
+
+def _check_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A record state with every field present and of its type; ValueError otherwise."""
+    full = dict(_STATE_DEFAULTS)
+    full.update((k, v) for k, v in state.items() if k in _STATE_FIELDS)
+    for key, kinds in _STATE_FIELDS.items():
+        if key not in full:
+            raise ValueError("field %s missing" % key)
+        value = full[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError("field %s is %r" % (key, type(value).__name__))
+    if not _RECORD_ID.match(full["id"]) or full["status"] not in _STATE_STATUSES:
+        raise ValueError("bad id or status")
+    usage = full["usage"]
+    if usage is not None and (len(usage) != 3 or not all(isinstance(u, (int, float)) for u in usage)):
+        raise ValueError("bad usage")
+    if not all(isinstance(p, int) for p in full["stragglers"]):
+        raise ValueError("bad stragglers")
+    if not all(isinstance(d, str) for d in full["cgroups"]):
+        raise ValueError("bad cgroups")
+    limits = full["limits"] or {}
+    if not all(k in _LIMIT_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)
+               for k, v in limits.items()):
+        raise ValueError("bad limits")
+    user = full["user"]
+    if user is not None and not (isinstance(user.get("name"), str) and isinstance(user.get("home"), str)
+                                 and all(isinstance(user.get(k), int) for k in ("uid", "gid"))
+                                 and isinstance(user.get("groups"), list)
+                                 and all(isinstance(g, int) for g in user["groups"])):
+        raise ValueError("bad user")
+    return full
+
+
+class _Usage(collections.namedtuple("_Usage", "ru_utime ru_stime ru_maxrss")):
+    """The part of a resource.struct_rusage the record shows, restored from the journal."""
+
+
+def _record_state(rec: _ProcessRecord) -> Dict[str, Any]:
+    """The record as a journal state (call with ``rec.cond`` held)."""
+    launch = rec.launch
+    usage = rec.rusage
+    return {
+        "id": rec.id, "seq": rec.seq, "execution_id": rec.execution_id, "name": launch.name,
+        "kind": launch.kind, "language": launch.language, "command": launch.command,
+        "timeout": launch.timeout, "working_dir": launch.cwd, "idle_timeout": launch.idle_timeout,
+        "stdin": launch.stdin, "created": rec.created, "tempfile": launch.tempfile,
+        "status": rec.status, "pid": rec.pid, "started": rec.started,
+        "starttime": rec.starttime, "boot_id": rec.boot_id,
+        "fseq": rec.fseq or None, "reason": rec.reason, "exit_code": rec.exit_code,
+        "signal": rec.signal, "ended": rec.ended, "duration": rec.duration, "error": rec.error,
+        "usage": None if usage is None else [usage.ru_utime, usage.ru_stime, usage.ru_maxrss],
+        "stragglers": sorted(rec.stragglers), "extra": dict(rec.extra),
+        "stdout_bytes": rec.stdout.total, "stderr_bytes": rec.stderr.total,
+        "idempotency": rec.idempotency, "kill_reason": rec.kill_reason, "cgroups": list(rec.cgroups),
+        "pty": list(launch.pty) if launch.pty else None, "cg_usage": dict(rec.usage),
+        "limits": _limits_state(launch.limits), "user": _user_state(launch.user),
+    }
+
+
+def _start_state(rec: _ProcessRecord) -> Dict[str, Any]:
+    """What is known of a record when it starts (call with ``rec.cond`` held):
+    a shorter line than the whole state, on the request's path."""
+    launch = rec.launch
+    return {
+        "id": rec.id, "seq": rec.seq, "execution_id": rec.execution_id, "name": launch.name,
+        "kind": launch.kind, "language": launch.language, "command": launch.command,
+        "timeout": launch.timeout, "working_dir": launch.cwd, "idle_timeout": launch.idle_timeout,
+        "stdin": launch.stdin, "created": rec.created, "tempfile": launch.tempfile, "status": rec.status,
+        "pid": rec.pid, "started": rec.started, "starttime": rec.starttime, "boot_id": rec.boot_id,
+        "pty": list(launch.pty) if launch.pty else None, "cgroups": list(rec.cgroups),
+        "limits": _limits_state(launch.limits), "user": _user_state(launch.user),
+    }
+
+
+def _limits_state(limits: Any) -> Optional[Dict[str, Any]]:
+    given = limits.given() if limits is not None else {}
+    return given or None
+
+
+def _user_state(user: Any) -> Optional[Dict[str, Any]]:
+    if user is None:
+        return None
+    return {"name": user.name, "uid": user.uid, "gid": user.gid, "groups": list(user.groups), "home": user.home}
+
+
+def _user_of(state: Optional[Dict[str, Any]]) -> Any:
+    if not state:
+        return None
+    return _RunAs(str(state["name"]), int(state["uid"]), int(state["gid"]),
+                  tuple(int(g) for g in state["groups"]), str(state["home"]))
+
+
+def _restored_buffer(cap: int, total: int, data: bytes) -> _OutputBuffer:
+    """An output buffer that holds ``data`` as the newest bytes of ``total`` written."""
+    buf = _OutputBuffer(cap)
+    buf.append(data[len(data) - cap:] if cap and len(data) > cap else data)
+    buf.total = max(total, buf.held)
+    return buf
+
+
+def _restore_record(state: Dict[str, Any], cap: int, out: bytes = b"", err: bytes = b"") -> _ProcessRecord:
+    """A record rebuilt from its state and retained output, with no child:
+    a finished one as a restart loads it (an upgrade adds the rest)."""
+    launch = _Launch(argv=[], cwd=state["working_dir"], env={}, kind=state["kind"],
+                     language=state["language"], command=state["command"], name=state["name"],
+                     timeout=state["timeout"], stdin=state["stdin"], tempfile=state["tempfile"],
+                     idle_timeout=state["idle_timeout"],
+                     pty=tuple(state["pty"]) if state["pty"] and len(state["pty"]) == 2 else None,
+                     limits=_LimitValues(**state["limits"]) if state["limits"] else None,
+                     user=_user_of(state["user"]))
+    rec = _ProcessRecord(launch, cap)
+    rec.id, rec.execution_id = state["id"], state["execution_id"]
+    for key in ("status", "pid", "started", "reason", "exit_code", "signal", "ended", "duration",
+                "error", "created", "kill_reason", "seq", "starttime", "boot_id", "idempotency"):
+        setattr(rec, key, state[key])
+    rec.fseq = state["fseq"] or 0
+    rec.idempotency_key = state["idempotency"][0] if state["idempotency"] else None
+    rec.cgroups = list(state["cgroups"])
+    rec.rusage = None if state["usage"] is None else _Usage(*state["usage"])
+    rec.stragglers = set(state["stragglers"])
+    rec.extra = dict(state["extra"])
+    rec.usage = dict(state["cg_usage"])
+    rec.reaped = True                     # never ours to signal: its pid may be anyone's now
+    rec.stdin_closed = True
+    rec.journaled = True
+    rec.stdout = _restored_buffer(cap, state["stdout_bytes"], out)
+    rec.stderr = _restored_buffer(cap, state["stderr_bytes"], err)
+    return rec
+
+
+def _boot_id() -> Optional[str]:
+    """This boot's id: a pid and a start time name the same process only within one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as fh:
+            return fh.read(64).decode("ascii", "replace").strip() or None
+    except OSError:
+        return None
+
+
+def _proc_identity(pid: int) -> Optional[Tuple[int, int, int]]:
+    """(start time in clock ticks since boot, session id, process group) from /proc/<pid>/stat."""
+    try:
+        fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY)
+        try:
+            data = os.read(fd, 2048)
+        finally:
+            os.close(fd)
+        fields = data[data.rindex(b")") + 2:].split()   # the name may hold spaces and parentheses
+        return int(fields[19]), int(fields[3]), int(fields[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _tail_bytes(buf: _OutputBuffer, limit: Optional[int] = None) -> bytes:
+    """The newest ``limit`` bytes a buffer holds (all of them without a limit), copied."""
+    start = buf.dropped if limit is None else max(buf.dropped, buf.total - limit)
+    return buf._slice(start, buf.total)
+
+
+class _Journal:
+    """The records' journal in a state directory (see the section comment).
+
+    created/ran/ended/changed/forget are called by the process manager at
+    each step of a record's life, never with the registry lock held; each
+    costs one append of a short line, plus work queued for the writer thread.
+    A failing disk never fails a request: the journal logs one WARNING per
+    kind of error and the records live on in memory.
+    """
+
+    def __init__(self, state: _StateDir, *, checkpoint_s: float = CHECKPOINT_S) -> None:
+        self.state = state
+        self.checkpoint_s = checkpoint_s
+        self.boot_id = _boot_id()
+        self._lock = threading.Lock()   # guards _fd, _lines, _unsynced: held across one append write(2), never an fsync
+        self._fd = -1
+        self._lines = 0                 # lines in the log since it was last rewritten
+        self._unsynced = False          # lines appended since the last fdatasync
+        self._cond = threading.Condition(threading.Lock())  # guards every field below
+        self._tasks: "collections.OrderedDict[str, Tuple[str, Any]]" = collections.OrderedDict()
+        self._live: Dict[str, Any] = {}         # running records -> totals at their last checkpoint
+        self._records = 0                       # records the journal holds (for the compaction rule)
+        self._next_ckpt = 0.0                   # monotonic time of the next checkpoint round
+        self._busy = False                      # the writer is doing a batch
+        self._doing: List[str] = []             # the ids of that batch (an upgrade hands them on)
+        self._stopped = False
+        self._thread: Optional[threading.Thread] = None
+        self._errors: set = set()               # error kinds already logged
+
+    # -- the log ---------------------------------------------------------------------
+
+    def _open_log(self) -> None:
+        self._fd = os.open("journal", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600,
+                           dir_fd=self.state.fd)
+
+    def _append(self, payload: Dict[str, Any]) -> None:
+        line = _crc_line(payload)
+        try:
+            with self._lock:
+                os.write(self._fd, line)   # O_APPEND: one line, whole, at the end
+                self._lines += 1
+                self._unsynced = True
+        except OSError as exc:
+            self._failed("append", exc)
+
+    def _failed(self, kind: str, exc: BaseException) -> None:
+        if kind not in self._errors:
+            self._errors.add(kind)
+            log.warning("journal %s: cannot %s (%s); records stay in memory, a restart may lose them",
+                        self.state.path, kind, exc)
+
+    def _header(self) -> Dict[str, Any]:
+        return {"format": _JOURNAL_FORMAT, "version": JOURNAL_VERSION, "dir": self.state.dir_id,
+                "agent": __version__, "written": time.time()}
+
+    # -- events of a record's life (the manager's hooks) -----------------------------
+
+    def created(self, rec: _ProcessRecord) -> None:
+        """A record exists (queued, or running once spawned): before its id is answered."""
+        with rec.cond:
+            self._note_spawn(rec)
+            state = _record_state(rec) if rec.finished else _start_state(rec)
+            running = rec.status == "running"
+            rec.journaled = True       # a queued one's spawn is journaled from now on (ran())
+        state["e"] = "new"
+        self._append(state)
+        with self._cond:
+            self._records += 1
+            if running:
+                self._watch_locked(rec)
+
+    def ran(self, rec: _ProcessRecord) -> None:
+        """A queued record was spawned (call with ``rec.cond`` held)."""
+        self._note_spawn(rec)
+        self._append({"e": "run", "id": rec.id, "pid": rec.pid, "started": rec.started,
+                      "starttime": rec.starttime, "boot_id": rec.boot_id, "status": rec.status,
+                      "tempfile": rec.launch.tempfile, "cgroups": list(rec.cgroups)})
+        with self._cond:
+            self._watch_locked(rec)
+
+    def _watch_locked(self, rec: _ProcessRecord) -> None:
+        """Checkpoint a running record from now on. The writer is woken only
+        when it slept without a timeout (no record ran): a start never pays
+        for a thread switch otherwise."""
+        if not self._live:
+            self._start_locked()
+            self._cond.notify_all()
+        self._live[rec.id] = (rec, 0, 0)
+
+    def _note_spawn(self, rec: _ProcessRecord) -> None:
+        """The leader's start time, read while it is unreaped (so the pid is surely its own)."""
+        if rec.pid is not None and not rec.reaped and rec.starttime is None:
+            stat = _proc_identity(rec.pid)
+            rec.starttime, rec.boot_id = (stat[0] if stat else None), self.boot_id
+
+    def ended(self, rec: _ProcessRecord) -> None:
+        """A record became final: its outcome is appended before anyone can
+        see it (call with ``rec.cond`` held), its output goes to the writer."""
+        state = _record_state(rec)
+        state["e"] = "rec"
+        self._append(state)
+        self._queue(rec.id, "final", rec)
+
+    def changed(self, rec: _ProcessRecord) -> None:
+        """``extra`` (a webhook's delivery) or the Idempotency-Key changed after the start."""
+        with rec.cond:
+            payload = {"e": "set", "id": rec.id, "extra": dict(rec.extra), "idempotency": rec.idempotency}
+        self._append(payload)
+
+    def output_dropped(self, rec_id: str) -> None:
+        """The output budget took this finished record's output: its out file goes too."""
+        self._queue(rec_id, "unlink", None)
+
+    def forget(self, ids: Iterable[str]) -> None:
+        """Records evicted by retention."""
+        ids = list(ids)
+        if not ids:
+            return
+        self._append({"e": "gone", "ids": ids})
+        with self._cond:
+            self._records -= len(ids)
+        for rec_id in ids:
+            self._queue(rec_id, "unlink", None)
+
+    def _queue(self, rec_id: str, kind: str, rec: Any) -> None:
+        with self._cond:
+            self._tasks.pop(rec_id, None)      # the newest task of a record supersedes the older
+            self._tasks[rec_id] = (kind, rec)
+            self._live.pop(rec_id, None)
+            self._start_locked()
+            self._cond.notify_all()
+
+    # -- the writer thread -----------------------------------------------------------
+
+    def _start_locked(self) -> None:
+        if self._thread is None and not self._stopped:
+            self._thread = threading.Thread(target=self._run, name="hopx-journal", daemon=True)
+            self._thread.start()
+
+    def _next_batch(self) -> Optional[Tuple[List[Tuple[str, str, Any]], List[Tuple[str, Any]]]]:
+        """Wait for tasks or a checkpoint that is due (only while records run:
+        an idle agent's writer sleeps without a timeout); None once stopped."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                due = bool(self._live) and now >= self._next_ckpt
+                if self._tasks or due or self._stopped:
+                    break
+                self._cond.wait(self._next_ckpt - now if self._live else None)
+            if self._stopped and not self._tasks:
+                return None
+            tasks = [(rid, kind, rec) for rid, (kind, rec) in self._tasks.items()]
+            self._tasks.clear()
+            self._doing = [rid for rid, _, _ in tasks]
+            live = list(self._live.items()) if due else []
+            if due or not self._live:
+                self._next_ckpt = now + self.checkpoint_s
+            self._busy = True
+            return tasks, live
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                for rec_id, kind, rec in batch[0]:
+                    self._do(rec_id, kind, rec)
+                for rec_id, entry in batch[1]:
+                    self._checkpoint(rec_id, entry)
+                self._sync()       # group commit: one fdatasync for the whole batch
+                self._maybe_compact()
+            except Exception:      # the journal must never die silently: log and go on
+                log.exception("journal writer failed")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._doing = []
+                    self._cond.notify_all()
+
+    def _do(self, rec_id: str, kind: str, rec: Any) -> None:
+        try:
+            if kind == "unlink":
+                _unlink_quietly(rec_id + ".out", self.state.out_fd)
+            elif kind == "final":
+                self._write_output(rec, final=True)
+        except OSError as exc:
+            self._failed("write output", exc)
+
+    def _write_output(self, rec: _ProcessRecord, *, final: bool, limit: Optional[int] = None) -> Tuple[int, int]:
+        """The record's retained output (or its tail, for a running one) to out/<id>.out."""
+        with rec.cond:
+            out, err = _tail_bytes(rec.stdout, limit), _tail_bytes(rec.stderr, limit)
+            totals = rec.stdout.total, rec.stderr.total
+        if not out and not err:
+            _unlink_quietly(rec.id + ".out", self.state.out_fd)
+            return totals
+        meta = json.dumps({"id": rec.id, "final": final, "stdout_bytes": totals[0], "stderr_bytes": totals[1],
+                           "stdout_len": len(out), "stderr_len": len(err)}).encode("ascii")
+        crc = zlib.crc32(err, zlib.crc32(out, zlib.crc32(meta)))
+        head = b"%s %d %d %08x\n" % (_OUT_MAGIC, JOURNAL_VERSION, len(meta), crc)
+        self.state.write_atomic(self.state.out_fd, rec.id + ".out", [head, meta, out, err], sync=final)
+        return totals
+
+    def _checkpoint(self, rec_id: str, entry: Tuple[Any, int, int]) -> None:
+        rec, out_total, err_total = entry
+        with rec.cond:
+            if rec.finished or (rec.stdout.total, rec.stderr.total) == (out_total, err_total):
+                return
+        try:
+            totals = self._write_output(rec, final=False, limit=CHECKPOINT_TAIL_BYTES)
+        except OSError as exc:
+            self._failed("write a checkpoint", exc)
+            return
+        with self._cond:
+            if rec_id in self._live:       # it may have ended meanwhile: its final write comes next
+                self._live[rec_id] = (rec, totals[0], totals[1])
+
+    def _sync(self) -> None:
+        """The log's new lines and the out files' renames reach the disk."""
+        with self._lock:
+            fd, unsynced, self._unsynced = self._fd, self._unsynced, False
+        if fd < 0:
+            return
+        try:
+            if unsynced:
+                os.fdatasync(fd)
+            os.fsync(self.state.out_fd)
+        except OSError as exc:
+            self._failed("sync", exc)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the writer has done every queued task (True) or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._tasks or self._busy) and self._thread is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the writer (its queue done, bounded) and release the state directory."""
+        self.stop(timeout)
+        self.state.close()
+
+    def pending(self) -> List[str]:
+        """Ids whose task the writer has not done or not finished (an upgrade
+        hands them on: the exec may cut a write in its middle, which leaves
+        only a temp file, and the successor does it again)."""
+        with self._cond:
+            return list(self._doing) + list(self._tasks)
+
+    def stop(self, timeout: float) -> None:
+        """Finish the queued work (bounded), sync, end the thread, close the log."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if thread is None or not thread.is_alive():
+            self._sync()
+            with self._lock:
+                _close_quietly(self._fd)
+                self._fd = -1
+
+    # -- compaction --------------------------------------------------------------------
+
+    def _maybe_compact(self) -> None:
+        with self._cond:
+            records = self._records
+        with self._lock:
+            lines = self._lines
+        if lines > 3 * records + COMPACT_SLACK_LINES:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the log as one line per record it holds. The slow part
+        (reading, merging, writing, fsync) runs without the lock; under it
+        only the lines appended meanwhile are copied and the files swapped."""
+        try:
+            size = os.fstat(self._fd).st_size
+            states, _ = _JournalReader(self.state).read_log(limit=size, report=False)
+            parts = [_crc_line(self._header())] + [_crc_line(dict(s, e="rec")) for s in states]
+            tmp = os.open("journal.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW,
+                          0o600, dir_fd=self.state.fd)
+        except OSError as exc:
+            self._failed("compact", exc)
+            return
+        try:
+            _writev_all(tmp, parts)
+            os.fdatasync(tmp)
+            with self._lock:
+                tail = self._read_from(size)
+                _writev_all(tmp, [tail])
+                os.rename("journal.tmp", "journal", src_dir_fd=self.state.fd, dst_dir_fd=self.state.fd)
+                old, self._fd = self._fd, tmp
+                self._lines = len(parts) + tail.count(b"\n")
+            os.close(old)
+            os.fsync(self.state.fd)
+            with self._cond:
+                self._records = len(states)
+        except OSError as exc:
+            _close_quietly(tmp)
+            self._failed("compact", exc)
+
+    def _read_from(self, offset: int) -> bytes:
+        fd = os.open("journal", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.fd)
+        try:
+            chunks = []
+            while True:
+                chunk = os.pread(fd, 1 << 20, offset)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+                offset += len(chunk)
+        finally:
+            os.close(fd)
+
+    # -- loading -----------------------------------------------------------------------
+
+    def load(self) -> List[Dict[str, Any]]:
+        """The records of the journal, checked, in creation order (see _JournalReader.load)."""
+        return _JournalReader(self.state).load()
+
+    def rewrite(self, states: List[Dict[str, Any]]) -> None:
+        """Start a fresh log holding exactly ``states`` (after a load and its
+        recovery), then keep it open for appends."""
+        parts = [_crc_line(self._header())]
+        parts += [_crc_line(dict({k: v for k, v in s.items() if not k.startswith("_")}, e="rec"))
+                  for s in states]
+        self.state.write_atomic(self.state.fd, "journal", parts, sync=True)
+        os.fsync(self.state.fd)
+        self._open_log()
+        with self._lock:
+            self._lines = len(parts)
+        with self._cond:
+            self._records = len(states)
+
+    def reopen(self, records: int) -> None:
+        """An upgraded agent goes on with its predecessor's log (the handover,
+        not the log, tells it the records)."""
+        self._open_log()
+        lines = 0
+        fd = os.open("journal", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.fd)
+        with os.fdopen(fd, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                lines += chunk.count(b"\n")
+        with self._lock:
+            self._lines = lines
+        with self._cond:
+            self._records = records
+
+    def adopted(self, recs: List[_ProcessRecord], pending: List[str]) -> None:
+        """After an upgrade: checkpoint the running records again, and do the
+        output writes the predecessor had queued but not done."""
+        by_id = {rec.id: rec for rec in recs}
+        for rec in recs:
+            with rec.cond:
+                running = not rec.finished and rec.status == "running"
+            if running:
+                with self._cond:
+                    self._watch_locked(rec)
+        for rec_id in pending:
+            rec = by_id.get(rec_id)
+            self._queue(rec_id, "final" if rec is not None and rec.finished else "unlink", rec)
+
+    def write_final_output(self, state: Dict[str, Any], out: bytes, err: bytes) -> None:
+        """At start: a record made final by recovery keeps its checkpointed output as final."""
+        if not out and not err:
+            _unlink_quietly(state["id"] + ".out", self.state.out_fd)
+            return
+        rec = _restore_record(state, max(len(out), len(err), 1), out, err)
+        self._write_output(rec, final=True)
+
+
+def _output_matches(state: Dict[str, Any], meta: Optional[Dict[str, Any]]) -> bool:
+    """Output belongs to a state when it ends where the state's counts end
+    (a final record), or when it is the checkpoint of one still running
+    (whose counts then become the checkpoint's: all that is known)."""
+    if meta is None:
+        return False
+    if state["status"] in _FINAL_STATUSES:
+        return meta["final"] and (meta["stdout_bytes"], meta["stderr_bytes"]) == \
+            (state["stdout_bytes"], state["stderr_bytes"])
+    if meta["final"]:
+        return False
+    state["stdout_bytes"], state["stderr_bytes"] = meta["stdout_bytes"], meta["stderr_bytes"]
+    return True
+
+
+class _ForeignJournal(Exception):
+    """The journal was written by another format or for another directory."""
+
+
+def _merge_line(merged: Dict[str, Dict[str, Any]], obj: Optional[Dict[str, Any]]) -> bool:
+    """Apply one journal line to the states; False when it is not a valid event."""
+    if obj is None:
+        return False
+    event, rec_id = obj.pop("e", None), obj.get("id")
+    if event == "gone":
+        ids = obj.get("ids")
+        if not isinstance(ids, list):
+            return False
+        for gone in ids:
+            if isinstance(gone, str):
+                merged.pop(gone, None)
+        return True
+    if not isinstance(rec_id, str):
+        return False
+    if event in ("new", "rec"):
+        merged[rec_id] = obj
+    elif event in ("run", "set") and rec_id in merged:
+        state = merged[rec_id]
+        if event == "set":
+            state["extra"] = obj.get("extra", {})
+            state["idempotency"] = obj.get("idempotency")
+        elif state.get("status") not in _FINAL_STATUSES:   # an outcome already read stands
+            state.update(obj)
+    elif event not in ("run", "set"):
+        return False
+    return True
+
+
+class _JournalReader:
+    """Reads a state directory's journal and output files, checking each:
+    what a cold start loads (and what compaction merges)."""
+
+    def __init__(self, state: _StateDir) -> None:
+        self.state = state
+
+    def load(self) -> List[Dict[str, Any]]:
+        """The records of the journal, merged and checked, in creation order,
+        each with ``_out``/``_err``: the retained output bytes found for it.
+        A foreign, damaged or truncated file is reported and set aside; the
+        start goes on with what could be read. Leaves the log rewritten and open."""
+        try:
+            states, damaged = self.read_log(limit=None, report=True)
+        except _ForeignJournal as exc:
+            self.state.set_aside(self.state.fd, "journal", str(exc))
+            states, damaged = [], False
+        if damaged:     # keep a copy for a post-mortem; the rewrite below drops what was unreadable
+            self._copy_aside("journal", "lines with a wrong checksum or length were skipped")
+        outputs = self._load_outputs({s["id"] for s in states})
+        for state in states:
+            out, err, meta = outputs.get(state["id"], (b"", b"", None))
+            state["_out"], state["_err"] = (out, err) if _output_matches(state, meta) else (b"", b"")
+        return states
+
+    def read_log(self, *, limit: Optional[int], report: bool) -> Tuple[List[Dict[str, Any]], bool]:
+        """Merge the log's lines into states (creation order). Returns (states, damaged)."""
+        try:
+            fd = os.open("journal", os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.fd)
+        except FileNotFoundError:
+            return [], False
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read() if limit is None else fh.read(limit)
+        lines = data.split(b"\n")
+        truncated = lines.pop() != b""           # no newline at the end: a write cut short
+        if not lines:
+            if truncated and report:
+                raise _ForeignJournal("no complete header line")
+            return [], False
+        header = _parse_line(lines[0])
+        if header is None or header.get("format") != _JOURNAL_FORMAT:
+            raise _ForeignJournal("not a hopx-agent journal")
+        if header.get("version") != JOURNAL_VERSION or header.get("dir") != self.state.dir_id:
+            raise _ForeignJournal("a journal of format %r for directory %r (this agent writes %d for %s)"
+                                  % (header.get("version"), header.get("dir"), JOURNAL_VERSION, self.state.dir_id))
+        merged: "collections.OrderedDict[str, Dict[str, Any]]" = collections.OrderedDict()
+        bad = sum(1 for line in lines[1:] if not _merge_line(merged, _parse_line(line)))
+        if report and truncated:
+            log.warning("journal %s: the last line was cut short (a crash mid-write); it is ignored",
+                        self.state.path)
+        if report and bad:
+            log.warning("journal %s: %d damaged lines skipped", self.state.path, bad)
+        states = []
+        for state in merged.values():
+            try:
+                states.append(_check_state(state))
+            except ValueError as exc:
+                bad += 1
+                if report:
+                    log.warning("journal %s: record %s skipped: %s", self.state.path, state.get("id"), exc)
+        states.sort(key=lambda s: s["seq"])
+        return states, bad > 0
+
+    def _copy_aside(self, name: str, why: str) -> None:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.fd)
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read()
+        self.state.write_atomic(self.state.fd, name + ".damaged", [data], sync=False)
+        self.state.set_aside(self.state.fd, name + ".damaged", why)
+
+    def _load_outputs(self, wanted: set) -> Dict[str, Tuple[bytes, bytes, Dict[str, Any]]]:
+        """Every out file, checked; a damaged or foreign one is set aside, one of no record removed."""
+        found = {}
+        for name in os.listdir(self.state.out_fd):
+            rec_id, _, suffix = name.partition(".")
+            if suffix != "out" or rec_id not in wanted:
+                _unlink_quietly(name, self.state.out_fd)      # a temp file, or output of an evicted record
+                continue
+            try:
+                found[rec_id] = self._read_output(name, rec_id)
+            except (OSError, ValueError) as exc:
+                self.state.set_aside(self.state.out_fd, name, str(exc))
+        return found
+
+    def _read_output(self, name: str, rec_id: str) -> Tuple[bytes, bytes, Dict[str, Any]]:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.state.out_fd)
+        with os.fdopen(fd, "rb") as fh:
+            head = fh.readline(128).split()
+            if len(head) != 4 or head[0] != _OUT_MAGIC or head[1] != b"%d" % JOURNAL_VERSION:
+                raise ValueError("not an output file of this version")
+            meta_len, crc = int(head[2]), int(head[3], 16)
+            meta_raw = fh.read(meta_len)
+            meta = json.loads(meta_raw)
+            if not isinstance(meta, dict) or meta.get("id") != rec_id:
+                raise ValueError("the output of another record")
+            lengths = meta["stdout_len"], meta["stderr_len"]
+            out, err = fh.read(lengths[0]), fh.read(lengths[1])
+            if (len(out), len(err)) != lengths or fh.read(1):
+                raise ValueError("length does not match (cut short?)")
+        if zlib.crc32(err, zlib.crc32(out, zlib.crc32(meta_raw))) != crc:
+            raise ValueError("checksum does not match")
+        for key in ("stdout_bytes", "stderr_bytes"):
+            if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool):
+                raise ValueError("bad %s" % key)
+        meta["final"] = bool(meta.get("final"))
+        return out, err, meta
+
+
+# ============================================================================
+# Durability: orphans of a previous agent
+# ============================================================================
+#
+# After a crash (kill -9, the OOM killer) the dead agent's children live on,
+# re-parented to init, with no timeout anyone enforces. A restarted agent on
+# the same state directory ends them before it serves (TERM, grace, KILL)
+# and makes each of their records final: failed, reason "agent_restart", so
+# a client polling one sees it end. A process is proven an orphan, never
+# guessed; each proof is made through a pidfd opened before the check and
+# found alive after it, so the pid cannot have been reused in between:
+#   - it carries HOPX_AGENT_STATE=<this directory's id> in its environment;
+#   - or it is a leader the journal names: same pid and same start time
+#     (clock ticks since boot, /proc/<pid>/stat) in the same boot;
+#   - or it is in the session of such a journaled leader, proven as above
+#     and still alive and leading it after the check (every child of the
+#     agent leads its own session; a marker alone never extends to a session:
+#     anyone who saw it could put it on a process of a session not ours);
+#   - or it is in a cgroup the journal names for one of those records, in a
+#     runs directory of the agent (issue 15): only the cgroup's owner can move
+#     a process in, so whatever is there is the dead agent's.
+# Signals go through the pidfds: they reach the proven process or nobody.
+
+AGENT_RESTART_REASON = "agent_restart"   # api.md §5 reason of a record whose agent died under it
+ORPHAN_EXIT_WAIT_S = 1.0                 # after the SIGKILLs, wait this long for the orphans to be gone
+
+
+class _Orphan:
+    """A process proven to be left by a previous agent of this state directory."""
+
+    __slots__ = ("pid", "pidfd", "record_id", "sid")
+
+    def __init__(self, pid: int, pidfd: int, record_id: Optional[str], sid: int) -> None:
+        self.pid, self.pidfd, self.record_id, self.sid = pid, pidfd, record_id, sid
+
+
+def _env_item(environ: bytes, name: str) -> Optional[str]:
+    """The value of ``name`` in a /proc/<pid>/environ blob, or None."""
+    prefix = name.encode("ascii") + b"="
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):].decode("ascii", "replace")
+    return None
+
+
+def _pidfd_alive(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _prove_orphan(pid: int, dir_id: str, leaders: Dict[int, Tuple[int, str]]) -> Optional[_Orphan]:
+    """The process as an _Orphan when it carries the marker or is a journaled
+    leader (same start time); None otherwise or when it went away meanwhile."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    environ = _read_environ(pid)
+    stat = _proc_identity(pid)
+    record_id = None
+    if _env_item(environ, STATE_DIR_ENV) == dir_id:
+        record_id = _env_item(environ, PROCESS_ID_ENV)
+    elif stat is not None and pid in leaders and leaders[pid][0] == stat[0]:
+        record_id = leaders[pid][1]
+    else:
+        os.close(pidfd)
+        return None
+    if stat is None or not _pidfd_alive(pidfd):
+        os.close(pidfd)
+        return None
+    return _Orphan(pid, pidfd, record_id, stat[1])
+
+
+def _prove_session_member(pid: int, anchors: Dict[int, _Orphan]) -> Optional[_Orphan]:
+    """A process in the session of a proven leader (which must still lead it
+    and be alive afterwards): it inherits that leader's record."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    stat = _proc_identity(pid)
+    anchor = anchors.get(stat[1]) if stat else None
+    if anchor is not None and _pidfd_alive(pidfd):
+        again = _proc_identity(anchor.pid)
+        if again is not None and again[1] == anchor.sid and _pidfd_alive(anchor.pidfd):
+            return _Orphan(pid, pidfd, anchor.record_id, anchor.sid)
+    os.close(pidfd)
+    return None
+
+
+def _find_orphans(dir_id: str, leaders: Dict[int, Tuple[int, str]]) -> List[_Orphan]:
+    """Every process proven to be left by a previous agent of ``dir_id``.
+    ``leaders``: pid -> (start time, record id) of the journal's running records."""
+    if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
+        log.warning("no pidfds (Linux 5.3+, Python 3.9+): orphans of a previous agent cannot be proven "
+                    "and are left alone")
+        return []
+    me = os.getpid()
+    try:
+        pids = [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != me]
+    except OSError:
+        return []
+    found: Dict[int, _Orphan] = {}
+    for pid in pids:
+        orphan = _prove_orphan(pid, dir_id, leaders)
+        if orphan is not None:
+            found[pid] = orphan
+    anchors = {o.pid: o for o in found.values() if o.sid == o.pid and o.pid in leaders}
+    for pid in pids:
+        if pid not in found:
+            member = _prove_session_member(pid, anchors)
+            if member is not None:
+                found[pid] = member
+    return list(found.values())
+
+
+def _in_cgroup(pid: int, directory: str) -> bool:
+    """``pid`` is in the cgroup at ``directory`` (as /proc/<pid>/cgroup names it)."""
+    try:
+        with open("/proc/%d/cgroup" % pid) as fh:
+            paths = _parse_proc_cgroup(fh.read()).values()
+    except OSError:
+        return False
+    return any(len(path) > 1 and directory.endswith(path) for path in paths)
+
+
+def _cgroup_orphans(states: List[Dict[str, Any]], known: set) -> List[_Orphan]:
+    """The processes in the cgroups of records a crash left running (issue 15):
+    a cgroup the journal names, in a runs directory of the agent, holds only
+    the dead agent's children (moving a process into it needs the cgroup's
+    owner), whatever their environment. Frozen ones (a v1 kill cut by the
+    crash) are thawed first: a frozen process never dies of a signal."""
+    found = []
+    for state in states:
+        for directory in state["cgroups"]:
+            if CGROUP_RUNS_PREFIX not in directory or not os.path.isdir(directory):
+                continue
+            for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+                try:
+                    with open(os.path.join(directory, name), "w") as fh:
+                        fh.write(value)
+                except OSError:
+                    pass
+            for pid in _pids_in(directory):
+                if pid in known:
+                    continue
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    continue
+                stat = _proc_identity(pid)
+                if stat is not None and _in_cgroup(pid, directory) and _pidfd_alive(pidfd):
+                    found.append(_Orphan(pid, pidfd, state["id"], stat[1]))
+                    known.add(pid)
+                else:
+                    os.close(pidfd)
+    return found
+
+
+def _end_orphans(orphans: List[_Orphan], grace: float) -> Dict[Optional[str], str]:
+    """TERM every orphan, KILL those left after ``grace``, wait (bounded) for
+    them to be gone; closes their pidfds. Returns, per record id, the last
+    signal its processes needed."""
+    endings: Dict[Optional[str], str] = {}
+    pending = {o.pidfd: o for o in orphans}
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, ORPHAN_EXIT_WAIT_S)):
+        for orphan in pending.values():
+            try:
+                signal.pidfd_send_signal(orphan.pidfd, sig)
+                endings[orphan.record_id] = signal.Signals(sig).name
+            except OSError:
+                pass
+        _wait_orphans_gone(pending, time.monotonic() + wait)
+        if not pending:
+            break
+    for orphan in orphans:
+        _close_quietly(orphan.pidfd)
+    if pending:
+        log.warning("%d orphans of a previous agent survived SIGKILL (uninterruptible sleep?)", len(pending))
+    return endings
+
+
+def _wait_orphans_gone(pending: Dict[int, Any], deadline: float) -> None:
+    """Remove from ``pending`` each pidfd whose process exits before ``deadline``."""
+    poller = select.poll()
+    for fd in pending:
+        poller.register(fd, select.POLLIN)
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        for fd, _ in poller.poll(remaining * 1000):
+            poller.unregister(fd)
+            pending.pop(fd, None)
+
+
+def _code_file_prefix(dir_id: str) -> str:
+    """Temp code files of an agent with a state directory are named after it,
+    so a restarted agent can find the ones its predecessor left."""
+    return "hopx-%s-" % dir_id[:12]
+
+
+def _sweep_code_files(dir_id: str, tempdir: str, journaled: Iterable[Optional[str]]) -> int:
+    """Remove the temp code files a dead agent left (named with ``dir_id``,
+    regular, our own): those of the temp dir and those the journal names."""
+    prefix = _code_file_prefix(dir_id)
+    try:
+        paths = {os.path.join(tempdir, n) for n in os.listdir(tempdir) if n.startswith(prefix)}
+    except OSError:
+        paths = set()
+    paths.update(p for p in journaled if p and os.path.basename(p).startswith(prefix))
+    removed = 0
+    for path in paths:
+        try:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                os.unlink(path)
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _recover(states: List[Dict[str, Any]], dir_id: str, boot_id: Optional[str], grace: float,
+             tempdir: str) -> Dict[str, int]:
+    """At a start after a crash: end the orphans, remove the temp files, and
+    make every record that was queued or running final (agent_restart).
+    Changes ``states`` in place; returns counts for the log line."""
+    unfinished = [s for s in states if s["status"] not in _FINAL_STATUSES]
+    leaders = {s["pid"]: (s["starttime"], s["id"]) for s in unfinished
+               if s["pid"] and s["starttime"] is not None and s["boot_id"] == boot_id}
+    orphans = _find_orphans(dir_id, leaders)
+    orphans += _cgroup_orphans(unfinished, {o.pid for o in orphans})
+    endings = _end_orphans(orphans, grace) if orphans else {}
+    now = time.time()
+    for state in unfinished:
+        _finish_after_restart(state, endings.get(state["id"]), state["boot_id"] not in (None, boot_id), now)
+    removed = _sweep_code_files(dir_id, tempdir, [s["tempfile"] for s in states])
+    return {"orphans": len(orphans), "records": len(unfinished), "files": removed,
+            "unknown": sum(1 for o in orphans if o.record_id not in {s["id"] for s in states})}
+
+
+def _finish_after_restart(state: Dict[str, Any], ending: Optional[str], rebooted: bool, now: float) -> None:
+    """A record whose agent died under it: failed, agent_restart, and what became of its process."""
+    if state["status"] == "queued":
+        why = "it was still queued and never ran"
+    elif rebooted:
+        why = "the machine restarted, and the process with it"
+    elif ending is not None:
+        why = "its process was still running and was ended with %s" % ending
+    else:
+        why = "its process had exited meanwhile; its exit status is lost"
+    state.update(status="failed", reason=AGENT_RESTART_REASON, exit_code=None, signal=None,
+                 ended=now, error="the agent restarted after it stopped unexpectedly; " + why,
+                 kill_reason=AGENT_RESTART_REASON,
+                 duration=round(max(0.0, now - state["started"]), 6) if state["started"] else 0.0)
+    state["tempfile"] = None
+    state["_recovered"] = True
+
+
+
+
+def _attach_journal(manager: Any, journal: _Journal) -> None:
+    """Wire a journal into a process manager: the registry tells it each
+    step, the spawner marks every child with the state dir's id, code files
+    are named after it."""
+    manager.registry.journal = journal
+    manager.spawner.markers[STATE_DIR_ENV] = journal.state.dir_id
+    manager.launcher.code_prefix = _code_file_prefix(journal.state.dir_id)
+
+
+def _restore_records(manager: Any, states: List[Dict[str, Any]]) -> None:
+    """The records a restart loaded, into the manager (in their order; retention applies)."""
+    cap = manager.config.max_output_bytes
+    recs = [_restore_record(state, cap, state["_out"], state["_err"]) for state in states]
+    for rec in recs:
+        manager.prepare(rec)
+    manager.registry.adopt(recs, [], {})
+
+
+def _open_journal(config: AgentConfig, *, lock_fd: Optional[int] = None) -> _Journal:
+    """The journal of ``config.state_dir`` (opened and locked), not loaded yet."""
+    assert config.state_dir is not None
+    try:
+        return _Journal(_StateDir.open(config.state_dir, lock_fd=lock_fd))
+    except OSError as exc:
+        raise _StateDirError(str(exc)) from None
+
+
+def _load_journal(journal: _Journal, grace: float) -> List[Dict[str, Any]]:
+    """A cold start with a state directory: the previous agent's records,
+    its orphans ended and its records made final, the log rewritten. Returns
+    the records' states (with their output) for ProcessManager.restore()."""
+    import tempfile
+    started = time.monotonic()
+    states = journal.load()
+    counts = _recover(states, journal.state.dir_id, journal.boot_id, grace, tempfile.gettempdir())
+    for state in states:
+        if state.get("_recovered"):
+            journal.write_final_output(state, state["_out"], state["_err"])
+    journal.rewrite(states)
+    if states or counts["orphans"] or counts["files"]:
+        log.info("journal %s: %d records loaded; %d left running or queued by a crash made final, "
+                 "%d orphans ended (%d of no record), %d temp files removed, in %.0f ms",
+                 journal.state.path, len(states), counts["records"], counts["orphans"], counts["unknown"],
+                 counts["files"], (time.monotonic() - started) * 1000)
+    return states
+
+
+# ============================================================================
+# Durability: upgrade in place
+# ============================================================================
+#
+# SIGHUP (or POST /admin/restart) replaces the running agent by the file on
+# disk, and nothing is lost. The same process execs the new version, so each
+# child stays its child (waited for, reaped, signalled as before); what must
+# outlive the exec is handed over in an anonymous memory file (memfd): the
+# records with their output, and the descriptors kept open across exec (the
+# listening socket, each running child's pipes, the state lock).
+#
+#  1. Pre-check: a child imports the new file and runs its _handover_check on
+#     a preview of the handover. Any failure there (syntax error, exception,
+#     a file too old to adopt) ends the upgrade: the agent serves on untouched.
+#  2. Quiesce: the transport stops accepting (the listening socket stays
+#     open: the kernel queues new connections), lets requests in flight
+#     finish (bounded) and closes idle connections; the pipe readers park,
+#     each between two reads, so what a child wrote since waits in its pipe;
+#     the callbacks of the exit watcher and the watchdog wait at a gate.
+#  3. Hand over: every record (its fields, its output, the offset where
+#     reading stopped, its deadlines on the monotonic clock, which exec keeps)
+#     into the memfd; then execve(python, the file, the same arguments).
+#  4. The new version checks the whole handover and rebuilds its state
+#     before it starts a thread or reads a byte; a failure up to there
+#     re-execs the previous version (whose source the handover carries) on
+#     the same handover. Once ready it resumes each reader at its offset (no
+#     gap, no duplicate), watches each leader through a new pidfd (an exit
+#     during the exec left a zombie: its status is not lost), re-arms the
+#     deadlines, and serves on the inherited socket.
+
+HANDOVER_ENV = "HOPX_AGENT_HANDOVER"     # the memfd's number, for the exec'd successor only
+FALLBACK_ENV = "HOPX_AGENT_FALLBACK"     # set when the previous version is re-exec'd after a failed adoption
+SOURCE_ENV = "HOPX_AGENT_SOURCE"         # the file on disk, when the running code came from elsewhere
+HANDOVER_VERSION = 1                     # the handover document's format; a successor refuses another
+UPGRADE_CHECK_TIMEOUT_S = 30.0           # the pre-check child may take this long (import and check)
+UPGRADE_PARK_S = 2.0                     # readers and callbacks must reach their gate within this
+_HANDOVER_FORMAT = "hopx-agent-handover"
+_HANDOVER_MAGIC = b"HOPXHANDOVER"
+
+
+class _UpgradeRefused(Exception):
+    """The upgrade did not happen; the running agent serves on."""
+
+
+class _HandoverWriter:
+    """Builds the handover in a memfd: byte blobs written as they come (so
+    the output is held twice at most, in the buffers and here, never thrice),
+    referred to by [offset, length] from a JSON document written last, and
+    the descriptors it names (made inheritable). A ``dry`` one writes and
+    changes nothing: its document is the preview the pre-check child gets."""
+
+    def __init__(self, *, dry: bool = False) -> None:
+        self.dry = dry
+        self.doc: Dict[str, Any] = {"format": _HANDOVER_FORMAT, "version": HANDOVER_VERSION,
+                                    "from_version": __version__, "written": time.time(),
+                                    "monotonic": time.monotonic()}
+        self._size = 0
+        self.fds: List[int] = []          # every descriptor handed over: the successor closes them once ready
+        self.doc["fds"] = self.fds
+        self._fd = -1 if dry else os.memfd_create("hopx-handover", 0)   # no MFD_CLOEXEC: the successor's
+
+    def blob(self, data: Any) -> List[int]:
+        ref = [self._size, len(data)]
+        if len(data) and not self.dry:
+            _writev_all(self._fd, [data])
+        self._size += len(data)
+        return ref
+
+    def fd(self, fd: int) -> int:
+        if not self.dry:
+            os.set_inheritable(fd, True)
+        self.fds.append(fd)
+        return fd
+
+    def seal(self) -> int:
+        """The document and a trailer after the blobs; the memfd (inheritable) positioned at 0."""
+        doc = json.dumps(self.doc, separators=(",", ":")).encode("ascii")
+        trailer = (b"%s %d %d %d" % (_HANDOVER_MAGIC, HANDOVER_VERSION, self._size, len(doc))).ljust(63) + b"\n"
+        _writev_all(self._fd, [doc, trailer])
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        return self._fd
+
+    def release(self) -> None:
+        """The upgrade failed: descriptors back to close-on-exec, the memfd closed."""
+        for fd in self.fds:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
+        if self._fd >= 0:
+            _close_quietly(self._fd)
+            self._fd = -1
+
+
+class _HandoverReader:
+    """Reads a handover memfd: [blobs][document][64-byte trailer]."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        size = os.fstat(fd).st_size
+        if size < 64:
+            raise ValueError("not a handover (too short)")
+        parts = os.pread(fd, 64, size - 64).split()
+        if len(parts) != 4 or parts[0] != _HANDOVER_MAGIC:
+            raise ValueError("not a handover")
+        if parts[1] != b"%d" % HANDOVER_VERSION:
+            raise ValueError("a handover of format %s (this agent reads %d)"
+                             % (parts[1].decode("ascii", "replace"), HANDOVER_VERSION))
+        self._blob_size, doc_len = int(parts[2]), int(parts[3])
+        if self._blob_size + doc_len + 64 != size:
+            raise ValueError("the handover's size does not match")
+        self.doc = json.loads(os.pread(fd, doc_len, self._blob_size))
+
+    def take(self, ref: Any) -> bytes:
+        """A blob's bytes (never consumed: a fallback reads the same handover again)."""
+        if not (isinstance(ref, list) and len(ref) == 2 and all(isinstance(x, int) for x in ref)):
+            raise ValueError("a bad blob reference")
+        offset, length = ref
+        if offset < 0 or length < 0 or offset + length > self._blob_size:
+            raise ValueError("a blob outside the handover")
+        data = os.pread(self.fd, length, offset) if length else b""
+        if len(data) != length:
+            raise ValueError("a blob cut short")
+        return data
+
+    def close(self) -> None:
+        _close_quietly(self.fd)
+
+
+def _claim_fd(fd: Any) -> int:
+    """A duplicate of a descriptor the handover names. The successor works
+    on duplicates and leaves the inherited ones as they are until it is ready
+    (_seal_fds), so that a fallback to the previous version still finds them
+    all, whatever the successor's objects did (a socket object collected
+    closes its descriptor)."""
+    if not isinstance(fd, int) or isinstance(fd, bool) or fd < 3:
+        raise ValueError("bad descriptor %r" % (fd,))
+    return os.dup(fd)                  # EBADF if the predecessor did not really hand it over
+
+
+def _seal_fds(doc: Dict[str, Any]) -> None:
+    """The successor is ready: the inherited descriptors are closed (it has its duplicates)."""
+    for fd in doc.get("fds") or []:
+        if isinstance(fd, int) and not isinstance(fd, bool) and fd >= 3:
+            _close_quietly(fd)
+
+
+_UPGRADE_CHECK_PROGRAM = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("hopx_agent_successor", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module          # dataclasses look their module up while it executes
+spec.loader.exec_module(module)
+check = getattr(module, "_handover_check", None)
+if check is None:
+    raise SystemExit("this file cannot take over a running agent (no _handover_check)")
+answer = check(json.load(sys.stdin), sys.argv[2:])
+sys.stdout.write("\nHOPX-UPGRADE-CHECK " + json.dumps(answer) + "\n")
+"""
+
+
+def _check_successor(path: str, preview: Dict[str, Any], argv: List[str],
+                     spawn: Callable[..., subprocess.Popen], timeout: float = UPGRADE_CHECK_TIMEOUT_S) -> Dict[str, Any]:
+    """Run the new file's _handover_check on ``preview`` in a child; its answer,
+    or _UpgradeRefused with the reason (the child's last words). ``spawn`` is
+    Popen-like: the agent's spawner, so its subreaper never takes this child."""
+    if not os.path.isfile(path):
+        raise _UpgradeRefused("%s is not a file" % path)
+    proc = spawn([sys.executable, "-c", _UPGRADE_CHECK_PROGRAM, path] + list(argv),
+                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(json.dumps(preview).encode("ascii"), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise _UpgradeRefused("the new file's check took longer than %gs" % timeout) from None
+    for line in reversed(out.decode("utf-8", "replace").splitlines()):
+        if line.startswith("HOPX-UPGRADE-CHECK "):
+            answer = json.loads(line[len("HOPX-UPGRADE-CHECK "):])
+            if proc.returncode == 0 and isinstance(answer, dict) and answer.get("ok") is True:
+                return answer
+            break
+    words = err.decode("utf-8", "replace").strip().splitlines()
+    raise _UpgradeRefused("the new file failed its check: %s" % (words[-1] if words else "exit %s" % proc.returncode))
+
+
+def _successor_argv(path: str, argv: List[str]) -> List[str]:
+    """The command line of the new version: the same interpreter and flags,
+    the file on disk, the same arguments."""
+    flags = list(getattr(sys, "orig_argv", [])[1:])
+    script = flags.index(sys.argv[0]) if sys.argv[0] in flags else None
+    flags = flags[:script] if script is not None else []
+    return [sys.executable] + flags + [path] + list(argv)
+
+
+def _exec_successor(path: str, argv: List[str], handover_fd: int, extra: Optional[Dict[str, str]] = None) -> None:
+    """execve the new version with the handover; returns only if exec failed (OSError raised)."""
+    env = dict(os.environ)
+    env.pop(FALLBACK_ENV, None)
+    env[HANDOVER_ENV] = str(handover_fd)
+    env.update(extra or {})
+    os.execve(sys.executable, _successor_argv(path, argv), env)
+
+
+def _exec_previous(source: bytes, path: str, argv: List[str], handover_fd: int) -> None:
+    """The new version could not adopt: run the previous one (its source came
+    with the handover) on the same handover. Returns only if exec failed."""
+    fd = os.memfd_create("hopx-agent-previous", 0)
+    _writev_all(fd, [source])
+    os.lseek(handover_fd, 0, os.SEEK_SET)
+    env = dict(os.environ)
+    env.update({HANDOVER_ENV: str(handover_fd), FALLBACK_ENV: "1", SOURCE_ENV: path})
+    os.execve(sys.executable, [sys.executable, "/proc/self/fd/%d" % fd] + list(argv), env)
+
+
+def _take_handover_env(environ: Dict[str, str]) -> Optional[int]:
+    """The handover memfd's number, removed from the environment (no child may inherit it)."""
+    value = environ.pop(HANDOVER_ENV, None)
+    os.environ.pop(HANDOVER_ENV, None)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise ValueError("%s=%r is not a descriptor" % (HANDOVER_ENV, value))
+    return int(value)
+
+
+def _check_handover_doc(doc: Any) -> Dict[str, Any]:
+    """The handover document, checked for format and version (ValueError otherwise)."""
+    if not isinstance(doc, dict) or doc.get("format") != _HANDOVER_FORMAT:
+        raise ValueError("not a hopx-agent handover")
+    if doc.get("version") != HANDOVER_VERSION:
+        raise ValueError("a handover of format %r; this version reads %d" % (doc.get("version"), HANDOVER_VERSION))
+    return doc
+
+
+UPGRADE_DRAIN_S = 0.5                    # requests in flight may finish this long before the exec
+
+
+def _own_source(path: str) -> Optional[bytes]:
+    """The running version's source, read at start: the file on disk may be
+    replaced later, and a successor that cannot adopt re-execs this."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _usage_list(usage: Any) -> Optional[List[float]]:
+    return None if usage is None else [usage.ru_utime, usage.ru_stime, usage.ru_maxrss]
+
+
+def _confinement_state(conf: Any) -> Optional[Dict[str, Any]]:
+    """What an upgrade's successor needs of a running child's confinement
+    (issue 15) to end it and read its usage: its cgroup's directories."""
+    if conf is None or conf.cgroup is None or conf.cgroup.removed:
+        return None
+    cgroup = conf.cgroup
+    return {"version": cgroup.version, "dirs": dict(cgroup.dirs), "proc_path": list(cgroup.proc_path),
+            "swap": cgroup.swap, "name": conf.name, "usage": dict(conf.usage)}
+
+
+def _adopted_confinement(state: Optional[Dict[str, Any]], limits: Any, user: Any) -> Any:
+    """The successor's side: a confinement on the same cgroup (the runs
+    directory it is in stays until a cold start sweeps it, empty)."""
+    if not state:
+        return None
+    cls = _ExecCgroupV2 if state["version"] == "cgroup_v2" else _ExecCgroupV1
+    cgroup = cls({str(k): str(v) for k, v in state["dirs"].items()}, tuple(state["proc_path"]))
+    cgroup.swap = bool(state.get("swap", True))
+    conf = _Confinement(limits or _LimitValues(), user, oom=(None, False), cgroup=cgroup, tree=None,
+                        name=str(state["name"]), setpriv=lambda: None)
+    conf.usage = dict(state.get("usage") or {})
+    return conf
+
+
+def _hand_over_record(rec: _ProcessRecord, writer: _HandoverWriter, watchdog: _Watchdog) -> Dict[str, Any]:
+    """A record as its successor takes it over (call with ``rec.cond`` held):
+    its state and output, and for one not final its descriptors (the readers
+    are parked: each stream's offset is its total), its exit if the leader
+    was reaped already, and its deadlines on the monotonic clock."""
+    if rec.status == "queued" and not writer.dry:
+        rec.launch.prepare()        # its code file, now: the successor gets a complete argv
+    state = _record_state(rec)
+    state["_out"] = writer.blob(_tail_bytes(rec.stdout))
+    state["_err"] = writer.blob(_tail_bytes(rec.stderr))
+    for hook in rec.on_finish:
+        if hasattr(hook, "hand_over"):
+            state["_webhook"] = hook.hand_over()
+    if rec.status == "queued":      # it has yet to run: what to run (never journaled: env may hold secrets)
+        state["_launch"] = {"argv": rec.launch.argv, "env": rec.launch.env}
+    if rec.finished or rec.status == "queued":
+        return state
+    stdin = rec.popen.stdin if rec.popen is not None and not rec.stdin_closed else None
+    exit_info = rec.exit_info
+    state["_run"] = {
+        "fds": {name: writer.fd(fd) for name, fd in rec.fds.items()},
+        "stdin": writer.fd(stdin.fileno()) if stdin is not None else None,
+        "reaped": rec.reaped, "open_streams": rec.open_streams,
+        "exit_info": None if exit_info is None else [exit_info[0], _usage_list(exit_info[1])],
+        "started_mono": rec.started_mono, "last_output": rec.last_output,
+        "pty_eof": list(rec.pty_eof) if rec.pty_eof is not None else None,
+        "confinement": _confinement_state(rec.confinement),
+        "deadlines": {"timeout": watchdog.pending(rec.timer), "idle": watchdog.pending(rec.idle_timer),
+                      "escalate": watchdog.pending(rec.timers.get("escalate")),
+                      "drain": watchdog.pending(rec.timers.get("drain"))},
+    }
+    return state
+
+
+_RUN_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "fds": (dict,), "stdin": (int, type(None)), "reaped": (bool,), "open_streams": (int,),
+    "exit_info": (list, type(None)), "started_mono": (int, float, type(None)),
+    "last_output": (int, float, type(None)), "deadlines": (dict,),
+}
+
+
+def _check_handed_record(state: Any) -> Dict[str, Any]:
+    """One record of a handover, checked like a journal state plus its run-time part."""
+    if not isinstance(state, dict):
+        raise ValueError("a record that is not an object")
+    full = _check_state(state)
+    for key in ("_out", "_err"):
+        ref = state.get(key)
+        if not (isinstance(ref, list) and len(ref) == 2 and all(isinstance(x, int) for x in ref)):
+            raise ValueError("bad %s of %s" % (key, full["id"]))
+        full[key] = ref
+    run = state.get("_run")
+    if full["status"] == "running" and not isinstance(run, dict):
+        raise ValueError("running record %s without its run-time state" % full["id"])
+    if run is not None:
+        for key, kinds in _RUN_FIELDS.items():
+            if not isinstance(run.get(key), kinds):
+                raise ValueError("bad %s of %s" % (key, full["id"]))
+        full["_run"] = run
+    if isinstance(state.get("_webhook"), dict):
+        full["_webhook"] = state["_webhook"]
+    if full["status"] == "queued":
+        launch = state.get("_launch")
+        if not (isinstance(launch, dict) and isinstance(launch.get("argv"), list) and launch["argv"]
+                and all(isinstance(a, str) for a in launch["argv"]) and isinstance(launch.get("env"), dict)):
+            raise ValueError("queued record %s without what to run" % full["id"])
+        full["_launch"] = launch
+    return full
+
+
+def _parse_handover(doc: Any) -> Dict[str, Any]:
+    """Everything a successor will rely on, checked before it touches anything."""
+    doc = _check_handover_doc(doc)
+    for key, kinds in (("listen_fd", (int,)), ("records", (list,)), ("queue", (list,)), ("agent", (dict,)),
+                       ("families", (dict,)), ("fds", (list,))):
+        if not isinstance(doc.get(key), kinds):
+            raise ValueError("handover without a valid %s" % key)
+    doc["records"] = [_check_handed_record(r) for r in doc["records"]]
+    doc.setdefault("connections", [])
+    for conn in doc["connections"]:
+        if not (isinstance(conn, dict) and isinstance(conn.get("fd"), int) and isinstance(conn.get("buf"), list)
+                and isinstance(conn.get("idle_s"), (int, float)) and isinstance(conn.get("addr"), (list, type(None)))
+                and isinstance(conn.get("head_s"), (int, float, type(None)))):
+            raise ValueError("a connection the handover does not describe well")
+    ids = {r["id"] for r in doc["records"]}
+    if not all(isinstance(i, str) and i in ids for i in doc["queue"]):
+        raise ValueError("the queue names records the handover does not hold")
+    return doc
+
+
+class _Upgrader:
+    """The running agent's upgrade in place (see the section comment): the
+    pre-check, the quiesce, the handover and the exec. run() returns only
+    when the upgrade did not happen (the agent serves on), with the reason."""
+
+    def __init__(self, server: Any, path: str, argv: List[str], source: Optional[bytes]) -> None:
+        self.server = server
+        self.path = path
+        self.argv = list(argv)
+        self.source = source
+        self._lock = threading.Lock()      # one upgrade at a time (SIGHUP and /admin/restart may race)
+        self._gates: List[Any] = []
+        self.request: Callable[[], None] = lambda: None   # set by the main loop: run() there, soon
+
+    def check(self) -> Dict[str, Any]:
+        """The new file's pre-check on a preview of the handover; _UpgradeRefused when it fails."""
+        preview = _HandoverWriter(dry=True)
+        self._hand_over(preview)
+        spawner = self.server.manager.spawner
+        env = dict(os.environ)
+        env.pop(SECRET_ENV, None)           # the check needs no secret; no child ever gets it
+        started: List[Any] = []
+
+        def spawn(argv: List[str], **pipes: Any) -> subprocess.Popen:
+            # Through the spawner: its subreaper must not take this child's exit status.
+            started.append(spawner.spawn(_ChildSpec(argv=argv, cwd=os.getcwd(), env=env, **pipes)))
+            return started[-1]
+
+        try:
+            return _check_successor(self.path, preview.doc, self.argv, spawn=spawn)
+        finally:
+            for proc in started:
+                spawner.untrack(proc.pid)
+
+    def run(self) -> str:
+        if not self._lock.acquire(blocking=False):
+            return "an upgrade is already under way"
+        try:
+            return self._run()
+        finally:
+            self._lock.release()
+
+    def _run(self) -> str:
+        started = time.monotonic()
+        try:
+            answer = self.check()
+        except _UpgradeRefused as exc:
+            log.error("upgrade refused, serving on as %s: %s", __version__, exc)
+            return str(exc)
+        checked = time.monotonic()
+        writer = _HandoverWriter()
+        try:
+            self._quiesce()
+            self._hand_over(writer)
+            fd = writer.seal()
+            log.warning("upgrading in place from %s to %s (%s): checked in %.0f ms, handed over %d records in %.0f ms",
+                        __version__, answer.get("version"), self.path, (checked - started) * 1000,
+                        len(writer.doc["records"]), (time.monotonic() - checked) * 1000)
+            _exec_successor(self.path, self.argv, fd)
+            raise OSError("exec returned")            # not reached: execve does not return on success
+        except Exception as exc:
+            writer.release()
+            log.exception("upgrade failed before the exec, serving on as %s", __version__)
+            self._resume()
+            return "the upgrade failed before the exec: %s" % exc
+
+    def _quiesce(self) -> None:
+        """No request in flight, no callback running, no reader reading (bounded; RuntimeError otherwise)."""
+        srv, lifecycle = self.server, self.server.manager.lifecycle
+        srv.manager.interrupt_waits(True)         # long polls (?wait=) answer now
+        srv.hub.pause(UPGRADE_DRAIN_S)
+        families = [f for f in srv.families if hasattr(f, "prepare_upgrade")]
+        for family in families:                   # what is not handed over ends now (contexts' kernels)
+            family.prepare_upgrade()
+        if families:
+            srv.hub.pause(UPGRADE_DRAIN_S)        # the calls that ended with it answer
+        gates = []
+        for gate in (lifecycle.watchdog.gate, lifecycle.exits.gate):
+            if not gate.acquire(timeout=UPGRADE_PARK_S):
+                for held in gates:
+                    held.release()
+                raise RuntimeError("a timer or exit callback did not finish within %gs" % UPGRADE_PARK_S)
+            gates.append(gate)
+        self._gates = gates
+        if not lifecycle.parking.park(UPGRADE_PARK_S):
+            raise RuntimeError("the output readers did not stop within %gs" % UPGRADE_PARK_S)
+
+    def _resume(self) -> None:
+        """Undo _quiesce: readers restarted where they parked, callbacks released, serving again."""
+        manager = self.server.manager
+        manager.lifecycle.parking.unpark()
+        for rec in manager.registry.all():
+            manager.lifecycle.read_streams(rec)
+        for gate in self._gates:
+            gate.release()
+        self._gates = []
+        for family in self.server.families:
+            if hasattr(family, "resume_upgrade"):
+                family.resume_upgrade()
+        self.server.hub.resume()
+        manager.interrupt_waits(False)
+        self.server.start_accepting()
+
+    def _hand_over(self, writer: _HandoverWriter) -> None:
+        srv = self.server
+        manager = srv.manager
+        registry = manager.registry
+        records, queue, extra = registry.hand_over()
+        docs = []
+        for rec in records:
+            with rec.cond:
+                docs.append(_hand_over_record(rec, writer, manager.watchdog))
+        journal = registry.journal
+        writer.doc.update({
+            "listen_fd": writer.fd(srv.socket.fileno()),
+            "lock_fd": writer.fd(journal.state.lock_fd) if journal is not None else None,
+            "journal_pending": journal.pending() if journal is not None else [],
+            "agent": {"started": srv.metrics.started, "started_mono": srv.metrics.started_mono,
+                      "metrics": srv.metrics.snapshot(),
+                      "secret": base64.b64encode(srv.config.secret).decode("ascii") if srv.config.secret else None,
+                      "env": manager.launcher.env_store(), "registry": extra},
+            "records": docs, "queue": queue, "families": {}, "connections": srv.hub.hand_over(writer),
+            "source": writer.blob(self.source or b""),
+        })
+        for family in srv.families:
+            if hasattr(family, "hand_over"):
+                writer.doc["families"][family.handover_name] = family.hand_over(writer)
+
+
+def _durability_info(server: Any) -> Dict[str, Any]:
+    """What /info says of the journal and of upgrades in place."""
+    journal = server.manager.registry.journal
+    return {"journal": journal is not None, "state_dir": journal.state.path if journal is not None else None,
+            "disk_bytes": journal.state.usage() if journal is not None else 0,
+            "upgrade_in_place": server.upgrader is not None}
+
+
+def _adopt_record(state: Dict[str, Any], manager: Any, blobs: Dict[str, bytes]) -> _ProcessRecord:
+    """A record handed over, rebuilt; one not final gets its descriptors, its
+    child (tracked again), its deadlines, readers and an exit watch."""
+    cap = manager.config.max_output_bytes
+    rec = _restore_record(state, cap, blobs.get(state["id"] + ":out", b""), blobs.get(state["id"] + ":err", b""))
+    if state.get("_launch"):               # queued: it runs when its turn comes
+        rec.launch.argv, rec.launch.env = list(state["_launch"]["argv"]), dict(state["_launch"]["env"])
+        rec.reaped, rec.stdin_closed = False, not rec.launch.stdin
+    run = state.get("_run")
+    if run is None:
+        return rec
+    rec.reaped, rec.open_streams = run["reaped"], run["open_streams"]
+    rec.started_mono, rec.last_output = run["started_mono"], run["last_output"]
+    rec.fds = {name: _claim_fd(fd) for name, fd in run["fds"].items() if name in ("stdout", "stderr")}
+    rec.popen = _AdoptedChild(rec.pid, _claim_fd(run["stdin"]) if run["stdin"] is not None else None)
+    if isinstance(run.get("pty_eof"), list):
+        rec.pty_eof = bytes(run["pty_eof"])
+    rec.confinement = _adopted_confinement(run.get("confinement"), rec.launch.limits, rec.launch.user)
+    rec.stdin_closed = run["stdin"] is None
+    if run["exit_info"] is not None:
+        status, usage = run["exit_info"]
+        rec.exit_info = (status, None if usage is None else _Usage(*usage))
+    rec.journaled = True
+    return rec
+
+
+class _AdoptedChild:
+    """What the lifecycle uses of a Popen, for a child its predecessor started."""
+
+    def __init__(self, pid: Optional[int], stdin_fd: Optional[int]) -> None:
+        self.pid = pid
+        self.stdin = os.fdopen(stdin_fd, "wb", buffering=0) if stdin_fd is not None else None
+        self.returncode: Optional[int] = None
+
+
+def _rearm(rec: _ProcessRecord, run: Dict[str, Any], manager: Any) -> None:
+    """A running record's deadlines, readers and exit watch, in the successor."""
+    lifecycle, now = manager.lifecycle, time.monotonic()
+    deadlines = run["deadlines"]
+
+    def delay(name: str) -> Optional[float]:
+        at = deadlines.get(name)
+        return max(0.0, at - now) if isinstance(at, (int, float)) else None
+
+    if delay("timeout") is not None:
+        rec.timer = lifecycle.watchdog.schedule(delay("timeout"), lambda: lifecycle.on_timeout(rec))
+    if delay("idle") is not None:
+        rec.idle_timer = lifecycle.watchdog.schedule(delay("idle"), lambda: lifecycle.on_idle(rec))
+    if delay("escalate") is not None:
+        lifecycle.schedule_escalation(rec, delay("escalate"))
+    if rec.pid is not None and not rec.reaped:
+        manager.spawner.adopt(rec.pid)
+    lifecycle.watch(rec)
+    if rec.exit_info is not None:          # reaped before the exec: drained, or waiting for its pipes
+        if rec.open_streams == 0:
+            lifecycle.finish(rec)
+        elif delay("drain") is not None:
+            lifecycle.schedule_drain(rec, delay("drain"))
+
+
+def _adopt_agent(doc: Dict[str, Any], reader: _HandoverReader,
+                 manager: Any) -> List[Tuple[_ProcessRecord, Dict[str, Any]]]:
+    """The successor's side, after _parse_handover: the records and the
+    agent's state into ``manager``. Starts nothing and consumes nothing, so
+    that a failure here can still hand the same handover to the previous
+    version; _resume_adopted() then starts the readers, watches and timers."""
+    refs = {}
+    for state in doc["records"]:
+        refs[state["id"] + ":out"], refs[state["id"] + ":err"] = state["_out"], state["_err"]
+    blobs = {key: reader.take(ref) for key, ref in refs.items()}
+    agent = doc["agent"]
+    manager.launcher.env_set(agent.get("env") or {}, replace=True)
+    adopted = [(_adopt_record(state, manager, blobs), state) for state in doc["records"]]
+    manager.registry.adopt([rec for rec, _ in adopted], doc["queue"], agent.get("registry") or {})
+    for rec, _ in adopted:
+        manager.prepare(rec)
+    return adopted
+
+
+def _resume_adopted(manager: Any, adopted: List[Tuple[_ProcessRecord, Dict[str, Any]]],
+                    pending: List[str]) -> None:
+    """The successor is committed: each running record resumes (a failure
+    is logged and costs that record only), webhooks go on, the journal too."""
+    for rec, state in adopted:
+        try:
+            if state.get("_webhook"):
+                _Webhook.adopt(manager, rec, state["_webhook"])
+            if state.get("_run") is not None:
+                _rearm(rec, state["_run"], manager)
+        except Exception:
+            log.exception("upgrade: record %s could not be resumed", rec.id)
+    journal = manager.registry.journal
+    if journal is not None:
+        journal.adopted([rec for rec, _ in adopted], pending)
 
 
 # ============================================================================
@@ -3561,10 +7175,11 @@ MAX_HEAD_BUFFER_BYTES = MAX_REQUEST_LINE_BYTES + MAX_HEADER_BYTES + 8   # then t
 class _Conn:
     """A client connection and what the accept loop has read from it."""
 
-    __slots__ = ("sock", "addr", "buf", "idle_since", "head_since", "seq")
+    __slots__ = ("sock", "addr", "buf", "idle_since", "head_since", "seq", "waiting")
 
     def __init__(self, sock: socket.socket, addr: Any, seq: int) -> None:
         self.sock, self.addr, self.seq = sock, addr, seq
+        self.waiting = False                   # its request is a long wait (?wait=): an upgrade wakes it
         self.buf = bytearray()
         self.idle_since = time.monotonic()     # sent nothing of its next request since then
         self.head_since: Optional[float] = None   # when the head now being read began
@@ -3710,6 +7325,8 @@ class _Hub:
         self._returned: List[_Conn] = []     # connections handed back by request threads
         self._active = 0                     # connections with a request thread (not streams)
         self._streams = 0
+        self._waits = 0                      # of the streams, the long waits (an upgrade lets them answer)
+        self._paused = threading.Condition(self._lock)   # notified as requests end (an upgrade waits)
         self._seq = 0
         # fd -> connection held by the loop: changed by its thread only (under _lock, for counts())
         self._held: Dict[int, _Conn] = {}
@@ -3719,6 +7336,7 @@ class _Hub:
         self._stop = threading.Event()
         self._done = threading.Event()
         self._done.set()
+        self._keep = False                   # the loop ends for an upgrade: keep the connections
         self.threads = _RequestThreads(server.handle_connection)
 
     # -- called from request threads ---------------------------------------------
@@ -3728,20 +7346,24 @@ class _Hub:
         had left the request slots): wait for its next head here."""
         conn.idle_since, conn.head_since = time.monotonic(), None
         with self._lock:
-            if stream:
-                self._streams -= 1
-            else:
-                self._active -= 1
+            self._count_end(conn, stream)
             self._returned.append(conn)
         self._wake()
 
     def closed(self, conn: _Conn, *, stream: bool) -> None:
         with self._lock:
-            if stream:
-                self._streams -= 1
-            else:
-                self._active -= 1
+            self._count_end(conn, stream)
         self._wake()
+
+    def _count_end(self, conn: _Conn, stream: bool) -> None:
+        if stream:
+            self._streams -= 1
+        else:
+            self._active -= 1
+        if conn.waiting:
+            conn.waiting = False
+            self._waits -= 1
+        self._paused.notify_all()
 
     def to_stream(self, conn: _Conn, *, capped: bool) -> bool:
         """The connection's request becomes a stream (or a long wait): it leaves
@@ -3751,6 +7373,9 @@ class _Hub:
                 return False
             self._active -= 1
             self._streams += 1
+            if not capped:               # a long wait, not a stream: it answers when woken
+                conn.waiting = True
+                self._waits += 1
         self.threads.release()
         self._wake()
         return True
@@ -3777,6 +7402,7 @@ class _Hub:
             listener.setblocking(False)
             selector.register(listener, selectors.EVENT_READ, "accept")
             selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+            self._take_returned(selector)    # kept by a refused upgrade, or handed over by the predecessor
             while not self._stop.is_set():
                 timeout = max(0.0, min(poll_interval, self._next_deadline() - time.monotonic()))
                 for key, _ in selector.select(timeout):
@@ -3789,7 +7415,13 @@ class _Hub:
                 self._expire(selector)
         finally:
             for conn in list(self._held.values()):
-                self._drop(selector, conn)
+                if self._keep:           # paused for an upgrade: the connection stays, for the next loop
+                    with self._lock:
+                        self._returned.append(conn)
+                else:
+                    self._drop(selector, conn)
+            with self._lock:
+                self._held.clear()
             selector.close()
             self._done.set()
 
@@ -3799,6 +7431,51 @@ class _Hub:
         self._done.wait(timeout)
         for conn in self.threads.stop():     # heads read, never answered: close them
             _close_socket(conn.sock)
+
+    # -- an upgrade in place (durability): the connections go to the successor ----
+
+    def pause(self, timeout: float) -> bool:
+        """Stop the loop, keeping every connection (the listening socket stays
+        open: the kernel queues new ones), and wait up to ``timeout`` for the
+        requests under way and the long waits (woken by then) to answer.
+        True when none is left."""
+        deadline = time.monotonic() + timeout
+        self._keep = True
+        self._stop.set()
+        self._wake()
+        self._done.wait(timeout)
+        with self._lock:
+            return self._paused.wait_for(lambda: not self._active and not self._waits,
+                                         max(0.0, deadline - time.monotonic()))
+
+    def hand_over(self, writer: Any) -> List[Dict[str, Any]]:
+        """The connections held while paused (idle ones, and those with part of
+        a head), as the successor's hub takes them."""
+        with self._lock:
+            conns = list(self._held.values()) + self._returned
+        now = time.monotonic()
+        return [{"fd": writer.fd(c.sock.fileno()), "addr": list(c.addr) if isinstance(c.addr, tuple) else None,
+                 "buf": writer.blob(bytes(c.buf)), "idle_s": now - c.idle_since,
+                 "head_s": None if c.head_since is None else now - c.head_since} for c in conns]
+
+    def adopt(self, items: List[Tuple[socket.socket, Any, bytes, float, Optional[float]]]) -> None:
+        """Connections a predecessor handed over: (socket, address, what was read
+        of the next head, idle since, head since), held from now on."""
+        conns = []
+        for sock, addr, buf, idle_since, head_since in items:
+            with self._lock:
+                self._seq += 1
+                seq = self._seq
+            conn = _Conn(sock, addr, seq)
+            conn.buf, conn.idle_since, conn.head_since = bytearray(buf), idle_since, head_since
+            conns.append(conn)
+        with self._lock:
+            self._returned.extend(conns)
+        self._wake()
+
+    def resume(self) -> None:
+        """The upgrade did not happen: the loop holds the same connections again."""
+        self._keep = False
 
     def close(self) -> None:
         for sock in (self._wake_r, self._wake_w):
@@ -4474,7 +8151,8 @@ class _AgentServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, config: AgentConfig, manager: ProcessManager, routes: Iterable[_Route]) -> None:
+    def __init__(self, config: AgentConfig, manager: ProcessManager, routes: Iterable[_Route],
+                 sock: Optional[socket.socket] = None) -> None:
         self.config = config
         self.manager = manager
         self.metrics = _Metrics()
@@ -4485,13 +8163,26 @@ class _AgentServer(http.server.ThreadingHTTPServer):
         # Each family's state: .features() for /health and /info, .close(deadline) at the end.
         self.families: List[Any] = []
         self.contexts: Any = None           # the contexts family (_ContextManager), made by create_server
-        super().__init__((config.host, config.port), _Handler)
+        self.accepting: Optional[threading.Thread] = None   # the thread in serve_forever()
+        self.upgrader: Optional[Any] = None   # durability: an _Upgrader when the CLI agent can upgrade in place
+        if sock is None:
+            super().__init__((config.host, config.port), _Handler)
+        else:                             # the listening socket an upgraded agent inherited
+            super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
         self.hub = _Hub(self)
 
     def routes_for(self, parts: List[str]) -> List[_Route]:
         """The routes a path split on "/" may match: those with its first segment
         (every pattern starts with a literal one)."""
         return self._routes_by_head.get(parts[1] if len(parts) > 1 else "", [])
+
+    def start_accepting(self) -> None:
+        """serve_forever() on a thread of its own (again, after a refused upgrade)."""
+        self.accepting = threading.Thread(target=self.serve_forever, name="hopx-http-accept", daemon=True)
+        self.accepting.start()
 
     @property
     def url(self) -> str:
@@ -4560,7 +8251,8 @@ _DESKTOP_PROGRAMS = (("xvfb", "Xvfb"), ("xdotool", "xdotool"), ("tigervnc-standa
 def _features(srv: "_AgentServer") -> Dict[str, Any]:
     """The same map in /health and /info."""
     features: Dict[str, Any] = dict(_BASE_FEATURES)
-    features["resource_limits"] = {"mechanism": "none"}
+    features["resource_limits"] = srv.manager.limits.features()
+
     for family in srv.families:
         features.update(family.features())
     features["languages"] = [name for name, spec in _languages_installed().items() if spec["available"]]
@@ -4599,7 +8291,7 @@ def _info(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
             "supported_languages": [name for name, spec in languages.items() if spec["available"]],
             "limits": config.limits(), "start_time": _rfc3339(srv.metrics.started),
             "features": _features(srv), "endpoints": _endpoint_map(srv),
-            "timestamp": _rfc3339(time.time())}
+            "durability": _durability_info(srv), "timestamp": _rfc3339(time.time())}
 
 
 def _root(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
@@ -4815,12 +8507,14 @@ class _Follower:
 
 def _code_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: float, max_timeout: float,
                  *, pty_ok: bool = False) -> _Launch:
+    code = _required_text(body, "code", nul_ok=True)
+    limits, user = srv.manager.limits.resolve(body)     # api.md §14: 400 before anything is written
     return srv.manager.code_launch(
-        _required_text(body, "code", nul_ok=True), body.get("language"),
+        code, body.get("language"),
         cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
         timeout=_timeout(body, default_timeout, max_timeout),
         name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"),
-        idle_timeout=_idle_timeout(body), pty=_pty_field(body, pty_ok))
+        idle_timeout=_idle_timeout(body), pty=_pty_field(body, pty_ok), limits=limits, user=user)
 
 
 def _command_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: float, max_timeout: float,
@@ -4833,11 +8527,12 @@ def _command_launch(srv: "_AgentServer", body: Dict[str, Any], default_timeout: 
         args = [_text(arg, "args") for arg in args]
     elif not command.strip():
         raise BadRequest("field 'command' must not be empty", code="MISSING_PARAMETER")
+    limits, user = srv.manager.limits.resolve(body)
     return srv.manager.command_launch(
         command, args, cwd=_workdir(body), env=_env_map(body.get("env"), "env"),
         timeout=_timeout(body, default_timeout, max_timeout),
         name=_opt_text(body, "name", max_chars=MAX_NAME_CHARS), stdin=_flag(body, "stdin"),
-        idle_timeout=_idle_timeout(body), pty=_pty_field(body, pty_ok))
+        idle_timeout=_idle_timeout(body), pty=_pty_field(body, pty_ok), limits=limits, user=user)
 
 
 def _started(srv: "_AgentServer", rec: _ProcessRecord) -> Dict[str, Any]:
@@ -4943,7 +8638,9 @@ def _run_and_wait(srv: "_AgentServer", req: _Request, launch: _Launch) -> Tuple[
               "execution_time": record["execution_time"], "timestamp": _rfc3339(time.time()),
               "timed_out": record["reason"] == "timeout"}
     for key in ("process_id", "execution_id", "status", "reason", "signal", "pid", "stdout_bytes",
-                "stderr_bytes", "stdout_dropped", "stderr_dropped", "error"):
+                "stderr_bytes", "stdout_dropped", "stderr_dropped", "error", "cpu_user_s", "cpu_system_s",
+                "max_rss_kb", "memory_peak_mb", "oom_kills", "limits", "user"):
+
         if key in record:
             result[key] = record[key]
     return rec, result
@@ -8834,14 +12531,24 @@ class _ContextChild:
         self.tail = bytearray()           # the newest bytes it wrote outside calls
         self.late_bytes = 0               # every byte written where no call could take it
         self.calls = 0
+        self.limits: Optional[_LimitValues] = host.limits   # api.md §14: the context's, else the defaults
+        self.user: Optional[_RunAs] = host.user
+        self.confinement: Optional[_Confinement] = None    # its cgroup: killed with it, removed once reaped
+
+    @property
+    def owner(self) -> Optional[Tuple[int, int]]:
+        """(uid, gid) the child runs as when that is not the agent's: what it must open is given to it."""
+        user = self.user
+        return (user.uid, user.gid) if user is not None and not user.is_current else None
 
     def _spawn(self, argv: List[str], *, stdin: Any, stdout: Any, pass_fds: Tuple[int, ...]) -> None:
         spec = _ChildSpec(argv=argv, cwd=self.cwd, env=self.env, stdin=stdin, stdout=stdout,
-                          stderr=stdout, pass_fds=pass_fds)
-        for name in ("limits", "user"):      # issue 15 plugs these in where the spec has them
-            if hasattr(spec, name) and getattr(self.host, name) is not None:
-                setattr(spec, name, getattr(self.host, name))
-        self.popen = self.host.spawner.spawn(spec)
+                          stderr=stdout, pass_fds=pass_fds, limits=self.limits, user=self.user,
+                          name="%s-%s" % (self.marker, secrets.token_hex(3)))
+        try:
+            self.popen = self.host.spawner.spawn(spec)
+        finally:
+            self.confinement = spec.confinement
         self.pid = self.popen.pid
         try:
             self.pidfd = os.pidfd_open(self.pid)
@@ -8889,11 +12596,14 @@ class _ContextChild:
                 return False
 
     def kill(self) -> None:
-        """SIGKILL the child's group and everything carrying its marker, then reap it."""
+        """SIGKILL the child's group, everything carrying its marker and
+        everything in its cgroup (marker dropped or not), then reap it."""
         with self._lock:
             if self._poll() is None:
                 _killpg(self.pid, signal.SIGKILL)     # unreaped: the group id is still ours
         _end_processes(_marked_with(self.marker, tree=True), signal.SIGKILL)
+        if self.confinement is not None:
+            self.confinement.kill()
         self.reap(time.monotonic() + 5.0)
 
     def reap(self, deadline: float) -> Optional[int]:
@@ -8924,6 +12634,8 @@ class _ContextChild:
         if self.pidfd is not None:
             _close_quietly(self.pidfd)
             self.pidfd = None
+        if self.confinement is not None and self.exited():
+            self.confinement.finish()       # usage read, cgroups removed
 
     # -- one call ---------------------------------------------------------------------
 
@@ -9166,6 +12878,8 @@ class _BashShell(_ContextChild):
     def start(self, deadline: float) -> None:
         import tempfile
         self.dir = tempfile.mkdtemp(prefix="hopx-bash-")
+        if self.owner is not None:           # the shell runs as another user: its call files are its own
+            os.chown(self.dir, *self.owner)
         status_r, status_w = os.pipe()
         idle_r, idle_w = os.pipe()
         try:
@@ -9292,7 +13006,11 @@ class _BashShell(_ContextChild):
         nonce = secrets.token_hex(16)
         with open(os.open(paths[3], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
             fh.write(self._wrapper(call, global_env, nonce, paths))
+        if self.owner is not None:
+            for path in paths:
+                os.chown(path, *self.owner)
         return nonce
+
 
     def _wrapper(self, call: _Call, global_env: Dict[str, str], nonce: str, paths: List[str]) -> str:
         before, after = self._env_lines(call.env, global_env)
@@ -9333,8 +13051,11 @@ class _Context:
     runs at a time, in order of arrival), and what it shows in listings."""
 
     def __init__(self, manager: "_ContextManager", context_id: str, language: str, name: Optional[str],
-                 workdir: str, env: Dict[str, str]) -> None:
+                 workdir: str, env: Dict[str, str], limits: Optional[_LimitValues] = None,
+                 user: Optional[_RunAs] = None) -> None:
         self.manager = manager
+        self.limits = limits if limits is not None else manager.host.limits   # api.md §14, for each child
+        self.user = user if user is not None else manager.host.user
         self.id = context_id
         self.language = language
         self.name = name
@@ -9357,6 +13078,7 @@ class _Context:
         self.restarts = 0
         self.late_dropped = 0              # bytes written where no call could take them
         self.timer: Optional[Any] = None   # the idle check, when one is scheduled
+        self.upgraded: Optional[str] = None   # durability: an upgrade in place took the state; the next answer says so
 
     @property
     def is_default(self) -> bool:
@@ -9385,7 +13107,9 @@ class _Context:
                     "last_activity": _rfc3339(self.last_activity), "default": self.is_default,
                     "pid": child.pid if child is not None else None, "started": child is not None,
                     "execution_count": self.executions, "connections": len(self.queue),
-                    "restarts": self.restarts, "late_output_dropped": late}
+                    "restarts": self.restarts, "late_output_dropped": late,
+                    "limits": self.limits.given() if self.limits is not None else {},
+                    "user": self.user.name if self.user is not None else None}
 
     # -- the queue ------------------------------------------------------------------
 
@@ -9452,6 +13176,8 @@ class _Context:
     def _run(self, call: _Call) -> Dict[str, Any]:
         output = _CallOutput(self.manager.max_output_bytes, call.on_event)
         previous = self._ensure_child(call, output)
+        if previous is None and self.upgraded:     # one call at a time: no lock needed for this field
+            previous, self.upgraded = self.upgraded, None
         if isinstance(previous, dict):       # the child could not start: that is the answer
             return self._answer(call, output, previous)
         with self.cond:
@@ -9685,7 +13411,8 @@ class _ContextManager:
         return self._contexts.get("default")
 
     def create(self, language: str, *, name: Optional[str] = None, workdir: Optional[str] = None,
-               env: Optional[Dict[str, str]] = None) -> _Context:
+               env: Optional[Dict[str, str]] = None, limits: Optional[_LimitValues] = None,
+               user: Optional[_RunAs] = None) -> _Context:
         if language not in _CONTEXT_LANGUAGES:
             raise BadRequest("a context's language is one of %s" % ", ".join(_CONTEXT_LANGUAGES))
         program = _find_program(language)
@@ -9694,7 +13421,7 @@ class _ContextManager:
         if workdir is not None and not os.path.isdir(workdir):
             raise BadRequest("workdir %s does not exist" % workdir)
         context = _Context(self, "ctx_" + secrets.token_hex(12), language, name,
-                           workdir or self.workdir, dict(env or {}))
+                           workdir or self.workdir, dict(env or {}), limits, user)
         with self._lock:
             if self._closed:
                 raise Unavailable("the agent is shutting down")
@@ -9755,9 +13482,11 @@ class _ContextManager:
         if program is None:
             raise _ChildBroken("%s is not installed" % context.language)
         cwd = context.workdir if os.path.isdir(context.workdir) else self.workdir
-        if context.language == "bash":
-            return _BashShell(self.host, env, cwd, context.marker, program)
-        return _PythonKernel(self.host, env, cwd, context.marker, program)
+        child: _ContextChild = (_BashShell(self.host, env, cwd, context.marker, program)
+                                if context.language == "bash" else
+                                _PythonKernel(self.host, env, cwd, context.marker, program))
+        child.limits, child.user = context.limits, context.user
+        return child
 
     def touched(self, context: _Context) -> None:
         """After a call: make sure an idle check is due for a named context."""
@@ -9789,6 +13518,60 @@ class _ContextManager:
         """api.md §15: what this family answers."""
         return {"rich_output": True, "ipython_kernel": self.default is not None, "contexts": True,
                 "bash_contexts": _find_program("bash") is not None, "jupyter_sessions": True}
+
+    # -- durability (issue 16): an upgrade in place restarts the contexts ------------
+    #
+    # A kernel's state lives in its process and on its channel, mid-call at
+    # any time: it is not handed over. Before the exec each child is ended
+    # (with the processes its calls started); the contexts themselves (ids,
+    # names, languages, directories, counts) are handed over, and the next
+    # call of each one that had a child answers context_restarted: true.
+
+    handover_name = "contexts"
+    _UPGRADED = "the agent was upgraded in place; the context's state is gone"
+
+    def prepare_upgrade(self) -> None:
+        """Before the exec: every context's child ended (a call in flight answers now)."""
+        with self._lock:
+            contexts = list(self._contexts.values())
+        for context in contexts:
+            with context.cond:
+                child = context.child
+            if child is not None:
+                context._lose_child(child, {"why": self._UPGRADED}, reported=False)
+
+    def hand_over(self, writer: Any) -> Dict[str, Any]:
+        with self._lock:
+            contexts = list(self._contexts.values())
+        items = []
+        for context in contexts:
+            with context.cond:
+                items.append({"id": context.id, "language": context.language, "name": context.name,
+                              "home": context.home, "env": context.env, "created": context.created,
+                              "last_activity": context.last_activity, "executions": context.executions,
+                              "restarts": context.restarts, "late_dropped": context.late_dropped,
+                              "lost": context.child is not None or not context.loss_reported
+                              or context.upgraded is not None})
+        return {"contexts": items}
+
+    def adopt(self, part: Any, reader: Any) -> None:
+        """The successor's side: the same contexts, with fresh children on first use."""
+        for item in (part or {}).get("contexts", []):
+            with self._lock:
+                context = self._contexts.get(item["id"])
+                if context is None and item["id"] != "default":
+                    context = self._contexts[item["id"]] = _Context(
+                        self, item["id"], item["language"], item["name"], item["home"], dict(item["env"]))
+            if context is None:          # the default context, with --python-kernel off now
+                continue
+            with context.cond:
+                context.created, context.last_activity = item["created"], item["last_activity"]
+                context.executions, context.restarts = item["executions"], item["restarts"]
+                context.late_dropped = item["late_dropped"]
+                if item["lost"]:
+                    context.upgraded = self._UPGRADED
+            if not context.is_default:
+                self.touched(context)        # its idle timeout goes on
 
     def close(self, deadline: Optional[float] = None) -> None:
         """Shutdown: every child killed (with its processes), the drainer stopped."""
@@ -9824,11 +13607,18 @@ def _context_of(srv: "_AgentServer", body: Dict[str, Any]) -> Optional[_Context]
     isolated = _flag(body, "isolated")
     context_id = body.get("context_id")
     language = _canonical_language(body.get("language"))
+    # api.md §14: limits or a user of its own make a call a process of its
+    # own (where they are enforced); a context's are set when it is created.
+    confined = [f for f in tuple(_LIMIT_FIELDS) + ("user",) if body.get(f) is not None]
     if context_id is None:
-        return srv.contexts.default if language == "python" and not isolated else None
+        return srv.contexts.default if language == "python" and not isolated and not confined else None
     context = srv.contexts.get(_text(context_id, "context_id"))
     if isolated:
         raise BadRequest("'context_id' and 'isolated: true' contradict each other")
+    if confined:
+        raise BadRequest("a context's limits and user are given when it is created (POST /contexts), "
+                         "not per call: %s" % ", ".join(confined), details={"field": confined[0]})
+
     if body.get("language") is not None and language != context.language:
         raise BadRequest("context %s runs %s, not %s" % (context.id, context.language, body.get("language")))
     return context
@@ -9929,10 +13719,11 @@ def _contexts_create(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     if language not in _CONTEXT_LANGUAGES:
         raise BadRequest("a context's language is one of %s" % ", ".join(_CONTEXT_LANGUAGES))
     workdir = _workdir(body)
+    limits, user = srv.manager.limits.resolve(body)     # api.md §14: the context's kernel or shell
     context = srv.contexts.create(
         language, name=_opt_text(body, "name", max_chars=CONTEXT_NAME_CHARS),
         workdir=srv.manager.launcher.resolve_cwd(workdir) if workdir else None,
-        env=_env_map(body.get("env"), "env"))
+        env=_env_map(body.get("env"), "env"), limits=limits, user=user)
     return context.describe()
 
 
@@ -10162,7 +13953,7 @@ class _TerminalSession:
     """
 
     def __init__(self, session_id: str, pty: _Pty, popen: subprocess.Popen, *, shell: str,
-                 cwd: str, user: Any = None) -> None:
+                 cwd: str, user: Any = None, size: Optional[Tuple[int, int]] = None) -> None:
         self.id = session_id
         self.pty = pty
         self.popen = popen
@@ -10172,7 +13963,7 @@ class _TerminalSession:
         # Guards everything below, the scrollback, and the use of the master
         # fd outside the hub thread (so it is never used after its close).
         self.cond = threading.Condition(threading.Lock())
-        self.cols, self.rows = pty.size()
+        self.cols, self.rows = size or pty.size()    # size: handed over (durability), the master may be closed
         # The newest TERMINAL_LAG_BYTES: a client that attaches starts in its
         # last SCROLLBACK_BYTES, one already attached may lag up to all of it.
         self.scrollback = _OutputBuffer(TERMINAL_LAG_BYTES)
@@ -10186,6 +13977,7 @@ class _TerminalSession:
         self.finished_at: Optional[float] = None
         self.end_reason: Optional[str] = None   # "exited", or why the agent ended it
         self.kill_hooks: List[Callable[[], None]] = []   # the cgroup's kill (issue 15), run with SIGKILL
+        self.confinement: Any = None     # that cgroup's confinement, for an upgrade's handover (issue 16)
         self.on_reaped: List[Callable[[int], None]] = []  # the spawner's untrack(pid)
         self.linger_timer: Any = None
         self.end_thread: Optional[threading.Thread] = None
@@ -10357,6 +14149,39 @@ class _TerminalSession:
             hook(self.pid)
         return code
 
+    def hand_over(self, writer: Any) -> Dict[str, Any]:
+        """Durability: the session as an upgrade's successor takes it (``cond`` held)."""
+        live = not self.finished and self.pty.master >= 0
+        return {"id": self.id, "pid": self.pid, "shell": self.shell, "cwd": self.cwd, "user": self.user,
+                "created": self.created, "cols": self.cols, "rows": self.rows,
+                "master": writer.fd(self.pty.master) if live else None,
+                "scrollback": writer.blob(_tail_bytes(self.scrollback)), "total": self.scrollback.total,
+                "dropped": self.dropped_bytes, "shell_exited": self.shell_exited, "pty_eof": self.pty_eof,
+                "ending": self.ending, "finished": self.finished, "exit_code": self.exit_code,
+                "finished_at": self.finished_at, "end_reason": self.end_reason,
+                "confinement": _confinement_state(self.confinement)}
+
+    @classmethod
+    def adopted(cls, item: Dict[str, Any], reader: Any) -> "_TerminalSession":
+        """A session handed over by a predecessor (its master a duplicate of the inherited one)."""
+        pty = _Pty.__new__(_Pty)
+        pty.master = _claim_fd(item["master"]) if item["master"] is not None else -1
+        pty.slave, pty.path = -1, ""
+        session = cls.__new__(cls)
+        session.pty = pty
+        cls.__init__(session, item["id"], pty, _AdoptedChild(item["pid"], None), shell=item["shell"],
+                     cwd=item["cwd"], user=item["user"], size=(item["cols"], item["rows"]))
+        session.created, session.dropped_bytes = item["created"], item["dropped"]
+        session.scrollback = _restored_buffer(TERMINAL_LAG_BYTES, item["total"], reader.take(item["scrollback"]))
+        for key in ("shell_exited", "pty_eof", "ending", "finished", "exit_code", "finished_at", "end_reason"):
+            setattr(session, key, item[key])
+        conf = _adopted_confinement(item.get("confinement"), None, None)
+        if conf is not None:
+            session.confinement = conf
+            session.kill_hooks.append(conf.kill)
+            session.on_reaped.append(lambda pid: conf.finish())
+        return session
+
     def describe(self) -> Dict[str, Any]:
         """The session as GET /terminals lists it."""
         with self.cond:
@@ -10512,6 +14337,24 @@ class _TerminalHub:
             except Exception:
                 log.exception("terminal hub call failed")
 
+    def park(self, timeout: float) -> bool:
+        """Durability: the hub thread stops between two reads (an upgrade in
+        place hands the masters over) and waits in a call until unpark()."""
+        self._resume = threading.Event()
+        parked = threading.Event()
+        resume = self._resume
+
+        def hold() -> None:
+            parked.set()
+            resume.wait()
+
+        return not self.call(hold) or parked.wait(timeout)
+
+    def unpark(self) -> None:
+        resume = getattr(self, "_resume", None)
+        if resume is not None:
+            resume.set()
+
     def stop(self, timeout: float) -> None:
         with self._lock:
             if self._stopped:
@@ -10635,6 +14478,7 @@ class _Terminals:
         # ending the session kills the cgroup too, and it is removed once reaped.
         confinement = getattr(spec, "confinement", None)
         if confinement is not None:
+            session.confinement = confinement     # durability: an upgrade hands its cgroup over
             session.kill_hooks.append(confinement.kill)
             session.on_reaped.append(lambda pid: confinement.finish())
         return session
@@ -10783,6 +14627,55 @@ class _Terminals:
             sessions = list(self._sessions.values())
         return {"terminals": len(sessions), "terminals_attached": sum(1 for s in sessions if s.clients)}
 
+    # -- durability (issue 16): an upgrade in place hands the sessions over ---------
+    #
+    # The hub parks between two reads; each session's master (what its shell
+    # wrote since stays in the pty), its scrollback, its state and its shell's
+    # pid go to the successor, which reads on where this one stopped. The
+    # WebSocket clients are cut by the exec and reattach with ?session=ID
+    # (their session lingers --terminal-linger from the upgrade on).
+
+    handover_name = "terminals"
+
+    def prepare_upgrade(self) -> None:
+        if not self.hub.park(UPGRADE_PARK_S):
+            raise RuntimeError("the terminal hub did not stop within %gs" % UPGRADE_PARK_S)
+
+    def resume_upgrade(self) -> None:
+        self.hub.unpark()
+
+    def hand_over(self, writer: Any) -> Dict[str, Any]:
+        with self._lock:
+            sessions = list(self._sessions.values())
+        items = []
+        for session in sessions:
+            with session.cond:
+                items.append(session.hand_over(writer))
+        return {"sessions": items}
+
+    def adopt(self, part: Any, reader: Any) -> None:
+        """The successor's side: every session again, read and watched as before
+        (finished ones keep their scrollback for the linger time)."""
+        for item in (part or {}).get("sessions", []):
+            session = _TerminalSession.adopted(item, reader)
+            if not session.finished:
+                self._manager.spawner.adopt(session.pid)
+                session.on_reaped.append(self._manager.spawner.untrack)
+            with self._lock:
+                self._sessions[session.id] = session
+            self._adopted = getattr(self, "_adopted", []) + [session]
+
+    def resume_adopted(self) -> None:
+        """Once the successor is ready: reading, watching, ending and lingering resume."""
+        for session in getattr(self, "_adopted", []):
+            if not session.finished:
+                self.hub.add(session)
+                if session.ending:
+                    session.ending = False
+                    self._end(session, session.end_reason or "shutdown")
+            self._linger(session)
+        self._adopted = []
+
 
 
 
@@ -10804,7 +14697,12 @@ def _terminal(srv: "_AgentServer", req: _Request) -> _Upgrade:
         if cols or rows:      # a reattach that names a size resizes; otherwise the session keeps its own
             session.resize(_pty_dimension(cols, "cols", session.cols), _pty_dimension(rows, "rows", session.rows))
         return _Upgrade(lambda ws: _terminal_ws(terminals, session, ws))
-    session = terminals.open(cols=size[0], rows=size[1], shell=req.param("shell"), cwd=req.param("cwd"))
+    limits, user = srv.manager.limits.resolve_text(   # api.md §14: the shell's limits and user
+        {name: req.param(name) for name in tuple(_LIMIT_FIELDS) + ("user",)})
+    owner = (user.uid, user.gid) if user is not None and not user.is_current else None
+    session = terminals.open(cols=size[0], rows=size[1], shell=req.param("shell"), cwd=req.param("cwd"),
+                             spec_fields={"limits": limits, "user": user}, owner=owner)
+
     return _Upgrade(lambda ws: _terminal_ws(terminals, session, ws),
                     on_refused=lambda: terminals.discard(session))     # nobody will ever see it
 
@@ -10863,23 +14761,54 @@ _TERMINAL_ROUTES = (
 
 
 # ============================================================================
+# Endpoints: admin (upgrade in place)
+# ============================================================================
+
+
+def _admin_restart(srv: "_AgentServer", req: _Request) -> _Reply:
+    """POST /admin/restart: upgrade in place to the file on disk, as SIGHUP
+    does. The new file is checked first; a file that fails its check is a
+    409 saying why, and nothing changes. Otherwise 202, and the agent execs
+    the new version once this answer is out (clients see a pause under 1 s)."""
+    upgrader = srv.upgrader
+    if upgrader is None:
+        raise Conflict("this agent cannot upgrade in place: only the CLI agent on Linux can "
+                       "(python3 hopx_agent.py), and its source file must be readable")
+    try:
+        answer = upgrader.check()
+    except _UpgradeRefused as exc:
+        raise Conflict("upgrade refused: %s" % exc, details={"path": upgrader.path}) from None
+    upgrader.request()
+    return _Reply(202, _json_bytes({"status": "restarting", "from_version": __version__,
+                                    "to_version": answer.get("version"), "path": upgrader.path,
+                                    "message": "upgrading in place; running processes keep running"}))
+
+
+_ADMIN_ROUTES = (
+    _route("POST", "/admin/restart", _admin_restart),
+)
+
+
+# ============================================================================
 # Entry points
 # ============================================================================
 
 # Every family's routes, in the order /info lists them.
 _ROUTES = _SYSTEM_ROUTES + _CONTEXT_ROUTES + _EXECUTION_ROUTES + _ENVIRONMENT_ROUTES + _FILES_ROUTES \
-    + _TERMINAL_ROUTES
+    + _TERMINAL_ROUTES + _ADMIN_ROUTES
 
 
-def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None) -> _AgentServer:
+def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None, *,
+                  sock: Optional[socket.socket] = None) -> _AgentServer:
     """A bound server, not yet serving: run ``serve_forever()`` in a thread,
-    later ``shutdown()``, ``manager.shutdown()`` and ``server_close()``."""
+    later ``shutdown()``, ``manager.shutdown()`` and ``server_close()``.
+    ``sock``: a listening socket to serve on instead of binding one."""
     if config.auth and not config.secret:
         raise ValueError("auth is on but no secret is configured")
     cls = _AgentServer6 if ":" in config.host else _AgentServer
-    server = cls(config, manager or ProcessManager(config), _ROUTES)
+    server = cls(config, manager or ProcessManager(config), _ROUTES, sock=sock)
     try:
-        server.files = _files_service(config)
+        server.files = _files_service(config, server.manager.limits.run_as)
     except ValueError:
         server.server_close()
         raise
@@ -10892,10 +14821,14 @@ def create_server(config: AgentConfig, manager: Optional[ProcessManager] = None)
     return server
 
 
-def _files_service(config: AgentConfig) -> _FileService:
-    """The files family (issue 12) from the configuration."""
+def _files_service(config: AgentConfig, run_as: Optional[_RunAs] = None) -> _FileService:
+    """The files family (issue 12) from the configuration; what it writes
+    belongs to the --run-as user (api.md §11, §14)."""
+    owner = (run_as.uid, run_as.gid) if run_as is not None and not run_as.is_current else None
     return _FileService(config.files_roots or _default_files_roots(config.workdir), config.workdir,
-                        max_read_bytes=config.max_read_bytes, max_upload_bytes=config.max_upload_bytes)
+                        max_read_bytes=config.max_read_bytes, max_upload_bytes=config.max_upload_bytes,
+                        owner=owner)
+
 
 
 def _make_contexts(config: AgentConfig, manager: ProcessManager) -> _ContextManager:
@@ -10905,7 +14838,9 @@ def _make_contexts(config: AgentConfig, manager: ProcessManager) -> _ContextMana
         max_output_bytes=config.max_output_bytes, base_env=manager.launcher.base_env,
         global_env=manager.launcher.global_env, schedule=manager.watchdog.schedule,
         python_kernel=config.python_kernel, max_contexts=config.max_contexts,
-        idle_timeout=config.context_idle_timeout, watch=manager.lifecycle.exits.watch)
+        idle_timeout=config.context_idle_timeout, watch=manager.lifecycle.exits.watch,
+        limits=manager.limits.defaults, user=manager.limits.run_as)
+
 
 
 def _keep_secret_from_children() -> bool:
@@ -10938,27 +14873,114 @@ def _warn_if_readable(path: Optional[str]) -> None:
                     path, mode & 0o7777)
 
 
+def _start_agent(config: AgentConfig) -> _AgentServer:
+    """A cold start: with a state directory, the previous agent's journal is
+    loaded first (its orphans ended, its records restored), then the server
+    is bound. _StateDirError when the directory cannot be used."""
+    manager = ProcessManager(config)
+    journal = None
+    if config.state_dir:
+        journal = _open_journal(config)
+        try:
+            states = _load_journal(journal, config.kill_grace)
+            _attach_journal(manager, journal)
+            _restore_records(manager, states)
+        except BaseException:
+            journal.close()
+            raise
+    try:
+        return create_server(config, manager)
+    except BaseException:
+        if journal is not None:
+            journal.close()
+        raise
+
+
+def _adopt_server(config: AgentConfig, doc: Dict[str, Any], reader: _HandoverReader) -> Tuple[_AgentServer, Any]:
+    """An upgraded agent's start from its predecessor's (checked) handover:
+    the journal on the inherited lock, the records, the server on the
+    inherited socket. Starts no thread (see _adopt_agent)."""
+    manager = ProcessManager(config)
+    journal = None
+    lock_fd = doc.get("lock_fd")
+    if config.state_dir and isinstance(lock_fd, int):
+        journal = _open_journal(config, lock_fd=_claim_fd(lock_fd))
+        journal.reopen(len(doc["records"]))
+        _attach_journal(manager, journal)
+    adopted = _adopt_agent(doc, reader, manager)
+    server = create_server(config, manager, sock=socket.socket(fileno=_claim_fd(doc["listen_fd"])))
+    now = time.monotonic()
+    server.hub.adopt([(socket.socket(fileno=_claim_fd(c["fd"])), tuple(c["addr"] or ("?", 0)),
+                       reader.take(c["buf"]), now - c["idle_s"], None if c["head_s"] is None else now - c["head_s"])
+                      for c in doc["connections"]])
+    for family in server.families:
+        if hasattr(family, "adopt") and hasattr(family, "handover_name"):
+            family.adopt(doc["families"].get(family.handover_name), reader)
+    agent = doc["agent"]
+    if isinstance(agent.get("started"), (int, float)) and isinstance(agent.get("started_mono"), (int, float)):
+        server.metrics.started, server.metrics.started_mono = agent["started"], agent["started_mono"]
+    counts = agent.get("metrics")
+    if isinstance(counts, list) and len(counts) == 2 and all(isinstance(c, dict) for c in counts):
+        server.metrics.requests.update(counts[0])
+        server.metrics.errors.update(counts[1])
+    return server, adopted
+
+
+def _handover_check(doc: Any, argv: List[str]) -> Dict[str, Any]:
+    """What a running agent runs in a child on this file before it execs it
+    for an upgrade: everything the adoption parses (the handover preview,
+    the command line), nothing it touches. Any exception refuses the upgrade."""
+    _parse_handover(doc)
+    _config_from(_build_parser().parse_args(list(argv)), dict(os.environ))
+    return {"ok": True, "version": __version__}
+
+
+def _make_upgrader(server: _AgentServer, wake: Callable[[], None]) -> Optional[_Upgrader]:
+    """An upgrader when this process runs hopx_agent.py as its script on Linux."""
+    if __name__ != "__main__" or not hasattr(os, "memfd_create") or not hasattr(os, "pidfd_open"):
+        return None
+    running = os.path.abspath(globals().get("__file__") or "")
+    path = os.environ.get(SOURCE_ENV) or running
+    source = _own_source(running)
+    if source is None:
+        return None
+    upgrader = _Upgrader(server, path, sys.argv[1:], source)
+    upgrader.request = wake           # POST /admin/restart asks the main loop, as SIGHUP does
+    return upgrader
+
+
 def _run_until_signalled(server: _AgentServer) -> int:
     """Serve until SIGTERM/SIGINT, then stop accepting, end every child and exit 0.
+    SIGHUP (or POST /admin/restart) upgrades in place to the file on disk.
 
     The handlers only set an event: server.shutdown() called from the thread
     running serve_forever() would wait for itself forever.
     """
     stop = threading.Event()
+    upgrade = threading.Event()
     previous = {}
     wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: upgrade.set())
         # Wait in select() on the signal wake-up fd, not in a lock: a lock wait
         # is not interrupted by signals on every Python (3.13.0 is one).
-        os.set_blocking(wake_w, False)
         previous_fd = signal.set_wakeup_fd(wake_w)
+
+    def request_upgrade() -> None:
+        upgrade.set()
+        try:
+            os.write(wake_w, b"u")
+        except OSError:
+            pass
+
+    server.upgrader = _make_upgrader(server, request_upgrade) if previous else None
     server.manager.enable_subreaper()
     if server.config.auth:
         _keep_secret_from_children()
-    thread = threading.Thread(target=server.serve_forever, name="hopx-http-accept", daemon=True)
-    thread.start()
+    server.start_accepting()
     log.info("listening on %s", server.url)
     try:
         poller = select.poll()
@@ -10969,6 +14991,12 @@ def _run_until_signalled(server: _AgentServer) -> int:
                 os.read(wake_r, 512)
             else:
                 stop.wait()
+            if upgrade.is_set() and not stop.is_set():
+                upgrade.clear()
+                if server.upgrader is None:
+                    log.warning("SIGHUP: this agent cannot upgrade in place (not the CLI on Linux); ignored")
+                else:
+                    server.upgrader.run()       # returns only if the upgrade did not happen
     finally:
         if previous:
             signal.set_wakeup_fd(previous_fd)
@@ -10978,15 +15006,90 @@ def _run_until_signalled(server: _AgentServer) -> int:
         server.shutdown()
         server.manager.shutdown(server.config.kill_grace + 1.5)
         server.server_close()
-        thread.join(1.0)
+        if server.accepting is not None:
+            server.accepting.join(1.0)
+        journal = server.manager.registry.journal
+        if journal is not None:
+            journal.close(2.0)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0
 
 
+def _serve_upgraded(config: AgentConfig, handover_fd: int) -> int:
+    """The start of a version exec'd by its predecessor: adopt, then serve.
+    A failure before it is ready runs the previous version again (its source
+    came with the handover), so the agent serves on as it was."""
+    try:
+        reader = _HandoverReader(handover_fd)
+    except (OSError, ValueError) as exc:
+        log.error("upgrade: the handover cannot be read (%s); nothing to adopt", exc)
+        return 1
+    try:
+        doc = _parse_handover(reader.doc)
+        secret = doc["agent"].get("secret")
+        if config.auth and config.secret is None and isinstance(secret, str):
+            config = dataclasses.replace(config, secret=base64.b64decode(secret))   # it made one at its start
+        server, adopted = _adopt_server(config, doc, reader)
+    except Exception:
+        log.exception("upgrade: version %s cannot take over", __version__)
+        return _fall_back(reader, handover_fd)
+    _seal_fds(doc)        # ready: from here on nothing goes back to the previous version
+    reader.close()
+    _resume_adopted(server.manager, adopted, doc.get("journal_pending") or [])
+    for family in server.families:
+        if hasattr(family, "resume_adopted"):
+            family.resume_adopted()
+    running = sum(1 for rec, state in adopted if state.get("_run") is not None)
+    log.warning("upgraded in place from %s to %s: %d records (%d running) taken over, serving %.0f ms after the exec",
+                doc.get("from_version"), __version__, len(adopted), running,
+                (time.monotonic() - doc.get("monotonic", time.monotonic())) * 1000)
+    return _run_until_signalled(server)
+
+
+def _fall_back(reader: _HandoverReader, handover_fd: int) -> int:
+    source_ref = reader.doc.get("source") if isinstance(reader.doc, dict) else None
+    if os.environ.get(FALLBACK_ENV) or not source_ref:
+        log.error("upgrade: no previous version to go back to; the agent stops here")
+        return 1
+    try:
+        source = reader.take(source_ref)
+        log.warning("upgrade: going back to the previous version")
+        _exec_previous(source, os.environ.get(SOURCE_ENV) or os.path.abspath(sys.argv[0]), sys.argv[1:],
+                       handover_fd)
+    except (OSError, ValueError) as exc:
+        log.error("upgrade: cannot run the previous version again: %s", exc)
+    return 1
+
+
 def serve(config: AgentConfig) -> int:
-    """Bind, serve until SIGTERM/SIGINT, clean up; the CLI's blocking call."""
-    return _run_until_signalled(create_server(config))
+    """Bind, serve until SIGTERM/SIGINT, clean up; the CLI's blocking call.
+    With ``config.state_dir``, the journal is loaded first (see _start_agent)."""
+    return _run_until_signalled(_start_agent(config))
+
+
+def _limit_option(field: str) -> Callable[[str], Any]:
+    """The parser of a --default-<limit> value: the request's rules (api.md §14)."""
+    def parse(text: str) -> Any:
+        try:
+            return _parse_limit_option(text, field)
+        except BadRequest as exc:
+            raise ValueError(exc.message) from None
+    parse.__name__ = "integer" if _LIMIT_FIELDS[field][0] else "positive number"
+    return parse
+
+
+def _oom_option(text: str) -> Any:
+    """An oom_score_adj option: -1000 ... 1000, or "off" (leave it alone)."""
+    if text.strip().lower() in ("off", "none"):
+        return "off"
+    value = int(text)
+    if not -1000 <= value <= 1000:
+        raise ValueError("oom_score_adj must be between -1000 and 1000")
+    return value
+
+
+_oom_option.__name__ = "oom_score_adj"
 
 
 # Options of api.md §1: flag -> (AgentConfig field, type, help). Each also reads HOPX_AGENT_<FLAG>.
@@ -11006,6 +15109,22 @@ _OPTIONS: Tuple[Tuple[str, str, Any, str], ...] = (
     ("--algorithms", "algorithms", str, "JWT algorithms accepted, comma-separated (default HS256,HS384,HS512)"),
     ("--log-level", "log_level", str, "debug, info, warning or error (default info)"),
     ("--log-format", "log_format", str, "text or json (default text)"),
+    # limits, users and the agent's own safety (issue 15)
+    ("--limits-mechanism", "limits_mechanism", str,
+     "auto (cgroup v2, else v1, else rlimits), cgroup_v2, cgroup_v1 or rlimit (default auto)"),
+    ("--default-memory-limit-mb", "default_memory_limit_mb", _limit_option("memory_limit_mb"),
+     "memory_limit_mb of requests that name none"),
+    ("--default-cpu-limit", "default_cpu_limit", _limit_option("cpu_limit"), "cpu_limit (cores) likewise"),
+    ("--default-pids-limit", "default_pids_limit", _limit_option("pids_limit"), "pids_limit likewise"),
+    ("--default-cpu-time-limit-s", "default_cpu_time_limit_s", _limit_option("cpu_time_limit_s"),
+     "cpu_time_limit_s likewise"),
+    ("--default-file-size-limit-mb", "default_file_size_limit_mb", _limit_option("file_size_limit_mb"),
+     "file_size_limit_mb likewise"),
+    ("--run-as", "run_as", str, "user (name or uid) children run as unless a request names one; needs root"),
+    ("--agent-oom-score-adj", "agent_oom_score_adj", _oom_option,
+     "the agent's own oom_score_adj, or off (default %d; needs CAP_SYS_RESOURCE)" % AGENT_OOM_SCORE_ADJ),
+    ("--child-oom-score-adj", "child_oom_score_adj", _oom_option,
+     "every child's oom_score_adj, or off: the agent's value at start (default %d)" % CHILD_OOM_SCORE_ADJ),
     # files (issue 12); --files-root is repeatable, so it is declared in _build_parser
     ("--max-read-bytes", "max_read_bytes", int,
      "largest file /files/read answers in JSON (default %d; more: /files/download)" % FILES_MAX_READ_BYTES),
@@ -11020,6 +15139,10 @@ _OPTIONS: Tuple[Tuple[str, str, Any, str], ...] = (
     ("--terminal-linger", "terminal_linger", float,
      "seconds a detached terminal session waits for a reattach (default %g)" % TERMINAL_LINGER_S),
     ("--max-terminals", "max_terminals", int, "terminal sessions at once (default %d)" % MAX_TERMINALS),
+    # durability (issue 16)
+    ("--state-dir", "state_dir", str, "the journal's private directory, 'none' for no journal (default: "
+                                      "$XDG_STATE_HOME/hopx-agent/PORT, /var/lib/hopx-agent/PORT or "
+                                      "$TMPDIR/hopx-agent-UID/PORT; none with --port 0)"),
 )
 
 
@@ -11085,9 +15208,29 @@ def _config_from(args: Any, environ: Dict[str, str]) -> AgentConfig:
     if roots:
         values["files_roots"] = tuple(r.strip() for item in roots for r in item.split(",") if r.strip())
     _check_options(values)
+    if "state_dir" not in values:          # durability: one per port by default, none for --port 0
+        values["state_dir"] = _default_state_dir(values.get("port", DEFAULT_PORT), environ)
+    elif values["state_dir"].strip().lower() in ("", "none", "off"):
+        values["state_dir"] = None
     if "workdir" in values and not os.path.isdir(values["workdir"]):
         raise ValueError("--workdir %s is not a directory" % values["workdir"])
+    _check_limit_options(values)
     return AgentConfig(**values)
+
+
+def _check_limit_options(values: Dict[str, Any]) -> None:
+    """--limits-mechanism, --run-as and the oom options (issue 15); "off" becomes None."""
+    for field in ("agent_oom_score_adj", "child_oom_score_adj"):
+        if values.get(field) == "off":
+            values[field] = None
+    mechanism = values.get("limits_mechanism", "auto")
+    if mechanism not in ("auto",) + _MECHANISMS:
+        raise ValueError("--limits-mechanism takes auto, %s" % ", ".join(_MECHANISMS))
+    if values.get("run_as") is not None:
+        try:
+            _check_switchable(_resolve_user(values["run_as"], "--run-as"))
+        except BadRequest as exc:
+            raise ValueError(exc.message) from None
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -11160,6 +15303,11 @@ def _setup_logging(config: AgentConfig) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line of api.md §1; returns the exit status."""
+    try:    # an upgraded agent's handover: never passed on to a child
+        handover_fd = _take_handover_env(os.environ)
+    except ValueError as exc:
+        print("hopx_agent: %s" % exc, file=sys.stderr)
+        return 2
     parser = _build_parser()
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -11192,13 +15340,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     _setup_logging(config)
     if config.auth:
         _warn_if_readable(args.secret_file or environ.get(_env_name("--secret-file")))
+    if handover_fd is not None:
+        return _serve_upgraded(config, handover_fd)
     generated = config.auth and config.secret is None
     if generated:
         config = dataclasses.replace(config, secret=secrets.token_bytes(32))
     elif config.auth and len(config.secret or b"") < MIN_SECRET_BYTES:
         log.warning("the secret is shorter than %d bytes; use a longer random one", MIN_SECRET_BYTES)
     try:
-        server = create_server(config)
+        server = _start_agent(config)
+    except _StateDirError as exc:
+        log.error("state directory %s: %s (--state-dir none runs without a journal)", config.state_dir, exc)
+        return 2
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
         return 1
