@@ -135,6 +135,7 @@ MAX_HEADER_BYTES = 64 * 1024          # all header lines together; more gets 431
 MAX_HEADERS = 100                     # header lines per request; more gets 431
 REQUEST_DEADLINE_S = 30.0             # from a request's first byte to its last body byte
 KEEPALIVE_IDLE_S = 30.0               # an idle kept-alive connection is closed after this
+KEEPALIVE_LINGER_S = 0.002            # a request thread waits this long for the next request before the hub does
 WRITE_TIMEOUT_S = 30.0                # a client that does not read its answer is dropped
 MAX_WAIT_S = 60.0                     # api.md §5: ?wait= is capped at 60 s
 MAX_TOKEN_BYTES = 8192                # api.md §2: longer tokens are refused unparsed
@@ -162,6 +163,7 @@ PROCESS_ID_ENV = "HOPX_PROCESS_ID"    # every child carries its own record id, t
 STDIN_WRITE_TIMEOUT_S = 5.0           # a child that does not read its stdin cannot hold a thread longer
 ESCAPER_GONE_S = 1.0                  # after its SIGKILL, how long an escaped descendant may take to exit
 IDEMPOTENCY_WAIT_S = 10.0             # a retry waits this long for the first request with its key
+LANGUAGES_CACHE_S = 5.0               # /health and /info see a language installed (or removed) within this
 # files (issue 12)
 FILES_MAX_READ_BYTES = 10 * 1024 * 1024     # api.md §11: /files/read answers in JSON; more goes to download
 FILES_MAX_LIST_ENTRIES = 10000              # api.md §11: entries in one /files/list answer
@@ -1124,9 +1126,32 @@ def _find_program(language: str) -> Optional[str]:
 
 
 def _languages_installed() -> Dict[str, Dict[str, Any]]:
-    return {name: {"aliases": list(spec[0]), "program": _find_program(name),
-                   "available": _find_program(name) is not None}
+    found = {name: _find_program(name) for name in _LANGUAGES}
+    return {name: {"aliases": list(spec[0]), "program": found[name], "available": found[name] is not None}
             for name, spec in _LANGUAGES.items()}
+
+
+class _Recent:
+    """A value computed again once it is older than ``max_age_s``. /health is
+    polled, and each language look-up walks PATH (~50 stat calls for all of
+    them, a millisecond: 4x the rest of a /health answer)."""
+
+    def __init__(self, compute: Callable[[], Any], max_age_s: float) -> None:
+        self._compute = compute
+        self._max_age_s = max_age_s
+        self._lock = threading.Lock()      # guards _value (computed outside it: two may race, both right)
+        self._value: Optional[Tuple[float, Any]] = None   # (monotonic expiry, value)
+
+    def get(self) -> Any:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._value
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        value = self._compute()
+        with self._lock:
+            self._value = (now + self._max_age_s, value)
+        return value
 
 
 def _resolve_language(value: Any) -> Tuple[str, str]:
@@ -1354,8 +1379,10 @@ class _WorkerPool:
         self._seq = 0
         self._reserve = reserve
 
-    def submit(self, name: str, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on a pooled thread named ``name`` while it runs."""
+    def submit(self, name: str, fn: Callable[..., None], *args: Any, wake: bool = True) -> None:
+        """Run ``fn(*args)`` on a pooled thread named ``name`` while it runs.
+        ``wake=False``: an idle thread is counted for the job but woken only by
+        ``wake()`` (one that wakes by itself meanwhile takes the job anyway)."""
         with self._cond:
             if self._stopped:       # a start that raced shutdown still gets its threads
                 threading.Thread(target=fn, args=args, name=name, daemon=True).start()
@@ -1363,7 +1390,8 @@ class _WorkerPool:
             job = (name, fn, args)
             self._jobs.append(job)
             if self._idle >= len(self._jobs):
-                self._cond.notify()
+                if wake:
+                    self._cond.notify()
                 return
         try:
             self._grow()        # the reserve ran out: this start pays for a new thread
@@ -1372,6 +1400,11 @@ class _WorkerPool:
                 if job in self._jobs and self._idle < len(self._jobs):
                     self._jobs.remove(job)
                     raise Unavailable("no thread is available to run %s" % name) from None
+
+    def wake(self, n: int) -> None:
+        """Wake idle threads for ``n`` jobs submitted with ``wake=False``."""
+        with self._cond:
+            self._cond.notify(n)
 
     def _grow(self) -> None:
         with self._cond:
@@ -1458,12 +1491,13 @@ class _Parking:
         self._active = 0         # reader jobs submitted and not returned
         self._pipe: Optional[Tuple[int, int]] = None
 
-    def submit(self, workers: "_WorkerPool", name: str, fn: Callable[..., None], *args: Any) -> None:
+    def submit(self, workers: "_WorkerPool", name: str, fn: Callable[..., None], *args: Any,
+               wake: bool = True) -> None:
         """Run a reader job on the pool, counted until it returns."""
         with self._cond:
             self._active += 1
         try:
-            workers.submit(name, self._run, fn, args)
+            workers.submit(name, self._run, fn, args, wake=wake)
         except BaseException:      # no thread to be had: the job never runs
             with self._cond:
                 self._active -= 1
@@ -1691,7 +1725,8 @@ class _LimitValues:
     file_size_limit_mb: Optional[float] = None
 
     def given(self) -> Dict[str, Any]:
-        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+        # Not dataclasses.asdict: it deep-copies, and every start calls this several times.
+        return {name: getattr(self, name) for name in _LIMIT_FIELDS if getattr(self, name) is not None}
 
     @property
     def needs_cgroup(self) -> bool:
@@ -3912,6 +3947,7 @@ class _Lifecycle:
         its readers and a watcher."""
         launch = rec.launch
         fds: List[int] = []
+        unwoken = 0                      # readers had but not yet woken
         try:
             launch.prepare()
             ends, readers = self._pty_ends(rec, fds) if launch.pty else self._pipe_ends(launch, fds)
@@ -3920,13 +3956,20 @@ class _Lifecycle:
             with rec.cond:
                 rec.open_streams = len(readers)
             for fd, name in readers:
-                self._submit_reader(rec, name, fd)
+                # Had now, woken after the fork: woken before, they would take the
+                # GIL from the fork at each of its blocking calls (~0.5 ms a start).
+                self._submit_reader(rec, name, fd, wake=False)
                 fds.remove(fd)           # the reader owns it now
+                unwoken += 1
         except (OSError, RuntimeError, Unavailable) as exc:
+            self.workers.wake(unwoken)
             for fd in fds:               # a reader already given its pipe sees EOF and ends
                 _close_quietly(fd)
             raise _StartRefused(exc) from None
-        return self._fork(rec, ends)     # which closes the child's ends (and the stdin one, if it fails)
+        try:
+            return self._fork(rec, ends)     # which closes the child's ends (and the stdin one, if it fails)
+        finally:
+            self.workers.wake(unwoken)
 
     @staticmethod
     def _pipe_ends(launch: _Launch, fds: List[int]) -> Tuple["_ChildEnds", List[Tuple[int, str]]]:
@@ -4011,14 +4054,14 @@ class _Lifecycle:
         for name, fd in idle:
             self._submit_reader(rec, name, fd)
 
-    def _submit_reader(self, rec: _ProcessRecord, name: str, fd: int) -> None:
+    def _submit_reader(self, rec: _ProcessRecord, name: str, fd: int, *, wake: bool = True) -> None:
         """One stream's reader job (counted by the parking until it returns)."""
         with rec.cond:
             rec.fds[name] = fd
             rec.readers += 1
         try:
             self.parking.submit(self.workers, "hopx-proc-%s-%s" % (rec.id[5:13], name), self._read_stream,
-                                rec, fd, name)
+                                rec, fd, name, wake=wake)
         except BaseException:
             with rec.cond:
                 rec.fds.pop(name, None)
@@ -7193,6 +7236,34 @@ class _Conn:
                 or len(self.buf) > MAX_HEAD_BUFFER_BYTES)
 
 
+def _await_next_head(conn: _Conn, timeout: float) -> bool:
+    """After an answer on a kept-alive connection: True when the next request
+    head arrives within ``timeout`` (kept in ``conn.buf``). A client that sends
+    its next request at once (a poll loop, the SDK's calls in a row) then skips
+    two thread hand-offs and a wake-up of the hub (~0.3 ms of a 0.6 ms answer);
+    the others go back to the hub ``timeout`` later."""
+    if conn.buf and conn.head_complete():          # pipelined: already read
+        return True
+    poller = select.poll()
+    poller.register(conn.sock, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            return False
+        try:
+            data = conn.sock.recv(65536)
+        except OSError:
+            return False                           # the hub sees the error again, and drops it
+        if not data:
+            return False                           # closed: the hub sees the EOF again
+        if not conn.buf:
+            conn.head_since = time.monotonic()
+        conn.buf += data
+        if conn.head_complete():
+            return True
+
+
 def _refusal(status: int, exc: AgentError) -> bytes:
     """A complete answer for a connection that gets no thread (503 at the cap, 408)."""
     request_id = secrets.token_hex(8)
@@ -7349,6 +7420,15 @@ class _Hub:
             self._count_end(conn, stream)
             self._returned.append(conn)
         self._wake()
+
+    def may_linger(self) -> bool:
+        """Whether a request thread may wait a moment for its connection's next
+        request: not once the loop stops (shutdown, or an upgrade waits for the
+        requests to end), nor past half the connection cap, where a lingering
+        connection could not be closed to make room for a new one."""
+        with self._lock:
+            used = self._active + len(self._held) + len(self._returned)
+        return not self._stop.is_set() and 2 * used < self._server.config.max_connections
 
     def closed(self, conn: _Conn, *, stream: bool) -> None:
         with self._lock:
@@ -7679,6 +7759,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     # -- connection set-up ------------------------------------------------------
 
+    again = False                        # finish() found the next request on the connection: serve it
+
     def setup(self) -> None:
         self._conn: _Conn = self.request
         self.connection = self._conn.sock
@@ -7702,6 +7784,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         hub, conn = self.server.hub, self._conn
         if not self.close_connection:
             conn.buf = bytearray(self.rfile.leftover())
+            if not self._stream and hub.may_linger() and _await_next_head(conn, KEEPALIVE_LINGER_S):
+                self.again = True        # the next request is here: served on this thread, not via the hub
+                return
             hub.give_back(conn, stream=self._stream)
             return
         self.rfile.close()
@@ -8158,6 +8243,7 @@ class _AgentServer(http.server.ThreadingHTTPServer):
         self.metrics = _Metrics()
         self.routes: Tuple[_Route, ...] = tuple(routes)
         self._routes_by_head: Dict[str, List[_Route]] = {}    # first path segment -> its routes, in order
+        self._languages = _Recent(_languages_installed, LANGUAGES_CACHE_S)
         for route in self.routes:
             self._routes_by_head.setdefault(route.segments[1], []).append(route)
         # Each family's state: .features() for /health and /info, .close(deadline) at the end.
@@ -8173,6 +8259,9 @@ class _AgentServer(http.server.ThreadingHTTPServer):
             self.socket = sock
             self.server_address = sock.getsockname()
         self.hub = _Hub(self)
+
+    def languages(self) -> Dict[str, Dict[str, Any]]:
+        return self._languages.get()
 
     def routes_for(self, parts: List[str]) -> List[_Route]:
         """The routes a path split on "/" may match: those with its first segment
@@ -8215,7 +8304,8 @@ class _AgentServer(http.server.ThreadingHTTPServer):
         """On a request thread: one request on ``conn`` (the handler gives the
         connection back to the hub or closes it)."""
         try:
-            self.RequestHandlerClass(conn, conn.addr, self)
+            while self.RequestHandlerClass(conn, conn.addr, self).again:
+                pass
         except Exception:
             self.handle_error(conn.sock, conn.addr)
 
@@ -8255,7 +8345,7 @@ def _features(srv: "_AgentServer") -> Dict[str, Any]:
 
     for family in srv.families:
         features.update(family.features())
-    features["languages"] = [name for name, spec in _languages_installed().items() if spec["available"]]
+    features["languages"] = [name for name, spec in srv.languages().items() if spec["available"]]
     return features
 
 
@@ -8275,7 +8365,7 @@ def _endpoint_map(srv: "_AgentServer") -> Dict[str, str]:
 def _info(srv: "_AgentServer", req: _Request) -> Dict[str, Any]:
     """Without a valid token: name, version, features, languages and the endpoint
     map; with one, also the machine, paths and limits."""
-    languages = _languages_installed()
+    languages = srv.languages()
     if req.claims is None:
         return {"agent": "hopx_agent", "version": __version__, "agent_version": __version__,
                 "supported_languages": [name for name, spec in languages.items() if spec["available"]],
@@ -13376,6 +13466,7 @@ class _ContextManager:
                                  limits=limits, user=user)
         self._lock = threading.Lock()      # guards _contexts and _closed
         self._contexts: Dict[str, _Context] = {}
+        self._bash = _Recent(lambda: _find_program("bash"), LANGUAGES_CACHE_S)   # for features()
         self._closed = False
         if python_kernel != "off":
             self._contexts["default"] = _Context(self, "default", "python", "default", workdir, {})
@@ -13517,7 +13608,7 @@ class _ContextManager:
     def features(self) -> Dict[str, Any]:
         """api.md §15: what this family answers."""
         return {"rich_output": True, "ipython_kernel": self.default is not None, "contexts": True,
-                "bash_contexts": _find_program("bash") is not None, "jupyter_sessions": True}
+                "bash_contexts": self._bash.get() is not None, "jupyter_sessions": True}
 
     # -- durability (issue 16): an upgrade in place restarts the contexts ------------
     #

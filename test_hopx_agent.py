@@ -3184,10 +3184,10 @@ def test_a_leader_with_no_thread_to_wait_for_it_is_polled_to_its_end(manager, mo
     monkeypatch.setattr(hopx_agent._ExitWatcher, "watch", lambda self, pid, on_exit: False)
     real_submit = hopx_agent._WorkerPool.submit
 
-    def no_waiters(pool, name, fn, *args):
+    def no_waiters(pool, name, fn, *args, **kwargs):
         if name.endswith("-wait"):
             raise hopx_agent.Unavailable("no thread")
-        return real_submit(pool, name, fn, *args)
+        return real_submit(pool, name, fn, *args, **kwargs)
 
     monkeypatch.setattr(hopx_agent._WorkerPool, "submit", no_waiters)
     rec = manager.start(manager.code_launch("print('polled')", "python"))
@@ -4635,6 +4635,27 @@ def test_the_connection_cap_answers_503_and_recovers_when_one_closes(tmp_path):
         finally:
             first.close()
             second.close()
+
+
+def test_a_next_request_that_arrives_at_once_is_taken_by_the_request_thread():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        conn = hopx_agent._Conn(ours, None, 1)
+        assert not hopx_agent._await_next_head(conn, 0.001)          # nothing came: back to the hub
+        theirs.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n")
+        assert not hopx_agent._await_next_head(conn, 0.001)          # half a head stays in the buffer
+        theirs.sendall(b"\r\nGET /ping")                             # the rest, and a pipelined start
+        assert hopx_agent._await_next_head(conn, 5.0)
+        assert bytes(conn.buf) == b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\nGET /ping" and conn.head_since
+        theirs.close()
+        conn.buf = bytearray()
+        assert not hopx_agent._await_next_head(conn, 5.0)            # closed: the hub sees the EOF
+
+
+def test_kept_alive_requests_in_a_row_are_all_answered(client):
+    for i in range(50):        # each next request arrives while its connection's thread lingers
+        assert client.ok("GET", "/ping")["message"] == "pong"
+        assert client.ok("POST", "/commands/run", {"command": "echo %d" % i})["stdout"] == "%d\n" % i
 
 
 def test_at_the_cap_the_connection_idle_the_longest_is_closed_for_a_new_one(tmp_path):
@@ -9638,7 +9659,7 @@ def test_pty_start_refused_before_the_fork_leaks_nothing(manager, monkeypatch):
     wait_until(lambda: warm.open_streams == 0, 5, "the reader at EOF")
     fds = len(os.listdir("/proc/self/fd"))
 
-    def no_threads(pool, name, fn, *args):
+    def no_threads(pool, name, fn, *args, **kwargs):
         raise RuntimeError("can't start new thread")
     monkeypatch.setattr(hopx_agent._WorkerPool, "submit", no_threads)
     with pytest.raises(hopx_agent.AgentError) as refused:
