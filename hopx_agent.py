@@ -40,7 +40,6 @@ from __future__ import annotations
 import base64
 import collections
 import ctypes
-import dataclasses
 import email.utils
 import errno
 import functools
@@ -71,7 +70,6 @@ import stat
 import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -223,15 +221,115 @@ def _default_workdir() -> str:
     return "/workspace" if os.path.isdir("/workspace") else os.getcwd()
 
 
-@dataclasses.dataclass(frozen=True)
-class AgentConfig:
+class _Factory:
+    """A _Plain field's default made afresh for each instance (a list, a dict)."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make = make
+
+
+class _DataclassFields:
+    """``__dataclass_fields__`` of a _Plain class, made on first use from a
+    dataclass of the same fields: dataclasses.replace(), fields(), asdict()
+    and is_dataclass() work on AgentConfig as on the dataclass it was, while
+    the agent itself never imports dataclasses."""
+
+    def __get__(self, obj: Any, cls: type) -> Dict[str, Any]:
+        import dataclasses
+        specs = []
+        for name in cls._fields:
+            default = cls._defaults.get(name, dataclasses.MISSING)
+            if isinstance(default, _Factory):
+                spec = dataclasses.field(default_factory=default.make, repr=name not in cls._hidden)
+            else:
+                spec = dataclasses.field(default=default, repr=name not in cls._hidden)
+            specs.append((name, cls.__annotations__[name], spec))
+        fields = dataclasses.make_dataclass(cls.__name__, specs, frozen=cls._frozen).__dataclass_fields__
+        type.__setattr__(cls, "__dataclass_fields__", fields)      # made once per class
+        return fields
+
+
+class _Plain:
+    """A record class, as a dataclass would make it, without making one:
+    @dataclass compiles generated source for each class at import (1-2 ms
+    each, ~15 ms for the agent's under load) and ``import dataclasses``
+    pulls in ``inspect`` (~10 ms): a fifth of the module's start-up.
+
+    Fields are the class's annotations in order; a class attribute is the
+    default (``_Factory(list)`` for a fresh one each time). Construction by
+    position or keyword, ``__post_init__``, equality, repr (but ``_hidden``
+    fields) and, with ``frozen=True``, hashing and no assignment."""
+
+    _fields: Tuple[str, ...] = ()
+    _defaults: Dict[str, Any] = {}
+    _hidden: Tuple[str, ...] = ()
+    _frozen = False
+    __dataclass_fields__ = _DataclassFields()
+
+    def __init_subclass__(cls, frozen: bool = False, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._fields = tuple(cls.__dict__.get("__annotations__", {}))
+        cls._defaults = {name: cls.__dict__[name] for name in cls._fields if name in cls.__dict__}
+        cls._frozen = frozen
+        if frozen:
+            cls.__setattr__ = _Plain._refuse      # type: ignore[assignment]
+            cls.__delattr__ = _Plain._refuse      # type: ignore[assignment]
+            cls.__hash__ = lambda self: hash(self._values())   # type: ignore[assignment]
+        else:
+            cls.__hash__ = None                    # type: ignore[assignment]  # as a dataclass with eq
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(self._fields):
+            raise TypeError("%s takes %d arguments" % (type(self).__name__, len(self._fields)))
+        values = dict(zip(self._fields, args))
+        for name, value in kwargs.items():
+            if name not in self._fields or name in values:
+                raise TypeError("%s got an unexpected or repeated argument %r" % (type(self).__name__, name))
+            values[name] = value
+        for name in self._fields:
+            if name not in values:
+                if name not in self._defaults:
+                    raise TypeError("%s is missing argument %r" % (type(self).__name__, name))
+                default = self._defaults[name]
+                values[name] = default.make() if isinstance(default, _Factory) else default
+            object.__setattr__(self, name, values[name])
+        post_init = getattr(self, "__post_init__", None)
+        if post_init is not None:
+            post_init()
+
+    def _refuse(self, name: str, *value: Any) -> None:
+        raise AttributeError("cannot assign to field %r of a frozen %s" % (name, type(self).__name__))
+
+    def _values(self) -> Tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def _replace(self, **changes: Any) -> Any:
+        """A copy with some fields changed (dataclasses.replace)."""
+        return type(self)(**dict({name: getattr(self, name) for name in self._fields}, **changes))
+
+    def __eq__(self, other: Any) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __repr__(self) -> str:
+        return "%s(%s)" % (type(self).__name__, ", ".join(
+            "%s=%r" % (name, getattr(self, name)) for name in self._fields if name not in self._hidden))
+
+
+class AgentConfig(_Plain, frozen=True):
     """Everything the agent is configured with; filled by main() from flags and
-    HOPX_AGENT_* variables, or built directly by embedders and tests."""
+    HOPX_AGENT_* variables, or built directly by embedders and tests. A frozen
+    record (``dataclasses.replace(config, port=0)`` works, as on a dataclass)."""
+
+    _hidden = ("secret",)                 # never in its repr
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    workdir: str = dataclasses.field(default_factory=_default_workdir)
-    secret: Optional[bytes] = dataclasses.field(default=None, repr=False)
+    workdir: str = _Factory(_default_workdir)   # type: ignore[assignment]
+    secret: Optional[bytes] = None
     auth: bool = True
     max_running: int = MAX_RUNNING
     max_output_bytes: int = MAX_OUTPUT_BYTES
@@ -833,8 +931,7 @@ def _parse_signal(value: Any) -> int:
     raise BadRequest("unknown signal: %r" % (value,))
 
 
-@dataclasses.dataclass
-class _Launch:
+class _Launch(_Plain):
     """What to run: argv, where, with which environment, and the temp file to
     remove when it ends. Built by the HTTP layer, consumed by the manager.
 
@@ -1714,8 +1811,7 @@ class _ExitWatcher:
 # needs only the oom_score_adj prelude; with nothing to do it stays a direct exec.
 
 
-@dataclasses.dataclass(frozen=True)
-class _LimitValues:
+class _LimitValues(_Plain, frozen=True):
     """The limits of one execution (None: no limit); values validated."""
 
     memory_limit_mb: Optional[float] = None
@@ -1739,7 +1835,7 @@ class _LimitValues:
         return _LimitValues(**merged)
 
     def without(self, names: Iterable[str]) -> "_LimitValues":
-        return dataclasses.replace(self, **{name: None for name in names})
+        return self._replace(**{name: None for name in names})
 
 
 def _limit_value(value: Any, field: str) -> Any:
@@ -1779,8 +1875,7 @@ def _parse_limit_option(text: str, field: str) -> Any:
 # -- run as a user -------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _RunAs:
+class _RunAs(_Plain, frozen=True):
     """A user children run as: uid, primary gid, supplementary groups, home."""
 
     name: str
@@ -2951,8 +3046,7 @@ def _limits_from(config: AgentConfig) -> _ResourceLimits:
 # ============================================================================
 
 
-@dataclasses.dataclass
-class _ChildSpec:
+class _ChildSpec(_Plain):
     """How to start one child. Every child of the agent (background and
     synchronous runs, and whatever else the families start) is started from
     one of these by _Spawner.spawn(), so sessions, descriptors and the steps
@@ -2967,7 +3061,7 @@ class _ChildSpec:
     pass_fds: Tuple[int, ...] = ()      # descriptors the child keeps besides 0, 1 and 2
     # Shell commands run in the child after fork and before the program:
     # the only safe place for such steps in a threaded parent (no preexec_fn).
-    preludes: List[str] = dataclasses.field(default_factory=list)
+    preludes: List[str] = _Factory(list)   # type: ignore[assignment]
     # A pty slave's path: made the child's controlling terminal (the
     # spawner's own prelude, after the caller's). Give the slave as
     # stdin/stdout/stderr too, so it is held open from fork on.
@@ -3890,8 +3984,7 @@ def _has_exited(pid: int) -> bool:
         return True
 
 
-@dataclasses.dataclass
-class _ChildEnds:
+class _ChildEnds(_Plain):
     """The child's side of its streams, closed in the agent once it is
     forked, and on a pty the agent's stdin descriptor (popen.stdin then)."""
 
@@ -6288,8 +6381,15 @@ def _check_successor(path: str, preview: Dict[str, Any], argv: List[str],
 
 def _successor_argv(path: str, argv: List[str]) -> List[str]:
     """The command line of the new version: the same interpreter and flags,
-    the file on disk, the same arguments."""
+    the file on disk, the same arguments. An agent started as ``-m hopx_agent``
+    stays one when the new file is where that found this one: it keeps
+    starting from cached bytecode, without the script form's parse tree."""
     flags = list(getattr(sys, "orig_argv", [])[1:])
+    module = getattr(globals().get("__spec__"), "name", None)      # "hopx_agent" under -m, else None
+    same_file = os.path.abspath(path) == os.path.abspath(globals().get("__file__") or "")
+    for i in range(len(flags) - 1):
+        if module and same_file and flags[i:i + 2] == ["-m", module]:
+            return [sys.executable] + flags[:i + 2] + list(argv)
     script = flags.index(sys.argv[0]) if sys.argv[0] in flags else None
     flags = flags[:script] if script is not None else []
     return [sys.executable] + flags + [path] + list(argv)
@@ -9180,8 +9280,7 @@ def _lstat_at(dir_fd: int, name: Optional[str]) -> Optional[os.stat_result]:
 # ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Root:
+class _Root(_Plain, frozen=True):
     real: str                   # realpath at start-up: what every walk opens
     names: Tuple[str, ...]      # the spellings a request may use for it (as configured, real)
 
@@ -10243,8 +10342,7 @@ class _Upload:
 # ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _DownloadPlan:
+class _DownloadPlan(_Plain):
     """What the endpoint sends: `count` bytes of `fd` from `offset` (fd None:
     a body-less answer), with these status and headers. The receiver owns fd."""
 
@@ -10349,10 +10447,12 @@ class _TarWriter:
         return self._gz.compress(data) if self._gz else data
 
     def header(self, info: tarfile.TarInfo) -> bytes:
+        import tarfile      # here: only tar downloads need it (~2 ms of start-up)
         return self.out(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
 
     def end(self) -> bytes:
         """Two zero blocks, padded to tar's 10 KiB record, and the gzip trailer."""
+        import tarfile
         body = b"\0" * (2 * tarfile.BLOCKSIZE)
         total = self.written + len(body)
         body += b"\0" * (-total % tarfile.RECORDSIZE)
@@ -10387,6 +10487,7 @@ def _tar_stream(top: _Target, gzip: bool) -> Iterator[bytes]:
     walk holds one descriptor per level, reads each file in FILES_CHUNK_BYTES
     pieces, and stores a file that changed size while read at its header's
     size (cut or zero-padded, with a warning), as GNU tar does. Owns top."""
+    import tarfile
     writer = _TarWriter(gzip)
     entries = _Entries()
     base = posixpath.basename(top.path) or "root"
@@ -10416,6 +10517,7 @@ def _tar_stream(top: _Target, gzip: bool) -> Iterator[bytes]:
 
 
 def _tar_info(name: str, st: os.stat_result, entries: _Entries, kind: bytes) -> tarfile.TarInfo:
+    import tarfile
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.mtime = kind, stat.S_IMODE(st.st_mode), st.st_mtime
     info.uid, info.gid = st.st_uid, st.st_gid
@@ -10425,6 +10527,7 @@ def _tar_info(name: str, st: os.stat_result, entries: _Entries, kind: bytes) -> 
 
 def _tar_member(writer: _TarWriter, entries: _Entries, fd: int, entry: "os.DirEntry[str]", prefix: str,
                 stack: List[Tuple[int, Any, str]]) -> Iterator[bytes]:
+    import tarfile
     name = prefix + "/" + entry.name
     try:
         st = entry.stat(follow_symlinks=False)
@@ -10454,6 +10557,7 @@ def _tar_member(writer: _TarWriter, entries: _Entries, fd: int, entry: "os.DirEn
 
 
 def _tar_file(writer: _TarWriter, entries: _Entries, dir_fd: int, own: str, name: str) -> Iterator[bytes]:
+    import tarfile
     try:
         fd = os.open(own, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
@@ -12422,13 +12526,12 @@ class _LateOutput:
             _close_quietly(fd)
 
 
-@dataclasses.dataclass
-class _Call:
+class _Call(_Plain):
     """One call to a context, as the HTTP layer asks for it."""
 
     code: str
     timeout: float
-    env: Dict[str, str] = dataclasses.field(default_factory=dict)
+    env: Dict[str, str] = _Factory(dict)   # type: ignore[assignment]
     workdir: Optional[str] = None
     gone: Optional[Callable[[], bool]] = None      # True once the client hung up
     on_event: Optional[Callable[[Dict[str, Any]], None]] = None   # output as produced (WebSocket)
@@ -12588,8 +12691,7 @@ def _end_processes(marked: List[Tuple[int, str]], sig: int) -> List[int]:
     return [pid for pid, key in marked if _signal_marked(pid, key, sig)]
 
 
-@dataclasses.dataclass
-class _ContextHost:
+class _ContextHost(_Plain):
     """What a context's child needs from the agent."""
 
     spawner: Any                          # _Spawner: spawn(_ChildSpec) -> Popen
@@ -15120,7 +15222,7 @@ def _serve_upgraded(config: AgentConfig, handover_fd: int) -> int:
         doc = _parse_handover(reader.doc)
         secret = doc["agent"].get("secret")
         if config.auth and config.secret is None and isinstance(secret, str):
-            config = dataclasses.replace(config, secret=base64.b64decode(secret))   # it made one at its start
+            config = config._replace(secret=base64.b64decode(secret))   # it made one at its start
         server, adopted = _adopt_server(config, doc, reader)
     except Exception:
         log.exception("upgrade: version %s cannot take over", __version__)
@@ -15435,7 +15537,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _serve_upgraded(config, handover_fd)
     generated = config.auth and config.secret is None
     if generated:
-        config = dataclasses.replace(config, secret=secrets.token_bytes(32))
+        config = config._replace(secret=secrets.token_bytes(32))
     elif config.auth and len(config.secret or b"") < MIN_SECRET_BYTES:
         log.warning("the secret is shorter than %d bytes; use a longer random one", MIN_SECRET_BYTES)
     try:

@@ -4044,6 +4044,27 @@ def test_an_upgrade_keeps_every_line_once_and_the_process_killable(run_agent, tm
         agent.stop()
 
 
+def test_an_agent_run_as_a_module_stays_one_across_an_upgrade(tmp_path):
+    where = tmp_path / "mod"
+    where.mkdir()
+    source = open(hopx_agent.__file__).read()
+    (where / "hopx_agent.py").write_text(source)
+    agent = _AgentProcess(["hopx_agent", "--port", "0", "--state-dir", str(tmp_path / "state")],
+                          _clean_env(HOPX_AGENT_SECRET=SECRET.decode()), str(where), script="-m")
+    try:
+        port, token = agent.port(), good_token()
+        (where / "hopx_agent.py").write_text(source.replace(
+            '__version__ = "%s"' % hopx_agent.__version__, '__version__ = "9.9.1"', 1))
+        status, answer = _post(port, "/admin/restart", {}, token)
+        assert (status, answer["to_version"]) == (202, "9.9.1"), answer
+        agent.wait_line(r"upgraded in place from %s to 9\.9\.1" % re.escape(hopx_agent.__version__))
+        assert _get(port, "/health")[1]["version"] == "9.9.1"
+        with open("/proc/%d/cmdline" % agent.proc.pid, "rb") as fh:
+            assert b"\0-m\0hopx_agent\0" in fh.read()       # the same pid, still from cached bytecode
+    finally:
+        agent.stop()
+
+
 def test_an_upgrade_keeps_terminal_sessions_and_pty_processes(run_agent, tmp_path):
     script = agent_copy(tmp_path)
     agent = _AgentProcess(["--port", "0", "--kill-grace", "0.5"], _clean_env(HOPX_AGENT_SECRET=SECRET.decode()),
