@@ -75,7 +75,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 # ============================================================================
 # Version and public names
@@ -976,6 +976,14 @@ class _Launch(_Plain):
             self.tempfile = None
 
 
+class _Usage(collections.namedtuple("_Usage", "ru_utime ru_stime ru_maxrss")):
+    """The part of a resource.struct_rusage a record shows (kept by a final
+    record instead of the whole struct; restored from the journal)."""
+
+
+_NO_STRAGGLERS: frozenset = frozenset()   # a record's until it has one (a set each: 216 bytes)
+
+
 class _ProcessRecord:
     """One execution: its launch, its child, its output and its outcome."""
 
@@ -1024,7 +1032,7 @@ class _ProcessRecord:
         self.stdin_busy = False            # a write to stdin is in progress (one at a time)
         self.stdin_closed = not launch.stdin
         self.pty_eof: Optional[bytes] = None   # on a pty: what "eof" writes (VEOF, ^D) instead of closing
-        self.stragglers: set = set()       # marked processes outside the group that we ended
+        self.stragglers: AbstractSet[int] = _NO_STRAGGLERS   # marked processes outside the group that we ended
         self.idempotency_key: Optional[str] = None
         self.exit_info: Optional[Tuple[Optional[int], Any]] = None   # (wait status, rusage) once reaped
         self.prereaped: Optional[Tuple[int, Any]] = None   # the same, where wait4 had to reap to wait
@@ -1066,14 +1074,21 @@ class _ProcessRecord:
 
     def compact(self) -> None:
         """Once final, drop what only a live child needs: the Popen (unless a
-        stdin write still holds its pipe), the child's environment and the
-        code, which is in its file or was never run. A retained record keeps
-        what it reports; ~2 KiB less each, more with large code. Call with
-        ``cond`` held."""
+        stdin write still holds its pipe), the child's environment, the code
+        (in its file, or never run) and the confinement. A retained record
+        keeps what it reports; ~3 KiB less each, more with large code. Call
+        with ``cond`` held."""
         if self.popen is not None and not self.stdin_busy and (self.stdin_closed or self.popen.stdin is None):
             self.popen = None
         self.launch.env = {}
         self.launch.code = None
+        self.confinement = None            # finished before the record was final: its cgroups are gone
+        usage = self.rusage
+        if usage is not None and not isinstance(usage, _Usage):     # 3 of struct_rusage's 16 fields
+            self.rusage = _Usage(usage.ru_utime, usage.ru_stime, usage.ru_maxrss)
+            if self.exit_info is not None:
+                self.exit_info = (self.exit_info[0], self.rusage)
+            self.prereaped = None
 
     def to_json(self, *, output: bool = True, offsets: Optional[Dict[str, Optional[int]]] = None,
                 queue_position: Optional[int] = None, cap: Optional[int] = None) -> Dict[str, Any]:
@@ -3428,6 +3443,8 @@ def _end_marked(rec: _ProcessRecord, sig: int, marked: Optional[Dict[str, List[i
 def _add_straggler(rec: _ProcessRecord, pid: int) -> None:
     # Counted before the signal: the record may turn final the moment the straggler dies.
     with rec.cond:
+        if not rec.stragglers:
+            rec.stragglers = set()
         rec.stragglers.add(pid)
 
 
@@ -5218,10 +5235,6 @@ def _check_state(state: Dict[str, Any]) -> Dict[str, Any]:
                                  and all(isinstance(g, int) for g in user["groups"])):
         raise ValueError("bad user")
     return full
-
-
-class _Usage(collections.namedtuple("_Usage", "ru_utime ru_stime ru_maxrss")):
-    """The part of a resource.struct_rusage the record shows, restored from the journal."""
 
 
 def _record_state(rec: _ProcessRecord) -> Dict[str, Any]:

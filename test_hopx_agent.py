@@ -2633,7 +2633,8 @@ def test_a_final_record_lets_go_of_its_child_environment_and_code(manager):
     assert rec.launch.env and rec.launch.code
     record = wait_final(manager, rec)
     wait_until(lambda: rec.popen is None, WAIT_S, "the record to be compacted")
-    assert rec.launch.env == {} and rec.launch.code is None
+    assert rec.launch.env == {} and rec.launch.code is None and rec.confinement is None
+    assert isinstance(rec.rusage, hopx_agent._Usage) and not rec.stragglers
     assert manager.describe(rec) == record         # what it reports is unchanged
 
 
