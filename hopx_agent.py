@@ -962,7 +962,9 @@ class _Launch(_Plain):
         runs it. The file is 0600 and, with a ``user``, owned by that user:
         readable by it and by nobody else."""
         if self.code is not None and self.code_argv is not None and self.tempfile is None:
-            self.tempfile = _write_code_file(self.code, self.code_suffix, self.code_prefix)
+            other = self.user is not None and not self.user.is_current
+            self.tempfile = _write_code_file(self.code, self.code_suffix, self.code_prefix,
+                                             (self.user.uid, self.user.gid) if other and self.user else None)
             if self.user is not None and not self.user.is_current:
                 os.chown(self.tempfile, self.user.uid, self.user.gid)   # on failure cleanup() removes it
             self.argv = self.code_argv(self.tempfile)
@@ -1282,13 +1284,34 @@ def _resolve_language(value: Any) -> Tuple[str, str]:
     return name, program
 
 
-def _write_code_file(code: bytes, suffix: str, prefix: str = "hopx-") -> str:
+def _searchable_by(path: str, uid: int, gid: int) -> bool:
+    """Can that user reach files in ``path`` (search permission all the way down)?"""
+    import stat
+    parts = os.path.realpath(path).split(os.sep)
+    for n in range(1, len(parts) + 1):
+        try:
+            st = os.stat(os.sep.join(parts[:n]) or os.sep)
+        except OSError:
+            return False
+        bit = stat.S_IXUSR if st.st_uid == uid else stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+def _write_code_file(code: bytes, suffix: str, prefix: str = "hopx-", for_user: Optional[Tuple[int, int]] = None) -> str:
     """The code in a private (0600) temp file, so there is no argv length limit
     and tracebacks name a real file. A full disk removes the partial file. An
     agent with a journal names it after its state directory (``prefix``), so a
-    restart finds what a crash left."""
+    restart finds what a crash left. For another user (``for_user``), a temp
+    directory that user cannot reach (a private TMPDIR) gives way to /tmp."""
     import tempfile  # imported here: it costs import time and is needed only to run code
-    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix)
+    directory = None
+    if for_user is not None and not _searchable_by(tempfile.gettempdir(), *for_user):
+        if not _searchable_by("/tmp", *for_user):
+            raise BadRequest("no temp directory that user %d may reach for the code file" % for_user[0])
+        directory = "/tmp"
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(code)
@@ -1464,7 +1487,10 @@ def _grow_pipe(fd: int) -> None:
         pass
 
 
-def _close_quietly(fd: int) -> None:
+def _close_quietly(fd: Optional[int]) -> None:
+    """Close a descriptor that may be gone already (or None: nothing to close)."""
+    if fd is None:
+        return
     try:
         os.close(fd)
     except OSError:
@@ -4071,7 +4097,7 @@ class _Lifecycle:
                 self._submit_reader(rec, name, fd, wake=False)
                 fds.remove(fd)           # the reader owns it now
                 unwoken += 1
-        except (OSError, RuntimeError, Unavailable) as exc:
+        except (OSError, RuntimeError, AgentError) as exc:
             self.workers.wake(unwoken)
             for fd in fds:               # a reader already given its pipe sees EOF and ends
                 _close_quietly(fd)
@@ -7860,6 +7886,204 @@ def _check_local_request(req: _Request, srv: "_AgentServer", route: Optional[_Ro
                              status=415, code="UNSUPPORTED_MEDIA_TYPE")
 
 
+def _parse_head(rfile: Any, req: _Request, line: bytes) -> None:
+    """Request line and headers, strictly (api.md §10); the body is read later."""
+    req.request_id = secrets.token_hex(8)
+    if len(line) > MAX_REQUEST_LINE_BYTES or not line.endswith(b"\n"):
+        raise AgentError("request line too long", status=414, code="INVALID_REQUEST")
+    parts = line.decode("latin-1").rstrip("\r\n").split(" ")
+    if len(parts) != 3 or not _TOKEN_RE.fullmatch(parts[0].encode("latin-1")) \
+            or not _VERSION_RE.fullmatch(parts[2]):
+        raise BadRequest("malformed request line")
+    req.method, req.target, req.version = parts
+    if req.target.startswith("/"):      # origin-form (RFC 9112 §3.2.1): "//x/y" is a path too
+        path, _, query = req.target.partition("?")
+        path = path.partition("#")[0]
+    else:                               # absolute-form, as sent to proxies
+        try:
+            split = urllib.parse.urlsplit(req.target)
+        except ValueError:
+            raise BadRequest("malformed request target") from None
+        if split.scheme not in ("http", "https"):
+            raise BadRequest("malformed request target")
+        path, query = split.path or "/", split.query
+    req.path = path[:-1] if len(path) > 1 and path.endswith("/") else path
+    _read_header_lines(rfile, req)
+    rid = req.header("x-request-id")
+    if rid is not None and _REQUEST_ID_RE.fullmatch(rid):
+        req.request_id = rid
+    connection = (req.header("connection") or "").lower()
+    req.close = "close" in connection or (req.version == "HTTP/1.0" and "keep-alive" not in connection)
+    try:
+        req.query = urllib.parse.parse_qs(query, keep_blank_values=True, max_num_fields=100)
+    except ValueError:
+        raise BadRequest("too many query parameters") from None
+
+
+def _read_header_lines(rfile: Any, req: _Request) -> None:
+    """Header lines up to the empty one, strictly (RFC 9112 §5)."""
+    total = 0
+    while True:
+        line = rfile.readline(MAX_HEADER_LINE_BYTES + 1)
+        if not line:
+            raise _ClientGone()
+        total += len(line)
+        if len(line) > MAX_HEADER_LINE_BYTES or total > MAX_HEADER_BYTES \
+                or len(req.headers) > MAX_HEADERS:
+            req.close = True
+            raise AgentError("request header fields too large", status=431, code="INVALID_REQUEST")
+        if line in (b"\r\n", b"\n"):
+            return
+        name, sep, value = line.rstrip(b"\r\n").partition(b":")
+        value = value.strip(b" \t")
+        # No obs-fold, no space before the colon, no control characters (RFC 9112 §5).
+        if not sep or not _TOKEN_RE.fullmatch(name) or _BAD_VALUE_RE.search(value):
+            req.close = True
+            raise BadRequest("malformed header line")
+        req.headers.setdefault(name.decode("ascii").lower(), []).append(value.decode("latin-1"))
+
+
+def _content_length(req: _Request, limit: Optional[int]) -> int:
+    """The body's length: one Content-Length of digits, at most ``limit`` (413); no Transfer-Encoding (501)."""
+    if "transfer-encoding" in req.headers:
+        req.close = True
+        raise AgentError("Transfer-Encoding is not supported; send Content-Length",
+                         status=501, code="INVALID_REQUEST")
+    values = req.headers.get("content-length")
+    if not values:
+        return 0
+    if len(values) != 1 or not _is_digits(values[0]):
+        req.close = True
+        raise BadRequest("invalid Content-Length")
+    length = int(values[0])
+    if limit is not None and length > limit:
+        req.close = True
+        raise AgentError("request body larger than %d bytes" % limit,
+                         status=413, code="PAYLOAD_TOO_LARGE")
+    return length
+
+
+class _ResponseWriter:
+    """The writing side of one connection: every answer in one write (or a
+    scatter-gather sendmsg of its parts), files with sendfile, streamed bodies,
+    and the linger before a close after an error."""
+
+    def __init__(self, sock: socket.socket, server_version: str, date: Callable[[], str]) -> None:
+        self.connection = sock
+        self.server_version = server_version
+        self.date = date
+
+    def write(self, data: bytes) -> None:
+        try:
+            # sendall's timeout bounds the whole answer: it must be the full
+            # WRITE_TIMEOUT_S, not a shorter one left by a read.
+            if self.connection.gettimeout() != WRITE_TIMEOUT_S:
+                self.connection.settimeout(WRITE_TIMEOUT_S)
+            self.connection.sendall(data)
+        except OSError:
+            raise _ClientGone() from None
+
+    def head(self, req: _Request, status: int, content_type: Optional[str], headers: Dict[str, str],
+              length: Optional[int]) -> bytes:
+        """Status line and headers; without ``length`` the body runs until the connection closes."""
+        reason = http.server.BaseHTTPRequestHandler.responses.get(status, ("",))[0]
+        lines = ["HTTP/1.1 %d %s" % (status, reason), "Server: " + self.server_version,
+                 "Date: " + self.date(), "X-Request-ID: " + (req.request_id or secrets.token_hex(8))]
+        if status not in (204, 304):
+            lines.append("Content-Type: %s" % (content_type or "application/json"))
+            if length is not None:
+                lines.append("Content-Length: %d" % length)
+        lines.extend("%s: %s" % item for item in headers.items())
+        if req.close or length is None:
+            lines.append("Connection: close")
+        elif req.version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def send(self, req: _Request, status: int, body: Any, content_type: Optional[str],
+              headers: Dict[str, str]) -> None:
+        parts = body if isinstance(body, (list, tuple)) else [body]
+        head = self.head(req, status, content_type, headers, sum(len(p) for p in parts))
+        try:
+            if req.method == "HEAD" or status in (204, 304):
+                self.write(head)
+            elif len(parts) == 1 and len(parts[0]) < 65536:
+                self.write(head + parts[0])          # one write: no Nagle stall, no second copy to speak of
+            else:
+                self.write_parts([head] + list(parts))
+        except _ClientGone:
+            req.close = True
+
+    def write_parts(self, parts: List[bytes]) -> None:
+        """Several byte strings in as few system calls as possible, never joined
+        (a big answer is not copied once more to be sent)."""
+        if not hasattr(self.connection, "sendmsg"):
+            for part in parts:
+                self.write(part)
+            return
+        views = collections.deque(memoryview(p) for p in parts if p)
+        try:
+            self.connection.settimeout(WRITE_TIMEOUT_S)
+            while views:
+                sent = self.connection.sendmsg(list(itertools.islice(views, 0, 512)))
+                while sent and views:
+                    first = views[0]
+                    if sent >= len(first):
+                        sent -= len(first)
+                        views.popleft()
+                    else:
+                        views[0] = first[sent:]
+                        sent = 0
+        except OSError:
+            raise _ClientGone() from None
+
+    def send_file(self, req: _Request, reply: _SendFile) -> None:
+        """Head, then the file by socket.sendfile (zero copy where the OS has it)."""
+        try:
+            self.write(self.head(req, reply.status, reply.content_type, reply.headers, reply.count))
+            if req.method == "HEAD" or not reply.count:
+                return
+            self.connection.settimeout(WRITE_TIMEOUT_S)   # per send: an inactivity bound, not a total
+            try:
+                sent = self.connection.sendfile(reply.file, reply.offset, reply.count)
+            except OSError:
+                raise _ClientGone() from None
+            if sent < reply.count:      # the file shrank under us: the framing is broken, close
+                req.close = True
+        finally:
+            reply.file.close()
+
+    def send_chunks(self, req: _Request, reply: _Chunks) -> None:
+        """Head without a length, then each chunk as it comes; the close ends the body."""
+        req.close = True
+        try:
+            self.write(self.head(req, reply.status, reply.content_type, reply.headers, None))
+            for chunk in reply.chunks:
+                if chunk:
+                    self.write(chunk)
+        finally:
+            close = getattr(reply.chunks, "close", None)
+            if close is not None:
+                close()
+
+    def linger(self) -> None:
+        """Before closing after an error, discard briefly what the client still
+        sends (at most 1 MiB, 1 s): closing with unread data makes the kernel
+        send a RST, which can destroy the answer before the client reads it."""
+        deadline = time.monotonic() + 1.0
+        budget = 1024 * 1024
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            while budget > 0 and time.monotonic() < deadline:
+                self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                budget -= len(data)
+        except OSError:
+            pass
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Reads requests strictly (api.md §10), finds the route, authenticates,
     calls the endpoint, and answers every request, errors included, with JSON
@@ -7885,6 +8109,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
         self._reader = _DeadlineReader(self.connection)
+        self.out = _ResponseWriter(self.connection, self.server_version, self.date_time_string)
         self.rfile = _ConnReader(self._reader, bytes(self._conn.buf))
         self._conn.buf = bytearray()
 
@@ -7940,7 +8165,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self.server.metrics.observe(req.route, status)
         if req.close and status >= 400:
-            self._linger()
+            self.out.linger()
         log.debug("%s %s %s -> %d in %.1f ms", self.client_address[0], req.method,
                   req.path + ("?" + ",".join(sorted(req.query)) if req.query else ""),   # names only: no token
                   status, (time.monotonic() - started) * 1000)
@@ -7950,7 +8175,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """The one error boundary: every outcome becomes a _Reply, or the
         stream answer (_SendFile, _Chunks, _Upgrade) an endpoint returned."""
         try:
-            self._read_head(req, line)
+            _parse_head(self.rfile, req, line)
             result = self._dispatch(req)
             if isinstance(result, (_Reply, _SendFile, _Chunks, _Upgrade)):
                 return result
@@ -7993,13 +8218,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             req.close = True
             result = self._error_reply(req, Unavailable("too many open streams (max %d)" % MAX_STREAMS))
         if isinstance(result, _Reply):
-            self._send(req, result.status, result.body, result.content_type, result.headers)
+            self.out.send(req, result.status, result.body, result.content_type, result.headers)
             return result.status
         try:
             if isinstance(result, _SendFile):
-                self._send_file(req, result)
+                self.out.send_file(req, result)
             elif isinstance(result, _Chunks):
-                self._send_chunks(req, result)
+                self._reader.deadline = None
+                self.out.send_chunks(req, result)
             else:
                 self._run_websocket(req, result)
         except _ClientGone:
@@ -8009,84 +8235,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             req.close = True
         return 101 if isinstance(result, _Upgrade) else result.status
 
-    def _read_head(self, req: _Request, line: bytes) -> None:
-        """Request line and headers, strictly (api.md §10); the body is read later."""
-        req.request_id = secrets.token_hex(8)
-        if len(line) > MAX_REQUEST_LINE_BYTES or not line.endswith(b"\n"):
-            raise AgentError("request line too long", status=414, code="INVALID_REQUEST")
-        parts = line.decode("latin-1").rstrip("\r\n").split(" ")
-        if len(parts) != 3 or not _TOKEN_RE.fullmatch(parts[0].encode("latin-1")) \
-                or not _VERSION_RE.fullmatch(parts[2]):
-            raise BadRequest("malformed request line")
-        req.method, req.target, req.version = parts
-        if req.target.startswith("/"):      # origin-form (RFC 9112 §3.2.1): "//x/y" is a path too
-            path, _, query = req.target.partition("?")
-            path = path.partition("#")[0]
-        else:                               # absolute-form, as sent to proxies
-            try:
-                split = urllib.parse.urlsplit(req.target)
-            except ValueError:
-                raise BadRequest("malformed request target") from None
-            if split.scheme not in ("http", "https"):
-                raise BadRequest("malformed request target")
-            path, query = split.path or "/", split.query
-        req.path = path[:-1] if len(path) > 1 and path.endswith("/") else path
-        self._read_headers(req)
-        rid = req.header("x-request-id")
-        if rid is not None and _REQUEST_ID_RE.fullmatch(rid):
-            req.request_id = rid
-        connection = (req.header("connection") or "").lower()
-        req.close = "close" in connection or (req.version == "HTTP/1.0" and "keep-alive" not in connection)
-        try:
-            req.query = urllib.parse.parse_qs(query, keep_blank_values=True, max_num_fields=100)
-        except ValueError:
-            raise BadRequest("too many query parameters") from None
-
-    def _read_headers(self, req: _Request) -> None:
-        total = 0
-        while True:
-            line = self.rfile.readline(MAX_HEADER_LINE_BYTES + 1)
-            if not line:
-                raise _ClientGone()
-            total += len(line)
-            if len(line) > MAX_HEADER_LINE_BYTES or total > MAX_HEADER_BYTES \
-                    or len(req.headers) > MAX_HEADERS:
-                req.close = True
-                raise AgentError("request header fields too large", status=431, code="INVALID_REQUEST")
-            if line in (b"\r\n", b"\n"):
-                return
-            name, sep, value = line.rstrip(b"\r\n").partition(b":")
-            value = value.strip(b" \t")
-            # No obs-fold, no space before the colon, no control characters (RFC 9112 §5).
-            if not sep or not _TOKEN_RE.fullmatch(name) or _BAD_VALUE_RE.search(value):
-                req.close = True
-                raise BadRequest("malformed header line")
-            req.headers.setdefault(name.decode("ascii").lower(), []).append(value.decode("latin-1"))
-
-    def _content_length(self, req: _Request, limit: Optional[int]) -> int:
-        if "transfer-encoding" in req.headers:
-            req.close = True
-            raise AgentError("Transfer-Encoding is not supported; send Content-Length",
-                             status=501, code="INVALID_REQUEST")
-        values = req.headers.get("content-length")
-        if not values:
-            return 0
-        if len(values) != 1 or not _is_digits(values[0]):
-            req.close = True
-            raise BadRequest("invalid Content-Length")
-        length = int(values[0])
-        if limit is not None and length > limit:
-            req.close = True
-            raise AgentError("request body larger than %d bytes" % limit,
-                             status=413, code="PAYLOAD_TOO_LARGE")
-        return length
-
     def _read_body(self, req: _Request, length: int) -> None:
         if not length:
             req.body_read = True
             return
         if (req.header("expect") or "").lower() == "100-continue":
-            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.rfile.read(length)
         if len(body) < length:
             raise _ClientGone()
@@ -8099,7 +8253,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if req.body_left is None:           # the first read of this body
             if (req.header("expect") or "").lower() == "100-continue":
-                self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.out.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             req.body_left = req.content_length
         while req.body_left:
             self._reader.deadline = time.monotonic() + TRANSFER_IDLE_S
@@ -8133,7 +8287,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                    if found is not None]
         chosen = next((m for m in matches if m[0].method == method), None)
         streaming = chosen is not None and chosen[0].body == "stream"
-        req.content_length = length = self._content_length(req, None if streaming else MAX_BODY_BYTES)
+        req.content_length = length = _content_length(req, None if streaming else MAX_BODY_BYTES)
         if not length:
             req.body_read = True
         if not self.server.config.auth:
@@ -8193,104 +8347,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     # -- writing ----------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
-        try:
-            # sendall's timeout bounds the whole answer: it must be the full
-            # WRITE_TIMEOUT_S, not a shorter one left by a read.
-            if self.connection.gettimeout() != WRITE_TIMEOUT_S:
-                self.connection.settimeout(WRITE_TIMEOUT_S)
-            self.connection.sendall(data)
-        except OSError:
-            raise _ClientGone() from None
-
-    def _head(self, req: _Request, status: int, content_type: Optional[str], headers: Dict[str, str],
-              length: Optional[int]) -> bytes:
-        """Status line and headers; without ``length`` the body runs until the connection closes."""
-        reason = self.responses.get(status, ("",))[0]
-        lines = ["HTTP/1.1 %d %s" % (status, reason), "Server: " + self.server_version,
-                 "Date: " + self.date_time_string(), "X-Request-ID: " + (req.request_id or secrets.token_hex(8))]
-        if status not in (204, 304):
-            lines.append("Content-Type: %s" % (content_type or "application/json"))
-            if length is not None:
-                lines.append("Content-Length: %d" % length)
-        lines.extend("%s: %s" % item for item in headers.items())
-        if req.close or length is None:
-            lines.append("Connection: close")
-        elif req.version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-    def _send(self, req: _Request, status: int, body: Any, content_type: Optional[str],
-              headers: Dict[str, str]) -> None:
-        parts = body if isinstance(body, (list, tuple)) else [body]
-        head = self._head(req, status, content_type, headers, sum(len(p) for p in parts))
-        try:
-            if req.method == "HEAD" or status in (204, 304):
-                self._write(head)
-            elif len(parts) == 1 and len(parts[0]) < 65536:
-                self._write(head + parts[0])          # one write: no Nagle stall, no second copy to speak of
-            else:
-                self._write_parts([head] + list(parts))
-        except _ClientGone:
-            req.close = True
-
-    def _write_parts(self, parts: List[bytes]) -> None:
-        """Several byte strings in as few system calls as possible, never joined
-        (a big answer is not copied once more to be sent)."""
-        if not hasattr(self.connection, "sendmsg"):
-            for part in parts:
-                self._write(part)
-            return
-        views = collections.deque(memoryview(p) for p in parts if p)
-        try:
-            self.connection.settimeout(WRITE_TIMEOUT_S)
-            while views:
-                sent = self.connection.sendmsg(list(itertools.islice(views, 0, 512)))
-                while sent and views:
-                    first = views[0]
-                    if sent >= len(first):
-                        sent -= len(first)
-                        views.popleft()
-                    else:
-                        views[0] = first[sent:]
-                        sent = 0
-        except OSError:
-            raise _ClientGone() from None
-
-    def _send_file(self, req: _Request, reply: _SendFile) -> None:
-        """Head, then the file by socket.sendfile (zero copy where the OS has it)."""
-        try:
-            self._write(self._head(req, reply.status, reply.content_type, reply.headers, reply.count))
-            if req.method == "HEAD" or not reply.count:
-                return
-            self.connection.settimeout(WRITE_TIMEOUT_S)   # per send: an inactivity bound, not a total
-            try:
-                sent = self.connection.sendfile(reply.file, reply.offset, reply.count)
-            except OSError:
-                raise _ClientGone() from None
-            if sent < reply.count:      # the file shrank under us: the framing is broken, close
-                req.close = True
-        finally:
-            reply.file.close()
-
-    def _send_chunks(self, req: _Request, reply: _Chunks) -> None:
-        """Head without a length, then each chunk as it comes; the close ends the body."""
-        req.close = True
-        self._reader.deadline = None
-        try:
-            self._write(self._head(req, reply.status, reply.content_type, reply.headers, None))
-            for chunk in reply.chunks:
-                if chunk:
-                    self._write(chunk)
-        finally:
-            close = getattr(reply.chunks, "close", None)
-            if close is not None:
-                close()
-
     def _run_websocket(self, req: _Request, reply: _Upgrade) -> None:
         """101, then the endpoint's session on this thread; the connection closes after it."""
         req.close = True
-        self._write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        self.out.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      "Sec-WebSocket-Accept: %s\r\nX-Request-ID: %s\r\n\r\n"
                      % (reply.accept, req.request_id)).encode("latin-1"))
         ws = _WebSocket(self.connection, self.rfile, self._reader)
@@ -8306,23 +8366,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 pass
         finally:
             ws.finish()
-
-    def _linger(self) -> None:
-        """Before closing after an error, discard briefly what the client still
-        sends (at most 1 MiB, 1 s): closing with unread data makes the kernel
-        send a RST, which can destroy the answer before the client reads it."""
-        deadline = time.monotonic() + 1.0
-        budget = 1024 * 1024
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-            while budget > 0 and time.monotonic() < deadline:
-                self.connection.settimeout(max(0.01, deadline - time.monotonic()))
-                data = self.connection.recv(65536)
-                if not data:
-                    break
-                budget -= len(data)
-        except OSError:
-            pass
 
     # -- waiting while watching the client ----------------------------------------
 
@@ -9260,14 +9303,6 @@ def _normpath(path: str) -> str:
     """posixpath.normpath, with '//x' as '/x' (POSIX lets normpath keep two slashes)."""
     out = posixpath.normpath(path)
     return "/" + out.lstrip("/") if out.startswith("//") else out
-
-
-def _close_quietly(fd: Optional[int]) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _readlink_at(dir_fd: int, name: str) -> Optional[str]:
@@ -15155,6 +15190,34 @@ def _make_upgrader(server: _AgentServer, wake: Callable[[], None]) -> Optional[_
     return upgrader
 
 
+def _install_signals(stop: threading.Event, upgrade: threading.Event, wake_w: int) -> Dict[int, Any]:
+    """SIGTERM/SIGINT set ``stop``, SIGHUP ``upgrade``; the wake-up fd makes the
+    main thread's poll() return. Returns what to restore ({} off the main thread)."""
+    previous: Dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: upgrade.set())
+    # Wait in poll() on the signal wake-up fd, not in a lock: a lock wait is
+    # not interrupted by signals on every Python (3.13.0 is one).
+    previous[-1] = signal.set_wakeup_fd(wake_w)
+    return previous
+
+
+def _stop_serving(server: _AgentServer) -> None:
+    """Stop accepting, end every child (TERM, grace, KILL), close the families and the journal."""
+    log.info("stopping: ending every process group")
+    server.shutdown()
+    server.manager.shutdown(server.config.kill_grace + 1.5)
+    server.server_close()
+    if server.accepting is not None:
+        server.accepting.join(1.0)
+    journal = server.manager.registry.journal
+    if journal is not None:
+        journal.close(2.0)
+
+
 def _run_until_signalled(server: _AgentServer) -> int:
     """Serve until SIGTERM/SIGINT, then stop accepting, end every child and exit 0.
     SIGHUP (or POST /admin/restart) upgrades in place to the file on disk.
@@ -15162,18 +15225,10 @@ def _run_until_signalled(server: _AgentServer) -> int:
     The handlers only set an event: server.shutdown() called from the thread
     running serve_forever() would wait for itself forever.
     """
-    stop = threading.Event()
-    upgrade = threading.Event()
-    previous = {}
+    stop, upgrade = threading.Event(), threading.Event()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, lambda *_: stop.set())
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: upgrade.set())
-        # Wait in select() on the signal wake-up fd, not in a lock: a lock wait
-        # is not interrupted by signals on every Python (3.13.0 is one).
-        previous_fd = signal.set_wakeup_fd(wake_w)
+    previous = _install_signals(stop, upgrade, wake_w)
 
     def request_upgrade() -> None:
         upgrade.set()
@@ -15205,18 +15260,10 @@ def _run_until_signalled(server: _AgentServer) -> int:
                     server.upgrader.run()       # returns only if the upgrade did not happen
     finally:
         if previous:
-            signal.set_wakeup_fd(previous_fd)
+            signal.set_wakeup_fd(previous.pop(-1))
         os.close(wake_r)
         os.close(wake_w)
-        log.info("stopping: ending every process group")
-        server.shutdown()
-        server.manager.shutdown(server.config.kill_grace + 1.5)
-        server.server_close()
-        if server.accepting is not None:
-            server.accepting.join(1.0)
-        journal = server.manager.registry.journal
-        if journal is not None:
-            journal.close(2.0)
+        _stop_serving(server)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0
@@ -15507,6 +15554,24 @@ def _setup_logging(config: AgentConfig) -> None:
     root.propagate = False
 
 
+def _print_token(config: AgentConfig, args: Any) -> int:
+    """``token``: a JWT signed with the configured secret, on stdout."""
+    if not config.secret:
+        print("hopx_agent: no secret configured (set HOPX_AGENT_SECRET or --secret-file)", file=sys.stderr)
+        return 2
+    if args.ttl <= 0:
+        print("hopx_agent: --ttl must be a positive number of seconds", file=sys.stderr)
+        return 2
+    now = int(time.time())
+    claims: Dict[str, Any] = {"sub": args.sub, "iat": now, "exp": now + args.ttl}
+    if config.audience:
+        claims["aud"] = config.audience
+    if config.issuer:
+        claims["iss"] = config.issuer
+    print(encode_jwt(claims, config.secret, config.algorithms[0]))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line of api.md §1; returns the exit status."""
     try:    # an upgraded agent's handover: never passed on to a child
@@ -15529,20 +15594,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("hopx_agent: the secret is empty; refusing to start", file=sys.stderr)
         return 2
     if args.command == "token":
-        if not config.secret:
-            print("hopx_agent: no secret configured (set HOPX_AGENT_SECRET or --secret-file)", file=sys.stderr)
-            return 2
-        if args.ttl <= 0:
-            print("hopx_agent: --ttl must be a positive number of seconds", file=sys.stderr)
-            return 2
-        now = int(time.time())
-        claims: Dict[str, Any] = {"sub": args.sub, "iat": now, "exp": now + args.ttl}
-        if config.audience:
-            claims["aud"] = config.audience
-        if config.issuer:
-            claims["iss"] = config.issuer
-        print(encode_jwt(claims, config.secret, config.algorithms[0]))
-        return 0
+        return _print_token(config, args)
     _setup_logging(config)
     if config.auth:
         _warn_if_readable(args.secret_file or environ.get(_env_name("--secret-file")))

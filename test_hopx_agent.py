@@ -2078,6 +2078,20 @@ def test_a_run_as_user_gets_its_ids_and_its_code_file(client):
 
 
 @needs_root
+def test_a_run_as_users_code_file_is_where_that_user_can_reach_it(client, monkeypatch, tmp_path):
+    import tempfile
+    private = tmp_path / "private-tmp"         # a TMPDIR only root can enter (pytest's are 0700 too)
+    private.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    answer = client.ok("POST", "/execute", {"code": 'echo "$0"; id -un', "language": "sh", "user": "nobody"})
+    path, user = answer["stdout"].split()
+    assert (answer["exit_code"], user) == (0, "nobody"), answer
+    assert not path.startswith(str(private)) and os.path.dirname(path) == "/tmp"
+    mine = client.ok("POST", "/execute", {"code": 'echo "$0"', "language": "sh", "isolated": True})
+    assert mine["stdout"].startswith(str(private)), mine     # the agent's own user still uses TMPDIR
+
+
+@needs_root
 def test_run_as_is_the_default_user(config, tmp_path):
     cfg = dataclasses.replace(config, run_as="nobody", limits_mechanism="rlimit")
     mgr = hopx_agent.ProcessManager(cfg)
@@ -3220,7 +3234,7 @@ def test_shutdown_is_clean_after_a_thread_failed_to_start(manager, monkeypatch):
 
 
 def test_a_full_disk_answers_507_and_leaves_nothing(client, monkeypatch):
-    def no_space(code, suffix, prefix="hopx-"):
+    def no_space(code, suffix, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(hopx_agent, "_write_code_file", no_space)
