@@ -142,7 +142,7 @@ JWT_ALGORITHMS = ("HS256", "HS384", "HS512")
 TOKEN_TTL_S = 86400                   # lifetime of minted tokens unless --ttl says otherwise
 MIN_SECRET_BYTES = 32                 # shorter HMAC keys get a warning (RFC 7518 §3.2)
 READ_CHUNK_BYTES = 256 * 1024         # one os.readv() per wake-up of a reader thread (a chatty child)
-READ_SMALL_BYTES = 64 * 1024          # ... until a read fills this much (the pipe's default size)
+READ_SMALL_BYTES = 16 * 1024          # ... until a read fills this much: an idle pooled reader keeps only this
 PIPE_SIZE_BYTES = 1024 * 1024         # F_SETPIPE_SZ: fewer wake-ups for chatty children
 BLOCK_BYTES = 64 * 1024               # output buffers grow in blocks of this size
 DRAIN_AFTER_EXIT_S = 0.5              # after the leader exits, wait this long for pipe EOF
@@ -4248,7 +4248,7 @@ class _Lifecycle:
         grown = [False]
 
         def deliver(data: memoryview) -> None:
-            if len(data) >= READ_SMALL_BYTES and not grown[0]:   # a chatty child: fewer wake-ups with a bigger pipe
+            if len(data) >= 65536 and not grown[0]:   # a chatty child: fewer wake-ups with a bigger pipe
                 grown[0] = True
                 _grow_pipe(fd)
             with rec.cond:
