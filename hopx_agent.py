@@ -8122,6 +8122,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         hub, conn = self.server.hub, self._conn
         if not self.close_connection:
             conn.buf = bytearray(self.rfile.leftover())
+            conn.head_since = time.monotonic() if conn.buf else None   # the next request's clock, not this one's
             if not self._stream and hub.may_linger() and _await_next_head(conn, KEEPALIVE_LINGER_S):
                 self.again = True        # the next request is here: served on this thread, not via the hub
                 return

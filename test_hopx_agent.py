@@ -4614,6 +4614,33 @@ def test_a_slow_client_neither_delays_others_nor_outlives_the_request_deadline(t
             assert json.loads(body)["error"]
 
 
+def test_a_pipelined_request_gets_a_deadline_of_its_own_not_the_one_before_it(tmp_path):
+    # the next request's clock starts with its own first byte, also when it came behind the last answer
+    deadline_s, pace_s = 2.0, 1.2
+    body = b"{}" + b" " * 98
+    head = (b"POST /cache/clear HTTP/1.1\r\nHost: t\r\n" + auth_line() +
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+    with own_server(tmp_path, request_deadline=deadline_s) as srv:
+        sock = connect(srv, timeout=10)
+        with contextlib.closing(sock):
+            sock.sendall(head + body[:50])
+            time.sleep(pace_s)           # paces the client: the first body takes 1.2 s of its 2 s
+            sock.sendall(body[50:] + head + body[:10])
+            time.sleep(pace_s)           # the second body 1.2 s after its head: 2.4 s after the first's
+            sock.sendall(body[10:])
+            data, until = b"", time.monotonic() + deadline_s + 5
+            while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"}"):
+                sock.settimeout(max(0.01, until - time.monotonic()))
+                try:
+                    chunk = sock.recv(65536)
+                except socket.timeout:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+    assert re.findall(rb"HTTP/1.1 (\d+)", data) == [b"200", b"200"], data[:600]
+
+
 def test_a_request_line_dribbled_byte_by_byte_is_cut_off_at_the_request_deadline(tmp_path):
     # REQUEST_DEADLINE_S runs "from a request's first byte": the request line counts too
     deadline_s = 1.0
