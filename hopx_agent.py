@@ -236,7 +236,10 @@ class _DataclassFields:
     and is_dataclass() work on AgentConfig as on the dataclass it was, while
     the agent itself never imports dataclasses."""
 
-    def __get__(self, obj: Any, cls: type) -> Dict[str, Any]:
+    def __init__(self, name: str) -> None:
+        self.name = name                # __dataclass_fields__ or __dataclass_params__
+
+    def __get__(self, obj: Any, cls: type) -> Any:
         import dataclasses
         specs = []
         for name in cls._fields:
@@ -245,10 +248,11 @@ class _DataclassFields:
                 spec = dataclasses.field(default_factory=default.make, repr=name not in cls._hidden)
             else:
                 spec = dataclasses.field(default=default, repr=name not in cls._hidden)
-            specs.append((name, cls.__annotations__[name], spec))
-        fields = dataclasses.make_dataclass(cls.__name__, specs, frozen=cls._frozen).__dataclass_fields__
-        type.__setattr__(cls, "__dataclass_fields__", fields)      # made once per class
-        return fields
+            specs.append((name, cls._types[name], spec))
+        made = dataclasses.make_dataclass(cls.__name__, specs, frozen=cls._frozen)
+        type.__setattr__(cls, "__dataclass_fields__", made.__dataclass_fields__)   # made once per class
+        type.__setattr__(cls, "__dataclass_params__", made.__dataclass_params__)   # a @dataclass subclass reads it
+        return getattr(cls, self.name)
 
 
 class _Plain:
@@ -263,15 +267,28 @@ class _Plain:
     fields) and, with ``frozen=True``, hashing and no assignment."""
 
     _fields: Tuple[str, ...] = ()
+    _types: Dict[str, Any] = {}
     _defaults: Dict[str, Any] = {}
     _hidden: Tuple[str, ...] = ()
     _frozen = False
-    __dataclass_fields__ = _DataclassFields()
 
-    def __init_subclass__(cls, frozen: bool = False, **kwargs: Any) -> None:
+    def __init_subclass__(cls, frozen: Optional[bool] = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._fields = tuple(cls.__dict__.get("__annotations__", {}))
-        cls._defaults = {name: cls.__dict__[name] for name in cls._fields if name in cls.__dict__}
+        annotations = cls.__dict__.get("__annotations__", {})
+        own = tuple(annotations)
+        cls._types = dict(cls._types, **annotations)
+        # a subclass keeps its bases' fields (and frozen-ness), as a dataclass would
+        cls._fields = tuple(name for name in cls._fields if name not in own) + own
+        cls._defaults = dict(cls._defaults)
+        cls._defaults.update((name, cls.__dict__[name]) for name in own if name in cls.__dict__)
+        for name in own:
+            if isinstance(cls.__dict__.get(name), _Factory):
+                delattr(cls, name)         # instances have the value; the class keeps no factory to leak
+        cls.__match_args__ = cls._fields
+        for name in ("__dataclass_fields__", "__dataclass_params__"):   # each class its own (not a base's)
+            type.__setattr__(cls, name, _DataclassFields(name))
+        if frozen is None:
+            return                         # a subclass inherits frozen-ness with the methods that make it
         cls._frozen = frozen
         if frozen:
             cls.__setattr__ = _Plain._refuse      # type: ignore[assignment]
@@ -300,7 +317,9 @@ class _Plain:
             post_init()
 
     def _refuse(self, name: str, *value: Any) -> None:
-        raise AttributeError("cannot assign to field %r of a frozen %s" % (name, type(self).__name__))
+        import dataclasses              # only on this error path: the error a frozen dataclass raises
+        raise dataclasses.FrozenInstanceError("cannot assign to field %r of a frozen %s"
+                                              % (name, type(self).__name__))
 
     def _values(self) -> Tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self._fields)
@@ -308,6 +327,8 @@ class _Plain:
     def _replace(self, **changes: Any) -> Any:
         """A copy with some fields changed (dataclasses.replace)."""
         return type(self)(**dict({name: getattr(self, name) for name in self._fields}, **changes))
+
+    __replace__ = _replace              # copy.replace() (Python 3.13)
 
     def __eq__(self, other: Any) -> bool:
         if other.__class__ is not self.__class__:
@@ -12597,6 +12618,8 @@ class _Kernel:
                     "error": {"name": "KeyboardInterrupt", "value": "", "traceback": ""}}
         except OSError as exc:            # the workdir vanished between the agent's check and here
             return self._failed(exc, None)
+        except BaseException as exc:      # raised by user code the kernel called while reporting the cell
+            return self._failed(exc, None)
         finally:
             self._flush_c_stdio()
             self.stdout.flush()
@@ -12750,7 +12773,10 @@ class _Kernel:
         elif isinstance(code, int):
             status = code & 0xFF          # as the exit status of a process
         else:
-            self.stderr.write("%s\n" % (code,))
+            try:
+                self.stderr.write("%s\n" % (code,))
+            except BaseException:         # its __str__ raised (even SystemExit): the status still holds
+                self.stderr.write("<str() of the exit value failed>\n")
             status = 1
         return {"status": "exit", "exit_code": status, "result": None}
 
@@ -12759,13 +12785,16 @@ class _Kernel:
         and the value bounded (a 60 MB message must not kill the context)."""
         import traceback                  # (which imports linecache: the hook fills it with the cells)
         self._user_frames_only(exc, tb)
-        text, text_cut = _k_bounded(_k_clean("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))),
-                                    middle=True)
+        try:                              # user code runs here (__str__, __repr__): it may raise anything
+            formatted = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        except BaseException as inner:
+            formatted = "%s: <the traceback could not be formatted: %s>\n" % (type(exc).__name__, type(inner).__name__)
+        text, text_cut = _k_bounded(_k_clean(formatted), middle=True)
         self.stderr.write(text)
         interrupted = isinstance(exc, KeyboardInterrupt)
         try:
             value, value_cut = _k_bounded(_k_clean(str(exc)))
-        except Exception:
+        except BaseException:             # even SystemExit from __str__: the context lives on
             value, value_cut = "<str() failed>", 0
         error = {"name": type(exc).__name__, "value": value, "traceback": text}
         if value_cut or text_cut:

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import pathlib
+import pickle
 import pwd
 import py_compile
 import queue
@@ -248,6 +249,44 @@ def client(server):
     c = Client(server)
     yield c
     c.close()
+
+
+# ============================================================================
+# Configuration: AgentConfig behaves as the frozen dataclass it was
+# ============================================================================
+
+
+def test_agent_config_works_with_dataclasses_copy_pickle_and_match():
+    cfg = hopx_agent.AgentConfig(port=0, secret=SECRET)
+    assert dataclasses.is_dataclass(cfg) and not dataclasses.is_dataclass(hopx_agent._Plain)
+    assert dataclasses.replace(cfg, port=5).port == 5 and cfg.port == 0
+    assert [f.name for f in dataclasses.fields(cfg)][:2] == ["host", "port"]
+    assert dataclasses.asdict(cfg)["secret"] == SECRET and "secret" not in repr(cfg)
+    assert copy.copy(cfg) == cfg == pickle.loads(pickle.dumps(cfg)) and hash(copy.copy(cfg)) == hash(cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.port = 1
+    with pytest.raises(TypeError):
+        hopx_agent.AgentConfig(no_such_field=1)
+    assert hopx_agent.AgentConfig.__match_args__[:2] == ("host", "port")
+    assert hopx_agent.AgentConfig().workdir == hopx_agent.AgentConfig().workdir     # a default made per instance
+    assert not hasattr(hopx_agent.AgentConfig, "workdir")                         # ... and not left on the class
+
+
+def test_agent_config_can_be_subclassed_plainly_or_as_a_dataclass():
+    class Plain(hopx_agent.AgentConfig):
+        pass
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(hopx_agent.AgentConfig):
+        extra: int = 1
+
+    plain, extended = Plain(port=0), Extended(port=0, extra=2)
+    assert plain.port == 0 and plain.workdir == hopx_agent.AgentConfig().workdir and hash(plain) == hash(Plain(port=0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plain.port = 1
+    assert len(dataclasses.fields(Plain)) == len(dataclasses.fields(hopx_agent.AgentConfig))
+    assert (extended.port, extended.extra) == (0, 2) and dataclasses.replace(extended, extra=3).extra == 3
+    assert len(dataclasses.fields(Extended)) == len(dataclasses.fields(hopx_agent.AgentConfig)) + 1
 
 
 # ============================================================================
@@ -8608,6 +8647,16 @@ def test_an_exception_gives_user_frames_only(kernel):
     assert error["traceback"] == answer["stderr"] and "<cell-" in error["traceback"]
     assert "raise ValueError('bad')" in error["traceback"] and "hopx_agent" not in error["traceback"]
     assert cell(kernel, "x = = 1")["error"]["name"] == "SyntaxError"
+
+
+def test_an_exception_whose_str_raises_system_exit_leaves_the_context_alive(kernel):
+    cell(kernel, "keep = 'me'\nclass Sly:\n    def __str__(self): raise SystemExit(3)\n"
+                 "class E(Exception):\n    def __str__(self): raise SystemExit(3)")
+    answer = cell(kernel, "raise E()")
+    assert not answer["success"] and not answer["context_restarted"] and answer["error"]["name"] == "E", answer
+    answer = cell(kernel, "raise SystemExit(Sly())")
+    assert answer["exit_code"] == 1 and not answer["context_restarted"], answer
+    assert cell(kernel, "print(keep)")["stdout"] == "me\n"
 
 
 def test_system_exit_sets_the_exit_code_and_the_context_lives_on(kernel):
