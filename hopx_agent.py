@@ -12701,11 +12701,9 @@ class _Kernel:
             self._send_open_figures()
             self.in_cell = False
             return {"status": "ok", "exit_code": 0, "result": result}
-        except SystemExit as exc:
-            self.in_cell = False
+        except SystemExit as exc:         # in_cell still: its __str__ is user code, an interrupt reaches it
             return self._exited(exc)
         except BaseException as exc:
-            self.in_cell = False
             self._send_open_figures_quietly()
             return self._failed(exc, exc.__traceback__)
         finally:
@@ -12785,17 +12783,25 @@ class _Kernel:
         and the value bounded (a 60 MB message must not kill the context)."""
         import traceback                  # (which imports linecache: the hook fills it with the cells)
         self._user_frames_only(exc, tb)
-        try:                              # user code runs here (__str__, __repr__): it may raise anything
-            formatted = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        except BaseException as inner:
-            formatted = "%s: <the traceback could not be formatted: %s>\n" % (type(exc).__name__, type(inner).__name__)
+        # str(exc) is user code (__str__): it may raise anything, SystemExit too, or
+        # sleep until the timeout's interrupt. Called once here; only if it worked
+        # does format_exception call it again (which swallows even an interrupt).
+        formatted = None
+        try:
+            value, value_cut = _k_bounded(_k_clean(str(exc)))
+        except BaseException:
+            value, value_cut = "<str() failed>", 0
+        else:
+            try:
+                formatted = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            except BaseException:
+                pass
+        if formatted is None:             # the frames without another call of user code
+            formatted = "Traceback (most recent call last):\n%s%s: %s\n" % (
+                "".join(traceback.format_tb(exc.__traceback__)), type(exc).__name__, value)
         text, text_cut = _k_bounded(_k_clean(formatted), middle=True)
         self.stderr.write(text)
         interrupted = isinstance(exc, KeyboardInterrupt)
-        try:
-            value, value_cut = _k_bounded(_k_clean(str(exc)))
-        except BaseException:             # even SystemExit from __str__: the context lives on
-            value, value_cut = "<str() failed>", 0
         error = {"name": type(exc).__name__, "value": value, "traceback": text}
         if value_cut or text_cut:
             error.update(value_dropped=value_cut, traceback_dropped=text_cut)

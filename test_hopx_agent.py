@@ -8762,6 +8762,7 @@ def test_display_and_the_repr_protocol(kernel):
 
 
 def test_a_failing_repr_is_skipped_with_a_note_and_liars_are_plain(kernel):
+    cell(kernel, RICH_CLASSES)
     answer = cell(kernel, "Broken()")
     assert answer["success"] and answer["results"][0]["type"] == "text/plain"
     assert "RuntimeError: nope" in answer["stderr"]
@@ -8810,6 +8811,17 @@ def test_a_timeout_interrupts_the_cell_and_ends_its_processes(contexts):
     assert answer["stdout"] == "started\n" and "KeyboardInterrupt" in answer["stderr"]
     assert time.monotonic() - started < 0.5 + 0.5 + 2
     assert cell(ctx, "print(kept, p.wait())")["stdout"] == "1 -15\n"
+
+
+def test_a_timeout_while_the_error_is_formatted_interrupts_it_and_keeps_the_context(contexts):
+    # the exception's __str__ is user code too: the interrupt must reach it, not a kill
+    ctx = contexts.default
+    cell(ctx, "kept = 1\nclass Slow(Exception):\n    def __str__(self):\n        import time; time.sleep(60)")
+    started = time.monotonic()
+    answer = cell(ctx, "raise Slow()", timeout=0.5)
+    assert answer["timed_out"] and answer["exit_code"] == 124 and not answer["context_restarted"], answer
+    assert time.monotonic() - started < 0.5 + 0.5 + 2
+    assert cell(ctx, "print(kept)")["stdout"] == "1\n"
 
 
 _FORKS_THEN_SLEEP = (
