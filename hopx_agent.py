@@ -6450,6 +6450,8 @@ def _successor_argv(path: str, argv: List[str]) -> List[str]:
     for i in range(len(flags) - 1):
         if module and same_file and flags[i:i + 2] == ["-m", module]:
             return [sys.executable] + flags[:i + 2] + list(argv)
+    if module and same_file and not hasattr(sys, "orig_argv"):   # Python 3.9: the flags are not known
+        return [sys.executable, "-m", module] + list(argv)
     script = flags.index(sys.argv[0]) if sys.argv[0] in flags else None
     flags = flags[:script] if script is not None else []
     return [sys.executable] + flags + [path] + list(argv)
