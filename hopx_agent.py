@@ -12452,11 +12452,179 @@ class _KernelImportHook:
 
         def show(*args: object, **kwargs: object) -> None:
             if str(module.get_backend()).lower() == "agg":
-                self._kernel.send_figures()
+                self._kernel.rich.send_figures()
             else:
                 original(*args, **kwargs)
         show.__doc__ = original.__doc__
         module.show = show
+
+
+class _KernelDisplay:
+    """A cell's rich outputs: display(), the _repr_*_ protocol, matplotlib
+    figures and pandas frames, each sent to the agent as it is made, within
+    the running call's budget (the kernel's ``call`` accounting)."""
+
+    def __init__(self, kernel: "_Kernel") -> None:
+        self.kernel = kernel
+
+    def display(self, *objects: object, raw: bool = False, **ignored: object) -> None:
+        """The display() builtin: each object as a MIME bundle, sent now."""
+        for obj in objects:
+            if raw and isinstance(obj, dict):
+                self._emit(dict(obj), "display")
+            else:
+                self.bundle(obj, "display")
+
+    def bundle(self, obj: object, kind: str) -> object:
+        """Format and send one object; returns its text/plain (the `result`)."""
+        if _k_is(obj, "matplotlib", "Figure"):
+            self._send_figure(obj, kind)
+            return self._plain(obj) if kind == "result" else None
+        bundle = self._rich(obj)
+        plain = bundle.pop("text/plain", None)
+        if plain is None and (kind == "result" or not bundle):
+            plain = self._plain(obj)
+        if plain is not None:            # list(range(10**7)) has a 79 MB repr: its head is kept
+            plain, cut = _k_bounded(_k_clean(str(plain)))
+            if kind == "result":
+                self.kernel.call["result_dropped"] = cut
+        if not bundle:                   # text/plain only when nothing richer exists
+            bundle["text/plain"] = plain
+        self._emit(bundle, kind)
+        return plain
+
+    @staticmethod
+    def _plain(obj: object) -> str:
+        return _k_clean(repr(obj))
+
+    def _rich(self, obj: object) -> dict:
+        """The MIME bundle of the _repr_*_ protocol (a failing method is
+        reported on stderr and skipped, as IPython does)."""
+        bundle: dict = {}
+        if isinstance(obj, type) or _k_attr(obj, "_hopx_canary_method_should_not_exist_") is not None:
+            return bundle                # a class, or an object that claims every attribute
+        method = _k_attr(obj, "_repr_mimebundle_")
+        if method is not None:
+            data = self._call_repr(obj, method, include=None, exclude=None)
+            if isinstance(data, tuple) and data:
+                data = data[0]
+            if isinstance(data, dict):
+                bundle.update((str(k), v) for k, v in data.items() if v is not None)
+        for name, mime in _K_REPRS:
+            method = _k_attr(obj, name) if mime not in bundle else None
+            if method is not None:
+                data = self._call_repr(obj, method)
+                if isinstance(data, tuple) and data:
+                    data = data[0]
+                if data is not None:
+                    bundle[mime] = data
+        if _k_is(obj, "pandas", "DataFrame"):
+            frame = self._call_repr(obj, lambda: self._dataframe(obj))
+            if frame is not None:
+                bundle[_K_DATAFRAME_MIME] = frame
+        return bundle
+
+    def _call_repr(self, obj: object, method: object, **kwargs: object) -> object:
+        try:
+            return method(**kwargs)
+        except Exception as exc:
+            self.kernel.stderr.write("display: %s of %s raised %s: %s\n"
+                              % (getattr(method, "__name__", "a formatter"), type(obj).__name__,
+                                 type(exc).__name__, _k_clean(str(exc))))
+            return None
+
+    @staticmethod
+    def _dataframe(frame: object) -> dict:
+        """`dataframe`: a bounded head of the frame as JSON (NaN as null,
+        datetimes ISO 8601), with its real shape."""
+        rows, columns = frame.shape
+        head = frame.iloc[:_K_DF_ROWS, :_K_DF_COLUMNS]
+        split = json.loads(head.to_json(orient="split", date_format="iso", default_handler=str))
+        return {"columns": [_k_clean(str(c)) for c in head.columns], "index": split.get("index", []),
+                "data": split.get("data", []), "shape": [rows, columns],
+                "truncated": rows > _K_DF_ROWS or columns > _K_DF_COLUMNS}
+
+    def _emit(self, bundle: dict, kind: str) -> None:
+        """Send a bundle's entries in one frame, within the call's budget; from
+        a thread that writes to no call (see owns_writer), dropped and counted."""
+        kernel = self.kernel
+        entries = self._entries(bundle)
+        if not kernel.owns_writer():
+            kernel.late_bytes += sum(size for _, size in entries)
+            return
+        entries = [entry for entry, size in entries if not self._over_budget(size)]
+        if entries:
+            kernel.stdout.flush()        # what was printed before this output is read before it
+            kernel.stderr.flush()
+            kernel.send({"op": "output", "kind": kind, "entries": entries})
+
+    def _entries(self, bundle: dict) -> list:
+        """(results entry, its size as sent) of each MIME type: base64 for
+        images, objects for JSON, text for the rest."""
+        import base64
+        entries = []
+        for mime, data in bundle.items():
+            if mime in _K_BINARY and isinstance(data, (bytes, bytearray, memoryview)):
+                data = base64.b64encode(bytes(data)).decode("ascii")
+            elif mime in _K_BINARY and isinstance(data, str):
+                data = "".join(data.split())          # already base64 (IPython's convention)
+            elif mime == "application/json" or mime.endswith("+json"):
+                data = json.loads(data) if isinstance(data, str) else data
+            elif isinstance(data, (bytes, bytearray)):
+                data = bytes(data).decode("utf-8", "replace")
+            elif not isinstance(data, str):
+                data = str(data)
+            data = _k_clean(data) if isinstance(data, str) else data
+            try:                         # JSON escapes make a string up to 6x longer than its characters
+                size = len(self.kernel.channel.encode(data))
+            except (TypeError, ValueError, UnicodeEncodeError):
+                self.kernel.stderr.write("display: %s output of type %s is not JSON\n" % (mime, type(data).__name__))
+                continue
+            entries.append(({"type": mime, "data": data}, size))
+        return entries
+
+    def _over_budget(self, size: int) -> bool:
+        call = self.kernel.call
+        if (call["results"] >= _K_MAX_RESULTS or size > _K_MAX_ITEM_BYTES
+                or call["bytes"] + size > _K_MAX_RICH_BYTES):
+            call["dropped"] += 1
+            call["dropped_bytes"] += size
+            return True
+        call["results"] += 1
+        call["bytes"] += size
+        return False
+
+    def _send_figure(self, figure: object, kind: str) -> None:
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        try:
+            if figure.axes or getattr(figure, "images", None):
+                png = io.BytesIO()
+                figure.savefig(png, format="png", bbox_inches="tight")
+                self._emit({"image/png": png.getvalue()}, kind)
+        finally:
+            if pyplot is not None:
+                pyplot.close(figure)
+
+    def send_figures(self) -> None:
+        """plt.show(): every open figure as PNG, in order, then closed."""
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        if pyplot is None:
+            return
+        for number in list(pyplot.get_fignums()):
+            self._send_figure(pyplot.figure(number), "display")
+
+    def send_open_figures(self) -> None:
+        if "matplotlib.pyplot" in sys.modules:
+            self.send_figures()
+
+    def send_open_figures_quietly(self) -> None:
+        """After a failed cell its figures are still shown, as in Jupyter; a
+        figure that cannot be drawn does not hide the cell's own error."""
+        try:
+            self.send_open_figures()
+        except BaseException as exc:
+            self.kernel.stderr.write("display: a figure could not be drawn: %s\n" % type(exc).__name__)
+
 
 
 class _Kernel:
@@ -12480,6 +12648,7 @@ class _Kernel:
         self.stdout = _KernelStream(self, 1, "<stdout>")
         self.stderr = _KernelStream(self, 2, "<stderr>")
         self.call: dict = {}              # rich-output accounting of the running call
+        self.rich = _KernelDisplay(self)
         self.loop = None                  # the asyncio loop of top-level await, made on first use
         self.cells: dict = {}             # filename -> source of the cells kept for tracebacks
 
@@ -12500,7 +12669,7 @@ class _Kernel:
         sys.stdin = sys.__stdin__ = _KernelStdin()
         sys.argv = [""]
         sys.meta_path.insert(0, _KernelImportHook(self))
-        builtins.display = self.display
+        builtins.display = self.rich.display
         _signal.signal(_signal.SIGINT, self._on_sigint)
         os.register_at_fork(after_in_child=self._forked)
         try:
@@ -12699,14 +12868,14 @@ class _Kernel:
             result = None
             if value is not None and not quiet:
                 self.namespace["_"] = value
-                result = self._bundle(value, "result")
-            self._send_open_figures()
+                result = self.rich.bundle(value, "result")
+            self.rich.send_open_figures()
             self.in_cell = False
             return {"status": "ok", "exit_code": 0, "result": result}
         except SystemExit as exc:         # in_cell still: its __str__ is user code, an interrupt reaches it
             return self._exited(exc)
         except BaseException as exc:
-            self._send_open_figures_quietly()
+            self.rich.send_open_figures_quietly()
             return self._failed(exc, exc.__traceback__)
         finally:
             self.in_cell = False
@@ -12825,163 +12994,6 @@ class _Kernel:
             todo.extend(e for e in (chained.__cause__, chained.__context__) if e is not None)
 
     # -- rich outputs --------------------------------------------------------------
-
-    def display(self, *objects: object, raw: bool = False, **ignored: object) -> None:
-        """The display() builtin: each object as a MIME bundle, sent now."""
-        for obj in objects:
-            if raw and isinstance(obj, dict):
-                self._emit(dict(obj), "display")
-            else:
-                self._bundle(obj, "display")
-
-    def _bundle(self, obj: object, kind: str) -> object:
-        """Format and send one object; returns its text/plain (the `result`)."""
-        if _k_is(obj, "matplotlib", "Figure"):
-            self._send_figure(obj, kind)
-            return self._plain(obj) if kind == "result" else None
-        bundle = self._rich(obj)
-        plain = bundle.pop("text/plain", None)
-        if plain is None and (kind == "result" or not bundle):
-            plain = self._plain(obj)
-        if plain is not None:            # list(range(10**7)) has a 79 MB repr: its head is kept
-            plain, cut = _k_bounded(_k_clean(str(plain)))
-            if kind == "result":
-                self.call["result_dropped"] = cut
-        if not bundle:                   # text/plain only when nothing richer exists
-            bundle["text/plain"] = plain
-        self._emit(bundle, kind)
-        return plain
-
-    @staticmethod
-    def _plain(obj: object) -> str:
-        return _k_clean(repr(obj))
-
-    def _rich(self, obj: object) -> dict:
-        """The MIME bundle of the _repr_*_ protocol (a failing method is
-        reported on stderr and skipped, as IPython does)."""
-        bundle: dict = {}
-        if isinstance(obj, type) or _k_attr(obj, "_hopx_canary_method_should_not_exist_") is not None:
-            return bundle                # a class, or an object that claims every attribute
-        method = _k_attr(obj, "_repr_mimebundle_")
-        if method is not None:
-            data = self._call_repr(obj, method, include=None, exclude=None)
-            if isinstance(data, tuple) and data:
-                data = data[0]
-            if isinstance(data, dict):
-                bundle.update((str(k), v) for k, v in data.items() if v is not None)
-        for name, mime in _K_REPRS:
-            method = _k_attr(obj, name) if mime not in bundle else None
-            if method is not None:
-                data = self._call_repr(obj, method)
-                if isinstance(data, tuple) and data:
-                    data = data[0]
-                if data is not None:
-                    bundle[mime] = data
-        if _k_is(obj, "pandas", "DataFrame"):
-            frame = self._call_repr(obj, lambda: self._dataframe(obj))
-            if frame is not None:
-                bundle[_K_DATAFRAME_MIME] = frame
-        return bundle
-
-    def _call_repr(self, obj: object, method: object, **kwargs: object) -> object:
-        try:
-            return method(**kwargs)
-        except Exception as exc:
-            self.stderr.write("display: %s of %s raised %s: %s\n"
-                              % (getattr(method, "__name__", "a formatter"), type(obj).__name__,
-                                 type(exc).__name__, _k_clean(str(exc))))
-            return None
-
-    @staticmethod
-    def _dataframe(frame: object) -> dict:
-        """`dataframe`: a bounded head of the frame as JSON (NaN as null,
-        datetimes ISO 8601), with its real shape."""
-        rows, columns = frame.shape
-        head = frame.iloc[:_K_DF_ROWS, :_K_DF_COLUMNS]
-        split = json.loads(head.to_json(orient="split", date_format="iso", default_handler=str))
-        return {"columns": [_k_clean(str(c)) for c in head.columns], "index": split.get("index", []),
-                "data": split.get("data", []), "shape": [rows, columns],
-                "truncated": rows > _K_DF_ROWS or columns > _K_DF_COLUMNS}
-
-    def _emit(self, bundle: dict, kind: str) -> None:
-        """Send a bundle's entries in one frame, within the call's budget; from
-        a thread that writes to no call (see owns_writer), dropped and counted."""
-        entries = self._entries(bundle)
-        if not self.owns_writer():
-            self.late_bytes += sum(size for _, size in entries)
-            return
-        entries = [entry for entry, size in entries if not self._over_budget(size)]
-        if entries:
-            self.stdout.flush()          # what was printed before this output is read before it
-            self.stderr.flush()
-            self.send({"op": "output", "kind": kind, "entries": entries})
-
-    def _entries(self, bundle: dict) -> list:
-        """(results entry, its size as sent) of each MIME type: base64 for
-        images, objects for JSON, text for the rest."""
-        import base64
-        entries = []
-        for mime, data in bundle.items():
-            if mime in _K_BINARY and isinstance(data, (bytes, bytearray, memoryview)):
-                data = base64.b64encode(bytes(data)).decode("ascii")
-            elif mime in _K_BINARY and isinstance(data, str):
-                data = "".join(data.split())          # already base64 (IPython's convention)
-            elif mime == "application/json" or mime.endswith("+json"):
-                data = json.loads(data) if isinstance(data, str) else data
-            elif isinstance(data, (bytes, bytearray)):
-                data = bytes(data).decode("utf-8", "replace")
-            elif not isinstance(data, str):
-                data = str(data)
-            data = _k_clean(data) if isinstance(data, str) else data
-            try:                         # JSON escapes make a string up to 6x longer than its characters
-                size = len(self.channel.encode(data))
-            except (TypeError, ValueError, UnicodeEncodeError):
-                self.stderr.write("display: %s output of type %s is not JSON\n" % (mime, type(data).__name__))
-                continue
-            entries.append(({"type": mime, "data": data}, size))
-        return entries
-
-    def _over_budget(self, size: int) -> bool:
-        call = self.call
-        if (call["results"] >= _K_MAX_RESULTS or size > _K_MAX_ITEM_BYTES
-                or call["bytes"] + size > _K_MAX_RICH_BYTES):
-            call["dropped"] += 1
-            call["dropped_bytes"] += size
-            return True
-        call["results"] += 1
-        call["bytes"] += size
-        return False
-
-    def _send_figure(self, figure: object, kind: str) -> None:
-        pyplot = sys.modules.get("matplotlib.pyplot")
-        try:
-            if figure.axes or getattr(figure, "images", None):
-                png = io.BytesIO()
-                figure.savefig(png, format="png", bbox_inches="tight")
-                self._emit({"image/png": png.getvalue()}, kind)
-        finally:
-            if pyplot is not None:
-                pyplot.close(figure)
-
-    def send_figures(self) -> None:
-        """plt.show(): every open figure as PNG, in order, then closed."""
-        pyplot = sys.modules.get("matplotlib.pyplot")
-        if pyplot is None:
-            return
-        for number in list(pyplot.get_fignums()):
-            self._send_figure(pyplot.figure(number), "display")
-
-    def _send_open_figures(self) -> None:
-        if "matplotlib.pyplot" in sys.modules:
-            self.send_figures()
-
-    def _send_open_figures_quietly(self) -> None:
-        """After a failed cell its figures are still shown, as in Jupyter; a
-        figure that cannot be drawn does not hide the cell's own error."""
-        try:
-            self._send_open_figures()
-        except BaseException as exc:
-            self.stderr.write("display: a figure could not be drawn: %s\n" % type(exc).__name__)
 
 
 def _kernel_main(fd: int) -> int:
