@@ -12529,8 +12529,8 @@ class _KernelDisplay:
             return method(**kwargs)
         except Exception as exc:
             self.kernel.stderr.write("display: %s of %s raised %s: %s\n"
-                              % (getattr(method, "__name__", "a formatter"), type(obj).__name__,
-                                 type(exc).__name__, _k_clean(str(exc))))
+                                     % (getattr(method, "__name__", "a formatter"), type(obj).__name__,
+                                        type(exc).__name__, _k_clean(str(exc))))
             return None
 
     @staticmethod
