@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import ctypes
 import email.utils
 import errno
@@ -1019,7 +1020,7 @@ class _ProcessRecord:
                  "on_finish", "timer", "idle_timer", "accounted", "last_output", "stdin_busy",
                  "stdin_closed", "pty_eof", "stragglers", "idempotency_key", "exit_info", "prereaped",
                  "changes", "seq", "fseq", "starttime", "boot_id", "final_hook", "fds", "readers", "timers",
-                 "journaled", "idempotency", "cgroups")
+                 "journaled", "idempotency", "cgroups", "output_waiters")
 
     def __init__(self, launch: _Launch, cap: int) -> None:
         self.id = "proc_" + secrets.token_hex(12)       # unguessable, not a pid
@@ -1052,6 +1053,9 @@ class _ProcessRecord:
         self.idle_timer: Optional[_Timer] = None  # the idle timeout's next check, likewise
         self.accounted = 0                 # output bytes counted in the manager's budget
         self.last_output: Optional[float] = None  # monotonic time of the newest output (idle timeout)
+        # The offsets each thread waiting on cond for new output waits past
+        # (stream -> offset); only output past one of them wakes the waiters.
+        self.output_waiters: Optional[List[Dict[str, int]]] = None
         self.stdin_busy = False            # a write to stdin is in progress (one at a time)
         self.stdin_closed = not launch.stdin
         self.pty_eof: Optional[bytes] = None   # on a pty: what "eof" writes (VEOF, ^D) instead of closing
@@ -1171,6 +1175,21 @@ class _ProcessRecord:
         rec.update(self.extra)
         return rec
 
+
+
+@contextlib.contextmanager
+def _waiting_for_output(rec: _ProcessRecord, marks: Dict[str, int]) -> Iterator[None]:
+    """While the caller waits on ``rec.cond`` (held) for output past ``marks``:
+    readers wake it for such output only (see _Lifecycle._read_stream)."""
+    if rec.output_waiters is None:
+        rec.output_waiters = []
+    rec.output_waiters.append(marks)
+    try:
+        yield
+    finally:
+        rec.output_waiters.remove(marks)
+        if not rec.output_waiters:
+            rec.output_waiters = None
 
 
 class _RecordCache:
@@ -4275,7 +4294,8 @@ class _Lifecycle:
             with rec.cond:
                 buf.append(data)
                 rec.last_output = time.monotonic()
-                rec.cond.notify_all()
+                if rec.output_waiters and any(buf.total > marks[name] for marks in rec.output_waiters):
+                    rec.cond.notify_all()    # not per read for every waiter: that halved the drain rate
 
         at_eof = True
         try:
@@ -4793,8 +4813,9 @@ class ProcessManager:
         with rec.cond:
             marks = {name: offsets.get(name) if offsets.get(name) is not None
                      else rec.stream(name).end(False) for name in ("stdout", "stderr")}
-            rec.cond.wait_for(lambda: rec.finished or self.interrupt.is_set() or any(
-                rec.stream(name).end(False) > mark for name, mark in marks.items()), timeout)
+            with _waiting_for_output(rec, marks):
+                rec.cond.wait_for(lambda: rec.finished or self.interrupt.is_set() or any(
+                    rec.stream(name).end(False) > mark for name, mark in marks.items()), timeout)
 
     def stats(self) -> Dict[str, Any]:
         """Counters for /metrics."""
@@ -8752,7 +8773,8 @@ class _Follower:
         rec = self.rec
         events: List[Tuple[str, Dict[str, Any], str]] = []
         with rec.cond:
-            rec.cond.wait_for(self._pending, timeout)
+            with _waiting_for_output(rec, self.offsets):    # the cursor's own offsets, as it moves them
+                rec.cond.wait_for(self._pending, timeout)
             final = rec.finished
             for name in ("stdout", "stderr"):
                 buf = rec.stream(name)

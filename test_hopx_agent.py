@@ -2565,6 +2565,30 @@ def test_timeout_reports_124_and_keeps_earlier_output(manager):
     assert d["execution_time"] >= 1.0
 
 
+def test_a_long_poll_is_woken_by_output_past_its_offsets_only(manager):
+    # readers wake long polls only for output past their offsets: one waiting for the end
+    # (offsets past everything) is not woken by every read of a flood
+    rec = manager.start(manager.command_launch("cat", [], timeout=30, stdin=True))
+    woken = []
+    real_notify = rec.cond.notify_all
+    rec.cond.notify_all = lambda: (woken.append(rec.stdout.total), real_notify())
+    waiter = threading.Thread(target=manager.wait_for_output, args=(rec, {"stdout": 100, "stderr": 0}, 30.0))
+    waiter.start()
+    try:
+        wait_until(lambda: rec.output_waiters, what="the long poll to register its offsets")
+        assert rec.output_waiters == [{"stdout": 100, "stderr": 0}]
+        manager.write_stdin(rec.id, b"0123456789")
+        wait_until(lambda: rec.stdout.total == 10, what="the first 10 bytes")
+        assert woken == [] and waiter.is_alive()          # 10 bytes, below its offset: not woken
+        manager.write_stdin(rec.id, b"x" * 200)
+        waiter.join(10)
+        assert not waiter.is_alive() and woken and woken[-1] > 100
+        assert rec.output_waiters is None
+    finally:
+        manager.kill(rec.id)
+        waiter.join(10)
+
+
 def test_stdin_reads_eof(manager):
     rec = manager.start(manager.command_launch("cat", [], timeout=30))
     d = wait_final(manager, rec, 10)
