@@ -11003,6 +11003,22 @@ class _EventQueue:
         return out
 
 
+def _walk_dir_fds(pending: List[Tuple[int, str]], visit: Callable[[int, str, List[Tuple[int, str]]], None]) -> None:
+    """Visit each (directory fd, path) of ``pending``, depth first; a visit may
+    push the subdirectories it opened. Each fd is closed after its visit, and
+    the ones not reached when a visit raises."""
+    try:
+        while pending:
+            fd, path = pending.pop()
+            try:
+                visit(fd, path, pending)
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _ in pending:
+            _close_quietly(fd)
+
+
 class _WatcherBase:
     """What the WebSocket endpoint drives: pull(timeout) -> events, close().
     One thread pulls; close() may come from any thread (server shutdown) and
@@ -11140,17 +11156,7 @@ class _InotifyWatcher(_WatcherBase):
     def _watch_tree(self, fd: int, path: str, report: bool) -> None:
         """Watch the directory open as fd and (recursive) every directory under
         it; report=True: say `created` for what is found (it came unseen)."""
-        pending = [(os.dup(fd), path)]
-        try:
-            while pending:
-                dfd, dpath = pending.pop()
-                try:
-                    self._watch_one(dfd, dpath, report, pending)
-                finally:
-                    os.close(dfd)
-        finally:
-            for left, _ in pending:
-                _close_quietly(left)
+        _walk_dir_fds([(os.dup(fd), path)], lambda dfd, dpath, pending: self._watch_one(dfd, dpath, report, pending))
 
     def _watch_one(self, dfd: int, dpath: str, report: bool, pending: List[Tuple[int, str]]) -> None:
         # the kernel's budget (fs.inotify.max_user_watches) is shared by the whole user: one
@@ -11433,16 +11439,7 @@ class _PollingWatcher(_WatcherBase):
             return seen             # the directory itself is gone
         pending = [(top.dir_fd, self._top)]
         top.dir_fd = -1
-        try:
-            while pending:
-                fd, base = pending.pop()
-                try:
-                    self._scan_dir(fd, base, seen, pending)
-                finally:
-                    os.close(fd)
-        finally:
-            for fd, _ in pending:
-                _close_quietly(fd)
+        _walk_dir_fds(pending, lambda fd, base, pending: self._scan_dir(fd, base, seen, pending))
         return seen
 
     def _scan_dir(self, fd: int, base: str, seen: Dict[str, Tuple[int, int, int, int]],

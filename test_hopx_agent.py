@@ -154,10 +154,8 @@ def records_of(mgr, ids):
 
 
 @contextlib.contextmanager
-def local_http_server(handler_cls, name):
-    """A throwaway http.server on 127.0.0.1:0 serving in a thread; shut down and joined on exit."""
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
-    srv.daemon_threads = True
+def serving(srv, name="test-serve"):
+    """``srv`` serving in a thread of its own; shut down, closed and joined on exit."""
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name=name, daemon=True)
     thread.start()
     try:
@@ -167,6 +165,15 @@ def local_http_server(handler_cls, name):
         srv.server_close()
         thread.join(5)
         assert not thread.is_alive(), "%s did not stop" % name
+
+
+@contextlib.contextmanager
+def local_http_server(handler_cls, name):
+    """A throwaway http.server on 127.0.0.1:0 serving in a thread; shut down and joined on exit."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    srv.daemon_threads = True
+    with serving(srv, name):
+        yield srv
 
 
 class Client:
@@ -234,14 +241,8 @@ def manager(config):
 
 @pytest.fixture
 def server(config, manager):
-    srv = hopx_agent.create_server(config, manager)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name="test-serve", daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
-    assert not thread.is_alive()
+    with serving(hopx_agent.create_server(config, manager)) as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -1994,16 +1995,11 @@ def rlimit_client(config, tmp_path):
     """A server whose limits are forced to rlimits (as on a machine without cgroups)."""
     cfg = dataclasses.replace(config, limits_mechanism="rlimit")
     mgr = hopx_agent.ProcessManager(cfg)
-    srv = hopx_agent.create_server(cfg, mgr)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name="test-serve", daemon=True)
-    thread.start()
-    c = Client(srv)
-    yield c
-    c.close()
-    srv.shutdown()
-    srv.server_close()
+    with serving(hopx_agent.create_server(cfg, mgr)) as srv:
+        c = Client(srv)
+        yield c
+        c.close()
     mgr.shutdown(5.0)
-    thread.join(5)
 
 
 def lim_wait_final(client, process_id, timeout=30):
@@ -2162,24 +2158,17 @@ def test_files_written_through_the_api_belong_to_the_run_as_user(config, tmp_pat
     cfg = dataclasses.replace(config, run_as="nobody", limits_mechanism="rlimit")
     os.chmod(cfg.workdir, 0o711)       # nobody may look names up in it (pytest makes it 0700)
     mgr = hopx_agent.ProcessManager(cfg)
-    srv = hopx_agent.create_server(cfg, mgr)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name="test-serve", daemon=True)
-    thread.start()
-    c = Client(srv)
     try:
-        c.ok("POST", "/files/write", {"path": "made/by/api.txt", "content": "hello"})
-        nobody = pwd.getpwnam("nobody")
-        for path in ("made", "made/by", "made/by/api.txt"):
-            st = os.stat(os.path.join(cfg.workdir, path))
-            assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), path
-        answer = c.ok("POST", "/commands/run", {"command": "cat made/by/api.txt"})
-        assert answer["stdout"] == "hello", (answer["stderr"], answer["exit_code"])
+        with serving(hopx_agent.create_server(cfg, mgr)) as srv, contextlib.closing(Client(srv)) as c:
+            c.ok("POST", "/files/write", {"path": "made/by/api.txt", "content": "hello"})
+            nobody = pwd.getpwnam("nobody")
+            for path in ("made", "made/by", "made/by/api.txt"):
+                st = os.stat(os.path.join(cfg.workdir, path))
+                assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), path
+            answer = c.ok("POST", "/commands/run", {"command": "cat made/by/api.txt"})
+            assert answer["stdout"] == "hello", (answer["stderr"], answer["exit_code"])
     finally:
-        c.close()
-        srv.shutdown()
-        srv.server_close()
         mgr.shutdown(5.0)
-        thread.join(5)
 
 # -- contexts: a context's limits and user apply to its kernel or shell -----------------
 
@@ -4401,17 +4390,11 @@ def own_server(tmp_path, **overrides):
     settings.update(overrides)
     cfg = hopx_agent.AgentConfig(**settings)
     mgr = hopx_agent.ProcessManager(cfg)
-    srv = hopx_agent.create_server(cfg, mgr)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name="test-own-serve", daemon=True)
-    thread.start()
     try:
-        yield srv
+        with serving(hopx_agent.create_server(cfg, mgr), "test-own-serve") as srv:
+            yield srv
     finally:
-        srv.shutdown()
         mgr.shutdown(5.0)
-        srv.server_close()
-        thread.join(5)
-        assert not thread.is_alive()
 
 
 # -- authentication (api.md §2) ----------------------------------------------------
@@ -5062,18 +5045,12 @@ def env_client(config):
     environ = dict(os.environ, HOPX_T_LEVEL="agent", HOPX_T_AGENT_ONLY="from-agent",
                    HOPX_AGENT_SECRET="must-not-reach-a-child")
     mgr = hopx_agent.ProcessManager(config, environ=environ)
-    srv = hopx_agent.create_server(config, mgr)
-    thread = threading.Thread(target=srv.serve_forever, name="test-serve-env", daemon=True)
-    thread.start()
-    c = Client(srv)
-    yield c
-    c.close()
-    srv.shutdown()
-    srv.server_close()
+    with serving(hopx_agent.create_server(config, mgr), "test-serve-env") as srv:
+        c = Client(srv)
+        yield c
+        c.close()
     ids = record_ids(mgr)
     mgr.shutdown(5.0)
-    thread.join(5)
-    assert not thread.is_alive()
     assert not {pid for rid in ids for pid in pids_with_marker(rid)}
 
 
@@ -5932,13 +5909,8 @@ def capped_server(config):
     """A server whose manager keeps only the newest 4096 bytes of each stream."""
     small = dataclasses.replace(config, max_output_bytes=4096)
     mgr = hopx_agent.ProcessManager(small)
-    srv = hopx_agent.create_server(small, mgr)
-    thread = threading.Thread(target=srv.serve_forever, name="test-serve-capped", daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
+    with serving(hopx_agent.create_server(small, mgr), "test-serve-capped") as srv:
+        yield srv
     mgr.shutdown(5.0)
 
 
@@ -6426,18 +6398,12 @@ def agent_server(tmp_path, **overrides):
     """A server with a config of our own, torn down like the fixtures: no child left."""
     cfg = make_config(tmp_path, **overrides)
     mgr = hopx_agent.ProcessManager(cfg)
-    srv = hopx_agent.create_server(cfg, mgr)
-    thread = threading.Thread(target=srv.serve_forever, name="test-serve-harden", daemon=True)
-    thread.start()
     try:
-        yield srv
+        with serving(hopx_agent.create_server(cfg, mgr), "test-serve-harden") as srv:
+            yield srv
     finally:
-        srv.shutdown()
         ids = record_ids(mgr)
         mgr.shutdown(5.0)
-        srv.server_close()
-        thread.join(5)
-        assert not thread.is_alive()
         markers = live_markers()
         leftovers = sorted(pid for rid in ids for pid in markers.get(rid, []))
         assert not leftovers, "children left behind: %s" % leftovers
@@ -7984,14 +7950,9 @@ def files_server(config, manager, tmp_path):
     srv.families.remove(srv.files)
     srv.files = hopx_agent._FileService(cfg.files_roots, cfg.workdir, workspace_alias=True)
     srv.families.append(srv.files)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name="test-serve-files", daemon=True)
-    thread.start()
     srv.work = work
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
-    assert not thread.is_alive()
+    with serving(srv, "test-serve-files"):
+        yield srv
 
 
 @pytest.fixture
@@ -8251,10 +8212,7 @@ def test_files_upload_refused_before_100_continue(files_server, query, token, st
 
 def test_files_upload_over_the_limit_is_413_before_100_continue(config, manager):
     cfg = dataclasses.replace(config, max_upload_bytes=1000)
-    srv = hopx_agent.create_server(cfg, manager)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), name="test-serve-413", daemon=True)
-    thread.start()
-    try:
+    with serving(hopx_agent.create_server(cfg, manager), "test-serve-413") as srv:
         sock = _connect(srv)
         sock.sendall(upload_head("/files/upload?path=big", 1001))
         status, _ = _read_head(sock.makefile("rb"))
@@ -8263,10 +8221,6 @@ def test_files_upload_over_the_limit_is_413_before_100_continue(config, manager)
         interim, status, _, body = raw_exchange(srv, upload_head("/files/upload?path=small", 1000), b"s" * 1000,
                                                 wait_continue=True)
         assert (interim, status) == (100, 200)
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 def test_files_upload_on_a_disk_that_fills_up_is_507_and_leaves_nothing(files_server, fc, monkeypatch):
@@ -10020,20 +9974,13 @@ def test_terminal_refusals_come_before_the_upgrade(term_server, config):
 
 def test_terminal_over_the_limit_is_429_before_the_upgrade(config, manager, tmp_path):
     small = dataclasses.replace(config, max_terminals=1)
-    srv = hopx_agent.create_server(small, manager)
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with serving(hopx_agent.create_server(small, manager)) as srv:
         manager.env_set({"HOME": str(tmp_path)}, replace=False)
         first = TermWS(srv, "?shell=sh")
         sock, fh, status, head, _ = ws_handshake(srv, path="/terminal?shell=sh")
         assert status == 429 and read_json_body(fh, head)["code"] == "RESOURCE_LIMIT_ERROR"
         sock.close()
         first.close()
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 def test_terminal_listing_and_features(term_server, client):
